@@ -1,0 +1,556 @@
+//! The apply dispatcher: walks committed Raft entries in log order, assigns revisions, and
+//! drives the shards.
+//!
+//! ```text
+//!  committed entries (log order)
+//!        |
+//!        v
+//!  Dispatcher ── revision := revision + 1 per write request that changes something
+//!        |   Put ................ always writes: revision known at once, sent, not awaited
+//!        |   DeleteRange ........ asks the touched shards to delete at revision+1; consumed
+//!        |                        only if some shard deleted a key
+//!        |   Txn ................ compares (nested ones too) against the shards' state, then
+//!        |                        the chosen branch's ops in order; one revision if any op wrote
+//!        |   Compaction ......... checked against (compact revision, revision), then all shards
+//!        v
+//!  shard apply queues (flume, FIFO) ── Barrier on every shard ── publish AppliedState ── reply
+//! ```
+//!
+//! **Why every replica computes the same revisions.** Whether a request writes depends only on
+//! the request and on the state left by the entries before it. The dispatcher is the only
+//! producer of every shard's apply queue and each queue is FIFO, so whatever the dispatcher asks
+//! a shard is answered against exactly the writes of the earlier entries, on every replica.
+//! Shards never choose revisions; key placement is a pure hash (`shard_for`).
+//!
+//! **Why a cross-shard txn is atomic.** Its writes all carry one revision R, and clients read at
+//! an explicit revision taken from [`AppliedState`], which is published only after every shard
+//! has passed the barrier that follows R. A reader therefore sees all of R or none of it. While
+//! the dispatcher works on a txn it sends nothing else, so the txn is a barrier only on the
+//! shards it touches; the others keep draining their queues.
+
+pub mod pending;
+
+use std::sync::Arc;
+
+use tokio::sync::{oneshot, watch};
+
+use crate::consensus::snapshot::Snapshotter;
+use crate::error::EtcdError;
+use crate::mvcc::range::merge;
+use crate::mvcc::store::combine_compare;
+use crate::mvcc::{KeyRange, KeyValue};
+use crate::proto::etcdserverpb::{
+    request_op::Request as OpRequest, response_op::Response as OpResponse, CompactionRequest,
+    CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest,
+    RangeResponse, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
+};
+use crate::proto::metastorepb::{proposal::Request as Proposed, KeyHistory, Proposal, StateSnapshot};
+use crate::shard::{shard_for, ApplyCmd, ShardSet};
+pub use pending::{Pending, PendingGuard};
+
+/// What clients may read: published after every shard has applied through `index`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AppliedState {
+    /// Raft index applied on every shard.
+    pub index: u64,
+    /// The store revision at `index`: reads at this revision see every write up to `index`.
+    pub revision: i64,
+    /// Reads below this revision fail with ErrCompacted.
+    pub compact_revision: i64,
+    /// Sum of the shards' store sizes, bytes.
+    pub db_size: u64,
+}
+
+/// The result of an applied write request, before the front end adds member and term to the
+/// header.
+#[derive(Debug, Clone)]
+pub enum ApplyResponse {
+    /// A Put.
+    Put(PutResponse),
+    /// A DeleteRange.
+    DeleteRange(DeleteRangeResponse),
+    /// A Txn.
+    Txn(TxnResponse),
+    /// A Compaction.
+    Compaction(CompactionResponse),
+}
+
+/// An applied request's outcome.
+pub type ApplyResult = Result<ApplyResponse, EtcdError>;
+
+/// A committed Raft entry handed to the dispatcher.
+#[derive(Debug, Clone)]
+pub struct CommittedEntry {
+    /// Raft index.
+    pub index: u64,
+    /// Raft term.
+    pub term: u64,
+    /// Length-delimited `metastorepb.Proposal`s; empty for leader no-ops and conf changes.
+    pub data: Vec<u8>,
+}
+
+/// Sent back to the Raft node after a snapshot, so it can release the log before `index`.
+#[derive(Debug, Clone, Copy)]
+pub struct SnapshotTaken {
+    /// Raft index the snapshot covers.
+    pub index: u64,
+    /// Term of that entry.
+    pub term: u64,
+}
+
+/// When and where to snapshot (`--snapshot-count`).
+pub struct SnapshotPolicy {
+    /// Where snapshots go.
+    pub snapshotter: Snapshotter,
+    /// Applied entries between snapshots.
+    pub count: u64,
+    /// Voters recorded in each snapshot (the Raft configuration).
+    pub voters: Vec<u64>,
+    /// Told about each snapshot taken.
+    pub notify: flume::Sender<SnapshotTaken>,
+}
+
+/// The apply dispatcher's state. Everything here is part of the replicated state machine and
+/// goes into snapshots.
+pub struct Dispatcher {
+    shards: ShardSet,
+    revision: i64,
+    compact_revision: i64,
+    applied_index: u64,
+    applied_term: u64,
+    last_snapshot_index: u64,
+    /// Granted leases (filled by the lease service; used to validate `Put.lease`).
+    leases: std::collections::BTreeSet<i64>,
+    pending: Arc<Pending>,
+    applied_tx: watch::Sender<AppliedState>,
+    snapshots: SnapshotPolicy,
+}
+
+/// A result still waiting for a shard's reply (a put's previous key-value).
+enum Outcome {
+    Done(ApplyResult),
+    Put { rev: i64, prev: Option<oneshot::Receiver<Option<KeyValue>>> },
+}
+
+fn header(revision: i64) -> Option<ResponseHeader> {
+    Some(ResponseHeader { revision, ..Default::default() })
+}
+
+/// Waits for a shard's reply. Shards outlive the dispatcher (they stop only once it has
+/// dropped their queues), so a missing reply is a broken invariant, not a request error.
+fn wait<T>(rx: oneshot::Receiver<T>) -> T {
+    rx.blocking_recv().expect("shard stopped while the dispatcher was running")
+}
+
+impl Dispatcher {
+    /// A dispatcher at the state of `snap` (or empty), publishing to `applied_tx`.
+    pub fn new(
+        shards: ShardSet,
+        snap: Option<&StateSnapshot>,
+        pending: Arc<Pending>,
+        applied_tx: watch::Sender<AppliedState>,
+        snapshots: SnapshotPolicy,
+    ) -> Self {
+        let mut d = Dispatcher {
+            shards,
+            revision: 1,
+            compact_revision: 0,
+            applied_index: 0,
+            applied_term: 0,
+            last_snapshot_index: 0,
+            leases: Default::default(),
+            pending,
+            applied_tx,
+            snapshots,
+        };
+        if let Some(s) = snap {
+            d.revision = s.revision;
+            d.compact_revision = s.compact_revision;
+            d.applied_index = s.index;
+            d.applied_term = s.term;
+            d.last_snapshot_index = s.index;
+            d.leases = s.leases.iter().copied().collect();
+        }
+        d.publish(0);
+        d
+    }
+
+    /// Applies committed entries until the Raft node drops its sender.
+    pub fn run(mut self, committed: flume::Receiver<Vec<CommittedEntry>>) {
+        while let Ok(mut entries) = committed.recv() {
+            // Coalesce whatever else is ready: one barrier for all of it.
+            while let Ok(more) = committed.try_recv() {
+                entries.extend(more);
+                if entries.len() >= 4096 {
+                    break;
+                }
+            }
+            self.apply_entries(entries);
+        }
+    }
+
+    fn apply_entries(&mut self, entries: Vec<CommittedEntry>) {
+        let mut outcomes = Vec::new();
+        for entry in entries {
+            if entry.index <= self.applied_index {
+                continue; // already in the snapshot we started from
+            }
+            let mut data = entry.data.as_slice();
+            while !data.is_empty() {
+                match <Proposal as prost::Message>::decode_length_delimited(&mut data) {
+                    Ok(p) => outcomes.push((p.id, self.apply_proposal(p.request))),
+                    Err(e) => {
+                        // Identical bytes on every replica, so skipping is still deterministic.
+                        tracing::error!(index = entry.index, error = %e, "undecodable log entry skipped");
+                        break;
+                    }
+                }
+            }
+            self.applied_index = entry.index;
+            self.applied_term = entry.term;
+        }
+        let db_size = self.barrier();
+        self.publish(db_size);
+        for (id, outcome) in outcomes {
+            let result = match outcome {
+                Outcome::Done(r) => r,
+                Outcome::Put { rev, prev } => Ok(ApplyResponse::Put(PutResponse {
+                    header: header(rev),
+                    prev_kv: prev.and_then(wait),
+                })),
+            };
+            self.pending.complete(id, result);
+        }
+        if self.applied_index >= self.last_snapshot_index + self.snapshots.count.max(1) {
+            self.snapshot();
+        }
+    }
+
+    fn barrier(&self) -> u64 {
+        let waits: Vec<_> = self
+            .shards
+            .iter()
+            .map(|s| {
+                let (reply, rx) = oneshot::channel();
+                let _ = s.apply.send(ApplyCmd::Barrier { applied_index: self.applied_index, reply });
+                rx
+            })
+            .collect();
+        waits.into_iter().map(wait).sum()
+    }
+
+    fn publish(&self, db_size: u64) {
+        self.applied_tx.send_replace(AppliedState {
+            index: self.applied_index,
+            revision: self.revision,
+            compact_revision: self.compact_revision,
+            db_size,
+        });
+    }
+
+    fn apply_proposal(&mut self, request: Option<Proposed>) -> Outcome {
+        match request {
+            Some(Proposed::Put(p)) => self.apply_put(p),
+            Some(Proposed::DeleteRange(d)) => {
+                let rev = self.revision + 1;
+                let (deleted, prev_kvs) = self.delete(&d, rev, 0);
+                if deleted > 0 {
+                    self.revision = rev;
+                }
+                Outcome::Done(Ok(ApplyResponse::DeleteRange(DeleteRangeResponse {
+                    header: header(self.revision),
+                    deleted,
+                    prev_kvs: if d.prev_kv { prev_kvs } else { Vec::new() },
+                })))
+            }
+            Some(Proposed::Txn(t)) => Outcome::Done(self.apply_txn(&t).map(ApplyResponse::Txn)),
+            Some(Proposed::Compaction(c)) => Outcome::Done(self.apply_compaction(&c)),
+            None => Outcome::Done(Err(EtcdError::KeyNotFound)),
+        }
+    }
+
+    fn apply_put(&mut self, p: PutRequest) -> Outcome {
+        if let Err(e) = self.check_put(&p) {
+            return Outcome::Done(Err(e));
+        }
+        let rev = self.revision + 1;
+        self.revision = rev;
+        let prev = self.put(p, rev, 0);
+        Outcome::Put { rev, prev }
+    }
+
+    /// etcd `checkRequestPut`: ignore_value/ignore_lease need an existing key; a lease must
+    /// exist.
+    fn check_put(&self, p: &PutRequest) -> Result<(), EtcdError> {
+        if (p.ignore_value || p.ignore_lease) && self.get_latest(&p.key).is_none() {
+            return Err(EtcdError::KeyNotFound);
+        }
+        if p.lease != 0 && !self.leases.contains(&p.lease) {
+            return Err(EtcdError::LeaseNotFound);
+        }
+        Ok(())
+    }
+
+    fn get_latest(&self, key: &[u8]) -> Option<KeyValue> {
+        let (reply, rx) = oneshot::channel();
+        let shard = self.shards.get(shard_for(key, self.shards.len()));
+        let _ = shard.apply.send(ApplyCmd::Get { key: key.to_vec(), reply });
+        wait(rx)
+    }
+
+    /// Sends a put; returns the receiver of its previous key-value when the client asked.
+    fn put(&self, p: PutRequest, rev: i64, sub: u32) -> Option<oneshot::Receiver<Option<KeyValue>>> {
+        let shard = self.shards.get(shard_for(&p.key, self.shards.len()));
+        let (reply, rx) = if p.prev_kv {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let _ = shard.apply.send(ApplyCmd::Put { req: p, rev, sub, reply });
+        rx
+    }
+
+    /// Deletes a range at `rev` on every shard it touches; returns the count and the deleted
+    /// key-values in key order.
+    fn delete(&self, d: &DeleteRangeRequest, rev: i64, sub: u32) -> (i64, Vec<KeyValue>) {
+        let range = KeyRange::from_request(&d.key, &d.range_end);
+        let waits: Vec<_> = self
+            .shards
+            .shards_for(&range)
+            .into_iter()
+            .map(|i| {
+                let (reply, rx) = oneshot::channel();
+                let _ = self.shards.get(i).apply.send(ApplyCmd::Delete { range: range.clone(), rev, sub, reply });
+                rx
+            })
+            .collect();
+        let mut deleted: Vec<KeyValue> = waits.into_iter().flat_map(wait).collect();
+        deleted.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        (deleted.len() as i64, deleted)
+    }
+
+    fn apply_compaction(&mut self, c: &CompactionRequest) -> ApplyResult {
+        if c.revision <= self.compact_revision {
+            return Err(EtcdError::Compacted);
+        }
+        if c.revision > self.revision {
+            return Err(EtcdError::FutureRev);
+        }
+        for s in self.shards.iter() {
+            let _ = s.apply.send(ApplyCmd::Compact { rev: c.revision });
+        }
+        self.compact_revision = c.revision;
+        // Compaction runs inside the apply path, so by the time the barrier after it passes it
+        // is physically done: `physical` needs no extra wait.
+        Ok(ApplyResponse::Compaction(CompactionResponse { header: header(self.revision) }))
+    }
+
+    fn apply_txn(&mut self, txn: &TxnRequest) -> Result<TxnResponse, EtcdError> {
+        // etcd `compareToPath`: every compare, nested ones included, sees the pre-txn state.
+        let mut path = Vec::new();
+        self.txn_path(txn, &mut path);
+        self.check_txn(txn, &path, &mut 0)?;
+        let rev = self.revision + 1;
+        let mut exec = TxnExec { rev, sub: 0, wrote: false };
+        let mut resp = self.exec_txn(txn, &path, &mut 0, &mut exec);
+        if exec.wrote {
+            self.revision = rev;
+        }
+        resp.header = header(self.revision);
+        Ok(resp)
+    }
+
+    fn txn_path(&self, txn: &TxnRequest, path: &mut Vec<bool>) {
+        let ok = self.eval_compares(txn);
+        path.push(ok);
+        for op in if ok { &txn.success } else { &txn.failure } {
+            if let Some(OpRequest::RequestTxn(nested)) = &op.request {
+                self.txn_path(nested, path);
+            }
+        }
+    }
+
+    fn eval_compares(&self, txn: &TxnRequest) -> bool {
+        if txn.compare.is_empty() {
+            return true;
+        }
+        let n = self.shards.len();
+        // Per shard: the compares that name its keys, and where each one's answer goes.
+        let mut per_shard: Vec<(Vec<usize>, Vec<_>)> = vec![(Vec::new(), Vec::new()); n];
+        for (i, c) in txn.compare.iter().enumerate() {
+            for s in self.shards.shards_for(&KeyRange::from_request(&c.key, &c.range_end)) {
+                per_shard[s].0.push(i);
+                per_shard[s].1.push(c.clone());
+            }
+        }
+        let waits: Vec<_> = per_shard
+            .into_iter()
+            .enumerate()
+            .filter(|(_, (idx, _))| !idx.is_empty())
+            .map(|(s, (idx, cmps))| {
+                let (reply, rx) = oneshot::channel();
+                let _ = self.shards.get(s).apply.send(ApplyCmd::Compare { cmps, reply });
+                (idx, rx)
+            })
+            .collect();
+        let mut evals = vec![Vec::new(); txn.compare.len()];
+        for (idx, rx) in waits {
+            for (i, e) in idx.into_iter().zip(wait(rx)) {
+                evals[i].push(e);
+            }
+        }
+        txn.compare.iter().zip(evals).all(|(c, e)| combine_compare(c, e))
+    }
+
+    /// etcd `checkRequests` over the path the txn takes: puts (key and lease), then ranges
+    /// (revision bounds). Nothing is written if any fails.
+    fn check_txn(&self, txn: &TxnRequest, path: &[bool], at: &mut usize) -> Result<(), EtcdError> {
+        let ok = path[*at];
+        *at += 1;
+        for op in if ok { &txn.success } else { &txn.failure } {
+            match &op.request {
+                Some(OpRequest::RequestPut(p)) => self.check_put(p)?,
+                Some(OpRequest::RequestRange(r)) if r.revision != 0 => {
+                    if r.revision > self.revision {
+                        return Err(EtcdError::FutureRev);
+                    }
+                    if r.revision < self.compact_revision {
+                        return Err(EtcdError::Compacted);
+                    }
+                }
+                Some(OpRequest::RequestTxn(nested)) => self.check_txn(nested, path, at)?,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn exec_txn(&self, txn: &TxnRequest, path: &[bool], at: &mut usize, exec: &mut TxnExec) -> TxnResponse {
+        let ok = path[*at];
+        *at += 1;
+        let ops = if ok { &txn.success } else { &txn.failure };
+        let mut responses = Vec::with_capacity(ops.len());
+        for op in ops {
+            let response = match &op.request {
+                Some(OpRequest::RequestRange(r)) => OpResponse::ResponseRange(self.txn_range(r, exec)),
+                Some(OpRequest::RequestPut(p)) => {
+                    let prev = self.put(p.clone(), exec.rev, exec.sub);
+                    exec.sub += 1;
+                    exec.wrote = true;
+                    OpResponse::ResponsePut(PutResponse { header: header(exec.rev), prev_kv: prev.and_then(wait) })
+                }
+                Some(OpRequest::RequestDeleteRange(d)) => {
+                    let (deleted, prev_kvs) = self.delete(d, exec.rev, exec.sub);
+                    if deleted > 0 {
+                        exec.sub += 1;
+                        exec.wrote = true;
+                    }
+                    OpResponse::ResponseDeleteRange(DeleteRangeResponse {
+                        header: header(exec.current(self.revision)),
+                        deleted,
+                        prev_kvs: if d.prev_kv { prev_kvs } else { Vec::new() },
+                    })
+                }
+                Some(OpRequest::RequestTxn(nested)) => {
+                    let mut r = self.exec_txn(nested, path, at, exec);
+                    r.header = header(exec.current(self.revision));
+                    OpResponse::ResponseTxn(r)
+                }
+                // Rejected by validation before proposing; nothing to do.
+                None => continue,
+            };
+            responses.push(ResponseOp { response: Some(response) });
+        }
+        TxnResponse { header: None, succeeded: ok, responses }
+    }
+
+    /// A range inside a txn: it sees the txn's earlier writes.
+    fn txn_range(&self, r: &RangeRequest, exec: &TxnExec) -> RangeResponse {
+        let req = Arc::new(r.clone());
+        let rev = if r.revision > 0 { r.revision } else { crate::mvcc::LATEST };
+        let range = KeyRange::from_request(&r.key, &r.range_end);
+        let waits: Vec<_> = self
+            .shards
+            .shards_for(&range)
+            .into_iter()
+            .map(|i| {
+                let (reply, rx) = oneshot::channel();
+                let _ = self.shards.get(i).apply.send(ApplyCmd::Range { req: req.clone(), rev, reply });
+                rx
+            })
+            .collect();
+        // Revision bounds were checked before executing, so shards cannot fail here.
+        let parts = waits.into_iter().filter_map(|rx| wait(rx).ok()).collect();
+        let merged = merge(r, parts);
+        RangeResponse {
+            header: header(exec.current(self.revision)),
+            kvs: merged.kvs,
+            more: merged.more,
+            count: merged.count,
+        }
+    }
+
+    fn snapshot(&mut self) {
+        let waits: Vec<_> = self
+            .shards
+            .iter()
+            .map(|s| {
+                let (reply, rx) = oneshot::channel();
+                let _ = s.apply.send(ApplyCmd::Export { reply });
+                rx
+            })
+            .collect();
+        let mut keys: Vec<KeyHistory> = waits.into_iter().flat_map(wait).collect();
+        keys.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        let snap = StateSnapshot {
+            index: self.applied_index,
+            term: self.applied_term,
+            voters: self.snapshots.voters.clone(),
+            learners: Vec::new(),
+            revision: self.revision,
+            compact_revision: self.compact_revision,
+            leases: self.leases.iter().copied().collect(),
+            keys,
+        };
+        match self.snapshots.snapshotter.save(&snap) {
+            Ok(()) => {
+                self.last_snapshot_index = self.applied_index;
+                tracing::info!(index = snap.index, revision = snap.revision, "saved snapshot");
+                let _ = self.snapshots.notify.send(SnapshotTaken { index: snap.index, term: snap.term });
+            }
+            // The WAL still holds everything; retry at the next batch.
+            Err(e) => tracing::error!(error = %e, "snapshot failed"),
+        }
+    }
+}
+
+/// Progress of one txn's execution.
+struct TxnExec {
+    rev: i64,
+    sub: u32,
+    wrote: bool,
+}
+
+impl TxnExec {
+    /// The revision a response inside the txn reports: the txn's own once it has written.
+    fn current(&self, before: i64) -> i64 {
+        if self.wrote {
+            self.rev
+        } else {
+            before
+        }
+    }
+}
+
+/// Distributes a snapshot's key histories to the shards that own them now (the shard count may
+/// differ from when the snapshot was taken).
+pub fn restore_shards(shards: &ShardSet, snap: &StateSnapshot) {
+    let mut per_shard: Vec<Vec<KeyHistory>> = vec![Vec::new(); shards.len()];
+    for kh in &snap.keys {
+        per_shard[shard_for(&kh.key, shards.len())].push(kh.clone());
+    }
+    for (i, keys) in per_shard.into_iter().enumerate() {
+        let _ = shards.get(i).apply.send(ApplyCmd::Import { keys, compact_revision: snap.compact_revision });
+    }
+}

@@ -1,0 +1,315 @@
+//! Member configuration: etcd's flag names, each also read from its `ETCD_*` environment
+//! variable (a flag beats its variable), with etcd 3.5's defaults.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use url::Url;
+
+use crate::shard::EngineKind;
+
+/// etcd's defaults, shared by clap and by code that builds a `Config` by hand.
+pub mod defaults {
+    /// `--name`.
+    pub const NAME: &str = "default";
+    /// `--listen-client-urls` and `--advertise-client-urls`.
+    pub const CLIENT_URL: &str = "http://localhost:2379";
+    /// `--listen-peer-urls` and `--initial-advertise-peer-urls`.
+    pub const PEER_URL: &str = "http://localhost:2380";
+    /// `--initial-cluster-token`.
+    pub const CLUSTER_TOKEN: &str = "etcd-cluster";
+    /// `--snapshot-count`, entries (etcd 3.5).
+    pub const SNAPSHOT_COUNT: u64 = 100_000;
+    /// `--heartbeat-interval`, ms.
+    pub const HEARTBEAT_MS: u64 = 100;
+    /// `--election-timeout`, ms.
+    pub const ELECTION_MS: u64 = 1000;
+    /// `--max-request-bytes`: 1.5 MiB.
+    pub const MAX_REQUEST_BYTES: usize = 1_572_864;
+    /// `--max-txn-ops`.
+    pub const MAX_TXN_OPS: usize = 128;
+    /// What `--quota-backend-bytes 0` means: 2 GiB.
+    pub const QUOTA_BACKEND_BYTES: u64 = 2 * 1024 * 1024 * 1024;
+    /// Extra room gRPC allows over `--max-request-bytes` for framing (etcd's grpcOverheadBytes).
+    pub const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
+}
+
+/// `--initial-cluster-state`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ClusterState {
+    /// Bootstrapping a new cluster.
+    New,
+    /// Joining an existing cluster.
+    Existing,
+}
+
+/// `--log-level`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogLevel {
+    /// Everything, including raft-rs's debug output.
+    Debug,
+    /// Normal operation.
+    Info,
+    /// Warnings and errors.
+    Warn,
+    /// Errors only.
+    Error,
+    /// Treated as error (etcd accepts it).
+    Panic,
+    /// Treated as error (etcd accepts it).
+    Fatal,
+}
+
+fn parse_urls(s: &str) -> Result<Vec<Url>, String> {
+    s.split(',')
+        .map(|u| {
+            let url = Url::parse(u.trim()).map_err(|e| format!("invalid URL {u:?}: {e}"))?;
+            if url.scheme() != "http" && url.scheme() != "https" {
+                return Err(format!("URL scheme must be http or https: {u:?}"));
+            }
+            if url.host_str().is_none() || url.port_or_known_default().is_none() {
+                return Err(format!("URL needs a host and port: {u:?}"));
+            }
+            Ok(url)
+        })
+        .collect()
+}
+
+fn parse_bool(s: &str) -> Result<bool, String> {
+    match s {
+        "true" | "1" | "" => Ok(true),
+        "false" | "0" => Ok(false),
+        _ => Err(format!("invalid boolean {s:?}")),
+    }
+}
+
+/// Everything a member is started with.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "metastore", version, about = "An etcd v3 compatible key-value store")]
+pub struct Config {
+    /// Human-readable name for this member.
+    #[arg(long, env = "ETCD_NAME", default_value = defaults::NAME)]
+    pub name: String,
+
+    /// Path to the data directory [default: ${name}.etcd].
+    #[arg(long, env = "ETCD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Comma-separated URLs to serve client traffic on.
+    #[arg(long, env = "ETCD_LISTEN_CLIENT_URLS", default_value = defaults::CLIENT_URL, value_parser = parse_urls)]
+    pub listen_client_urls: Vec<Url>,
+
+    /// Comma-separated client URLs advertised to the cluster.
+    #[arg(long, env = "ETCD_ADVERTISE_CLIENT_URLS", default_value = defaults::CLIENT_URL, value_parser = parse_urls)]
+    pub advertise_client_urls: Vec<Url>,
+
+    /// Comma-separated URLs to serve peer traffic on.
+    #[arg(long, env = "ETCD_LISTEN_PEER_URLS", default_value = defaults::PEER_URL, value_parser = parse_urls)]
+    pub listen_peer_urls: Vec<Url>,
+
+    /// Comma-separated peer URLs advertised to the cluster.
+    #[arg(long, env = "ETCD_INITIAL_ADVERTISE_PEER_URLS", default_value = defaults::PEER_URL, value_parser = parse_urls)]
+    pub initial_advertise_peer_urls: Vec<Url>,
+
+    /// Initial cluster configuration: `name=peer-url,...` [default: ${name}=<advertise peer url>].
+    #[arg(long, env = "ETCD_INITIAL_CLUSTER")]
+    pub initial_cluster: Option<String>,
+
+    /// `new` to bootstrap a cluster, `existing` to join one.
+    #[arg(long, env = "ETCD_INITIAL_CLUSTER_STATE", value_enum, default_value = "new")]
+    pub initial_cluster_state: ClusterState,
+
+    /// Cluster token: keeps member and cluster IDs unique across clusters.
+    #[arg(long, env = "ETCD_INITIAL_CLUSTER_TOKEN", default_value = defaults::CLUSTER_TOKEN)]
+    pub initial_cluster_token: String,
+
+    /// Applied entries between snapshots (after which the WAL before them is released).
+    #[arg(long, env = "ETCD_SNAPSHOT_COUNT", default_value_t = defaults::SNAPSHOT_COUNT)]
+    pub snapshot_count: u64,
+
+    /// Raft heartbeat interval (one tick), ms.
+    #[arg(long, env = "ETCD_HEARTBEAT_INTERVAL", default_value_t = defaults::HEARTBEAT_MS)]
+    pub heartbeat_interval: u64,
+
+    /// Raft election timeout, ms.
+    #[arg(long, env = "ETCD_ELECTION_TIMEOUT", default_value_t = defaults::ELECTION_MS)]
+    pub election_timeout: u64,
+
+    /// Largest client request accepted, bytes.
+    #[arg(long, env = "ETCD_MAX_REQUEST_BYTES", default_value_t = defaults::MAX_REQUEST_BYTES)]
+    pub max_request_bytes: usize,
+
+    /// Most compares, or ops per branch, in one txn.
+    #[arg(long, env = "ETCD_MAX_TXN_OPS", default_value_t = defaults::MAX_TXN_OPS)]
+    pub max_txn_ops: usize,
+
+    /// Backend size above which writes fail with "database space exceeded", bytes (0 = 2 GiB).
+    #[arg(long, env = "ETCD_QUOTA_BACKEND_BYTES", default_value_t = 0)]
+    pub quota_backend_bytes: u64,
+
+    /// Log level.
+    #[arg(long, env = "ETCD_LOG_LEVEL", value_enum, default_value = "info")]
+    pub log_level: LogLevel,
+
+    /// Skip fsync of the WAL and snapshots: acknowledged writes may be lost on a crash.
+    #[arg(long, env = "ETCD_UNSAFE_NO_FSYNC", num_args = 0..=1, default_missing_value = "true",
+          default_value = "false", value_parser = parse_bool)]
+    pub unsafe_no_fsync: bool,
+
+    /// Storage engine for the shards.
+    #[arg(long, env = "METASTORE_STORAGE_ENGINE", value_enum, default_value = "memory")]
+    pub storage_engine: EngineKind,
+
+    /// Number of shards, each pinned to a core [default: one per online CPU].
+    #[arg(long, env = "METASTORE_SHARDS")]
+    pub shards: Option<usize>,
+}
+
+/// A configuration that cannot work.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// The election timeout must be at least 5 heartbeats (etcd's rule).
+    #[error("--election-timeout[{election}ms] should be at least as 5 times as --heartbeat-interval[{heartbeat}ms]")]
+    ElectionTooShort {
+        /// Election timeout, ms.
+        election: u64,
+        /// Heartbeat, ms.
+        heartbeat: u64,
+    },
+    /// A zero heartbeat.
+    #[error("--heartbeat-interval must be greater than 0")]
+    ZeroHeartbeat,
+    /// Shard count out of range.
+    #[error("--shards must be between 1 and 1024, got {0}")]
+    Shards(usize),
+    /// `--initial-cluster` does not name this member, or is malformed.
+    #[error("--initial-cluster: {0}")]
+    InitialCluster(String),
+    /// A feature another issue brings.
+    #[error("{0} is not supported yet")]
+    Unsupported(&'static str),
+    /// `--max-txn-ops` or `--max-request-bytes` of zero.
+    #[error("{0} must be greater than 0")]
+    Zero(&'static str),
+}
+
+impl Config {
+    /// The data directory: `--data-dir`, or `<name>.etcd` like etcd.
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(|| PathBuf::from(format!("{}.etcd", self.name)))
+    }
+
+    /// The shard count: `--shards`, or one per online CPU.
+    pub fn shard_count(&self) -> usize {
+        self.shards.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+
+    /// The backend quota in bytes, with 0 meaning etcd's default.
+    pub fn quota_bytes(&self) -> u64 {
+        if self.quota_backend_bytes == 0 {
+            defaults::QUOTA_BACKEND_BYTES
+        } else {
+            self.quota_backend_bytes
+        }
+    }
+
+    /// `--initial-cluster` as (name, peer URLs), defaulting to this member alone.
+    pub fn initial_members(&self) -> Result<Vec<(String, Vec<Url>)>, ConfigError> {
+        let Some(spec) = &self.initial_cluster else {
+            return Ok(vec![(self.name.clone(), self.initial_advertise_peer_urls.clone())]);
+        };
+        let mut members: Vec<(String, Vec<Url>)> = Vec::new();
+        for part in spec.split(',').filter(|p| !p.is_empty()) {
+            let (name, url) = part
+                .split_once('=')
+                .ok_or_else(|| ConfigError::InitialCluster(format!("{part:?} is not name=url")))?;
+            let url = Url::parse(url).map_err(|e| ConfigError::InitialCluster(format!("{url:?}: {e}")))?;
+            match members.iter_mut().find(|(n, _)| n == name) {
+                Some((_, urls)) => urls.push(url),
+                None => members.push((name.to_string(), vec![url])),
+            }
+        }
+        if !members.iter().any(|(n, _)| *n == self.name) {
+            return Err(ConfigError::InitialCluster(format!(
+                "couldn't find local name {:?} in the initial cluster configuration",
+                self.name
+            )));
+        }
+        Ok(members)
+    }
+
+    /// Checks the combination of settings.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.heartbeat_interval == 0 {
+            return Err(ConfigError::ZeroHeartbeat);
+        }
+        if self.election_timeout < 5 * self.heartbeat_interval {
+            return Err(ConfigError::ElectionTooShort {
+                election: self.election_timeout,
+                heartbeat: self.heartbeat_interval,
+            });
+        }
+        let shards = self.shard_count();
+        if !(1..=1024).contains(&shards) {
+            return Err(ConfigError::Shards(shards));
+        }
+        if self.max_txn_ops == 0 {
+            return Err(ConfigError::Zero("--max-txn-ops"));
+        }
+        if self.max_request_bytes == 0 {
+            return Err(ConfigError::Zero("--max-request-bytes"));
+        }
+        if self.storage_engine == EngineKind::Rocksdb {
+            return Err(ConfigError::Unsupported("--storage-engine rocksdb"));
+        }
+        if self.listen_client_urls.iter().any(|u| u.scheme() == "https") {
+            return Err(ConfigError::Unsupported("TLS (https client URLs)"));
+        }
+        if self.initial_members()?.len() > 1 {
+            return Err(ConfigError::Unsupported("a multi-member --initial-cluster"));
+        }
+        if self.initial_cluster_state == ClusterState::Existing {
+            return Err(ConfigError::Unsupported("--initial-cluster-state existing"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        Config::try_parse_from(std::iter::once("metastore").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn etcd_defaults() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.data_dir(), PathBuf::from("default.etcd"));
+        assert_eq!(c.listen_client_urls[0].as_str(), "http://localhost:2379/");
+        assert_eq!((c.max_txn_ops, c.max_request_bytes), (128, 1_572_864));
+        assert_eq!(c.quota_bytes(), 2 * 1024 * 1024 * 1024);
+        assert!(!c.unsafe_no_fsync);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn bad_values_are_errors() {
+        assert!(parse(&["--snapshot-count", "x"]).is_err());
+        assert!(parse(&["--no-such-flag"]).is_err());
+        assert!(parse(&["--listen-client-urls", "localhost:2379"]).is_err());
+        let c = parse(&["--election-timeout", "100"]).unwrap();
+        assert!(matches!(c.validate(), Err(ConfigError::ElectionTooShort { .. })));
+        let c = parse(&["--name", "a", "--initial-cluster", "b=http://127.0.0.1:2380"]).unwrap();
+        assert!(matches!(c.validate(), Err(ConfigError::InitialCluster(_))));
+    }
+
+    #[test]
+    fn flags_and_bools() {
+        let c = parse(&["--unsafe-no-fsync", "--shards", "3", "--name", "n1"]).unwrap();
+        assert!(c.unsafe_no_fsync);
+        assert_eq!(c.shard_count(), 3);
+        assert_eq!(c.data_dir(), PathBuf::from("n1.etcd"));
+    }
+}

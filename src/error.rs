@@ -1,0 +1,95 @@
+//! The one place where failures become etcd's gRPC statuses.
+//!
+//! Messages are copied from etcd's `api/v3rpc/rpctypes/error.go`: clients (Go clientv3,
+//! etcdctl, Kubernetes) match on the exact text, so it is part of the API.
+
+use tonic::{Code, Status};
+
+/// A request failure as etcd reports it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EtcdError {
+    /// Empty key in a request (InvalidArgument).
+    #[error("etcdserver: key is not provided")]
+    EmptyKey,
+    /// `ignore_value`/`ignore_lease` on a missing key, or an empty txn op (InvalidArgument).
+    #[error("etcdserver: key not found")]
+    KeyNotFound,
+    /// A value with `ignore_value` (InvalidArgument).
+    #[error("etcdserver: value is provided")]
+    ValueProvided,
+    /// A lease with `ignore_lease` (InvalidArgument).
+    #[error("etcdserver: lease is provided")]
+    LeaseProvided,
+    /// More compares or ops than `--max-txn-ops` (InvalidArgument).
+    #[error("etcdserver: too many operations in txn request")]
+    TooManyOps,
+    /// Overlapping writes in one txn branch (InvalidArgument).
+    #[error("etcdserver: duplicate key given in txn request")]
+    DuplicateKey,
+    /// Unknown sort order or target (InvalidArgument).
+    #[error("etcdserver: invalid sort option")]
+    InvalidSortOption,
+    /// Encoded request above `--max-request-bytes` (InvalidArgument).
+    #[error("etcdserver: request is too large")]
+    RequestTooLarge,
+    /// Revision below the compaction revision (OutOfRange).
+    #[error("etcdserver: mvcc: required revision has been compacted")]
+    Compacted,
+    /// Revision above the current revision (OutOfRange).
+    #[error("etcdserver: mvcc: required revision is a future revision")]
+    FutureRev,
+    /// Unknown lease ID (NotFound).
+    #[error("etcdserver: requested lease not found")]
+    LeaseNotFound,
+    /// The backend is above `--quota-backend-bytes` (ResourceExhausted).
+    #[error("etcdserver: mvcc: database space exceeded")]
+    NoSpace,
+    /// No Raft leader is known (Unavailable).
+    #[error("etcdserver: no leader")]
+    NoLeader,
+    /// The server is shutting down (Unavailable).
+    #[error("etcdserver: server stopped")]
+    Stopped,
+    /// A proposal or read did not complete in time; its outcome is unknown (Unavailable).
+    #[error("etcdserver: request timed out")]
+    Timeout,
+    /// The RPC exists in etcd but this member does not serve it yet (Unimplemented).
+    #[error("etcdserver: {0} is not supported by this member yet")]
+    Unsupported(&'static str),
+}
+
+impl EtcdError {
+    /// The gRPC code etcd uses for this error.
+    pub fn code(&self) -> Code {
+        use EtcdError::*;
+        match self {
+            EmptyKey | KeyNotFound | ValueProvided | LeaseProvided | TooManyOps | DuplicateKey
+            | InvalidSortOption | RequestTooLarge => Code::InvalidArgument,
+            Compacted | FutureRev => Code::OutOfRange,
+            LeaseNotFound => Code::NotFound,
+            NoSpace => Code::ResourceExhausted,
+            NoLeader | Stopped | Timeout => Code::Unavailable,
+            Unsupported(_) => Code::Unimplemented,
+        }
+    }
+}
+
+impl From<EtcdError> for Status {
+    fn from(e: EtcdError) -> Status {
+        Status::new(e.code(), e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_match_etcd() {
+        let s = Status::from(EtcdError::Compacted);
+        assert_eq!(s.code(), Code::OutOfRange);
+        assert_eq!(s.message(), "etcdserver: mvcc: required revision has been compacted");
+        let s = Status::from(EtcdError::DuplicateKey);
+        assert_eq!((s.code(), s.message()), (Code::InvalidArgument, "etcdserver: duplicate key given in txn request"));
+    }
+}

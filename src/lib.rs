@@ -1,0 +1,40 @@
+//! MetaStore: an etcd v3 compatible key-value store.
+//!
+//! ```text
+//! client --gRPC--> server (front end) --writes--> consensus: batching proposer -> raft-rs RawNode
+//!                    |                                   -> WAL (crc32 records, one fsync per batch)
+//!                    |                                   | committed entries, in log order
+//!                    |                                   v
+//!                    |                      apply::Dispatcher: one revision per write, deterministic
+//!                    |                                   | flume apply queue, per shard
+//!                    +--reads (at an applied revision)-> shard 0 @core0 .. shard N @coreN
+//!                                                        mvcc::Store over an engine (memory | RocksDB)
+//! ```
+//!
+//! A write: validated ([`server::validate`]), encoded as a `metastorepb.Proposal`, batched with
+//! whatever else is queued into one Raft entry, fsynced to the WAL, committed, and applied by the
+//! dispatcher, which assigns its revision and sends its key operations to the owning shards. The
+//! client gets its answer after every shard has passed the barrier behind it.
+//!
+//! A read: a ReadIndex (unless `serializable`), a wait until every shard has applied that index,
+//! then a scatter to the shards at that revision and a merge in key order.
+//!
+//! Modules:
+//! * [`config`]: flags and environment, etcd's names and defaults.
+//! * [`server`]: the gRPC services, one file each, and member start-up.
+//! * [`consensus`]: the Raft node thread, the WAL and snapshots.
+//! * [`apply`]: the dispatcher that turns committed entries into revisions and shard work.
+//! * [`shard`]: shard executors (glommio, one per core) and their queues.
+//! * [`mvcc`]: key history, the engine trait, the memory engine, range merging.
+//! * [`error`]: etcd's exact gRPC statuses.
+//! * [`proto`]: generated etcd and MetaStore protos.
+#![warn(missing_docs)]
+
+pub mod apply;
+pub mod config;
+pub mod consensus;
+pub mod error;
+pub mod mvcc;
+pub mod proto;
+pub mod server;
+pub mod shard;

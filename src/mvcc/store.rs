@@ -1,0 +1,364 @@
+//! etcd's MVCC semantics over any [`Engine`]: puts, deletes with tombstones, reads at a
+//! revision, compaction bounds, range options and txn compares.
+//!
+//! A `Store` holds one shard's part of the keyspace. Revisions are never chosen here: the apply
+//! dispatcher assigns them in log order and passes them in, which keeps every replica identical.
+
+use super::engine::{Engine, Live, VersionRecord};
+use super::range::{passes_filters, pushdown_limit, KeyRange, PartialRange, RangeEnd};
+use crate::error::EtcdError;
+use crate::proto::etcdserverpb::{compare, Compare, RangeRequest};
+use crate::proto::mvccpb::KeyValue;
+
+/// The outcome of one txn compare over the keys of one shard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CompareEval {
+    /// Whether the shard holds any live key the compare names.
+    pub any_key: bool,
+    /// Whether every such key satisfies the compare.
+    pub all_hold: bool,
+}
+
+/// One shard's MVCC store.
+pub struct Store {
+    engine: Box<dyn Engine>,
+    /// Reads below this revision fail with ErrCompacted (etcd `compactMainRev`).
+    compact_revision: i64,
+}
+
+fn to_kv(key: &[u8], r: &VersionRecord) -> Option<KeyValue> {
+    r.live.as_ref().map(|l| KeyValue {
+        key: key.to_vec(),
+        create_revision: l.create_revision,
+        mod_revision: r.mod_revision,
+        version: l.version,
+        value: l.value.clone(),
+        lease: l.lease,
+    })
+}
+
+fn end_of(range: &KeyRange) -> Option<&[u8]> {
+    match &range.end {
+        RangeEnd::Before(end) => Some(end),
+        _ => None,
+    }
+}
+
+impl Store {
+    /// Wraps an engine.
+    pub fn new(engine: Box<dyn Engine>) -> Self {
+        Store { engine, compact_revision: 0 }
+    }
+
+    /// The engine's name.
+    pub fn engine_name(&self) -> &'static str {
+        self.engine.name()
+    }
+
+    /// The revision this store was last compacted at (0 = never).
+    pub fn compact_revision(&self) -> i64 {
+        self.compact_revision
+    }
+
+    /// Approximate bytes held.
+    pub fn size_bytes(&self) -> u64 {
+        self.engine.size_bytes()
+    }
+
+    /// The live key-value of `key` at `rev` ([`super::LATEST`] for the newest).
+    pub fn get(&self, key: &[u8], rev: i64) -> Option<KeyValue> {
+        self.engine.version_at(key, rev).and_then(|r| to_kv(key, &r))
+    }
+
+    fn visit_live(&self, range: &KeyRange, rev: i64, visit: &mut dyn FnMut(KeyValue) -> bool) {
+        if let Some(key) = range.single_key() {
+            if let Some(kv) = self.get(key, rev) {
+                visit(kv);
+            }
+            return;
+        }
+        self.engine.scan_at(&range.start, end_of(range), rev, &mut |k, r| match to_kv(k, r) {
+            Some(kv) => visit(kv),
+            None => true,
+        });
+    }
+
+    /// Writes `key` at revision `rev` and returns the previous live key-value.
+    ///
+    /// `ignore_value` / `ignore_lease` keep the previous value / lease; the caller has checked
+    /// that the key exists (etcd answers ErrKeyNotFound otherwise, before writing anything).
+    pub fn put(&mut self, put: PutArgs<'_>, rev: i64, sub: u32) -> Option<KeyValue> {
+        let prev = self.get(put.key, super::LATEST);
+        let (create_revision, version) = match &prev {
+            Some(p) => (p.create_revision, p.version + 1),
+            None => (rev, 1),
+        };
+        let value = match (&prev, put.ignore_value) {
+            (Some(p), true) => p.value.clone(),
+            _ => put.value.to_vec(),
+        };
+        let lease = match (&prev, put.ignore_lease) {
+            (Some(p), true) => p.lease,
+            _ => put.lease,
+        };
+        let live = Live { value, create_revision, version, lease };
+        self.engine.append(put.key, VersionRecord { mod_revision: rev, sub, live: Some(live) });
+        prev
+    }
+
+    /// Deletes every live key in `range` at revision `rev`, leaving tombstones. Returns the
+    /// deleted key-values in key order.
+    pub fn delete_range(&mut self, range: &KeyRange, rev: i64, sub: u32) -> Vec<KeyValue> {
+        let mut deleted = Vec::new();
+        self.visit_live(range, super::LATEST, &mut |kv| {
+            deleted.push(kv);
+            true
+        });
+        for kv in &deleted {
+            self.engine.append(&kv.key, VersionRecord { mod_revision: rev, sub, live: None });
+        }
+        deleted
+    }
+
+    /// This shard's part of a range read at revision `rev`.
+    ///
+    /// Errors: ErrCompacted when `rev` is below the compaction revision.
+    pub fn range(&self, req: &RangeRequest, rev: i64) -> Result<PartialRange, EtcdError> {
+        if rev < self.compact_revision {
+            return Err(EtcdError::Compacted);
+        }
+        let range = KeyRange::from_request(&req.key, &req.range_end);
+        let limit = pushdown_limit(req);
+        let mut out = PartialRange::default();
+        self.visit_live(&range, rev, &mut |mut kv| {
+            out.count += 1;
+            if !req.count_only && (limit == 0 || out.kvs.len() < limit) && passes_filters(req, &kv) {
+                if req.keys_only {
+                    kv.value.clear();
+                }
+                out.kvs.push(kv);
+            }
+            true
+        });
+        Ok(out)
+    }
+
+    /// Evaluates one txn compare against the newest state of this shard's keys.
+    pub fn compare(&self, cmp: &Compare) -> CompareEval {
+        let range = KeyRange::from_request(&cmp.key, &cmp.range_end);
+        let mut eval = CompareEval { any_key: false, all_hold: true };
+        self.visit_live(&range, super::LATEST, &mut |kv| {
+            eval.any_key = true;
+            eval.all_hold &= compare_kv(cmp, &kv);
+            eval.all_hold
+        });
+        eval
+    }
+
+    /// Compacts history below `rev` (etcd `Compact`).
+    pub fn compact(&mut self, rev: i64) {
+        self.engine.compact(rev);
+        self.compact_revision = self.compact_revision.max(rev);
+    }
+
+    /// Restores the compaction revision from a snapshot.
+    pub fn set_compact_revision(&mut self, rev: i64) {
+        self.compact_revision = rev;
+    }
+
+    /// Makes appended records durable (see [`Engine::flush`]).
+    pub fn flush(&mut self, applied_index: u64) {
+        self.engine.flush(applied_index);
+    }
+
+    /// Visits every key with its retained history.
+    pub fn export(&self, visit: &mut dyn FnMut(&[u8], &[VersionRecord])) {
+        self.engine.export(visit);
+    }
+
+    /// Inserts a key's history from a snapshot.
+    pub fn import(&mut self, key: Vec<u8>, history: Vec<VersionRecord>) {
+        self.engine.import(key, history);
+    }
+}
+
+/// The arguments of a put, borrowed from the request.
+#[derive(Clone, Copy, Debug)]
+pub struct PutArgs<'a> {
+    /// Key to write.
+    pub key: &'a [u8],
+    /// New value (ignored with `ignore_value`).
+    pub value: &'a [u8],
+    /// Lease to attach (ignored with `ignore_lease`).
+    pub lease: i64,
+    /// Keep the current value.
+    pub ignore_value: bool,
+    /// Keep the current lease.
+    pub ignore_lease: bool,
+}
+
+/// etcd's `compareKV`: does `kv` satisfy the compare? A missing key is compared as the zero
+/// key-value by the caller (except for VALUE targets, which then fail).
+pub fn compare_kv(cmp: &Compare, kv: &KeyValue) -> bool {
+    use compare::{CompareResult, CompareTarget, TargetUnion};
+    let ord = match CompareTarget::try_from(cmp.target) {
+        Ok(CompareTarget::Value) => {
+            let v: &[u8] = match &cmp.target_union {
+                Some(TargetUnion::Value(v)) => v,
+                _ => &[],
+            };
+            kv.value.as_slice().cmp(v)
+        }
+        Ok(target) => {
+            let (have, want) = match (target, &cmp.target_union) {
+                (CompareTarget::Version, Some(TargetUnion::Version(v))) => (kv.version, *v),
+                (CompareTarget::Version, _) => (kv.version, 0),
+                (CompareTarget::Create, Some(TargetUnion::CreateRevision(v))) => (kv.create_revision, *v),
+                (CompareTarget::Create, _) => (kv.create_revision, 0),
+                (CompareTarget::Mod, Some(TargetUnion::ModRevision(v))) => (kv.mod_revision, *v),
+                (CompareTarget::Mod, _) => (kv.mod_revision, 0),
+                (CompareTarget::Lease, Some(TargetUnion::Lease(v))) => (kv.lease, *v),
+                (CompareTarget::Lease, _) => (kv.lease, 0),
+                (CompareTarget::Value, _) => unreachable!("handled above"),
+            };
+            have.cmp(&want)
+        }
+        Err(_) => std::cmp::Ordering::Equal,
+    };
+    match CompareResult::try_from(cmp.result) {
+        Ok(CompareResult::Equal) => ord.is_eq(),
+        Ok(CompareResult::NotEqual) => ord.is_ne(),
+        Ok(CompareResult::Greater) => ord.is_gt(),
+        Ok(CompareResult::Less) => ord.is_lt(),
+        Err(_) => true,
+    }
+}
+
+/// Combines the per-shard evaluations of one compare (etcd `applyCompare`): with no key at
+/// all, the zero key-value is compared, and a VALUE compare fails.
+pub fn combine_compare(cmp: &Compare, evals: impl IntoIterator<Item = CompareEval>) -> bool {
+    let mut any = false;
+    for e in evals {
+        if e.any_key {
+            any = true;
+            if !e.all_hold {
+                return false;
+            }
+        }
+    }
+    if any {
+        return true;
+    }
+    if cmp.target == compare::CompareTarget::Value as i32 {
+        return false;
+    }
+    compare_kv(cmp, &KeyValue::default())
+}
+
+/// The storage conformance suite: every engine must pass it (run via [`conformance::run`]).
+pub mod conformance {
+    use super::*;
+
+    fn put(s: &mut Store, k: &str, v: &str, rev: i64) -> Option<KeyValue> {
+        let args = PutArgs { key: k.as_bytes(), value: v.as_bytes(), lease: 0, ignore_value: false, ignore_lease: false };
+        s.put(args, rev, 0)
+    }
+
+    fn keys(p: &PartialRange) -> Vec<String> {
+        p.kvs.iter().map(|kv| String::from_utf8_lossy(&kv.key).into_owned()).collect()
+    }
+
+    fn range(key: &str, end: &str) -> RangeRequest {
+        RangeRequest { key: key.into(), range_end: end.into(), ..Default::default() }
+    }
+
+    /// Runs every check against stores built by `make`.
+    pub fn run(make: &dyn Fn() -> Box<dyn Engine>) {
+        versions_and_tombstones(Store::new(make()));
+        historical_reads_and_compaction(Store::new(make()));
+        ranges_limits_and_filters(Store::new(make()));
+        export_import_roundtrip(make);
+    }
+
+    fn versions_and_tombstones(mut s: Store) {
+        assert!(put(&mut s, "a", "1", 2).is_none());
+        let prev = put(&mut s, "a", "2", 3).expect("prev kv");
+        assert_eq!((prev.value.as_slice(), prev.mod_revision), (&b"1"[..], 2));
+        let kv = s.get(b"a", crate::mvcc::LATEST).unwrap();
+        assert_eq!((kv.create_revision, kv.mod_revision, kv.version), (2, 3, 2));
+        let deleted = s.delete_range(&KeyRange::from_request(b"a", b""), 4, 0);
+        assert_eq!(deleted.len(), 1);
+        assert!(s.get(b"a", crate::mvcc::LATEST).is_none());
+        put(&mut s, "a", "3", 5);
+        let kv = s.get(b"a", crate::mvcc::LATEST).unwrap();
+        assert_eq!((kv.create_revision, kv.version), (5, 1), "a new generation after a delete");
+    }
+
+    fn historical_reads_and_compaction(mut s: Store) {
+        put(&mut s, "k", "v2", 2);
+        put(&mut s, "k", "v3", 3);
+        s.delete_range(&KeyRange::from_request(b"k", b""), 4, 0);
+        put(&mut s, "j", "v5", 5);
+        assert_eq!(s.get(b"k", 2).unwrap().value, b"v2");
+        assert_eq!(s.get(b"k", 3).unwrap().value, b"v3");
+        assert!(s.get(b"k", 4).is_none());
+        assert!(s.get(b"j", 4).is_none());
+        s.compact(3);
+        assert!(matches!(s.range(&range("k", ""), 2), Err(EtcdError::Compacted)));
+        assert_eq!(s.get(b"k", 3).unwrap().value, b"v3", "the newest version <= compact rev stays");
+        s.compact(4);
+        assert!(s.get(b"k", 4).is_none());
+        let all = s.range(&range("\0", "\0"), crate::mvcc::LATEST).unwrap();
+        assert_eq!(keys(&all), vec!["j"]);
+    }
+
+    fn ranges_limits_and_filters(mut s: Store) {
+        for (i, k) in ["a", "b", "c", "d"].iter().enumerate() {
+            put(&mut s, k, "v", 2 + i as i64);
+        }
+        let r = s.range(&RangeRequest { limit: 2, ..range("a", "z") }, crate::mvcc::LATEST).unwrap();
+        assert_eq!((keys(&r), r.count), (vec!["a".to_string(), "b".into(), "c".into()], 4));
+        let r = s.range(&RangeRequest { min_mod_revision: 4, ..range("a", "z") }, crate::mvcc::LATEST).unwrap();
+        assert_eq!((keys(&r), r.count), (vec!["c".to_string(), "d".into()], 4));
+        let r = s.range(&RangeRequest { count_only: true, ..range("b", "\0") }, crate::mvcc::LATEST).unwrap();
+        assert_eq!((r.kvs.len(), r.count), (0, 3));
+        let r = s.range(&range("b", "a"), crate::mvcc::LATEST).unwrap();
+        assert_eq!(r.count, 0, "an inverted range is empty");
+    }
+
+    fn export_import_roundtrip(make: &dyn Fn() -> Box<dyn Engine>) {
+        let mut a = Store::new(make());
+        put(&mut a, "x", "1", 2);
+        put(&mut a, "x", "2", 3);
+        let mut b = Store::new(make());
+        a.export(&mut |k, h| b.import(k.to_vec(), h.to_vec()));
+        assert_eq!(b.get(b"x", 2).unwrap().value, b"1");
+        assert_eq!(b.get(b"x", 3).unwrap().value, b"2");
+        assert_eq!(a.size_bytes(), b.size_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mvcc::memory::MemoryEngine;
+
+    #[test]
+    fn memory_engine_conforms() {
+        conformance::run(&|| Box::new(MemoryEngine::new()));
+    }
+
+    #[test]
+    fn compare_on_missing_key() {
+        let cmp = Compare {
+            result: compare::CompareResult::Equal as i32,
+            target: compare::CompareTarget::Version as i32,
+            key: b"nope".to_vec(),
+            target_union: Some(compare::TargetUnion::Version(0)),
+            ..Default::default()
+        };
+        assert!(combine_compare(&cmp, [CompareEval { any_key: false, all_hold: true }]));
+        let value_cmp = Compare { target: compare::CompareTarget::Value as i32, target_union: None, ..cmp };
+        assert!(!combine_compare(&value_cmp, []));
+    }
+}
