@@ -60,7 +60,18 @@ pub enum LogLevel {
     Fatal,
 }
 
-fn parse_urls(s: &str) -> Result<Vec<Url>, String> {
+/// A comma-separated URL list flag.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UrlList(pub Vec<Url>);
+
+impl std::ops::Deref for UrlList {
+    type Target = [Url];
+    fn deref(&self) -> &[Url] {
+        &self.0
+    }
+}
+
+fn parse_urls(s: &str) -> Result<UrlList, String> {
     s.split(',')
         .map(|u| {
             let url = Url::parse(u.trim()).map_err(|e| format!("invalid URL {u:?}: {e}"))?;
@@ -72,7 +83,8 @@ fn parse_urls(s: &str) -> Result<Vec<Url>, String> {
             }
             Ok(url)
         })
-        .collect()
+        .collect::<Result<_, _>>()
+        .map(UrlList)
 }
 
 fn parse_bool(s: &str) -> Result<bool, String> {
@@ -97,19 +109,19 @@ pub struct Config {
 
     /// Comma-separated URLs to serve client traffic on.
     #[arg(long, env = "ETCD_LISTEN_CLIENT_URLS", default_value = defaults::CLIENT_URL, value_parser = parse_urls)]
-    pub listen_client_urls: Vec<Url>,
+    pub listen_client_urls: UrlList,
 
     /// Comma-separated client URLs advertised to the cluster.
     #[arg(long, env = "ETCD_ADVERTISE_CLIENT_URLS", default_value = defaults::CLIENT_URL, value_parser = parse_urls)]
-    pub advertise_client_urls: Vec<Url>,
+    pub advertise_client_urls: UrlList,
 
     /// Comma-separated URLs to serve peer traffic on.
     #[arg(long, env = "ETCD_LISTEN_PEER_URLS", default_value = defaults::PEER_URL, value_parser = parse_urls)]
-    pub listen_peer_urls: Vec<Url>,
+    pub listen_peer_urls: UrlList,
 
     /// Comma-separated peer URLs advertised to the cluster.
     #[arg(long, env = "ETCD_INITIAL_ADVERTISE_PEER_URLS", default_value = defaults::PEER_URL, value_parser = parse_urls)]
-    pub initial_advertise_peer_urls: Vec<Url>,
+    pub initial_advertise_peer_urls: UrlList,
 
     /// Initial cluster configuration: `name=peer-url,...` [default: ${name}=<advertise peer url>].
     #[arg(long, env = "ETCD_INITIAL_CLUSTER")]
@@ -216,7 +228,7 @@ impl Config {
     /// `--initial-cluster` as (name, peer URLs), defaulting to this member alone.
     pub fn initial_members(&self) -> Result<Vec<(String, Vec<Url>)>, ConfigError> {
         let Some(spec) = &self.initial_cluster else {
-            return Ok(vec![(self.name.clone(), self.initial_advertise_peer_urls.clone())]);
+            return Ok(vec![(self.name.clone(), self.initial_advertise_peer_urls.to_vec())]);
         };
         let mut members: Vec<(String, Vec<Url>)> = Vec::new();
         for part in spec.split(',').filter(|p| !p.is_empty()) {

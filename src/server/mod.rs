@@ -197,7 +197,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let max_recv = cfg.max_request_bytes + defaults::GRPC_OVERHEAD_BYTES;
     let mut servers = tokio::task::JoinSet::new();
-    for url in &cfg.listen_client_urls {
+    for url in cfg.listen_client_urls.iter() {
         let host = url.host_str().unwrap_or("localhost").trim_matches(['[', ']']);
         let port = url.port_or_known_default().unwrap_or(2379);
         let listener = tokio::net::TcpListener::bind((host, port))
