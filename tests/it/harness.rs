@@ -1,0 +1,149 @@
+//! Starts real `metastore` processes on ephemeral ports and stops them when dropped.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// How long a server may take to print its ready line.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running server. Dropping it kills the process.
+pub struct Server {
+    child: Child,
+    /// `127.0.0.1:PORT` of the client listener.
+    pub endpoint: String,
+    /// The server's data directory.
+    pub data_dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Server {
+    /// A fresh server on a temporary data directory with 2 shards.
+    pub fn start() -> Server {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut s = Server::start_in(tmp.path(), &[]).expect("server starts");
+        s._tmp = Some(tmp);
+        s
+    }
+
+    /// Starts a server on `data_dir` with extra flags; on failure returns everything it printed.
+    pub fn try_start(data_dir: &Path, extra: &[&str]) -> Result<Server, String> {
+        let mut args: Vec<String> = vec![
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--listen-client-urls".into(),
+            "http://127.0.0.1:0".into(),
+        ];
+        if !extra.iter().any(|a| *a == "--shards") {
+            args.extend(["--shards".into(), "2".into()]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_metastore"))
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn metastore");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel::<String>();
+        // Keeps draining stderr for the life of the process so it never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = std::time::Instant::now() + START_TIMEOUT;
+        let mut seen = String::new();
+        let mut endpoint = None;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(addr) = line.split("serving client requests on ").nth(1) {
+                        endpoint = addr.split_whitespace().next().map(str::to_string);
+                    }
+                    let ready = line.contains("ready to serve client requests");
+                    seen.push_str(&line);
+                    seen.push('\n');
+                    if ready {
+                        break;
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let status = child.wait().ok();
+                    return Err(format!("server did not become ready (exit: {status:?}); output:\n{seen}"));
+                }
+            }
+        }
+        Ok(Server {
+            child,
+            endpoint: endpoint.expect("the server printed its address before the ready line"),
+            data_dir: data_dir.to_path_buf(),
+            _tmp: None,
+        })
+    }
+
+    /// Like [`Server::try_start`], panicking with the server's output on failure.
+    pub fn start_in(data_dir: &Path, extra: &[&str]) -> Result<Server, String> {
+        Server::try_start(data_dir, extra)
+    }
+
+    /// A connected `etcd-client` client.
+    pub async fn client(&self) -> etcd_client::Client {
+        etcd_client::Client::connect([self.endpoint.as_str()], None).await.expect("connect")
+    }
+
+    /// Runs `etcdctl` against this server.
+    pub fn etcdctl(&self, args: &[&str]) -> Output {
+        etcdctl(&self.endpoint, args, None)
+    }
+
+    /// Runs `etcdctl` with `stdin` as its input.
+    pub fn etcdctl_stdin(&self, args: &[&str], stdin: &str) -> Output {
+        etcdctl(&self.endpoint, args, Some(stdin))
+    }
+
+    /// SIGKILLs the server and waits for it to die.
+    pub fn kill(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Runs etcdctl (API v3) against `endpoint`.
+pub fn etcdctl(endpoint: &str, args: &[&str], stdin: Option<&str>) -> Output {
+    use std::io::Write;
+    let mut child = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={endpoint}"))
+        .arg("--command-timeout=10s")
+        .args(args)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("etcdctl is installed (apt-get install etcd-client)");
+    if let Some(input) = stdin {
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// stdout of a successful command, as text; panics with stderr otherwise.
+pub fn ok_stdout(out: &Output) -> String {
+    assert!(out.status.success(), "command failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
