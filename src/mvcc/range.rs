@@ -127,9 +127,12 @@ pub fn merge(req: &RangeRequest, parts: Vec<PartialRange>) -> MergedRange {
                 SortTarget::Value => (0, kv.value.clone()),
             }
         };
-        kvs.sort_by_key(key);
+        // Stable, and reversed by comparator rather than by reversing the slice, so ties stay
+        // in key order either way, as etcd's sort of a key-ordered slice leaves them.
         if order == SortOrder::Descend {
-            kvs.reverse();
+            kvs.sort_by(|a, b| key(b).cmp(&key(a)));
+        } else {
+            kvs.sort_by_key(key);
         }
     }
     let mut more = false;
@@ -179,5 +182,11 @@ mod tests {
         let m = merge(&req, parts);
         assert_eq!(m.kvs.iter().map(|k| k.create_revision).collect::<Vec<_>>(), vec![3, 2, 1]);
         assert!(!m.more);
+
+        // Ties under a descending sort keep ascending key order (matches etcd 3.4.23).
+        let tied = vec![PartialRange { kvs: vec![kv("x", 6), kv("y", 6), kv("a", 2)], count: 3 }];
+        let req = RangeRequest { sort_target: SortTarget::Mod as i32, sort_order: SortOrder::Descend as i32, ..Default::default() };
+        let m = merge(&req, tied);
+        assert_eq!(m.kvs.iter().map(|k| k.key.clone()).collect::<Vec<_>>(), vec![b"x".to_vec(), b"y".to_vec(), b"a".to_vec()]);
     }
 }

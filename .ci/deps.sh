@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs what building and testing MetaStore needs on a fresh Debian/Ubuntu machine that has
+# only the Rust toolchain: protoc (tonic/prost code generation) and etcdctl (integration tests).
+set -euo pipefail
+need=()
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
+if [ ${#need[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
