@@ -202,11 +202,20 @@ impl RaftNode {
             while let Ok(s) = self.snapshots.try_recv() {
                 self.compact_log(s);
             }
-            if let Err(e) = self.on_ready() {
-                tracing::error!(error = %e, "fatal: cannot persist the Raft log");
-                std::process::exit(1);
+            self.ready_or_exit();
+            if !self.read_waiters.is_empty() {
+                // Held reads may now go: the leader's first entry may have just committed.
+                self.flush_reads();
+                self.ready_or_exit();
             }
             self.publish_status();
+        }
+    }
+
+    fn ready_or_exit(&mut self) {
+        if let Err(e) = self.on_ready() {
+            tracing::error!(error = %e, "fatal: cannot persist the Raft log");
+            std::process::exit(1);
         }
     }
 
@@ -242,13 +251,18 @@ impl RaftNode {
         if self.read_waiters.is_empty() {
             return;
         }
-        let waiters = std::mem::take(&mut self.read_waiters);
         if self.raw.raft.state != StateRole::Leader {
-            for w in waiters {
+            for w in self.read_waiters.drain(..) {
                 let _ = w.send(Err(EtcdError::NoLeader));
             }
             return;
         }
+        // raft-rs drops a ReadIndex until the leader has committed an entry of its own term
+        // (Raft paper section 6.4); hold the reads until then instead of losing them.
+        if !self.raw.raft.commit_to_current_term() {
+            return;
+        }
+        let waiters = std::mem::take(&mut self.read_waiters);
         self.next_read_ctx += 1;
         self.raw.read_index(self.next_read_ctx.to_be_bytes().to_vec());
         self.reads_in_flight.insert(self.next_read_ctx, waiters);

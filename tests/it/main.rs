@@ -1,5 +1,10 @@
 //! Integration tests: real `metastore` processes driven by real clients (the `etcd-client`
 //! crate and `etcdctl`).
 
+mod durability;
+mod etcdctl;
 mod harness;
+mod kv;
 mod smoke;
+mod txn;
+mod util;

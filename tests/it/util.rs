@@ -1,0 +1,34 @@
+//! Small helpers shared by the test modules.
+
+use etcd_client::KeyValue;
+use tonic::Code;
+
+/// The gRPC code and message of a failed etcd-client call; panics if the call succeeded or
+/// failed with something other than a gRPC status.
+pub fn grpc_err<T: std::fmt::Debug>(r: Result<T, etcd_client::Error>) -> (Code, String) {
+    match r {
+        Err(etcd_client::Error::GRpcStatus(s)) => (s.code(), s.message().to_string()),
+        Err(e) => panic!("expected a gRPC status, got {e:?}"),
+        Ok(v) => panic!("expected a gRPC error, got success: {v:?}"),
+    }
+}
+
+/// The keys of `kvs` as strings, in order.
+pub fn keys(kvs: &[KeyValue]) -> Vec<String> {
+    kvs.iter().map(|kv| String::from_utf8_lossy(kv.key()).into_owned()).collect()
+}
+
+/// The values of `kvs` as strings, in order.
+pub fn values(kvs: &[KeyValue]) -> Vec<String> {
+    kvs.iter().map(|kv| String::from_utf8_lossy(kv.value()).into_owned()).collect()
+}
+
+/// Owned strings from string literals, for comparing with [`keys`].
+pub fn strs(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+/// The message etcd gives for a read or compaction below the compaction revision.
+pub const COMPACTED: &str = "etcdserver: mvcc: required revision has been compacted";
+/// The message etcd gives for a read or compaction above the current revision.
+pub const FUTURE_REV: &str = "etcdserver: mvcc: required revision is a future revision";
