@@ -97,7 +97,11 @@ fn parse_bool(s: &str) -> Result<bool, String> {
 
 /// Everything a member is started with.
 #[derive(Parser, Debug, Clone)]
-#[command(name = "metastore", version, about = "An etcd v3 compatible key-value store")]
+#[command(
+    name = "metastore",
+    version,
+    about = "An etcd v3 compatible key-value store"
+)]
 pub struct Config {
     /// Human-readable name for this member.
     #[arg(long, env = "ETCD_NAME", default_value = defaults::NAME)]
@@ -128,7 +132,12 @@ pub struct Config {
     pub initial_cluster: Option<String>,
 
     /// `new` to bootstrap a cluster, `existing` to join one.
-    #[arg(long, env = "ETCD_INITIAL_CLUSTER_STATE", value_enum, default_value = "new")]
+    #[arg(
+        long,
+        env = "ETCD_INITIAL_CLUSTER_STATE",
+        value_enum,
+        default_value = "new"
+    )]
     pub initial_cluster_state: ClusterState,
 
     /// Cluster token: keeps member and cluster IDs unique across clusters.
@@ -169,7 +178,12 @@ pub struct Config {
     pub unsafe_no_fsync: bool,
 
     /// Storage engine for the shards.
-    #[arg(long, env = "METASTORE_STORAGE_ENGINE", value_enum, default_value = "memory")]
+    #[arg(
+        long,
+        env = "METASTORE_STORAGE_ENGINE",
+        value_enum,
+        default_value = "memory"
+    )]
     pub storage_engine: EngineKind,
 
     /// Number of shards, each pinned to a core [default: one per online CPU].
@@ -208,12 +222,15 @@ pub enum ConfigError {
 impl Config {
     /// The data directory: `--data-dir`, or `<name>.etcd` like etcd.
     pub fn data_dir(&self) -> PathBuf {
-        self.data_dir.clone().unwrap_or_else(|| PathBuf::from(format!("{}.etcd", self.name)))
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("{}.etcd", self.name)))
     }
 
     /// The shard count: `--shards`, or one per online CPU.
     pub fn shard_count(&self) -> usize {
-        self.shards.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        self.shards
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
     }
 
     /// The backend quota in bytes, with 0 meaning etcd's default.
@@ -228,14 +245,18 @@ impl Config {
     /// `--initial-cluster` as (name, peer URLs), defaulting to this member alone.
     pub fn initial_members(&self) -> Result<Vec<(String, Vec<Url>)>, ConfigError> {
         let Some(spec) = &self.initial_cluster else {
-            return Ok(vec![(self.name.clone(), self.initial_advertise_peer_urls.to_vec())]);
+            return Ok(vec![(
+                self.name.clone(),
+                self.initial_advertise_peer_urls.to_vec(),
+            )]);
         };
         let mut members: Vec<(String, Vec<Url>)> = Vec::new();
         for part in spec.split(',').filter(|p| !p.is_empty()) {
             let (name, url) = part
                 .split_once('=')
                 .ok_or_else(|| ConfigError::InitialCluster(format!("{part:?} is not name=url")))?;
-            let url = Url::parse(url).map_err(|e| ConfigError::InitialCluster(format!("{url:?}: {e}")))?;
+            let url = Url::parse(url)
+                .map_err(|e| ConfigError::InitialCluster(format!("{url:?}: {e}")))?;
             match members.iter_mut().find(|(n, _)| n == name) {
                 Some((_, urls)) => urls.push(url),
                 None => members.push((name.to_string(), vec![url])),
@@ -274,7 +295,11 @@ impl Config {
         if self.storage_engine == EngineKind::Rocksdb {
             return Err(ConfigError::Unsupported("--storage-engine rocksdb"));
         }
-        if self.listen_client_urls.iter().any(|u| u.scheme() == "https") {
+        if self
+            .listen_client_urls
+            .iter()
+            .any(|u| u.scheme() == "https")
+        {
             return Err(ConfigError::Unsupported("TLS (https client URLs)"));
         }
         if self.initial_members()?.len() > 1 {
@@ -312,8 +337,17 @@ mod tests {
         assert!(parse(&["--no-such-flag"]).is_err());
         assert!(parse(&["--listen-client-urls", "localhost:2379"]).is_err());
         let c = parse(&["--election-timeout", "100"]).unwrap();
-        assert!(matches!(c.validate(), Err(ConfigError::ElectionTooShort { .. })));
-        let c = parse(&["--name", "a", "--initial-cluster", "b=http://127.0.0.1:2380"]).unwrap();
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::ElectionTooShort { .. })
+        ));
+        let c = parse(&[
+            "--name",
+            "a",
+            "--initial-cluster",
+            "b=http://127.0.0.1:2380",
+        ])
+        .unwrap();
         assert!(matches!(c.validate(), Err(ConfigError::InitialCluster(_))));
     }
 

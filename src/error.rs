@@ -88,8 +88,17 @@ mod tests {
     fn statuses_match_etcd() {
         let s = Status::from(EtcdError::Compacted);
         assert_eq!(s.code(), Code::OutOfRange);
-        assert_eq!(s.message(), "etcdserver: mvcc: required revision has been compacted");
+        assert_eq!(
+            s.message(),
+            "etcdserver: mvcc: required revision has been compacted"
+        );
         let s = Status::from(EtcdError::DuplicateKey);
-        assert_eq!((s.code(), s.message()), (Code::InvalidArgument, "etcdserver: duplicate key given in txn request"));
+        assert_eq!(
+            (s.code(), s.message()),
+            (
+                Code::InvalidArgument,
+                "etcdserver: duplicate key given in txn request"
+            )
+        );
     }
 }

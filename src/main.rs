@@ -13,9 +13,15 @@ fn main() {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("METASTORE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
 
-    let workers = 2.min(std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
+    let workers = 2
+        .min(std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .thread_name("grpc")

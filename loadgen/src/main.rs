@@ -71,7 +71,9 @@ async fn main() -> anyhow::Result<()> {
     }
     let value = vec![b'v'; args.val_size];
     if matches!(args.workload, Workload::Range) {
-        conns[0].put(key(0, args.key_size), value.clone(), None).await?;
+        conns[0]
+            .put(key(0, args.key_size), value.clone(), None)
+            .await?;
     }
     let next = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
@@ -79,7 +81,8 @@ async fn main() -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for c in 0..args.clients.max(1) {
         let mut client = conns[c % conns.len()].clone();
-        let (args, next, errors, value) = (args.clone(), next.clone(), errors.clone(), value.clone());
+        let (args, next, errors, value) =
+            (args.clone(), next.clone(), errors.clone(), value.clone());
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
             loop {
@@ -89,14 +92,25 @@ async fn main() -> anyhow::Result<()> {
                 }
                 let t = Instant::now();
                 let ok = match args.workload {
-                    Workload::Put => client.put(key(i, args.key_size), value.clone(), None).await.is_ok(),
+                    Workload::Put => client
+                        .put(key(i, args.key_size), value.clone(), None)
+                        .await
+                        .is_ok(),
                     Workload::Range => {
-                        let opts = args.serializable.then(|| GetOptions::new().with_serializable());
+                        let opts = args
+                            .serializable
+                            .then(|| GetOptions::new().with_serializable());
                         client.get(key(0, args.key_size), opts).await.is_ok()
                     }
                     Workload::TxnPut => {
                         let ops: Vec<TxnOp> = (0..args.txn_ops as u64)
-                            .map(|j| TxnOp::put(key(i * args.txn_ops as u64 + j, args.key_size), value.clone(), None))
+                            .map(|j| {
+                                TxnOp::put(
+                                    key(i * args.txn_ops as u64 + j, args.key_size),
+                                    value.clone(),
+                                    None,
+                                )
+                            })
                             .collect();
                         client.txn(Txn::new().and_then(ops)).await.is_ok()
                     }

@@ -41,10 +41,12 @@ use crate::mvcc::store::combine_compare;
 use crate::mvcc::{KeyRange, KeyValue};
 use crate::proto::etcdserverpb::{
     request_op::Request as OpRequest, response_op::Response as OpResponse, CompactionRequest,
-    CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest,
-    RangeResponse, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
+    CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse,
+    RangeRequest, RangeResponse, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
 };
-use crate::proto::metastorepb::{proposal::Request as Proposed, KeyHistory, Proposal, StateSnapshot};
+use crate::proto::metastorepb::{
+    proposal::Request as Proposed, KeyHistory, Proposal, StateSnapshot,
+};
 use crate::shard::{shard_for, ApplyCmd, ShardSet};
 pub use pending::{Pending, PendingGuard};
 
@@ -129,17 +131,24 @@ pub struct Dispatcher {
 /// A result still waiting for a shard's reply (a put's previous key-value).
 enum Outcome {
     Done(ApplyResult),
-    Put { rev: i64, prev: Option<oneshot::Receiver<Option<KeyValue>>> },
+    Put {
+        rev: i64,
+        prev: Option<oneshot::Receiver<Option<KeyValue>>>,
+    },
 }
 
 fn header(revision: i64) -> Option<ResponseHeader> {
-    Some(ResponseHeader { revision, ..Default::default() })
+    Some(ResponseHeader {
+        revision,
+        ..Default::default()
+    })
 }
 
 /// Waits for a shard's reply. Shards outlive the dispatcher (they stop only once it has
 /// dropped their queues), so a missing reply is a broken invariant, not a request error.
 fn wait<T>(rx: oneshot::Receiver<T>) -> T {
-    rx.blocking_recv().expect("shard stopped while the dispatcher was running")
+    rx.blocking_recv()
+        .expect("shard stopped while the dispatcher was running")
 }
 
 impl Dispatcher {
@@ -232,7 +241,10 @@ impl Dispatcher {
             .iter()
             .map(|s| {
                 let (reply, rx) = oneshot::channel();
-                let _ = s.apply.send(ApplyCmd::Barrier { applied_index: self.applied_index, reply });
+                let _ = s.apply.send(ApplyCmd::Barrier {
+                    applied_index: self.applied_index,
+                    reply,
+                });
                 rx
             })
             .collect();
@@ -294,12 +306,20 @@ impl Dispatcher {
     fn get_latest(&self, key: &[u8]) -> Option<KeyValue> {
         let (reply, rx) = oneshot::channel();
         let shard = self.shards.get(shard_for(key, self.shards.len()));
-        let _ = shard.apply.send(ApplyCmd::Get { key: key.to_vec(), reply });
+        let _ = shard.apply.send(ApplyCmd::Get {
+            key: key.to_vec(),
+            reply,
+        });
         wait(rx)
     }
 
     /// Sends a put; returns the receiver of its previous key-value when the client asked.
-    fn put(&self, p: PutRequest, rev: i64, sub: u32) -> Option<oneshot::Receiver<Option<KeyValue>>> {
+    fn put(
+        &self,
+        p: PutRequest,
+        rev: i64,
+        sub: u32,
+    ) -> Option<oneshot::Receiver<Option<KeyValue>>> {
         let shard = self.shards.get(shard_for(&p.key, self.shards.len()));
         let (reply, rx) = if p.prev_kv {
             let (tx, rx) = oneshot::channel();
@@ -307,7 +327,12 @@ impl Dispatcher {
         } else {
             (None, None)
         };
-        let _ = shard.apply.send(ApplyCmd::Put { req: p, rev, sub, reply });
+        let _ = shard.apply.send(ApplyCmd::Put {
+            req: p,
+            rev,
+            sub,
+            reply,
+        });
         rx
     }
 
@@ -321,7 +346,12 @@ impl Dispatcher {
             .into_iter()
             .map(|i| {
                 let (reply, rx) = oneshot::channel();
-                let _ = self.shards.get(i).apply.send(ApplyCmd::Delete { range: range.clone(), rev, sub, reply });
+                let _ = self.shards.get(i).apply.send(ApplyCmd::Delete {
+                    range: range.clone(),
+                    rev,
+                    sub,
+                    reply,
+                });
                 rx
             })
             .collect();
@@ -343,7 +373,9 @@ impl Dispatcher {
         self.compact_revision = c.revision;
         // Compaction runs inside the apply path, so by the time the barrier after it passes it
         // is physically done: `physical` needs no extra wait.
-        Ok(ApplyResponse::Compaction(CompactionResponse { header: header(self.revision) }))
+        Ok(ApplyResponse::Compaction(CompactionResponse {
+            header: header(self.revision),
+        }))
     }
 
     fn apply_txn(&mut self, txn: &TxnRequest) -> Result<TxnResponse, EtcdError> {
@@ -352,7 +384,11 @@ impl Dispatcher {
         self.txn_path(txn, &mut path);
         self.check_txn(txn, &path, &mut 0)?;
         let rev = self.revision + 1;
-        let mut exec = TxnExec { rev, sub: 0, wrote: false };
+        let mut exec = TxnExec {
+            rev,
+            sub: 0,
+            wrote: false,
+        };
         let mut resp = self.exec_txn(txn, &path, &mut 0, &mut exec);
         if exec.wrote {
             self.revision = rev;
@@ -379,7 +415,10 @@ impl Dispatcher {
         // Per shard: the compares that name its keys, and where each one's answer goes.
         let mut per_shard: Vec<(Vec<usize>, Vec<_>)> = vec![(Vec::new(), Vec::new()); n];
         for (i, c) in txn.compare.iter().enumerate() {
-            for s in self.shards.shards_for(&KeyRange::from_request(&c.key, &c.range_end)) {
+            for s in self
+                .shards
+                .shards_for(&KeyRange::from_request(&c.key, &c.range_end))
+            {
                 per_shard[s].0.push(i);
                 per_shard[s].1.push(c.clone());
             }
@@ -390,7 +429,11 @@ impl Dispatcher {
             .filter(|(_, (idx, _))| !idx.is_empty())
             .map(|(s, (idx, cmps))| {
                 let (reply, rx) = oneshot::channel();
-                let _ = self.shards.get(s).apply.send(ApplyCmd::Compare { cmps, reply });
+                let _ = self
+                    .shards
+                    .get(s)
+                    .apply
+                    .send(ApplyCmd::Compare { cmps, reply });
                 (idx, rx)
             })
             .collect();
@@ -400,7 +443,10 @@ impl Dispatcher {
                 evals[i].push(e);
             }
         }
-        txn.compare.iter().zip(evals).all(|(c, e)| combine_compare(c, e))
+        txn.compare
+            .iter()
+            .zip(evals)
+            .all(|(c, e)| combine_compare(c, e))
     }
 
     /// etcd `checkRequests` over the path the txn takes: puts (key and lease), then ranges
@@ -426,19 +472,30 @@ impl Dispatcher {
         Ok(())
     }
 
-    fn exec_txn(&self, txn: &TxnRequest, path: &[bool], at: &mut usize, exec: &mut TxnExec) -> TxnResponse {
+    fn exec_txn(
+        &self,
+        txn: &TxnRequest,
+        path: &[bool],
+        at: &mut usize,
+        exec: &mut TxnExec,
+    ) -> TxnResponse {
         let ok = path[*at];
         *at += 1;
         let ops = if ok { &txn.success } else { &txn.failure };
         let mut responses = Vec::with_capacity(ops.len());
         for op in ops {
             let response = match &op.request {
-                Some(OpRequest::RequestRange(r)) => OpResponse::ResponseRange(self.txn_range(r, exec)),
+                Some(OpRequest::RequestRange(r)) => {
+                    OpResponse::ResponseRange(self.txn_range(r, exec))
+                }
                 Some(OpRequest::RequestPut(p)) => {
                     let prev = self.put(p.clone(), exec.rev, exec.sub);
                     exec.sub += 1;
                     exec.wrote = true;
-                    OpResponse::ResponsePut(PutResponse { header: header(exec.rev), prev_kv: prev.and_then(wait) })
+                    OpResponse::ResponsePut(PutResponse {
+                        header: header(exec.rev),
+                        prev_kv: prev.and_then(wait),
+                    })
                 }
                 Some(OpRequest::RequestDeleteRange(d)) => {
                     let (deleted, prev_kvs) = self.delete(d, exec.rev, exec.sub);
@@ -460,15 +517,25 @@ impl Dispatcher {
                 // Rejected by validation before proposing; nothing to do.
                 None => continue,
             };
-            responses.push(ResponseOp { response: Some(response) });
+            responses.push(ResponseOp {
+                response: Some(response),
+            });
         }
-        TxnResponse { header: None, succeeded: ok, responses }
+        TxnResponse {
+            header: None,
+            succeeded: ok,
+            responses,
+        }
     }
 
     /// A range inside a txn: it sees the txn's earlier writes.
     fn txn_range(&self, r: &RangeRequest, exec: &TxnExec) -> RangeResponse {
         let req = Arc::new(r.clone());
-        let rev = if r.revision > 0 { r.revision } else { crate::mvcc::LATEST };
+        let rev = if r.revision > 0 {
+            r.revision
+        } else {
+            crate::mvcc::LATEST
+        };
         let range = KeyRange::from_request(&r.key, &r.range_end);
         let waits: Vec<_> = self
             .shards
@@ -476,7 +543,11 @@ impl Dispatcher {
             .into_iter()
             .map(|i| {
                 let (reply, rx) = oneshot::channel();
-                let _ = self.shards.get(i).apply.send(ApplyCmd::Range { req: req.clone(), rev, reply });
+                let _ = self.shards.get(i).apply.send(ApplyCmd::Range {
+                    req: req.clone(),
+                    rev,
+                    reply,
+                });
                 rx
             })
             .collect();
@@ -516,8 +587,15 @@ impl Dispatcher {
         match self.snapshots.snapshotter.save(&snap) {
             Ok(()) => {
                 self.last_snapshot_index = self.applied_index;
-                tracing::info!(index = snap.index, revision = snap.revision, "saved snapshot");
-                let _ = self.snapshots.notify.send(SnapshotTaken { index: snap.index, term: snap.term });
+                tracing::info!(
+                    index = snap.index,
+                    revision = snap.revision,
+                    "saved snapshot"
+                );
+                let _ = self.snapshots.notify.send(SnapshotTaken {
+                    index: snap.index,
+                    term: snap.term,
+                });
             }
             // The WAL still holds everything; retry at the next batch.
             Err(e) => tracing::error!(error = %e, "snapshot failed"),
@@ -551,6 +629,9 @@ pub fn restore_shards(shards: &ShardSet, snap: &StateSnapshot) {
         per_shard[shard_for(&kh.key, shards.len())].push(kh.clone());
     }
     for (i, keys) in per_shard.into_iter().enumerate() {
-        let _ = shards.get(i).apply.send(ApplyCmd::Import { keys, compact_revision: snap.compact_revision });
+        let _ = shards.get(i).apply.send(ApplyCmd::Import {
+            keys,
+            compact_revision: snap.compact_revision,
+        });
     }
 }

@@ -31,7 +31,13 @@ impl Pending {
     pub fn register(self: &Arc<Self>, id: u64) -> (PendingGuard, oneshot::Receiver<ApplyResult>) {
         let (tx, rx) = oneshot::channel();
         self.waiters.lock().unwrap().insert(id, tx);
-        (PendingGuard { pending: self.clone(), id }, rx)
+        (
+            PendingGuard {
+                pending: self.clone(),
+                id,
+            },
+            rx,
+        )
     }
 
     /// Hands the applied result to proposal `id`'s waiter, if it still waits. Proposals

@@ -125,7 +125,8 @@ impl RaftNode {
                 let mut rs = Snapshot::default();
                 rs.mut_metadata().index = s.index;
                 rs.mut_metadata().term = s.term;
-                rs.mut_metadata().set_conf_state(ConfState::from((s.voters.clone(), s.learners.clone())));
+                rs.mut_metadata()
+                    .set_conf_state(ConfState::from((s.voters.clone(), s.learners.clone())));
                 storage.wl().apply_snapshot(rs)?;
                 (storage, s.index)
             }
@@ -264,7 +265,8 @@ impl RaftNode {
         }
         let waiters = std::mem::take(&mut self.read_waiters);
         self.next_read_ctx += 1;
-        self.raw.read_index(self.next_read_ctx.to_be_bytes().to_vec());
+        self.raw
+            .read_index(self.next_read_ctx.to_be_bytes().to_vec());
         self.reads_in_flight.insert(self.next_read_ctx, waiters);
     }
 
@@ -293,7 +295,12 @@ impl RaftNode {
         let committed = ready.take_committed_entries();
         self.handle_committed(committed);
         for rs in ready.take_read_states() {
-            let ctx = rs.request_ctx.as_slice().try_into().map(u64::from_be_bytes).unwrap_or(0);
+            let ctx = rs
+                .request_ctx
+                .as_slice()
+                .try_into()
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
             for w in self.reads_in_flight.remove(&ctx).unwrap_or_default() {
                 let _ = w.send(Ok(rs.index));
             }
@@ -306,7 +313,11 @@ impl RaftNode {
         }
         self.wal.sync()?;
         if !ready.entries().is_empty() {
-            self.raw.mut_store().wl().append(ready.entries()).expect("append after the WAL");
+            self.raw
+                .mut_store()
+                .wl()
+                .append(ready.entries())
+                .expect("append after the WAL");
         }
         if let Some(hs) = ready.hs() {
             self.raw.mut_store().wl().set_hardstate(hs.clone());
@@ -359,7 +370,11 @@ impl RaftNode {
                     Vec::new()
                 }
             };
-            out.push(CommittedEntry { index: e.index, term: e.term, data });
+            out.push(CommittedEntry {
+                index: e.index,
+                term: e.term,
+                data,
+            });
         }
         // The dispatcher gone means shutdown; nothing left to apply.
         let _ = self.committed.send(out);
@@ -376,7 +391,11 @@ impl RaftNode {
         let r = &self.raw.raft;
         self.status.term.store(r.term, Ordering::Relaxed);
         self.status.leader.store(r.leader_id, Ordering::Relaxed);
-        self.status.commit.store(r.raft_log.committed, Ordering::Relaxed);
-        self.status.last_index.store(r.raft_log.last_index(), Ordering::Relaxed);
+        self.status
+            .commit
+            .store(r.raft_log.committed, Ordering::Relaxed);
+        self.status
+            .last_index
+            .store(r.raft_log.last_index(), Ordering::Relaxed);
     }
 }

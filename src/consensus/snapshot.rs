@@ -39,7 +39,10 @@ pub struct Snapshotter {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
-    move |source| SnapshotError::Io { path: path.to_path_buf(), source }
+    move |source| SnapshotError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 impl Snapshotter {
@@ -68,11 +71,14 @@ impl Snapshotter {
         let payload = snap.encode_to_vec();
         let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
         f.write_all(MAGIC).map_err(io(&tmp))?;
-        f.write_all(&crc32fast::hash(&payload).to_le_bytes()).map_err(io(&tmp))?;
+        f.write_all(&crc32fast::hash(&payload).to_le_bytes())
+            .map_err(io(&tmp))?;
         f.write_all(&payload).map_err(io(&tmp))?;
         f.sync_all().map_err(io(&tmp))?;
         fs::rename(&tmp, &path).map_err(io(&path))?;
-        fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io(&self.dir))?;
+        fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&self.dir))?;
         let files = self.list()?;
         for old in files.iter().take(files.len().saturating_sub(KEEP)) {
             let _ = fs::remove_file(old);
@@ -85,7 +91,9 @@ impl Snapshotter {
     /// Errors: [`SnapshotError::Corrupt`] naming the file when it fails its checksum: the WAL
     /// before it may already be released, so falling back to an older one could lose writes.
     pub fn load_latest(&self) -> Result<Option<StateSnapshot>, SnapshotError> {
-        let Some(path) = self.list()?.pop() else { return Ok(None) };
+        let Some(path) = self.list()?.pop() else {
+            return Ok(None);
+        };
         let bytes = fs::read(&path).map_err(io(&path))?;
         if bytes.len() < 8 || &bytes[..4] != MAGIC {
             return Err(SnapshotError::Corrupt(path));
@@ -94,7 +102,9 @@ impl Snapshotter {
         if crc32fast::hash(&bytes[8..]) != crc {
             return Err(SnapshotError::Corrupt(path));
         }
-        StateSnapshot::decode(&bytes[8..]).map(Some).map_err(|_| SnapshotError::Corrupt(path))
+        StateSnapshot::decode(&bytes[8..])
+            .map(Some)
+            .map_err(|_| SnapshotError::Corrupt(path))
     }
 }
 
@@ -108,7 +118,13 @@ mod tests {
         let s = Snapshotter::new(dir.path().to_path_buf()).unwrap();
         assert!(s.load_latest().unwrap().is_none());
         for index in [10, 20, 30] {
-            s.save(&StateSnapshot { index, term: 1, revision: index as i64, ..Default::default() }).unwrap();
+            s.save(&StateSnapshot {
+                index,
+                term: 1,
+                revision: index as i64,
+                ..Default::default()
+            })
+            .unwrap();
         }
         assert_eq!(s.load_latest().unwrap().unwrap().index, 30);
         assert_eq!(s.list().unwrap().len(), KEEP);
@@ -118,7 +134,12 @@ mod tests {
     fn corrupt_snapshot_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let s = Snapshotter::new(dir.path().to_path_buf()).unwrap();
-        s.save(&StateSnapshot { index: 5, term: 1, ..Default::default() }).unwrap();
+        s.save(&StateSnapshot {
+            index: 5,
+            term: 1,
+            ..Default::default()
+        })
+        .unwrap();
         let path = s.list().unwrap().pop().unwrap();
         let mut bytes = fs::read(&path).unwrap();
         let last = bytes.len() - 1;

@@ -63,7 +63,10 @@ pub enum WalError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> WalError + '_ {
-    move |source| WalError::Io { path: path.to_path_buf(), source }
+    move |source| WalError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// What recovery found.
@@ -97,7 +100,10 @@ pub struct Wal {
 fn parse_name(p: &Path) -> Option<(u64, u64)> {
     let stem = p.file_name()?.to_str()?.strip_suffix(".wal")?;
     let (seq, first) = stem.split_once('-')?;
-    Some((u64::from_str_radix(seq, 16).ok()?, u64::from_str_radix(first, 16).ok()?))
+    Some((
+        u64::from_str_radix(seq, 16).ok()?,
+        u64::from_str_radix(first, 16).ok()?,
+    ))
 }
 
 fn encode_record(buf: &mut Vec<u8>, kind: u8, payload: &[u8]) {
@@ -118,7 +124,11 @@ impl Wal {
     ///
     /// Errors: [`WalError::Corrupt`] for damage other than a torn tail, [`WalError::Gap`] when
     /// entries are missing, [`WalError::Io`] otherwise.
-    pub fn open(dir: &Path, snapshot_index: u64, fsync: bool) -> Result<(Wal, Recovered), WalError> {
+    pub fn open(
+        dir: &Path,
+        snapshot_index: u64,
+        fsync: bool,
+    ) -> Result<(Wal, Recovered), WalError> {
         fs::create_dir_all(dir).map_err(io(dir))?;
         let mut named: Vec<(u64, u64, PathBuf)> = fs::read_dir(dir)
             .map_err(io(dir))?
@@ -132,22 +142,33 @@ impl Wal {
         let count = named.len();
         for (i, (_, first_index, path)) in named.iter().enumerate() {
             read_segment(path, i + 1 == count, snapshot_index, &mut rec)?;
-            segments.push(Segment { path: path.clone(), first_index: *first_index });
+            segments.push(Segment {
+                path: path.clone(),
+                first_index: *first_index,
+            });
         }
         let last_index = rec.entries.last().map_or(snapshot_index, |e| e.index);
         let next_seq = named.last().map_or(0, |(s, _, _)| s + 1);
         let last_hard_state = rec.hard_state.clone().unwrap_or_default();
         let (file, size) = match segments.last() {
             Some(seg) => {
-                let f = OpenOptions::new().append(true).open(&seg.path).map_err(io(&seg.path))?;
+                let f = OpenOptions::new()
+                    .append(true)
+                    .open(&seg.path)
+                    .map_err(io(&seg.path))?;
                 let size = f.metadata().map_err(io(&seg.path))?.len();
                 (f, size)
             }
             None => {
                 let path = dir.join(format!("{:016x}-{:016x}.wal", 0, snapshot_index + 1));
                 let f = File::create(&path).map_err(io(&path))?;
-                segments.push(Segment { path, first_index: snapshot_index + 1 });
-                File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
+                segments.push(Segment {
+                    path,
+                    first_index: snapshot_index + 1,
+                });
+                File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(io(dir))?;
                 (f, 0)
             }
         };
@@ -169,12 +190,16 @@ impl Wal {
     /// Buffers entries and a hard state for the next [`Wal::sync`].
     pub fn append(&mut self, entries: &[Entry], hard_state: Option<&HardState>) {
         for e in entries {
-            let bytes = e.write_to_bytes().expect("protobuf encoding of an in-memory entry");
+            let bytes = e
+                .write_to_bytes()
+                .expect("protobuf encoding of an in-memory entry");
             encode_record(&mut self.buf, ENTRY, &bytes);
             self.last_index = e.index;
         }
         if let Some(hs) = hard_state {
-            let bytes = hs.write_to_bytes().expect("protobuf encoding of an in-memory hard state");
+            let bytes = hs
+                .write_to_bytes()
+                .expect("protobuf encoding of an in-memory hard state");
             encode_record(&mut self.buf, HARD_STATE, &bytes);
             self.last_hard_state = hs.clone();
         }
@@ -201,17 +226,27 @@ impl Wal {
 
     fn roll_over(&mut self) -> Result<(), WalError> {
         let first_index = self.last_index + 1;
-        let path = self.dir.join(format!("{:016x}-{first_index:016x}.wal", self.next_seq));
+        let path = self
+            .dir
+            .join(format!("{:016x}-{first_index:016x}.wal", self.next_seq));
         let tmp = path.with_extension("tmp");
         let mut f = File::create(&tmp).map_err(io(&tmp))?;
         let mut head = Vec::new();
-        let hs = self.last_hard_state.write_to_bytes().expect("hard state encodes");
+        let hs = self
+            .last_hard_state
+            .write_to_bytes()
+            .expect("hard state encodes");
         encode_record(&mut head, HARD_STATE, &hs);
         f.write_all(&head).map_err(io(&tmp))?;
         f.sync_all().map_err(io(&tmp))?;
         fs::rename(&tmp, &path).map_err(io(&path))?;
-        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io(&self.dir))?;
-        let f = OpenOptions::new().append(true).open(&path).map_err(io(&path))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&self.dir))?;
+        let f = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(io(&path))?;
         self.file = f;
         self.size = head.len() as u64;
         self.next_seq += 1;
@@ -236,16 +271,29 @@ impl Wal {
     }
 }
 
-fn read_segment(path: &Path, is_last: bool, snapshot_index: u64, rec: &mut Recovered) -> Result<(), WalError> {
+fn read_segment(
+    path: &Path,
+    is_last: bool,
+    snapshot_index: u64,
+    rec: &mut Recovered,
+) -> Result<(), WalError> {
     let data = fs::read(path).map_err(io(path))?;
     let len = data.len();
     let mut off = 0usize;
-    let corrupt = |offset: usize, reason| WalError::Corrupt { path: path.to_path_buf(), offset: offset as u64, reason };
+    let corrupt = |offset: usize, reason| WalError::Corrupt {
+        path: path.to_path_buf(),
+        offset: offset as u64,
+        reason,
+    };
     while off < len {
         let torn = match parse_record(&data, off) {
             Ok((kind, payload, next)) => {
                 apply_record(path, kind, payload, snapshot_index, rec).map_err(|r| match r {
-                    RecordError::Gap { expected, found } => WalError::Gap { path: path.to_path_buf(), expected, found },
+                    RecordError::Gap { expected, found } => WalError::Gap {
+                        path: path.to_path_buf(),
+                        expected,
+                        found,
+                    },
                     RecordError::Bad(reason) => corrupt(off, reason),
                 })?;
                 off = next;
@@ -258,7 +306,10 @@ fn read_segment(path: &Path, is_last: bool, snapshot_index: u64, rec: &mut Recov
             return Err(corrupt(off, torn));
         }
         tracing::warn!(path = %path.display(), offset = off, reason = torn, "truncating torn WAL tail");
-        let f = OpenOptions::new().write(true).open(path).map_err(io(path))?;
+        let f = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(io(path))?;
         f.set_len(off as u64).map_err(io(path))?;
         f.sync_all().map_err(io(path))?;
         break;
@@ -312,17 +363,30 @@ enum RecordError {
     Bad(&'static str),
 }
 
-fn apply_record(_path: &Path, kind: u8, payload: &[u8], snapshot_index: u64, rec: &mut Recovered) -> Result<(), RecordError> {
+fn apply_record(
+    _path: &Path,
+    kind: u8,
+    payload: &[u8],
+    snapshot_index: u64,
+    rec: &mut Recovered,
+) -> Result<(), RecordError> {
     match kind {
         ENTRY => {
             let mut e = Entry::default();
-            e.merge_from_bytes(payload).map_err(|_| RecordError::Bad("undecodable entry"))?;
+            e.merge_from_bytes(payload)
+                .map_err(|_| RecordError::Bad("undecodable entry"))?;
             if e.index <= snapshot_index {
                 return Ok(());
             }
-            let expected = rec.entries.last().map_or(snapshot_index + 1, |l| l.index + 1);
+            let expected = rec
+                .entries
+                .last()
+                .map_or(snapshot_index + 1, |l| l.index + 1);
             if e.index > expected {
-                return Err(RecordError::Gap { expected, found: e.index });
+                return Err(RecordError::Gap {
+                    expected,
+                    found: e.index,
+                });
             }
             // A rewritten index (a new leader's log replacing ours) drops the old suffix.
             let keep = rec.entries.partition_point(|x| x.index < e.index);
@@ -331,7 +395,8 @@ fn apply_record(_path: &Path, kind: u8, payload: &[u8], snapshot_index: u64, rec
         }
         HARD_STATE => {
             let mut hs = HardState::default();
-            hs.merge_from_bytes(payload).map_err(|_| RecordError::Bad("undecodable hard state"))?;
+            hs.merge_from_bytes(payload)
+                .map_err(|_| RecordError::Bad("undecodable hard state"))?;
             rec.hard_state = Some(hs);
         }
         _ => return Err(RecordError::Bad("unknown record type")),
@@ -344,11 +409,12 @@ mod tests {
     use super::*;
 
     fn entry(index: u64, term: u64, data: &[u8]) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e.data = data.to_vec().into();
-        e
+        Entry {
+            index,
+            term,
+            data: data.to_vec().into(),
+            ..Default::default()
+        }
     }
 
     fn write_entries(dir: &Path, range: std::ops::RangeInclusive<u64>) -> Vec<PathBuf> {
@@ -366,14 +432,19 @@ mod tests {
         {
             let (mut wal, rec) = Wal::open(dir.path(), 0, true).unwrap();
             assert!(rec.entries.is_empty());
-            let mut hs = HardState::default();
-            hs.term = 2;
-            hs.commit = 2;
+            let hs = HardState {
+                term: 2,
+                commit: 2,
+                ..Default::default()
+            };
             wal.append(&[entry(1, 1, b"a"), entry(2, 2, b"b")], Some(&hs));
             wal.sync().unwrap();
         }
         let (_, rec) = Wal::open(dir.path(), 0, true).unwrap();
-        assert_eq!(rec.entries.iter().map(|e| e.index).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(
+            rec.entries.iter().map(|e| e.index).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
         assert_eq!(rec.hard_state.unwrap().commit, 2);
     }
 
@@ -382,7 +453,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let seg = write_entries(dir.path(), 1..=5).pop().unwrap();
         let len = fs::metadata(&seg).unwrap().len();
-        OpenOptions::new().write(true).open(&seg).unwrap().set_len(len - 3).unwrap();
+        OpenOptions::new()
+            .write(true)
+            .open(&seg)
+            .unwrap()
+            .set_len(len - 3)
+            .unwrap();
         let (mut wal, rec) = Wal::open(dir.path(), 0, true).unwrap();
         assert_eq!(rec.entries.last().unwrap().index, 4);
         // And appending after the truncation point works.
@@ -400,7 +476,10 @@ mod tests {
         bytes[HEADER + 3] ^= 0x55; // inside the first record's body
         fs::write(&seg, bytes).unwrap();
         let err = Wal::open(dir.path(), 0, true).err().unwrap().to_string();
-        assert!(err.contains(&seg.display().to_string()) && err.contains("offset 0"), "{err}");
+        assert!(
+            err.contains(&seg.display().to_string()) && err.contains("offset 0"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -408,7 +487,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         write_entries(dir.path(), 1..=3);
         let (mut wal, rec) = Wal::open(dir.path(), 2, true).unwrap();
-        assert_eq!(rec.entries.iter().map(|e| e.index).collect::<Vec<_>>(), vec![3]);
+        assert_eq!(
+            rec.entries.iter().map(|e| e.index).collect::<Vec<_>>(),
+            vec![3]
+        );
         wal.roll_over().unwrap();
         wal.append(&[entry(4, 1, b"x")], None);
         wal.sync().unwrap();
@@ -416,6 +498,9 @@ mod tests {
         wal.release_to(3);
         assert_eq!(wal.segment_paths().len(), 1);
         let (_, rec) = Wal::open(dir.path(), 3, true).unwrap();
-        assert_eq!(rec.entries.iter().map(|e| e.index).collect::<Vec<_>>(), vec![4]);
+        assert_eq!(
+            rec.entries.iter().map(|e| e.index).collect::<Vec<_>>(),
+            vec![4]
+        );
     }
 }

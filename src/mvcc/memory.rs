@@ -69,7 +69,9 @@ impl Engine for MemoryEngine {
         self.bytes += record_bytes(key, &record);
         match self.keys.get_mut(key) {
             Some(history) => {
-                debug_assert!(history.last().is_none_or(|l| l.mod_revision < record.mod_revision));
+                debug_assert!(history
+                    .last()
+                    .is_none_or(|l| l.mod_revision < record.mod_revision));
                 history.push(record);
             }
             None => {
@@ -86,7 +88,11 @@ impl Engine for MemoryEngine {
                 return true;
             }
             // Keep the newest record <= rev unless it is a tombstone: reads at >= rev need it.
-            let keep_from = if history[n - 1].live.is_some() { n - 1 } else { n };
+            let keep_from = if history[n - 1].live.is_some() {
+                n - 1
+            } else {
+                n
+            };
             for r in history.drain(..keep_from) {
                 freed += record_bytes(key, &r);
             }

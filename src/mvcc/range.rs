@@ -1,7 +1,9 @@
 //! Key ranges with etcd's `key`/`range_end` rules, and the merge that turns per-shard range
 //! results into one `RangeResponse` (etcd `server/etcdserver/apply.go`, `Range`).
 
-use crate::proto::etcdserverpb::{range_request::SortOrder, range_request::SortTarget, RangeRequest};
+use crate::proto::etcdserverpb::{
+    range_request::SortOrder, range_request::SortTarget, RangeRequest,
+};
 use crate::proto::mvccpb::KeyValue;
 
 /// Where a range stops (etcd `rpc.proto`, `RangeRequest.range_end`).
@@ -32,7 +34,10 @@ impl KeyRange {
             [0] => RangeEnd::Unbounded,
             end => RangeEnd::Before(end.to_vec()),
         };
-        KeyRange { start: key.to_vec(), end }
+        KeyRange {
+            start: key.to_vec(),
+            end,
+        }
     }
 
     /// The single key, if this range names exactly one.
@@ -101,7 +106,11 @@ pub struct MergedRange {
 pub fn merge(req: &RangeRequest, parts: Vec<PartialRange>) -> MergedRange {
     let count = parts.iter().map(|p| p.count).sum();
     if req.count_only {
-        return MergedRange { kvs: Vec::new(), more: false, count };
+        return MergedRange {
+            kvs: Vec::new(),
+            more: false,
+            count,
+        };
     }
     let multiple = parts.iter().filter(|p| !p.kvs.is_empty()).count() > 1;
     let mut kvs: Vec<KeyValue> = parts.into_iter().flat_map(|p| p.kvs).collect();
@@ -130,7 +139,7 @@ pub fn merge(req: &RangeRequest, parts: Vec<PartialRange>) -> MergedRange {
         // Stable, and reversed by comparator rather than by reversing the slice, so ties stay
         // in key order either way, as etcd's sort of a key-ordered slice leaves them.
         if order == SortOrder::Descend {
-            kvs.sort_by(|a, b| key(b).cmp(&key(a)));
+            kvs.sort_by_key(|kv| std::cmp::Reverse(key(kv)));
         } else {
             kvs.sort_by_key(key);
         }
@@ -148,12 +157,21 @@ mod tests {
     use super::*;
 
     fn kv(key: &str, create: i64) -> KeyValue {
-        KeyValue { key: key.into(), create_revision: create, mod_revision: create, version: 1, ..Default::default() }
+        KeyValue {
+            key: key.into(),
+            create_revision: create,
+            mod_revision: create,
+            version: 1,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn range_end_rules() {
-        assert_eq!(KeyRange::from_request(b"a", b"").single_key(), Some(&b"a"[..]));
+        assert_eq!(
+            KeyRange::from_request(b"a", b"").single_key(),
+            Some(&b"a"[..])
+        );
         let all_from = KeyRange::from_request(b"b", b"\0");
         assert!(all_from.contains(b"zzz") && !all_from.contains(b"a"));
         let prefix = KeyRange::from_request(b"ab", b"ac");
@@ -165,14 +183,26 @@ mod tests {
     #[test]
     fn merge_orders_limits_and_counts() {
         let parts = vec![
-            PartialRange { kvs: vec![kv("a", 3), kv("c", 1)], count: 2 },
-            PartialRange { kvs: vec![kv("b", 2)], count: 5 },
+            PartialRange {
+                kvs: vec![kv("a", 3), kv("c", 1)],
+                count: 2,
+            },
+            PartialRange {
+                kvs: vec![kv("b", 2)],
+                count: 5,
+            },
         ];
-        let req = RangeRequest { limit: 2, ..Default::default() };
+        let req = RangeRequest {
+            limit: 2,
+            ..Default::default()
+        };
         let m = merge(&req, parts.clone());
         assert_eq!(m.count, 7);
         assert!(m.more);
-        assert_eq!(m.kvs.iter().map(|k| k.key.clone()).collect::<Vec<_>>(), vec![b"a".to_vec(), b"b".to_vec()]);
+        assert_eq!(
+            m.kvs.iter().map(|k| k.key.clone()).collect::<Vec<_>>(),
+            vec![b"a".to_vec(), b"b".to_vec()]
+        );
 
         let req = RangeRequest {
             sort_target: SortTarget::Create as i32,
@@ -180,13 +210,26 @@ mod tests {
             ..Default::default()
         };
         let m = merge(&req, parts);
-        assert_eq!(m.kvs.iter().map(|k| k.create_revision).collect::<Vec<_>>(), vec![3, 2, 1]);
+        assert_eq!(
+            m.kvs.iter().map(|k| k.create_revision).collect::<Vec<_>>(),
+            vec![3, 2, 1]
+        );
         assert!(!m.more);
 
         // Ties under a descending sort keep ascending key order (matches etcd 3.4.23).
-        let tied = vec![PartialRange { kvs: vec![kv("x", 6), kv("y", 6), kv("a", 2)], count: 3 }];
-        let req = RangeRequest { sort_target: SortTarget::Mod as i32, sort_order: SortOrder::Descend as i32, ..Default::default() };
+        let tied = vec![PartialRange {
+            kvs: vec![kv("x", 6), kv("y", 6), kv("a", 2)],
+            count: 3,
+        }];
+        let req = RangeRequest {
+            sort_target: SortTarget::Mod as i32,
+            sort_order: SortOrder::Descend as i32,
+            ..Default::default()
+        };
         let m = merge(&req, tied);
-        assert_eq!(m.kvs.iter().map(|k| k.key.clone()).collect::<Vec<_>>(), vec![b"x".to_vec(), b"y".to_vec(), b"a".to_vec()]);
+        assert_eq!(
+            m.kvs.iter().map(|k| k.key.clone()).collect::<Vec<_>>(),
+            vec![b"x".to_vec(), b"y".to_vec(), b"a".to_vec()]
+        );
     }
 }

@@ -47,7 +47,10 @@ fn end_of(range: &KeyRange) -> Option<&[u8]> {
 impl Store {
     /// Wraps an engine.
     pub fn new(engine: Box<dyn Engine>) -> Self {
-        Store { engine, compact_revision: 0 }
+        Store {
+            engine,
+            compact_revision: 0,
+        }
     }
 
     /// The engine's name.
@@ -67,7 +70,9 @@ impl Store {
 
     /// The live key-value of `key` at `rev` ([`super::LATEST`] for the newest).
     pub fn get(&self, key: &[u8], rev: i64) -> Option<KeyValue> {
-        self.engine.version_at(key, rev).and_then(|r| to_kv(key, &r))
+        self.engine
+            .version_at(key, rev)
+            .and_then(|r| to_kv(key, &r))
     }
 
     fn visit_live(&self, range: &KeyRange, rev: i64, visit: &mut dyn FnMut(KeyValue) -> bool) {
@@ -77,10 +82,15 @@ impl Store {
             }
             return;
         }
-        self.engine.scan_at(&range.start, end_of(range), rev, &mut |k, r| match to_kv(k, r) {
-            Some(kv) => visit(kv),
-            None => true,
-        });
+        self.engine.scan_at(
+            &range.start,
+            end_of(range),
+            rev,
+            &mut |k, r| match to_kv(k, r) {
+                Some(kv) => visit(kv),
+                None => true,
+            },
+        );
     }
 
     /// Writes `key` at revision `rev` and returns the previous live key-value.
@@ -101,8 +111,20 @@ impl Store {
             (Some(p), true) => p.lease,
             _ => put.lease,
         };
-        let live = Live { value, create_revision, version, lease };
-        self.engine.append(put.key, VersionRecord { mod_revision: rev, sub, live: Some(live) });
+        let live = Live {
+            value,
+            create_revision,
+            version,
+            lease,
+        };
+        self.engine.append(
+            put.key,
+            VersionRecord {
+                mod_revision: rev,
+                sub,
+                live: Some(live),
+            },
+        );
         prev
     }
 
@@ -115,7 +137,14 @@ impl Store {
             true
         });
         for kv in &deleted {
-            self.engine.append(&kv.key, VersionRecord { mod_revision: rev, sub, live: None });
+            self.engine.append(
+                &kv.key,
+                VersionRecord {
+                    mod_revision: rev,
+                    sub,
+                    live: None,
+                },
+            );
         }
         deleted
     }
@@ -132,7 +161,8 @@ impl Store {
         let mut out = PartialRange::default();
         self.visit_live(&range, rev, &mut |mut kv| {
             out.count += 1;
-            if !req.count_only && (limit == 0 || out.kvs.len() < limit) && passes_filters(req, &kv) {
+            if !req.count_only && (limit == 0 || out.kvs.len() < limit) && passes_filters(req, &kv)
+            {
                 if req.keys_only {
                     kv.value.clear();
                 }
@@ -146,7 +176,10 @@ impl Store {
     /// Evaluates one txn compare against the newest state of this shard's keys.
     pub fn compare(&self, cmp: &Compare) -> CompareEval {
         let range = KeyRange::from_request(&cmp.key, &cmp.range_end);
-        let mut eval = CompareEval { any_key: false, all_hold: true };
+        let mut eval = CompareEval {
+            any_key: false,
+            all_hold: true,
+        };
         self.visit_live(&range, super::LATEST, &mut |kv| {
             eval.any_key = true;
             eval.all_hold &= compare_kv(cmp, &kv);
@@ -213,7 +246,9 @@ pub fn compare_kv(cmp: &Compare, kv: &KeyValue) -> bool {
             let (have, want) = match (target, &cmp.target_union) {
                 (CompareTarget::Version, Some(TargetUnion::Version(v))) => (kv.version, *v),
                 (CompareTarget::Version, _) => (kv.version, 0),
-                (CompareTarget::Create, Some(TargetUnion::CreateRevision(v))) => (kv.create_revision, *v),
+                (CompareTarget::Create, Some(TargetUnion::CreateRevision(v))) => {
+                    (kv.create_revision, *v)
+                }
                 (CompareTarget::Create, _) => (kv.create_revision, 0),
                 (CompareTarget::Mod, Some(TargetUnion::ModRevision(v))) => (kv.mod_revision, *v),
                 (CompareTarget::Mod, _) => (kv.mod_revision, 0),
@@ -260,16 +295,29 @@ pub mod conformance {
     use super::*;
 
     fn put(s: &mut Store, k: &str, v: &str, rev: i64) -> Option<KeyValue> {
-        let args = PutArgs { key: k.as_bytes(), value: v.as_bytes(), lease: 0, ignore_value: false, ignore_lease: false };
+        let args = PutArgs {
+            key: k.as_bytes(),
+            value: v.as_bytes(),
+            lease: 0,
+            ignore_value: false,
+            ignore_lease: false,
+        };
         s.put(args, rev, 0)
     }
 
     fn keys(p: &PartialRange) -> Vec<String> {
-        p.kvs.iter().map(|kv| String::from_utf8_lossy(&kv.key).into_owned()).collect()
+        p.kvs
+            .iter()
+            .map(|kv| String::from_utf8_lossy(&kv.key).into_owned())
+            .collect()
     }
 
     fn range(key: &str, end: &str) -> RangeRequest {
-        RangeRequest { key: key.into(), range_end: end.into(), ..Default::default() }
+        RangeRequest {
+            key: key.into(),
+            range_end: end.into(),
+            ..Default::default()
+        }
     }
 
     /// Runs every check against stores built by `make`.
@@ -291,7 +339,11 @@ pub mod conformance {
         assert!(s.get(b"a", crate::mvcc::LATEST).is_none());
         put(&mut s, "a", "3", 5);
         let kv = s.get(b"a", crate::mvcc::LATEST).unwrap();
-        assert_eq!((kv.create_revision, kv.version), (5, 1), "a new generation after a delete");
+        assert_eq!(
+            (kv.create_revision, kv.version),
+            (5, 1),
+            "a new generation after a delete"
+        );
     }
 
     fn historical_reads_and_compaction(mut s: Store) {
@@ -304,8 +356,15 @@ pub mod conformance {
         assert!(s.get(b"k", 4).is_none());
         assert!(s.get(b"j", 4).is_none());
         s.compact(3);
-        assert!(matches!(s.range(&range("k", ""), 2), Err(EtcdError::Compacted)));
-        assert_eq!(s.get(b"k", 3).unwrap().value, b"v3", "the newest version <= compact rev stays");
+        assert!(matches!(
+            s.range(&range("k", ""), 2),
+            Err(EtcdError::Compacted)
+        ));
+        assert_eq!(
+            s.get(b"k", 3).unwrap().value,
+            b"v3",
+            "the newest version <= compact rev stays"
+        );
         s.compact(4);
         assert!(s.get(b"k", 4).is_none());
         let all = s.range(&range("\0", "\0"), crate::mvcc::LATEST).unwrap();
@@ -316,11 +375,38 @@ pub mod conformance {
         for (i, k) in ["a", "b", "c", "d"].iter().enumerate() {
             put(&mut s, k, "v", 2 + i as i64);
         }
-        let r = s.range(&RangeRequest { limit: 2, ..range("a", "z") }, crate::mvcc::LATEST).unwrap();
-        assert_eq!((keys(&r), r.count), (vec!["a".to_string(), "b".into(), "c".into()], 4));
-        let r = s.range(&RangeRequest { min_mod_revision: 4, ..range("a", "z") }, crate::mvcc::LATEST).unwrap();
+        let r = s
+            .range(
+                &RangeRequest {
+                    limit: 2,
+                    ..range("a", "z")
+                },
+                crate::mvcc::LATEST,
+            )
+            .unwrap();
+        assert_eq!(
+            (keys(&r), r.count),
+            (vec!["a".to_string(), "b".into(), "c".into()], 4)
+        );
+        let r = s
+            .range(
+                &RangeRequest {
+                    min_mod_revision: 4,
+                    ..range("a", "z")
+                },
+                crate::mvcc::LATEST,
+            )
+            .unwrap();
         assert_eq!((keys(&r), r.count), (vec!["c".to_string(), "d".into()], 4));
-        let r = s.range(&RangeRequest { count_only: true, ..range("b", "\0") }, crate::mvcc::LATEST).unwrap();
+        let r = s
+            .range(
+                &RangeRequest {
+                    count_only: true,
+                    ..range("b", "\0")
+                },
+                crate::mvcc::LATEST,
+            )
+            .unwrap();
         assert_eq!((r.kvs.len(), r.count), (0, 3));
         let r = s.range(&range("b", "a"), crate::mvcc::LATEST).unwrap();
         assert_eq!(r.count, 0, "an inverted range is empty");
@@ -357,8 +443,18 @@ mod tests {
             target_union: Some(compare::TargetUnion::Version(0)),
             ..Default::default()
         };
-        assert!(combine_compare(&cmp, [CompareEval { any_key: false, all_hold: true }]));
-        let value_cmp = Compare { target: compare::CompareTarget::Value as i32, target_union: None, ..cmp };
+        assert!(combine_compare(
+            &cmp,
+            [CompareEval {
+                any_key: false,
+                all_hold: true
+            }]
+        ));
+        let value_cmp = Compare {
+            target: compare::CompareTarget::Value as i32,
+            target_union: None,
+            ..cmp
+        };
         assert!(!combine_compare(&value_cmp, []));
     }
 }

@@ -7,8 +7,9 @@ use tonic::{Request, Response, Status};
 use super::{validate, Core};
 use crate::apply::ApplyResponse;
 use crate::proto::etcdserverpb::{
-    kv_server::Kv, request_op::Request as OpRequest, CompactionRequest, CompactionResponse, DeleteRangeRequest,
-    DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
+    kv_server::Kv, request_op::Request as OpRequest, CompactionRequest, CompactionResponse,
+    DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse,
+    TxnRequest, TxnResponse,
 };
 use crate::proto::metastorepb::proposal::Request as Proposed;
 
@@ -29,11 +30,14 @@ impl KvService {
 }
 
 fn txn_puts(t: &TxnRequest) -> bool {
-    t.success.iter().chain(&t.failure).any(|op| match &op.request {
-        Some(OpRequest::RequestPut(_)) => true,
-        Some(OpRequest::RequestTxn(n)) => txn_puts(n),
-        _ => false,
-    })
+    t.success
+        .iter()
+        .chain(&t.failure)
+        .any(|op| match &op.request {
+            Some(OpRequest::RequestPut(_)) => true,
+            Some(OpRequest::RequestTxn(n)) => txn_puts(n),
+            _ => false,
+        })
 }
 
 fn unexpected(what: &str) -> Status {
@@ -42,7 +46,10 @@ fn unexpected(what: &str) -> Status {
 
 #[tonic::async_trait]
 impl Kv for KvService {
-    async fn range(&self, request: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
+    async fn range(
+        &self,
+        request: Request<RangeRequest>,
+    ) -> Result<Response<RangeResponse>, Status> {
         Ok(Response::new(self.core.range(request.into_inner()).await?))
     }
 
@@ -59,7 +66,10 @@ impl Kv for KvService {
         }
     }
 
-    async fn delete_range(&self, request: Request<DeleteRangeRequest>) -> Result<Response<DeleteRangeResponse>, Status> {
+    async fn delete_range(
+        &self,
+        request: Request<DeleteRangeRequest>,
+    ) -> Result<Response<DeleteRangeResponse>, Status> {
         let req = request.into_inner();
         validate::check_delete(&req)?;
         match self.write(Proposed::DeleteRange(req)).await? {
@@ -86,8 +96,14 @@ impl Kv for KvService {
         }
     }
 
-    async fn compact(&self, request: Request<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
-        match self.write(Proposed::Compaction(request.into_inner())).await? {
+    async fn compact(
+        &self,
+        request: Request<CompactionRequest>,
+    ) -> Result<Response<CompactionResponse>, Status> {
+        match self
+            .write(Proposed::Compaction(request.into_inner()))
+            .await?
+        {
             ApplyResponse::Compaction(mut r) => {
                 r.header = self.core.header(r.header.map_or(0, |h| h.revision));
                 Ok(Response::new(r))

@@ -10,10 +10,10 @@ use tonic::{Request, Response, Status};
 use super::Core;
 use crate::error::EtcdError;
 use crate::proto::etcdserverpb::{
-    alarm_request::AlarmAction, maintenance_server::Maintenance, AlarmMember, AlarmRequest, AlarmResponse, AlarmType,
-    DefragmentRequest, DefragmentResponse, DowngradeRequest, DowngradeResponse, HashKvRequest, HashKvResponse,
-    HashRequest, HashResponse, MoveLeaderRequest, MoveLeaderResponse, SnapshotRequest, SnapshotResponse,
-    StatusRequest, StatusResponse,
+    alarm_request::AlarmAction, maintenance_server::Maintenance, AlarmMember, AlarmRequest,
+    AlarmResponse, AlarmType, DefragmentRequest, DefragmentResponse, DowngradeRequest,
+    DowngradeResponse, HashKvRequest, HashKvResponse, HashRequest, HashResponse, MoveLeaderRequest,
+    MoveLeaderResponse, SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
 };
 
 /// The etcd version MetaStore's API matches; clients (Kubernetes among them) parse it to turn
@@ -32,7 +32,8 @@ impl MaintenanceService {
     }
 }
 
-type SnapshotStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<SnapshotResponse, Status>> + Send>>;
+type SnapshotStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<SnapshotResponse, Status>> + Send>>;
 
 fn unsupported<T>(rpc: &'static str) -> Result<Response<T>, Status> {
     Err(EtcdError::Unsupported(rpc).into())
@@ -40,7 +41,10 @@ fn unsupported<T>(rpc: &'static str) -> Result<Response<T>, Status> {
 
 #[tonic::async_trait]
 impl Maintenance for MaintenanceService {
-    async fn alarm(&self, request: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
+    async fn alarm(
+        &self,
+        request: Request<AlarmRequest>,
+    ) -> Result<Response<AlarmResponse>, Status> {
         let req = request.into_inner();
         if req.action != AlarmAction::Get as i32 {
             return unsupported("alarm activate/deactivate");
@@ -48,12 +52,21 @@ impl Maintenance for MaintenanceService {
         let state = *self.core.applied.borrow();
         let mut alarms = Vec::new();
         if state.db_size > self.core.cfg.quota_bytes() {
-            alarms.push(AlarmMember { member_id: self.core.member.id, alarm: AlarmType::Nospace as i32 });
+            alarms.push(AlarmMember {
+                member_id: self.core.member.id,
+                alarm: AlarmType::Nospace as i32,
+            });
         }
-        Ok(Response::new(AlarmResponse { header: self.core.header(state.revision), alarms }))
+        Ok(Response::new(AlarmResponse {
+            header: self.core.header(state.revision),
+            alarms,
+        }))
     }
 
-    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+    async fn status(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
         let state = *self.core.applied.borrow();
         let status = &self.core.node.status;
         Ok(Response::new(StatusResponse {
@@ -70,7 +83,10 @@ impl Maintenance for MaintenanceService {
         }))
     }
 
-    async fn defragment(&self, _: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
+    async fn defragment(
+        &self,
+        _: Request<DefragmentRequest>,
+    ) -> Result<Response<DefragmentResponse>, Status> {
         unsupported("defragment")
     }
 
@@ -84,15 +100,24 @@ impl Maintenance for MaintenanceService {
 
     type SnapshotStream = SnapshotStream;
 
-    async fn snapshot(&self, _: Request<SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
+    async fn snapshot(
+        &self,
+        _: Request<SnapshotRequest>,
+    ) -> Result<Response<Self::SnapshotStream>, Status> {
         unsupported("snapshot")
     }
 
-    async fn move_leader(&self, _: Request<MoveLeaderRequest>) -> Result<Response<MoveLeaderResponse>, Status> {
+    async fn move_leader(
+        &self,
+        _: Request<MoveLeaderRequest>,
+    ) -> Result<Response<MoveLeaderResponse>, Status> {
         unsupported("move-leader")
     }
 
-    async fn downgrade(&self, _: Request<DowngradeRequest>) -> Result<Response<DowngradeResponse>, Status> {
+    async fn downgrade(
+        &self,
+        _: Request<DowngradeRequest>,
+    ) -> Result<Response<DowngradeResponse>, Status> {
         unsupported("downgrade")
     }
 }

@@ -83,7 +83,10 @@ impl Member {
     ) -> Result<Member, MemberError> {
         let path = member_dir.join("identity");
         let shown = path.display().to_string();
-        let io = |source| MemberError::Io { path: shown.clone(), source };
+        let io = |source| MemberError::Io {
+            path: shown.clone(),
+            source,
+        };
         let (id, cluster_id, boot) = match fs::read_to_string(&path) {
             Ok(text) => {
                 let field = |k: &str| {
@@ -92,7 +95,11 @@ impl Member {
                         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
                         .ok_or_else(|| MemberError::Malformed(shown.clone()))
                 };
-                (field("member_id")?, field("cluster_id")?, field("boot")? + 1)
+                (
+                    field("member_id")?,
+                    field("cluster_id")?,
+                    field("boot")? + 1,
+                )
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let id = member_id(&peer_urls, token);
@@ -102,10 +109,21 @@ impl Member {
         };
         let tmp = member_dir.join("identity.tmp");
         let mut f = fs::File::create(&tmp).map_err(io)?;
-        write!(f, "member_id={id:x}\ncluster_id={cluster_id:x}\nboot={boot:x}\n").map_err(io)?;
+        write!(
+            f,
+            "member_id={id:x}\ncluster_id={cluster_id:x}\nboot={boot:x}\n"
+        )
+        .map_err(io)?;
         f.sync_all().map_err(io)?;
         fs::rename(&tmp, &path).map_err(io)?;
-        Ok(Member { id, cluster_id, name: name.to_string(), peer_urls, client_urls, boot })
+        Ok(Member {
+            id,
+            cluster_id,
+            name: name.to_string(),
+            peer_urls,
+            client_urls,
+            boot,
+        })
     }
 }
 
@@ -117,10 +135,14 @@ mod tests {
     fn identity_is_stable_across_boots() {
         let dir = tempfile::tempdir().unwrap();
         let peers = vec!["http://localhost:2380".to_string()];
-        let a = Member::load_or_create(dir.path(), "n", peers.clone(), vec![], "etcd-cluster").unwrap();
+        let a =
+            Member::load_or_create(dir.path(), "n", peers.clone(), vec![], "etcd-cluster").unwrap();
         let b = Member::load_or_create(dir.path(), "n", peers, vec![], "etcd-cluster").unwrap();
         assert_eq!((a.id, a.cluster_id), (b.id, b.cluster_id));
         assert_eq!((a.boot, b.boot), (1, 2));
-        assert_ne!(member_id(&["http://a:1".into()], "t"), member_id(&["http://a:1".into()], "u"));
+        assert_ne!(
+            member_id(&["http://a:1".into()], "t"),
+            member_id(&["http://a:1".into()], "u")
+        );
     }
 }

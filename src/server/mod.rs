@@ -28,8 +28,8 @@ use crate::consensus::{NodeConfig, NodeHandle, NodeMsg, RaftNode};
 use crate::error::EtcdError;
 use crate::mvcc::range::merge;
 use crate::proto::etcdserverpb::{
-    cluster_server::ClusterServer, kv_server::KvServer, maintenance_server::MaintenanceServer, RangeRequest,
-    RangeResponse, ResponseHeader,
+    cluster_server::ClusterServer, kv_server::KvServer, maintenance_server::MaintenanceServer,
+    RangeRequest, RangeResponse, ResponseHeader,
 };
 use crate::proto::metastorepb::{proposal::Request as Proposed, Proposal};
 use crate::shard::{ShardSet, Shards};
@@ -70,7 +70,11 @@ impl Core {
     /// then unknown); "no leader"; "server stopped"; and whatever applying it reports.
     pub async fn propose(&self, request: Proposed) -> Result<ApplyResponse, EtcdError> {
         let id = self.next_proposal.fetch_add(1, Ordering::Relaxed);
-        let data = Proposal { id, request: Some(request) }.encode_to_vec();
+        let data = Proposal {
+            id,
+            request: Some(request),
+        }
+        .encode_to_vec();
         if data.len() > self.cfg.max_request_bytes {
             return Err(EtcdError::RequestTooLarge);
         }
@@ -78,10 +82,16 @@ impl Core {
         // client going away.
         let (_guard, rx) = self.pending.register(id);
         let work = async {
-            self.node.tx.send_async(NodeMsg::Propose { id, data }).await.map_err(|_| EtcdError::Stopped)?;
+            self.node
+                .tx
+                .send_async(NodeMsg::Propose { id, data })
+                .await
+                .map_err(|_| EtcdError::Stopped)?;
             rx.await.map_err(|_| EtcdError::Stopped)?
         };
-        tokio::time::timeout(self.request_timeout, work).await.map_err(|_| EtcdError::Timeout)?
+        tokio::time::timeout(self.request_timeout, work)
+            .await
+            .map_err(|_| EtcdError::Timeout)?
     }
 
     /// Fails with "database space exceeded" when the backend is over its quota.
@@ -97,13 +107,22 @@ impl Core {
     pub async fn linearizable_state(&self) -> Result<AppliedState, EtcdError> {
         let work = async {
             let (tx, rx) = tokio::sync::oneshot::channel();
-            self.node.tx.send_async(NodeMsg::ReadIndex(tx)).await.map_err(|_| EtcdError::Stopped)?;
+            self.node
+                .tx
+                .send_async(NodeMsg::ReadIndex(tx))
+                .await
+                .map_err(|_| EtcdError::Stopped)?;
             let index = rx.await.map_err(|_| EtcdError::Stopped)??;
             let mut applied = self.applied.clone();
-            let state = applied.wait_for(|a| a.index >= index).await.map_err(|_| EtcdError::Stopped)?;
+            let state = applied
+                .wait_for(|a| a.index >= index)
+                .await
+                .map_err(|_| EtcdError::Stopped)?;
             Ok(*state)
         };
-        tokio::time::timeout(self.request_timeout, work).await.map_err(|_| EtcdError::Timeout)?
+        tokio::time::timeout(self.request_timeout, work)
+            .await
+            .map_err(|_| EtcdError::Timeout)?
     }
 
     /// Serves a Range: scatter over the shards at one revision, merge in key order.
@@ -112,18 +131,31 @@ impl Core {
     /// revision, plus the validation errors of [`validate::check_range`].
     pub async fn range(&self, req: RangeRequest) -> Result<RangeResponse, EtcdError> {
         validate::check_range(&req)?;
-        let state = if req.serializable { *self.applied.borrow() } else { self.linearizable_state().await? };
+        let state = if req.serializable {
+            *self.applied.borrow()
+        } else {
+            self.linearizable_state().await?
+        };
         if req.revision > state.revision {
             return Err(EtcdError::FutureRev);
         }
-        let rev = if req.revision <= 0 { state.revision } else { req.revision };
+        let rev = if req.revision <= 0 {
+            state.revision
+        } else {
+            req.revision
+        };
         if rev < state.compact_revision {
             return Err(EtcdError::Compacted);
         }
         let req = Arc::new(req);
         let parts = self.shards.read_range(req.clone(), rev).await?;
         let merged = merge(&req, parts);
-        Ok(RangeResponse { header: self.header(state.revision), kvs: merged.kvs, more: merged.more, count: merged.count })
+        Ok(RangeResponse {
+            header: self.header(state.revision),
+            kvs: merged.kvs,
+            more: merged.more,
+            count: merged.count,
+        })
     }
 }
 
@@ -134,8 +166,12 @@ fn prepare_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
     let lock_path = member_dir.join("lock");
     let lock = std::fs::File::create(&lock_path)
         .with_context(|| format!("cannot write to data directory {}", dir.display()))?;
-    lock.try_lock()
-        .map_err(|_| anyhow::anyhow!("data directory {} is in use by another process", dir.display()))?;
+    lock.try_lock().map_err(|_| {
+        anyhow::anyhow!(
+            "data directory {} is in use by another process",
+            dir.display()
+        )
+    })?;
     Ok(lock)
 }
 
@@ -149,7 +185,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let member = Member::load_or_create(
         &member_dir,
         &cfg.name,
-        cfg.initial_advertise_peer_urls.iter().map(url_string).collect(),
+        cfg.initial_advertise_peer_urls
+            .iter()
+            .map(url_string)
+            .collect(),
         cfg.advertise_client_urls.iter().map(url_string).collect(),
         &cfg.initial_cluster_token,
     )?;
@@ -163,7 +202,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         apply::restore_shards(&shards.set, s);
         tracing::info!(index = s.index, revision = s.revision, "restored snapshot");
     }
-    let (wal, recovered) = Wal::open(&member_dir.join("wal"), snap.as_ref().map_or(0, |s| s.index), !cfg.unsafe_no_fsync)?;
+    let (wal, recovered) = Wal::open(
+        &member_dir.join("wal"),
+        snap.as_ref().map_or(0, |s| s.index),
+        !cfg.unsafe_no_fsync,
+    )?;
     tracing::info!(entries = recovered.entries.len(), "replaying WAL");
 
     let pending = Arc::new(Pending::default());
@@ -171,9 +214,22 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let (snap_tx, snap_rx) = flume::unbounded();
     let (committed_tx, committed_rx) = flume::bounded(1024);
     let voters = vec![member.id];
-    let policy = SnapshotPolicy { snapshotter, count: cfg.snapshot_count, voters: voters.clone(), notify: snap_tx };
-    let dispatcher = Dispatcher::new(shards.set.clone(), snap.as_ref(), pending.clone(), applied_tx, policy);
-    std::thread::Builder::new().name("apply".into()).spawn(move || dispatcher.run(committed_rx))?;
+    let policy = SnapshotPolicy {
+        snapshotter,
+        count: cfg.snapshot_count,
+        voters: voters.clone(),
+        notify: snap_tx,
+    };
+    let dispatcher = Dispatcher::new(
+        shards.set.clone(),
+        snap.as_ref(),
+        pending.clone(),
+        applied_tx,
+        policy,
+    );
+    std::thread::Builder::new()
+        .name("apply".into())
+        .spawn(move || dispatcher.run(committed_rx))?;
 
     let node_cfg = NodeConfig {
         id: member.id,
@@ -181,8 +237,18 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         heartbeat_ms: cfg.heartbeat_interval,
         election_ms: cfg.election_timeout,
     };
-    let (node, handle) = RaftNode::new(&node_cfg, snap.as_ref(), wal, recovered, pending.clone(), committed_tx, snap_rx)?;
-    std::thread::Builder::new().name("raft".into()).spawn(move || node.run())?;
+    let (node, handle) = RaftNode::new(
+        &node_cfg,
+        snap.as_ref(),
+        wal,
+        recovered,
+        pending.clone(),
+        committed_tx,
+        snap_rx,
+    )?;
+    std::thread::Builder::new()
+        .name("raft".into())
+        .spawn(move || node.run())?;
 
     let core = Arc::new(Core {
         request_timeout: Duration::from_millis(5000 + 2 * cfg.election_timeout),
@@ -198,7 +264,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let max_recv = cfg.max_request_bytes + defaults::GRPC_OVERHEAD_BYTES;
     let mut servers = tokio::task::JoinSet::new();
     for url in cfg.listen_client_urls.iter() {
-        let host = url.host_str().unwrap_or("localhost").trim_matches(['[', ']']);
+        let host = url
+            .host_str()
+            .unwrap_or("localhost")
+            .trim_matches(['[', ']']);
         let port = url.port_or_known_default().unwrap_or(2379);
         let listener = tokio::net::TcpListener::bind((host, port))
             .await
@@ -206,13 +275,21 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let addr: SocketAddr = listener.local_addr()?;
         tracing::info!(address = %addr, "serving client requests on {addr}");
         let router = tonic::transport::Server::builder()
-            .add_service(KvServer::new(kv::KvService::new(core.clone())).max_decoding_message_size(max_recv))
+            .add_service(
+                KvServer::new(kv::KvService::new(core.clone())).max_decoding_message_size(max_recv),
+            )
             .add_service(
                 MaintenanceServer::new(maintenance::MaintenanceService::new(core.clone()))
                     .max_decoding_message_size(max_recv),
             )
-            .add_service(ClusterServer::new(cluster::ClusterService::new(core.clone())).max_decoding_message_size(max_recv));
-        servers.spawn(router.serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)));
+            .add_service(
+                ClusterServer::new(cluster::ClusterService::new(core.clone()))
+                    .max_decoding_message_size(max_recv),
+            );
+        // Without TCP_NODELAY, Nagle plus the client's delayed ACK add ~40 ms to small replies.
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        servers.spawn(router.serve_with_incoming(incoming));
     }
     tracing::info!("ready to serve client requests");
 

@@ -105,7 +105,9 @@ fn check_intervals(reqs: &[RequestOp]) -> Result<(HashSet<Vec<u8>>, Vec<Interval
         .collect();
     let mut puts: HashSet<Vec<u8>> = HashSet::new();
     for op in reqs {
-        let Some(OpRequest::RequestTxn(t)) = &op.request else { continue };
+        let Some(OpRequest::RequestTxn(t)) = &op.request else {
+            continue;
+        };
         let (puts_then, dels_then) = check_intervals(&t.success)?;
         let (puts_else, dels_else) = check_intervals(&t.failure)?;
         for k in &puts_then {
@@ -124,7 +126,9 @@ fn check_intervals(reqs: &[RequestOp]) -> Result<(HashSet<Vec<u8>>, Vec<Interval
         dels.extend(dels_else);
     }
     for op in reqs {
-        let Some(OpRequest::RequestPut(p)) = &op.request else { continue };
+        let Some(OpRequest::RequestPut(p)) = &op.request else {
+            continue;
+        };
         if puts.contains(&p.key) || hits(&dels, &p.key) {
             return Err(EtcdError::DuplicateKey);
         }
@@ -138,7 +142,12 @@ mod tests {
     use super::*;
 
     fn put(k: &str) -> RequestOp {
-        RequestOp { request: Some(OpRequest::RequestPut(PutRequest { key: k.into(), ..Default::default() })) }
+        RequestOp {
+            request: Some(OpRequest::RequestPut(PutRequest {
+                key: k.into(),
+                ..Default::default()
+            })),
+        }
     }
     fn del(k: &str, end: &str) -> RequestOp {
         RequestOp {
@@ -150,27 +159,54 @@ mod tests {
         }
     }
     fn txn(success: Vec<RequestOp>, failure: Vec<RequestOp>) -> TxnRequest {
-        TxnRequest { success, failure, ..Default::default() }
+        TxnRequest {
+            success,
+            failure,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn duplicates() {
-        assert_eq!(check_txn(&txn(vec![put("a"), put("a")], vec![]), 128), Err(EtcdError::DuplicateKey));
-        assert_eq!(check_txn(&txn(vec![del("a", "c"), put("b")], vec![]), 128), Err(EtcdError::DuplicateKey));
+        assert_eq!(
+            check_txn(&txn(vec![put("a"), put("a")], vec![]), 128),
+            Err(EtcdError::DuplicateKey)
+        );
+        assert_eq!(
+            check_txn(&txn(vec![del("a", "c"), put("b")], vec![]), 128),
+            Err(EtcdError::DuplicateKey)
+        );
         assert_eq!(check_txn(&txn(vec![put("a")], vec![put("a")]), 128), Ok(()));
-        let nested = RequestOp { request: Some(OpRequest::RequestTxn(txn(vec![put("x")], vec![put("x")]))) };
+        let nested = RequestOp {
+            request: Some(OpRequest::RequestTxn(txn(vec![put("x")], vec![put("x")]))),
+        };
         assert_eq!(check_txn(&txn(vec![nested.clone()], vec![]), 128), Ok(()));
-        assert_eq!(check_txn(&txn(vec![nested, put("x")], vec![]), 128), Err(EtcdError::DuplicateKey));
+        assert_eq!(
+            check_txn(&txn(vec![nested, put("x")], vec![]), 128),
+            Err(EtcdError::DuplicateKey)
+        );
     }
 
     #[test]
     fn limits_and_empty_ops() {
         let many: Vec<RequestOp> = (0..3).map(|i| put(&format!("k{i}"))).collect();
         assert_eq!(check_txn(&txn(many, vec![]), 2), Err(EtcdError::TooManyOps));
-        assert_eq!(check_txn(&txn(vec![RequestOp { request: None }], vec![]), 128), Err(EtcdError::KeyNotFound));
-        let bad_sort = RangeRequest { key: b"a".to_vec(), sort_order: 9, ..Default::default() };
+        assert_eq!(
+            check_txn(&txn(vec![RequestOp { request: None }], vec![]), 128),
+            Err(EtcdError::KeyNotFound)
+        );
+        let bad_sort = RangeRequest {
+            key: b"a".to_vec(),
+            sort_order: 9,
+            ..Default::default()
+        };
         assert_eq!(check_range(&bad_sort), Err(EtcdError::InvalidSortOption));
-        let ignore = PutRequest { key: b"a".to_vec(), value: b"v".to_vec(), ignore_value: true, ..Default::default() };
+        let ignore = PutRequest {
+            key: b"a".to_vec(),
+            value: b"v".to_vec(),
+            ignore_value: true,
+            ..Default::default()
+        };
         assert_eq!(check_put(&ignore), Err(EtcdError::ValueProvided));
     }
 }

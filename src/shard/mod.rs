@@ -180,13 +180,25 @@ impl ShardSet {
     /// Scatters a client range read at `rev` over the shards it touches and gathers the parts.
     ///
     /// Errors: ErrCompacted from a shard; "server stopped" if a shard is gone.
-    pub async fn read_range(&self, req: Arc<RangeRequest>, rev: i64) -> Result<Vec<PartialRange>, EtcdError> {
+    pub async fn read_range(
+        &self,
+        req: Arc<RangeRequest>,
+        rev: i64,
+    ) -> Result<Vec<PartialRange>, EtcdError> {
         let range = KeyRange::from_request(&req.key, &req.range_end);
         let mut waits = Vec::new();
         for i in self.shards_for(&range) {
             let (reply, rx) = oneshot::channel();
-            let cmd = ReadCmd::Range { req: req.clone(), rev, reply };
-            self.handles[i].read.send_async(cmd).await.map_err(|_| EtcdError::Stopped)?;
+            let cmd = ReadCmd::Range {
+                req: req.clone(),
+                rev,
+                reply,
+            };
+            self.handles[i]
+                .read
+                .send_async(cmd)
+                .await
+                .map_err(|_| EtcdError::Stopped)?;
             waits.push(rx);
         }
         let mut parts = Vec::with_capacity(waits.len());
@@ -209,7 +221,9 @@ impl Shards {
     pub fn spawn(count: usize, engine: EngineKind) -> anyhow::Result<Shards> {
         let cpus: Vec<usize> = glommio::CpuSet::online()
             .map_err(|e| anyhow::anyhow!("cannot list online CPUs: {e}"))?
-            .into_iter().map(|l| l.cpu).collect();
+            .into_iter()
+            .map(|l| l.cpu)
+            .collect();
         let mut handles = Vec::with_capacity(count);
         let mut threads = Vec::with_capacity(count);
         for i in 0..count {
@@ -223,10 +237,18 @@ impl Shards {
                 .name(&format!("shard-{i}"))
                 .spawn(move || run_shard(engine, apply_rx, read_rx))
                 .map_err(|e| anyhow::anyhow!("cannot start shard {i}: {e}"))?;
-            handles.push(ShardHandle { apply: apply_tx, read: read_tx });
+            handles.push(ShardHandle {
+                apply: apply_tx,
+                read: read_tx,
+            });
             threads.push(thread);
         }
-        Ok(Shards { set: ShardSet { handles: handles.into() }, threads })
+        Ok(Shards {
+            set: ShardSet {
+                handles: handles.into(),
+            },
+            threads,
+        })
     }
 
     /// Waits for every shard thread to finish (after all queue senders are dropped).
@@ -238,7 +260,11 @@ impl Shards {
     }
 }
 
-async fn run_shard(engine: EngineKind, apply_rx: flume::Receiver<ApplyCmd>, read_rx: flume::Receiver<ReadCmd>) {
+async fn run_shard(
+    engine: EngineKind,
+    apply_rx: flume::Receiver<ApplyCmd>,
+    read_rx: flume::Receiver<ReadCmd>,
+) {
     let store = Rc::new(RefCell::new(Store::new(engine.open())));
     let reader = store.clone();
     glommio::spawn_local(async move {
@@ -265,7 +291,12 @@ fn handle_read(store: &Store, cmd: ReadCmd) {
 // Replies are best-effort: a dropped receiver means the requester gave up.
 fn handle_apply(store: &mut Store, cmd: ApplyCmd) {
     match cmd {
-        ApplyCmd::Put { req, rev, sub, reply } => {
+        ApplyCmd::Put {
+            req,
+            rev,
+            sub,
+            reply,
+        } => {
             let args = PutArgs {
                 key: &req.key,
                 value: &req.value,
@@ -281,7 +312,12 @@ fn handle_apply(store: &mut Store, cmd: ApplyCmd) {
         ApplyCmd::Get { key, reply } => {
             let _ = reply.send(store.get(&key, crate::mvcc::LATEST));
         }
-        ApplyCmd::Delete { range, rev, sub, reply } => {
+        ApplyCmd::Delete {
+            range,
+            rev,
+            sub,
+            reply,
+        } => {
             let _ = reply.send(store.delete_range(&range, rev, sub));
         }
         ApplyCmd::Compare { cmps, reply } => {
@@ -291,7 +327,10 @@ fn handle_apply(store: &mut Store, cmd: ApplyCmd) {
             let _ = reply.send(store.range(&req, rev));
         }
         ApplyCmd::Compact { rev } => store.compact(rev),
-        ApplyCmd::Barrier { applied_index, reply } => {
+        ApplyCmd::Barrier {
+            applied_index,
+            reply,
+        } => {
             store.flush(applied_index);
             let _ = reply.send(store.size_bytes());
         }
@@ -300,7 +339,10 @@ fn handle_apply(store: &mut Store, cmd: ApplyCmd) {
             store.export(&mut |k, h| keys.push(history_to_proto(k, h)));
             let _ = reply.send(keys);
         }
-        ApplyCmd::Import { keys, compact_revision } => {
+        ApplyCmd::Import {
+            keys,
+            compact_revision,
+        } => {
             for kh in keys {
                 let (key, history) = history_from_proto(kh);
                 store.import(key, history);
@@ -324,10 +366,18 @@ pub fn history_to_proto(key: &[u8], history: &[VersionRecord]) -> KeyHistory {
                 version: l.version,
                 lease: l.lease,
             },
-            None => KeyVersion { mod_revision: r.mod_revision, sub: r.sub, tombstone: true, ..Default::default() },
+            None => KeyVersion {
+                mod_revision: r.mod_revision,
+                sub: r.sub,
+                tombstone: true,
+                ..Default::default()
+            },
         })
         .collect();
-    KeyHistory { key: key.to_vec(), versions }
+    KeyHistory {
+        key: key.to_vec(),
+        versions,
+    }
 }
 
 /// Decodes a key's history from a snapshot.

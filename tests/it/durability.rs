@@ -23,11 +23,19 @@ fn wal_segments(data_dir: &Path) -> Vec<PathBuf> {
 
 /// Every key under `prefix` with its value, and the header revision of the read.
 async fn dump(c: &mut etcd_client::Client, prefix: &str) -> (BTreeMap<String, String>, i64) {
-    let r = c.get(prefix, Some(GetOptions::new().with_prefix())).await.unwrap();
+    let r = c
+        .get(prefix, Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
     let map = r
         .kvs()
         .iter()
-        .map(|kv| (kv.key_str().unwrap().to_string(), kv.value_str().unwrap().to_string()))
+        .map(|kv| {
+            (
+                kv.key_str().unwrap().to_string(),
+                kv.value_str().unwrap().to_string(),
+            )
+        })
         .collect();
     (map, r.header().unwrap().revision())
 }
@@ -41,7 +49,9 @@ async fn sigkill_after_acknowledged_concurrent_writes() {
         let mut c = server.client().await;
         tasks.push(tokio::spawn(async move {
             for i in 0..50 {
-                c.put(format!("d/{t:02}/{i:02}"), format!("value-{t}-{i}"), None).await.unwrap();
+                c.put(format!("d/{t:02}/{i:02}"), format!("value-{t}-{i}"), None)
+                    .await
+                    .unwrap();
             }
         }));
     }
@@ -60,13 +70,27 @@ async fn sigkill_after_acknowledged_concurrent_writes() {
     assert_eq!(got, want);
     assert_eq!(rev, 501);
     // Every key was written once, at a distinct revision in 2..=501.
-    let r = c.get("d/", Some(GetOptions::new().with_prefix())).await.unwrap();
+    let r = c
+        .get("d/", Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
     let mut mods: Vec<i64> = r.kvs().iter().map(|kv| kv.mod_revision()).collect();
     mods.sort();
     assert_eq!(mods, (2..=501).collect::<Vec<_>>());
-    assert!(r.kvs().iter().all(|kv| kv.version() == 1 && kv.create_revision() == kv.mod_revision()));
+    assert!(r
+        .kvs()
+        .iter()
+        .all(|kv| kv.version() == 1 && kv.create_revision() == kv.mod_revision()));
     // And the server keeps counting from there.
-    assert_eq!(c.put("after", "x", None).await.unwrap().header().unwrap().revision(), 502);
+    assert_eq!(
+        c.put("after", "x", None)
+            .await
+            .unwrap()
+            .header()
+            .unwrap()
+            .revision(),
+        502
+    );
 }
 
 #[tokio::test]
@@ -76,11 +100,15 @@ async fn snapshot_then_wal_replay() {
     let server = Server::try_start(dir.path(), &flags).unwrap();
     let mut c = server.client().await;
     for i in 0..1000 {
-        c.put(format!("s/{i:04}"), format!("v{i}"), None).await.unwrap();
+        c.put(format!("s/{i:04}"), format!("v{i}"), None)
+            .await
+            .unwrap();
     }
     // Overwrite and delete some, so the snapshot must carry history and tombstones.
     for i in 0..10 {
-        c.put(format!("s/{i:04}"), format!("w{i}"), None).await.unwrap();
+        c.put(format!("s/{i:04}"), format!("w{i}"), None)
+            .await
+            .unwrap();
     }
     for i in 10..20 {
         c.delete(format!("s/{i:04}"), None).await.unwrap();
@@ -92,27 +120,56 @@ async fn snapshot_then_wal_replay() {
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|x| x == "snap"))
         .collect();
-    assert!(!snaps.is_empty(), "no .snap file after 1020 writes with --snapshot-count 100");
+    assert!(
+        !snaps.is_empty(),
+        "no .snap file after 1020 writes with --snapshot-count 100"
+    );
 
     let server = Server::try_start(dir.path(), &flags).unwrap();
     let mut c = server.client().await;
     let (got, rev) = dump(&mut c, "s/").await;
     let want: BTreeMap<String, String> = (0..1000)
         .filter(|i| !(10..20).contains(i))
-        .map(|i| (format!("s/{i:04}"), if i < 10 { format!("w{i}") } else { format!("v{i}") }))
+        .map(|i| {
+            (
+                format!("s/{i:04}"),
+                if i < 10 {
+                    format!("w{i}")
+                } else {
+                    format!("v{i}")
+                },
+            )
+        })
         .collect();
     assert_eq!(got.len(), 990);
     assert_eq!(got, want);
     assert_eq!(rev, 1021);
     let kv = c.get("s/0003", None).await.unwrap().kvs()[0].clone();
-    assert_eq!((kv.create_revision(), kv.mod_revision(), kv.version()), (5, 1005, 2));
+    assert_eq!(
+        (kv.create_revision(), kv.mod_revision(), kv.version()),
+        (5, 1005, 2)
+    );
     // History survives the snapshot: the old value and the deleted key at old revisions.
-    let old = c.get("s/0003", Some(GetOptions::new().with_revision(5))).await.unwrap();
+    let old = c
+        .get("s/0003", Some(GetOptions::new().with_revision(5)))
+        .await
+        .unwrap();
     assert_eq!(old.kvs()[0].value(), b"v3");
-    let deleted = c.get("s/0015", Some(GetOptions::new().with_revision(1011))).await.unwrap();
+    let deleted = c
+        .get("s/0015", Some(GetOptions::new().with_revision(1011)))
+        .await
+        .unwrap();
     assert_eq!(deleted.kvs()[0].value(), b"v15");
     assert_eq!(c.get("s/0015", None).await.unwrap().count(), 0);
-    assert_eq!(c.put("after", "x", None).await.unwrap().header().unwrap().revision(), 1022);
+    assert_eq!(
+        c.put("after", "x", None)
+            .await
+            .unwrap()
+            .header()
+            .unwrap()
+            .revision(),
+        1022
+    );
 
     // And again, now that the restarted server has written on top of the restored state.
     server.kill();
@@ -128,7 +185,9 @@ async fn torn_wal_tail_is_truncated() {
     let server = Server::try_start(dir.path(), &[]).unwrap();
     let mut c = server.client().await;
     for i in 0..50 {
-        c.put(format!("k{i:02}"), format!("v{i}"), None).await.unwrap();
+        c.put(format!("k{i:02}"), format!("v{i}"), None)
+            .await
+            .unwrap();
     }
     let data_dir = server.data_dir.clone();
     assert_eq!(data_dir, dir.path());
@@ -136,19 +195,35 @@ async fn torn_wal_tail_is_truncated() {
 
     let newest = wal_segments(&data_dir).pop().unwrap();
     let len = fs::metadata(&newest).unwrap().len();
-    fs::OpenOptions::new().write(true).open(&newest).unwrap().set_len(len - 5).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&newest)
+        .unwrap()
+        .set_len(len - 5)
+        .unwrap();
 
     let server = Server::try_start(dir.path(), &[]).expect("a torn tail is not fatal");
     let mut c = server.client().await;
     let (got, rev) = dump(&mut c, "k").await;
     for i in 0..49 {
-        assert_eq!(got.get(&format!("k{i:02}")), Some(&format!("v{i}")), "k{i:02} lost; have {:?}", got.keys());
+        assert_eq!(
+            got.get(&format!("k{i:02}")),
+            Some(&format!("v{i}")),
+            "k{i:02} lost; have {:?}",
+            got.keys()
+        );
     }
     // The last write may or may not have survived, nothing else.
     assert!(got.len() == 49 || got.len() == 50, "{:?}", got.keys());
     assert_eq!(rev, got.len() as i64 + 1);
     // The truncated log accepts new writes, and they survive another restart.
-    let next = c.put("after", "x", None).await.unwrap().header().unwrap().revision();
+    let next = c
+        .put("after", "x", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
     assert_eq!(next, rev + 1);
     server.kill();
     let server = Server::try_start(dir.path(), &[]).unwrap();
@@ -185,7 +260,10 @@ async fn corrupt_wal_record_stops_startup() {
     let path = first.display().to_string();
     assert!(err.contains(&path), "the error names {path}: {err}");
     assert!(err.contains("offset"), "the error gives the offset: {err}");
-    assert!(err.contains("offset 0"), "the damaged record is the first one: {err}");
+    assert!(
+        err.contains("offset 0"),
+        "the damaged record is the first one: {err}"
+    );
     // The process exited by itself with a failure status (not killed by the harness).
     let status = err
         .split("unix_wait_status(")
@@ -193,7 +271,12 @@ async fn corrupt_wal_record_stops_startup() {
         .and_then(|s| s.split(')').next())
         .and_then(|s| s.parse::<i32>().ok())
         .unwrap_or_else(|| panic!("no exit status in: {err}"));
-    assert_eq!(status & 0x7f, 0, "killed by signal {}: {err}", status & 0x7f);
+    assert_eq!(
+        status & 0x7f,
+        0,
+        "killed by signal {}: {err}",
+        status & 0x7f
+    );
     assert_ne!(status >> 8, 0, "exit code 0: {err}");
     // The file was left as it was: corruption is not "repaired" by truncation.
     assert_eq!(fs::read(&first).unwrap(), bytes);
@@ -204,27 +287,93 @@ async fn restart_keeps_revision_and_history() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::try_start(dir.path(), &[]).unwrap();
     let mut c = server.client().await;
-    assert_eq!(c.put("h", "v1", None).await.unwrap().header().unwrap().revision(), 2);
-    assert_eq!(c.put("h", "v2", None).await.unwrap().header().unwrap().revision(), 3);
-    assert_eq!(c.put("g", "x", None).await.unwrap().header().unwrap().revision(), 4);
-    assert_eq!(c.delete("g", None).await.unwrap().header().unwrap().revision(), 5);
+    assert_eq!(
+        c.put("h", "v1", None)
+            .await
+            .unwrap()
+            .header()
+            .unwrap()
+            .revision(),
+        2
+    );
+    assert_eq!(
+        c.put("h", "v2", None)
+            .await
+            .unwrap()
+            .header()
+            .unwrap()
+            .revision(),
+        3
+    );
+    assert_eq!(
+        c.put("g", "x", None)
+            .await
+            .unwrap()
+            .header()
+            .unwrap()
+            .revision(),
+        4
+    );
+    assert_eq!(
+        c.delete("g", None)
+            .await
+            .unwrap()
+            .header()
+            .unwrap()
+            .revision(),
+        5
+    );
     c.compact(3, None).await.unwrap();
-    let member_id = c.get("h", None).await.unwrap().header().unwrap().member_id();
+    let member_id = c
+        .get("h", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .member_id();
     server.kill();
 
     let server = Server::try_start(dir.path(), &[]).unwrap();
     let mut c = server.client().await;
     let r = c.get("h", None).await.unwrap();
     assert_eq!(r.header().unwrap().revision(), 5);
-    assert_eq!(r.header().unwrap().member_id(), member_id, "the member keeps its ID");
-    assert_eq!((r.kvs()[0].value(), r.kvs()[0].version(), r.kvs()[0].mod_revision()), (&b"v2"[..], 2, 3));
-    let old = c.get("h", Some(GetOptions::new().with_revision(3))).await.unwrap();
+    assert_eq!(
+        r.header().unwrap().member_id(),
+        member_id,
+        "the member keeps its ID"
+    );
+    assert_eq!(
+        (
+            r.kvs()[0].value(),
+            r.kvs()[0].version(),
+            r.kvs()[0].mod_revision()
+        ),
+        (&b"v2"[..], 2, 3)
+    );
+    let old = c
+        .get("h", Some(GetOptions::new().with_revision(3)))
+        .await
+        .unwrap();
     assert_eq!(old.kvs()[0].value(), b"v2");
-    let g = c.get("g", Some(GetOptions::new().with_revision(4))).await.unwrap();
+    let g = c
+        .get("g", Some(GetOptions::new().with_revision(4)))
+        .await
+        .unwrap();
     assert_eq!(keys(g.kvs()), vec!["g".to_string()]);
     assert_eq!(c.get("g", None).await.unwrap().count(), 0);
     // The compaction survived too.
     let e = crate::util::grpc_err(c.get("h", Some(GetOptions::new().with_revision(2))).await);
-    assert_eq!(e, (tonic::Code::OutOfRange, crate::util::COMPACTED.to_string()));
-    assert_eq!(c.put("h", "v3", None).await.unwrap().header().unwrap().revision(), 6);
+    assert_eq!(
+        e,
+        (tonic::Code::OutOfRange, crate::util::COMPACTED.to_string())
+    );
+    assert_eq!(
+        c.put("h", "v3", None)
+            .await
+            .unwrap()
+            .header()
+            .unwrap()
+            .revision(),
+        6
+    );
 }

@@ -27,21 +27,77 @@ fn put_get_del() {
 
     assert_eq!(run(&["get", "foo/a"]), "foo/a\n4\n");
     assert_eq!(run(&["get", "missing"]), "");
-    assert_eq!(run(&["get", "foo/", "--prefix"]), "foo/a\n4\nfoo/b\n2\nfoo/c\n3\n");
-    assert_eq!(run(&["get", "foo/", "--prefix", "--limit", "2"]), "foo/a\n4\nfoo/b\n2\n");
-    assert_eq!(run(&["get", "foo/a", "foo/c"]), "foo/a\n4\nfoo/b\n2\n");
-    assert_eq!(run(&["get", "foo/b", "--from-key"]), "foo/b\n2\nfoo/c\n3\nother\nx\n");
-    assert_eq!(run(&["get", "", "--from-key", "--keys-only"]), "foo/a\n\nfoo/b\n\nfoo/c\n\nother\n\n");
     assert_eq!(
-        run(&["get", "foo/", "--prefix", "--sort-by=MODIFY", "--order=DESCEND", "--keys-only"]),
+        run(&["get", "foo/", "--prefix"]),
+        "foo/a\n4\nfoo/b\n2\nfoo/c\n3\n"
+    );
+    assert_eq!(
+        run(&["get", "foo/", "--prefix", "--limit", "2"]),
+        "foo/a\n4\nfoo/b\n2\n"
+    );
+    assert_eq!(run(&["get", "foo/a", "foo/c"]), "foo/a\n4\nfoo/b\n2\n");
+    assert_eq!(
+        run(&["get", "foo/b", "--from-key"]),
+        "foo/b\n2\nfoo/c\n3\nother\nx\n"
+    );
+    assert_eq!(
+        run(&["get", "", "--from-key", "--keys-only"]),
+        "foo/a\n\nfoo/b\n\nfoo/c\n\nother\n\n"
+    );
+    assert_eq!(
+        run(&[
+            "get",
+            "foo/",
+            "--prefix",
+            "--sort-by=MODIFY",
+            "--order=DESCEND",
+            "--keys-only"
+        ]),
         "foo/a\n\nfoo/c\n\nfoo/b\n\n"
     );
-    assert_eq!(run(&["get", "foo/", "--prefix", "--sort-by=VALUE", "--order=ASCEND"]), "foo/b\n2\nfoo/c\n3\nfoo/a\n4\n");
-    assert_eq!(run(&["get", "foo/", "--prefix", "--sort-by=CREATE", "--order=DESCEND", "--limit", "1"]), "foo/c\n3\n");
-    assert_eq!(run(&["get", "foo/", "--prefix", "--sort-by=VERSION", "--order=DESCEND", "--limit", "1"]), "foo/a\n4\n");
-    assert_eq!(run(&["get", "foo/", "--prefix", "--order=DESCEND"]), "foo/c\n3\nfoo/b\n2\nfoo/a\n4\n");
+    assert_eq!(
+        run(&[
+            "get",
+            "foo/",
+            "--prefix",
+            "--sort-by=VALUE",
+            "--order=ASCEND"
+        ]),
+        "foo/b\n2\nfoo/c\n3\nfoo/a\n4\n"
+    );
+    assert_eq!(
+        run(&[
+            "get",
+            "foo/",
+            "--prefix",
+            "--sort-by=CREATE",
+            "--order=DESCEND",
+            "--limit",
+            "1"
+        ]),
+        "foo/c\n3\n"
+    );
+    assert_eq!(
+        run(&[
+            "get",
+            "foo/",
+            "--prefix",
+            "--sort-by=VERSION",
+            "--order=DESCEND",
+            "--limit",
+            "1"
+        ]),
+        "foo/a\n4\n"
+    );
+    assert_eq!(
+        run(&["get", "foo/", "--prefix", "--order=DESCEND"]),
+        "foo/c\n3\nfoo/b\n2\nfoo/a\n4\n"
+    );
     assert_eq!(run(&["get", "foo/a", "--rev=2"]), "foo/a\n1\n");
-    assert_eq!(run(&["get", "foo/", "--prefix", "--rev=3"]), "foo/a\n1\nfoo/b\n2\n");
+    assert_eq!(
+        run(&["get", "foo/", "--prefix", "--rev=3"]),
+        "foo/a\n1\nfoo/b\n2\n"
+    );
     assert_eq!(run(&["get", "foo/a", "--print-value-only"]), "4\n");
     assert_eq!(run(&["get", "foo/a", "--consistency=s"]), "foo/a\n4\n");
 
@@ -57,7 +113,10 @@ fn put_get_del() {
     }
     assert!(!json.contains("\"more\""), "{json}");
     let json = run(&["get", "foo/", "--prefix", "--limit", "1", "-w", "json"]);
-    assert!(json.contains("\"more\":true") && json.contains("\"count\":3"), "{json}");
+    assert!(
+        json.contains("\"more\":true") && json.contains("\"count\":3"),
+        "{json}"
+    );
     assert_eq!(json.matches("\"key\":").count(), 1, "{json}");
 
     assert_eq!(run(&["del", "foo/b"]), "1\n");
@@ -74,7 +133,8 @@ fn put_get_del() {
 #[test]
 fn txn_interactive() {
     let server = Server::start();
-    let prompts = "compares:\nsuccess requests (get, put, del):\nfailure requests (get, put, del):\n";
+    let prompts =
+        "compares:\nsuccess requests (get, put, del):\nfailure requests (get, put, del):\n";
     let script = "mod(\"k\") = \"0\"\n\nput k v\n\nput k v2\n\n";
 
     let out = server.etcdctl_stdin(&["txn", "-i"], script);
@@ -93,7 +153,10 @@ fn txn_interactive() {
     assert!(json.contains("\"key\":\"aw==\",\"create_revision\":2,\"mod_revision\":3,\"version\":2,\"value\":\"djI=\""), "{json}");
 
     let script = "create(\"k\") > \"2\"\n\n\ndel k\n\n";
-    assert_eq!(ok_stdout(&server.etcdctl_stdin(&["txn", "-i"], script)), format!("{prompts}FAILURE\n\n1\n"));
+    assert_eq!(
+        ok_stdout(&server.etcdctl_stdin(&["txn", "-i"], script)),
+        format!("{prompts}FAILURE\n\n1\n")
+    );
     assert_eq!(ok_stdout(&server.etcdctl(&["get", "k"])), "");
 }
 
@@ -104,15 +167,27 @@ fn compaction() {
         assert_eq!(ok_stdout(&server.etcdctl(&["put", "k", v])), "OK\n");
     }
     // k: "1"@2 "2"@3 "3"@4 "4"@5.
-    assert_eq!(ok_stdout(&server.etcdctl(&["compaction", "3"])), "compacted revision 3\n");
-    assert_eq!(ok_stdout(&server.etcdctl(&["get", "k", "--rev=3"])), "k\n2\n");
+    assert_eq!(
+        ok_stdout(&server.etcdctl(&["compaction", "3"])),
+        "compacted revision 3\n"
+    );
+    assert_eq!(
+        ok_stdout(&server.etcdctl(&["get", "k", "--rev=3"])),
+        "k\n2\n"
+    );
     let err = err_stderr(&server.etcdctl(&["get", "k", "--rev=2"]));
     assert!(err.contains(&format!("Error: {COMPACTED}")), "{err}");
 
-    assert_eq!(ok_stdout(&server.etcdctl(&["compaction", "--physical", "4"])), "compacted revision 4\n");
+    assert_eq!(
+        ok_stdout(&server.etcdctl(&["compaction", "--physical", "4"])),
+        "compacted revision 4\n"
+    );
     let err = err_stderr(&server.etcdctl(&["get", "k", "--rev=3"]));
     assert!(err.contains(&format!("Error: {COMPACTED}")), "{err}");
-    assert_eq!(ok_stdout(&server.etcdctl(&["get", "k", "--rev=4"])), "k\n3\n");
+    assert_eq!(
+        ok_stdout(&server.etcdctl(&["get", "k", "--rev=4"])),
+        "k\n3\n"
+    );
 
     let err = err_stderr(&server.etcdctl(&["compaction", "3"]));
     assert!(err.contains(&format!("Error: {COMPACTED}")), "{err}");
@@ -145,19 +220,38 @@ async fn endpoint_and_member_commands() {
     }
     // Simple format: endpoint, hex member id, version, ..., is leader.
     let simple = ok_stdout(&server.etcdctl(&["endpoint", "status"]));
-    assert!(simple.starts_with(&format!("{}, {id:x}, ", server.endpoint)), "{simple}");
-    assert!(simple.contains(", true, false, "), "is leader, not a learner: {simple}");
+    assert!(
+        simple.starts_with(&format!("{}, {id:x}, ", server.endpoint)),
+        "{simple}"
+    );
+    assert!(
+        simple.contains(", true, false, "),
+        "is leader, not a learner: {simple}"
+    );
 
     let out = server.etcdctl(&["endpoint", "health"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // etcdctl 3.4 prints health to stderr.
     let health = String::from_utf8_lossy(&out.stderr);
-    assert!(health.contains(&format!("{} is healthy: successfully committed proposal", server.endpoint)), "{health}");
+    assert!(
+        health.contains(&format!(
+            "{} is healthy: successfully committed proposal",
+            server.endpoint
+        )),
+        "{health}"
+    );
 
     let list = ok_stdout(&server.etcdctl(&["member", "list"]));
     let lines: Vec<&str> = list.lines().collect();
     assert_eq!(lines.len(), 1, "{list}");
-    assert!(lines[0].starts_with(&format!("{id:x}, started, ")), "{list}");
+    assert!(
+        lines[0].starts_with(&format!("{id:x}, started, ")),
+        "{list}"
+    );
     assert!(lines[0].ends_with(", false"), "{list}");
     let json = ok_stdout(&server.etcdctl(&["member", "list", "-w", "json"]));
     assert!(json.contains(&format!("\"ID\":{id}")), "{json}");

@@ -36,7 +36,7 @@ impl Server {
             "--listen-client-urls".into(),
             "http://127.0.0.1:0".into(),
         ];
-        if !extra.iter().any(|a| *a == "--shards") {
+        if !extra.contains(&"--shards") {
             args.extend(["--shards".into(), "2".into()]);
         }
         args.extend(extra.iter().map(|s| s.to_string()));
@@ -74,7 +74,9 @@ impl Server {
                 Err(_) => {
                     let _ = child.kill();
                     let status = child.wait().ok();
-                    return Err(format!("server did not become ready (exit: {status:?}); output:\n{seen}"));
+                    return Err(format!(
+                        "server did not become ready (exit: {status:?}); output:\n{seen}"
+                    ));
                 }
             }
         }
@@ -93,7 +95,9 @@ impl Server {
 
     /// A connected `etcd-client` client.
     pub async fn client(&self) -> etcd_client::Client {
-        etcd_client::Client::connect([self.endpoint.as_str()], None).await.expect("connect")
+        etcd_client::Client::connect([self.endpoint.as_str()], None)
+            .await
+            .expect("connect")
     }
 
     /// Runs `etcdctl` against this server.
@@ -131,19 +135,32 @@ pub fn etcdctl(endpoint: &str, args: &[&str], stdin: Option<&str>) -> Output {
         .arg(format!("--endpoints={endpoint}"))
         .arg("--command-timeout=10s")
         .args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("etcdctl is installed (apt-get install etcd-client)");
     if let Some(input) = stdin {
-        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
     }
     child.wait_with_output().unwrap()
 }
 
 /// stdout of a successful command, as text; panics with stderr otherwise.
 pub fn ok_stdout(out: &Output) -> String {
-    assert!(out.status.success(), "command failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "command failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }

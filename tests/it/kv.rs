@@ -1,14 +1,21 @@
 //! The KV service through `etcd-client`: Range, Put, DeleteRange, Compact, MVCC history and
 //! etcd's error statuses.
 
-use etcd_client::{Client, CompactionOptions, DeleteOptions, GetOptions, PutOptions, SortOrder, SortTarget};
+use etcd_client::{
+    Client, CompactionOptions, DeleteOptions, GetOptions, PutOptions, SortOrder, SortTarget,
+};
 use tonic::Code;
 
 use crate::harness::Server;
 use crate::util::{grpc_err, keys, strs, values, COMPACTED, FUTURE_REV};
 
 async fn rev_of_put(c: &mut Client, k: &str, v: &str) -> i64 {
-    c.put(k, v, None).await.unwrap().header().unwrap().revision()
+    c.put(k, v, None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision()
 }
 
 #[tokio::test]
@@ -32,7 +39,10 @@ async fn headers_and_revision_counting() {
 
     let got = c.get("a", None).await.unwrap();
     let gh = got.header().unwrap();
-    assert_eq!((gh.cluster_id(), gh.member_id(), gh.revision()), (cluster_id, member_id, 2));
+    assert_eq!(
+        (gh.cluster_id(), gh.member_id(), gh.revision()),
+        (cluster_id, member_id, 2)
+    );
     assert_ne!(gh.raft_term(), 0);
     assert_eq!(got.count(), 1);
     assert_eq!(got.kvs()[0].value(), b"1");
@@ -44,10 +54,19 @@ async fn headers_and_revision_counting() {
     let del = c.delete("missing", None).await.unwrap();
     assert_eq!(del.deleted(), 0);
     let dh = del.header().unwrap();
-    assert_eq!((dh.cluster_id(), dh.member_id(), dh.revision()), (cluster_id, member_id, 4));
-    let del = c.delete("nothing/", Some(DeleteOptions::new().with_prefix())).await.unwrap();
+    assert_eq!(
+        (dh.cluster_id(), dh.member_id(), dh.revision()),
+        (cluster_id, member_id, 4)
+    );
+    let del = c
+        .delete("nothing/", Some(DeleteOptions::new().with_prefix()))
+        .await
+        .unwrap();
     assert_eq!((del.deleted(), del.header().unwrap().revision()), (0, 4));
-    assert_eq!(c.get("a", None).await.unwrap().header().unwrap().revision(), 4);
+    assert_eq!(
+        c.get("a", None).await.unwrap().header().unwrap().revision(),
+        4
+    );
 
     assert_eq!(rev_of_put(&mut c, "c", "4").await, 5);
     let del = c.delete("a", None).await.unwrap();
@@ -60,10 +79,18 @@ async fn headers_and_revision_counting() {
 /// k3: create 4, mod 4, version 1, value "b"
 /// plus "a" (rev 8) and "z" (rev 9) outside the "k" prefix. Current revision 9.
 async fn range_fixture(c: &mut Client) {
-    for (i, (k, v)) in
-        [("k1", "c"), ("k2", "a"), ("k3", "b"), ("k1", "c"), ("k2", "a"), ("k2", "a"), ("a", "x"), ("z", "y")]
-            .into_iter()
-            .enumerate()
+    for (i, (k, v)) in [
+        ("k1", "c"),
+        ("k2", "a"),
+        ("k3", "b"),
+        ("k1", "c"),
+        ("k2", "a"),
+        ("k2", "a"),
+        ("a", "x"),
+        ("z", "y"),
+    ]
+    .into_iter()
+    .enumerate()
     {
         assert_eq!(rev_of_put(c, k, v).await, i as i64 + 2);
     }
@@ -77,8 +104,14 @@ async fn linearizable_read_right_after_start() {
     let server = Server::start();
     let mut c = server.client().await;
     let r = c.get("anything", None).await.unwrap();
-    assert_eq!((r.count(), r.kvs().len(), r.header().unwrap().revision()), (0, 0, 1));
-    let r = c.get("anything", Some(GetOptions::new().with_prefix())).await.unwrap();
+    assert_eq!(
+        (r.count(), r.kvs().len(), r.header().unwrap().revision()),
+        (0, 0, 1)
+    );
+    let r = c
+        .get("anything", Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
     assert_eq!((r.count(), r.header().unwrap().revision()), (0, 1));
 }
 
@@ -88,15 +121,32 @@ async fn range_key_selection() {
     let mut c = server.client().await;
     range_fixture(&mut c).await;
 
-    let r = c.get("k", Some(GetOptions::new().with_prefix())).await.unwrap();
+    let r = c
+        .get("k", Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
     assert_eq!(keys(r.kvs()), strs(&["k1", "k2", "k3"]));
     assert_eq!(values(r.kvs()), strs(&["c", "a", "b"]));
-    assert_eq!((r.count(), r.more(), r.header().unwrap().revision()), (3, false, 9));
+    assert_eq!(
+        (r.count(), r.more(), r.header().unwrap().revision()),
+        (3, false, 9)
+    );
     let kv = &r.kvs()[1];
-    assert_eq!((kv.create_revision(), kv.mod_revision(), kv.version(), kv.lease()), (3, 7, 3, 0));
+    assert_eq!(
+        (
+            kv.create_revision(),
+            kv.mod_revision(),
+            kv.version(),
+            kv.lease()
+        ),
+        (3, 7, 3, 0)
+    );
 
     // from_key: range_end "\0".
-    let r = c.get("k2", Some(GetOptions::new().with_from_key())).await.unwrap();
+    let r = c
+        .get("k2", Some(GetOptions::new().with_from_key()))
+        .await
+        .unwrap();
     assert_eq!(keys(r.kvs()), strs(&["k2", "k3", "z"]));
     assert_eq!(r.count(), 3);
 
@@ -115,45 +165,101 @@ async fn range_key_selection() {
     }
 
     // Explicit [key, range_end).
-    let r = c.get("k1", Some(GetOptions::new().with_range("k3"))).await.unwrap();
+    let r = c
+        .get("k1", Some(GetOptions::new().with_range("k3")))
+        .await
+        .unwrap();
     assert_eq!(keys(r.kvs()), strs(&["k1", "k2"]));
     assert_eq!(r.count(), 2);
-    let r = c.get("a", Some(GetOptions::new().with_range("k2"))).await.unwrap();
+    let r = c
+        .get("a", Some(GetOptions::new().with_range("k2")))
+        .await
+        .unwrap();
     assert_eq!(keys(r.kvs()), strs(&["a", "k1"]));
     // A range that holds nothing.
-    let r = c.get("b", Some(GetOptions::new().with_range("k"))).await.unwrap();
+    let r = c
+        .get("b", Some(GetOptions::new().with_range("k")))
+        .await
+        .unwrap();
     assert_eq!((r.kvs().len(), r.count(), r.more()), (0, 0, false));
     // A single missing key.
     let r = c.get("k", None).await.unwrap();
-    assert_eq!((r.kvs().len(), r.count(), r.header().unwrap().revision()), (0, 0, 9));
+    assert_eq!(
+        (r.kvs().len(), r.count(), r.header().unwrap().revision()),
+        (0, 0, 9)
+    );
 
     // Limit: `more` when cut, `count` is the whole range.
-    let r = c.get("k", Some(GetOptions::new().with_prefix().with_limit(2))).await.unwrap();
+    let r = c
+        .get("k", Some(GetOptions::new().with_prefix().with_limit(2)))
+        .await
+        .unwrap();
     assert_eq!(keys(r.kvs()), strs(&["k1", "k2"]));
     assert_eq!((r.count(), r.more()), (3, true));
-    let r = c.get("k", Some(GetOptions::new().with_prefix().with_limit(3))).await.unwrap();
+    let r = c
+        .get("k", Some(GetOptions::new().with_prefix().with_limit(3)))
+        .await
+        .unwrap();
     assert_eq!(keys(r.kvs()), strs(&["k1", "k2", "k3"]));
     assert_eq!((r.count(), r.more()), (3, false));
-    let r = c.get("\0", Some(GetOptions::new().with_all_keys().with_limit(1))).await.unwrap();
+    let r = c
+        .get("\0", Some(GetOptions::new().with_all_keys().with_limit(1)))
+        .await
+        .unwrap();
     assert_eq!(keys(r.kvs()), strs(&["a"]));
     assert_eq!((r.count(), r.more()), (5, true));
 
     // keys_only: no values, everything else intact.
-    let r = c.get("k", Some(GetOptions::new().with_prefix().with_keys_only())).await.unwrap();
+    let r = c
+        .get("k", Some(GetOptions::new().with_prefix().with_keys_only()))
+        .await
+        .unwrap();
     assert_eq!(keys(r.kvs()), strs(&["k1", "k2", "k3"]));
-    assert!(r.kvs().iter().all(|kv| kv.value().is_empty()), "keys_only returned values");
-    assert_eq!(r.kvs().iter().map(|kv| kv.mod_revision()).collect::<Vec<_>>(), vec![5, 7, 4]);
-    assert_eq!(r.kvs().iter().map(|kv| kv.version()).collect::<Vec<_>>(), vec![2, 3, 1]);
+    assert!(
+        r.kvs().iter().all(|kv| kv.value().is_empty()),
+        "keys_only returned values"
+    );
+    assert_eq!(
+        r.kvs()
+            .iter()
+            .map(|kv| kv.mod_revision())
+            .collect::<Vec<_>>(),
+        vec![5, 7, 4]
+    );
+    assert_eq!(
+        r.kvs().iter().map(|kv| kv.version()).collect::<Vec<_>>(),
+        vec![2, 3, 1]
+    );
     assert_eq!(r.count(), 3);
 
     // count_only: no key-values at all.
-    let r = c.get("k", Some(GetOptions::new().with_prefix().with_count_only())).await.unwrap();
+    let r = c
+        .get("k", Some(GetOptions::new().with_prefix().with_count_only()))
+        .await
+        .unwrap();
     assert_eq!((r.kvs().len(), r.count(), r.more()), (0, 3, false));
-    let r = c.get("\0", Some(GetOptions::new().with_all_keys().with_count_only().with_limit(1))).await.unwrap();
+    let r = c
+        .get(
+            "\0",
+            Some(
+                GetOptions::new()
+                    .with_all_keys()
+                    .with_count_only()
+                    .with_limit(1),
+            ),
+        )
+        .await
+        .unwrap();
     assert_eq!((r.kvs().len(), r.count(), r.more()), (0, 5, false));
 
     // Serializable reads see the same data.
-    let r = c.get("k", Some(GetOptions::new().with_prefix().with_serializable())).await.unwrap();
+    let r = c
+        .get(
+            "k",
+            Some(GetOptions::new().with_prefix().with_serializable()),
+        )
+        .await
+        .unwrap();
     assert_eq!(keys(r.kvs()), strs(&["k1", "k2", "k3"]));
     assert_eq!((r.count(), r.header().unwrap().revision()), (3, 9));
 }
@@ -180,16 +286,42 @@ async fn range_sorting() {
         (SortTarget::Value, SortOrder::None, &["k2", "k3", "k1"]),
     ];
     for (target, order, want) in cases {
-        let r = c.get("k", Some(GetOptions::new().with_prefix().with_sort(*target, *order))).await.unwrap();
-        assert_eq!(keys(r.kvs()), strs(want), "sort {target:?} {order:?}");
-        assert_eq!((r.count(), r.more()), (3, false), "sort {target:?} {order:?}");
-        // Sorting happens before the limit.
         let r = c
-            .get("k", Some(GetOptions::new().with_prefix().with_sort(*target, *order).with_limit(2)))
+            .get(
+                "k",
+                Some(GetOptions::new().with_prefix().with_sort(*target, *order)),
+            )
             .await
             .unwrap();
-        assert_eq!(keys(r.kvs()), strs(&want[..2]), "sort {target:?} {order:?} limit 2");
-        assert_eq!((r.count(), r.more()), (3, true), "sort {target:?} {order:?} limit 2");
+        assert_eq!(keys(r.kvs()), strs(want), "sort {target:?} {order:?}");
+        assert_eq!(
+            (r.count(), r.more()),
+            (3, false),
+            "sort {target:?} {order:?}"
+        );
+        // Sorting happens before the limit.
+        let r = c
+            .get(
+                "k",
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_sort(*target, *order)
+                        .with_limit(2),
+                ),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            keys(r.kvs()),
+            strs(&want[..2]),
+            "sort {target:?} {order:?} limit 2"
+        );
+        assert_eq!(
+            (r.count(), r.more()),
+            (3, true),
+            "sort {target:?} {order:?} limit 2"
+        );
     }
 }
 
@@ -201,21 +333,54 @@ async fn range_revision_filters() {
     let prefix = || GetOptions::new().with_prefix();
 
     let cases: Vec<(&str, GetOptions, &[&str])> = vec![
-        ("min_mod 5", prefix().with_min_mod_revision(5), &["k1", "k2"]),
-        ("max_mod 5", prefix().with_max_mod_revision(5), &["k1", "k3"]),
-        ("min_mod 5 max_mod 6", prefix().with_min_mod_revision(5).with_max_mod_revision(6), &["k1"]),
-        ("min_create 3", prefix().with_min_create_revision(3), &["k2", "k3"]),
-        ("max_create 3", prefix().with_max_create_revision(3), &["k1", "k2"]),
-        ("min_create 3 max_create 3", prefix().with_min_create_revision(3).with_max_create_revision(3), &["k2"]),
+        (
+            "min_mod 5",
+            prefix().with_min_mod_revision(5),
+            &["k1", "k2"],
+        ),
+        (
+            "max_mod 5",
+            prefix().with_max_mod_revision(5),
+            &["k1", "k3"],
+        ),
+        (
+            "min_mod 5 max_mod 6",
+            prefix().with_min_mod_revision(5).with_max_mod_revision(6),
+            &["k1"],
+        ),
+        (
+            "min_create 3",
+            prefix().with_min_create_revision(3),
+            &["k2", "k3"],
+        ),
+        (
+            "max_create 3",
+            prefix().with_max_create_revision(3),
+            &["k1", "k2"],
+        ),
+        (
+            "min_create 3 max_create 3",
+            prefix()
+                .with_min_create_revision(3)
+                .with_max_create_revision(3),
+            &["k2"],
+        ),
         ("min_mod 8", prefix().with_min_mod_revision(8), &[]),
     ];
     for (name, opts, want) in cases {
         let r = c.get("k", Some(opts)).await.unwrap();
         assert_eq!(keys(r.kvs()), strs(want), "{name}");
-        assert_eq!((r.count(), r.more()), (3, false), "{name}: count is the whole range");
+        assert_eq!(
+            (r.count(), r.more()),
+            (3, false),
+            "{name}: count is the whole range"
+        );
     }
     // The limit applies after filtering.
-    let r = c.get("k", Some(prefix().with_min_mod_revision(5).with_limit(1))).await.unwrap();
+    let r = c
+        .get("k", Some(prefix().with_min_mod_revision(5).with_limit(1)))
+        .await
+        .unwrap();
     assert_eq!(keys(r.kvs()), strs(&["k1"]));
     assert_eq!((r.count(), r.more()), (3, true));
 }
@@ -227,56 +392,119 @@ async fn put_options() {
     assert_eq!(rev_of_put(&mut c, "p", "v1").await, 2);
 
     // prev_kv returns the replaced key-value.
-    let r = c.put("p", "v2", Some(PutOptions::new().with_prev_key())).await.unwrap();
+    let r = c
+        .put("p", "v2", Some(PutOptions::new().with_prev_key()))
+        .await
+        .unwrap();
     assert_eq!(r.header().unwrap().revision(), 3);
     let prev = r.prev_key().expect("prev_kv");
     assert_eq!((prev.key(), prev.value()), (&b"p"[..], &b"v1"[..]));
-    assert_eq!((prev.create_revision(), prev.mod_revision(), prev.version()), (2, 2, 1));
+    assert_eq!(
+        (prev.create_revision(), prev.mod_revision(), prev.version()),
+        (2, 2, 1)
+    );
     // Without prev_kv: none.
     let r = c.put("p2", "x", None).await.unwrap();
     assert!(r.prev_key().is_none());
     assert_eq!(r.header().unwrap().revision(), 4);
     // prev_kv on a new key: none.
-    let r = c.put("new", "n", Some(PutOptions::new().with_prev_key())).await.unwrap();
+    let r = c
+        .put("new", "n", Some(PutOptions::new().with_prev_key()))
+        .await
+        .unwrap();
     assert!(r.prev_key().is_none(), "{:?}", r.prev_key());
     assert_eq!(r.header().unwrap().revision(), 5);
 
     // ignore_value keeps the value but is a write.
-    let r = c.put("p", "", Some(PutOptions::new().with_ignore_value())).await.unwrap();
+    let r = c
+        .put("p", "", Some(PutOptions::new().with_ignore_value()))
+        .await
+        .unwrap();
     assert_eq!(r.header().unwrap().revision(), 6);
     let kv = c.get("p", None).await.unwrap().kvs()[0].clone();
-    assert_eq!((kv.value(), kv.version(), kv.mod_revision(), kv.create_revision()), (&b"v2"[..], 3, 6, 2));
     assert_eq!(
-        grpc_err(c.put("p", "x", Some(PutOptions::new().with_ignore_value())).await),
-        (Code::InvalidArgument, "etcdserver: value is provided".to_string())
+        (
+            kv.value(),
+            kv.version(),
+            kv.mod_revision(),
+            kv.create_revision()
+        ),
+        (&b"v2"[..], 3, 6, 2)
     );
     assert_eq!(
-        grpc_err(c.put("missing", "", Some(PutOptions::new().with_ignore_value())).await),
-        (Code::InvalidArgument, "etcdserver: key not found".to_string())
+        grpc_err(
+            c.put("p", "x", Some(PutOptions::new().with_ignore_value()))
+                .await
+        ),
+        (
+            Code::InvalidArgument,
+            "etcdserver: value is provided".to_string()
+        )
+    );
+    assert_eq!(
+        grpc_err(
+            c.put("missing", "", Some(PutOptions::new().with_ignore_value()))
+                .await
+        ),
+        (
+            Code::InvalidArgument,
+            "etcdserver: key not found".to_string()
+        )
     );
 
     // ignore_lease takes the new value and keeps the (absent) lease.
-    let r = c.put("p", "v3", Some(PutOptions::new().with_ignore_lease())).await.unwrap();
+    let r = c
+        .put("p", "v3", Some(PutOptions::new().with_ignore_lease()))
+        .await
+        .unwrap();
     assert_eq!(r.header().unwrap().revision(), 7);
     let kv = c.get("p", None).await.unwrap().kvs()[0].clone();
     assert_eq!((kv.value(), kv.version(), kv.lease()), (&b"v3"[..], 4, 0));
     assert_eq!(
-        grpc_err(c.put("missing", "v", Some(PutOptions::new().with_ignore_lease())).await),
-        (Code::InvalidArgument, "etcdserver: key not found".to_string())
+        grpc_err(
+            c.put("missing", "v", Some(PutOptions::new().with_ignore_lease()))
+                .await
+        ),
+        (
+            Code::InvalidArgument,
+            "etcdserver: key not found".to_string()
+        )
     );
     assert_eq!(
-        grpc_err(c.put("p", "v", Some(PutOptions::new().with_lease(7).with_ignore_lease())).await),
-        (Code::InvalidArgument, "etcdserver: lease is provided".to_string())
+        grpc_err(
+            c.put(
+                "p",
+                "v",
+                Some(PutOptions::new().with_lease(7).with_ignore_lease())
+            )
+            .await
+        ),
+        (
+            Code::InvalidArgument,
+            "etcdserver: lease is provided".to_string()
+        )
     );
 
     // A lease that was never granted.
     assert_eq!(
-        grpc_err(c.put("p", "v", Some(PutOptions::new().with_lease(12345))).await),
-        (Code::NotFound, "etcdserver: requested lease not found".to_string())
+        grpc_err(
+            c.put("p", "v", Some(PutOptions::new().with_lease(12345)))
+                .await
+        ),
+        (
+            Code::NotFound,
+            "etcdserver: requested lease not found".to_string()
+        )
     );
     assert_eq!(
-        grpc_err(c.put("brand-new", "v", Some(PutOptions::new().with_lease(12345))).await),
-        (Code::NotFound, "etcdserver: requested lease not found".to_string())
+        grpc_err(
+            c.put("brand-new", "v", Some(PutOptions::new().with_lease(12345)))
+                .await
+        ),
+        (
+            Code::NotFound,
+            "etcdserver: requested lease not found".to_string()
+        )
     );
 
     // None of the failures wrote anything.
@@ -292,36 +520,77 @@ async fn delete_range() {
     let server = Server::start();
     let mut c = server.client().await;
     for (i, k) in ["d/1", "d/2", "d/3", "e"].into_iter().enumerate() {
-        assert_eq!(rev_of_put(&mut c, k, &format!("val-{k}")).await, i as i64 + 2);
+        assert_eq!(
+            rev_of_put(&mut c, k, &format!("val-{k}")).await,
+            i as i64 + 2
+        );
     }
 
-    let r = c.delete("d/1", Some(DeleteOptions::new().with_prev_key())).await.unwrap();
+    let r = c
+        .delete("d/1", Some(DeleteOptions::new().with_prev_key()))
+        .await
+        .unwrap();
     assert_eq!((r.deleted(), r.header().unwrap().revision()), (1, 6));
     assert_eq!(keys(r.prev_kvs()), strs(&["d/1"]));
     assert_eq!(values(r.prev_kvs()), strs(&["val-d/1"]));
     assert_eq!(r.prev_kvs()[0].mod_revision(), 2);
 
     // A prefix delete removes everything under it in one revision.
-    let r = c.delete("d/", Some(DeleteOptions::new().with_prefix().with_prev_key())).await.unwrap();
+    let r = c
+        .delete(
+            "d/",
+            Some(DeleteOptions::new().with_prefix().with_prev_key()),
+        )
+        .await
+        .unwrap();
     assert_eq!((r.deleted(), r.header().unwrap().revision()), (2, 7));
     assert_eq!(keys(r.prev_kvs()), strs(&["d/2", "d/3"]));
     assert_eq!(values(r.prev_kvs()), strs(&["val-d/2", "val-d/3"]));
 
-    let r = c.delete("d/", Some(DeleteOptions::new().with_prefix().with_prev_key())).await.unwrap();
-    assert_eq!((r.deleted(), r.header().unwrap().revision(), r.prev_kvs().len()), (0, 7, 0));
+    let r = c
+        .delete(
+            "d/",
+            Some(DeleteOptions::new().with_prefix().with_prev_key()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            r.deleted(),
+            r.header().unwrap().revision(),
+            r.prev_kvs().len()
+        ),
+        (0, 7, 0)
+    );
 
     // An explicit range, without prev_kv.
-    let r = c.delete("a", Some(DeleteOptions::new().with_range("f"))).await.unwrap();
-    assert_eq!((r.deleted(), r.header().unwrap().revision(), r.prev_kvs().len()), (1, 8, 0));
+    let r = c
+        .delete("a", Some(DeleteOptions::new().with_range("f")))
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            r.deleted(),
+            r.header().unwrap().revision(),
+            r.prev_kvs().len()
+        ),
+        (1, 8, 0)
+    );
 
-    let all = c.get("\0", Some(GetOptions::new().with_all_keys())).await.unwrap();
+    let all = c
+        .get("\0", Some(GetOptions::new().with_all_keys()))
+        .await
+        .unwrap();
     assert_eq!((all.count(), all.header().unwrap().revision()), (0, 8));
 
     // Delete everything.
     for k in ["x1", "x2", "y"] {
         c.put(k, "v", None).await.unwrap();
     }
-    let r = c.delete("\0", Some(DeleteOptions::new().with_all_keys())).await.unwrap();
+    let r = c
+        .delete("\0", Some(DeleteOptions::new().with_all_keys()))
+        .await
+        .unwrap();
     assert_eq!((r.deleted(), r.header().unwrap().revision()), (3, 12));
     assert_eq!(rev_of_put(&mut c, "e", "again").await, 13);
 }
@@ -333,23 +602,50 @@ async fn mvcc_versions_and_history() {
 
     assert_eq!(rev_of_put(&mut c, "m", "v1").await, 2);
     let kv = c.get("m", None).await.unwrap().kvs()[0].clone();
-    assert_eq!((kv.create_revision(), kv.mod_revision(), kv.version()), (2, 2, 1));
+    assert_eq!(
+        (kv.create_revision(), kv.mod_revision(), kv.version()),
+        (2, 2, 1)
+    );
 
     assert_eq!(rev_of_put(&mut c, "m", "v2").await, 3);
     let kv = c.get("m", None).await.unwrap().kvs()[0].clone();
-    assert_eq!((kv.create_revision(), kv.mod_revision(), kv.version()), (2, 3, 2));
+    assert_eq!(
+        (kv.create_revision(), kv.mod_revision(), kv.version()),
+        (2, 3, 2)
+    );
 
-    assert_eq!(c.delete("m", None).await.unwrap().header().unwrap().revision(), 4);
+    assert_eq!(
+        c.delete("m", None)
+            .await
+            .unwrap()
+            .header()
+            .unwrap()
+            .revision(),
+        4
+    );
     assert_eq!(c.get("m", None).await.unwrap().count(), 0);
 
     // Re-created: a new life with version 1.
     assert_eq!(rev_of_put(&mut c, "m", "v3").await, 5);
     let kv = c.get("m", None).await.unwrap().kvs()[0].clone();
-    assert_eq!((kv.create_revision(), kv.mod_revision(), kv.version(), kv.value()), (5, 5, 1, &b"v3"[..]));
+    assert_eq!(
+        (
+            kv.create_revision(),
+            kv.mod_revision(),
+            kv.version(),
+            kv.value()
+        ),
+        (5, 5, 1, &b"v3"[..])
+    );
 
     // Historical reads; the header always carries the current revision.
     let at = |rev| GetOptions::new().with_revision(rev);
-    for (rev, want) in [(2, Some(("v1", 2, 2, 1))), (3, Some(("v2", 2, 3, 2))), (4, None), (5, Some(("v3", 5, 5, 1)))] {
+    for (rev, want) in [
+        (2, Some(("v1", 2, 2, 1))),
+        (3, Some(("v2", 2, 3, 2))),
+        (4, None),
+        (5, Some(("v3", 5, 5, 1))),
+    ] {
         let r = c.get("m", Some(at(rev))).await.unwrap();
         assert_eq!(r.header().unwrap().revision(), 5, "at {rev}");
         match want {
@@ -357,7 +653,12 @@ async fn mvcc_versions_and_history() {
                 assert_eq!(r.count(), 1, "at {rev}");
                 let kv = &r.kvs()[0];
                 assert_eq!(
-                    (kv.value(), kv.create_revision(), kv.mod_revision(), kv.version()),
+                    (
+                        kv.value(),
+                        kv.create_revision(),
+                        kv.mod_revision(),
+                        kv.version()
+                    ),
                     (v.as_bytes(), create, modr, ver),
                     "at {rev}"
                 );
@@ -372,7 +673,15 @@ async fn mvcc_versions_and_history() {
     // Ranges at old revisions.
     assert_eq!(rev_of_put(&mut c, "h/a", "1").await, 6);
     assert_eq!(rev_of_put(&mut c, "h/b", "2").await, 7);
-    assert_eq!(c.delete("h/a", None).await.unwrap().header().unwrap().revision(), 8);
+    assert_eq!(
+        c.delete("h/a", None)
+            .await
+            .unwrap()
+            .header()
+            .unwrap()
+            .revision(),
+        8
+    );
     assert_eq!(rev_of_put(&mut c, "h/b", "3").await, 9);
     let hist = |rev| GetOptions::new().with_prefix().with_revision(rev);
     let r = c.get("h/", Some(hist(5))).await.unwrap();
@@ -380,17 +689,32 @@ async fn mvcc_versions_and_history() {
     let r = c.get("h/", Some(hist(6))).await.unwrap();
     assert_eq!(keys(r.kvs()), strs(&["h/a"]));
     let r = c.get("h/", Some(hist(7))).await.unwrap();
-    assert_eq!((keys(r.kvs()), values(r.kvs()), r.count()), (strs(&["h/a", "h/b"]), strs(&["1", "2"]), 2));
+    assert_eq!(
+        (keys(r.kvs()), values(r.kvs()), r.count()),
+        (strs(&["h/a", "h/b"]), strs(&["1", "2"]), 2)
+    );
     let r = c.get("h/", Some(hist(8))).await.unwrap();
-    assert_eq!((keys(r.kvs()), values(r.kvs()), r.count()), (strs(&["h/b"]), strs(&["2"]), 1));
-    let r = c.get("h/", Some(GetOptions::new().with_prefix())).await.unwrap();
-    assert_eq!((keys(r.kvs()), values(r.kvs())), (strs(&["h/b"]), strs(&["3"])));
+    assert_eq!(
+        (keys(r.kvs()), values(r.kvs()), r.count()),
+        (strs(&["h/b"]), strs(&["2"]), 1)
+    );
+    let r = c
+        .get("h/", Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    assert_eq!(
+        (keys(r.kvs()), values(r.kvs())),
+        (strs(&["h/b"]), strs(&["3"]))
+    );
     assert_eq!(r.kvs()[0].version(), 2);
     // Historical count_only and limit.
     let r = c.get("h/", Some(hist(7).with_count_only())).await.unwrap();
     assert_eq!((r.count(), r.kvs().len()), (2, 0));
     let r = c.get("h/", Some(hist(7).with_limit(1))).await.unwrap();
-    assert_eq!((keys(r.kvs()), r.more(), r.count()), (strs(&["h/a"]), true, 2));
+    assert_eq!(
+        (keys(r.kvs()), r.more(), r.count()),
+        (strs(&["h/a"]), true, 2)
+    );
 }
 
 #[tokio::test]
@@ -403,50 +727,104 @@ async fn compaction() {
     let at = |rev| Some(GetOptions::new().with_revision(rev));
 
     let r = c.compact(4, None).await.unwrap();
-    assert_eq!(r.header().unwrap().revision(), 6, "compaction does not consume a revision");
+    assert_eq!(
+        r.header().unwrap().revision(),
+        6,
+        "compaction does not consume a revision"
+    );
 
-    assert_eq!(grpc_err(c.get("c", at(3)).await), (Code::OutOfRange, COMPACTED.to_string()));
-    assert_eq!(grpc_err(c.get("c", at(1)).await), (Code::OutOfRange, COMPACTED.to_string()));
+    assert_eq!(
+        grpc_err(c.get("c", at(3)).await),
+        (Code::OutOfRange, COMPACTED.to_string())
+    );
+    assert_eq!(
+        grpc_err(c.get("c", at(1)).await),
+        (Code::OutOfRange, COMPACTED.to_string())
+    );
     let r = c.get("c", at(4)).await.unwrap();
     assert_eq!(values(r.kvs()), strs(&["v4"]));
     assert_eq!((r.kvs()[0].version(), r.kvs()[0].create_revision()), (3, 2));
-    assert_eq!(values(c.get("c", at(5)).await.unwrap().kvs()), strs(&["v5"]));
+    assert_eq!(
+        values(c.get("c", at(5)).await.unwrap().kvs()),
+        strs(&["v5"])
+    );
     assert_eq!(values(c.get("c", None).await.unwrap().kvs()), strs(&["v6"]));
 
     // Compacting again at or below the compaction revision.
-    assert_eq!(grpc_err(c.compact(4, None).await), (Code::OutOfRange, COMPACTED.to_string()));
-    assert_eq!(grpc_err(c.compact(2, None).await), (Code::OutOfRange, COMPACTED.to_string()));
+    assert_eq!(
+        grpc_err(c.compact(4, None).await),
+        (Code::OutOfRange, COMPACTED.to_string())
+    );
+    assert_eq!(
+        grpc_err(c.compact(2, None).await),
+        (Code::OutOfRange, COMPACTED.to_string())
+    );
 
     // The future.
-    assert_eq!(grpc_err(c.get("c", at(7)).await), (Code::OutOfRange, FUTURE_REV.to_string()));
-    assert_eq!(grpc_err(c.compact(7, None).await), (Code::OutOfRange, FUTURE_REV.to_string()));
-    assert_eq!(grpc_err(c.compact(100, None).await), (Code::OutOfRange, FUTURE_REV.to_string()));
+    assert_eq!(
+        grpc_err(c.get("c", at(7)).await),
+        (Code::OutOfRange, FUTURE_REV.to_string())
+    );
+    assert_eq!(
+        grpc_err(c.compact(7, None).await),
+        (Code::OutOfRange, FUTURE_REV.to_string())
+    );
+    assert_eq!(
+        grpc_err(c.compact(100, None).await),
+        (Code::OutOfRange, FUTURE_REV.to_string())
+    );
 
     // Physical compaction.
-    let r = c.compact(5, Some(CompactionOptions::new().with_physical())).await.unwrap();
+    let r = c
+        .compact(5, Some(CompactionOptions::new().with_physical()))
+        .await
+        .unwrap();
     assert_eq!(r.header().unwrap().revision(), 6);
-    assert_eq!(grpc_err(c.get("c", at(4)).await), (Code::OutOfRange, COMPACTED.to_string()));
-    assert_eq!(values(c.get("c", at(5)).await.unwrap().kvs()), strs(&["v5"]));
+    assert_eq!(
+        grpc_err(c.get("c", at(4)).await),
+        (Code::OutOfRange, COMPACTED.to_string())
+    );
+    assert_eq!(
+        values(c.get("c", at(5)).await.unwrap().kvs()),
+        strs(&["v5"])
+    );
 
     // None of this consumed revisions; compacting at the current revision works.
     assert_eq!(rev_of_put(&mut c, "c", "v7").await, 7);
     c.compact(7, None).await.unwrap();
     let r = c.get("c", at(7)).await.unwrap();
     assert_eq!((values(r.kvs()), r.kvs()[0].version()), (strs(&["v7"]), 6));
-    assert_eq!(grpc_err(c.get("c", at(6)).await), (Code::OutOfRange, COMPACTED.to_string()));
+    assert_eq!(
+        grpc_err(c.get("c", at(6)).await),
+        (Code::OutOfRange, COMPACTED.to_string())
+    );
     // A key deleted before the compaction revision is gone from every readable revision.
     assert_eq!(rev_of_put(&mut c, "gone", "x").await, 8);
-    assert_eq!(c.delete("gone", None).await.unwrap().header().unwrap().revision(), 9);
+    assert_eq!(
+        c.delete("gone", None)
+            .await
+            .unwrap()
+            .header()
+            .unwrap()
+            .revision(),
+        9
+    );
     c.compact(9, None).await.unwrap();
     assert_eq!(c.get("gone", at(9)).await.unwrap().count(), 0);
-    assert_eq!(values(c.get("c", at(9)).await.unwrap().kvs()), strs(&["v7"]));
+    assert_eq!(
+        values(c.get("c", at(9)).await.unwrap().kvs()),
+        strs(&["v7"])
+    );
 }
 
 #[tokio::test]
 async fn request_errors() {
     let server = Server::start();
     let mut c = server.client().await;
-    let empty = (Code::InvalidArgument, "etcdserver: key is not provided".to_string());
+    let empty = (
+        Code::InvalidArgument,
+        "etcdserver: key is not provided".to_string(),
+    );
     assert_eq!(grpc_err(c.get("", None).await), empty);
     assert_eq!(grpc_err(c.put("", "v", None).await), empty);
     assert_eq!(grpc_err(c.delete("", None).await), empty);
@@ -455,11 +833,18 @@ async fn request_errors() {
     let big = vec![b'x'; 1_700_000];
     assert_eq!(
         grpc_err(c.put("big", big, None).await),
-        (Code::InvalidArgument, "etcdserver: request is too large".to_string())
+        (
+            Code::InvalidArgument,
+            "etcdserver: request is too large".to_string()
+        )
     );
     // Just under the limit is fine.
     let r = c.put("ok", vec![b'y'; 1_500_000], None).await.unwrap();
-    assert_eq!(r.header().unwrap().revision(), 2, "the failures consumed no revision");
+    assert_eq!(
+        r.header().unwrap().revision(),
+        2,
+        "the failures consumed no revision"
+    );
     let got = c.get("ok", None).await.unwrap();
     assert_eq!(got.kvs()[0].value().len(), 1_500_000);
     assert_eq!(c.get("big", None).await.unwrap().count(), 0);
@@ -470,15 +855,37 @@ async fn request_errors() {
 async fn invalid_sort_option() {
     use metastore::proto::etcdserverpb::{kv_client::KvClient, RangeRequest};
     let server = Server::start();
-    let mut kv = KvClient::connect(format!("http://{}", server.endpoint)).await.unwrap();
-    let want = (Code::InvalidArgument, "etcdserver: invalid sort option".to_string());
+    let mut kv = KvClient::connect(format!("http://{}", server.endpoint))
+        .await
+        .unwrap();
+    let want = (
+        Code::InvalidArgument,
+        "etcdserver: invalid sort option".to_string(),
+    );
     for (order, target) in [(9, 0), (0, 9), (-1, 0)] {
-        let req = RangeRequest { key: b"a".to_vec(), sort_order: order, sort_target: target, ..Default::default() };
-        let s = kv.range(req).await.expect_err("invalid sort option accepted");
-        assert_eq!((s.code(), s.message().to_string()), want, "order {order} target {target}");
+        let req = RangeRequest {
+            key: b"a".to_vec(),
+            sort_order: order,
+            sort_target: target,
+            ..Default::default()
+        };
+        let s = kv
+            .range(req)
+            .await
+            .expect_err("invalid sort option accepted");
+        assert_eq!(
+            (s.code(), s.message().to_string()),
+            want,
+            "order {order} target {target}"
+        );
     }
     // Valid options on the same client succeed.
-    let req = RangeRequest { key: b"a".to_vec(), sort_order: 2, sort_target: 3, ..Default::default() };
+    let req = RangeRequest {
+        key: b"a".to_vec(),
+        sort_order: 2,
+        sort_target: 3,
+        ..Default::default()
+    };
     let r = kv.range(req).await.unwrap().into_inner();
     assert_eq!((r.count, r.header.unwrap().revision), (0, 1));
 }
@@ -492,7 +899,10 @@ async fn cross_shard_ranges() {
     // Written in a scrambled order so no shard sees its keys in key order by accident.
     let order: Vec<usize> = (0..200).map(|i| (i * 7) % 200).collect();
     for (n, i) in order.iter().enumerate() {
-        let r = c.put(format!("cs/{i:03}"), format!("v{i}"), None).await.unwrap();
+        let r = c
+            .put(format!("cs/{i:03}"), format!("v{i}"), None)
+            .await
+            .unwrap();
         assert_eq!(r.header().unwrap().revision(), n as i64 + 2);
     }
     c.put("ct", "outside", None).await.unwrap();
@@ -502,39 +912,91 @@ async fn cross_shard_ranges() {
 
     let r = c.get("cs/", Some(prefix())).await.unwrap();
     assert_eq!(keys(r.kvs()), all);
-    assert_eq!(values(r.kvs()), (0..200).map(|i| format!("v{i}")).collect::<Vec<_>>());
-    assert_eq!((r.count(), r.more(), r.header().unwrap().revision()), (200, false, 203));
+    assert_eq!(
+        values(r.kvs()),
+        (0..200).map(|i| format!("v{i}")).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        (r.count(), r.more(), r.header().unwrap().revision()),
+        (200, false, 203)
+    );
 
     let r = c.get("cs/", Some(prefix().with_limit(10))).await.unwrap();
     assert_eq!(keys(r.kvs()), all[..10].to_vec());
     assert_eq!((r.count(), r.more()), (200, true));
 
-    let r = c.get("cs/", Some(prefix().with_sort(SortTarget::Key, SortOrder::Descend))).await.unwrap();
+    let r = c
+        .get(
+            "cs/",
+            Some(prefix().with_sort(SortTarget::Key, SortOrder::Descend)),
+        )
+        .await
+        .unwrap();
     let mut rev_all = all.clone();
     rev_all.reverse();
     assert_eq!(keys(r.kvs()), rev_all);
     assert_eq!(r.count(), 200);
-    let r = c.get("cs/", Some(prefix().with_sort(SortTarget::Key, SortOrder::Descend).with_limit(5))).await.unwrap();
+    let r = c
+        .get(
+            "cs/",
+            Some(
+                prefix()
+                    .with_sort(SortTarget::Key, SortOrder::Descend)
+                    .with_limit(5),
+            ),
+        )
+        .await
+        .unwrap();
     assert_eq!(keys(r.kvs()), rev_all[..5].to_vec());
     assert_eq!((r.count(), r.more()), (200, true));
 
     // Creation order is the scrambled write order.
-    let r = c.get("cs/", Some(prefix().with_sort(SortTarget::Create, SortOrder::Ascend))).await.unwrap();
-    assert_eq!(keys(r.kvs()), order.iter().map(|i| format!("cs/{i:03}")).collect::<Vec<_>>());
+    let r = c
+        .get(
+            "cs/",
+            Some(prefix().with_sort(SortTarget::Create, SortOrder::Ascend)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        keys(r.kvs()),
+        order
+            .iter()
+            .map(|i| format!("cs/{i:03}"))
+            .collect::<Vec<_>>()
+    );
 
-    let r = c.get("cs/050", Some(GetOptions::new().with_range("cs/060"))).await.unwrap();
+    let r = c
+        .get("cs/050", Some(GetOptions::new().with_range("cs/060")))
+        .await
+        .unwrap();
     assert_eq!(keys(r.kvs()), all[50..60].to_vec());
-    let r = c.get("cs/", Some(prefix().with_count_only())).await.unwrap();
+    let r = c
+        .get("cs/", Some(prefix().with_count_only()))
+        .await
+        .unwrap();
     assert_eq!((r.count(), r.kvs().len()), (200, 0));
-    let r = c.get("\0", Some(GetOptions::new().with_all_keys().with_keys_only())).await.unwrap();
+    let r = c
+        .get(
+            "\0",
+            Some(GetOptions::new().with_all_keys().with_keys_only()),
+        )
+        .await
+        .unwrap();
     assert_eq!(r.count(), 202);
     assert_eq!(keys(&r.kvs()[..2]), strs(&["cr", "cs/000"]));
     assert_eq!(keys(&r.kvs()[201..]), strs(&["ct"]));
 
     // A prefix delete across shards is one revision.
-    let r = c.delete("cs/", Some(DeleteOptions::new().with_prefix())).await.unwrap();
+    let r = c
+        .delete("cs/", Some(DeleteOptions::new().with_prefix()))
+        .await
+        .unwrap();
     assert_eq!((r.deleted(), r.header().unwrap().revision()), (200, 204));
-    let r = c.get("cs/", Some(prefix().with_revision(203))).await.unwrap();
+    let r = c
+        .get("cs/", Some(prefix().with_revision(203)))
+        .await
+        .unwrap();
     assert_eq!(r.count(), 200);
     assert_eq!(c.get("cs/", Some(prefix())).await.unwrap().count(), 0);
 }

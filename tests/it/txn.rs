@@ -4,7 +4,9 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use etcd_client::{Client, Compare, CompareOp, DeleteOptions, GetOptions, Txn, TxnOp, TxnOpResponse, TxnResponse};
+use etcd_client::{
+    Client, Compare, CompareOp, DeleteOptions, GetOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
+};
 use tonic::Code;
 
 use crate::harness::Server;
@@ -20,7 +22,12 @@ fn rev(r: &TxnResponse) -> i64 {
 }
 
 async fn put_rev(c: &mut Client, k: &str, v: &str) -> i64 {
-    c.put(k, v, None).await.unwrap().header().unwrap().revision()
+    c.put(k, v, None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision()
 }
 
 #[tokio::test]
@@ -89,9 +96,21 @@ async fn compare_targets_and_ops() {
     }
 
     // Several compares: all must hold.
-    let r = c.txn(Txn::new().when(vec![Compare::version("t", Eq, 2), Compare::value("t", Eq, "v2")])).await.unwrap();
+    let r = c
+        .txn(Txn::new().when(vec![
+            Compare::version("t", Eq, 2),
+            Compare::value("t", Eq, "v2"),
+        ]))
+        .await
+        .unwrap();
     assert!(r.succeeded());
-    let r = c.txn(Txn::new().when(vec![Compare::version("t", Eq, 2), Compare::value("t", Eq, "v1")])).await.unwrap();
+    let r = c
+        .txn(Txn::new().when(vec![
+            Compare::version("t", Eq, 2),
+            Compare::value("t", Eq, "v1"),
+        ]))
+        .await
+        .unwrap();
     assert!(!r.succeeded());
     // None of this wrote anything.
     assert_eq!(rev(&r), 3);
@@ -120,7 +139,10 @@ async fn branches() {
         other => panic!("expected a put response, got {other:?}"),
     }
     match &ops[1] {
-        TxnOpResponse::Get(g) => assert_eq!((keys(g.kvs()), values(g.kvs())), (strs(&["b"]), strs(&["1"]))),
+        TxnOpResponse::Get(g) => assert_eq!(
+            (keys(g.kvs()), values(g.kvs())),
+            (strs(&["b"]), strs(&["1"]))
+        ),
         other => panic!("expected a range response, got {other:?}"),
     }
 
@@ -129,10 +151,19 @@ async fn branches() {
     assert_eq!(rev(&r), 4);
     let ops = r.op_responses();
     assert_eq!(ops.len(), 1);
-    assert!(matches!(&ops[0], TxnOpResponse::Put(p) if p.header().unwrap().revision() == 4), "{ops:?}");
+    assert!(
+        matches!(&ops[0], TxnOpResponse::Put(p) if p.header().unwrap().revision() == 4),
+        "{ops:?}"
+    );
 
-    assert_eq!(values(c.get("then", None).await.unwrap().kvs()), strs(&["1"]));
-    assert_eq!(values(c.get("else", None).await.unwrap().kvs()), strs(&["2"]));
+    assert_eq!(
+        values(c.get("then", None).await.unwrap().kvs()),
+        strs(&["1"])
+    );
+    assert_eq!(
+        values(c.get("else", None).await.unwrap().kvs()),
+        strs(&["2"])
+    );
 
     // An empty txn: succeeds, writes nothing.
     let r = c.txn(Txn::new()).await.unwrap();
@@ -140,7 +171,10 @@ async fn branches() {
     assert_eq!((rev(&r), r.op_responses().len()), (4, 0));
     // The header is complete.
     let h = r.header().unwrap();
-    assert!(h.cluster_id() != 0 && h.member_id() != 0 && h.raft_term() != 0, "{h:?}");
+    assert!(
+        h.cluster_id() != 0 && h.member_id() != 0 && h.raft_term() != 0,
+        "{h:?}"
+    );
 }
 
 #[tokio::test]
@@ -158,8 +192,14 @@ async fn compare_over_a_range() {
         (Compare::version("r/", Eq, 1).with_prefix(), false),
         (Compare::mod_revision("r/", Lt, 5).with_prefix(), false),
         (Compare::mod_revision("r/", Lt, 6).with_prefix(), true),
-        (Compare::create_revision("r/1", Lt, 4).with_range("r/3"), true),
-        (Compare::create_revision("r/1", Lt, 4).with_range("r/4"), false),
+        (
+            Compare::create_revision("r/1", Lt, 4).with_range("r/3"),
+            true,
+        ),
+        (
+            Compare::create_revision("r/1", Lt, 4).with_range("r/4"),
+            false,
+        ),
         (Compare::version("r/1", Eq, 1).with_range("r/2"), true),
         // An empty range compares like a missing key.
         (Compare::version("q/", Eq, 0).with_prefix(), true),
@@ -198,17 +238,43 @@ async fn one_revision_per_txn() {
             other => panic!("expected put responses, got {other:?}"),
         }
     }
-    let g = c.get("", Some(GetOptions::new().with_from_key())).await.unwrap();
+    let g = c
+        .get("", Some(GetOptions::new().with_from_key()))
+        .await
+        .unwrap();
     assert_eq!(keys(g.kvs()), strs(&["a1", "a2", "a3", "pre"]));
-    assert_eq!(g.kvs().iter().map(|kv| kv.mod_revision()).collect::<Vec<_>>(), vec![3, 3, 3, 3]);
-    assert_eq!(g.kvs().iter().map(|kv| kv.create_revision()).collect::<Vec<_>>(), vec![3, 3, 3, 2]);
-    assert_eq!(g.kvs().iter().map(|kv| kv.version()).collect::<Vec<_>>(), vec![1, 1, 1, 2]);
+    assert_eq!(
+        g.kvs()
+            .iter()
+            .map(|kv| kv.mod_revision())
+            .collect::<Vec<_>>(),
+        vec![3, 3, 3, 3]
+    );
+    assert_eq!(
+        g.kvs()
+            .iter()
+            .map(|kv| kv.create_revision())
+            .collect::<Vec<_>>(),
+        vec![3, 3, 3, 2]
+    );
+    assert_eq!(
+        g.kvs().iter().map(|kv| kv.version()).collect::<Vec<_>>(),
+        vec![1, 1, 1, 2]
+    );
 
     // Read-only.
-    let r = c.txn(Txn::new().and_then(vec![TxnOp::get("a1", None), TxnOp::get("a", Some(GetOptions::new().with_prefix()))])).await.unwrap();
+    let r = c
+        .txn(Txn::new().and_then(vec![
+            TxnOp::get("a1", None),
+            TxnOp::get("a", Some(GetOptions::new().with_prefix())),
+        ]))
+        .await
+        .unwrap();
     assert_eq!(rev(&r), 3);
     match &r.op_responses()[1] {
-        TxnOpResponse::Get(g) => assert_eq!((keys(g.kvs()), g.count()), (strs(&["a1", "a2", "a3"]), 3)),
+        TxnOpResponse::Get(g) => {
+            assert_eq!((keys(g.kvs()), g.count()), (strs(&["a1", "a2", "a3"]), 3))
+        }
         other => panic!("{other:?}"),
     }
 
@@ -222,14 +288,20 @@ async fn one_revision_per_txn() {
         .unwrap();
     assert_eq!(rev(&r), 3);
     for op in r.op_responses() {
-        assert!(matches!(&op, TxnOpResponse::Delete(d) if d.deleted() == 0), "{op:?}");
+        assert!(
+            matches!(&op, TxnOpResponse::Delete(d) if d.deleted() == 0),
+            "{op:?}"
+        );
     }
     assert_eq!(put_rev(&mut c, "b", "x").await, 4);
 
     // A delete and a put (outside the deleted range): still one revision.
     let r = c
         .txn(Txn::new().and_then(vec![
-            TxnOp::delete("a", Some(DeleteOptions::new().with_prefix().with_prev_key())),
+            TxnOp::delete(
+                "a",
+                Some(DeleteOptions::new().with_prefix().with_prev_key()),
+            ),
             TxnOp::put("b4", "4", None),
         ]))
         .await
@@ -242,12 +314,25 @@ async fn one_revision_per_txn() {
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(c.get("a", Some(GetOptions::new().with_prefix())).await.unwrap().count(), 0);
+    assert_eq!(
+        c.get("a", Some(GetOptions::new().with_prefix()))
+            .await
+            .unwrap()
+            .count(),
+        0
+    );
     let g = c.get("b4", None).await.unwrap();
-    assert_eq!((g.kvs()[0].mod_revision(), g.kvs()[0].create_revision()), (5, 5));
+    assert_eq!(
+        (g.kvs()[0].mod_revision(), g.kvs()[0].create_revision()),
+        (5, 5)
+    );
     // The failure branch's writes count the same way.
     let r = c
-        .txn(Txn::new().when(vec![Compare::value("pre", CompareOp::Equal, "nope")]).or_else(vec![TxnOp::put("f", "1", None)]))
+        .txn(
+            Txn::new()
+                .when(vec![Compare::value("pre", CompareOp::Equal, "nope")])
+                .or_else(vec![TxnOp::put("f", "1", None)]),
+        )
         .await
         .unwrap();
     assert!(!r.succeeded());
@@ -264,7 +349,10 @@ async fn nested_txn() {
     let inner = Txn::new()
         // Compares see the state before the outer txn, not the outer put of "n".
         .when(vec![Compare::value("n", CompareOp::Equal, "1")])
-        .and_then(vec![TxnOp::put("inner", "i", None), TxnOp::get("outer", None)])
+        .and_then(vec![
+            TxnOp::put("inner", "i", None),
+            TxnOp::get("outer", None),
+        ])
         .or_else(vec![TxnOp::put("inner-else", "e", None)]);
     let r = c
         .txn(Txn::new().and_then(vec![
@@ -282,18 +370,30 @@ async fn nested_txn() {
         TxnOpResponse::Txn(t) => t.clone(),
         other => panic!("expected a txn response, got {other:?}"),
     };
-    assert!(nested.succeeded(), "the nested compare must see n == 1 (pre-txn state)");
+    assert!(
+        nested.succeeded(),
+        "the nested compare must see n == 1 (pre-txn state)"
+    );
     let nops = nested.op_responses();
     assert_eq!(nops.len(), 2);
-    assert!(matches!(&nops[0], TxnOpResponse::Put(p) if p.header().unwrap().revision() == 3), "{nops:?}");
+    assert!(
+        matches!(&nops[0], TxnOpResponse::Put(p) if p.header().unwrap().revision() == 3),
+        "{nops:?}"
+    );
     match &nops[1] {
         TxnOpResponse::Get(g) => {
-            assert_eq!((keys(g.kvs()), values(g.kvs())), (strs(&["outer"]), strs(&["o"])));
+            assert_eq!(
+                (keys(g.kvs()), values(g.kvs())),
+                (strs(&["outer"]), strs(&["o"]))
+            );
             assert_eq!(g.kvs()[0].mod_revision(), 3);
         }
         other => panic!("{other:?}"),
     }
-    let g = c.get("", Some(GetOptions::new().with_from_key())).await.unwrap();
+    let g = c
+        .get("", Some(GetOptions::new().with_from_key()))
+        .await
+        .unwrap();
     assert_eq!(keys(g.kvs()), strs(&["inner", "n", "outer"]));
     assert_eq!(values(g.kvs()), strs(&["i", "2", "o"]));
     assert!(g.kvs().iter().all(|kv| kv.mod_revision() == 3));
@@ -304,7 +404,11 @@ async fn nested_txn() {
         .and_then(vec![TxnOp::put("x", "then", None)])
         .or_else(vec![TxnOp::put("x", "else", None)]);
     let r = c
-        .txn(Txn::new().when(vec![Compare::value("n", CompareOp::Equal, "1")]).or_else(vec![TxnOp::txn(inner)]))
+        .txn(
+            Txn::new()
+                .when(vec![Compare::value("n", CompareOp::Equal, "1")])
+                .or_else(vec![TxnOp::txn(inner)]),
+        )
         .await
         .unwrap();
     assert!(!r.succeeded());
@@ -316,11 +420,17 @@ async fn nested_txn() {
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(values(c.get("x", None).await.unwrap().kvs()), strs(&["else"]));
+    assert_eq!(
+        values(c.get("x", None).await.unwrap().kvs()),
+        strs(&["else"])
+    );
 
     // A nested txn that only reads does not bump the revision.
     let inner = Txn::new().and_then(vec![TxnOp::get("x", None)]);
-    let r = c.txn(Txn::new().and_then(vec![TxnOp::txn(inner)])).await.unwrap();
+    let r = c
+        .txn(Txn::new().and_then(vec![TxnOp::txn(inner)]))
+        .await
+        .unwrap();
     assert_eq!(rev(&r), 4);
 }
 
@@ -351,7 +461,10 @@ async fn reads_see_earlier_writes_of_the_same_txn() {
         TxnOpResponse::Get(g) => {
             assert_eq!(values(g.kvs()), strs(&["1"]));
             let kv = &g.kvs()[0];
-            assert_eq!((kv.create_revision(), kv.mod_revision(), kv.version()), (4, 4, 1));
+            assert_eq!(
+                (kv.create_revision(), kv.mod_revision(), kv.version()),
+                (4, 4, 1)
+            );
         }
         other => panic!("{other:?}"),
     }
@@ -373,24 +486,47 @@ async fn txn_validation() {
     let server = Server::start();
     let mut c = server.client().await;
 
-    let puts = |n: usize| (0..n).map(|i| TxnOp::put(format!("many/{i:03}"), "v", None)).collect::<Vec<_>>();
+    let puts = |n: usize| {
+        (0..n)
+            .map(|i| TxnOp::put(format!("many/{i:03}"), "v", None))
+            .collect::<Vec<_>>()
+    };
     assert_eq!(
         grpc_err(c.txn(Txn::new().and_then(puts(129))).await),
-        (Code::InvalidArgument, "etcdserver: too many operations in txn request".to_string())
+        (
+            Code::InvalidArgument,
+            "etcdserver: too many operations in txn request".to_string()
+        )
     );
     assert_eq!(
         grpc_err(c.txn(Txn::new().or_else(puts(129))).await),
-        (Code::InvalidArgument, "etcdserver: too many operations in txn request".to_string())
+        (
+            Code::InvalidArgument,
+            "etcdserver: too many operations in txn request".to_string()
+        )
     );
-    let many_cmps: Vec<Compare> = (0..129).map(|i| Compare::version(format!("c{i}"), CompareOp::Equal, 0)).collect();
+    let many_cmps: Vec<Compare> = (0..129)
+        .map(|i| Compare::version(format!("c{i}"), CompareOp::Equal, 0))
+        .collect();
     assert_eq!(
         grpc_err(c.txn(Txn::new().when(many_cmps)).await),
-        (Code::InvalidArgument, "etcdserver: too many operations in txn request".to_string())
+        (
+            Code::InvalidArgument,
+            "etcdserver: too many operations in txn request".to_string()
+        )
     );
 
-    let dup = (Code::InvalidArgument, "etcdserver: duplicate key given in txn request".to_string());
+    let dup = (
+        Code::InvalidArgument,
+        "etcdserver: duplicate key given in txn request".to_string(),
+    );
     assert_eq!(
-        grpc_err(c.txn(Txn::new().and_then(vec![TxnOp::put("k", "a", None), TxnOp::put("k", "b", None)])).await),
+        grpc_err(
+            c.txn(
+                Txn::new().and_then(vec![TxnOp::put("k", "a", None), TxnOp::put("k", "b", None)])
+            )
+            .await
+        ),
         dup
     );
     assert_eq!(
@@ -404,23 +540,47 @@ async fn txn_validation() {
         dup
     );
     assert_eq!(
-        grpc_err(c.txn(Txn::new().or_else(vec![TxnOp::put("k", "a", None), TxnOp::put("k", "b", None)])).await),
+        grpc_err(
+            c.txn(Txn::new().or_else(vec![TxnOp::put("k", "a", None), TxnOp::put("k", "b", None)]))
+                .await
+        ),
         dup
     );
 
     // Empty keys.
     assert_eq!(
-        grpc_err(c.txn(Txn::new().and_then(vec![TxnOp::put("", "a", None)])).await),
-        (Code::InvalidArgument, "etcdserver: key is not provided".to_string())
+        grpc_err(
+            c.txn(Txn::new().and_then(vec![TxnOp::put("", "a", None)]))
+                .await
+        ),
+        (
+            Code::InvalidArgument,
+            "etcdserver: key is not provided".to_string()
+        )
     );
 
     // Nothing was written by the rejected txns.
-    assert_eq!(c.get("", Some(GetOptions::new().with_from_key())).await.unwrap().count(), 0);
+    assert_eq!(
+        c.get("", Some(GetOptions::new().with_from_key()))
+            .await
+            .unwrap()
+            .count(),
+        0
+    );
 
     // 128 ops is allowed; the same key in both branches is allowed.
     let r = c.txn(Txn::new().and_then(puts(128))).await.unwrap();
     assert_eq!(rev(&r), 2);
-    assert_eq!(c.get("many/", Some(GetOptions::new().with_prefix().with_count_only())).await.unwrap().count(), 128);
+    assert_eq!(
+        c.get(
+            "many/",
+            Some(GetOptions::new().with_prefix().with_count_only())
+        )
+        .await
+        .unwrap()
+        .count(),
+        128
+    );
     let r = c
         .txn(
             Txn::new()
@@ -440,7 +600,11 @@ async fn kubernetes_style_create() {
     let mut c = server.client().await;
     let create = |v: &str| {
         Txn::new()
-            .when(vec![Compare::mod_revision("/registry/pods/default/p", CompareOp::Equal, 0)])
+            .when(vec![Compare::mod_revision(
+                "/registry/pods/default/p",
+                CompareOp::Equal,
+                0,
+            )])
             .and_then(vec![TxnOp::put("/registry/pods/default/p", v, None)])
             .or_else(vec![TxnOp::get("/registry/pods/default/p", None)])
     };
@@ -461,14 +625,25 @@ async fn kubernetes_style_create() {
     // Guarded update at the right mod revision succeeds once.
     let update = || {
         Txn::new()
-            .when(vec![Compare::mod_revision("/registry/pods/default/p", CompareOp::Equal, 2)])
-            .and_then(vec![TxnOp::put("/registry/pods/default/p", "updated", None)])
+            .when(vec![Compare::mod_revision(
+                "/registry/pods/default/p",
+                CompareOp::Equal,
+                2,
+            )])
+            .and_then(vec![TxnOp::put(
+                "/registry/pods/default/p",
+                "updated",
+                None,
+            )])
     };
     assert!(c.txn(update()).await.unwrap().succeeded());
     let r = c.txn(update()).await.unwrap();
     assert!(!r.succeeded());
     assert_eq!(rev(&r), 3);
-    assert_eq!(values(c.get("/registry/pods/default/p", None).await.unwrap().kvs()), strs(&["updated"]));
+    assert_eq!(
+        values(c.get("/registry/pods/default/p", None).await.unwrap().kvs()),
+        strs(&["updated"])
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -478,10 +653,17 @@ async fn cross_shard_txn_is_atomic() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::try_start(dir.path(), &["--shards", "4"]).unwrap();
     let names: Vec<String> = (0..KEYS).map(|i| format!("atomic/{i:02}")).collect();
-    let mut shards_hit: Vec<usize> = names.iter().map(|k| metastore::shard::shard_for(k.as_bytes(), 4)).collect();
+    let mut shards_hit: Vec<usize> = names
+        .iter()
+        .map(|k| metastore::shard::shard_for(k.as_bytes(), 4))
+        .collect();
     shards_hit.sort();
     shards_hit.dedup();
-    assert_eq!(shards_hit, vec![0, 1, 2, 3], "the txn's keys must span every shard");
+    assert_eq!(
+        shards_hit,
+        vec![0, 1, 2, 3],
+        "the txn's keys must span every shard"
+    );
 
     let mut writer = server.client().await;
     let reader_client = server.client().await;
@@ -499,15 +681,22 @@ async fn cross_shard_txn_is_atomic() {
                 }
                 let r = c.get("atomic/", Some(opts)).await.unwrap();
                 let kvs = r.kvs();
-                assert!(kvs.is_empty() || kvs.len() == KEYS, "partial txn visible: {} keys", kvs.len());
+                assert!(
+                    kvs.is_empty() || kvs.len() == KEYS,
+                    "partial txn visible: {} keys",
+                    kvs.len()
+                );
                 assert_eq!(r.count() as usize, kvs.len());
                 if let Some(first) = kvs.first() {
                     full += 1;
                     let (m, v) = (first.mod_revision(), first.value().to_vec());
                     assert!(
-                        kvs.iter().all(|kv| kv.mod_revision() == m && kv.value() == v.as_slice()),
+                        kvs.iter()
+                            .all(|kv| kv.mod_revision() == m && kv.value() == v.as_slice()),
                         "mixed revisions in one read: {:?}",
-                        kvs.iter().map(|kv| (kv.mod_revision(), kv.value_str().unwrap().to_string())).collect::<Vec<_>>()
+                        kvs.iter()
+                            .map(|kv| (kv.mod_revision(), kv.value_str().unwrap().to_string()))
+                            .collect::<Vec<_>>()
                     );
                     // Round r was written at revision r + 2.
                     assert_eq!(format!("round-{}", m - 2).as_bytes(), v.as_slice());
@@ -526,21 +715,42 @@ async fn cross_shard_txn_is_atomic() {
         })
     };
     for round in 0..ROUNDS {
-        let ops: Vec<TxnOp> = names.iter().map(|k| TxnOp::put(k.as_str(), format!("round-{round}"), None)).collect();
+        let ops: Vec<TxnOp> = names
+            .iter()
+            .map(|k| TxnOp::put(k.as_str(), format!("round-{round}"), None))
+            .collect();
         let r = writer.txn(Txn::new().and_then(ops)).await.unwrap();
         assert_eq!(rev(&r), round + 2);
     }
     done.store(true, Ordering::SeqCst);
     let (reads, full) = reader.await.unwrap();
-    assert!(full >= 3, "the reader saw the finished writes ({reads} reads, {full} complete)");
+    assert!(
+        full >= 3,
+        "the reader saw the finished writes ({reads} reads, {full} complete)"
+    );
 
-    let g = writer.get("atomic/", Some(GetOptions::new().with_prefix())).await.unwrap();
+    let g = writer
+        .get("atomic/", Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
     assert_eq!(keys(g.kvs()), names);
-    assert!(g.kvs().iter().all(|kv| kv.mod_revision() == ROUNDS + 1 && kv.version() == ROUNDS));
-    assert!(g.kvs().iter().all(|kv| kv.value() == format!("round-{}", ROUNDS - 1).as_bytes()));
+    assert!(g
+        .kvs()
+        .iter()
+        .all(|kv| kv.mod_revision() == ROUNDS + 1 && kv.version() == ROUNDS));
+    assert!(g
+        .kvs()
+        .iter()
+        .all(|kv| kv.value() == format!("round-{}", ROUNDS - 1).as_bytes()));
     // Every intermediate revision is complete too.
     for at in 2..=ROUNDS + 1 {
-        let g = writer.get("atomic/", Some(GetOptions::new().with_prefix().with_revision(at))).await.unwrap();
+        let g = writer
+            .get(
+                "atomic/",
+                Some(GetOptions::new().with_prefix().with_revision(at)),
+            )
+            .await
+            .unwrap();
         assert_eq!(g.count() as usize, KEYS, "at {at}");
         assert!(g.kvs().iter().all(|kv| kv.mod_revision() == at), "at {at}");
     }

@@ -15,12 +15,16 @@ pub fn grpc_err<T: std::fmt::Debug>(r: Result<T, etcd_client::Error>) -> (Code, 
 
 /// The keys of `kvs` as strings, in order.
 pub fn keys(kvs: &[KeyValue]) -> Vec<String> {
-    kvs.iter().map(|kv| String::from_utf8_lossy(kv.key()).into_owned()).collect()
+    kvs.iter()
+        .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+        .collect()
 }
 
 /// The values of `kvs` as strings, in order.
 pub fn values(kvs: &[KeyValue]) -> Vec<String> {
-    kvs.iter().map(|kv| String::from_utf8_lossy(kv.value()).into_owned()).collect()
+    kvs.iter()
+        .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+        .collect()
 }
 
 /// Owned strings from string literals, for comparing with [`keys`].
