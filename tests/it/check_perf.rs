@@ -1,0 +1,26 @@
+//! `etcdctl check perf --load=s`: 150 puts/s from 50 clients for 60 s, which etcdctl passes only
+//! with zero errors, >90% of the target rate, slowest request <= 0.5 s and stddev <= 0.1 s.
+
+use crate::harness::Server;
+
+#[test]
+fn etcdctl_check_perf_small_load_passes() {
+    let server = Server::start();
+    let out = server.etcdctl(&["check", "perf", "--load=s"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let verdict: Vec<&str> = stdout
+        .lines()
+        .flat_map(|l| l.split('\r'))
+        .filter(|l| l.contains("PASS") || l.contains("FAIL"))
+        .collect();
+    assert!(
+        out.status.success(),
+        "check perf failed: {verdict:?}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!verdict.iter().any(|l| l.contains("FAIL")), "{verdict:?}");
+    assert!(
+        verdict.iter().any(|l| l.contains("PASS: Throughput")),
+        "{verdict:?}"
+    );
+}
