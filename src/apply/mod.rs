@@ -622,16 +622,29 @@ impl TxnExec {
 }
 
 /// Distributes a snapshot's key histories to the shards that own them now (the shard count may
-/// differ from when the snapshot was taken).
-pub fn restore_shards(shards: &ShardSet, snap: &StateSnapshot) {
+/// differ from when the snapshot was taken), and returns once every shard has loaded its part,
+/// so that no read can reach a shard before its data.
+pub async fn restore_shards(shards: &ShardSet, snap: &StateSnapshot) {
     let mut per_shard: Vec<Vec<KeyHistory>> = vec![Vec::new(); shards.len()];
     for kh in &snap.keys {
         per_shard[shard_for(&kh.key, shards.len())].push(kh.clone());
     }
+    let mut loaded = Vec::new();
     for (i, keys) in per_shard.into_iter().enumerate() {
-        let _ = shards.get(i).apply.send(ApplyCmd::Import {
+        let shard = shards.get(i);
+        let compact_revision = snap.compact_revision;
+        let _ = shard.apply.send(ApplyCmd::Import {
             keys,
-            compact_revision: snap.compact_revision,
+            compact_revision,
         });
+        let (reply, rx) = oneshot::channel();
+        let _ = shard.apply.send(ApplyCmd::Barrier {
+            applied_index: snap.index,
+            reply,
+        });
+        loaded.push(rx);
+    }
+    for rx in loaded {
+        let _ = rx.await;
     }
 }

@@ -199,7 +199,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let snap = snapshotter.load_latest()?;
     let shards = Shards::spawn(cfg.shard_count(), cfg.storage_engine)?;
     if let Some(s) = &snap {
-        apply::restore_shards(&shards.set, s);
+        apply::restore_shards(&shards.set, s).await;
         tracing::info!(index = s.index, revision = s.revision, "restored snapshot");
     }
     let (wal, recovered) = Wal::open(

@@ -30,6 +30,15 @@ impl Server {
 
     /// Starts a server on `data_dir` with extra flags; on failure returns everything it printed.
     pub fn try_start(data_dir: &Path, extra: &[&str]) -> Result<Server, String> {
+        Server::try_start_with_env(data_dir, extra, &[])
+    }
+
+    /// Like [`Server::try_start`], with extra environment variables for the server process.
+    pub fn try_start_with_env(
+        data_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Server, String> {
         let mut args: Vec<String> = vec![
             "--data-dir".into(),
             data_dir.display().to_string(),
@@ -42,6 +51,7 @@ impl Server {
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut child = Command::new(env!("CARGO_BIN_EXE_metastore"))
             .args(&args)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
