@@ -235,20 +235,33 @@ impl Dispatcher {
         }
     }
 
-    fn barrier(&self) -> u64 {
-        let waits: Vec<_> = self
-            .shards
-            .iter()
-            .map(|s| {
+    /// Sends one command to each of `shards` (all before waiting, so they work in parallel)
+    /// and collects the replies in the same order.
+    fn ask<T>(
+        &self,
+        shards: impl IntoIterator<Item = usize>,
+        command: impl Fn(oneshot::Sender<T>) -> ApplyCmd,
+    ) -> Vec<T> {
+        let waits: Vec<_> = shards
+            .into_iter()
+            .map(|i| {
                 let (reply, rx) = oneshot::channel();
-                let _ = s.apply.send(ApplyCmd::Barrier {
-                    applied_index: self.applied_index,
-                    reply,
-                });
+                let _ = self.shards.get(i).apply.send(command(reply));
                 rx
             })
             .collect();
-        waits.into_iter().map(wait).sum()
+        waits.into_iter().map(wait).collect()
+    }
+
+    fn barrier(&self) -> u64 {
+        let index = self.applied_index;
+        let all = 0..self.shards.len();
+        self.ask(all, |reply| ApplyCmd::Barrier {
+            applied_index: index,
+            reply,
+        })
+        .into_iter()
+        .sum()
     }
 
     fn publish(&self, db_size: u64) {
@@ -340,22 +353,14 @@ impl Dispatcher {
     /// key-values in key order.
     fn delete(&self, d: &DeleteRangeRequest, rev: i64, sub: u32) -> (i64, Vec<KeyValue>) {
         let range = KeyRange::from_request(&d.key, &d.range_end);
-        let waits: Vec<_> = self
-            .shards
-            .shards_for(&range)
-            .into_iter()
-            .map(|i| {
-                let (reply, rx) = oneshot::channel();
-                let _ = self.shards.get(i).apply.send(ApplyCmd::Delete {
-                    range: range.clone(),
-                    rev,
-                    sub,
-                    reply,
-                });
-                rx
-            })
-            .collect();
-        let mut deleted: Vec<KeyValue> = waits.into_iter().flat_map(wait).collect();
+        let touched = self.shards.shards_for(&range);
+        let parts = self.ask(touched, |reply| ApplyCmd::Delete {
+            range: range.clone(),
+            rev,
+            sub,
+            reply,
+        });
+        let mut deleted: Vec<KeyValue> = parts.into_iter().flatten().collect();
         deleted.sort_unstable_by(|a, b| a.key.cmp(&b.key));
         (deleted.len() as i64, deleted)
     }
@@ -537,22 +542,14 @@ impl Dispatcher {
             crate::mvcc::LATEST
         };
         let range = KeyRange::from_request(&r.key, &r.range_end);
-        let waits: Vec<_> = self
-            .shards
-            .shards_for(&range)
-            .into_iter()
-            .map(|i| {
-                let (reply, rx) = oneshot::channel();
-                let _ = self.shards.get(i).apply.send(ApplyCmd::Range {
-                    req: req.clone(),
-                    rev,
-                    reply,
-                });
-                rx
-            })
-            .collect();
+        let touched = self.shards.shards_for(&range);
+        let parts = self.ask(touched, |reply| ApplyCmd::Range {
+            req: req.clone(),
+            rev,
+            reply,
+        });
         // Revision bounds were checked before executing, so shards cannot fail here.
-        let parts = waits.into_iter().filter_map(|rx| wait(rx).ok()).collect();
+        let parts = parts.into_iter().filter_map(Result::ok).collect();
         let merged = merge(r, parts);
         RangeResponse {
             header: header(exec.current(self.revision)),
@@ -563,16 +560,8 @@ impl Dispatcher {
     }
 
     fn snapshot(&mut self) {
-        let waits: Vec<_> = self
-            .shards
-            .iter()
-            .map(|s| {
-                let (reply, rx) = oneshot::channel();
-                let _ = s.apply.send(ApplyCmd::Export { reply });
-                rx
-            })
-            .collect();
-        let mut keys: Vec<KeyHistory> = waits.into_iter().flat_map(wait).collect();
+        let parts = self.ask(0..self.shards.len(), |reply| ApplyCmd::Export { reply });
+        let mut keys: Vec<KeyHistory> = parts.into_iter().flatten().collect();
         keys.sort_unstable_by(|a, b| a.key.cmp(&b.key));
         let snap = StateSnapshot {
             index: self.applied_index,

@@ -136,7 +136,7 @@ impl Wal {
             .filter_map(|p| parse_name(&p).map(|(s, f)| (s, f, p)))
             .collect();
         named.sort();
-        // Drop leftovers of an interrupted rollover (empty segments are recreated as needed).
+        // A `.tmp` left by an interrupted rollover does not parse as a segment name: ignored.
         let mut rec = Recovered::default();
         let mut segments = Vec::new();
         let count = named.len();

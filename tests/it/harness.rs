@@ -23,7 +23,7 @@ impl Server {
     /// A fresh server on a temporary data directory with 2 shards.
     pub fn start() -> Server {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let mut s = Server::start_in(tmp.path(), &[]).expect("server starts");
+        let mut s = Server::try_start(tmp.path(), &[]).expect("server starts");
         s._tmp = Some(tmp);
         s
     }
@@ -96,11 +96,6 @@ impl Server {
             data_dir: data_dir.to_path_buf(),
             _tmp: None,
         })
-    }
-
-    /// Like [`Server::try_start`], panicking with the server's output on failure.
-    pub fn start_in(data_dir: &Path, extra: &[&str]) -> Result<Server, String> {
-        Server::try_start(data_dir, extra)
     }
 
     /// A connected `etcd-client` client.
