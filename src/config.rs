@@ -177,6 +177,17 @@ pub struct Config {
           default_value = "false", value_parser = parse_bool)]
     pub unsafe_no_fsync: bool,
 
+    /// How often watchers created with `progress_notify` get a progress notification.
+    #[arg(long, env = "ETCD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL", default_value = "10m",
+          value_parser = humantime::parse_duration)]
+    pub experimental_watch_progress_notify_interval: std::time::Duration,
+
+    /// How often the leader checkpoints leases' remaining TTLs through Raft, so that a restart
+    /// or leader change does not extend them by more than this.
+    #[arg(long, env = "ETCD_EXPERIMENTAL_LEASE_CHECKPOINT_INTERVAL", default_value = "5m",
+          value_parser = humantime::parse_duration)]
+    pub experimental_lease_checkpoint_interval: std::time::Duration,
+
     /// Storage engine for the shards.
     #[arg(
         long,
@@ -231,6 +242,12 @@ impl Config {
     pub fn shard_count(&self) -> usize {
         self.shards
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+
+    /// The watch progress-notify interval (never zero).
+    pub fn watch_progress_notify_interval(&self) -> std::time::Duration {
+        self.experimental_watch_progress_notify_interval
+            .max(std::time::Duration::from_millis(1))
     }
 
     /// The backend quota in bytes, with 0 meaning etcd's default.

@@ -8,7 +8,8 @@ use super::engine::{Engine, Live, VersionRecord};
 use super::range::{passes_filters, pushdown_limit, KeyRange, PartialRange, RangeEnd};
 use crate::error::EtcdError;
 use crate::proto::etcdserverpb::{compare, Compare, RangeRequest};
-use crate::proto::mvccpb::KeyValue;
+use crate::proto::mvccpb::{event::EventType, Event, KeyValue};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 
 /// The outcome of one txn compare over the keys of one shard.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,6 +25,40 @@ pub struct Store {
     engine: Box<dyn Engine>,
     /// Reads below this revision fail with ErrCompacted (etcd `compactMainRev`).
     compact_revision: i64,
+    /// Every retained change in (revision, sub-revision, key) order: the revision index that
+    /// watchers read events from. Trimmed by compaction, rebuilt from history on import.
+    changes: VecDeque<Change>,
+    /// Live keys attached to each lease (etcd's lessor item map, kept where the keys live).
+    lease_keys: HashMap<i64, BTreeSet<Vec<u8>>>,
+}
+
+/// One change in the revision index.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Change {
+    rev: i64,
+    sub: u32,
+    key: Vec<u8>,
+}
+
+/// A watch event with its position in the history.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EventRecord {
+    /// Revision of the change.
+    pub rev: i64,
+    /// Order within the revision.
+    pub sub: u32,
+    /// The event as etcd sends it (`mvccpb.Event`).
+    pub event: Event,
+}
+
+/// Events of one shard over a revision window.
+#[derive(Clone, Debug, Default)]
+pub struct EventBatch {
+    /// Events in (revision, sub-revision, key) order.
+    pub events: Vec<EventRecord>,
+    /// Every event up to this revision (inclusive) is in `events`; a limit cuts only at a
+    /// revision boundary, so a revision is never split.
+    pub through: i64,
 }
 
 fn to_kv(key: &[u8], r: &VersionRecord) -> Option<KeyValue> {
@@ -50,6 +85,8 @@ impl Store {
         Store {
             engine,
             compact_revision: 0,
+            changes: VecDeque::new(),
+            lease_keys: HashMap::new(),
         }
     }
 
@@ -125,7 +162,72 @@ impl Store {
                 live: Some(live),
             },
         );
+        self.changes.push_back(Change {
+            rev,
+            sub,
+            key: put.key.to_vec(),
+        });
+        let prev_lease = prev.as_ref().map_or(0, |p| p.lease);
+        if prev_lease != lease {
+            self.detach(prev_lease, put.key);
+            if lease != 0 {
+                self.lease_keys
+                    .entry(lease)
+                    .or_default()
+                    .insert(put.key.to_vec());
+            }
+        }
         prev
+    }
+
+    fn detach(&mut self, lease: i64, key: &[u8]) {
+        if lease == 0 {
+            return;
+        }
+        if let Some(keys) = self.lease_keys.get_mut(&lease) {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.lease_keys.remove(&lease);
+            }
+        }
+    }
+
+    /// Live keys of this shard attached to `lease`, in key order.
+    pub fn lease_keys(&self, lease: i64) -> Vec<Vec<u8>> {
+        self.lease_keys
+            .get(&lease)
+            .map_or_else(Vec::new, |k| k.iter().cloned().collect())
+    }
+
+    /// Deletes every key of this shard attached to `lease` at revision `rev` (a lease revoke or
+    /// expiry). Returns the deleted key-values in key order.
+    pub fn revoke_lease(&mut self, lease: i64, rev: i64, sub: u32) -> Vec<KeyValue> {
+        let keys = self.lease_keys(lease);
+        let deleted: Vec<KeyValue> = keys
+            .iter()
+            .filter_map(|k| self.get(k, super::LATEST))
+            .collect();
+        self.tombstone(&deleted, rev, sub);
+        deleted
+    }
+
+    fn tombstone(&mut self, deleted: &[KeyValue], rev: i64, sub: u32) {
+        for kv in deleted {
+            self.engine.append(
+                &kv.key,
+                VersionRecord {
+                    mod_revision: rev,
+                    sub,
+                    live: None,
+                },
+            );
+            self.changes.push_back(Change {
+                rev,
+                sub,
+                key: kv.key.clone(),
+            });
+            self.detach(kv.lease, &kv.key);
+        }
     }
 
     /// Deletes every live key in `range` at revision `rev`, leaving tombstones. Returns the
@@ -136,16 +238,7 @@ impl Store {
             deleted.push(kv);
             true
         });
-        for kv in &deleted {
-            self.engine.append(
-                &kv.key,
-                VersionRecord {
-                    mod_revision: rev,
-                    sub,
-                    live: None,
-                },
-            );
-        }
+        self.tombstone(&deleted, rev, sub);
         deleted
     }
 
@@ -191,6 +284,8 @@ impl Store {
     /// Compacts history below `rev` (etcd `Compact`).
     pub fn compact(&mut self, rev: i64) {
         self.engine.compact(rev);
+        let keep = self.changes.partition_point(|c| c.rev < rev);
+        self.changes.drain(..keep);
         self.compact_revision = self.compact_revision.max(rev);
     }
 
@@ -211,7 +306,88 @@ impl Store {
 
     /// Inserts a key's history from a snapshot.
     pub fn import(&mut self, key: Vec<u8>, history: Vec<VersionRecord>) {
+        for r in &history {
+            self.changes.push_back(Change {
+                rev: r.mod_revision,
+                sub: r.sub,
+                key: key.clone(),
+            });
+        }
+        if let Some(Some(live)) = history.last().map(|r| &r.live) {
+            if live.lease != 0 {
+                self.lease_keys
+                    .entry(live.lease)
+                    .or_default()
+                    .insert(key.clone());
+            }
+        }
         self.engine.import(key, history);
+    }
+
+    /// Puts the revision index back in order after a series of [`Store::import`]s.
+    pub fn finish_import(&mut self) {
+        self.changes.make_contiguous().sort_unstable();
+    }
+
+    /// Events for keys in `range` with revisions in `[from, to]`, at most about `limit` of
+    /// them (cut only between revisions). `prev_kv` adds each key's previous live version.
+    ///
+    /// Errors: ErrCompacted when `from` is below the compaction revision.
+    pub fn events(
+        &self,
+        range: &KeyRange,
+        from: i64,
+        to: i64,
+        limit: usize,
+        prev_kv: bool,
+    ) -> Result<EventBatch, EtcdError> {
+        if from < self.compact_revision {
+            return Err(EtcdError::Compacted);
+        }
+        let mut batch = EventBatch {
+            events: Vec::new(),
+            through: to,
+        };
+        let start = self.changes.partition_point(|c| c.rev < from);
+        for c in self.changes.range(start..) {
+            if c.rev > to {
+                break;
+            }
+            if batch.events.len() >= limit && batch.events.last().is_some_and(|e| e.rev < c.rev) {
+                batch.through = c.rev - 1;
+                break;
+            }
+            if !range.contains(&c.key) {
+                continue;
+            }
+            let record = self.engine.version_at(&c.key, c.rev);
+            let (kind, kv) = match record.as_ref().and_then(|r| to_kv(&c.key, r)) {
+                Some(kv) => (EventType::Put, kv),
+                None => (
+                    EventType::Delete,
+                    KeyValue {
+                        key: c.key.clone(),
+                        mod_revision: c.rev,
+                        ..Default::default()
+                    },
+                ),
+            };
+            let prev = if prev_kv {
+                self.get(&c.key, c.rev - 1)
+            } else {
+                None
+            };
+            batch.events.push(EventRecord {
+                rev: c.rev,
+                sub: c.sub,
+                event: Event {
+                    r#type: kind as i32,
+                    kv: Some(kv),
+                    prev_kv: prev,
+                },
+            });
+        }
+        Ok(batch)
     }
 }
 

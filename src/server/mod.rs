@@ -9,6 +9,7 @@ mod kv;
 mod maintenance;
 pub mod member;
 pub mod validate;
+mod watch;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -18,7 +19,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use prost::Message;
-use tokio::sync::watch;
+use tokio::sync::watch as state_watch;
 
 use crate::apply::{self, AppliedState, ApplyResponse, Dispatcher, Pending, SnapshotPolicy};
 use crate::config::{defaults, Config};
@@ -29,7 +30,7 @@ use crate::error::EtcdError;
 use crate::mvcc::range::merge;
 use crate::proto::etcdserverpb::{
     cluster_server::ClusterServer, kv_server::KvServer, maintenance_server::MaintenanceServer,
-    RangeRequest, RangeResponse, ResponseHeader,
+    watch_server::WatchServer, RangeRequest, RangeResponse, ResponseHeader,
 };
 use crate::proto::metastorepb::{proposal::Request as Proposed, Proposal};
 use crate::shard::{ShardSet, Shards};
@@ -46,7 +47,7 @@ pub struct Core {
     /// The shards' read queues.
     pub shards: ShardSet,
     /// The latest state every shard has applied.
-    pub applied: watch::Receiver<AppliedState>,
+    pub applied: state_watch::Receiver<AppliedState>,
     pending: Arc<Pending>,
     next_proposal: AtomicU64,
     request_timeout: Duration,
@@ -210,7 +211,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     tracing::info!(entries = recovered.entries.len(), "replaying WAL");
 
     let pending = Arc::new(Pending::default());
-    let (applied_tx, applied_rx) = watch::channel(AppliedState::default());
+    let (applied_tx, applied_rx) = state_watch::channel(AppliedState::default());
     let (snap_tx, snap_rx) = flume::unbounded();
     let (committed_tx, committed_rx) = flume::bounded(1024);
     let voters = vec![member.id];
@@ -280,6 +281,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             )
             .add_service(
                 MaintenanceServer::new(maintenance::MaintenanceService::new(core.clone()))
+                    .max_decoding_message_size(max_recv),
+            )
+            .add_service(
+                WatchServer::new(watch::WatchService::new(core.clone()))
                     .max_decoding_message_size(max_recv),
             )
             .add_service(

@@ -19,7 +19,7 @@ use crate::error::EtcdError;
 use crate::mvcc::engine::{Engine, Live, VersionRecord};
 use crate::mvcc::memory::MemoryEngine;
 use crate::mvcc::range::PartialRange;
-use crate::mvcc::store::{CompareEval, PutArgs};
+use crate::mvcc::store::{CompareEval, EventBatch, PutArgs};
 use crate::mvcc::{KeyRange, KeyValue, Store};
 use crate::proto::etcdserverpb::{Compare, PutRequest, RangeRequest};
 use crate::proto::metastorepb::{KeyHistory, KeyVersion};
@@ -94,6 +94,17 @@ pub enum ApplyCmd {
         /// This shard's part.
         reply: oneshot::Sender<Result<PartialRange, EtcdError>>,
     },
+    /// Delete this shard's keys attached to `lease` at `rev` (revoke or expiry).
+    RevokeLease {
+        /// The lease.
+        lease: i64,
+        /// Revision assigned by the dispatcher.
+        rev: i64,
+        /// Order within the revision.
+        sub: u32,
+        /// Receives the deleted key-values, in key order.
+        reply: oneshot::Sender<Vec<KeyValue>>,
+    },
     /// Compact history below `rev`.
     Compact {
         /// Compaction revision.
@@ -122,6 +133,28 @@ pub enum ApplyCmd {
 
 /// Reads from the gRPC front end.
 pub enum ReadCmd {
+    /// Watch events for keys in `range` with revisions in `[from, to]` (both applied).
+    Events {
+        /// Watched keys.
+        range: KeyRange,
+        /// First revision.
+        from: i64,
+        /// Last revision, at most the applied revision.
+        to: i64,
+        /// Soft cap on events (cut between revisions).
+        limit: usize,
+        /// Include each key's previous version.
+        prev_kv: bool,
+        /// This shard's events.
+        reply: oneshot::Sender<Result<EventBatch, EtcdError>>,
+    },
+    /// Keys of this shard attached to a lease.
+    LeaseKeys {
+        /// The lease.
+        lease: i64,
+        /// Its keys.
+        reply: oneshot::Sender<Vec<Vec<u8>>>,
+    },
     /// This shard's part of a range at `rev`.
     Range {
         /// The request.
@@ -209,6 +242,76 @@ impl ShardSet {
     }
 }
 
+impl ShardSet {
+    /// Watch events for `range` in `[from, to]` from every shard it touches, merged into one
+    /// (revision, sub-revision, key) ordered list that is complete through the returned revision.
+    ///
+    /// Errors: ErrCompacted when `from` is below the compaction revision.
+    pub async fn events(
+        &self,
+        range: &KeyRange,
+        from: i64,
+        to: i64,
+        limit: usize,
+        prev_kv: bool,
+    ) -> Result<EventBatch, EtcdError> {
+        let mut waits = Vec::new();
+        for i in self.shards_for(range) {
+            let (reply, rx) = oneshot::channel();
+            let cmd = ReadCmd::Events {
+                range: range.clone(),
+                from,
+                to,
+                limit,
+                prev_kv,
+                reply,
+            };
+            self.handles[i]
+                .read
+                .send_async(cmd)
+                .await
+                .map_err(|_| EtcdError::Stopped)?;
+            waits.push(rx);
+        }
+        let mut merged = EventBatch {
+            events: Vec::new(),
+            through: to,
+        };
+        for rx in waits {
+            let part = rx.await.map_err(|_| EtcdError::Stopped)??;
+            merged.through = merged.through.min(part.through);
+            merged.events.extend(part.events);
+        }
+        // A shard that stopped early bounds what is complete for all of them.
+        let through = merged.through;
+        merged.events.retain(|e| e.rev <= through);
+        merged.events.sort_by(|a, b| {
+            (a.rev, a.sub).cmp(&(b.rev, b.sub)).then_with(|| {
+                let key = |e: &crate::mvcc::store::EventRecord| {
+                    e.event.kv.as_ref().map(|kv| kv.key.clone())
+                };
+                key(a).cmp(&key(b))
+            })
+        });
+        Ok(merged)
+    }
+
+    /// Every key attached to `lease`, over all shards, in key order.
+    pub async fn lease_keys(&self, lease: i64) -> Result<Vec<Vec<u8>>, EtcdError> {
+        let mut keys = Vec::new();
+        for h in self.handles.iter() {
+            let (reply, rx) = oneshot::channel();
+            h.read
+                .send_async(ReadCmd::LeaseKeys { lease, reply })
+                .await
+                .map_err(|_| EtcdError::Stopped)?;
+            keys.extend(rx.await.map_err(|_| EtcdError::Stopped)?);
+        }
+        keys.sort();
+        Ok(keys)
+    }
+}
+
 /// Running shard executors; joining waits for them to drain and stop.
 pub struct Shards {
     /// The queues.
@@ -285,6 +388,19 @@ fn handle_read(store: &Store, cmd: ReadCmd) {
         ReadCmd::Range { req, rev, reply } => {
             let _ = reply.send(store.range(&req, rev));
         }
+        ReadCmd::Events {
+            range,
+            from,
+            to,
+            limit,
+            prev_kv,
+            reply,
+        } => {
+            let _ = reply.send(store.events(&range, from, to, limit, prev_kv));
+        }
+        ReadCmd::LeaseKeys { lease, reply } => {
+            let _ = reply.send(store.lease_keys(lease));
+        }
     }
 }
 
@@ -326,6 +442,14 @@ fn handle_apply(store: &mut Store, cmd: ApplyCmd) {
         ApplyCmd::Range { req, rev, reply } => {
             let _ = reply.send(store.range(&req, rev));
         }
+        ApplyCmd::RevokeLease {
+            lease,
+            rev,
+            sub,
+            reply,
+        } => {
+            let _ = reply.send(store.revoke_lease(lease, rev, sub));
+        }
         ApplyCmd::Compact { rev } => store.compact(rev),
         ApplyCmd::Barrier {
             applied_index,
@@ -347,6 +471,7 @@ fn handle_apply(store: &mut Store, cmd: ApplyCmd) {
                 let (key, history) = history_from_proto(kh);
                 store.import(key, history);
             }
+            store.finish_import();
             store.set_compact_revision(compact_revision);
         }
     }

@@ -1,0 +1,345 @@
+//! `etcdserverpb.Watch`: one task per gRPC stream, every watcher a cursor over the history.
+//!
+//! A watcher remembers the next revision it owes its client. Whenever the applied revision
+//! moves (or the watcher is behind), the stream task asks the shards that hold the watched
+//! keys for the events in `[next, applied]`, merges them into one (revision, sub-revision, key)
+//! ordered list, and sends them. Because events come from the MVCC history rather than from a
+//! queue, a watcher that falls behind simply catches up from history (or is canceled with
+//! `compact_revision` once its revision is compacted); nothing is ever dropped, and memory per
+//! stream is bounded by one batch plus the outbound channel. A slow client only blocks its own
+//! task on the bounded outbound channel, so other streams are not delayed.
+//!
+//! Guarantees (etcd `api_guarantees`): events are ordered and unique (the cursor only moves
+//! forward), reliable (no gaps: the cursor moves to exactly the revision the shards report
+//! complete), atomic (a batch is cut only between revisions), resumable (any uncompacted
+//! `start_revision`), and a progress response's revision never precedes an event not yet sent
+//! (it is sent only when every watcher of the stream is synced).
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use prost::Message;
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::Core;
+use crate::error::EtcdError;
+use crate::mvcc::{KeyRange, RangeEnd};
+use crate::proto::etcdserverpb::{
+    watch_create_request::FilterType, watch_request::RequestUnion, watch_server::Watch,
+    WatchCreateRequest, WatchRequest, WatchResponse,
+};
+use crate::proto::mvccpb::{event::EventType, Event};
+
+/// Responses buffered per stream before a slow client blocks its stream task.
+const OUTBOUND_CAPACITY: usize = 16;
+/// Soft cap on the events fetched for one watcher at a time (cut between revisions).
+const EVENT_BATCH: usize = 1000;
+
+/// etcd's error for a client-chosen watch ID already in use on the stream.
+const DUPLICATE_ID: &str = "mvcc: duplicate watch ID provided on the WatchStream";
+/// etcd's error for `range_end <= key`.
+const EMPTY_RANGE: &str = "mvcc: watcher range is empty";
+
+/// The Watch service.
+pub struct WatchService {
+    core: Arc<Core>,
+}
+
+impl WatchService {
+    /// Serves Watch over `core`.
+    pub fn new(core: Arc<Core>) -> Self {
+        WatchService { core }
+    }
+}
+
+type WatchStreamOut =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<WatchResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Watch for WatchService {
+    type WatchStream = WatchStreamOut;
+
+    async fn watch(
+        &self,
+        request: Request<Streaming<WatchRequest>>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(OUTBOUND_CAPACITY);
+        let stream = StreamState {
+            core: self.core.clone(),
+            tx,
+            watchers: BTreeMap::new(),
+            next_auto_id: 0,
+            progress_requested: false,
+        };
+        tokio::spawn(stream.run(inbound));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+struct Watcher {
+    range: KeyRange,
+    /// The next revision this watcher owes its client.
+    next_rev: i64,
+    no_put: bool,
+    no_delete: bool,
+    prev_kv: bool,
+    progress_notify: bool,
+    fragment: bool,
+}
+
+/// The client went away; the stream task ends and every watcher with it.
+struct Gone;
+
+struct StreamState {
+    core: Arc<Core>,
+    tx: mpsc::Sender<Result<WatchResponse, Status>>,
+    watchers: BTreeMap<i64, Watcher>,
+    next_auto_id: i64,
+    progress_requested: bool,
+}
+
+impl StreamState {
+    async fn run(mut self, mut inbound: Streaming<WatchRequest>) {
+        let mut applied = self.core.applied.clone();
+        let interval = self.core.cfg.watch_progress_notify_interval();
+        let mut progress =
+            tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        loop {
+            if self.catch_up().await.is_err() {
+                return;
+            }
+            let behind = self.any_behind();
+            tokio::select! {
+                biased;
+                msg = inbound.message() => match msg {
+                    Ok(Some(req)) => {
+                        if self.handle(req).await.is_err() {
+                            return;
+                        }
+                    }
+                    // Closed or broken: dropping the state releases every watcher.
+                    _ => return,
+                },
+                changed = applied.changed(), if !behind => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                _ = progress.tick() => {
+                    if self.progress_notify().await.is_err() {
+                        return;
+                    }
+                }
+                _ = std::future::ready(()), if behind => {}
+            }
+        }
+    }
+
+    fn any_behind(&self) -> bool {
+        let revision = self.core.applied.borrow().revision;
+        self.watchers.values().any(|w| w.next_rev <= revision)
+    }
+
+    async fn send(&self, resp: WatchResponse) -> Result<(), Gone> {
+        self.tx.send(Ok(resp)).await.map_err(|_| Gone)
+    }
+
+    fn response(&self, watch_id: i64, revision: i64) -> WatchResponse {
+        WatchResponse {
+            header: self.core.header(revision),
+            watch_id,
+            ..Default::default()
+        }
+    }
+
+    async fn handle(&mut self, req: WatchRequest) -> Result<(), Gone> {
+        match req.request_union {
+            Some(RequestUnion::CreateRequest(c)) => {
+                let resp = self.create(c);
+                self.send(resp).await
+            }
+            Some(RequestUnion::CancelRequest(c)) => {
+                if self.watchers.remove(&c.watch_id).is_some() {
+                    let revision = self.core.applied.borrow().revision;
+                    let resp = WatchResponse {
+                        canceled: true,
+                        ..self.response(c.watch_id, revision)
+                    };
+                    self.send(resp).await?;
+                }
+                Ok(())
+            }
+            Some(RequestUnion::ProgressRequest(_)) => {
+                self.progress_requested = true;
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn create(&mut self, c: WatchCreateRequest) -> WatchResponse {
+        let revision = self.core.applied.borrow().revision;
+        let key = if c.key.is_empty() { vec![0] } else { c.key };
+        let range = KeyRange::from_request(&key, &c.range_end);
+        let refuse = |reason: &str, id: i64| WatchResponse {
+            created: true,
+            canceled: true,
+            cancel_reason: reason.to_string(),
+            ..self.response(id, revision)
+        };
+        if let RangeEnd::Before(end) = &range.end {
+            if key >= *end {
+                return refuse(EMPTY_RANGE, -1);
+            }
+        }
+        let id = if c.watch_id != 0 {
+            if self.watchers.contains_key(&c.watch_id) {
+                return refuse(DUPLICATE_ID, -1);
+            }
+            c.watch_id
+        } else {
+            while self.watchers.contains_key(&self.next_auto_id) {
+                self.next_auto_id += 1;
+            }
+            self.next_auto_id += 1;
+            self.next_auto_id - 1
+        };
+        let has = |f: FilterType| c.filters.contains(&(f as i32));
+        let watcher = Watcher {
+            range,
+            next_rev: if c.start_revision > 0 {
+                c.start_revision
+            } else {
+                revision + 1
+            },
+            no_put: has(FilterType::Noput),
+            no_delete: has(FilterType::Nodelete),
+            prev_kv: c.prev_kv,
+            progress_notify: c.progress_notify,
+            fragment: c.fragment,
+        };
+        self.watchers.insert(id, watcher);
+        WatchResponse {
+            created: true,
+            ..self.response(id, revision)
+        }
+    }
+
+    /// Sends every watcher what it is owed, one bounded batch per watcher per pass.
+    async fn catch_up(&mut self) -> Result<(), Gone> {
+        let state = *self.core.applied.borrow();
+        let ids: Vec<i64> = self
+            .watchers
+            .iter()
+            .filter(|(_, w)| w.next_rev <= state.revision)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            let Some(w) = self.watchers.get(&id) else {
+                continue;
+            };
+            let fetched = if w.next_rev < state.compact_revision {
+                Err(EtcdError::Compacted)
+            } else {
+                self.core
+                    .shards
+                    .events(&w.range, w.next_rev, state.revision, EVENT_BATCH, w.prev_kv)
+                    .await
+            };
+            match fetched {
+                Ok(batch) => {
+                    let events: Vec<Event> = batch
+                        .events
+                        .into_iter()
+                        .map(|e| e.event)
+                        .filter(|e| {
+                            let put = e.r#type == EventType::Put as i32;
+                            !(put && w.no_put || !put && w.no_delete)
+                        })
+                        .collect();
+                    let fragment = w.fragment;
+                    if let Some(w) = self.watchers.get_mut(&id) {
+                        w.next_rev = batch.through + 1;
+                    }
+                    if !events.is_empty() {
+                        self.send_events(id, state.revision, events, fragment)
+                            .await?;
+                    }
+                }
+                Err(EtcdError::Compacted) => {
+                    self.watchers.remove(&id);
+                    let compact_revision = self.core.applied.borrow().compact_revision;
+                    let resp = WatchResponse {
+                        canceled: true,
+                        compact_revision,
+                        ..self.response(id, state.revision)
+                    };
+                    self.send(resp).await?;
+                }
+                Err(_) => return Err(Gone),
+            }
+        }
+        if self.progress_requested && !self.any_behind() {
+            self.progress_requested = false;
+            let revision = self.core.applied.borrow().revision;
+            self.send(self.response(-1, revision)).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends events in one response, or, for a `fragment` watcher whose response would exceed
+    /// `--max-request-bytes`, in several with `fragment` set on all but the last.
+    async fn send_events(
+        &self,
+        id: i64,
+        revision: i64,
+        events: Vec<Event>,
+        fragment: bool,
+    ) -> Result<(), Gone> {
+        let limit = self.core.cfg.max_request_bytes;
+        let whole = WatchResponse {
+            events,
+            ..self.response(id, revision)
+        };
+        if !fragment || whole.encoded_len() <= limit || whole.events.len() < 2 {
+            return self.send(whole).await;
+        }
+        let mut parts: Vec<Vec<Event>> = vec![Vec::new()];
+        let mut size = 0;
+        for e in whole.events {
+            let len = e.encoded_len() + 4;
+            if size + len > limit && !parts.last().unwrap().is_empty() {
+                parts.push(Vec::new());
+                size = 0;
+            }
+            size += len;
+            parts.last_mut().unwrap().push(e);
+        }
+        let n = parts.len();
+        for (i, events) in parts.into_iter().enumerate() {
+            self.send(WatchResponse {
+                events,
+                fragment: i + 1 < n,
+                ..self.response(id, revision)
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// The periodic progress notification for synced watchers that asked for it.
+    async fn progress_notify(&self) -> Result<(), Gone> {
+        let revision = self.core.applied.borrow().revision;
+        for (id, w) in &self.watchers {
+            if w.progress_notify && w.next_rev > revision {
+                self.send(self.response(*id, revision)).await?;
+            }
+        }
+        Ok(())
+    }
+}
