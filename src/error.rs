@@ -41,6 +41,12 @@ pub enum EtcdError {
     /// Unknown lease ID (NotFound).
     #[error("etcdserver: requested lease not found")]
     LeaseNotFound,
+    /// A grant for an ID already granted (FailedPrecondition).
+    #[error("etcdserver: lease already exists")]
+    LeaseExists,
+    /// A TTL above 9,000,000,000 s (OutOfRange).
+    #[error("etcdserver: too large lease TTL")]
+    LeaseTtlTooLarge,
     /// The backend is above `--quota-backend-bytes` (ResourceExhausted).
     #[error("etcdserver: mvcc: database space exceeded")]
     NoSpace,
@@ -65,7 +71,8 @@ impl EtcdError {
         match self {
             EmptyKey | KeyNotFound | ValueProvided | LeaseProvided | TooManyOps | DuplicateKey
             | InvalidSortOption | RequestTooLarge => Code::InvalidArgument,
-            Compacted | FutureRev => Code::OutOfRange,
+            Compacted | FutureRev | LeaseTtlTooLarge => Code::OutOfRange,
+            LeaseExists => Code::FailedPrecondition,
             LeaseNotFound => Code::NotFound,
             NoSpace => Code::ResourceExhausted,
             NoLeader | Stopped | Timeout => Code::Unavailable,

@@ -24,6 +24,7 @@
 //! * [`server`]: the gRPC services, one file each, and member start-up.
 //! * [`consensus`]: the Raft node thread, the WAL and snapshots.
 //! * [`apply`]: the dispatcher that turns committed entries into revisions and shard work.
+//! * [`lease`]: the replicated lease table and leader-local deadlines.
 //! * [`shard`]: shard executors (glommio, one per core) and their queues.
 //! * [`mvcc`]: key history, the engine trait, the memory engine, range merging.
 //! * [`error`]: etcd's exact gRPC statuses.
@@ -34,6 +35,7 @@ pub mod apply;
 pub mod config;
 pub mod consensus;
 pub mod error;
+pub mod lease;
 pub mod mvcc;
 pub mod proto;
 pub mod server;

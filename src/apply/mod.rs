@@ -41,12 +41,14 @@ use crate::mvcc::store::combine_compare;
 use crate::mvcc::{KeyRange, KeyValue};
 use crate::proto::etcdserverpb::{
     request_op::Request as OpRequest, response_op::Response as OpResponse, CompactionRequest,
-    CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse,
+    CompactionResponse, DeleteRangeRequest, LeaseCheckpointRequest, LeaseCheckpointResponse, LeaseGrantRequest,
+    LeaseGrantResponse, LeaseRevokeRequest, LeaseRevokeResponse, DeleteRangeResponse, PutRequest, PutResponse,
     RangeRequest, RangeResponse, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
 };
 use crate::proto::metastorepb::{
     proposal::Request as Proposed, KeyHistory, Proposal, StateSnapshot,
 };
+use crate::lease::{LeaseTable, MAX_LEASE_TTL};
 use crate::shard::{shard_for, ApplyCmd, ShardSet};
 pub use pending::{Pending, PendingGuard};
 
@@ -75,6 +77,12 @@ pub enum ApplyResponse {
     Txn(TxnResponse),
     /// A Compaction.
     Compaction(CompactionResponse),
+    /// A LeaseGrant.
+    LeaseGrant(LeaseGrantResponse),
+    /// A LeaseRevoke (or an expiry).
+    LeaseRevoke(LeaseRevokeResponse),
+    /// A LeaseCheckpoint.
+    LeaseCheckpoint(LeaseCheckpointResponse),
 }
 
 /// An applied request's outcome.
@@ -121,8 +129,10 @@ pub struct Dispatcher {
     applied_index: u64,
     applied_term: u64,
     last_snapshot_index: u64,
-    /// Granted leases (filled by the lease service; used to validate `Put.lease`).
-    leases: std::collections::BTreeSet<i64>,
+    /// Granted leases (shared with the lease service and clock; see [`crate::lease`]).
+    leases: LeaseTable,
+    /// Grants below this TTL are raised to it, seconds.
+    min_lease_ttl: i64,
     pending: Arc<Pending>,
     applied_tx: watch::Sender<AppliedState>,
     snapshots: SnapshotPolicy,
@@ -152,13 +162,16 @@ fn wait<T>(rx: oneshot::Receiver<T>) -> T {
 }
 
 impl Dispatcher {
-    /// A dispatcher at the state of `snap` (or empty), publishing to `applied_tx`.
+    /// A dispatcher at the state of `snap` (or empty), publishing to `applied_tx`. Grants
+    /// below `min_lease_ttl` seconds are raised to it.
     pub fn new(
         shards: ShardSet,
         snap: Option<&StateSnapshot>,
         pending: Arc<Pending>,
         applied_tx: watch::Sender<AppliedState>,
         snapshots: SnapshotPolicy,
+        leases: LeaseTable,
+        min_lease_ttl: i64,
     ) -> Self {
         let mut d = Dispatcher {
             shards,
@@ -167,7 +180,8 @@ impl Dispatcher {
             applied_index: 0,
             applied_term: 0,
             last_snapshot_index: 0,
-            leases: Default::default(),
+            leases,
+            min_lease_ttl,
             pending,
             applied_tx,
             snapshots,
@@ -178,7 +192,7 @@ impl Dispatcher {
             d.applied_index = s.index;
             d.applied_term = s.term;
             d.last_snapshot_index = s.index;
-            d.leases = s.leases.iter().copied().collect();
+            d.leases.restore(&s.leases);
         }
         d.publish(0);
         d
@@ -290,6 +304,9 @@ impl Dispatcher {
             }
             Some(Proposed::Txn(t)) => Outcome::Done(self.apply_txn(&t).map(ApplyResponse::Txn)),
             Some(Proposed::Compaction(c)) => Outcome::Done(self.apply_compaction(&c)),
+            Some(Proposed::LeaseGrant(g)) => Outcome::Done(self.apply_lease_grant(&g)),
+            Some(Proposed::LeaseRevoke(r)) => Outcome::Done(self.apply_lease_revoke(&r)),
+            Some(Proposed::LeaseCheckpoint(c)) => Outcome::Done(self.apply_lease_checkpoint(&c)),
             None => Outcome::Done(Err(EtcdError::KeyNotFound)),
         }
     }
@@ -310,7 +327,7 @@ impl Dispatcher {
         if (p.ignore_value || p.ignore_lease) && self.get_latest(&p.key).is_none() {
             return Err(EtcdError::KeyNotFound);
         }
-        if p.lease != 0 && !self.leases.contains(&p.lease) {
+        if p.lease != 0 && !self.leases.contains(p.lease) {
             return Err(EtcdError::LeaseNotFound);
         }
         Ok(())
@@ -381,6 +398,49 @@ impl Dispatcher {
         Ok(ApplyResponse::Compaction(CompactionResponse {
             header: header(self.revision),
         }))
+    }
+
+    fn apply_lease_grant(&mut self, g: &LeaseGrantRequest) -> ApplyResult {
+        if g.ttl > MAX_LEASE_TTL {
+            return Err(EtcdError::LeaseTtlTooLarge);
+        }
+        if g.id <= 0 || self.leases.contains(g.id) {
+            return Err(EtcdError::LeaseExists);
+        }
+        let ttl = g.ttl.max(self.min_lease_ttl);
+        self.leases.grant(g.id, ttl);
+        Ok(ApplyResponse::LeaseGrant(LeaseGrantResponse {
+            header: header(self.revision),
+            id: g.id,
+            ttl,
+            error: String::new(),
+        }))
+    }
+
+    /// A revoke (client or expiry): every attached key is deleted at one revision, a delete
+    /// event each, on whichever shards hold them.
+    fn apply_lease_revoke(&mut self, r: &LeaseRevokeRequest) -> ApplyResult {
+        if !self.leases.revoke(r.id) {
+            return Err(EtcdError::LeaseNotFound);
+        }
+        let rev = self.revision + 1;
+        let lease = r.id;
+        let deleted: usize = self
+            .ask(0..self.shards.len(), |reply| ApplyCmd::RevokeLease { lease, rev, sub: 0, reply })
+            .iter()
+            .map(Vec::len)
+            .sum();
+        if deleted > 0 {
+            self.revision = rev;
+        }
+        Ok(ApplyResponse::LeaseRevoke(LeaseRevokeResponse { header: header(self.revision) }))
+    }
+
+    fn apply_lease_checkpoint(&mut self, c: &LeaseCheckpointRequest) -> ApplyResult {
+        for cp in &c.checkpoints {
+            self.leases.checkpoint(cp.id, cp.remaining_ttl);
+        }
+        Ok(ApplyResponse::LeaseCheckpoint(LeaseCheckpointResponse { header: header(self.revision) }))
     }
 
     fn apply_txn(&mut self, txn: &TxnRequest) -> Result<TxnResponse, EtcdError> {
@@ -570,7 +630,7 @@ impl Dispatcher {
             learners: Vec::new(),
             revision: self.revision,
             compact_revision: self.compact_revision,
-            leases: self.leases.iter().copied().collect(),
+            leases: self.leases.records(),
             keys,
         };
         match self.snapshots.snapshotter.save(&snap) {

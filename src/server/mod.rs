@@ -6,6 +6,7 @@
 
 mod cluster;
 mod kv;
+mod lease;
 mod maintenance;
 pub mod member;
 pub mod validate;
@@ -27,10 +28,11 @@ use crate::consensus::snapshot::Snapshotter;
 use crate::consensus::wal::Wal;
 use crate::consensus::{NodeConfig, NodeHandle, NodeMsg, RaftNode};
 use crate::error::EtcdError;
+use crate::lease::{min_ttl_secs, LeaseTable};
 use crate::mvcc::range::merge;
 use crate::proto::etcdserverpb::{
     cluster_server::ClusterServer, kv_server::KvServer, maintenance_server::MaintenanceServer,
-    watch_server::WatchServer, RangeRequest, RangeResponse, ResponseHeader,
+    lease_server::LeaseServer, watch_server::WatchServer, RangeRequest, RangeResponse, ResponseHeader,
 };
 use crate::proto::metastorepb::{proposal::Request as Proposed, Proposal};
 use crate::shard::{ShardSet, Shards};
@@ -48,6 +50,8 @@ pub struct Core {
     pub shards: ShardSet,
     /// The latest state every shard has applied.
     pub applied: state_watch::Receiver<AppliedState>,
+    /// Granted leases and their deadlines.
+    pub leases: LeaseTable,
     pending: Arc<Pending>,
     next_proposal: AtomicU64,
     request_timeout: Duration,
@@ -221,12 +225,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         voters: voters.clone(),
         notify: snap_tx,
     };
+    let leases = LeaseTable::default();
     let dispatcher = Dispatcher::new(
         shards.set.clone(),
         snap.as_ref(),
         pending.clone(),
         applied_tx,
         policy,
+        leases.clone(),
+        min_ttl_secs(cfg.election_timeout),
     );
     std::thread::Builder::new()
         .name("apply".into())
@@ -259,6 +266,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         node: handle,
         shards: shards.set.clone(),
         applied: applied_rx,
+        leases,
         pending,
     });
 
@@ -284,6 +292,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     .max_decoding_message_size(max_recv),
             )
             .add_service(
+                LeaseServer::new(lease::LeaseService::new(core.clone()))
+                    .max_decoding_message_size(max_recv),
+            )
+            .add_service(
                 WatchServer::new(watch::WatchService::new(core.clone()))
                     .max_decoding_message_size(max_recv),
             )
@@ -296,6 +308,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         servers.spawn(router.serve_with_incoming(incoming));
     }
+    tokio::spawn(lease::run_lease_clock(core.clone()));
     tracing::info!("ready to serve client requests");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -1,0 +1,217 @@
+//! `etcdserverpb.Lease`, and the leader's lease clock that turns deadlines into revokes.
+//!
+//! Grants, revokes and checkpoints go through the Raft log (see [`crate::lease`]); keep-alives
+//! renew the leader's deadline directly, as etcd does.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::Core;
+use crate::apply::ApplyResponse;
+use crate::error::EtcdError;
+use crate::lease::MAX_LEASE_TTL;
+use crate::proto::etcdserverpb::{
+    lease_server::Lease, LeaseCheckpoint, LeaseCheckpointRequest, LeaseGrantRequest, LeaseGrantResponse,
+    LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseLeasesRequest, LeaseLeasesResponse, LeaseRevokeRequest,
+    LeaseRevokeResponse, LeaseStatus, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
+};
+use crate::proto::metastorepb::proposal::Request as Proposed;
+
+/// How often the leader looks for expired leases.
+const EXPIRY_SCAN: Duration = Duration::from_millis(250);
+/// A revoke still not applied after this long is proposed again.
+const REVOKE_RETRY: Duration = Duration::from_secs(10);
+
+/// The Lease service.
+pub struct LeaseService {
+    core: Arc<Core>,
+    next_id: AtomicU64,
+}
+
+impl LeaseService {
+    /// Serves Lease over `core`.
+    pub fn new(core: Arc<Core>) -> Self {
+        let seed = core.member.id ^ (core.member.boot << 32);
+        LeaseService { core, next_id: AtomicU64::new(seed) }
+    }
+
+    /// A fresh positive lease ID (splitmix64 over a per-member sequence), as etcd picks one on
+    /// the member that receives the grant.
+    fn new_lease_id(&self) -> i64 {
+        let mut z = self.next_id.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        ((z ^ (z >> 31)) & (i64::MAX as u64)).max(1) as i64
+    }
+}
+
+fn unexpected() -> Status {
+    Status::internal("etcdserver: unexpected apply result for a lease request")
+}
+
+type KeepAliveStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<LeaseKeepAliveResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Lease for LeaseService {
+    async fn lease_grant(&self, request: Request<LeaseGrantRequest>) -> Result<Response<LeaseGrantResponse>, Status> {
+        let mut req = request.into_inner();
+        if req.ttl > MAX_LEASE_TTL {
+            return Err(EtcdError::LeaseTtlTooLarge.into());
+        }
+        self.core.check_quota()?;
+        if req.id == 0 {
+            req.id = self.new_lease_id();
+        }
+        match self.core.propose(Proposed::LeaseGrant(req)).await? {
+            ApplyResponse::LeaseGrant(mut r) => {
+                r.header = self.core.header(r.header.map_or(0, |h| h.revision));
+                Ok(Response::new(r))
+            }
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn lease_revoke(&self, request: Request<LeaseRevokeRequest>) -> Result<Response<LeaseRevokeResponse>, Status> {
+        match self.core.propose(Proposed::LeaseRevoke(request.into_inner())).await? {
+            ApplyResponse::LeaseRevoke(mut r) => {
+                r.header = self.core.header(r.header.map_or(0, |h| h.revision));
+                Ok(Response::new(r))
+            }
+            _ => Err(unexpected()),
+        }
+    }
+
+    type LeaseKeepAliveStream = KeepAliveStream;
+
+    async fn lease_keep_alive(
+        &self,
+        request: Request<Streaming<LeaseKeepAliveRequest>>,
+    ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let core = self.core.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(req)) = inbound.message().await {
+                // One response per request; an unknown lease answers TTL 0 (etcd).
+                let ttl = match core.leases.renew(req.id) {
+                    Some((ttl, clear_checkpoint)) => {
+                        if clear_checkpoint {
+                            let core = core.clone();
+                            let cp = LeaseCheckpoint { id: req.id, remaining_ttl: 0 };
+                            let clear = LeaseCheckpointRequest { checkpoints: vec![cp] };
+                            tokio::spawn(async move { core.propose(Proposed::LeaseCheckpoint(clear)).await });
+                        }
+                        ttl
+                    }
+                    None => 0,
+                };
+                let revision = core.applied.borrow().revision;
+                let resp = LeaseKeepAliveResponse { header: core.header(revision), id: req.id, ttl };
+                if tx.send(Ok(resp)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn lease_time_to_live(
+        &self,
+        request: Request<LeaseTimeToLiveRequest>,
+    ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        let req = request.into_inner();
+        let state = self.core.linearizable_state().await?;
+        let found = self.core.leases.lock().get(&req.id).map(|l| (l.remaining_secs(Instant::now()), l.ttl));
+        let Some((ttl, granted_ttl)) = found else {
+            // etcd answers an unknown lease with TTL -1 rather than an error.
+            return Ok(Response::new(LeaseTimeToLiveResponse {
+                header: self.core.header(state.revision),
+                id: req.id,
+                ttl: -1,
+                ..Default::default()
+            }));
+        };
+        let keys = if req.keys { self.core.shards.lease_keys(req.id).await? } else { Vec::new() };
+        Ok(Response::new(LeaseTimeToLiveResponse {
+            header: self.core.header(state.revision),
+            id: req.id,
+            ttl,
+            granted_ttl,
+            keys,
+        }))
+    }
+
+    async fn lease_leases(&self, _request: Request<LeaseLeasesRequest>) -> Result<Response<LeaseLeasesResponse>, Status> {
+        let state = self.core.linearizable_state().await?;
+        let leases = self.core.leases.lock().keys().map(|id| LeaseStatus { id: *id }).collect();
+        Ok(Response::new(LeaseLeasesResponse { header: self.core.header(state.revision), leases }))
+    }
+}
+
+/// The leader's lease clock: revokes expired leases through the log and checkpoints remaining
+/// TTLs every `--experimental-lease-checkpoint-interval`. Runs for the life of the member.
+pub async fn run_lease_clock(core: Arc<Core>) {
+    let mut scan = tokio::time::interval(EXPIRY_SCAN);
+    let mut promoted_term = 0;
+    let mut last_checkpoint = Instant::now();
+    let mut revoking: std::collections::HashMap<i64, Instant> = Default::default();
+    let checkpoint_every = core.cfg.experimental_lease_checkpoint_interval.max(Duration::from_secs(1));
+    loop {
+        scan.tick().await;
+        let status = &core.node.status;
+        if status.leader.load(Ordering::Relaxed) != core.member.id {
+            promoted_term = 0;
+            continue;
+        }
+        let term = status.term.load(Ordering::Relaxed);
+        if promoted_term != term {
+            // Everything committed before this term must be applied before deadlines restart.
+            if core.linearizable_state().await.is_err() {
+                continue;
+            }
+            core.leases.promote();
+            promoted_term = term;
+            last_checkpoint = Instant::now();
+        }
+        let now = Instant::now();
+        let (expired, checkpoints) = {
+            let table = core.leases.lock();
+            revoking.retain(|id, since| table.contains_key(id) && now.duration_since(*since) < REVOKE_RETRY);
+            let expired: Vec<i64> =
+                table.iter().filter(|(id, l)| l.deadline <= now && !revoking.contains_key(id)).map(|(id, _)| *id).collect();
+            let checkpoints: Vec<LeaseCheckpoint> = if now.duration_since(last_checkpoint) >= checkpoint_every {
+                table
+                    .iter()
+                    .filter(|(_, l)| l.ttl as u64 > checkpoint_every.as_secs() && l.deadline > now)
+                    .map(|(id, l)| LeaseCheckpoint { id: *id, remaining_ttl: l.remaining_secs(now).max(1) })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            (expired, checkpoints)
+        };
+        for id in expired {
+            revoking.insert(id, now);
+            let core = core.clone();
+            tokio::spawn(async move {
+                if let Err(e) = core.propose(Proposed::LeaseRevoke(LeaseRevokeRequest { id })).await {
+                    tracing::debug!(lease = id, error = %e, "lease expiry revoke not applied yet");
+                }
+            });
+        }
+        if now.duration_since(last_checkpoint) >= checkpoint_every {
+            last_checkpoint = now;
+            if !checkpoints.is_empty() {
+                let core = core.clone();
+                tokio::spawn(async move {
+                    let _ = core.propose(Proposed::LeaseCheckpoint(LeaseCheckpointRequest { checkpoints })).await;
+                });
+            }
+        }
+    }
+}
