@@ -36,19 +36,20 @@ use tokio::sync::{oneshot, watch};
 
 use crate::consensus::snapshot::Snapshotter;
 use crate::error::EtcdError;
+use crate::lease::{LeaseTable, MAX_LEASE_TTL};
 use crate::mvcc::range::merge;
 use crate::mvcc::store::combine_compare;
 use crate::mvcc::{KeyRange, KeyValue};
 use crate::proto::etcdserverpb::{
     request_op::Request as OpRequest, response_op::Response as OpResponse, CompactionRequest,
-    CompactionResponse, DeleteRangeRequest, LeaseCheckpointRequest, LeaseCheckpointResponse, LeaseGrantRequest,
-    LeaseGrantResponse, LeaseRevokeRequest, LeaseRevokeResponse, DeleteRangeResponse, PutRequest, PutResponse,
-    RangeRequest, RangeResponse, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
+    CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, LeaseCheckpointRequest,
+    LeaseCheckpointResponse, LeaseGrantRequest, LeaseGrantResponse, LeaseRevokeRequest,
+    LeaseRevokeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, ResponseHeader,
+    ResponseOp, TxnRequest, TxnResponse,
 };
 use crate::proto::metastorepb::{
     proposal::Request as Proposed, KeyHistory, Proposal, StateSnapshot,
 };
-use crate::lease::{LeaseTable, MAX_LEASE_TTL};
 use crate::shard::{shard_for, ApplyCmd, ShardSet};
 pub use pending::{Pending, PendingGuard};
 
@@ -426,21 +427,30 @@ impl Dispatcher {
         let rev = self.revision + 1;
         let lease = r.id;
         let deleted: usize = self
-            .ask(0..self.shards.len(), |reply| ApplyCmd::RevokeLease { lease, rev, sub: 0, reply })
+            .ask(0..self.shards.len(), |reply| ApplyCmd::RevokeLease {
+                lease,
+                rev,
+                sub: 0,
+                reply,
+            })
             .iter()
             .map(Vec::len)
             .sum();
         if deleted > 0 {
             self.revision = rev;
         }
-        Ok(ApplyResponse::LeaseRevoke(LeaseRevokeResponse { header: header(self.revision) }))
+        Ok(ApplyResponse::LeaseRevoke(LeaseRevokeResponse {
+            header: header(self.revision),
+        }))
     }
 
     fn apply_lease_checkpoint(&mut self, c: &LeaseCheckpointRequest) -> ApplyResult {
         for cp in &c.checkpoints {
             self.leases.checkpoint(cp.id, cp.remaining_ttl);
         }
-        Ok(ApplyResponse::LeaseCheckpoint(LeaseCheckpointResponse { header: header(self.revision) }))
+        Ok(ApplyResponse::LeaseCheckpoint(LeaseCheckpointResponse {
+            header: header(self.revision),
+        }))
     }
 
     fn apply_txn(&mut self, txn: &TxnRequest) -> Result<TxnResponse, EtcdError> {

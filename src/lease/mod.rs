@@ -64,7 +64,14 @@ impl LeaseTable {
     /// Applies a grant: the deadline starts at a full TTL.
     pub fn grant(&self, id: i64, ttl: i64) {
         let deadline = Instant::now() + Duration::from_secs(ttl as u64);
-        self.lock().insert(id, Lease { ttl, remaining_ttl: 0, deadline });
+        self.lock().insert(
+            id,
+            Lease {
+                ttl,
+                remaining_ttl: 0,
+                deadline,
+            },
+        );
     }
 
     /// Applies a revoke; returns whether the lease existed.
@@ -93,7 +100,11 @@ impl LeaseTable {
     pub fn promote(&self) {
         let now = Instant::now();
         for l in self.lock().values_mut() {
-            let secs = if l.remaining_ttl > 0 { l.remaining_ttl } else { l.ttl };
+            let secs = if l.remaining_ttl > 0 {
+                l.remaining_ttl
+            } else {
+                l.ttl
+            };
             l.deadline = now + Duration::from_secs(secs as u64);
         }
     }
@@ -102,7 +113,11 @@ impl LeaseTable {
     pub fn records(&self) -> Vec<LeaseRecord> {
         self.lock()
             .iter()
-            .map(|(id, l)| LeaseRecord { id: *id, ttl: l.ttl, remaining_ttl: l.remaining_ttl })
+            .map(|(id, l)| LeaseRecord {
+                id: *id,
+                ttl: l.ttl,
+                remaining_ttl: l.remaining_ttl,
+            })
             .collect()
     }
 
@@ -113,7 +128,14 @@ impl LeaseTable {
         table.clear();
         for r in records {
             let deadline = now + Duration::from_secs(r.ttl as u64);
-            table.insert(r.id, Lease { ttl: r.ttl, remaining_ttl: r.remaining_ttl, deadline });
+            table.insert(
+                r.id,
+                Lease {
+                    ttl: r.ttl,
+                    remaining_ttl: r.remaining_ttl,
+                    deadline,
+                },
+            );
         }
     }
 }

@@ -16,9 +16,10 @@ use crate::apply::ApplyResponse;
 use crate::error::EtcdError;
 use crate::lease::MAX_LEASE_TTL;
 use crate::proto::etcdserverpb::{
-    lease_server::Lease, LeaseCheckpoint, LeaseCheckpointRequest, LeaseGrantRequest, LeaseGrantResponse,
-    LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseLeasesRequest, LeaseLeasesResponse, LeaseRevokeRequest,
-    LeaseRevokeResponse, LeaseStatus, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
+    lease_server::Lease, LeaseCheckpoint, LeaseCheckpointRequest, LeaseGrantRequest,
+    LeaseGrantResponse, LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseLeasesRequest,
+    LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse, LeaseStatus,
+    LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
 };
 use crate::proto::metastorepb::proposal::Request as Proposed;
 
@@ -37,13 +38,18 @@ impl LeaseService {
     /// Serves Lease over `core`.
     pub fn new(core: Arc<Core>) -> Self {
         let seed = core.member.id ^ (core.member.boot << 32);
-        LeaseService { core, next_id: AtomicU64::new(seed) }
+        LeaseService {
+            core,
+            next_id: AtomicU64::new(seed),
+        }
     }
 
     /// A fresh positive lease ID (splitmix64 over a per-member sequence), as etcd picks one on
     /// the member that receives the grant.
     fn new_lease_id(&self) -> i64 {
-        let mut z = self.next_id.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
+        let mut z = self
+            .next_id
+            .fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         ((z ^ (z >> 31)) & (i64::MAX as u64)).max(1) as i64
@@ -54,11 +60,15 @@ fn unexpected() -> Status {
     Status::internal("etcdserver: unexpected apply result for a lease request")
 }
 
-type KeepAliveStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<LeaseKeepAliveResponse, Status>> + Send>>;
+type KeepAliveStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<LeaseKeepAliveResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Lease for LeaseService {
-    async fn lease_grant(&self, request: Request<LeaseGrantRequest>) -> Result<Response<LeaseGrantResponse>, Status> {
+    async fn lease_grant(
+        &self,
+        request: Request<LeaseGrantRequest>,
+    ) -> Result<Response<LeaseGrantResponse>, Status> {
         let mut req = request.into_inner();
         if req.ttl > MAX_LEASE_TTL {
             return Err(EtcdError::LeaseTtlTooLarge.into());
@@ -76,8 +86,15 @@ impl Lease for LeaseService {
         }
     }
 
-    async fn lease_revoke(&self, request: Request<LeaseRevokeRequest>) -> Result<Response<LeaseRevokeResponse>, Status> {
-        match self.core.propose(Proposed::LeaseRevoke(request.into_inner())).await? {
+    async fn lease_revoke(
+        &self,
+        request: Request<LeaseRevokeRequest>,
+    ) -> Result<Response<LeaseRevokeResponse>, Status> {
+        match self
+            .core
+            .propose(Proposed::LeaseRevoke(request.into_inner()))
+            .await?
+        {
             ApplyResponse::LeaseRevoke(mut r) => {
                 r.header = self.core.header(r.header.map_or(0, |h| h.revision));
                 Ok(Response::new(r))
@@ -102,22 +119,35 @@ impl Lease for LeaseService {
                     Some((ttl, clear_checkpoint)) => {
                         if clear_checkpoint {
                             let core = core.clone();
-                            let cp = LeaseCheckpoint { id: req.id, remaining_ttl: 0 };
-                            let clear = LeaseCheckpointRequest { checkpoints: vec![cp] };
-                            tokio::spawn(async move { core.propose(Proposed::LeaseCheckpoint(clear)).await });
+                            let cp = LeaseCheckpoint {
+                                id: req.id,
+                                remaining_ttl: 0,
+                            };
+                            let clear = LeaseCheckpointRequest {
+                                checkpoints: vec![cp],
+                            };
+                            tokio::spawn(async move {
+                                core.propose(Proposed::LeaseCheckpoint(clear)).await
+                            });
                         }
                         ttl
                     }
                     None => 0,
                 };
                 let revision = core.applied.borrow().revision;
-                let resp = LeaseKeepAliveResponse { header: core.header(revision), id: req.id, ttl };
+                let resp = LeaseKeepAliveResponse {
+                    header: core.header(revision),
+                    id: req.id,
+                    ttl,
+                };
                 if tx.send(Ok(resp)).await.is_err() {
                     break;
                 }
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn lease_time_to_live(
@@ -126,7 +156,12 @@ impl Lease for LeaseService {
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
         let req = request.into_inner();
         let state = self.core.linearizable_state().await?;
-        let found = self.core.leases.lock().get(&req.id).map(|l| (l.remaining_secs(Instant::now()), l.ttl));
+        let found = self
+            .core
+            .leases
+            .lock()
+            .get(&req.id)
+            .map(|l| (l.remaining_secs(Instant::now()), l.ttl));
         let Some((ttl, granted_ttl)) = found else {
             // etcd answers an unknown lease with TTL -1 rather than an error.
             return Ok(Response::new(LeaseTimeToLiveResponse {
@@ -136,7 +171,11 @@ impl Lease for LeaseService {
                 ..Default::default()
             }));
         };
-        let keys = if req.keys { self.core.shards.lease_keys(req.id).await? } else { Vec::new() };
+        let keys = if req.keys {
+            self.core.shards.lease_keys(req.id).await?
+        } else {
+            Vec::new()
+        };
         Ok(Response::new(LeaseTimeToLiveResponse {
             header: self.core.header(state.revision),
             id: req.id,
@@ -146,10 +185,22 @@ impl Lease for LeaseService {
         }))
     }
 
-    async fn lease_leases(&self, _request: Request<LeaseLeasesRequest>) -> Result<Response<LeaseLeasesResponse>, Status> {
+    async fn lease_leases(
+        &self,
+        _request: Request<LeaseLeasesRequest>,
+    ) -> Result<Response<LeaseLeasesResponse>, Status> {
         let state = self.core.linearizable_state().await?;
-        let leases = self.core.leases.lock().keys().map(|id| LeaseStatus { id: *id }).collect();
-        Ok(Response::new(LeaseLeasesResponse { header: self.core.header(state.revision), leases }))
+        let leases = self
+            .core
+            .leases
+            .lock()
+            .keys()
+            .map(|id| LeaseStatus { id: *id })
+            .collect();
+        Ok(Response::new(LeaseLeasesResponse {
+            header: self.core.header(state.revision),
+            leases,
+        }))
     }
 }
 
@@ -160,7 +211,10 @@ pub async fn run_lease_clock(core: Arc<Core>) {
     let mut promoted_term = 0;
     let mut last_checkpoint = Instant::now();
     let mut revoking: std::collections::HashMap<i64, Instant> = Default::default();
-    let checkpoint_every = core.cfg.experimental_lease_checkpoint_interval.max(Duration::from_secs(1));
+    let checkpoint_every = core
+        .cfg
+        .experimental_lease_checkpoint_interval
+        .max(Duration::from_secs(1));
     loop {
         scan.tick().await;
         let status = &core.node.status;
@@ -181,14 +235,24 @@ pub async fn run_lease_clock(core: Arc<Core>) {
         let now = Instant::now();
         let (expired, checkpoints) = {
             let table = core.leases.lock();
-            revoking.retain(|id, since| table.contains_key(id) && now.duration_since(*since) < REVOKE_RETRY);
-            let expired: Vec<i64> =
-                table.iter().filter(|(id, l)| l.deadline <= now && !revoking.contains_key(id)).map(|(id, _)| *id).collect();
-            let checkpoints: Vec<LeaseCheckpoint> = if now.duration_since(last_checkpoint) >= checkpoint_every {
+            revoking.retain(|id, since| {
+                table.contains_key(id) && now.duration_since(*since) < REVOKE_RETRY
+            });
+            let expired: Vec<i64> = table
+                .iter()
+                .filter(|(id, l)| l.deadline <= now && !revoking.contains_key(id))
+                .map(|(id, _)| *id)
+                .collect();
+            let checkpoints: Vec<LeaseCheckpoint> = if now.duration_since(last_checkpoint)
+                >= checkpoint_every
+            {
                 table
                     .iter()
                     .filter(|(_, l)| l.ttl as u64 > checkpoint_every.as_secs() && l.deadline > now)
-                    .map(|(id, l)| LeaseCheckpoint { id: *id, remaining_ttl: l.remaining_secs(now).max(1) })
+                    .map(|(id, l)| LeaseCheckpoint {
+                        id: *id,
+                        remaining_ttl: l.remaining_secs(now).max(1),
+                    })
                     .collect()
             } else {
                 Vec::new()
@@ -199,7 +263,10 @@ pub async fn run_lease_clock(core: Arc<Core>) {
             revoking.insert(id, now);
             let core = core.clone();
             tokio::spawn(async move {
-                if let Err(e) = core.propose(Proposed::LeaseRevoke(LeaseRevokeRequest { id })).await {
+                if let Err(e) = core
+                    .propose(Proposed::LeaseRevoke(LeaseRevokeRequest { id }))
+                    .await
+                {
                     tracing::debug!(lease = id, error = %e, "lease expiry revoke not applied yet");
                 }
             });
@@ -209,7 +276,11 @@ pub async fn run_lease_clock(core: Arc<Core>) {
             if !checkpoints.is_empty() {
                 let core = core.clone();
                 tokio::spawn(async move {
-                    let _ = core.propose(Proposed::LeaseCheckpoint(LeaseCheckpointRequest { checkpoints })).await;
+                    let _ = core
+                        .propose(Proposed::LeaseCheckpoint(LeaseCheckpointRequest {
+                            checkpoints,
+                        }))
+                        .await;
                 });
             }
         }

@@ -9,6 +9,7 @@ mod kv;
 mod lease;
 mod maintenance;
 pub mod member;
+mod recipes;
 pub mod validate;
 mod watch;
 
@@ -31,10 +32,13 @@ use crate::error::EtcdError;
 use crate::lease::{min_ttl_secs, LeaseTable};
 use crate::mvcc::range::merge;
 use crate::proto::etcdserverpb::{
-    cluster_server::ClusterServer, kv_server::KvServer, maintenance_server::MaintenanceServer,
-    lease_server::LeaseServer, watch_server::WatchServer, RangeRequest, RangeResponse, ResponseHeader,
+    cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
+    maintenance_server::MaintenanceServer, watch_server::WatchServer, RangeRequest, RangeResponse,
+    ResponseHeader,
 };
 use crate::proto::metastorepb::{proposal::Request as Proposed, Proposal};
+use crate::proto::v3electionpb::election_server::ElectionServer;
+use crate::proto::v3lockpb::lock_server::LockServer;
 use crate::shard::{ShardSet, Shards};
 use member::{url_string, Member};
 
@@ -54,6 +58,8 @@ pub struct Core {
     pub leases: LeaseTable,
     pending: Arc<Pending>,
     next_proposal: AtomicU64,
+    /// This core itself, for tasks that outlive a borrowed `&Core` (lock cleanup).
+    this: std::sync::Weak<Core>,
     request_timeout: Duration,
 }
 
@@ -258,7 +264,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .name("raft".into())
         .spawn(move || node.run())?;
 
-    let core = Arc::new(Core {
+    let core = Arc::new_cyclic(|this| Core {
+        this: this.clone(),
         request_timeout: Duration::from_millis(5000 + 2 * cfg.election_timeout),
         next_proposal: AtomicU64::new(member.boot << 48),
         cfg: cfg.clone(),
@@ -289,6 +296,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             )
             .add_service(
                 MaintenanceServer::new(maintenance::MaintenanceService::new(core.clone()))
+                    .max_decoding_message_size(max_recv),
+            )
+            .add_service(
+                LockServer::new(recipes::LockService::new(core.clone()))
+                    .max_decoding_message_size(max_recv),
+            )
+            .add_service(
+                ElectionServer::new(recipes::ElectionService::new(core.clone()))
                     .max_decoding_message_size(max_recv),
             )
             .add_service(
