@@ -21,7 +21,8 @@
 //!
 //! Modules:
 //! * [`config`]: flags and environment, etcd's names and defaults.
-//! * [`server`]: the gRPC services, one file each, and member start-up.
+//! * [`server`]: the gRPC services (KV, Watch, Lease, Lock, Election, Maintenance, Cluster),
+//!   one file each, and member start-up.
 //! * [`consensus`]: the Raft node thread, the WAL and snapshots.
 //! * [`apply`]: the dispatcher that turns committed entries into revisions and shard work.
 //! * [`lease`]: the replicated lease table and leader-local deadlines.
