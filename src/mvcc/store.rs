@@ -502,6 +502,65 @@ pub mod conformance {
         historical_reads_and_compaction(Store::new(make()));
         ranges_limits_and_filters(Store::new(make()));
         export_import_roundtrip(make);
+        events_and_lease_index(make);
+    }
+
+    fn events_and_lease_index(make: &dyn Fn() -> Box<dyn Engine>) {
+        let mut s = Store::new(make());
+        let leased = PutArgs {
+            key: b"b",
+            value: b"1",
+            lease: 7,
+            ignore_value: false,
+            ignore_lease: false,
+        };
+        put(&mut s, "a", "1", 2);
+        s.put(leased, 3, 0);
+        put(&mut s, "a", "2", 4);
+        s.delete_range(&KeyRange::from_request(b"a", b""), 5, 0);
+        assert_eq!(s.lease_keys(7), vec![b"b".to_vec()]);
+
+        let all = KeyRange::from_request(b"\0", b"\0");
+        let batch = s.events(&all, 2, 5, 100, true).unwrap();
+        let seen: Vec<(i64, i32)> = batch
+            .events
+            .iter()
+            .map(|e| (e.rev, e.event.r#type))
+            .collect();
+        assert_eq!(seen, vec![(2, 0), (3, 0), (4, 0), (5, 1)]);
+        let delete = &batch.events[3].event;
+        assert_eq!(delete.prev_kv.as_ref().unwrap().value, b"2");
+        assert_eq!(delete.kv.as_ref().unwrap().mod_revision, 5);
+        assert_eq!(batch.through, 5);
+
+        // A limit cuts between revisions only.
+        let cut = s.events(&all, 2, 5, 2, false).unwrap();
+        assert_eq!((cut.events.len(), cut.through), (2, 3));
+
+        let revoked = s.revoke_lease(7, 6, 0);
+        assert_eq!(revoked.len(), 1);
+        assert!(s.lease_keys(7).is_empty());
+        s.compact(4);
+        assert!(matches!(
+            s.events(&all, 3, 6, 100, false),
+            Err(EtcdError::Compacted)
+        ));
+        assert_eq!(s.events(&all, 4, 6, 100, false).unwrap().events.len(), 3);
+
+        // The revision index and lease index come back from an export/import.
+        let mut t = Store::new(make());
+        let leased = PutArgs {
+            key: b"c",
+            value: b"1",
+            lease: 8,
+            ignore_value: false,
+            ignore_lease: false,
+        };
+        s.put(leased, 7, 0);
+        s.export(&mut |k, h| t.import(k.to_vec(), h.to_vec()));
+        t.finish_import();
+        assert_eq!(t.lease_keys(8), vec![b"c".to_vec()]);
+        assert_eq!(t.events(&all, 6, 7, 100, false).unwrap().events.len(), 2);
     }
 
     fn versions_and_tombstones(mut s: Store) {
