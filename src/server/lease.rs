@@ -4,7 +4,7 @@
 //! renew the leader's deadline directly, as etcd does.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,28 +31,12 @@ const REVOKE_RETRY: Duration = Duration::from_secs(10);
 /// The Lease service.
 pub struct LeaseService {
     core: Arc<Core>,
-    next_id: AtomicU64,
 }
 
 impl LeaseService {
     /// Serves Lease over `core`.
     pub fn new(core: Arc<Core>) -> Self {
-        let seed = core.member.id ^ (core.member.boot << 32);
-        LeaseService {
-            core,
-            next_id: AtomicU64::new(seed),
-        }
-    }
-
-    /// A fresh positive lease ID (splitmix64 over a per-member sequence), as etcd picks one on
-    /// the member that receives the grant.
-    fn new_lease_id(&self) -> i64 {
-        let mut z = self
-            .next_id
-            .fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        ((z ^ (z >> 31)) & (i64::MAX as u64)).max(1) as i64
+        LeaseService { core }
     }
 }
 
@@ -75,15 +59,9 @@ impl Lease for LeaseService {
         }
         self.core.check_quota()?;
         if req.id == 0 {
-            req.id = self.new_lease_id();
+            req.id = self.core.new_lease_id();
         }
-        match self.core.propose(Proposed::LeaseGrant(req)).await? {
-            ApplyResponse::LeaseGrant(mut r) => {
-                r.header = self.core.header(r.header.map_or(0, |h| h.revision));
-                Ok(Response::new(r))
-            }
-            _ => Err(unexpected()),
-        }
+        Ok(Response::new(self.core.grant_lease(req).await?))
     }
 
     async fn lease_revoke(
@@ -204,11 +182,54 @@ impl Lease for LeaseService {
     }
 }
 
+impl Core {
+    /// A fresh positive lease ID (splitmix64 over a per-member sequence), as etcd picks one on
+    /// the member that receives the grant.
+    pub fn new_lease_id(&self) -> i64 {
+        let mut z = self
+            .next_lease_seed
+            .fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        ((z ^ (z >> 31)) & (i64::MAX as u64)).max(1) as i64
+    }
+
+    /// Proposes a grant and returns the applied response.
+    ///
+    /// Errors: "lease already exists", "too large lease TTL", and [`Core::propose`]'s.
+    pub async fn grant_lease(
+        &self,
+        req: LeaseGrantRequest,
+    ) -> Result<LeaseGrantResponse, EtcdError> {
+        match self.propose(Proposed::LeaseGrant(req)).await? {
+            ApplyResponse::LeaseGrant(mut r) => {
+                r.header = self.header(r.header.map_or(0, |h| h.revision));
+                Ok(r)
+            }
+            _ => Err(EtcdError::Stopped),
+        }
+    }
+
+    /// On becoming leader: once everything committed before this term is applied, restart
+    /// every lease deadline from its checkpointed (or full) TTL. Returns the term promoted in,
+    /// or `None` when this member is not a settled leader.
+    pub async fn promote_leases(&self) -> Option<u64> {
+        let status = &self.node.status;
+        if status.leader.load(Ordering::Relaxed) != self.member.id {
+            return None;
+        }
+        let term = status.term.load(Ordering::Relaxed);
+        self.linearizable_state().await.ok()?;
+        self.leases.promote();
+        Some(term)
+    }
+}
+
 /// The leader's lease clock: revokes expired leases through the log and checkpoints remaining
 /// TTLs every `--experimental-lease-checkpoint-interval`. Runs for the life of the member.
-pub async fn run_lease_clock(core: Arc<Core>) {
+pub async fn run_lease_clock(core: Arc<Core>, promoted_term: Option<u64>) {
     let mut scan = tokio::time::interval(EXPIRY_SCAN);
-    let mut promoted_term = 0;
+    let mut promoted_term = promoted_term.unwrap_or(0);
     let mut last_checkpoint = Instant::now();
     let mut revoking: std::collections::HashMap<i64, Instant> = Default::default();
     let checkpoint_every = core
@@ -224,12 +245,10 @@ pub async fn run_lease_clock(core: Arc<Core>) {
         }
         let term = status.term.load(Ordering::Relaxed);
         if promoted_term != term {
-            // Everything committed before this term must be applied before deadlines restart.
-            if core.linearizable_state().await.is_err() {
-                continue;
+            match core.promote_leases().await {
+                Some(t) => promoted_term = t,
+                None => continue,
             }
-            core.leases.promote();
-            promoted_term = term;
             last_checkpoint = Instant::now();
         }
         let now = Instant::now();

@@ -58,6 +58,7 @@ pub struct Core {
     pub leases: LeaseTable,
     pending: Arc<Pending>,
     next_proposal: AtomicU64,
+    next_lease_seed: AtomicU64,
     /// This core itself, for tasks that outlive a borrowed `&Core` (lock cleanup).
     this: std::sync::Weak<Core>,
     request_timeout: Duration,
@@ -268,6 +269,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         this: this.clone(),
         request_timeout: Duration::from_millis(5000 + 2 * cfg.election_timeout),
         next_proposal: AtomicU64::new(member.boot << 48),
+        next_lease_seed: AtomicU64::new(member.id ^ (member.boot << 32)),
         cfg: cfg.clone(),
         member,
         node: handle,
@@ -323,7 +325,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         servers.spawn(router.serve_with_incoming(incoming));
     }
-    tokio::spawn(lease::run_lease_clock(core.clone()));
+    // Lease deadlines are right before the first client asks: replay done, then promotion.
+    let promoted = core.promote_leases().await;
+    tokio::spawn(lease::run_lease_clock(core.clone(), promoted));
     tracing::info!("ready to serve client requests");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -17,8 +17,8 @@ use crate::proto::etcdserverpb::{
     range_request::{SortOrder, SortTarget},
     request_op::Request as Op,
     response_op::Response as OpResp,
-    Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, ResponseHeader, TxnRequest,
-    TxnResponse,
+    Compare, DeleteRangeRequest, LeaseGrantRequest, PutRequest, RangeRequest, RequestOp,
+    ResponseHeader, TxnRequest, TxnResponse,
 };
 use crate::proto::metastorepb::proposal::Request as Proposed;
 use crate::proto::mvccpb::KeyValue;
@@ -34,6 +34,11 @@ use crate::proto::v3lockpb::{
 const NOT_LEADER: &str = "election: not leader";
 /// `clientv3/concurrency.ErrElectionNoLeader`.
 const NO_LEADER: &str = "election: no leader";
+/// `v3election.ErrMissingLeaderKey`.
+const MISSING_LEADER: &str = "\"leader\" field must be provided";
+/// TTL of the session lease etcd creates when a Lock or Campaign names no lease, seconds
+/// (`concurrency.defaultSessionTTL`).
+const SESSION_TTL: i64 = 60;
 /// `clientv3/concurrency.ErrSessionExpired`.
 const SESSION_EXPIRED: &str = "session: session is expired";
 
@@ -137,6 +142,11 @@ impl Core {
         lease: i64,
         value: &[u8],
     ) -> Result<(Vec<u8>, i64, Option<ResponseHeader>, KeyValue), Status> {
+        let lease = if lease != 0 {
+            lease
+        } else {
+            self.session_lease().await?
+        };
         let key = [prefix, format!("{lease:x}").as_bytes()].concat();
         let put = op(Op::RequestPut(PutRequest {
             key: key.clone(),
@@ -179,12 +189,29 @@ impl Core {
             guard.key = None;
             (kv.create_revision, kv)
         };
+        // The holder already: answer with the txn's header (concurrency.Mutex.Lock).
+        let owner = self.first_created(prefix, 0, false).await?.0;
+        if owner.is_some_and(|o| o.create_revision == create_rev) {
+            guard.key = None;
+            return Ok((key, create_rev, header, kv));
+        }
         self.wait_deletes(prefix, create_rev - 1).await?;
-        if self.first_created(&key, 0, false).await?.0.is_none() {
+        let (mine, revision) = self.first_created(&key, 0, false).await?;
+        if mine.is_none() {
             return Err(Status::unknown(SESSION_EXPIRED));
         }
         guard.key = None;
-        Ok((key, create_rev, header, kv))
+        Ok((key, create_rev, self.header(revision), kv))
+    }
+
+    /// etcd's server-side recipes open a session with a fresh lease when the request names
+    /// none, and orphan it: nobody keeps it alive, so the lock or candidacy ends with it.
+    async fn session_lease(&self) -> Result<i64, EtcdError> {
+        let grant = LeaseGrantRequest {
+            ttl: SESSION_TTL,
+            id: self.new_lease_id(),
+        };
+        Ok(self.grant_lease(grant).await?.id)
     }
 
     fn clone_arc(&self) -> Arc<Core> {
@@ -292,7 +319,7 @@ impl Election for ElectionService {
             name: req.name.clone(),
             key: key.clone(),
             rev,
-            lease: req.lease,
+            lease: kv.lease,
         };
         if kv.value != req.value {
             // Re-campaigning with a new value proclaims it (concurrency.Election.Campaign).
@@ -309,7 +336,7 @@ impl Election for ElectionService {
         request: Request<ProclaimRequest>,
     ) -> Result<Response<ProclaimResponse>, Status> {
         let req = request.into_inner();
-        let leader = req.leader.ok_or_else(|| Status::unknown(NOT_LEADER))?;
+        let leader = req.leader.ok_or_else(|| Status::unknown(MISSING_LEADER))?;
         let header = self.proclaim_value(&leader, req.value).await?;
         Ok(Response::new(ProclaimResponse { header }))
     }
@@ -379,7 +406,7 @@ impl Election for ElectionService {
         let leader = request
             .into_inner()
             .leader
-            .ok_or_else(|| Status::unknown(NOT_LEADER))?;
+            .ok_or_else(|| Status::unknown(MISSING_LEADER))?;
         let delete = op(Op::RequestDeleteRange(DeleteRangeRequest {
             key: leader.key.clone(),
             ..Default::default()

@@ -1,0 +1,935 @@
+//! The Watch service through `etcd-client` and `etcdctl`: events and their key-values, prefix
+//! and cross-shard ranges, history replay, compaction, filters, prev_kv, watch IDs, cancel,
+//! progress, txn atomicity, slow consumers and disconnects.
+//!
+//! "Nothing more arrives" is checked with a progress request as a fence: MetaStore sends the
+//! progress response (watch ID -1) only once every watcher of the stream has been sent
+//! everything up to the current revision, so any event still owed would come before it.
+
+use std::collections::BTreeSet;
+use std::process::Stdio;
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, DeleteOptions, Event, EventType, GetOptions, Txn, TxnOp,
+    WatchFilterType, WatchOptions, WatchResponse, WatchStream,
+};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout};
+use tokio::time::timeout;
+
+use crate::harness::Server;
+
+/// How long any single expected response may take.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A connected client for `endpoint`.
+pub async fn connect(endpoint: &str) -> Client {
+    Client::connect([endpoint], None).await.expect("connect")
+}
+
+/// The next response on `ws`; panics on timeout, error or end of stream.
+pub async fn next_resp(ws: &mut WatchStream) -> WatchResponse {
+    match timeout(WAIT, ws.message()).await {
+        Err(_) => panic!("no watch response within {WAIT:?}"),
+        Ok(Err(e)) => panic!("watch stream failed: {e:?}"),
+        Ok(Ok(None)) => panic!("watch stream ended"),
+        Ok(Ok(Some(r))) => r,
+    }
+}
+
+/// Opens a watch and reads its `created` response; returns the stream and the watch ID.
+pub async fn open(c: &mut Client, key: &str, opts: Option<WatchOptions>) -> (WatchStream, i64) {
+    let mut ws = timeout(WAIT, c.watch(key, opts))
+        .await
+        .expect("watch call timed out")
+        .expect("watch");
+    let r = next_resp(&mut ws).await;
+    assert!(r.created(), "first response must be `created`: {r:?}");
+    assert!(!r.canceled(), "watch refused: {r:?}");
+    assert!(r.events().is_empty(), "{r:?}");
+    (ws, r.watch_id())
+}
+
+/// Reads event responses until `n` events arrived; every response must carry events for
+/// `watch_id`, and the count must come out exact.
+pub async fn read_events(ws: &mut WatchStream, watch_id: i64, n: usize) -> Vec<Event> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let r = next_resp(ws).await;
+        assert!(
+            !r.canceled() && !r.created() && !r.events().is_empty(),
+            "expected events, got {r:?} after {} events",
+            got.len()
+        );
+        assert_eq!(r.watch_id(), watch_id, "{r:?}");
+        got.extend(r.events().iter().cloned());
+    }
+    assert_eq!(got.len(), n, "more events than expected: {got:?}");
+    got
+}
+
+/// Requests progress and checks that the very next response is the progress response (watch
+/// ID -1, no events): nothing else was owed. Returns its header revision.
+pub async fn fence(ws: &mut WatchStream) -> i64 {
+    ws.request_progress().await.expect("progress request");
+    let r = next_resp(ws).await;
+    assert_eq!(
+        (r.watch_id(), r.events().len(), r.created(), r.canceled()),
+        (-1, 0, false, false),
+        "expected the progress response and nothing before it, got {r:?}"
+    );
+    r.header().expect("progress header").revision()
+}
+
+/// An event as (type, key, value, create_revision, mod_revision, version).
+pub type Ev = (&'static str, String, String, i64, i64, i64);
+
+/// [`Ev`] of an event.
+pub fn ev(e: &Event) -> Ev {
+    let kv = e.kv().expect("event without kv");
+    let t = match e.event_type() {
+        EventType::Put => "PUT",
+        EventType::Delete => "DELETE",
+    };
+    (
+        t,
+        String::from_utf8_lossy(kv.key()).into_owned(),
+        String::from_utf8_lossy(kv.value()).into_owned(),
+        kv.create_revision(),
+        kv.mod_revision(),
+        kv.version(),
+    )
+}
+
+/// An expected PUT event.
+pub fn put_ev(k: &str, v: &str, create: i64, m: i64, version: i64) -> Ev {
+    ("PUT", k.into(), v.into(), create, m, version)
+}
+
+/// An expected DELETE event (a tombstone: only the key and the deleting revision).
+pub fn del_ev(k: &str, m: i64) -> Ev {
+    ("DELETE", k.into(), String::new(), 0, m, 0)
+}
+
+/// The prev_kv of an event as (value, create, mod, version).
+fn prev(e: &Event) -> Option<(String, i64, i64, i64)> {
+    e.prev_kv().map(|kv| {
+        (
+            String::from_utf8_lossy(kv.value()).into_owned(),
+            kv.create_revision(),
+            kv.mod_revision(),
+            kv.version(),
+        )
+    })
+}
+
+async fn put(c: &mut Client, k: &str, v: &str) -> i64 {
+    c.put(k, v, None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision()
+}
+
+async fn del(c: &mut Client, k: &str) -> i64 {
+    let r = c.delete(k, None).await.unwrap();
+    assert_eq!(r.deleted(), 1, "delete {k}");
+    r.header().unwrap().revision()
+}
+
+// ---------------------------------------------------------------------------------------------
+
+async fn case_put_then_delete(ep: &str) {
+    let mut c = connect(ep).await;
+    let mut ws = c.watch("k", None).await.unwrap();
+    let created = next_resp(&mut ws).await;
+    assert!(created.created() && !created.canceled(), "{created:?}");
+    assert_eq!(created.watch_id(), 0, "the first auto watch ID is 0");
+    assert_eq!(created.header().unwrap().revision(), 1);
+    assert!(created.events().is_empty());
+
+    assert_eq!(put(&mut c, "k", "v1").await, 2);
+    assert_eq!(put(&mut c, "other", "x").await, 3);
+    assert_eq!(put(&mut c, "k", "v2").await, 4);
+    assert_eq!(put(&mut c, "k2", "x").await, 5);
+    assert_eq!(del(&mut c, "k").await, 6);
+
+    let got: Vec<Ev> = read_events(&mut ws, 0, 3).await.iter().map(ev).collect();
+    assert_eq!(
+        got,
+        vec![
+            put_ev("k", "v1", 2, 2, 1),
+            put_ev("k", "v2", 2, 4, 2),
+            del_ev("k", 6),
+        ]
+    );
+    assert_eq!(fence(&mut ws).await, 6);
+}
+
+#[tokio::test]
+async fn put_then_delete_events() {
+    let server = Server::start();
+    case_put_then_delete(&server.endpoint).await;
+}
+
+/// Keys w/0..w/49 spread over 4 shards, written concurrently by 5 clients: the prefix watcher
+/// sees all 50 PUTs exactly once, in revision order, each at the revision its put returned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefix_watch_across_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::try_start(dir.path(), &["--shards", "4"]).unwrap();
+    let keys: Vec<String> = (0..50).map(|i| format!("w/{i}")).collect();
+    let shards: BTreeSet<usize> = keys
+        .iter()
+        .map(|k| metastore::shard::shard_for(k.as_bytes(), 4))
+        .collect();
+    assert_eq!(shards.len(), 4, "the keys must span every shard");
+
+    let mut c = server.client().await;
+    let (mut ws, id) = open(&mut c, "w/", Some(WatchOptions::new().with_prefix())).await;
+    // Neighbours outside the prefix.
+    put(&mut c, "w", "no").await;
+    put(&mut c, "w0", "no").await;
+
+    let mut tasks = Vec::new();
+    for t in 0..5 {
+        let mut c = server.client().await;
+        let mine: Vec<String> = keys.iter().skip(t).step_by(5).cloned().collect();
+        tasks.push(tokio::spawn(async move {
+            let mut revs = Vec::new();
+            for k in mine {
+                revs.push((put(&mut c, &k, &format!("v-{k}")).await, k));
+            }
+            revs
+        }));
+    }
+    let mut written: Vec<(i64, String)> = Vec::new();
+    for t in tasks {
+        written.extend(t.await.unwrap());
+    }
+    written.sort();
+    assert_eq!(
+        written.iter().map(|w| w.0).collect::<Vec<_>>(),
+        (4..54).collect::<Vec<i64>>(),
+        "every put got its own revision"
+    );
+
+    let got: Vec<Ev> = read_events(&mut ws, id, 50).await.iter().map(ev).collect();
+    let want: Vec<Ev> = written
+        .iter()
+        .map(|(r, k)| put_ev(k, &format!("v-{k}"), *r, *r, 1))
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(fence(&mut ws).await, 53);
+}
+
+async fn case_start_revision_replay(ep: &str) {
+    let mut c = connect(ep).await;
+    let mut revs = Vec::new();
+    for i in 0..5 {
+        revs.push(put(&mut c, &format!("r/{}", i % 3), &format!("v{i}")).await);
+        put(&mut c, "rx", "outside").await;
+    }
+    assert_eq!(revs, vec![2, 4, 6, 8, 10]);
+    let opts = WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(revs[0]);
+    let (mut ws, id) = open(&mut c, "r/", Some(opts)).await;
+    let got: Vec<Ev> = read_events(&mut ws, id, 5).await.iter().map(ev).collect();
+    assert_eq!(
+        got,
+        vec![
+            put_ev("r/0", "v0", 2, 2, 1),
+            put_ev("r/1", "v1", 4, 4, 1),
+            put_ev("r/2", "v2", 6, 6, 1),
+            put_ev("r/0", "v3", 2, 8, 2),
+            put_ev("r/1", "v4", 4, 10, 2),
+        ]
+    );
+    // Then live.
+    assert_eq!(put(&mut c, "r/2", "live").await, 12);
+    let got: Vec<Ev> = read_events(&mut ws, id, 1).await.iter().map(ev).collect();
+    assert_eq!(got, vec![put_ev("r/2", "live", 6, 12, 2)]);
+    assert_eq!(fence(&mut ws).await, 12);
+
+    // A start revision in the middle replays from exactly there.
+    let opts = WatchOptions::new().with_prefix().with_start_revision(7);
+    let (mut ws, id) = open(&mut c, "r/", Some(opts)).await;
+    let got: Vec<Ev> = read_events(&mut ws, id, 3).await.iter().map(ev).collect();
+    assert_eq!(got.iter().map(|e| e.4).collect::<Vec<_>>(), vec![8, 10, 12]);
+    assert_eq!(fence(&mut ws).await, 12);
+}
+
+#[tokio::test]
+async fn start_revision_replay() {
+    let server = Server::start();
+    case_start_revision_replay(&server.endpoint).await;
+}
+
+async fn case_compacted_start_revision(ep: &str) {
+    let mut c = connect(ep).await;
+    for i in 0..5 {
+        assert_eq!(put(&mut c, "k", &format!("v{i}")).await, i + 2);
+    }
+    c.compact(5, None).await.unwrap();
+
+    // Below the compaction revision: created, then canceled with compact_revision.
+    let mut ws = c
+        .watch("k", Some(WatchOptions::new().with_start_revision(3)))
+        .await
+        .unwrap();
+    let r = next_resp(&mut ws).await;
+    assert!(r.created() && !r.canceled(), "{r:?}");
+    let id = r.watch_id();
+    let r = next_resp(&mut ws).await;
+    assert_eq!(
+        (
+            r.watch_id(),
+            r.canceled(),
+            r.compact_revision(),
+            r.events().len()
+        ),
+        (id, true, 5, 0),
+        "{r:?}"
+    );
+    // The stream stays usable, and the canceled watcher gets nothing more.
+    assert_eq!(put(&mut c, "k", "after").await, 7);
+    assert_eq!(fence(&mut ws).await, 7);
+
+    // At the compaction revision itself: still in history.
+    let (mut ws, id) = open(
+        &mut c,
+        "k",
+        Some(WatchOptions::new().with_start_revision(5)),
+    )
+    .await;
+    let got: Vec<Ev> = read_events(&mut ws, id, 3).await.iter().map(ev).collect();
+    assert_eq!(
+        got,
+        vec![
+            put_ev("k", "v3", 2, 5, 4),
+            put_ev("k", "v4", 2, 6, 5),
+            put_ev("k", "after", 2, 7, 6),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn compacted_start_revision_cancels() {
+    let server = Server::start();
+    case_compacted_start_revision(&server.endpoint).await;
+}
+
+async fn case_filters_and_prev_kv(ep: &str) {
+    let mut c = connect(ep).await;
+    let (mut no_put, np) = open(
+        &mut c,
+        "f",
+        Some(WatchOptions::new().with_filters([WatchFilterType::NoPut])),
+    )
+    .await;
+    let (mut no_del, nd) = open(
+        &mut c,
+        "f",
+        Some(
+            WatchOptions::new()
+                .with_filters([WatchFilterType::NoDelete])
+                .with_prev_key(),
+        ),
+    )
+    .await;
+    let (mut with_prev, wp) = open(&mut c, "f", Some(WatchOptions::new().with_prev_key())).await;
+    let (mut plain, pl) = open(&mut c, "f", None).await;
+
+    assert_eq!(put(&mut c, "f", "1").await, 2);
+    assert_eq!(put(&mut c, "f", "2").await, 3);
+    assert_eq!(del(&mut c, "f").await, 4);
+    assert_eq!(put(&mut c, "f", "3").await, 5);
+
+    let got = read_events(&mut no_put, np, 1).await;
+    assert_eq!(ev(&got[0]), del_ev("f", 4));
+    assert_eq!(fence(&mut no_put).await, 5);
+
+    let got = read_events(&mut no_del, nd, 3).await;
+    assert_eq!(
+        got.iter().map(ev).collect::<Vec<_>>(),
+        vec![
+            put_ev("f", "1", 2, 2, 1),
+            put_ev("f", "2", 2, 3, 2),
+            put_ev("f", "3", 5, 5, 1),
+        ]
+    );
+    assert_eq!(
+        got.iter().map(prev).collect::<Vec<_>>(),
+        vec![None, Some(("1".into(), 2, 2, 1)), None]
+    );
+    assert_eq!(fence(&mut no_del).await, 5);
+
+    let got = read_events(&mut with_prev, wp, 4).await;
+    assert_eq!(ev(&got[2]), del_ev("f", 4));
+    assert_eq!(
+        got.iter().map(prev).collect::<Vec<_>>(),
+        vec![
+            None,
+            Some(("1".into(), 2, 2, 1)),
+            Some(("2".into(), 2, 3, 2)),
+            None
+        ],
+        "the DELETE carries the deleted value as prev_kv"
+    );
+    let p = got[2].prev_kv().unwrap();
+    assert_eq!(p.key(), b"f");
+
+    // Without prev_kv nothing carries one.
+    let got = read_events(&mut plain, pl, 4).await;
+    assert!(got.iter().all(|e| e.prev_kv().is_none()), "{got:?}");
+    assert_eq!(
+        got.iter().map(ev).collect::<Vec<_>>(),
+        vec![
+            put_ev("f", "1", 2, 2, 1),
+            put_ev("f", "2", 2, 3, 2),
+            del_ev("f", 4),
+            put_ev("f", "3", 5, 5, 1),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn filters_and_prev_kv() {
+    let server = Server::start();
+    case_filters_and_prev_kv(&server.endpoint).await;
+}
+
+async fn case_watch_ids(ep: &str) {
+    let mut c = connect(ep).await;
+    let mut ws = c
+        .watch("a", Some(WatchOptions::new().with_watch_id(7)))
+        .await
+        .unwrap();
+    let r = next_resp(&mut ws).await;
+    assert_eq!((r.created(), r.canceled(), r.watch_id()), (true, false, 7));
+
+    // The same ID again on the same stream is refused.
+    ws.watch("b", Some(WatchOptions::new().with_watch_id(7)))
+        .await
+        .unwrap();
+    let r = next_resp(&mut ws).await;
+    assert!(r.created() && r.canceled(), "{r:?}");
+    assert!(
+        r.cancel_reason().contains("duplicate watch ID"),
+        "cancel_reason {:?}",
+        r.cancel_reason()
+    );
+    assert_eq!(r.watch_id(), -1, "{r:?}");
+
+    // Automatic IDs skip the ones in use: 0, then an explicit 1, then 2.
+    ws.watch("b", None).await.unwrap();
+    let r = next_resp(&mut ws).await;
+    assert_eq!((r.created(), r.canceled(), r.watch_id()), (true, false, 0));
+    ws.watch("c", Some(WatchOptions::new().with_watch_id(1)))
+        .await
+        .unwrap();
+    let r = next_resp(&mut ws).await;
+    assert_eq!((r.created(), r.canceled(), r.watch_id()), (true, false, 1));
+    ws.watch("d", None).await.unwrap();
+    let r = next_resp(&mut ws).await;
+    assert_eq!((r.created(), r.canceled(), r.watch_id()), (true, false, 2));
+
+    // Each event goes to its own watcher, and the refused watcher on "b" gets nothing.
+    assert_eq!(put(&mut c, "a", "1").await, 2);
+    let got = read_events(&mut ws, 7, 1).await;
+    assert_eq!(ev(&got[0]), put_ev("a", "1", 2, 2, 1));
+    assert_eq!(put(&mut c, "b", "1").await, 3);
+    let got = read_events(&mut ws, 0, 1).await;
+    assert_eq!(ev(&got[0]), put_ev("b", "1", 3, 3, 1));
+    assert_eq!(put(&mut c, "d", "1").await, 4);
+    let got = read_events(&mut ws, 2, 1).await;
+    assert_eq!(ev(&got[0]), put_ev("d", "1", 4, 4, 1));
+    assert_eq!(fence(&mut ws).await, 4);
+}
+
+#[tokio::test]
+async fn client_chosen_and_duplicate_watch_ids() {
+    let server = Server::start();
+    case_watch_ids(&server.endpoint).await;
+}
+
+async fn case_cancel(ep: &str) {
+    let mut c = connect(ep).await;
+    let (mut ws, id) = open(&mut c, "k", None).await;
+    assert_eq!(put(&mut c, "k", "1").await, 2);
+    let got = read_events(&mut ws, id, 1).await;
+    assert_eq!(ev(&got[0]), put_ev("k", "1", 2, 2, 1));
+
+    ws.cancel(id).await.unwrap();
+    let r = next_resp(&mut ws).await;
+    assert_eq!(
+        (r.watch_id(), r.canceled(), r.created(), r.events().len()),
+        (id, true, false, 0),
+        "{r:?}"
+    );
+    assert_eq!(put(&mut c, "k", "2").await, 3);
+    assert_eq!(del(&mut c, "k").await, 4);
+    assert_eq!(fence(&mut ws).await, 4, "a canceled watcher gets no events");
+
+    // Another watcher on the same stream still works.
+    ws.watch("k", None).await.unwrap();
+    let r = next_resp(&mut ws).await;
+    assert!(r.created() && !r.canceled(), "{r:?}");
+    let id2 = r.watch_id();
+    assert_eq!(put(&mut c, "k", "3").await, 5);
+    let got = read_events(&mut ws, id2, 1).await;
+    assert_eq!(ev(&got[0]), put_ev("k", "3", 5, 5, 1));
+}
+
+#[tokio::test]
+async fn cancel_stops_events() {
+    let server = Server::start();
+    case_cancel(&server.endpoint).await;
+}
+
+async fn case_progress_request(ep: &str) {
+    let mut c = connect(ep).await;
+    let (mut ws, _) = open(&mut c, "p", None).await;
+    for i in 0..3 {
+        put(&mut c, &format!("q{i}"), "x").await;
+    }
+    ws.request_progress().await.unwrap();
+    let r = next_resp(&mut ws).await;
+    assert_eq!(
+        (r.watch_id(), r.created(), r.canceled(), r.events().len()),
+        (-1, false, false, 0),
+        "{r:?}"
+    );
+    assert_eq!(r.header().unwrap().revision(), 4);
+    assert_eq!(r.compact_revision(), 0);
+}
+
+#[tokio::test]
+async fn progress_request() {
+    let server = Server::start();
+    case_progress_request(&server.endpoint).await;
+}
+
+#[tokio::test]
+async fn progress_notify_on_idle_watcher() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::try_start(
+        dir.path(),
+        &["--experimental-watch-progress-notify-interval", "500ms"],
+    )
+    .unwrap();
+    let mut c = server.client().await;
+    let (mut ws, id) = open(
+        &mut c,
+        "idle",
+        Some(WatchOptions::new().with_progress_notify()),
+    )
+    .await;
+    // A second watcher on the stream without progress_notify gets no notifications.
+    ws.watch("idle", Some(WatchOptions::new().with_watch_id(100)))
+        .await
+        .unwrap();
+    let r = next_resp(&mut ws).await;
+    assert_eq!((r.created(), r.watch_id()), (true, 100));
+
+    assert_eq!(put(&mut c, "other", "x").await, 2);
+    assert_eq!(put(&mut c, "other", "y").await, 3);
+    let start = std::time::Instant::now();
+    // Notifications taken before the puts applied may carry an older revision; within a few
+    // intervals one must report revision 3.
+    let mut seen = Vec::new();
+    loop {
+        let r = next_resp(&mut ws).await;
+        assert_eq!(
+            (r.watch_id(), r.events().len(), r.created(), r.canceled()),
+            (id, 0, false, false),
+            "{r:?}"
+        );
+        let rev = r.header().unwrap().revision();
+        seen.push(rev);
+        if rev == 3 {
+            break;
+        }
+        assert!(rev < 3, "{seen:?}");
+        assert!(seen.len() < 5, "no notification at revision 3: {seen:?}");
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "notification took {:?}",
+        start.elapsed()
+    );
+    // And they keep coming while idle.
+    let r = next_resp(&mut ws).await;
+    assert_eq!(
+        (
+            r.watch_id(),
+            r.events().len(),
+            r.header().unwrap().revision()
+        ),
+        (id, 0, 3)
+    );
+}
+
+/// One txn putting 3 keys (on different shards) and then one putting and deleting: each txn's
+/// events arrive together in one response, at one revision, in the txn's op order.
+#[tokio::test]
+async fn txn_events_are_atomic() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::try_start(dir.path(), &["--shards", "4"]).unwrap();
+    let names = ["t/c", "t/a", "t/b", "t/d"];
+    let shards: BTreeSet<usize> = names[..3]
+        .iter()
+        .map(|k| metastore::shard::shard_for(k.as_bytes(), 4))
+        .collect();
+    assert!(shards.len() >= 2, "the txn's keys should span shards");
+    let mut c = server.client().await;
+    let (mut ws, id) = open(&mut c, "t/", Some(WatchOptions::new().with_prefix())).await;
+
+    let txn = Txn::new().and_then(vec![
+        TxnOp::put("t/c", "3", None),
+        TxnOp::put("t/a", "1", None),
+        TxnOp::put("t/b", "2", None),
+        TxnOp::put("u", "outside", None),
+    ]);
+    let r = c.txn(txn).await.unwrap();
+    assert_eq!(r.header().unwrap().revision(), 2);
+    let resp = next_resp(&mut ws).await;
+    assert_eq!(resp.watch_id(), id);
+    assert_eq!(
+        resp.events().iter().map(ev).collect::<Vec<_>>(),
+        vec![
+            put_ev("t/c", "3", 2, 2, 1),
+            put_ev("t/a", "1", 2, 2, 1),
+            put_ev("t/b", "2", 2, 2, 1),
+        ],
+        "all three in one response, in op order"
+    );
+
+    let txn = Txn::new()
+        .when(vec![Compare::version("t/a", CompareOp::Equal, 1)])
+        .and_then(vec![
+            TxnOp::put("t/d", "4", None),
+            TxnOp::delete("t/a", None),
+            TxnOp::put("t/c", "33", None),
+        ]);
+    let r = c.txn(txn).await.unwrap();
+    assert!(r.succeeded());
+    assert_eq!(r.header().unwrap().revision(), 3);
+    let resp = next_resp(&mut ws).await;
+    assert_eq!(
+        resp.events().iter().map(ev).collect::<Vec<_>>(),
+        vec![
+            put_ev("t/d", "4", 3, 3, 1),
+            del_ev("t/a", 3),
+            put_ev("t/c", "33", 2, 3, 2),
+        ]
+    );
+    // A range delete of the rest: one response, key order.
+    let r = c
+        .delete("t/", Some(DeleteOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    assert_eq!((r.deleted(), r.header().unwrap().revision()), (3, 4));
+    let resp = next_resp(&mut ws).await;
+    assert_eq!(
+        resp.events().iter().map(ev).collect::<Vec<_>>(),
+        vec![del_ev("t/b", 4), del_ev("t/c", 4), del_ev("t/d", 4)]
+    );
+    assert_eq!(fence(&mut ws).await, 4);
+}
+
+/// Stream A is not read while 2000 ~1 KiB puts happen; stream B on another connection must
+/// get all of them promptly regardless. Then A, drained, must have all 2000 in order too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_consumer_does_not_block_others() {
+    const N: usize = 2000;
+    let server = Server::start();
+    let mut ca = server.client().await;
+    let mut cb = server.client().await;
+    let (mut wa, ida) = open(&mut ca, "s/", Some(WatchOptions::new().with_prefix())).await;
+    let (mut wb, idb) = open(&mut cb, "s/", Some(WatchOptions::new().with_prefix())).await;
+
+    let reader_b = tokio::spawn(async move {
+        let mut got: Vec<Event> = Vec::new();
+        while got.len() < N {
+            let r = next_resp(&mut wb).await;
+            assert!(!r.canceled() && !r.events().is_empty(), "B: {r:?}");
+            assert_eq!(r.watch_id(), idb);
+            got.extend(r.events().iter().cloned());
+        }
+        (got, std::time::Instant::now(), wb)
+    });
+
+    // 8 puts in flight at a time; revisions within a batch come in any order, so events are
+    // compared with the KV's mod_revisions below.
+    let writer = server.client().await;
+    let value = vec![b'v'; 1024];
+    let mut pending = Vec::new();
+    let t0 = std::time::Instant::now();
+    for chunk in (0..N).collect::<Vec<_>>().chunks(8) {
+        for &i in chunk {
+            let mut c = writer.clone();
+            let v = value.clone();
+            pending.push(async move {
+                c.put(format!("s/{i:04}"), v, None)
+                    .await
+                    .unwrap()
+                    .header()
+                    .unwrap()
+                    .revision()
+            });
+        }
+        futures_join(std::mem::take(&mut pending)).await;
+    }
+    let writes_done = std::time::Instant::now();
+    let (got_b, b_done, _wb) = timeout(WAIT, reader_b)
+        .await
+        .expect("B did not receive all events within 10 s of the last write while A was not read")
+        .unwrap();
+    // Within a chunk of concurrent puts revisions may be assigned in any order: compare B's
+    // (key, revision) pairs with the KV.
+    let mut c = server.client().await;
+    let all = c
+        .get("s/", Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    assert_eq!(all.kvs().len(), N);
+    let mut by_rev: Vec<(i64, String)> = all
+        .kvs()
+        .iter()
+        .map(|kv| (kv.mod_revision(), kv.key_str().unwrap().to_string()))
+        .collect();
+    by_rev.sort();
+    assert_eq!(by_rev[0].0, 2);
+    assert_eq!(by_rev[N - 1].0, 1 + N as i64);
+    let check = |events: &[Event], who: &str| {
+        assert_eq!(events.len(), N, "{who}: event count");
+        for (i, e) in events.iter().enumerate() {
+            let (t, k, _, _, m, v) = ev(e);
+            assert_eq!((t, m, v), ("PUT", 2 + i as i64, 1), "{who}: event {i}");
+            assert_eq!(k, by_rev[i].1, "{who}: event {i}");
+            assert_eq!(e.kv().unwrap().value().len(), 1024, "{who}: event {i}");
+        }
+    };
+    check(&got_b, "B");
+    eprintln!(
+        "writes took {:?}; B caught up {:?} after the last write",
+        writes_done - t0,
+        b_done.saturating_duration_since(writes_done)
+    );
+
+    // Now drain A.
+    let mut got_a: Vec<Event> = Vec::new();
+    let drain = async {
+        while got_a.len() < N {
+            let r = next_resp(&mut wa).await;
+            assert!(!r.canceled() && !r.events().is_empty(), "A: {r:?}");
+            assert_eq!(r.watch_id(), ida);
+            got_a.extend(r.events().iter().cloned());
+        }
+    };
+    timeout(Duration::from_secs(60), drain)
+        .await
+        .expect("A drained within 60 s");
+    check(&got_a, "A");
+    assert_eq!(fence(&mut wa).await, 1 + N as i64);
+}
+
+/// Awaits all futures concurrently (no extra crates: spawned on the runtime).
+async fn futures_join<F>(futs: Vec<F>) -> Vec<i64>
+where
+    F: std::future::Future<Output = i64> + Send + 'static,
+{
+    let handles: Vec<_> = futs.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(timeout(WAIT, h).await.expect("put timed out").unwrap());
+    }
+    out
+}
+
+/// A watch stream dropped by its client (with events still owed) does not disturb the server.
+#[tokio::test]
+async fn dropped_stream_leaves_server_working() {
+    let server = Server::start();
+    let mut c1 = server.client().await;
+    let (ws, _) = open(&mut c1, "d/", Some(WatchOptions::new().with_prefix())).await;
+    let mut c = server.client().await;
+    for i in 0..100 {
+        put(&mut c, &format!("d/{i:03}"), &"x".repeat(512)).await;
+    }
+    drop(ws);
+    drop(c1);
+    // A stream that owes a whole history, dropped right after creation.
+    let mut c3 = server.client().await;
+    let (ws3, _) = open(
+        &mut c3,
+        "d/",
+        Some(WatchOptions::new().with_prefix().with_start_revision(1)),
+    )
+    .await;
+    drop(ws3);
+
+    let mut c2 = server.client().await;
+    let (mut ws, id) = open(&mut c2, "d/", Some(WatchOptions::new().with_prefix())).await;
+    assert_eq!(put(&mut c, "d/new", "1").await, 102);
+    let got = read_events(&mut ws, id, 1).await;
+    assert_eq!(ev(&got[0]), put_ev("d/new", "1", 102, 102, 1));
+    assert_eq!(fence(&mut ws).await, 102);
+    // And the KV is fine.
+    let r = c2
+        .get(
+            "d/",
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.count(), 101);
+    // c3's connection is still usable for other calls after its stream went away.
+    assert_eq!(c3.get("d/new", None).await.unwrap().kvs().len(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// etcdctl
+
+/// A long-running `etcdctl` child whose stdout is read line by line; killed when dropped.
+pub struct Ctl {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Lines<BufReader<ChildStdout>>,
+}
+
+impl Ctl {
+    /// Starts `etcdctl <args>` against `endpoint`.
+    pub fn spawn(endpoint: &str, args: &[&str]) -> Ctl {
+        let mut child = tokio::process::Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={endpoint}"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("etcdctl is installed");
+        let stdout = child.stdout.take().unwrap();
+        Ctl {
+            stdin: child.stdin.take(),
+            child,
+            lines: BufReader::new(stdout).lines(),
+        }
+    }
+
+    /// Writes `s` to its stdin.
+    pub async fn write(&mut self, s: &str) {
+        let stdin = self.stdin.as_mut().unwrap();
+        stdin.write_all(s.as_bytes()).await.unwrap();
+        stdin.flush().await.unwrap();
+    }
+
+    /// The next `n` lines of stdout (panics with what arrived if they do not within [`WAIT`]).
+    pub async fn lines(&mut self, n: usize) -> Vec<String> {
+        let mut got = Vec::new();
+        while got.len() < n {
+            match timeout(WAIT, self.lines.next_line()).await {
+                Ok(Ok(Some(l))) => got.push(l),
+                other => panic!("etcdctl output ended or stalled ({other:?}); got {got:?}"),
+            }
+        }
+        got
+    }
+
+    /// Closes its stdin and waits (at most [`WAIT`]) for it to exit.
+    pub async fn exit(mut self) -> std::process::ExitStatus {
+        drop(self.stdin.take());
+        timeout(WAIT, self.child.wait())
+            .await
+            .expect("etcdctl did not exit")
+            .unwrap()
+    }
+
+    /// Kills it.
+    pub async fn kill(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+#[tokio::test]
+async fn etcdctl_watch_prefix_rev_prev_kv() {
+    let server = Server::start();
+    let mut c = server.client().await;
+    assert_eq!(put(&mut c, "k/a", "1").await, 2);
+    assert_eq!(put(&mut c, "k/a", "2").await, 3);
+    assert_eq!(del(&mut c, "k/a").await, 4);
+    assert_eq!(put(&mut c, "k/b", "x").await, 5);
+    assert_eq!(put(&mut c, "other", "o").await, 6);
+
+    let mut ctl = Ctl::spawn(
+        &server.endpoint,
+        &["watch", "k", "--prefix", "--rev", "2", "--prev-kv"],
+    );
+    let want = strings(&[
+        "PUT", "k/a", "1", // created: no prev_kv
+        "PUT", "k/a", "1", "k/a", "2", // prev, then current
+        "DELETE", "k/a", "2", "k/a", "", // prev, then the tombstone
+        "PUT", "k/b", "x",
+    ]);
+    assert_eq!(ctl.lines(want.len()).await, want);
+    // Live events follow.
+    put(&mut c, "k/b", "y").await;
+    assert_eq!(
+        ctl.lines(5).await,
+        strings(&["PUT", "k/b", "x", "k/b", "y"])
+    );
+    ctl.kill().await;
+
+    // Without --prefix: exactly one key, from --rev.
+    let mut ctl = Ctl::spawn(&server.endpoint, &["watch", "k/b", "--rev", "5"]);
+    assert_eq!(
+        ctl.lines(6).await,
+        strings(&["PUT", "k/b", "x", "PUT", "k/b", "y"])
+    );
+    ctl.kill().await;
+}
+
+/// `etcdctl watch -i`: commands on stdin; "progress" prints "progress notify: <revision>".
+#[tokio::test]
+async fn etcdctl_watch_interactive() {
+    let server = Server::start();
+    let mut c = server.client().await;
+    assert_eq!(put(&mut c, "k/a", "1").await, 2);
+    assert_eq!(put(&mut c, "k/b", "2").await, 3);
+
+    let mut ctl = Ctl::spawn(&server.endpoint, &["watch", "-i"]);
+    ctl.write("watch k --prefix --rev 2 --prev-kv\n").await;
+    assert_eq!(
+        ctl.lines(6).await,
+        strings(&["PUT", "k/a", "1", "PUT", "k/b", "2"])
+    );
+    ctl.write("progress\n").await;
+    assert_eq!(ctl.lines(1).await, strings(&["progress notify: 3"]));
+    put(&mut c, "k/a", "3").await;
+    assert_eq!(
+        ctl.lines(5).await,
+        strings(&["PUT", "k/a", "1", "k/a", "3"])
+    );
+    // A second watch on the same stream.
+    ctl.write("watch z --rev 5\n").await;
+    put(&mut c, "z", "zz").await;
+    assert_eq!(ctl.lines(3).await, strings(&["PUT", "z", "zz"]));
+    // The progress response (watch ID -1) goes to every watch of the stream: etcdctl prints
+    // it once per watch, as it does against etcd 3.4.
+    ctl.write("progress\n").await;
+    assert_eq!(
+        ctl.lines(2).await,
+        strings(&["progress notify: 5", "progress notify: 5"])
+    );
+    ctl.kill().await;
+}
