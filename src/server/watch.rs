@@ -274,9 +274,11 @@ impl StreamState {
                 Err(EtcdError::Compacted) => {
                     self.watchers.remove(&id);
                     let compact_revision = self.core.applied.borrow().compact_revision;
+                    // etcd sets only compact_revision; the reason helps clients that read it.
                     let resp = WatchResponse {
                         canceled: true,
                         compact_revision,
+                        cancel_reason: EtcdError::Compacted.to_string(),
                         ..self.response(id, state.revision)
                     };
                     self.send(resp).await?;

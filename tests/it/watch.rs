@@ -933,3 +933,113 @@ async fn etcdctl_watch_interactive() {
     );
     ctl.kill().await;
 }
+
+/// A watcher whose client stops reading falls behind; once its next revision is compacted it
+/// is canceled with `compact_revision` (and a reason), after a gap-free prefix of events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lagging_watcher_is_canceled_when_its_revision_is_compacted() {
+    let server = Server::start();
+    let mut c = connect(&server.endpoint).await;
+    let first = put(&mut c, "lag/0", "start").await;
+    let (mut ws, id) = open(&mut c, "lag/", Some(WatchOptions::new().with_prefix())).await;
+    // Enough data to fill the stream's outbound queue and HTTP/2 windows while nobody reads.
+    let value = "v".repeat(4096);
+    let mut last = first;
+    for i in 1..=1500 {
+        last = put(&mut c, &format!("lag/{i}"), &value).await;
+    }
+    c.compact(last, None).await.unwrap();
+
+    let mut next = first + 1;
+    loop {
+        let r = next_resp(&mut ws).await;
+        assert_eq!(r.watch_id(), id, "{r:?}");
+        if r.canceled() {
+            assert_eq!(r.compact_revision(), last, "{r:?}");
+            assert!(r.cancel_reason().contains("compacted"), "{r:?}");
+            assert!(
+                next < last,
+                "the cancel came although every event was delivered"
+            );
+            break;
+        }
+        for e in r.events() {
+            let rev = e.kv().unwrap().mod_revision();
+            assert_eq!(rev, next, "events must have no gaps before the cancel");
+            next += 1;
+        }
+    }
+}
+
+/// With `fragment`, a response larger than `--max-request-bytes` arrives in pieces: every piece
+/// but the last has `fragment` set, and together they hold the revision's events.
+#[tokio::test]
+async fn large_revision_is_fragmented_on_request() {
+    use metastore::proto::etcdserverpb::{watch_client::WatchClient, watch_request::RequestUnion};
+    use metastore::proto::etcdserverpb::{WatchCreateRequest, WatchRequest};
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::try_start(dir.path(), &["--max-request-bytes", "8192"]).unwrap();
+    let mut c = connect(&server.endpoint).await;
+    let value = "x".repeat(2000);
+    for i in 0..20 {
+        put(&mut c, &format!("frag/{i:02}"), &value).await;
+    }
+
+    let mut raw = WatchClient::connect(format!("http://{}", server.endpoint))
+        .await
+        .unwrap();
+    let create = WatchRequest {
+        request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+            key: b"frag/".to_vec(),
+            range_end: b"frag0".to_vec(),
+            prev_kv: true,
+            fragment: true,
+            ..Default::default()
+        })),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(create).await.unwrap();
+    let mut stream = raw
+        .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let created = timeout(WAIT, stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(created.created);
+
+    // One revision deletes all 20 keys; with prev_kv its events are ~80 KB.
+    let deleted = c
+        .delete("frag/", Some(DeleteOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    assert_eq!(deleted.deleted(), 20);
+    let mut events = 0;
+    let mut pieces = 0;
+    loop {
+        let r = timeout(WAIT, stream.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        pieces += 1;
+        events += r.events.len();
+        assert!(r
+            .events
+            .iter()
+            .all(|e| e.kv.as_ref().unwrap().mod_revision == deleted.header().unwrap().revision()));
+        if !r.fragment {
+            break;
+        }
+    }
+    assert_eq!(events, 20);
+    assert!(
+        pieces > 1,
+        "a response over --max-request-bytes must be fragmented"
+    );
+    drop(tx);
+}
