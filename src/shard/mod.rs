@@ -219,26 +219,38 @@ impl ShardSet {
         rev: i64,
     ) -> Result<Vec<PartialRange>, EtcdError> {
         let range = KeyRange::from_request(&req.key, &req.range_end);
-        let mut waits = Vec::new();
-        for i in self.shards_for(&range) {
-            let (reply, rx) = oneshot::channel();
-            let cmd = ReadCmd::Range {
+        let parts = self
+            .scatter(self.shards_for(&range), |reply| ReadCmd::Range {
                 req: req.clone(),
                 rev,
                 reply,
-            };
+            })
+            .await?;
+        parts.into_iter().collect()
+    }
+
+    /// Sends one read to each of `shards` (all before waiting, so they run in parallel) and
+    /// gathers the replies in the same order.
+    async fn scatter<T>(
+        &self,
+        shards: Vec<usize>,
+        command: impl Fn(oneshot::Sender<T>) -> ReadCmd,
+    ) -> Result<Vec<T>, EtcdError> {
+        let mut waits = Vec::with_capacity(shards.len());
+        for i in shards {
+            let (reply, rx) = oneshot::channel();
             self.handles[i]
                 .read
-                .send_async(cmd)
+                .send_async(command(reply))
                 .await
                 .map_err(|_| EtcdError::Stopped)?;
             waits.push(rx);
         }
-        let mut parts = Vec::with_capacity(waits.len());
+        let mut replies = Vec::with_capacity(waits.len());
         for rx in waits {
-            parts.push(rx.await.map_err(|_| EtcdError::Stopped)??);
+            replies.push(rx.await.map_err(|_| EtcdError::Stopped)?);
         }
-        Ok(parts)
+        Ok(replies)
     }
 }
 
@@ -255,58 +267,48 @@ impl ShardSet {
         limit: usize,
         prev_kv: bool,
     ) -> Result<EventBatch, EtcdError> {
-        let mut waits = Vec::new();
-        for i in self.shards_for(range) {
-            let (reply, rx) = oneshot::channel();
-            let cmd = ReadCmd::Events {
+        let parts = self
+            .scatter(self.shards_for(range), |reply| ReadCmd::Events {
                 range: range.clone(),
                 from,
                 to,
                 limit,
                 prev_kv,
                 reply,
-            };
-            self.handles[i]
-                .read
-                .send_async(cmd)
-                .await
-                .map_err(|_| EtcdError::Stopped)?;
-            waits.push(rx);
-        }
+            })
+            .await?;
         let mut merged = EventBatch {
             events: Vec::new(),
             through: to,
         };
-        for rx in waits {
-            let part = rx.await.map_err(|_| EtcdError::Stopped)??;
+        for part in parts {
+            let part = part?;
             merged.through = merged.through.min(part.through);
             merged.events.extend(part.events);
         }
         // A shard that stopped early bounds what is complete for all of them.
         let through = merged.through;
         merged.events.retain(|e| e.rev <= through);
+        fn key(e: &crate::mvcc::store::EventRecord) -> Option<&[u8]> {
+            e.event.kv.as_ref().map(|kv| kv.key.as_slice())
+        }
         merged.events.sort_by(|a, b| {
-            (a.rev, a.sub).cmp(&(b.rev, b.sub)).then_with(|| {
-                let key = |e: &crate::mvcc::store::EventRecord| {
-                    e.event.kv.as_ref().map(|kv| kv.key.clone())
-                };
-                key(a).cmp(&key(b))
-            })
+            (a.rev, a.sub)
+                .cmp(&(b.rev, b.sub))
+                .then_with(|| key(a).cmp(&key(b)))
         });
         Ok(merged)
     }
 
     /// Every key attached to `lease`, over all shards, in key order.
     pub async fn lease_keys(&self, lease: i64) -> Result<Vec<Vec<u8>>, EtcdError> {
-        let mut keys = Vec::new();
-        for h in self.handles.iter() {
-            let (reply, rx) = oneshot::channel();
-            h.read
-                .send_async(ReadCmd::LeaseKeys { lease, reply })
-                .await
-                .map_err(|_| EtcdError::Stopped)?;
-            keys.extend(rx.await.map_err(|_| EtcdError::Stopped)?);
-        }
+        let all = (0..self.len()).collect();
+        let mut keys: Vec<Vec<u8>> = self
+            .scatter(all, |reply| ReadCmd::LeaseKeys { lease, reply })
+            .await?
+            .into_iter()
+            .flatten()
+            .collect();
         keys.sort();
         Ok(keys)
     }
