@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Installs what building and testing MetaStore needs on a fresh Debian/Ubuntu machine that has
-# only the Rust toolchain: protoc (tonic/prost code generation) and etcdctl (integration tests).
+# only the Rust toolchain: protoc (tonic/prost code generation), libclang (bindgen for the
+# RocksDB engine's librocksdb-sys) and etcdctl (integration tests).
 set -euo pipefail
 need=()
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
+dpkg -s libclang-dev >/dev/null 2>&1 || need+=(libclang-dev)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -43,6 +43,15 @@ pub enum ClusterState {
     Existing,
 }
 
+/// `--rocksdb-compression`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Compression {
+    /// LZ4 block compression.
+    Lz4,
+    /// No compression.
+    None,
+}
+
 /// `--log-level`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogLevel {
@@ -197,6 +206,31 @@ pub struct Config {
     )]
     pub storage_engine: EngineKind,
 
+    /// RocksDB block cache per shard, bytes.
+    #[arg(long, env = "METASTORE_ROCKSDB_BLOCK_CACHE_BYTES", default_value_t = 64 << 20)]
+    pub rocksdb_block_cache_bytes: usize,
+
+    /// RocksDB write buffer (memtable) per shard, bytes.
+    #[arg(long, env = "METASTORE_ROCKSDB_WRITE_BUFFER_BYTES", default_value_t = 64 << 20)]
+    pub rocksdb_write_buffer_bytes: usize,
+
+    /// RocksDB block compression: `lz4` or `none`.
+    #[arg(
+        long,
+        env = "METASTORE_ROCKSDB_COMPRESSION",
+        value_enum,
+        default_value = "lz4"
+    )]
+    pub rocksdb_compression: Compression,
+
+    /// RocksDB bloom filter bits per key (0 = no bloom filter).
+    #[arg(
+        long,
+        env = "METASTORE_ROCKSDB_BLOOM_BITS_PER_KEY",
+        default_value_t = 10.0
+    )]
+    pub rocksdb_bloom_bits_per_key: f64,
+
     /// Number of shards, each pinned to a core [default: one per online CPU].
     #[arg(long, env = "METASTORE_SHARDS")]
     pub shards: Option<usize>,
@@ -248,6 +282,16 @@ impl Config {
     pub fn watch_progress_notify_interval(&self) -> std::time::Duration {
         self.experimental_watch_progress_notify_interval
             .max(std::time::Duration::from_millis(1))
+    }
+
+    /// RocksDB tuning from the `--rocksdb-*` flags.
+    pub fn rocks_options(&self) -> crate::mvcc::rocks::RocksOptions {
+        crate::mvcc::rocks::RocksOptions {
+            block_cache_bytes: self.rocksdb_block_cache_bytes,
+            write_buffer_bytes: self.rocksdb_write_buffer_bytes,
+            compression: self.rocksdb_compression == Compression::Lz4,
+            bloom_bits_per_key: self.rocksdb_bloom_bits_per_key,
+        }
     }
 
     /// The backend quota in bytes, with 0 meaning etcd's default.
@@ -308,9 +352,6 @@ impl Config {
         }
         if self.max_request_bytes == 0 {
             return Err(ConfigError::Zero("--max-request-bytes"));
-        }
-        if self.storage_engine == EngineKind::Rocksdb {
-            return Err(ConfigError::Unsupported("--storage-engine rocksdb"));
         }
         if self
             .listen_client_urls

@@ -4,6 +4,8 @@ use clap::Parser;
 use metastore::config::{Config, LogLevel};
 
 fn main() {
+    // Fault-injection hooks (the `fail` crate), configured with FAILPOINTS; inert otherwise.
+    let _failpoints = fail::FailScenario::setup();
     let cfg = Config::parse();
     let level = match cfg.log_level {
         LogLevel::Debug => "debug",

@@ -50,7 +50,7 @@ use crate::proto::etcdserverpb::{
 use crate::proto::metastorepb::{
     proposal::Request as Proposed, KeyHistory, Proposal, StateSnapshot,
 };
-use crate::shard::{shard_for, ApplyCmd, ShardSet};
+use crate::shard::{shard_for, ApplyCmd, BarrierState, ShardSet};
 pub use pending::{Pending, PendingGuard};
 
 /// What clients may read: published after every shard has applied through `index`.
@@ -62,8 +62,29 @@ pub struct AppliedState {
     pub revision: i64,
     /// Reads below this revision fail with ErrCompacted.
     pub compact_revision: i64,
-    /// Sum of the shards' store sizes, bytes.
-    pub db_size: u64,
+}
+
+/// Where the dispatcher starts: the state machine at Raft index `index`, from a snapshot
+/// (memory engine) or from what the shards' durable engines recovered (RocksDB).
+#[derive(Clone, Debug, Default)]
+pub struct StartState {
+    /// Raft index applied.
+    pub index: u64,
+    /// Term of that entry.
+    pub term: u64,
+    /// Store revision at that index.
+    pub revision: i64,
+    /// Compaction revision at that index.
+    pub compact_revision: i64,
+    /// Granted leases at that index.
+    pub leases: Vec<crate::proto::metastorepb::LeaseRecord>,
+    /// Index of the newest snapshot (the Raft log before it is gone).
+    pub snapshot_index: u64,
+    /// The highest index any shard had made durable: entries up to it are announced to the
+    /// shards ([`ApplyCmd::Entry`]) so those that hold them already skip them.
+    pub replay_until: u64,
+    /// Whether shards keep their data on disk (snapshots are then checkpoints).
+    pub durable: bool,
 }
 
 /// The result of an applied write request, before the front end adds member and term to the
@@ -130,6 +151,12 @@ pub struct Dispatcher {
     applied_index: u64,
     applied_term: u64,
     last_snapshot_index: u64,
+    replay_until: u64,
+    durable: bool,
+    /// Compaction revision every shard has durably recorded and may purge history below.
+    purge_pending: Option<i64>,
+    /// Leases granted (`Some`) or revoked (`None`) since the last barrier; persisted with it.
+    lease_changes: Vec<(i64, Option<crate::proto::metastorepb::LeaseRecord>)>,
     /// Granted leases (shared with the lease service and clock; see [`crate::lease`]).
     leases: LeaseTable,
     /// Grants below this TTL are raised to it, seconds.
@@ -163,39 +190,36 @@ fn wait<T>(rx: oneshot::Receiver<T>) -> T {
 }
 
 impl Dispatcher {
-    /// A dispatcher at the state of `snap` (or empty), publishing to `applied_tx`. Grants
-    /// below `min_lease_ttl` seconds are raised to it.
+    /// A dispatcher at `start` (or empty), publishing to `applied_tx`. Grants below
+    /// `min_lease_ttl` seconds are raised to it.
     pub fn new(
         shards: ShardSet,
-        snap: Option<&StateSnapshot>,
+        start: &StartState,
         pending: Arc<Pending>,
         applied_tx: watch::Sender<AppliedState>,
         snapshots: SnapshotPolicy,
         leases: LeaseTable,
         min_lease_ttl: i64,
     ) -> Self {
-        let mut d = Dispatcher {
+        leases.restore(&start.leases);
+        let d = Dispatcher {
             shards,
-            revision: 1,
-            compact_revision: 0,
-            applied_index: 0,
-            applied_term: 0,
-            last_snapshot_index: 0,
+            revision: start.revision.max(1),
+            compact_revision: start.compact_revision,
+            applied_index: start.index,
+            applied_term: start.term,
+            last_snapshot_index: start.snapshot_index,
+            replay_until: start.replay_until,
+            durable: start.durable,
+            purge_pending: (start.compact_revision > 0).then_some(start.compact_revision),
+            lease_changes: Vec::new(),
             leases,
             min_lease_ttl,
             pending,
             applied_tx,
             snapshots,
         };
-        if let Some(s) = snap {
-            d.revision = s.revision;
-            d.compact_revision = s.compact_revision;
-            d.applied_index = s.index;
-            d.applied_term = s.term;
-            d.last_snapshot_index = s.index;
-            d.leases.restore(&s.leases);
-        }
-        d.publish(0);
+        d.publish();
         d
     }
 
@@ -219,6 +243,13 @@ impl Dispatcher {
             if entry.index <= self.applied_index {
                 continue; // already in the snapshot we started from
             }
+            // Shards that made this entry durable before a restart skip its writes; the first
+            // entry past them tells them to stop skipping.
+            if self.replay_until > 0 && entry.index <= self.replay_until + 1 {
+                for s in self.shards.iter() {
+                    let _ = s.apply.send(ApplyCmd::Entry { index: entry.index });
+                }
+            }
             let mut data = entry.data.as_slice();
             while !data.is_empty() {
                 match <Proposal as prost::Message>::decode_length_delimited(&mut data) {
@@ -233,8 +264,14 @@ impl Dispatcher {
             self.applied_index = entry.index;
             self.applied_term = entry.term;
         }
-        let db_size = self.barrier();
-        self.publish(db_size);
+        self.barrier();
+        self.publish();
+        // Every shard now has the compaction on disk: history below it can go.
+        if let Some(rev) = self.purge_pending.take() {
+            for s in self.shards.iter() {
+                let _ = s.apply.send(ApplyCmd::Purge { rev });
+            }
+        }
         for (id, outcome) in outcomes {
             let result = match outcome {
                 Outcome::Done(r) => r,
@@ -268,23 +305,26 @@ impl Dispatcher {
         waits.into_iter().map(wait).collect()
     }
 
-    fn barrier(&self) -> u64 {
-        let index = self.applied_index;
+    fn barrier(&mut self) {
+        let state = BarrierState {
+            applied_index: self.applied_index,
+            applied_term: self.applied_term,
+            revision: self.revision,
+            compact_revision: self.compact_revision,
+            lease_changes: Arc::new(std::mem::take(&mut self.lease_changes)),
+        };
         let all = 0..self.shards.len();
         self.ask(all, |reply| ApplyCmd::Barrier {
-            applied_index: index,
+            state: state.clone(),
             reply,
-        })
-        .into_iter()
-        .sum()
+        });
     }
 
-    fn publish(&self, db_size: u64) {
+    fn publish(&self) {
         self.applied_tx.send_replace(AppliedState {
             index: self.applied_index,
             revision: self.revision,
             compact_revision: self.compact_revision,
-            db_size,
         });
     }
 
@@ -339,6 +379,7 @@ impl Dispatcher {
         let shard = self.shards.get(shard_for(key, self.shards.len()));
         let _ = shard.apply.send(ApplyCmd::Get {
             key: key.to_vec(),
+            rev: self.revision,
             reply,
         });
         wait(rx)
@@ -393,9 +434,11 @@ impl Dispatcher {
         for s in self.shards.iter() {
             let _ = s.apply.send(ApplyCmd::Compact { rev: c.revision });
         }
+        self.purge_pending = Some(c.revision);
         self.compact_revision = c.revision;
-        // Compaction runs inside the apply path, so by the time the barrier after it passes it
-        // is physically done: `physical` needs no extra wait.
+        // The reply goes out after the barrier, when every shard refuses reads below the
+        // revision; the purge of the history itself is ordered right after that barrier and
+        // runs ahead of anything queued later on each shard, so `physical` needs no extra wait.
         Ok(ApplyResponse::Compaction(CompactionResponse {
             header: header(self.revision),
         }))
@@ -410,6 +453,12 @@ impl Dispatcher {
         }
         let ttl = g.ttl.max(self.min_lease_ttl);
         self.leases.grant(g.id, ttl);
+        let record = crate::proto::metastorepb::LeaseRecord {
+            id: g.id,
+            ttl,
+            remaining_ttl: 0,
+        };
+        self.lease_changes.push((g.id, Some(record)));
         Ok(ApplyResponse::LeaseGrant(LeaseGrantResponse {
             header: header(self.revision),
             id: g.id,
@@ -424,6 +473,7 @@ impl Dispatcher {
         if !self.leases.revoke(r.id) {
             return Err(EtcdError::LeaseNotFound);
         }
+        self.lease_changes.push((r.id, None));
         let rev = self.revision + 1;
         let lease = r.id;
         let deleted: usize = self
@@ -446,7 +496,14 @@ impl Dispatcher {
 
     fn apply_lease_checkpoint(&mut self, c: &LeaseCheckpointRequest) -> ApplyResult {
         for cp in &c.checkpoints {
-            self.leases.checkpoint(cp.id, cp.remaining_ttl);
+            if let Some(ttl) = self.leases.checkpoint(cp.id, cp.remaining_ttl) {
+                let record = crate::proto::metastorepb::LeaseRecord {
+                    id: cp.id,
+                    ttl,
+                    remaining_ttl: cp.remaining_ttl,
+                };
+                self.lease_changes.push((cp.id, Some(record)));
+            }
         }
         Ok(ApplyResponse::LeaseCheckpoint(LeaseCheckpointResponse {
             header: header(self.revision),
@@ -504,11 +561,11 @@ impl Dispatcher {
             .filter(|(_, (idx, _))| !idx.is_empty())
             .map(|(s, (idx, cmps))| {
                 let (reply, rx) = oneshot::channel();
-                let _ = self
-                    .shards
-                    .get(s)
-                    .apply
-                    .send(ApplyCmd::Compare { cmps, reply });
+                let _ = self.shards.get(s).apply.send(ApplyCmd::Compare {
+                    cmps,
+                    rev: self.revision,
+                    reply,
+                });
                 (idx, rx)
             })
             .collect();
@@ -630,9 +687,44 @@ impl Dispatcher {
     }
 
     fn snapshot(&mut self) {
-        let parts = self.ask(0..self.shards.len(), |reply| ApplyCmd::Export { reply });
-        let mut keys: Vec<KeyHistory> = parts.into_iter().flatten().collect();
-        keys.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        // Durable engines snapshot as on-disk checkpoints (flushed SST files, ready to ship to
+        // a follower); the memory engine as an image of every key's history.
+        let keys = if self.durable {
+            let dir = self
+                .snapshots
+                .snapshotter
+                .checkpoint_dir(self.applied_term, self.applied_index);
+            // RocksDB creates each shard's checkpoint directory itself, inside this one.
+            if let Err(e) = std::fs::create_dir_all(&dir) {
+                tracing::error!(dir = %dir.display(), error = %e, "cannot create checkpoint directory");
+                return;
+            }
+            let waits: Vec<_> = self
+                .shards
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    let (reply, rx) = oneshot::channel();
+                    let _ = s.apply.send(ApplyCmd::Checkpoint {
+                        dir: dir.join(i.to_string()),
+                        reply,
+                    });
+                    rx
+                })
+                .collect();
+            let failed: Vec<String> = waits.into_iter().filter_map(|rx| wait(rx).err()).collect();
+            if !failed.is_empty() {
+                // The WAL still holds everything; retry at the next batch.
+                tracing::error!(errors = ?failed, "checkpoint failed");
+                return;
+            }
+            Vec::new()
+        } else {
+            let parts = self.ask(0..self.shards.len(), |reply| ApplyCmd::Export { reply });
+            let mut keys: Vec<KeyHistory> = parts.into_iter().flatten().collect();
+            keys.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+            keys
+        };
         let snap = StateSnapshot {
             index: self.applied_index,
             term: self.applied_term,
@@ -646,6 +738,9 @@ impl Dispatcher {
         match self.snapshots.snapshotter.save(&snap) {
             Ok(()) => {
                 self.last_snapshot_index = self.applied_index;
+                self.snapshots
+                    .snapshotter
+                    .remove_checkpoints_before(snap.term, snap.index);
                 tracing::info!(
                     index = snap.index,
                     revision = snap.revision,
@@ -696,11 +791,9 @@ pub async fn restore_shards(shards: &ShardSet, snap: &StateSnapshot) {
             keys,
             compact_revision,
         });
+        // Any reply-bearing command queued after the import tells us it has been processed.
         let (reply, rx) = oneshot::channel();
-        let _ = shard.apply.send(ApplyCmd::Barrier {
-            applied_index: snap.index,
-            reply,
-        });
+        let _ = shard.apply.send(ApplyCmd::Recover { reply });
         loaded.push(rx);
     }
     for rx in loaded {

@@ -109,9 +109,12 @@ pub struct RaftNode {
 impl RaftNode {
     /// Builds the node from what recovery found: the snapshot (if any) and the WAL records
     /// after it.
+    /// `applied` is the index the state machine already holds (at least the snapshot's).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         cfg: &NodeConfig,
         snap: Option<&StateSnapshot>,
+        applied: u64,
         wal: Wal,
         recovered: Recovered,
         pending: Arc<Pending>,
@@ -134,10 +137,15 @@ impl RaftNode {
         };
         storage.wl().append(&recovered.entries)?;
         let last_index = recovered.entries.last().map_or(snap_index, |e| e.index);
-        if let Some(mut hs) = recovered.hard_state {
-            // The snapshot proves its index committed; the log cannot commit what it lacks.
-            hs.commit = hs.commit.max(snap_index).min(last_index);
+        if recovered.hard_state.is_some() || applied > snap_index {
+            let mut hs = recovered.hard_state.unwrap_or_default();
+            // What the snapshot or the durable state machine holds was committed; the log
+            // cannot commit what it lacks.
+            hs.commit = hs.commit.max(snap_index).max(applied).min(last_index);
             hs.term = hs.term.max(storage.rl().hard_state().term);
+            if let Some(last) = recovered.entries.last() {
+                hs.term = hs.term.max(last.term);
+            }
             storage.wl().set_hardstate(hs);
         }
         let election_tick = (cfg.election_ms / cfg.heartbeat_ms.max(1)).max(2) as usize;
@@ -145,7 +153,7 @@ impl RaftNode {
             id: cfg.id,
             election_tick,
             heartbeat_tick: 1,
-            applied: snap_index,
+            applied: applied.max(snap_index).min(last_index),
             max_size_per_msg: 1024 * 1024,
             max_inflight_msgs: 256,
             pre_vote: true,

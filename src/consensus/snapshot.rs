@@ -86,6 +86,26 @@ impl Snapshotter {
         Ok(())
     }
 
+    /// Where the durable engines' checkpoints for the snapshot at (`term`, `index`) go: one
+    /// subdirectory per shard.
+    pub fn checkpoint_dir(&self, term: u64, index: u64) -> PathBuf {
+        self.dir.join(format!("{term:016x}-{index:016x}.ckpt"))
+    }
+
+    /// Removes checkpoint directories older than the snapshot at (`term`, `index`).
+    pub fn remove_checkpoints_before(&self, term: u64, index: u64) {
+        let keep = self.checkpoint_dir(term, index);
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "ckpt") && p < keep {
+                let _ = fs::remove_dir_all(&p);
+            }
+        }
+    }
+
     /// Loads the newest snapshot, if any.
     ///
     /// Errors: [`SnapshotError::Corrupt`] naming the file when it fails its checksum: the WAL

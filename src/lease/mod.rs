@@ -79,11 +79,12 @@ impl LeaseTable {
         self.lock().remove(&id).is_some()
     }
 
-    /// Applies a checkpoint of the remaining TTL.
-    pub fn checkpoint(&self, id: i64, remaining_ttl: i64) {
-        if let Some(l) = self.lock().get_mut(&id) {
-            l.remaining_ttl = remaining_ttl;
-        }
+    /// Applies a checkpoint of the remaining TTL; returns the lease's TTL if it exists.
+    pub fn checkpoint(&self, id: i64, remaining_ttl: i64) -> Option<i64> {
+        let mut table = self.lock();
+        let l = table.get_mut(&id)?;
+        l.remaining_ttl = remaining_ttl;
+        Some(l.ttl)
     }
 
     /// Renews a lease on the leader (keep-alive): returns its TTL and whether a checkpoint must

@@ -5,6 +5,39 @@
 //! the split etcd makes between its key index and its backend, reduced to what both a
 //! `BTreeMap` and an LSM tree with big-endian `(key, revision)` keys can serve cheaply.
 
+use crate::proto::metastorepb::LeaseRecord;
+
+/// What a flush persists besides the data: the Raft index the data reflects and the
+/// dispatcher's replicated counters at that index.
+#[derive(Clone, Debug)]
+pub struct FlushState<'a> {
+    /// Raft index applied.
+    pub applied_index: u64,
+    /// Term of that entry.
+    pub applied_term: u64,
+    /// Store revision at that index.
+    pub revision: i64,
+    /// Compaction revision at that index.
+    pub compact_revision: i64,
+    /// Leases granted (`Some`) or revoked (`None`) since the previous flush.
+    pub lease_changes: &'a [(i64, Option<LeaseRecord>)],
+}
+
+/// The applied state a durable engine found on disk.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RecoveredState {
+    /// Raft index applied.
+    pub applied_index: u64,
+    /// Term of that entry.
+    pub applied_term: u64,
+    /// Store revision at that index.
+    pub revision: i64,
+    /// Compaction revision at that index.
+    pub compact_revision: i64,
+    /// Every granted lease at that index.
+    pub leases: Vec<LeaseRecord>,
+}
+
 /// The content of a live version.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Live {
@@ -52,8 +85,19 @@ pub trait Engine {
         visit: &mut dyn FnMut(&[u8], &VersionRecord) -> bool,
     );
 
-    /// Appends a version record to `key`.
+    /// Appends a version record to `key`, and the change to the revision index.
     fn append(&mut self, key: &[u8], record: VersionRecord);
+
+    /// Visits the revision index: every retained change `(revision, sub, key)` with
+    /// `from <= revision <= to`, in (revision, sub-revision, key) order. The visitor returns
+    /// `false` to stop. Watchers read their events through this.
+    fn changes(&self, from: i64, to: i64, visit: &mut dyn FnMut(i64, u32, &[u8]) -> bool);
+
+    /// Records that `key` is attached to `lease` (`attached`) or no longer is.
+    fn set_lease(&mut self, lease: i64, key: &[u8], attached: bool);
+
+    /// Keys attached to `lease`, in key order.
+    fn lease_keys(&self, lease: i64) -> Vec<Vec<u8>>;
 
     /// Removes history that reads at revisions `>= rev` cannot see: for every key, all records
     /// older than its newest record `<= rev`, and that record too if it is a tombstone.
@@ -62,12 +106,39 @@ pub trait Engine {
     /// Visits every key with its full retained history, in key order (for snapshots).
     fn export(&self, visit: &mut dyn FnMut(&[u8], &[VersionRecord]));
 
-    /// Inserts a key's full history (from a snapshot); replaces what the key had.
+    /// Inserts a key's full history (from a snapshot), its revision-index entries and its
+    /// lease attachment; replaces what the key had.
     fn import(&mut self, key: Vec<u8>, history: Vec<VersionRecord>);
 
-    /// Makes the records appended so far durable and atomic as one unit, tagged with the Raft
-    /// index they reflect. The memory engine keeps nothing on disk and ignores it.
-    fn flush(&mut self, _applied_index: u64) {}
+    /// Called once after a series of [`Engine::import`]s.
+    fn finish_import(&mut self) {}
+
+    /// Makes the records appended so far durable and atomic as one unit, together with the
+    /// applied state they reflect (one write batch in RocksDB). The memory engine keeps nothing
+    /// on disk and ignores it.
+    fn flush(&mut self, _state: &FlushState<'_>) {}
+
+    /// The applied state of the last flush, for a durable engine that has one.
+    fn recover(&self) -> Option<RecoveredState> {
+        None
+    }
+
+    /// Approximate bytes of live data (etcd's `dbSizeInUse`).
+    fn size_in_use_bytes(&self) -> u64 {
+        self.size_bytes()
+    }
+
+    /// Reclaims space (etcd Defragment; a full manual compaction in RocksDB).
+    fn defragment(&self) {}
+
+    /// Writes a consistent on-disk copy of the flushed state into `dir` (a Raft snapshot that
+    /// can be shipped to a follower). Errors name what failed.
+    fn checkpoint(&self, _dir: &std::path::Path) -> Result<(), String> {
+        Err(format!(
+            "the {} engine has no on-disk checkpoints",
+            self.name()
+        ))
+    }
 
     /// Approximate bytes held (keys, values and record overhead).
     fn size_bytes(&self) -> u64;

@@ -3,7 +3,7 @@
 //! Durability comes from the Raft WAL and snapshots, not from this engine: on restart the
 //! state is rebuilt from the latest snapshot plus WAL replay.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::ops::Bound;
 
 use super::engine::{Engine, VersionRecord};
@@ -16,6 +16,10 @@ const RECORD_OVERHEAD: u64 = 48;
 pub struct MemoryEngine {
     keys: BTreeMap<Vec<u8>, Vec<VersionRecord>>,
     bytes: u64,
+    /// The revision index: every retained change in (revision, sub-revision, key) order.
+    changes: VecDeque<(i64, u32, Vec<u8>)>,
+    /// Live keys attached to each lease.
+    leases: HashMap<i64, BTreeSet<Vec<u8>>>,
 }
 
 impl MemoryEngine {
@@ -67,6 +71,8 @@ impl Engine for MemoryEngine {
 
     fn append(&mut self, key: &[u8], record: VersionRecord) {
         self.bytes += record_bytes(key, &record);
+        self.changes
+            .push_back((record.mod_revision, record.sub, key.to_vec()));
         match self.keys.get_mut(key) {
             Some(history) => {
                 debug_assert!(history
@@ -99,6 +105,34 @@ impl Engine for MemoryEngine {
             !history.is_empty()
         });
         self.bytes -= freed;
+        let below = self.changes.partition_point(|c| c.0 < rev);
+        self.changes.drain(..below);
+    }
+
+    fn changes(&self, from: i64, to: i64, visit: &mut dyn FnMut(i64, u32, &[u8]) -> bool) {
+        let start = self.changes.partition_point(|c| c.0 < from);
+        for (rev, sub, key) in self.changes.range(start..) {
+            if *rev > to || !visit(*rev, *sub, key) {
+                return;
+            }
+        }
+    }
+
+    fn set_lease(&mut self, lease: i64, key: &[u8], attached: bool) {
+        if attached {
+            self.leases.entry(lease).or_default().insert(key.to_vec());
+        } else if let Some(keys) = self.leases.get_mut(&lease) {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.leases.remove(&lease);
+            }
+        }
+    }
+
+    fn lease_keys(&self, lease: i64) -> Vec<Vec<u8>> {
+        self.leases
+            .get(&lease)
+            .map_or_else(Vec::new, |k| k.iter().cloned().collect())
     }
 
     fn export(&self, visit: &mut dyn FnMut(&[u8], &[VersionRecord])) {
@@ -109,10 +143,22 @@ impl Engine for MemoryEngine {
 
     fn import(&mut self, key: Vec<u8>, history: Vec<VersionRecord>) {
         let added: u64 = history.iter().map(|r| record_bytes(&key, r)).sum();
+        for r in &history {
+            self.changes.push_back((r.mod_revision, r.sub, key.clone()));
+        }
+        if let Some(Some(live)) = history.last().map(|r| &r.live) {
+            if live.lease != 0 {
+                self.set_lease(live.lease, &key, true);
+            }
+        }
         if let Some(old) = self.keys.insert(key.clone(), history) {
             self.bytes -= old.iter().map(|r| record_bytes(&key, r)).sum::<u64>();
         }
         self.bytes += added;
+    }
+
+    fn finish_import(&mut self) {
+        self.changes.make_contiguous().sort_unstable();
     }
 
     fn size_bytes(&self) -> u64 {

@@ -4,12 +4,11 @@
 //! A `Store` holds one shard's part of the keyspace. Revisions are never chosen here: the apply
 //! dispatcher assigns them in log order and passes them in, which keeps every replica identical.
 
-use super::engine::{Engine, Live, VersionRecord};
+use super::engine::{Engine, FlushState, Live, RecoveredState, VersionRecord};
 use super::range::{passes_filters, pushdown_limit, KeyRange, PartialRange, RangeEnd};
 use crate::error::EtcdError;
 use crate::proto::etcdserverpb::{compare, Compare, RangeRequest};
 use crate::proto::mvccpb::{event::EventType, Event, KeyValue};
-use std::collections::{BTreeSet, HashMap, VecDeque};
 
 /// The outcome of one txn compare over the keys of one shard.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,19 +24,6 @@ pub struct Store {
     engine: Box<dyn Engine>,
     /// Reads below this revision fail with ErrCompacted (etcd `compactMainRev`).
     compact_revision: i64,
-    /// Every retained change in (revision, sub-revision, key) order: the revision index that
-    /// watchers read events from. Trimmed by compaction, rebuilt from history on import.
-    changes: VecDeque<Change>,
-    /// Live keys attached to each lease (etcd's lessor item map, kept where the keys live).
-    lease_keys: HashMap<i64, BTreeSet<Vec<u8>>>,
-}
-
-/// One change in the revision index.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct Change {
-    rev: i64,
-    sub: u32,
-    key: Vec<u8>,
 }
 
 /// A watch event with its position in the history.
@@ -85,8 +71,6 @@ impl Store {
         Store {
             engine,
             compact_revision: 0,
-            changes: VecDeque::new(),
-            lease_keys: HashMap::new(),
         }
     }
 
@@ -162,19 +146,11 @@ impl Store {
                 live: Some(live),
             },
         );
-        self.changes.push_back(Change {
-            rev,
-            sub,
-            key: put.key.to_vec(),
-        });
         let prev_lease = prev.as_ref().map_or(0, |p| p.lease);
         if prev_lease != lease {
             self.detach(prev_lease, put.key);
             if lease != 0 {
-                self.lease_keys
-                    .entry(lease)
-                    .or_default()
-                    .insert(put.key.to_vec());
+                self.engine.set_lease(lease, put.key, true);
             }
         }
         prev
@@ -184,19 +160,12 @@ impl Store {
         if lease == 0 {
             return;
         }
-        if let Some(keys) = self.lease_keys.get_mut(&lease) {
-            keys.remove(key);
-            if keys.is_empty() {
-                self.lease_keys.remove(&lease);
-            }
-        }
+        self.engine.set_lease(lease, key, false);
     }
 
     /// Live keys of this shard attached to `lease`, in key order.
     pub fn lease_keys(&self, lease: i64) -> Vec<Vec<u8>> {
-        self.lease_keys
-            .get(&lease)
-            .map_or_else(Vec::new, |k| k.iter().cloned().collect())
+        self.engine.lease_keys(lease)
     }
 
     /// Deletes every key of this shard attached to `lease` at revision `rev` (a lease revoke or
@@ -221,11 +190,6 @@ impl Store {
                     live: None,
                 },
             );
-            self.changes.push_back(Change {
-                rev,
-                sub,
-                key: kv.key.clone(),
-            });
             self.detach(kv.lease, &kv.key);
         }
     }
@@ -266,14 +230,15 @@ impl Store {
         Ok(out)
     }
 
-    /// Evaluates one txn compare against the newest state of this shard's keys.
-    pub fn compare(&self, cmp: &Compare) -> CompareEval {
+    /// Evaluates one txn compare against this shard's keys at revision `rev` (the revision
+    /// before the txn: reading it explicitly keeps a replayed entry's answer unchanged).
+    pub fn compare(&self, cmp: &Compare, rev: i64) -> CompareEval {
         let range = KeyRange::from_request(&cmp.key, &cmp.range_end);
         let mut eval = CompareEval {
             any_key: false,
             all_hold: true,
         };
-        self.visit_live(&range, super::LATEST, &mut |kv| {
+        self.visit_live(&range, rev, &mut |kv| {
             eval.any_key = true;
             eval.all_hold &= compare_kv(cmp, &kv);
             eval.all_hold
@@ -281,12 +246,81 @@ impl Store {
         eval
     }
 
-    /// Compacts history below `rev` (etcd `Compact`).
+    /// Compacts logically at `rev` (etcd `Compact`): reads below it fail from now on. The
+    /// history itself goes with [`Store::purge`], which the dispatcher orders only once every
+    /// shard has durably recorded this compaction, so a shard that replays entries after a
+    /// crash can still read the revisions they need.
     pub fn compact(&mut self, rev: i64) {
-        self.engine.compact(rev);
-        let keep = self.changes.partition_point(|c| c.rev < rev);
-        self.changes.drain(..keep);
         self.compact_revision = self.compact_revision.max(rev);
+    }
+
+    /// Physically removes history that reads at revisions `>= rev` cannot see.
+    pub fn purge(&mut self, rev: i64) {
+        self.engine.compact(rev.min(self.compact_revision));
+    }
+
+    /// What a put at `rev` returned, for a shard replaying an entry it had already applied:
+    /// the key's previous live version.
+    pub fn replayed_put(&self, key: &[u8], rev: i64) -> Option<KeyValue> {
+        self.get(key, rev - 1)
+    }
+
+    /// What a delete at `rev` deleted, for a shard replaying an entry it had already applied:
+    /// the keys in `range` live just before `rev` and tombstoned at `rev`.
+    pub fn replayed_delete(&self, range: &KeyRange, rev: i64) -> Vec<KeyValue> {
+        let mut deleted = Vec::new();
+        self.visit_live(range, rev - 1, &mut |kv| {
+            if self
+                .engine
+                .version_at(&kv.key, rev)
+                .is_some_and(|r| r.mod_revision == rev && r.live.is_none())
+            {
+                deleted.push(kv);
+            }
+            true
+        });
+        deleted
+    }
+
+    /// What a lease revoke at `rev` deleted, for a shard replaying an entry it had already
+    /// applied.
+    pub fn replayed_revoke(&self, lease: i64, rev: i64) -> Vec<KeyValue> {
+        let mut deleted = Vec::new();
+        self.engine.changes(rev, rev, &mut |_, _, key| {
+            let tombstone = self
+                .engine
+                .version_at(key, rev)
+                .is_some_and(|r| r.live.is_none());
+            if let Some(prev) = self
+                .get(key, rev - 1)
+                .filter(|p| tombstone && p.lease == lease)
+            {
+                deleted.push(prev);
+            }
+            true
+        });
+        deleted.sort_by(|a, b| a.key.cmp(&b.key));
+        deleted
+    }
+
+    /// The applied state a durable engine recovered (see [`Engine::recover`]).
+    pub fn recover(&self) -> Option<RecoveredState> {
+        self.engine.recover()
+    }
+
+    /// Approximate bytes of live data.
+    pub fn size_in_use_bytes(&self) -> u64 {
+        self.engine.size_in_use_bytes()
+    }
+
+    /// Reclaims space (Defragment).
+    pub fn defragment(&self) {
+        self.engine.defragment();
+    }
+
+    /// Writes an on-disk checkpoint (see [`Engine::checkpoint`]).
+    pub fn checkpoint(&self, dir: &std::path::Path) -> Result<(), String> {
+        self.engine.checkpoint(dir)
     }
 
     /// Restores the compaction revision from a snapshot.
@@ -294,9 +328,9 @@ impl Store {
         self.compact_revision = rev;
     }
 
-    /// Makes appended records durable (see [`Engine::flush`]).
-    pub fn flush(&mut self, applied_index: u64) {
-        self.engine.flush(applied_index);
+    /// Makes appended records durable with the applied state (see [`Engine::flush`]).
+    pub fn flush(&mut self, state: &FlushState<'_>) {
+        self.engine.flush(state);
     }
 
     /// Visits every key with its retained history.
@@ -306,27 +340,12 @@ impl Store {
 
     /// Inserts a key's history from a snapshot.
     pub fn import(&mut self, key: Vec<u8>, history: Vec<VersionRecord>) {
-        for r in &history {
-            self.changes.push_back(Change {
-                rev: r.mod_revision,
-                sub: r.sub,
-                key: key.clone(),
-            });
-        }
-        if let Some(Some(live)) = history.last().map(|r| &r.live) {
-            if live.lease != 0 {
-                self.lease_keys
-                    .entry(live.lease)
-                    .or_default()
-                    .insert(key.clone());
-            }
-        }
         self.engine.import(key, history);
     }
 
     /// Puts the revision index back in order after a series of [`Store::import`]s.
     pub fn finish_import(&mut self) {
-        self.changes.make_contiguous().sort_unstable();
+        self.engine.finish_import();
     }
 
     /// Events for keys in `range` with revisions in `[from, to]`, at most about `limit` of
@@ -348,46 +367,50 @@ impl Store {
             events: Vec::new(),
             through: to,
         };
-        let start = self.changes.partition_point(|c| c.rev < from);
-        for c in self.changes.range(start..) {
-            if c.rev > to {
-                break;
+        let mut cut_at = None;
+        self.engine.changes(from, to, &mut |rev, sub, key| {
+            if batch.events.len() >= limit && batch.events.last().is_some_and(|e| e.rev < rev) {
+                cut_at = Some(rev - 1);
+                return false;
             }
-            if batch.events.len() >= limit && batch.events.last().is_some_and(|e| e.rev < c.rev) {
-                batch.through = c.rev - 1;
-                break;
+            if range.contains(key) {
+                batch.events.push(self.event(rev, sub, key, prev_kv));
             }
-            if !range.contains(&c.key) {
-                continue;
-            }
-            let record = self.engine.version_at(&c.key, c.rev);
-            let (kind, kv) = match record.as_ref().and_then(|r| to_kv(&c.key, r)) {
-                Some(kv) => (EventType::Put, kv),
-                None => (
-                    EventType::Delete,
-                    KeyValue {
-                        key: c.key.clone(),
-                        mod_revision: c.rev,
-                        ..Default::default()
-                    },
-                ),
-            };
-            let prev = if prev_kv {
-                self.get(&c.key, c.rev - 1)
-            } else {
-                None
-            };
-            batch.events.push(EventRecord {
-                rev: c.rev,
-                sub: c.sub,
-                event: Event {
-                    r#type: kind as i32,
-                    kv: Some(kv),
-                    prev_kv: prev,
-                },
-            });
+            true
+        });
+        if let Some(through) = cut_at {
+            batch.through = through;
         }
         Ok(batch)
+    }
+
+    fn event(&self, rev: i64, sub: u32, key: &[u8], prev_kv: bool) -> EventRecord {
+        let record = self.engine.version_at(key, rev);
+        let (kind, kv) = match record.as_ref().and_then(|r| to_kv(key, r)) {
+            Some(kv) => (EventType::Put, kv),
+            None => {
+                let kv = KeyValue {
+                    key: key.to_vec(),
+                    mod_revision: rev,
+                    ..Default::default()
+                };
+                (EventType::Delete, kv)
+            }
+        };
+        let prev = if prev_kv {
+            self.get(key, rev - 1)
+        } else {
+            None
+        };
+        EventRecord {
+            rev,
+            sub,
+            event: Event {
+                r#type: kind as i32,
+                kv: Some(kv),
+                prev_kv: prev,
+            },
+        }
     }
 }
 
@@ -601,6 +624,7 @@ pub mod conformance {
             "the newest version <= compact rev stays"
         );
         s.compact(4);
+        s.purge(4);
         assert!(s.get(b"k", 4).is_none());
         let all = s.range(&range("\0", "\0"), crate::mvcc::LATEST).unwrap();
         assert_eq!(keys(&all), vec!["j"]);

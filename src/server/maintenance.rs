@@ -46,12 +46,24 @@ impl Maintenance for MaintenanceService {
         request: Request<AlarmRequest>,
     ) -> Result<Response<AlarmResponse>, Status> {
         let req = request.into_inner();
-        if req.action != AlarmAction::Get as i32 {
-            return unsupported("alarm activate/deactivate");
+        let nospace =
+            |alarm: i32| alarm == AlarmType::Nospace as i32 || alarm == AlarmType::None as i32;
+        let action = AlarmAction::try_from(req.action).unwrap_or(AlarmAction::Get);
+        match action {
+            AlarmAction::Get => {}
+            AlarmAction::Activate if req.alarm == AlarmType::Nospace as i32 => {
+                self.core.nospace.store(true, Ordering::Relaxed);
+            }
+            // Disarming after a compaction and defragment lets writes through again; if the
+            // backend is still over quota, the next write raises the alarm anew.
+            AlarmAction::Deactivate if nospace(req.alarm) => {
+                self.core.nospace.store(false, Ordering::Relaxed);
+            }
+            _ => return unsupported("alarms other than NOSPACE"),
         }
         let state = *self.core.applied.borrow();
         let mut alarms = Vec::new();
-        if state.db_size > self.core.cfg.quota_bytes() {
+        if self.core.nospace.load(Ordering::Relaxed) || action == AlarmAction::Deactivate {
             alarms.push(AlarmMember {
                 member_id: self.core.member.id,
                 alarm: AlarmType::Nospace as i32,
@@ -72,13 +84,13 @@ impl Maintenance for MaintenanceService {
         Ok(Response::new(StatusResponse {
             header: self.core.header(state.revision),
             version: ETCD_API_VERSION.to_string(),
-            db_size: state.db_size as i64,
+            db_size: self.core.shards.db_size() as i64,
             leader: status.leader.load(Ordering::Relaxed),
             raft_index: status.commit.load(Ordering::Relaxed),
             raft_term: status.term.load(Ordering::Relaxed),
             raft_applied_index: state.index,
             errors: Vec::new(),
-            db_size_in_use: state.db_size as i64,
+            db_size_in_use: self.core.shards.db_size_in_use() as i64,
             is_learner: false,
         }))
     }
@@ -87,7 +99,11 @@ impl Maintenance for MaintenanceService {
         &self,
         _: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
-        unsupported("defragment")
+        self.core.shards.defragment().await?;
+        let revision = self.core.applied.borrow().revision;
+        Ok(Response::new(DefragmentResponse {
+            header: self.core.header(revision),
+        }))
     }
 
     async fn hash(&self, _: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {

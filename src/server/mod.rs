@@ -23,7 +23,9 @@ use anyhow::Context;
 use prost::Message;
 use tokio::sync::watch as state_watch;
 
-use crate::apply::{self, AppliedState, ApplyResponse, Dispatcher, Pending, SnapshotPolicy};
+use crate::apply::{
+    self, AppliedState, ApplyResponse, Dispatcher, Pending, SnapshotPolicy, StartState,
+};
 use crate::config::{defaults, Config};
 use crate::consensus::snapshot::Snapshotter;
 use crate::consensus::wal::Wal;
@@ -36,10 +38,10 @@ use crate::proto::etcdserverpb::{
     maintenance_server::MaintenanceServer, watch_server::WatchServer, RangeRequest, RangeResponse,
     ResponseHeader,
 };
-use crate::proto::metastorepb::{proposal::Request as Proposed, Proposal};
+use crate::proto::metastorepb::{proposal::Request as Proposed, Proposal, StateSnapshot};
 use crate::proto::v3electionpb::election_server::ElectionServer;
 use crate::proto::v3lockpb::lock_server::LockServer;
-use crate::shard::{ShardSet, Shards};
+use crate::shard::{ApplyCmd, EngineConfig, EngineKind, ShardSet, Shards};
 use member::{url_string, Member};
 
 /// What every service needs: identity, the Raft node, the shards and the applied state.
@@ -59,6 +61,8 @@ pub struct Core {
     pending: Arc<Pending>,
     next_proposal: AtomicU64,
     next_lease_seed: AtomicU64,
+    /// The NOSPACE alarm: raised when the backend passes its quota, cleared by Alarm DEACTIVATE.
+    pub nospace: std::sync::atomic::AtomicBool,
     /// This core itself, for tasks that outlive a borrowed `&Core` (lock cleanup).
     this: std::sync::Weak<Core>,
     request_timeout: Duration,
@@ -106,12 +110,20 @@ impl Core {
             .map_err(|_| EtcdError::Timeout)?
     }
 
-    /// Fails with "database space exceeded" when the backend is over its quota.
+    /// Fails with "database space exceeded" while the NOSPACE alarm is raised; raises it when
+    /// the backend has grown past `--quota-backend-bytes`. Reads are never refused.
     pub fn check_quota(&self) -> Result<(), EtcdError> {
-        if self.applied.borrow().db_size > self.cfg.quota_bytes() {
-            return Err(EtcdError::NoSpace);
+        if !self.nospace.load(Ordering::Relaxed) && self.shards.db_size() <= self.cfg.quota_bytes()
+        {
+            return Ok(());
         }
-        Ok(())
+        if !self.nospace.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                quota = self.cfg.quota_bytes(),
+                "backend over quota: NOSPACE alarm raised"
+            );
+        }
+        Err(EtcdError::NoSpace)
     }
 
     /// The applied state a linearizable read may use: ReadIndex (Raft paper section 6.4), then
@@ -187,6 +199,98 @@ fn prepare_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
     Ok(lock)
 }
 
+/// The engine configuration. A RocksDB data dir records its shard count, because keys are
+/// placed by `shard_for(key, count)`: reopening with another count would misplace them.
+fn engine_config(cfg: &Config, member_dir: &Path) -> anyhow::Result<EngineConfig> {
+    let dir = member_dir.join("shards");
+    if cfg.storage_engine == EngineKind::Rocksdb {
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let count_file = dir.join("count");
+        let count = cfg.shard_count();
+        match std::fs::read_to_string(&count_file) {
+            Ok(text) => {
+                let existing: usize = text
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("malformed {}", count_file.display()))?;
+                anyhow::ensure!(
+                    existing == count,
+                    "the RocksDB data in {} was written with --shards {existing}; start with --shards {existing}",
+                    dir.display()
+                );
+            }
+            Err(_) => std::fs::write(&count_file, count.to_string())
+                .with_context(|| format!("cannot write {}", count_file.display()))?,
+        }
+    }
+    Ok(EngineConfig {
+        kind: cfg.storage_engine,
+        dir,
+        rocks: cfg.rocks_options(),
+    })
+}
+
+/// Where the state machine resumes. Memory engine: the snapshot (its keys go to the shards).
+/// RocksDB: the lowest applied index any shard has on disk, with the dispatcher state stored
+/// beside it; shards that are further ahead skip the entries they already hold.
+async fn recover_start(
+    shards: &ShardSet,
+    engine: &EngineConfig,
+    snap: Option<&StateSnapshot>,
+) -> StartState {
+    let snapshot_index = snap.map_or(0, |s| s.index);
+    if engine.kind == EngineKind::Memory {
+        let Some(s) = snap else {
+            return StartState::default();
+        };
+        apply::restore_shards(shards, s).await;
+        return StartState {
+            index: s.index,
+            term: s.term,
+            revision: s.revision,
+            compact_revision: s.compact_revision,
+            leases: s.leases.clone(),
+            snapshot_index,
+            replay_until: 0,
+            durable: false,
+        };
+    }
+    let mut states = Vec::new();
+    for i in 0..shards.len() {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let _ = shards.get(i).apply.send(ApplyCmd::Recover { reply });
+        states.push(rx.await.ok().flatten());
+    }
+    let replay_until = states
+        .iter()
+        .map(|s| s.as_ref().map_or(0, |s| s.applied_index))
+        .max()
+        .unwrap_or(0);
+    let lowest = states
+        .into_iter()
+        .min_by_key(|s| s.as_ref().map_or(0, |s| s.applied_index))
+        .flatten();
+    match lowest {
+        Some(r) => StartState {
+            index: r.applied_index,
+            term: r.applied_term,
+            revision: r.revision,
+            compact_revision: r.compact_revision,
+            leases: r.leases,
+            snapshot_index,
+            replay_until,
+            durable: true,
+        },
+        None => StartState {
+            snapshot_index,
+            replay_until,
+            durable: true,
+            ..Default::default()
+        },
+    }
+}
+
 /// Starts a member and serves until SIGINT/SIGTERM.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     cfg.validate()?;
@@ -209,11 +313,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let snapshotter = Snapshotter::new(member_dir.join("snap"))?;
     let snap = snapshotter.load_latest()?;
-    let shards = Shards::spawn(cfg.shard_count(), cfg.storage_engine)?;
-    if let Some(s) = &snap {
-        apply::restore_shards(&shards.set, s).await;
-        tracing::info!(index = s.index, revision = s.revision, "restored snapshot");
-    }
+    let engine = engine_config(&cfg, &member_dir)?;
+    let shards = Shards::spawn(cfg.shard_count(), &engine)?;
+    let start = recover_start(&shards.set, &engine, snap.as_ref()).await;
+    tracing::info!(index = start.index, revision = start.revision, replay_until = start.replay_until,
+        engine = ?engine.kind, "recovered state machine");
     let (wal, recovered) = Wal::open(
         &member_dir.join("wal"),
         snap.as_ref().map_or(0, |s| s.index),
@@ -235,7 +339,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let leases = LeaseTable::default();
     let dispatcher = Dispatcher::new(
         shards.set.clone(),
-        snap.as_ref(),
+        &start,
         pending.clone(),
         applied_tx,
         policy,
@@ -255,6 +359,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let (node, handle) = RaftNode::new(
         &node_cfg,
         snap.as_ref(),
+        start.index,
         wal,
         recovered,
         pending.clone(),
@@ -270,6 +375,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         request_timeout: Duration::from_millis(5000 + 2 * cfg.election_timeout),
         next_proposal: AtomicU64::new(member.boot << 48),
         next_lease_seed: AtomicU64::new(member.id ^ (member.boot << 32)),
+        nospace: Default::default(),
         cfg: cfg.clone(),
         member,
         node: handle,

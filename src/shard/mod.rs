@@ -17,11 +17,14 @@ use tokio::sync::oneshot;
 
 use crate::error::EtcdError;
 use crate::mvcc::engine::{Engine, Live, VersionRecord};
+use crate::mvcc::engine::{FlushState, RecoveredState};
 use crate::mvcc::memory::MemoryEngine;
 use crate::mvcc::range::PartialRange;
+use crate::mvcc::rocks::{RocksEngine, RocksOptions};
 use crate::mvcc::store::{CompareEval, EventBatch, PutArgs};
 use crate::mvcc::{KeyRange, KeyValue, Store};
 use crate::proto::etcdserverpb::{Compare, PutRequest, RangeRequest};
+use crate::proto::metastorepb::LeaseRecord;
 use crate::proto::metastorepb::{KeyHistory, KeyVersion};
 
 /// The shard that owns `key` among `shards` shards: a pure hash, identical on every replica.
@@ -34,15 +37,32 @@ pub fn shard_for(key: &[u8], shards: usize) -> usize {
 pub enum EngineKind {
     /// Everything in memory; rebuilt from snapshot plus WAL on restart.
     Memory,
-    /// RocksDB on disk (arrives with the RocksDB engine issue).
+    /// RocksDB on disk, one database per shard; restarts resume from the applied index.
     Rocksdb,
 }
 
-impl EngineKind {
-    fn open(self) -> Box<dyn Engine> {
-        match self {
-            EngineKind::Memory => Box::new(MemoryEngine::new()),
-            EngineKind::Rocksdb => unreachable!("rejected by Config::validate"),
+/// How each shard opens its engine.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Which engine.
+    pub kind: EngineKind,
+    /// `<data-dir>/member/shards`: shard `n` keeps a RocksDB database in `<dir>/<n>`.
+    pub dir: std::path::PathBuf,
+    /// RocksDB tuning.
+    pub rocks: RocksOptions,
+}
+
+impl EngineConfig {
+    fn open(&self, shard: usize) -> Result<Box<dyn Engine>, String> {
+        match self.kind {
+            EngineKind::Memory => Ok(Box::new(MemoryEngine::new())),
+            EngineKind::Rocksdb => {
+                let dir = self.dir.join(shard.to_string());
+                std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                Ok(Box::new(
+                    RocksEngine::open(&dir, &self.rocks).map_err(|e| e.to_string())?,
+                ))
+            }
         }
     }
 }
@@ -60,10 +80,12 @@ pub enum ApplyCmd {
         /// Receives the previous key-value.
         reply: Option<oneshot::Sender<Option<KeyValue>>>,
     },
-    /// Read the newest value of one key.
+    /// Read one key at revision `rev` (the revision before the entry being applied).
     Get {
         /// Key to read.
         key: Vec<u8>,
+        /// Read revision.
+        rev: i64,
         /// Receives the live key-value, if any.
         reply: oneshot::Sender<Option<KeyValue>>,
     },
@@ -78,10 +100,12 @@ pub enum ApplyCmd {
         /// Receives the deleted key-values, in key order.
         reply: oneshot::Sender<Vec<KeyValue>>,
     },
-    /// Evaluate txn compares against the newest state.
+    /// Evaluate txn compares at revision `rev` (the revision before the txn).
     Compare {
         /// Compares naming keys of this shard.
         cmps: Vec<Compare>,
+        /// Read revision.
+        rev: i64,
         /// One evaluation per compare.
         reply: oneshot::Sender<Vec<CompareEval>>,
     },
@@ -105,17 +129,40 @@ pub enum ApplyCmd {
         /// Receives the deleted key-values, in key order.
         reply: oneshot::Sender<Vec<KeyValue>>,
     },
-    /// Compact history below `rev`.
+    /// Compact logically at `rev`: reads below it fail.
     Compact {
         /// Compaction revision.
         rev: i64,
     },
-    /// Everything before this is applied: flush the engine and report its size in bytes.
+    /// Remove history below `rev` (sent once every shard has durably recorded the compaction).
+    Purge {
+        /// Compaction revision.
+        rev: i64,
+    },
+    /// The commands that follow belong to Raft entry `index` (sent only while replaying the
+    /// entries some shard had already made durable before a restart).
+    Entry {
+        /// Raft index.
+        index: u64,
+    },
+    /// Everything before this is applied: flush the engine with the applied state.
     Barrier {
-        /// Raft index reached.
-        applied_index: u64,
-        /// Receives the store size, bytes.
-        reply: oneshot::Sender<u64>,
+        /// The applied state to persist with the data.
+        state: BarrierState,
+        /// Answered once the flush is done.
+        reply: oneshot::Sender<()>,
+    },
+    /// The applied state found on disk, if the engine is durable.
+    Recover {
+        /// Receives it.
+        reply: oneshot::Sender<Option<RecoveredState>>,
+    },
+    /// Write an on-disk checkpoint of the flushed state into `dir`.
+    Checkpoint {
+        /// Target directory (must not exist).
+        dir: std::path::PathBuf,
+        /// Receives the outcome.
+        reply: oneshot::Sender<Result<(), String>>,
     },
     /// Dump every key's history (for a snapshot).
     Export {
@@ -129,6 +176,21 @@ pub enum ApplyCmd {
         /// Compaction revision of the snapshot.
         compact_revision: i64,
     },
+}
+
+/// The applied state a barrier persists (owned form of [`FlushState`]).
+#[derive(Clone, Debug)]
+pub struct BarrierState {
+    /// Raft index applied.
+    pub applied_index: u64,
+    /// Term of that entry.
+    pub applied_term: u64,
+    /// Store revision at that index.
+    pub revision: i64,
+    /// Compaction revision at that index.
+    pub compact_revision: i64,
+    /// Leases granted or revoked since the previous barrier.
+    pub lease_changes: Arc<Vec<(i64, Option<LeaseRecord>)>>,
 }
 
 /// Reads from the gRPC front end.
@@ -147,6 +209,11 @@ pub enum ReadCmd {
         prev_kv: bool,
         /// This shard's events.
         reply: oneshot::Sender<Result<EventBatch, EtcdError>>,
+    },
+    /// Reclaim space (Defragment: a memtable flush and a full manual compaction in RocksDB).
+    Defragment {
+        /// Answered once done.
+        reply: oneshot::Sender<()>,
     },
     /// Keys of this shard attached to a lease.
     LeaseKeys {
@@ -179,6 +246,23 @@ pub struct ShardHandle {
 #[derive(Clone)]
 pub struct ShardSet {
     handles: Arc<[ShardHandle]>,
+    sizes: Arc<[ShardSize]>,
+}
+
+/// A shard's storage size, kept current by the shard itself (after every barrier and every
+/// defragment), bytes.
+#[derive(Default)]
+pub struct ShardSize {
+    total: std::sync::atomic::AtomicU64,
+    in_use: std::sync::atomic::AtomicU64,
+}
+
+impl ShardSize {
+    fn set(&self, store: &Store) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.total.store(store.size_bytes(), Relaxed);
+        self.in_use.store(store.size_in_use_bytes(), Relaxed);
+    }
 }
 
 impl ShardSet {
@@ -190,6 +274,22 @@ impl ShardSet {
     /// Never true: there is at least one shard.
     pub fn is_empty(&self) -> bool {
         self.handles.is_empty()
+    }
+
+    /// Total storage size over all shards, bytes (etcd's `dbSize`).
+    pub fn db_size(&self) -> u64 {
+        self.sizes
+            .iter()
+            .map(|s| s.total.load(std::sync::atomic::Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Live data over all shards, bytes (etcd's `dbSizeInUse`).
+    pub fn db_size_in_use(&self) -> u64 {
+        self.sizes
+            .iter()
+            .map(|s| s.in_use.load(std::sync::atomic::Ordering::Relaxed))
+            .sum()
     }
 
     /// The shard handle at `index`.
@@ -300,6 +400,15 @@ impl ShardSet {
         Ok(merged)
     }
 
+    /// Defragments every shard (one after another, so only one shard at a time is busy).
+    pub async fn defragment(&self) -> Result<(), EtcdError> {
+        for i in 0..self.len() {
+            self.scatter(vec![i], |reply| ReadCmd::Defragment { reply })
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Every key attached to `lease`, over all shards, in key order.
     pub async fn lease_keys(&self, lease: i64) -> Result<Vec<Vec<u8>>, EtcdError> {
         let all = (0..self.len()).collect();
@@ -323,13 +432,17 @@ pub struct Shards {
 
 impl Shards {
     /// Starts `count` shards, each on a glommio executor pinned to an online CPU (round-robin).
-    pub fn spawn(count: usize, engine: EngineKind) -> anyhow::Result<Shards> {
+    ///
+    /// Errors: a shard whose engine cannot be opened (for RocksDB: the path and RocksDB's
+    /// reason).
+    pub fn spawn(count: usize, engine: &EngineConfig) -> anyhow::Result<Shards> {
         let cpus: Vec<usize> = glommio::CpuSet::online()
             .map_err(|e| anyhow::anyhow!("cannot list online CPUs: {e}"))?
             .into_iter()
             .map(|l| l.cpu)
             .collect();
         let mut handles = Vec::with_capacity(count);
+        let sizes: Arc<[ShardSize]> = (0..count).map(|_| ShardSize::default()).collect();
         let mut threads = Vec::with_capacity(count);
         for i in 0..count {
             let (apply_tx, apply_rx) = flume::unbounded();
@@ -338,10 +451,27 @@ impl Shards {
                 Some(cpu) => glommio::Placement::Fixed(*cpu),
                 None => glommio::Placement::Unbound,
             };
+            let (opened_tx, opened_rx) = std::sync::mpsc::channel();
+            let config = engine.clone();
+            let sizes = sizes.clone();
             let thread = glommio::LocalExecutorBuilder::new(placement)
                 .name(&format!("shard-{i}"))
-                .spawn(move || run_shard(engine, apply_rx, read_rx))
+                .spawn(move || async move {
+                    match config.open(i) {
+                        Ok(engine) => {
+                            let _ = opened_tx.send(Ok(()));
+                            run_shard(i, engine, sizes, apply_rx, read_rx).await;
+                        }
+                        Err(e) => {
+                            let _ = opened_tx.send(Err(e));
+                        }
+                    }
+                })
                 .map_err(|e| anyhow::anyhow!("cannot start shard {i}: {e}"))?;
+            opened_rx
+                .recv()
+                .map_err(|_| anyhow::anyhow!("shard {i} stopped while opening its engine"))?
+                .map_err(|e| anyhow::anyhow!("shard {i} cannot open its storage: {e}"))?;
             handles.push(ShardHandle {
                 apply: apply_tx,
                 read: read_tx,
@@ -351,6 +481,7 @@ impl Shards {
         Ok(Shards {
             set: ShardSet {
                 handles: handles.into(),
+                sizes,
             },
             threads,
         })
@@ -366,26 +497,52 @@ impl Shards {
 }
 
 async fn run_shard(
-    engine: EngineKind,
+    shard: usize,
+    engine: Box<dyn Engine>,
+    sizes: Arc<[ShardSize]>,
     apply_rx: flume::Receiver<ApplyCmd>,
     read_rx: flume::Receiver<ReadCmd>,
 ) {
-    let store = Rc::new(RefCell::new(Store::new(engine.open())));
+    let store = Store::new(engine);
+    let durable_index = store.recover().map_or(0, |r| r.applied_index);
+    sizes[shard].set(&store);
+    let store = Rc::new(RefCell::new(store));
     let reader = store.clone();
+    let reader_sizes = sizes.clone();
     glommio::spawn_local(async move {
         while let Ok(cmd) = read_rx.recv_async().await {
-            handle_read(&reader.borrow(), cmd);
+            handle_read(&reader.borrow(), &reader_sizes[shard], cmd);
             glommio::yield_if_needed().await;
         }
     })
     .detach();
+    let mut replay = Replay {
+        shard,
+        durable_index,
+        entry_index: u64::MAX,
+    };
     while let Ok(cmd) = apply_rx.recv_async().await {
-        handle_apply(&mut store.borrow_mut(), cmd);
+        handle_apply(&mut store.borrow_mut(), &mut replay, &sizes[shard], cmd);
         glommio::yield_if_needed().await;
     }
 }
 
-fn handle_read(store: &Store, cmd: ReadCmd) {
+/// Which entries this shard had already made durable before a restart. While the dispatcher
+/// replays those (it announces each with [`ApplyCmd::Entry`]), writes are skipped and answered
+/// from history, so no entry is applied twice and none is skipped.
+struct Replay {
+    shard: usize,
+    durable_index: u64,
+    entry_index: u64,
+}
+
+impl Replay {
+    fn skipping(&self) -> bool {
+        self.entry_index <= self.durable_index
+    }
+}
+
+fn handle_read(store: &Store, size: &ShardSize, cmd: ReadCmd) {
     match cmd {
         ReadCmd::Range { req, rev, reply } => {
             let _ = reply.send(store.range(&req, rev));
@@ -403,11 +560,16 @@ fn handle_read(store: &Store, cmd: ReadCmd) {
         ReadCmd::LeaseKeys { lease, reply } => {
             let _ = reply.send(store.lease_keys(lease));
         }
+        ReadCmd::Defragment { reply } => {
+            store.defragment();
+            size.set(store);
+            let _ = reply.send(());
+        }
     }
 }
 
 // Replies are best-effort: a dropped receiver means the requester gave up.
-fn handle_apply(store: &mut Store, cmd: ApplyCmd) {
+fn handle_apply(store: &mut Store, replay: &mut Replay, size: &ShardSize, cmd: ApplyCmd) {
     match cmd {
         ApplyCmd::Put {
             req,
@@ -422,13 +584,17 @@ fn handle_apply(store: &mut Store, cmd: ApplyCmd) {
                 ignore_value: req.ignore_value,
                 ignore_lease: req.ignore_lease,
             };
-            let prev = store.put(args, rev, sub);
+            let prev = if replay.skipping() {
+                store.replayed_put(&req.key, rev)
+            } else {
+                store.put(args, rev, sub)
+            };
             if let Some(reply) = reply {
                 let _ = reply.send(prev);
             }
         }
-        ApplyCmd::Get { key, reply } => {
-            let _ = reply.send(store.get(&key, crate::mvcc::LATEST));
+        ApplyCmd::Get { key, rev, reply } => {
+            let _ = reply.send(store.get(&key, rev));
         }
         ApplyCmd::Delete {
             range,
@@ -436,10 +602,15 @@ fn handle_apply(store: &mut Store, cmd: ApplyCmd) {
             sub,
             reply,
         } => {
-            let _ = reply.send(store.delete_range(&range, rev, sub));
+            let deleted = if replay.skipping() {
+                store.replayed_delete(&range, rev)
+            } else {
+                store.delete_range(&range, rev, sub)
+            };
+            let _ = reply.send(deleted);
         }
-        ApplyCmd::Compare { cmps, reply } => {
-            let _ = reply.send(cmps.iter().map(|c| store.compare(c)).collect());
+        ApplyCmd::Compare { cmps, rev, reply } => {
+            let _ = reply.send(cmps.iter().map(|c| store.compare(c, rev)).collect());
         }
         ApplyCmd::Range { req, rev, reply } => {
             let _ = reply.send(store.range(&req, rev));
@@ -450,15 +621,43 @@ fn handle_apply(store: &mut Store, cmd: ApplyCmd) {
             sub,
             reply,
         } => {
-            let _ = reply.send(store.revoke_lease(lease, rev, sub));
+            let deleted = if replay.skipping() {
+                store.replayed_revoke(lease, rev)
+            } else {
+                store.revoke_lease(lease, rev, sub)
+            };
+            let _ = reply.send(deleted);
         }
         ApplyCmd::Compact { rev } => store.compact(rev),
-        ApplyCmd::Barrier {
-            applied_index,
-            reply,
-        } => {
-            store.flush(applied_index);
-            let _ = reply.send(store.size_bytes());
+        ApplyCmd::Purge { rev } => store.purge(rev),
+        ApplyCmd::Entry { index } => replay.entry_index = index,
+        ApplyCmd::Barrier { state, reply } => {
+            // Crash-test hook: FAILPOINTS="shard-before-flush=return(N)" kills the process
+            // just before shard N persists a barrier, after the other shards may have.
+            if fail::eval("shard-before-flush", |arg| arg) == Some(Some(replay.shard.to_string())) {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                std::process::abort();
+            }
+            // Replaying entries this shard already holds: its data is ahead of this barrier,
+            // so the state on disk (which describes that data) must not move back.
+            if state.applied_index > replay.durable_index {
+                store.flush(&FlushState {
+                    applied_index: state.applied_index,
+                    applied_term: state.applied_term,
+                    revision: state.revision,
+                    compact_revision: state.compact_revision,
+                    lease_changes: &state.lease_changes,
+                });
+            }
+            replay.entry_index = u64::MAX;
+            size.set(store);
+            let _ = reply.send(());
+        }
+        ApplyCmd::Recover { reply } => {
+            let _ = reply.send(store.recover());
+        }
+        ApplyCmd::Checkpoint { dir, reply } => {
+            let _ = reply.send(store.checkpoint(&dir));
         }
         ApplyCmd::Export { reply } => {
             let mut keys = Vec::new();

@@ -16,6 +16,8 @@ pub struct Server {
     pub endpoint: String,
     /// The server's data directory.
     pub data_dir: PathBuf,
+    /// Everything the server logged up to its ready line.
+    pub startup_log: String,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -47,6 +49,12 @@ impl Server {
         ];
         if !extra.contains(&"--shards") {
             args.extend(["--shards".into(), "2".into()]);
+        }
+        // The whole suite runs once per engine: METASTORE_TEST_ENGINE=rocksdb selects RocksDB.
+        if !extra.contains(&"--storage-engine") {
+            if let Ok(engine) = std::env::var("METASTORE_TEST_ENGINE") {
+                args.extend(["--storage-engine".into(), engine]);
+            }
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut child = Command::new(env!("CARGO_BIN_EXE_metastore"))
@@ -94,6 +102,7 @@ impl Server {
             child,
             endpoint: endpoint.expect("the server printed its address before the ready line"),
             data_dir: data_dir.to_path_buf(),
+            startup_log: seen,
             _tmp: None,
         })
     }
@@ -113,6 +122,18 @@ impl Server {
     /// Runs `etcdctl` with `stdin` as its input.
     pub fn etcdctl_stdin(&self, args: &[&str], stdin: &str) -> Output {
         etcdctl(&self.endpoint, args, Some(stdin))
+    }
+
+    /// Waits (up to `timeout`) for the process to exit by itself; true if it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
     }
 
     /// SIGKILLs the server and waits for it to die.

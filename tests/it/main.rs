@@ -8,6 +8,7 @@ mod harness;
 mod kv;
 mod lease;
 mod recipes;
+mod rocksdb;
 mod smoke;
 mod txn;
 mod util;
