@@ -109,9 +109,15 @@ fn parse_bool(s: &str) -> Result<bool, String> {
 #[command(
     name = "metastore",
     version,
-    about = "An etcd v3 compatible key-value store"
+    about = "An etcd v3 compatible key-value store",
+    args_override_self = true
 )]
 pub struct Config {
+    /// A YAML file of settings keyed by flag name (etcd's `--config-file`); flags given on
+    /// the command line beat it.
+    #[arg(long, env = "ETCD_CONFIG_FILE")]
+    pub config_file: Option<PathBuf>,
+
     /// Human-readable name for this member.
     #[arg(long, env = "ETCD_NAME", default_value = defaults::NAME)]
     pub name: String,
@@ -234,6 +240,80 @@ pub struct Config {
     /// Number of shards, each pinned to a core [default: one per online CPU].
     #[arg(long, env = "METASTORE_SHARDS")]
     pub shards: Option<usize>,
+}
+
+/// Expands `--config-file` (or `ETCD_CONFIG_FILE`): the file's settings become flags placed
+/// before the command line's, so that the command line wins. Keys are flag names without the
+/// dashes (`data-dir: /var/lib/metastore`), as in etcd's YAML config files; lists are joined
+/// with commas. Keys this binary does not know are reported and skipped.
+///
+/// Errors: the file cannot be read, is not YAML, or is not a mapping.
+pub fn args_with_config_file(
+    args: Vec<std::ffi::OsString>,
+) -> Result<Vec<std::ffi::OsString>, String> {
+    use clap::CommandFactory;
+    use yaml_rust2::{Yaml, YamlLoader};
+
+    let strings: Vec<String> = args
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let from_flag = strings.iter().enumerate().find_map(|(i, a)| {
+        a.strip_prefix("--config-file=")
+            .map(str::to_string)
+            .or_else(|| {
+                (a == "--config-file")
+                    .then(|| strings.get(i + 1).cloned())
+                    .flatten()
+            })
+    });
+    let Some(path) = from_flag.or_else(|| std::env::var("ETCD_CONFIG_FILE").ok()) else {
+        return Ok(args);
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("--config-file {path}: {e}"))?;
+    let docs =
+        YamlLoader::load_from_str(&text).map_err(|e| format!("--config-file {path}: {e}"))?;
+    let Some(Yaml::Hash(map)) = docs.into_iter().next() else {
+        return Err(format!(
+            "--config-file {path}: expected a mapping of flag names to values"
+        ));
+    };
+    let known: Vec<String> = Config::command()
+        .get_arguments()
+        .filter_map(|a| a.get_long().map(str::to_string))
+        .collect();
+    let scalar = |v: &Yaml| -> Option<String> {
+        match v {
+            Yaml::String(s) | Yaml::Real(s) => Some(s.clone()),
+            Yaml::Integer(i) => Some(i.to_string()),
+            Yaml::Boolean(b) => Some(b.to_string()),
+            _ => None,
+        }
+    };
+    let mut out = vec![args[0].clone()];
+    for (k, v) in map {
+        let Some(key) = k.as_str() else { continue };
+        if !known.iter().any(|n| n == key) || key == "config-file" {
+            eprintln!("metastore: --config-file {path}: ignoring unknown setting {key:?}");
+            continue;
+        }
+        let value = match &v {
+            Yaml::Array(items) => Some(
+                items
+                    .iter()
+                    .filter_map(scalar)
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+            Yaml::Null => None,
+            other => scalar(other),
+        };
+        if let Some(value) = value {
+            out.push(format!("--{key}={value}").into());
+        }
+    }
+    out.extend(args.into_iter().skip(1));
+    Ok(out)
 }
 
 /// A configuration that cannot work.
@@ -407,6 +487,34 @@ mod tests {
         ])
         .unwrap();
         assert!(matches!(c.validate(), Err(ConfigError::InitialCluster(_))));
+    }
+
+    #[test]
+    fn config_file_settings_yield_to_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metastore.yml");
+        std::fs::write(
+            &path,
+            "name: from-file\nsnapshot-count: 42\nunsafe-no-fsync: true\nrocksdb-block-cache-bytes: 1048576\n\
+             listen-client-urls: [\"http://127.0.0.1:1\", \"http://127.0.0.1:2\"]\nenable-v2: true\n",
+        )
+        .unwrap();
+        let args = [
+            "metastore",
+            "--config-file",
+            path.to_str().unwrap(),
+            "--snapshot-count",
+            "7",
+        ];
+        let expanded = args_with_config_file(args.iter().map(Into::into).collect()).unwrap();
+        let c = Config::try_parse_from(expanded).unwrap();
+        assert_eq!(c.name, "from-file");
+        assert_eq!(c.snapshot_count, 7, "the command line beats the file");
+        assert!(c.unsafe_no_fsync);
+        assert_eq!(c.rocksdb_block_cache_bytes, 1 << 20);
+        assert_eq!(c.listen_client_urls.len(), 2);
+        let missing = ["metastore", "--config-file", "/nonexistent/x.yml"];
+        assert!(args_with_config_file(missing.iter().map(Into::into).collect()).is_err());
     }
 
     #[test]

@@ -6,7 +6,14 @@ use metastore::config::{Config, LogLevel};
 fn main() {
     // Fault-injection hooks (the `fail` crate), configured with FAILPOINTS; inert otherwise.
     let _failpoints = fail::FailScenario::setup();
-    let cfg = Config::parse();
+    let args = match metastore::config::args_with_config_file(std::env::args_os().collect()) {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("metastore: error: {e}");
+            std::process::exit(2);
+        }
+    };
+    let cfg = Config::parse_from(args);
     let level = match cfg.log_level {
         LogLevel::Debug => "debug",
         LogLevel::Info => "info",

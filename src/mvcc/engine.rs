@@ -103,6 +103,13 @@ pub trait Engine {
     /// older than its newest record `<= rev`, and that record too if it is a tombstone.
     fn compact(&mut self, rev: i64);
 
+    /// Like [`Engine::compact`], but does at most about `budget` units of work; returns `true`
+    /// once nothing is left. Lets a shard interleave a long purge with reads.
+    fn compact_some(&mut self, rev: i64, _budget: usize) -> bool {
+        self.compact(rev);
+        true
+    }
+
     /// Visits every key with its full retained history, in key order (for snapshots).
     fn export(&self, visit: &mut dyn FnMut(&[u8], &[VersionRecord]));
 

@@ -372,14 +372,20 @@ impl Engine for RocksEngine {
     }
 
     fn compact(&mut self, rev: i64) {
+        while !self.compact_some(rev, usize::MAX) {}
+    }
+
+    fn compact_some(&mut self, rev: i64, budget: usize) -> bool {
         // Walk the revision index below `rev`: each change is superseded (or a compacted
-        // tombstone) unless it is its key's newest record at or below `rev` and live.
+        // tombstone) unless it is its key's newest record at or below `rev` and live. Every
+        // visited change leaves the index, so the next step starts where this one stopped.
         let mut batch = WriteBatch::default();
         let mut stale = Vec::new();
         self.changes(0, rev - 1, &mut |r, sub, key| {
             stale.push((r, sub, key.to_vec()));
-            true
+            stale.len() < budget
         });
+        let done = stale.len() < budget;
         for (r, sub, key) in stale {
             let newest = self.newest_at(&key, rev);
             let keep =
@@ -392,6 +398,7 @@ impl Engine for RocksEngine {
             self.overlay.remove(&rev_key(r, sub, &key));
         }
         self.write(batch);
+        done
     }
 
     fn export(&self, visit: &mut dyn FnMut(&[u8], &[VersionRecord])) {

@@ -259,6 +259,12 @@ impl Store {
         self.engine.compact(rev.min(self.compact_revision));
     }
 
+    /// One bounded step of [`Store::purge`]; `true` once done.
+    pub fn purge_some(&mut self, rev: i64, budget: usize) -> bool {
+        self.engine
+            .compact_some(rev.min(self.compact_revision), budget)
+    }
+
     /// What a put at `rev` returned, for a shard replaying an entry it had already applied:
     /// the key's previous live version.
     pub fn replayed_put(&self, key: &[u8], rev: i64) -> Option<KeyValue> {

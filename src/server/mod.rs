@@ -313,16 +313,30 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let snapshotter = Snapshotter::new(member_dir.join("snap"))?;
     let snap = snapshotter.load_latest()?;
-    let engine = engine_config(&cfg, &member_dir)?;
-    let shards = Shards::spawn(cfg.shard_count(), &engine)?;
-    let start = recover_start(&shards.set, &engine, snap.as_ref()).await;
-    tracing::info!(index = start.index, revision = start.revision, replay_until = start.replay_until,
-        engine = ?engine.kind, "recovered state machine");
+    // Everything that can fail on bad input (ports, the WAL) is checked before the shards
+    // start: a failing start-up then leaves no storage engine half-open behind it.
+    let mut listeners = Vec::new();
+    for url in cfg.listen_client_urls.iter() {
+        let host = url
+            .host_str()
+            .unwrap_or("localhost")
+            .trim_matches(['[', ']']);
+        let port = url.port_or_known_default().unwrap_or(2379);
+        let listener = tokio::net::TcpListener::bind((host, port))
+            .await
+            .with_context(|| format!("cannot listen on client URL {url}"))?;
+        listeners.push(listener);
+    }
     let (wal, recovered) = Wal::open(
         &member_dir.join("wal"),
         snap.as_ref().map_or(0, |s| s.index),
         !cfg.unsafe_no_fsync,
     )?;
+    let engine = engine_config(&cfg, &member_dir)?;
+    let shards = Shards::spawn(cfg.shard_count(), &engine)?;
+    let start = recover_start(&shards.set, &engine, snap.as_ref()).await;
+    tracing::info!(index = start.index, revision = start.revision, replay_until = start.replay_until,
+        engine = ?engine.kind, "recovered state machine");
     tracing::info!(entries = recovered.entries.len(), "replaying WAL");
 
     let pending = Arc::new(Pending::default());
@@ -387,15 +401,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let max_recv = cfg.max_request_bytes + defaults::GRPC_OVERHEAD_BYTES;
     let mut servers = tokio::task::JoinSet::new();
-    for url in cfg.listen_client_urls.iter() {
-        let host = url
-            .host_str()
-            .unwrap_or("localhost")
-            .trim_matches(['[', ']']);
-        let port = url.port_or_known_default().unwrap_or(2379);
-        let listener = tokio::net::TcpListener::bind((host, port))
-            .await
-            .with_context(|| format!("cannot listen on client URL {url}"))?;
+    for listener in listeners {
         let addr: SocketAddr = listener.local_addr()?;
         tracing::info!(address = %addr, "serving client requests on {addr}");
         let router = tonic::transport::Server::builder()

@@ -522,10 +522,20 @@ async fn run_shard(
         entry_index: u64::MAX,
     };
     while let Ok(cmd) = apply_rx.recv_async().await {
+        if let ApplyCmd::Purge { rev } = cmd {
+            // Purging a large history is long: do it in steps and let reads run in between.
+            while !store.borrow_mut().purge_some(rev, PURGE_STEP) {
+                glommio::executor().yield_now().await;
+            }
+            continue;
+        }
         handle_apply(&mut store.borrow_mut(), &mut replay, &sizes[shard], cmd);
         glommio::yield_if_needed().await;
     }
 }
+
+/// Changes purged per step before a shard lets other tasks (reads) run.
+const PURGE_STEP: usize = 1024;
 
 /// Which entries this shard had already made durable before a restart. While the dispatcher
 /// replays those (it announces each with [`ApplyCmd::Entry`]), writes are skipped and answered
@@ -629,7 +639,7 @@ fn handle_apply(store: &mut Store, replay: &mut Replay, size: &ShardSize, cmd: A
             let _ = reply.send(deleted);
         }
         ApplyCmd::Compact { rev } => store.compact(rev),
-        ApplyCmd::Purge { rev } => store.purge(rev),
+        ApplyCmd::Purge { rev } => store.purge(rev), // normally handled in steps by run_shard
         ApplyCmd::Entry { index } => replay.entry_index = index,
         ApplyCmd::Barrier { state, reply } => {
             // Crash-test hook: FAILPOINTS="shard-before-flush=return(N)" kills the process
