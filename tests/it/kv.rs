@@ -7,16 +7,7 @@ use etcd_client::{
 use tonic::Code;
 
 use crate::harness::Server;
-use crate::util::{grpc_err, keys, strs, values, COMPACTED, FUTURE_REV};
-
-async fn rev_of_put(c: &mut Client, k: &str, v: &str) -> i64 {
-    c.put(k, v, None)
-        .await
-        .unwrap()
-        .header()
-        .unwrap()
-        .revision()
-}
+use crate::util::{grpc_err, keys, put_rev, strs, values, COMPACTED, FUTURE_REV};
 
 #[tokio::test]
 async fn headers_and_revision_counting() {
@@ -47,8 +38,8 @@ async fn headers_and_revision_counting() {
     assert_eq!(got.count(), 1);
     assert_eq!(got.kvs()[0].value(), b"1");
 
-    assert_eq!(rev_of_put(&mut c, "b", "2").await, 3);
-    assert_eq!(rev_of_put(&mut c, "a", "3").await, 4);
+    assert_eq!(put_rev(&mut c, "b", "2").await, 3);
+    assert_eq!(put_rev(&mut c, "a", "3").await, 4);
 
     // Deleting nothing does not consume a revision.
     let del = c.delete("missing", None).await.unwrap();
@@ -68,10 +59,10 @@ async fn headers_and_revision_counting() {
         4
     );
 
-    assert_eq!(rev_of_put(&mut c, "c", "4").await, 5);
+    assert_eq!(put_rev(&mut c, "c", "4").await, 5);
     let del = c.delete("a", None).await.unwrap();
     assert_eq!((del.deleted(), del.header().unwrap().revision()), (1, 6));
-    assert_eq!(rev_of_put(&mut c, "d", "5").await, 7);
+    assert_eq!(put_rev(&mut c, "d", "5").await, 7);
 }
 
 /// k1: create 2, mod 5, version 2, value "c"
@@ -92,7 +83,7 @@ async fn range_fixture(c: &mut Client) {
     .into_iter()
     .enumerate()
     {
-        assert_eq!(rev_of_put(c, k, v).await, i as i64 + 2);
+        assert_eq!(put_rev(c, k, v).await, i as i64 + 2);
     }
 }
 
@@ -389,7 +380,7 @@ async fn range_revision_filters() {
 async fn put_options() {
     let server = Server::start();
     let mut c = server.client().await;
-    assert_eq!(rev_of_put(&mut c, "p", "v1").await, 2);
+    assert_eq!(put_rev(&mut c, "p", "v1").await, 2);
 
     // prev_kv returns the replaced key-value.
     let r = c
@@ -510,7 +501,7 @@ async fn put_options() {
     // None of the failures wrote anything.
     assert!(c.get("missing", None).await.unwrap().kvs().is_empty());
     assert!(c.get("brand-new", None).await.unwrap().kvs().is_empty());
-    assert_eq!(rev_of_put(&mut c, "p", "v4").await, 8);
+    assert_eq!(put_rev(&mut c, "p", "v4").await, 8);
     let kv = c.get("p", None).await.unwrap().kvs()[0].clone();
     assert_eq!((kv.value(), kv.version()), (&b"v4"[..], 5));
 }
@@ -520,10 +511,7 @@ async fn delete_range() {
     let server = Server::start();
     let mut c = server.client().await;
     for (i, k) in ["d/1", "d/2", "d/3", "e"].into_iter().enumerate() {
-        assert_eq!(
-            rev_of_put(&mut c, k, &format!("val-{k}")).await,
-            i as i64 + 2
-        );
+        assert_eq!(put_rev(&mut c, k, &format!("val-{k}")).await, i as i64 + 2);
     }
 
     let r = c
@@ -592,7 +580,7 @@ async fn delete_range() {
         .await
         .unwrap();
     assert_eq!((r.deleted(), r.header().unwrap().revision()), (3, 12));
-    assert_eq!(rev_of_put(&mut c, "e", "again").await, 13);
+    assert_eq!(put_rev(&mut c, "e", "again").await, 13);
 }
 
 #[tokio::test]
@@ -600,14 +588,14 @@ async fn mvcc_versions_and_history() {
     let server = Server::start();
     let mut c = server.client().await;
 
-    assert_eq!(rev_of_put(&mut c, "m", "v1").await, 2);
+    assert_eq!(put_rev(&mut c, "m", "v1").await, 2);
     let kv = c.get("m", None).await.unwrap().kvs()[0].clone();
     assert_eq!(
         (kv.create_revision(), kv.mod_revision(), kv.version()),
         (2, 2, 1)
     );
 
-    assert_eq!(rev_of_put(&mut c, "m", "v2").await, 3);
+    assert_eq!(put_rev(&mut c, "m", "v2").await, 3);
     let kv = c.get("m", None).await.unwrap().kvs()[0].clone();
     assert_eq!(
         (kv.create_revision(), kv.mod_revision(), kv.version()),
@@ -626,7 +614,7 @@ async fn mvcc_versions_and_history() {
     assert_eq!(c.get("m", None).await.unwrap().count(), 0);
 
     // Re-created: a new life with version 1.
-    assert_eq!(rev_of_put(&mut c, "m", "v3").await, 5);
+    assert_eq!(put_rev(&mut c, "m", "v3").await, 5);
     let kv = c.get("m", None).await.unwrap().kvs()[0].clone();
     assert_eq!(
         (
@@ -671,8 +659,8 @@ async fn mvcc_versions_and_history() {
     assert_eq!(r.count(), 0);
 
     // Ranges at old revisions.
-    assert_eq!(rev_of_put(&mut c, "h/a", "1").await, 6);
-    assert_eq!(rev_of_put(&mut c, "h/b", "2").await, 7);
+    assert_eq!(put_rev(&mut c, "h/a", "1").await, 6);
+    assert_eq!(put_rev(&mut c, "h/b", "2").await, 7);
     assert_eq!(
         c.delete("h/a", None)
             .await
@@ -682,7 +670,7 @@ async fn mvcc_versions_and_history() {
             .revision(),
         8
     );
-    assert_eq!(rev_of_put(&mut c, "h/b", "3").await, 9);
+    assert_eq!(put_rev(&mut c, "h/b", "3").await, 9);
     let hist = |rev| GetOptions::new().with_prefix().with_revision(rev);
     let r = c.get("h/", Some(hist(5))).await.unwrap();
     assert_eq!(keys(r.kvs()), Vec::<String>::new());
@@ -722,7 +710,7 @@ async fn compaction() {
     let server = Server::start();
     let mut c = server.client().await;
     for rev in 2..=6 {
-        assert_eq!(rev_of_put(&mut c, "c", &format!("v{rev}")).await, rev);
+        assert_eq!(put_rev(&mut c, "c", &format!("v{rev}")).await, rev);
     }
     let at = |rev| Some(GetOptions::new().with_revision(rev));
 
@@ -790,7 +778,7 @@ async fn compaction() {
     );
 
     // None of this consumed revisions; compacting at the current revision works.
-    assert_eq!(rev_of_put(&mut c, "c", "v7").await, 7);
+    assert_eq!(put_rev(&mut c, "c", "v7").await, 7);
     c.compact(7, None).await.unwrap();
     let r = c.get("c", at(7)).await.unwrap();
     assert_eq!((values(r.kvs()), r.kvs()[0].version()), (strs(&["v7"]), 6));
@@ -799,7 +787,7 @@ async fn compaction() {
         (Code::OutOfRange, COMPACTED.to_string())
     );
     // A key deleted before the compaction revision is gone from every readable revision.
-    assert_eq!(rev_of_put(&mut c, "gone", "x").await, 8);
+    assert_eq!(put_rev(&mut c, "gone", "x").await, 8);
     assert_eq!(
         c.delete("gone", None)
             .await

@@ -10,7 +10,7 @@ use etcd_client::{
 use tonic::Code;
 
 use crate::harness::Server;
-use crate::util::{grpc_err, keys, strs, values};
+use crate::util::{grpc_err, keys, put_rev, strs, values};
 
 /// Whether `cmp` holds, by running a txn with empty branches (which writes nothing).
 async fn holds(c: &mut Client, cmp: Compare) -> bool {
@@ -19,15 +19,6 @@ async fn holds(c: &mut Client, cmp: Compare) -> bool {
 
 fn rev(r: &TxnResponse) -> i64 {
     r.header().unwrap().revision()
-}
-
-async fn put_rev(c: &mut Client, k: &str, v: &str) -> i64 {
-    c.put(k, v, None)
-        .await
-        .unwrap()
-        .header()
-        .unwrap()
-        .revision()
 }
 
 #[tokio::test]

@@ -1,6 +1,6 @@
 //! Small helpers shared by the test modules.
 
-use etcd_client::KeyValue;
+use etcd_client::{Client, KeyValue};
 use tonic::Code;
 
 /// The gRPC code and message of a failed etcd-client call; panics if the call succeeded or
@@ -36,3 +36,13 @@ pub fn strs(v: &[&str]) -> Vec<String> {
 pub const COMPACTED: &str = "etcdserver: mvcc: required revision has been compacted";
 /// The message etcd gives for a read or compaction above the current revision.
 pub const FUTURE_REV: &str = "etcdserver: mvcc: required revision is a future revision";
+
+/// Puts `k = v` and returns the revision the put got.
+pub async fn put_rev(c: &mut Client, k: &str, v: &str) -> i64 {
+    c.put(k, v, None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision()
+}

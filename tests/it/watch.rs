@@ -19,6 +19,7 @@ use tokio::process::{Child, ChildStdin, ChildStdout};
 use tokio::time::timeout;
 
 use crate::harness::Server;
+use crate::util::put_rev;
 
 /// How long any single expected response may take.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -124,15 +125,6 @@ fn prev(e: &Event) -> Option<(String, i64, i64, i64)> {
     })
 }
 
-async fn put(c: &mut Client, k: &str, v: &str) -> i64 {
-    c.put(k, v, None)
-        .await
-        .unwrap()
-        .header()
-        .unwrap()
-        .revision()
-}
-
 async fn del(c: &mut Client, k: &str) -> i64 {
     let r = c.delete(k, None).await.unwrap();
     assert_eq!(r.deleted(), 1, "delete {k}");
@@ -150,10 +142,10 @@ async fn case_put_then_delete(ep: &str) {
     assert_eq!(created.header().unwrap().revision(), 1);
     assert!(created.events().is_empty());
 
-    assert_eq!(put(&mut c, "k", "v1").await, 2);
-    assert_eq!(put(&mut c, "other", "x").await, 3);
-    assert_eq!(put(&mut c, "k", "v2").await, 4);
-    assert_eq!(put(&mut c, "k2", "x").await, 5);
+    assert_eq!(put_rev(&mut c, "k", "v1").await, 2);
+    assert_eq!(put_rev(&mut c, "other", "x").await, 3);
+    assert_eq!(put_rev(&mut c, "k", "v2").await, 4);
+    assert_eq!(put_rev(&mut c, "k2", "x").await, 5);
     assert_eq!(del(&mut c, "k").await, 6);
 
     let got: Vec<Ev> = read_events(&mut ws, 0, 3).await.iter().map(ev).collect();
@@ -190,8 +182,8 @@ async fn prefix_watch_across_shards() {
     let mut c = server.client().await;
     let (mut ws, id) = open(&mut c, "w/", Some(WatchOptions::new().with_prefix())).await;
     // Neighbours outside the prefix.
-    put(&mut c, "w", "no").await;
-    put(&mut c, "w0", "no").await;
+    put_rev(&mut c, "w", "no").await;
+    put_rev(&mut c, "w0", "no").await;
 
     let mut tasks = Vec::new();
     for t in 0..5 {
@@ -200,7 +192,7 @@ async fn prefix_watch_across_shards() {
         tasks.push(tokio::spawn(async move {
             let mut revs = Vec::new();
             for k in mine {
-                revs.push((put(&mut c, &k, &format!("v-{k}")).await, k));
+                revs.push((put_rev(&mut c, &k, &format!("v-{k}")).await, k));
             }
             revs
         }));
@@ -229,8 +221,8 @@ async fn case_start_revision_replay(ep: &str) {
     let mut c = connect(ep).await;
     let mut revs = Vec::new();
     for i in 0..5 {
-        revs.push(put(&mut c, &format!("r/{}", i % 3), &format!("v{i}")).await);
-        put(&mut c, "rx", "outside").await;
+        revs.push(put_rev(&mut c, &format!("r/{}", i % 3), &format!("v{i}")).await);
+        put_rev(&mut c, "rx", "outside").await;
     }
     assert_eq!(revs, vec![2, 4, 6, 8, 10]);
     let opts = WatchOptions::new()
@@ -249,7 +241,7 @@ async fn case_start_revision_replay(ep: &str) {
         ]
     );
     // Then live.
-    assert_eq!(put(&mut c, "r/2", "live").await, 12);
+    assert_eq!(put_rev(&mut c, "r/2", "live").await, 12);
     let got: Vec<Ev> = read_events(&mut ws, id, 1).await.iter().map(ev).collect();
     assert_eq!(got, vec![put_ev("r/2", "live", 6, 12, 2)]);
     assert_eq!(fence(&mut ws).await, 12);
@@ -271,7 +263,7 @@ async fn start_revision_replay() {
 async fn case_compacted_start_revision(ep: &str) {
     let mut c = connect(ep).await;
     for i in 0..5 {
-        assert_eq!(put(&mut c, "k", &format!("v{i}")).await, i + 2);
+        assert_eq!(put_rev(&mut c, "k", &format!("v{i}")).await, i + 2);
     }
     c.compact(5, None).await.unwrap();
 
@@ -295,7 +287,7 @@ async fn case_compacted_start_revision(ep: &str) {
         "{r:?}"
     );
     // The stream stays usable, and the canceled watcher gets nothing more.
-    assert_eq!(put(&mut c, "k", "after").await, 7);
+    assert_eq!(put_rev(&mut c, "k", "after").await, 7);
     assert_eq!(fence(&mut ws).await, 7);
 
     // At the compaction revision itself: still in history.
@@ -343,10 +335,10 @@ async fn case_filters_and_prev_kv(ep: &str) {
     let (mut with_prev, wp) = open(&mut c, "f", Some(WatchOptions::new().with_prev_key())).await;
     let (mut plain, pl) = open(&mut c, "f", None).await;
 
-    assert_eq!(put(&mut c, "f", "1").await, 2);
-    assert_eq!(put(&mut c, "f", "2").await, 3);
+    assert_eq!(put_rev(&mut c, "f", "1").await, 2);
+    assert_eq!(put_rev(&mut c, "f", "2").await, 3);
     assert_eq!(del(&mut c, "f").await, 4);
-    assert_eq!(put(&mut c, "f", "3").await, 5);
+    assert_eq!(put_rev(&mut c, "f", "3").await, 5);
 
     let got = read_events(&mut no_put, np, 1).await;
     assert_eq!(ev(&got[0]), del_ev("f", 4));
@@ -438,13 +430,13 @@ async fn case_watch_ids(ep: &str) {
     assert_eq!((r.created(), r.canceled(), r.watch_id()), (true, false, 2));
 
     // Each event goes to its own watcher, and the refused watcher on "b" gets nothing.
-    assert_eq!(put(&mut c, "a", "1").await, 2);
+    assert_eq!(put_rev(&mut c, "a", "1").await, 2);
     let got = read_events(&mut ws, 7, 1).await;
     assert_eq!(ev(&got[0]), put_ev("a", "1", 2, 2, 1));
-    assert_eq!(put(&mut c, "b", "1").await, 3);
+    assert_eq!(put_rev(&mut c, "b", "1").await, 3);
     let got = read_events(&mut ws, 0, 1).await;
     assert_eq!(ev(&got[0]), put_ev("b", "1", 3, 3, 1));
-    assert_eq!(put(&mut c, "d", "1").await, 4);
+    assert_eq!(put_rev(&mut c, "d", "1").await, 4);
     let got = read_events(&mut ws, 2, 1).await;
     assert_eq!(ev(&got[0]), put_ev("d", "1", 4, 4, 1));
     assert_eq!(fence(&mut ws).await, 4);
@@ -459,7 +451,7 @@ async fn client_chosen_and_duplicate_watch_ids() {
 async fn case_cancel(ep: &str) {
     let mut c = connect(ep).await;
     let (mut ws, id) = open(&mut c, "k", None).await;
-    assert_eq!(put(&mut c, "k", "1").await, 2);
+    assert_eq!(put_rev(&mut c, "k", "1").await, 2);
     let got = read_events(&mut ws, id, 1).await;
     assert_eq!(ev(&got[0]), put_ev("k", "1", 2, 2, 1));
 
@@ -470,7 +462,7 @@ async fn case_cancel(ep: &str) {
         (id, true, false, 0),
         "{r:?}"
     );
-    assert_eq!(put(&mut c, "k", "2").await, 3);
+    assert_eq!(put_rev(&mut c, "k", "2").await, 3);
     assert_eq!(del(&mut c, "k").await, 4);
     assert_eq!(fence(&mut ws).await, 4, "a canceled watcher gets no events");
 
@@ -479,7 +471,7 @@ async fn case_cancel(ep: &str) {
     let r = next_resp(&mut ws).await;
     assert!(r.created() && !r.canceled(), "{r:?}");
     let id2 = r.watch_id();
-    assert_eq!(put(&mut c, "k", "3").await, 5);
+    assert_eq!(put_rev(&mut c, "k", "3").await, 5);
     let got = read_events(&mut ws, id2, 1).await;
     assert_eq!(ev(&got[0]), put_ev("k", "3", 5, 5, 1));
 }
@@ -494,7 +486,7 @@ async fn case_progress_request(ep: &str) {
     let mut c = connect(ep).await;
     let (mut ws, _) = open(&mut c, "p", None).await;
     for i in 0..3 {
-        put(&mut c, &format!("q{i}"), "x").await;
+        put_rev(&mut c, &format!("q{i}"), "x").await;
     }
     ws.request_progress().await.unwrap();
     let r = next_resp(&mut ws).await;
@@ -535,8 +527,8 @@ async fn progress_notify_on_idle_watcher() {
     let r = next_resp(&mut ws).await;
     assert_eq!((r.created(), r.watch_id()), (true, 100));
 
-    assert_eq!(put(&mut c, "other", "x").await, 2);
-    assert_eq!(put(&mut c, "other", "y").await, 3);
+    assert_eq!(put_rev(&mut c, "other", "x").await, 2);
+    assert_eq!(put_rev(&mut c, "other", "y").await, 3);
     let start = std::time::Instant::now();
     // Notifications taken before the puts applied may carry an older revision; within a few
     // intervals one must report revision 3.
@@ -759,7 +751,7 @@ async fn dropped_stream_leaves_server_working() {
     let (ws, _) = open(&mut c1, "d/", Some(WatchOptions::new().with_prefix())).await;
     let mut c = server.client().await;
     for i in 0..100 {
-        put(&mut c, &format!("d/{i:03}"), &"x".repeat(512)).await;
+        put_rev(&mut c, &format!("d/{i:03}"), &"x".repeat(512)).await;
     }
     drop(ws);
     drop(c1);
@@ -775,7 +767,7 @@ async fn dropped_stream_leaves_server_working() {
 
     let mut c2 = server.client().await;
     let (mut ws, id) = open(&mut c2, "d/", Some(WatchOptions::new().with_prefix())).await;
-    assert_eq!(put(&mut c, "d/new", "1").await, 102);
+    assert_eq!(put_rev(&mut c, "d/new", "1").await, 102);
     let got = read_events(&mut ws, id, 1).await;
     assert_eq!(ev(&got[0]), put_ev("d/new", "1", 102, 102, 1));
     assert_eq!(fence(&mut ws).await, 102);
@@ -865,11 +857,11 @@ fn strings(v: &[&str]) -> Vec<String> {
 async fn etcdctl_watch_prefix_rev_prev_kv() {
     let server = Server::start();
     let mut c = server.client().await;
-    assert_eq!(put(&mut c, "k/a", "1").await, 2);
-    assert_eq!(put(&mut c, "k/a", "2").await, 3);
+    assert_eq!(put_rev(&mut c, "k/a", "1").await, 2);
+    assert_eq!(put_rev(&mut c, "k/a", "2").await, 3);
     assert_eq!(del(&mut c, "k/a").await, 4);
-    assert_eq!(put(&mut c, "k/b", "x").await, 5);
-    assert_eq!(put(&mut c, "other", "o").await, 6);
+    assert_eq!(put_rev(&mut c, "k/b", "x").await, 5);
+    assert_eq!(put_rev(&mut c, "other", "o").await, 6);
 
     let mut ctl = Ctl::spawn(
         &server.endpoint,
@@ -883,7 +875,7 @@ async fn etcdctl_watch_prefix_rev_prev_kv() {
     ]);
     assert_eq!(ctl.lines(want.len()).await, want);
     // Live events follow.
-    put(&mut c, "k/b", "y").await;
+    put_rev(&mut c, "k/b", "y").await;
     assert_eq!(
         ctl.lines(5).await,
         strings(&["PUT", "k/b", "x", "k/b", "y"])
@@ -904,8 +896,8 @@ async fn etcdctl_watch_prefix_rev_prev_kv() {
 async fn etcdctl_watch_interactive() {
     let server = Server::start();
     let mut c = server.client().await;
-    assert_eq!(put(&mut c, "k/a", "1").await, 2);
-    assert_eq!(put(&mut c, "k/b", "2").await, 3);
+    assert_eq!(put_rev(&mut c, "k/a", "1").await, 2);
+    assert_eq!(put_rev(&mut c, "k/b", "2").await, 3);
 
     let mut ctl = Ctl::spawn(&server.endpoint, &["watch", "-i"]);
     ctl.write("watch k --prefix --rev 2 --prev-kv\n").await;
@@ -915,14 +907,14 @@ async fn etcdctl_watch_interactive() {
     );
     ctl.write("progress\n").await;
     assert_eq!(ctl.lines(1).await, strings(&["progress notify: 3"]));
-    put(&mut c, "k/a", "3").await;
+    put_rev(&mut c, "k/a", "3").await;
     assert_eq!(
         ctl.lines(5).await,
         strings(&["PUT", "k/a", "1", "k/a", "3"])
     );
     // A second watch on the same stream.
     ctl.write("watch z --rev 5\n").await;
-    put(&mut c, "z", "zz").await;
+    put_rev(&mut c, "z", "zz").await;
     assert_eq!(ctl.lines(3).await, strings(&["PUT", "z", "zz"]));
     // The progress response (watch ID -1) goes to every watch of the stream: etcdctl prints
     // it once per watch, as it does against etcd 3.4.
@@ -940,13 +932,13 @@ async fn etcdctl_watch_interactive() {
 async fn lagging_watcher_is_canceled_when_its_revision_is_compacted() {
     let server = Server::start();
     let mut c = connect(&server.endpoint).await;
-    let first = put(&mut c, "lag/0", "start").await;
+    let first = put_rev(&mut c, "lag/0", "start").await;
     let (mut ws, id) = open(&mut c, "lag/", Some(WatchOptions::new().with_prefix())).await;
     // Enough data to fill the stream's outbound queue and HTTP/2 windows while nobody reads.
     let value = "v".repeat(4096);
     let mut last = first;
     for i in 1..=1500 {
-        last = put(&mut c, &format!("lag/{i}"), &value).await;
+        last = put_rev(&mut c, &format!("lag/{i}"), &value).await;
     }
     c.compact(last, None).await.unwrap();
 
@@ -983,7 +975,7 @@ async fn large_revision_is_fragmented_on_request() {
     let mut c = connect(&server.endpoint).await;
     let value = "x".repeat(2000);
     for i in 0..20 {
-        put(&mut c, &format!("frag/{i:02}"), &value).await;
+        put_rev(&mut c, &format!("frag/{i:02}"), &value).await;
     }
 
     let mut raw = WatchClient::connect(format!("http://{}", server.endpoint))
