@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Installs what building and testing MetaStore needs on a fresh Debian/Ubuntu machine that has
 # only the Rust toolchain: protoc (tonic/prost code generation), libclang (bindgen for the
-# RocksDB engine's librocksdb-sys) and etcdctl (integration tests).
+# RocksDB engine's librocksdb-sys), etcdctl (integration tests) and etcd itself (the reference
+# server that loadgen's tests and bench/compare.sh run side by side with MetaStore).
 set -euo pipefail
 need=()
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 dpkg -s libclang-dev >/dev/null 2>&1 || need+=(libclang-dev)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""

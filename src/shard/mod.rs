@@ -430,17 +430,75 @@ pub struct Shards {
     threads: Vec<glommio::ExecutorJoinHandle<()>>,
 }
 
+/// The CPUs shards are pinned to: the online CPUs this process is allowed to run on
+/// (`Cpus_allowed_list` in `/proc/self/status`, which reflects `taskset`, `CPUAffinity=` and
+/// cpusets), sorted ascending. glommio's own online-CPU set has no stable order and ignores the
+/// affinity mask, which made placement differ between starts and could pin a shard to a CPU
+/// outside its cpuset.
+///
+/// Errors: the online CPUs cannot be listed.
+pub fn shard_cpus() -> anyhow::Result<Vec<usize>> {
+    let mut online: Vec<usize> = glommio::CpuSet::online()
+        .map_err(|e| anyhow::anyhow!("cannot list online CPUs: {e}"))?
+        .into_iter()
+        .map(|l| l.cpu)
+        .collect();
+    online.sort_unstable();
+    online.dedup();
+    let allowed = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .and_then(|l| parse_cpu_list(l.trim()))
+        });
+    Ok(match allowed {
+        Some(allowed) => {
+            let both: Vec<usize> = online
+                .iter()
+                .copied()
+                .filter(|c| allowed.contains(c))
+                .collect();
+            if both.is_empty() {
+                online
+            } else {
+                both
+            }
+        }
+        None => online,
+    })
+}
+
+/// Parses a kernel CPU list such as `0-3,8,10-11` into sorted CPU numbers; `None` if malformed.
+pub fn parse_cpu_list(list: &str) -> Option<Vec<usize>> {
+    let mut cpus = Vec::new();
+    for part in list.split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) = (a.parse().ok()?, b.parse().ok()?);
+                if a > b {
+                    return None;
+                }
+                cpus.extend(a..=b);
+            }
+            None => cpus.push(part.parse().ok()?),
+        }
+    }
+    cpus.sort_unstable();
+    cpus.dedup();
+    Some(cpus)
+}
+
 impl Shards {
-    /// Starts `count` shards, each on a glommio executor pinned to an online CPU (round-robin).
+    /// Starts `count` shards, each on a glommio executor pinned to a CPU: shard `i` on the
+    /// `i`-th (round-robin) of the CPUs this process may run on, in ascending order (see
+    /// [`shard_cpus`]), so `taskset`, systemd's `CPUAffinity=` and cgroup cpusets decide where
+    /// shards run and the placement is the same on every start.
     ///
     /// Errors: a shard whose engine cannot be opened (for RocksDB: the path and RocksDB's
     /// reason).
     pub fn spawn(count: usize, engine: &EngineConfig) -> anyhow::Result<Shards> {
-        let cpus: Vec<usize> = glommio::CpuSet::online()
-            .map_err(|e| anyhow::anyhow!("cannot list online CPUs: {e}"))?
-            .into_iter()
-            .map(|l| l.cpu)
-            .collect();
+        let cpus = shard_cpus()?;
         let mut handles = Vec::with_capacity(count);
         let sizes: Arc<[ShardSize]> = (0..count).map(|_| ShardSize::default()).collect();
         let mut threads = Vec::with_capacity(count);
@@ -748,5 +806,31 @@ mod tests {
                 assert_eq!(s, shard_for(k, n));
             }
         }
+    }
+
+    #[test]
+    fn cpu_lists_parse_as_the_kernel_writes_them() {
+        assert_eq!(parse_cpu_list("0-3,8,10-11"), Some(vec![0, 1, 2, 3, 8, 10, 11]));
+        assert_eq!(parse_cpu_list("1"), Some(vec![1]));
+        assert_eq!(parse_cpu_list("3,1,1-2"), Some(vec![1, 2, 3]));
+        assert_eq!(parse_cpu_list("2-1"), None);
+        assert_eq!(parse_cpu_list("x"), None);
+    }
+
+    /// Regression: shards were placed on glommio's unordered online-CPU set, so placement
+    /// changed between starts and ignored the process's affinity mask.
+    #[test]
+    fn shard_cpus_are_sorted_and_allowed() {
+        let cpus = shard_cpus().unwrap();
+        assert!(!cpus.is_empty());
+        assert!(cpus.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(cpus, shard_cpus().unwrap(), "the same on every call");
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let allowed = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .and_then(|l| parse_cpu_list(l.trim()))
+            .unwrap();
+        assert!(cpus.iter().all(|c| allowed.contains(c)));
     }
 }

@@ -190,3 +190,64 @@ pub fn ok_stdout(out: &Output) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// A real etcd (the Debian `etcd-server` package that `.ci/deps.sh` installs) on free loopback
+/// ports with a temporary data dir, for tests that run the same client against both servers.
+/// Dropping it kills the process.
+pub struct Etcd {
+    child: Child,
+    /// `127.0.0.1:PORT` of the client listener.
+    pub endpoint: String,
+    _tmp: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind an ephemeral port")
+        .port()
+}
+
+impl Etcd {
+    /// Starts etcd and waits until `etcdctl endpoint health` succeeds.
+    pub fn start() -> Etcd {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (client, peer) = (free_port(), free_port());
+        let curl = format!("http://127.0.0.1:{client}");
+        let purl = format!("http://127.0.0.1:{peer}");
+        let child = Command::new("etcd")
+            .args(["--name", "ref", "--data-dir"])
+            .arg(tmp.path().join("data"))
+            .args(["--listen-client-urls", &curl, "--advertise-client-urls", &curl])
+            .args(["--listen-peer-urls", &purl, "--initial-advertise-peer-urls", &purl])
+            .args(["--initial-cluster", &format!("ref={purl}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd is installed (apt-get install etcd-server)");
+        let etcd = Etcd {
+            child,
+            endpoint: format!("127.0.0.1:{client}"),
+            _tmp: tmp,
+        };
+        let deadline = std::time::Instant::now() + START_TIMEOUT;
+        while !etcdctl(&etcd.endpoint, &["endpoint", "health"], None)
+            .status
+            .success()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "etcd did not become healthy"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        etcd
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -6,6 +6,7 @@ mod durability;
 mod etcdctl;
 mod harness;
 mod kv;
+mod loadgen;
 mod lease;
 mod recipes;
 mod rocksdb;

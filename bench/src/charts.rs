@@ -1,0 +1,440 @@
+//! The comparison's outputs: SVG charts drawn with plotters (throughput per workload, latency
+//! CDFs) and the RESULTS.md table.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use plotters::prelude::*;
+use serde::Serialize;
+
+/// Median figures of one workload on one server.
+#[derive(Serialize, Clone, Debug, Default)]
+pub struct Figures {
+    /// Requests (or events) per second.
+    pub rps: f64,
+    /// Median latency, ms.
+    pub p50: f64,
+    /// 99th percentile latency, ms.
+    pub p99: f64,
+    /// Failed requests over all rounds.
+    pub errors: u64,
+}
+
+/// One workload's comparison.
+pub struct Row {
+    /// Workload name.
+    pub workload: String,
+    /// What one request is (puts, ranges, events...).
+    pub unit: &'static str,
+    /// etcd's medians.
+    pub etcd: Figures,
+    /// MetaStore's medians.
+    pub metastore: Figures,
+    /// etcd's latency CDF `(percentile, ms)` in its median round.
+    pub etcd_cdf: Vec<(f64, f64)>,
+    /// MetaStore's latency CDF in its median round.
+    pub metastore_cdf: Vec<(f64, f64)>,
+}
+
+impl Row {
+    /// MetaStore's throughput over etcd's.
+    pub fn ratio(&self) -> f64 {
+        if self.etcd.rps > 0.0 {
+            self.metastore.rps / self.etcd.rps
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Memory of one server after loading keys.
+#[derive(Serialize, Clone, Debug)]
+pub struct Memory {
+    /// Server name.
+    pub server: &'static str,
+    /// Keys loaded.
+    pub keys: u64,
+    /// Peak resident set size (VmHWM), bytes.
+    pub peak_rss: u64,
+    /// Resident set size at the end (VmRSS), bytes.
+    pub rss: u64,
+    /// Data dir size, bytes.
+    pub data_dir_bytes: u64,
+    /// Put throughput of the load, puts/s.
+    pub load_rps: f64,
+}
+
+/// Run metadata for the header.
+pub struct Meta {
+    /// When it ran.
+    pub date: String,
+    /// CPUs and memory.
+    pub machine: String,
+    /// `etcd --version`'s first line.
+    pub etcd_version: String,
+    /// MetaStore's version and git commit.
+    pub metastore_version: String,
+    /// Extra MetaStore flags.
+    pub metastore_args: String,
+    /// Rounds.
+    pub rounds: usize,
+    /// Request-count multiplier.
+    pub scale: f64,
+}
+
+const ETCD_COLOR: RGBColor = RGBColor(0x41, 0x9e, 0xda);
+const METASTORE_COLOR: RGBColor = RGBColor(0xe0, 0x6c, 0x2c);
+
+fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
+    anyhow::anyhow!("drawing chart: {e:?}")
+}
+
+/// Grouped bars: throughput of each server per workload, with MetaStore's ratio over etcd.
+pub fn throughput(path: &Path, rows: &[Row]) -> anyhow::Result<()> {
+    let height = 120 + 60 * rows.len() as u32;
+    let root = SVGBackend::new(path, (960, height)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    let max = rows
+        .iter()
+        .flat_map(|r| [r.etcd.rps, r.metastore.rps])
+        .fold(1.0, f64::max);
+    let n = rows.len() as f64;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Throughput (median of rounds), requests/s",
+            ("sans-serif", 22),
+        )
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(260)
+        .build_cartesian_2d(0.0..max * 1.25, 0.0..n)
+        .map_err(plot_err)?;
+    let names: Vec<String> = rows.iter().map(|r| r.workload.clone()).collect();
+    chart
+        .configure_mesh()
+        .disable_y_mesh()
+        .y_labels(rows.len() * 2 + 1)
+        .y_label_formatter(&|y| {
+            // Label each band at its centre.
+            let i = (n - y - 0.5).round();
+            if (n - y - 0.5 - i).abs() < 0.01 && i >= 0.0 && (i as usize) < names.len() {
+                names[i as usize].clone()
+            } else {
+                String::new()
+            }
+        })
+        .x_desc("requests/s")
+        .draw()
+        .map_err(plot_err)?;
+    for (i, r) in rows.iter().enumerate() {
+        let top = n - i as f64;
+        for (k, (v, color, label)) in [
+            (r.etcd.rps, ETCD_COLOR, "etcd"),
+            (r.metastore.rps, METASTORE_COLOR, "MetaStore"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let y0 = top - 0.1 - 0.4 * k as f64;
+            let bar = chart
+                .draw_series(std::iter::once(Rectangle::new(
+                    [(0.0, y0 - 0.35), (v, y0)],
+                    color.filled(),
+                )))
+                .map_err(plot_err)?;
+            if i == 0 {
+                bar.label(label).legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 14, y + 5)], color.filled())
+                });
+            }
+        }
+        chart
+            .draw_series(std::iter::once(Text::new(
+                format!("{:.2}x", r.ratio()),
+                (r.etcd.rps.max(r.metastore.rps) + max * 0.02, top - 0.45),
+                ("sans-serif", 15),
+            )))
+            .map_err(plot_err)?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()
+        .map_err(plot_err)?;
+    root.present().map_err(plot_err)?;
+    Ok(())
+}
+
+/// One latency-CDF panel per workload: percentile against latency (log scale), both servers.
+pub fn cdfs(path: &Path, rows: &[Row]) -> anyhow::Result<()> {
+    let cols = 2;
+    let panels = rows.len().max(1);
+    let lines = panels.div_ceil(cols) as u32;
+    let root = SVGBackend::new(path, (1000, 300 * lines)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    let areas = root.split_evenly((lines as usize, cols));
+    for (r, area) in rows.iter().zip(areas) {
+        let all = r.etcd_cdf.iter().chain(&r.metastore_cdf).map(|p| p.1);
+        let lo = all
+            .clone()
+            .filter(|v| *v > 0.0)
+            .fold(f64::MAX, f64::min)
+            .min(1.0)
+            * 0.8;
+        let hi = all.fold(0.0, f64::max).max(lo * 10.0) * 1.2;
+        let mut chart = ChartBuilder::on(&area)
+            .caption(&r.workload, ("sans-serif", 16))
+            .margin(10)
+            .x_label_area_size(32)
+            .y_label_area_size(44)
+            .build_cartesian_2d((lo..hi).log_scale(), 0.0..100.0)
+            .map_err(plot_err)?;
+        chart
+            .configure_mesh()
+            .x_desc("latency, ms (log)")
+            .y_desc("percentile")
+            .x_label_formatter(&|v| format!("{v}"))
+            .draw()
+            .map_err(plot_err)?;
+        for (cdf, color, label) in [
+            (&r.etcd_cdf, ETCD_COLOR, "etcd"),
+            (&r.metastore_cdf, METASTORE_COLOR, "MetaStore"),
+        ] {
+            chart
+                .draw_series(LineSeries::new(
+                    cdf.iter().map(|(p, ms)| (ms.max(lo), *p)),
+                    color.stroke_width(2),
+                ))
+                .map_err(plot_err)?
+                .label(label)
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 16, y)], color.stroke_width(2))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::LowerRight)
+            .draw()
+            .map_err(plot_err)?;
+    }
+    root.present().map_err(plot_err)?;
+    Ok(())
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / 1048576.0
+}
+
+/// The issue's goals, checked against the medians: `(goal, met)`.
+pub fn goals(rows: &[Row], memory: &[Memory]) -> Vec<(String, Option<bool>)> {
+    let find = |name: &str| rows.iter().find(|r| r.workload.starts_with(name));
+    let mut out = Vec::new();
+    for (name, factor, p99) in [
+        ("put, 100 clients", 3.0, true),
+        ("put, 1000 clients", 3.0, true),
+        ("range serializable", 2.0, false),
+        ("txn-put", 3.0, false),
+    ] {
+        let label = if p99 {
+            format!("{name}: {factor}x etcd's throughput or more, p99 no worse than etcd's")
+        } else {
+            format!("{name}: {factor}x etcd's throughput or more")
+        };
+        let met =
+            find(name).map(|r| r.ratio() >= factor && (!p99 || r.metastore.p99 <= r.etcd.p99));
+        out.push((label, met));
+    }
+    let e = memory.iter().find(|m| m.server == "etcd");
+    let m = memory.iter().find(|m| m.server == "MetaStore");
+    out.push((
+        "memory per million keys no more than etcd's (peak RSS)".into(),
+        e.zip(m).map(|(e, m)| m.peak_rss <= e.peak_rss),
+    ));
+    out
+}
+
+/// RESULTS.md.
+pub fn markdown(meta: &Meta, rows: &[Row], memory: &[Memory]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# MetaStore vs etcd: side-by-side results\n");
+    let _ = writeln!(
+        s,
+        "Generated by `bench/compare.sh` (see bench/README.md); do not edit by hand. Each figure \
+         is the median of {} rounds; in each round both servers ran the same workloads one after \
+         the other (alternating which went first), single-member on loopback, fsync on, each \
+         with a fresh data dir, driven by `metastore-loadgen`.\n",
+        meta.rounds
+    );
+    let _ = writeln!(s, "- Date: {}", meta.date);
+    let _ = writeln!(s, "- Machine: {}", meta.machine);
+    let _ = writeln!(s, "- etcd: {}", meta.etcd_version);
+    let _ = writeln!(s, "- MetaStore: {}", meta.metastore_version);
+    if !meta.metastore_args.is_empty() {
+        let _ = writeln!(s, "- MetaStore flags: `{}`", meta.metastore_args);
+    }
+    if (meta.scale - 1.0).abs() > f64::EPSILON {
+        let _ = writeln!(s, "- Request counts scaled by {}", meta.scale);
+    }
+    let _ = writeln!(s, "\n## Throughput and latency\n");
+    let _ = writeln!(
+        s,
+        "| workload | etcd req/s | MetaStore req/s | ratio | etcd p50 / p99 ms | MetaStore p50 / p99 ms |"
+    );
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|");
+    for r in rows {
+        let errs = |f: &Figures| {
+            if f.errors > 0 {
+                format!(" ({} errors)", f.errors)
+            } else {
+                String::new()
+            }
+        };
+        let _ = writeln!(
+            s,
+            "| {} ({}) | {:.0}{} | {:.0}{} | {:.2}x | {:.2} / {:.2} | {:.2} / {:.2} |",
+            r.workload,
+            r.unit,
+            r.etcd.rps,
+            errs(&r.etcd),
+            r.metastore.rps,
+            errs(&r.metastore),
+            r.ratio(),
+            r.etcd.p50,
+            r.etcd.p99,
+            r.metastore.p50,
+            r.metastore.p99
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nThe watch row counts delivered events per second at a fixed put rate, so its \
+         throughput is set by the load; compare its latencies.\n"
+    );
+    let _ = writeln!(s, "![throughput](throughput.svg)\n");
+    let _ = writeln!(s, "![latency CDFs](latency-cdf.svg)\n");
+    if !memory.is_empty() {
+        let _ = writeln!(
+            s,
+            "## Memory after loading keys (256-byte values, 8-byte keys)\n"
+        );
+        let _ = writeln!(
+            s,
+            "| server | keys | peak RSS MiB | RSS at end MiB | data dir MiB | load puts/s |"
+        );
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|");
+        for m in memory {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} |",
+                m.server,
+                m.keys,
+                mib(m.peak_rss),
+                mib(m.rss),
+                mib(m.data_dir_bytes),
+                m.load_rps
+            );
+        }
+        s.push('\n');
+    }
+    let _ = writeln!(s, "## Goals (issue 5)\n");
+    for (goal, met) in goals(rows, memory) {
+        let verdict = match met {
+            Some(true) => "met",
+            Some(false) => "**not met**",
+            None => "not measured in this run",
+        };
+        let _ = writeln!(s, "- {goal}: {verdict}");
+    }
+    let _ = writeln!(
+        s,
+        "\nWhere the time goes, and what the shortfalls come from: bench/README.md."
+    );
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(name: &str, e: (f64, f64), m: (f64, f64)) -> Row {
+        let f = |(rps, p99)| Figures {
+            rps,
+            p50: p99 / 2.0,
+            p99,
+            errors: 0,
+        };
+        Row {
+            workload: name.into(),
+            unit: "puts",
+            etcd: f(e),
+            metastore: f(m),
+            etcd_cdf: vec![(0.0, 0.1), (50.0, 1.0), (100.0, 9.0)],
+            metastore_cdf: vec![(0.0, 0.2), (50.0, 0.5), (100.0, 4.0)],
+        }
+    }
+
+    #[test]
+    fn goals_need_both_ratio_and_p99() {
+        let rows = [
+            row("put, 100 clients", (1000.0, 10.0), (3500.0, 9.0)),
+            row("put, 1000 clients", (1000.0, 10.0), (3500.0, 11.0)),
+            row(
+                "range serializable, 100 clients",
+                (1000.0, 1.0),
+                (1900.0, 1.0),
+            ),
+        ];
+        let g = goals(&rows, &[]);
+        assert_eq!(g[0].1, Some(true));
+        assert_eq!(g[1].1, Some(false), "p99 worse than etcd's");
+        assert_eq!(g[2].1, Some(false), "1.9x < 2x");
+        assert_eq!(g[3].1, None, "txn-put not run");
+        assert_eq!(g[4].1, None, "memory not measured");
+    }
+
+    #[test]
+    fn charts_and_table_render() {
+        let dir = tempfile::tempdir().unwrap();
+        let rows = [
+            row("put, 100 clients", (1000.0, 10.0), (3500.0, 9.0)),
+            row(
+                "range serializable, 100 clients",
+                (2000.0, 1.0),
+                (1900.0, 1.0),
+            ),
+            row("txn-put 4 ops, 100 clients", (500.0, 1.0), (1500.0, 1.0)),
+        ];
+        throughput(&dir.path().join("t.svg"), &rows).unwrap();
+        cdfs(&dir.path().join("c.svg"), &rows).unwrap();
+        let t = std::fs::read_to_string(dir.path().join("t.svg")).unwrap();
+        assert!(t.contains("<svg") && t.contains("3.50x") && t.contains("MetaStore"));
+        let c = std::fs::read_to_string(dir.path().join("c.svg")).unwrap();
+        assert!(c.contains("<polyline") && c.contains("txn-put"));
+        let md = markdown(
+            &Meta {
+                date: "d".into(),
+                machine: "m".into(),
+                etcd_version: "etcd".into(),
+                metastore_version: "ms".into(),
+                metastore_args: String::new(),
+                rounds: 3,
+                scale: 1.0,
+            },
+            &rows,
+            &[],
+        );
+        assert!(
+            md.contains(
+                "| put, 100 clients (puts) | 1000 | 3500 | 3.50x | 5.00 / 10.00 | 4.50 / 9.00 |"
+            ),
+            "{md}"
+        );
+        assert!(md.contains(
+            "- put, 100 clients: 3x etcd's throughput or more, p99 no worse than etcd's: met"
+        ));
+    }
+}
