@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
 # Re-pins the threads of a running MetaStore process.
 #
-# Why this exists: MetaStore pins shard N's glommio executor to a CPU that glommio picks from
-# /sys/devices/system/cpu/online (glommio's CpuSet is a HashSet, so the order changes from one
-# start to the next). That choice ignores the process's CPU affinity (taskset, systemd
-# CPUAffinity=) and cgroup cpusets, so today there is no flag to say "shards on CPUs 2-7,
-# everything else on CPUs 0-1". This script does it after start-up with sched_setaffinity
+# Why this exists: MetaStore pins shard i's glommio executor to the i-th CPU of the process's
+# affinity mask (in order), and its front-end threads (grpc, raft, apply) run on that same mask,
+# so there is no flag to say "shards on CPUs 2-7, everything else on CPUs 0-1". This script does
+# it after start-up with sched_setaffinity
 # (taskset -p), thread by thread:
 #
 #   shard-<i>-<n>   shard i's executor and its glommio helper thread -> i-th CPU of --shard-cpus

@@ -198,7 +198,7 @@ fn measure_memory(kind: Kind, bins: &Binaries, keys: u64) -> anyhow::Result<Memo
     let r = run_loadgen(bins, &server.endpoint, &w, keys)?;
     let (peak_rss, rss) = server.rss()?;
     Ok(Memory {
-        server: kind.name(),
+        server: kind.name().to_string(),
         keys,
         peak_rss,
         rss,
@@ -290,10 +290,24 @@ fn main() -> anyhow::Result<()> {
     }
     let mut memory = Vec::new();
     if args.rss_keys > 0 {
-        for kind in [Kind::Etcd, Kind::MetaStore] {
-            let m = measure_memory(kind, &bins, args.rss_keys)?;
+        // MetaStore with the flags under test and, unless those already choose an engine, with
+        // the RocksDB engine too: the two engines keep history in very different places.
+        let mut runs = vec![
+            (Kind::Etcd, bins.clone(), "etcd".to_string()),
+            (Kind::MetaStore, bins.clone(), "MetaStore".to_string()),
+        ];
+        if !args.metastore_args.contains("--storage-engine") {
+            let mut rocks = bins.clone();
+            rocks
+                .metastore_args
+                .extend(["--storage-engine".into(), "rocksdb".into()]);
+            runs.push((Kind::MetaStore, rocks, "MetaStore (rocksdb)".into()));
+        }
+        for (kind, bins, label) in runs {
+            let mut m = measure_memory(kind, &bins, args.rss_keys)?;
+            m.server = label;
             eprintln!(
-                "{:>9} after {} keys: peak RSS {:.0} MiB, data dir {:.0} MiB",
+                "{:>19} after {} keys: peak RSS {:.0} MiB, data dir {:.0} MiB",
                 m.server,
                 m.keys,
                 m.peak_rss as f64 / 1048576.0,

@@ -30,9 +30,7 @@ use tokio::time::Instant;
 use cli::{Cli, Global, Output, Workload};
 use driver::{drive, Run, Schedule, Stop};
 use report::Report;
-use workloads::{
-    KeepAliveWorker, PutWorker, RangeWorker, StmWorker, TxnMixedWorker, TxnPutWorker,
-};
+use workloads::{KeepAliveWorker, PutWorker, RangeWorker, StmWorker, TxnMixedWorker, TxnPutWorker};
 
 /// Connection options from the global flags: dial timeout, user and TLS.
 ///

@@ -536,7 +536,10 @@ mod tests {
         r.success(ms(0), ms(2));
         r.success(ms(10), ms(4));
         r.failure(ms(20), "Unavailable: etcdserver: request timed out".into());
-        r.failure(ms(1500), "Unavailable: etcdserver: request timed out".into());
+        r.failure(
+            ms(1500),
+            "Unavailable: etcdserver: request timed out".into(),
+        );
         r.count("retries", 3);
         let mut total = Recorder::new(true);
         total.merge(r);
@@ -567,8 +570,8 @@ mod tests {
                 "1,0,1,0.0000,0.0000,0.0000,0.0000",
             ]
         );
-        let json: serde_json::Value = serde_json::from_str(&serde_json::to_string(&rep).unwrap())
-            .expect("report is JSON");
+        let json: serde_json::Value =
+            serde_json::from_str(&serde_json::to_string(&rep).unwrap()).expect("report is JSON");
         assert_eq!(json["count"], 2);
         assert_eq!(json["errors"], 2);
         assert_eq!(json["latency_ms"]["p50"], 2.0);

@@ -240,11 +240,7 @@ pub async fn run_watch(
         let k = i % keys;
         expected += per_key[k as usize];
         board.mark_sent(i, due);
-        let (mut kv, key, value) = (
-            kv.clone(),
-            key_of(k as usize),
-            value_for(i, args.val_size),
-        );
+        let (mut kv, key, value) = (kv.clone(), key_of(k as usize), value_for(i, args.val_size));
         puts.spawn(async move {
             let r = kv.put(key, value, None::<PutOptions>).await;
             (r.map(|_| ()), due.elapsed())

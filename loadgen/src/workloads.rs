@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use etcd_client::{
-    Compare, CompareOp, GetOptions, KvClient, LeaseClient, LeaseKeepAliveStream, LeaseKeeper,
-    Txn, TxnOp,
+    Compare, CompareOp, GetOptions, KvClient, LeaseClient, LeaseKeepAliveStream, LeaseKeeper, Txn,
+    TxnOp,
 };
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -117,7 +117,9 @@ impl RangeWorker {
 
 impl Worker for RangeWorker {
     async fn call(&mut self, _i: u64) -> Result<Outcome, etcd_client::Error> {
-        self.kv.get(self.key.clone(), Some(self.opts.clone())).await?;
+        self.kv
+            .get(self.key.clone(), Some(self.opts.clone()))
+            .await?;
         Ok(Outcome::default())
     }
 }
@@ -188,7 +190,10 @@ impl TxnMixedWorker {
 
 impl Worker for TxnMixedWorker {
     async fn call(&mut self, i: u64) -> Result<Outcome, etcd_client::Error> {
-        let is_read = self.keys.rng.random_bool(self.read_fraction.clamp(0.0, 1.0));
+        let is_read = self
+            .keys
+            .rng
+            .random_bool(self.read_fraction.clamp(0.0, 1.0));
         let op = if is_read {
             self.read.clone()
         } else {
@@ -344,7 +349,10 @@ mod tests {
             sequential_keys: true,
         };
         let mut p = KeyPicker::new(&args, 1);
-        assert_eq!((0..7).map(|i| p.pick(i)).collect::<Vec<_>>(), [0, 1, 2, 0, 1, 2, 0]);
+        assert_eq!(
+            (0..7).map(|i| p.pick(i)).collect::<Vec<_>>(),
+            [0, 1, 2, 0, 1, 2, 0]
+        );
         let mut r = KeyPicker::new(
             &KeyValueArgs {
                 sequential_keys: false,

@@ -526,10 +526,17 @@ impl Shards {
                     }
                 })
                 .map_err(|e| anyhow::anyhow!("cannot start shard {i}: {e}"))?;
-            opened_rx
-                .recv()
-                .map_err(|_| anyhow::anyhow!("shard {i} stopped while opening its engine"))?
-                .map_err(|e| anyhow::anyhow!("shard {i} cannot open its storage: {e}"))?;
+            let opened = match opened_rx.recv() {
+                Ok(opened) => opened,
+                // The executor thread ended before opening the engine: glommio could not build
+                // the executor (for example RLIMIT_MEMLOCK too low for its io_uring rings).
+                // Its join result carries the reason.
+                Err(_) => match thread.join() {
+                    Err(e) => anyhow::bail!("cannot start shard {i}: {e}"),
+                    Ok(()) => anyhow::bail!("shard {i} stopped while opening its engine"),
+                },
+            };
+            opened.map_err(|e| anyhow::anyhow!("shard {i} cannot open its storage: {e}"))?;
             handles.push(ShardHandle {
                 apply: apply_tx,
                 read: read_tx,
@@ -810,7 +817,10 @@ mod tests {
 
     #[test]
     fn cpu_lists_parse_as_the_kernel_writes_them() {
-        assert_eq!(parse_cpu_list("0-3,8,10-11"), Some(vec![0, 1, 2, 3, 8, 10, 11]));
+        assert_eq!(
+            parse_cpu_list("0-3,8,10-11"),
+            Some(vec![0, 1, 2, 3, 8, 10, 11])
+        );
         assert_eq!(parse_cpu_list("1"), Some(vec![1]));
         assert_eq!(parse_cpu_list("3,1,1-2"), Some(vec![1, 2, 3]));
         assert_eq!(parse_cpu_list("2-1"), None);

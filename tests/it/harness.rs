@@ -218,8 +218,18 @@ impl Etcd {
         let child = Command::new("etcd")
             .args(["--name", "ref", "--data-dir"])
             .arg(tmp.path().join("data"))
-            .args(["--listen-client-urls", &curl, "--advertise-client-urls", &curl])
-            .args(["--listen-peer-urls", &purl, "--initial-advertise-peer-urls", &purl])
+            .args([
+                "--listen-client-urls",
+                &curl,
+                "--advertise-client-urls",
+                &curl,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &purl,
+                "--initial-advertise-peer-urls",
+                &purl,
+            ])
             .args(["--initial-cluster", &format!("ref={purl}")])
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -29,10 +29,13 @@ fn assert_clean(r: &Report, count: u64) {
 }
 
 async fn count_prefix(c: &mut Client, prefix: &str) -> i64 {
-    c.get(prefix, Some(GetOptions::new().with_prefix().with_count_only()))
-        .await
-        .unwrap()
-        .count()
+    c.get(
+        prefix,
+        Some(GetOptions::new().with_prefix().with_count_only()),
+    )
+    .await
+    .unwrap()
+    .count()
 }
 
 /// Every subcommand once, with the state each leaves behind checked.
@@ -223,5 +226,8 @@ async fn stop_returns_a_partial_report_and_samples() {
     let total: u64 = lines
         .map(|l| l.split(',').nth(1).unwrap().parse::<u64>().unwrap())
         .sum();
-    assert_eq!(total, report.summary.count, "every request is in one second's row");
+    assert_eq!(
+        total, report.summary.count,
+        "every request is in one second's row"
+    );
 }

@@ -51,6 +51,28 @@ fn bad_flags_and_data_dirs_exit_non_zero_with_a_clear_error() {
     );
 }
 
+/// Regression: when glommio could not build a shard's executor (here: RLIMIT_MEMLOCK below
+/// what its io_uring rings need), start-up failed with only "shard 0 stopped while opening its
+/// engine". The reason must reach the operator.
+#[test]
+fn a_shard_that_cannot_start_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    // `ulimit -l 16` lowers the soft memlock limit to 16 KiB for the server alone.
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#"ulimit -l 16 && exec "$0" "$@""#)
+        .arg(env!("CARGO_BIN_EXE_metastore"))
+        .args(["--data-dir", dir.path().to_str().unwrap()])
+        .args(["--listen-client-urls", "http://127.0.0.1:0"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run metastore under sh");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("cannot start shard 0: "), "{err}");
+    assert!(!err.contains("stopped while opening"), "{err}");
+}
+
 #[test]
 fn environment_variables_configure_the_server() {
     let dir = tempfile::tempdir().unwrap();
