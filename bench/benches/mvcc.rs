@@ -23,6 +23,8 @@
 //! defragmented (a memtable flush and a full manual compaction) so that reads go to SST files
 //! through the block cache, as they do in a store that has been running for a while.
 
+mod common;
+
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -227,16 +229,9 @@ fn bench_range(c: &mut Criterion) {
     }
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .sample_size(20)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(2))
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = common::config();
     targets = bench_put, bench_range
 }
 criterion_main!(benches);

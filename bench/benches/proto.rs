@@ -19,8 +19,9 @@
 //!
 //! Throughput is reported in encoded bytes.
 
+mod common;
+
 use std::hint::black_box;
-use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use metastore::proto::etcdserverpb::{PutRequest, RangeResponse, ResponseHeader};
@@ -151,16 +152,9 @@ fn bench_proposal(c: &mut Criterion) {
     g.finish();
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .sample_size(20)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(2))
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = common::config();
     targets = bench_put_request, bench_range_response, bench_proposal
 }
 criterion_main!(benches);

@@ -35,6 +35,8 @@
 //! node, a `SnapshotTaken` notice is sent (what the dispatcher sends after a snapshot), which
 //! makes the node compact its log and release WAL segments.
 
+mod common;
+
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -318,16 +320,9 @@ fn bench_node_thread(c: &mut Criterion) {
     group.finish();
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .sample_size(20)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(2))
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = common::config();
     targets = bench_in_thread, bench_node_thread
 }
 criterion_main!(benches);

@@ -32,9 +32,11 @@
 //! On a machine with a single online CPU the calling thread is left unpinned and the "cross
 //! core" numbers are really same-core context switches; the suite says so when it starts.
 
+mod common;
+
 use std::hint::black_box;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use metastore::mvcc::engine::Engine;
@@ -363,16 +365,9 @@ fn bench_echo(c: &mut Criterion) {
     rt.block_on(local);
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .sample_size(20)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(2))
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = common::config();
     targets = bench_read, bench_echo
 }
 criterion_main!(benches);

@@ -18,8 +18,9 @@
 //! is the same with `--unsafe-no-fsync` (write only), to show how much of the cost is the
 //! device flush rather than encoding and the `write` call.
 
+mod common;
+
 use std::hint::black_box;
-use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use metastore::consensus::wal::Wal;
@@ -102,16 +103,9 @@ fn bench_nofsync(c: &mut Criterion) {
     bench_wal(c, "wal_append_nofsync", false);
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .sample_size(20)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(2))
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = common::config();
     targets = bench_sync, bench_nofsync
 }
 criterion_main!(benches);

@@ -58,7 +58,8 @@ struct Args {
 /// One standard workload: a name and its loadgen arguments.
 struct Workload {
     name: &'static str,
-    /// Global flags (clients, conns) then the subcommand and its flags; `{total}` is replaced.
+    /// Global flags (clients, conns), then the subcommand and its flags; the request count
+    /// (`--total`, or `--put-total` for watch) is added by `run_loadgen`.
     args: Vec<String>,
     total: u64,
     /// What one "request" is in the throughput column.

@@ -40,7 +40,7 @@ pub struct Global {
     /// Number of concurrent clients (each has at most one request in flight).
     #[arg(long, global = true, default_value_t = 1)]
     pub clients: usize,
-    /// Total number of requests.
+    /// Total number of requests (the watch workloads use --put-total instead).
     #[arg(long, global = true, default_value_t = 10_000)]
     pub total: u64,
     /// Requests per second over all clients; 0 is unlimited (closed loop). Otherwise open loop:

@@ -130,28 +130,16 @@ pub async fn run(cli: &Cli, stop: Stop) -> anyhow::Result<Report> {
     if let Workload::Watch(args) = &cli.workload {
         let watchers = (args.streams * args.watch_per_stream) as u64;
         let bar = progress_bar(args.put_total * watchers / args.watched_key_total.max(1), g);
-        let started = Instant::now();
         let out = watch::run_watch(&conns, args, sample, bar.clone(), stop).await?;
         bar.finish_and_clear();
-        return Ok(Report::new(
-            name,
-            out.rec,
-            started.elapsed(),
-            out.interrupted,
-        ));
+        return Ok(Report::new(name, out.rec, out.elapsed, out.interrupted));
     }
     if let Workload::WatchLatency(args) = &cli.workload {
         let watchers = (args.streams * args.watchers_per_stream) as u64;
         let bar = progress_bar(args.put_total * watchers, g);
-        let started = Instant::now();
         let out = watch::run_watch_latency(&conns, args, sample, bar.clone(), stop).await?;
         bar.finish_and_clear();
-        return Ok(Report::new(
-            name,
-            out.rec,
-            started.elapsed(),
-            out.interrupted,
-        ));
+        return Ok(Report::new(name, out.rec, out.elapsed, out.interrupted));
     }
 
     let bar = progress_bar(g.total, g);

@@ -161,6 +161,29 @@ fn spawn_reader(
     })
 }
 
+/// The reader tasks of a run's streams, the board they share (its clock starts now) and the
+/// sender that ends them.
+type Readers = (
+    Arc<Board>,
+    watch::Sender<bool>,
+    Vec<tokio::task::JoinHandle<Recorder>>,
+);
+
+fn start_readers(
+    streams: Vec<(WatchRequestSender, WatchResponseStream)>,
+    puts: u64,
+    sample: bool,
+    progress: ProgressBar,
+) -> Readers {
+    let board = Board::new(puts);
+    let (done_tx, done) = watch::channel(false);
+    let readers = streams
+        .into_iter()
+        .map(|s| spawn_reader(s, board.clone(), sample, progress.clone(), done.clone()))
+        .collect();
+    (board, done_tx, readers)
+}
+
 /// Waits until `want` events have been received, `stop` fires, or `timeout` passes; returns
 /// false if stopped.
 async fn wait_received(board: &Board, want: u64, timeout: Duration, stop: &mut Stop) -> bool {
@@ -185,8 +208,10 @@ pub struct WatchRun {
     pub rec: Recorder,
     /// Whether Ctrl-C cut it short.
     pub interrupted: bool,
-    /// Events expected: puts times watchers on the put's key.
+    /// Events expected: acknowledged puts times the watchers on each put's key.
     pub expected: u64,
+    /// From the first put to the end of delivery (watcher creation excluded).
+    pub elapsed: Duration,
 }
 
 /// Runs `watch`.
@@ -218,12 +243,7 @@ pub async fn run_watch(
     let per_key: Vec<u64> = (0..keys)
         .map(|k| (0..watchers as u64).filter(|w| w % keys == k).count() as u64)
         .collect();
-    let board = Board::new(args.put_total);
-    let (done_tx, done) = watch::channel(false);
-    let readers: Vec<_> = streams
-        .into_iter()
-        .map(|s| spawn_reader(s, board.clone(), sample, progress.clone(), done.clone()))
-        .collect();
+    let (board, done_tx, readers) = start_readers(streams, args.put_total, sample, progress);
 
     let schedule = Schedule::new(board.start, args.put_rate);
     let kv = conns[0].kv_client();
@@ -238,19 +258,25 @@ pub async fn run_watch(
             _ = stopped(&mut stop) => { interrupted = true; break; }
         }
         let k = i % keys;
-        expected += per_key[k as usize];
         board.mark_sent(i, due);
         let (mut kv, key, value) = (kv.clone(), key_of(k as usize), value_for(i, args.val_size));
+        let watching = per_key[k as usize];
         puts.spawn(async move {
             let r = kv.put(key, value, None::<PutOptions>).await;
-            (r.map(|_| ()), due.elapsed())
+            (r.map(|_| ()), due.elapsed(), watching)
         });
         while let Some(done) = puts.try_join_next() {
-            record_put(&mut rec, &board, done.expect("put task"));
+            let (r, latency, watching) = done.expect("put task");
+            if record_put(&mut rec, &board, (r, latency)) {
+                expected += watching;
+            }
         }
     }
     while let Some(done) = puts.join_next().await {
-        record_put(&mut rec, &board, done.expect("put task"));
+        let (r, latency, watching) = done.expect("put task");
+        if record_put(&mut rec, &board, (r, latency)) {
+            expected += watching;
+        }
     }
     if !interrupted {
         interrupted = !wait_received(&board, expected, DRAIN_TIMEOUT, &mut stop).await;
@@ -258,14 +284,21 @@ pub async fn run_watch(
     finish(readers, done_tx, &board, expected, interrupted, rec).await
 }
 
+/// Records a put's outcome; true if it succeeded (so its events are expected).
 fn record_put(
     rec: &mut Recorder,
     board: &Board,
     (r, latency): (Result<(), etcd_client::Error>, Duration),
-) {
+) -> bool {
     match r {
-        Ok(()) => rec.sub("put", latency),
-        Err(e) => rec.failure(board.start.elapsed(), format!("put: {}", error_text(&e))),
+        Ok(()) => {
+            rec.sub("put", latency);
+            true
+        }
+        Err(e) => {
+            rec.failure(board.start.elapsed(), format!("put: {}", error_text(&e)));
+            false
+        }
     }
 }
 
@@ -291,6 +324,7 @@ async fn finish(
         rec,
         interrupted,
         expected,
+        elapsed: board.start.elapsed(),
     })
 }
 
@@ -318,12 +352,7 @@ pub async fn run_watch_latency(
         &mut rec,
     )
     .await?;
-    let board = Board::new(args.put_total);
-    let (done_tx, done) = watch::channel(false);
-    let readers: Vec<_> = streams
-        .into_iter()
-        .map(|s| spawn_reader(s, board.clone(), sample, progress.clone(), done.clone()))
-        .collect();
+    let (board, done_tx, readers) = start_readers(streams, args.put_total, sample, progress);
     let schedule = Schedule::new(board.start, args.put_rate);
     let mut kv = conns[0].kv_client();
     let mut interrupted = false;
@@ -338,7 +367,9 @@ pub async fn run_watch_latency(
         let sent = Instant::now();
         board.mark_sent(i, sent);
         let put = kv.put(key.clone(), value_for(i, args.val_size), None).await;
-        record_put(&mut rec, &board, (put.map(|_| ()), sent.elapsed()));
+        if !record_put(&mut rec, &board, (put.map(|_| ()), sent.elapsed())) {
+            continue;
+        }
         expected += watchers;
         if !wait_received(&board, expected, DRAIN_TIMEOUT, &mut stop).await {
             interrupted = true;
