@@ -172,16 +172,10 @@ fn decode_record(rev: i64, sub: u32, v: &[u8]) -> VersionRecord {
     }
 }
 
-/// The smallest byte string greater than every string starting with `prefix`.
+/// The smallest byte string greater than every string starting with `prefix`. Every prefix
+/// here starts with an ASCII tag byte (`k`, `r`, `l`, `m`), so a finite end always exists.
 fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0xff; prefix.len() + 1]
+    super::prefix_end(prefix).expect("tagged prefixes always have an end")
 }
 
 impl RocksEngine {

@@ -42,16 +42,10 @@ const SESSION_TTL: i64 = 60;
 /// `clientv3/concurrency.ErrSessionExpired`.
 const SESSION_EXPIRED: &str = "session: session is expired";
 
-/// The end of the range holding every key that starts with `prefix`.
+/// The `range_end` of every key that starts with `prefix`, in etcd's encoding: `"\0"` (every
+/// key from `prefix` on) when no finite end exists.
 fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
+    crate::mvcc::prefix_end(prefix).unwrap_or_else(|| vec![0])
 }
 
 fn op(request: Op) -> RequestOp {
