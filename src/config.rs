@@ -159,6 +159,33 @@ pub struct Config {
     #[arg(long, env = "ETCD_INITIAL_CLUSTER_TOKEN", default_value = defaults::CLUSTER_TOKEN)]
     pub initial_cluster_token: String,
 
+    /// Reject membership changes that could cost the cluster its quorum (etcd's strict
+    /// reconfiguration check).
+    #[arg(long, env = "ETCD_STRICT_RECONFIG_CHECK", num_args = 0..=1, default_missing_value = "true",
+          default_value = "true", value_parser = parse_bool)]
+    pub strict_reconfig_check: bool,
+
+    /// Entries the leader keeps behind a snapshot so that a slow follower catches up from the
+    /// log instead of needing the snapshot.
+    #[arg(
+        long,
+        env = "ETCD_EXPERIMENTAL_SNAPSHOT_CATCHUP_ENTRIES",
+        default_value_t = 5000
+    )]
+    pub experimental_snapshot_catchup_entries: u64,
+
+    /// Promote a learner to voter once it has caught up with the leader (MetaStore only).
+    #[arg(long, env = "METASTORE_AUTO_PROMOTE_LEARNERS", num_args = 0..=1, default_missing_value = "true",
+          default_value = "false", value_parser = parse_bool)]
+    pub auto_promote_learners: bool,
+
+    /// Serve linearizable reads from the leader's lease instead of a heartbeat round
+    /// (MetaStore only). Safe only while clocks on all members run at the same rate: a leader
+    /// trusts its lease for an election timeout after its last quorum contact.
+    #[arg(long, env = "METASTORE_LEADER_LEASE_READS", num_args = 0..=1, default_missing_value = "true",
+          default_value = "false", value_parser = parse_bool)]
+    pub leader_lease_reads: bool,
+
     /// Applied entries between snapshots (after which the WAL before them is released).
     #[arg(long, env = "ETCD_SNAPSHOT_COUNT", default_value_t = defaults::SNAPSHOT_COUNT)]
     pub snapshot_count: u64,
@@ -440,11 +467,28 @@ impl Config {
         {
             return Err(ConfigError::Unsupported("TLS (https client URLs)"));
         }
-        if self.initial_members()?.len() > 1 {
-            return Err(ConfigError::Unsupported("a multi-member --initial-cluster"));
-        }
-        if self.initial_cluster_state == ClusterState::Existing {
-            return Err(ConfigError::Unsupported("--initial-cluster-state existing"));
+        let members = self.initial_members()?;
+        if self.initial_cluster.is_some() {
+            let (_, urls) = members
+                .iter()
+                .find(|(n, _)| *n == self.name)
+                .expect("initial_members checks the local name");
+            let mut listed: Vec<&str> = urls.iter().map(Url::as_str).collect();
+            let mut advertised: Vec<&str> = self
+                .initial_advertise_peer_urls
+                .iter()
+                .map(Url::as_str)
+                .collect();
+            listed.sort_unstable();
+            advertised.sort_unstable();
+            if listed != advertised {
+                return Err(ConfigError::InitialCluster(format!(
+                    "{:?} has {} but --initial-advertise-peer-urls is {}",
+                    self.name,
+                    listed.join(","),
+                    advertised.join(",")
+                )));
+            }
         }
         Ok(())
     }

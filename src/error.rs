@@ -59,6 +59,54 @@ pub enum EtcdError {
     /// A proposal or read did not complete in time; its outcome is unknown (Unavailable).
     #[error("etcdserver: request timed out")]
     Timeout,
+    /// The leader changed while a request waited (Unavailable).
+    #[error("etcdserver: leader changed")]
+    LeaderChanged,
+    /// MemberAdd with an ID already in the cluster (FailedPrecondition).
+    #[error("etcdserver: member ID already exist")]
+    MemberExists,
+    /// MemberAdd/MemberUpdate with a peer URL another member has (FailedPrecondition).
+    #[error("etcdserver: Peer URLs already exists")]
+    PeerUrlExists,
+    /// An unknown or removed member ID (NotFound).
+    #[error("etcdserver: member not found")]
+    MemberNotFound,
+    /// MemberAdd with a peer URL that does not parse (InvalidArgument).
+    #[error("etcdserver: given member URLs are invalid")]
+    MemberBadUrls,
+    /// MemberPromote of a voter (FailedPrecondition).
+    #[error("etcdserver: can only promote a learner member")]
+    MemberNotLearner,
+    /// MemberPromote of a learner that lags the leader (FailedPrecondition).
+    #[error("etcdserver: can only promote a learner member which is in sync with leader")]
+    LearnerNotReady,
+    /// A second learner (etcd allows one) (FailedPrecondition).
+    #[error("etcdserver: too many learner members in cluster")]
+    TooManyLearners,
+    /// A change that would leave too few started voters for a quorum (FailedPrecondition).
+    #[error("etcdserver: re-configuration failed due to not enough started members")]
+    NotEnoughStartedMembers,
+    /// A change while this member is not connected to every voter (Unavailable).
+    #[error("etcdserver: unhealthy cluster")]
+    Unhealthy,
+    /// MoveLeader sent to a member that is not the leader (FailedPrecondition).
+    #[error("etcdserver: not leader")]
+    NotLeader,
+    /// MoveLeader to a learner or an unknown member (FailedPrecondition).
+    #[error("etcdserver: bad leader transferee")]
+    BadLeaderTransferee,
+    /// MoveLeader that did not finish in time (Unknown, as etcd leaves it unmapped).
+    #[error("etcdserver: request timed out, leader transfer took too long")]
+    LeaderTransferTimeout,
+    /// Anything but Status or a serializable Range sent to a learner (FailedPrecondition).
+    #[error("etcdserver: rpc not supported for learner")]
+    NotSupportedForLearner,
+    /// A peer of another cluster (FailedPrecondition).
+    #[error("etcdserver: cluster ID mismatch")]
+    ClusterIdMismatch,
+    /// Traffic from (or to) a member that was removed from the cluster (FailedPrecondition).
+    #[error("etcdserver: the member has been permanently removed from the cluster")]
+    MemberRemoved,
     /// The RPC exists in etcd but this member does not serve it yet (Unimplemented).
     #[error("etcdserver: {0} is not supported by this member yet")]
     Unsupported(&'static str),
@@ -72,10 +120,23 @@ impl EtcdError {
             EmptyKey | KeyNotFound | ValueProvided | LeaseProvided | TooManyOps | DuplicateKey
             | InvalidSortOption | RequestTooLarge => Code::InvalidArgument,
             Compacted | FutureRev | LeaseTtlTooLarge => Code::OutOfRange,
-            LeaseExists => Code::FailedPrecondition,
-            LeaseNotFound => Code::NotFound,
+            LeaseExists
+            | MemberExists
+            | PeerUrlExists
+            | MemberNotLearner
+            | LearnerNotReady
+            | TooManyLearners
+            | NotEnoughStartedMembers
+            | NotLeader
+            | BadLeaderTransferee
+            | NotSupportedForLearner
+            | ClusterIdMismatch
+            | MemberRemoved => Code::FailedPrecondition,
+            LeaseNotFound | MemberNotFound => Code::NotFound,
+            MemberBadUrls => Code::InvalidArgument,
             NoSpace => Code::ResourceExhausted,
-            NoLeader | Stopped | Timeout => Code::Unavailable,
+            NoLeader | LeaderChanged | Stopped | Timeout | Unhealthy => Code::Unavailable,
+            LeaderTransferTimeout => Code::Unknown,
             Unsupported(_) => Code::Unimplemented,
         }
     }

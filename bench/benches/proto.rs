@@ -70,6 +70,7 @@ fn range_response(kvs: usize, size: usize) -> RangeResponse {
 fn proposal(size: usize) -> Proposal {
     Proposal {
         id: 123_456_789,
+        origin: 0x1234_5678_9abc_def0,
         request: Some(proposal::Request::Put(put_request(size))),
     }
 }

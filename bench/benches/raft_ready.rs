@@ -43,8 +43,10 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use metastore::apply::{CommittedEntry, Pending, SnapshotTaken};
+use metastore::consensus::transport::{Faults, Transport};
 use metastore::consensus::wal::Wal;
 use metastore::consensus::{NodeConfig, NodeMsg, RaftNode};
+use metastore::proto::metastorepb::MemberRecord;
 use raft::prelude::{ConfState, Entry, EntryType};
 use raft::storage::MemStorage;
 use raft::{RawNode, StateRole};
@@ -140,6 +142,7 @@ fn hand_out(entries: Vec<Entry>, out: &mut Vec<CommittedEntry>) {
             index: e.index,
             term: e.term,
             data,
+            membership: None,
         });
     }
 }
@@ -243,19 +246,37 @@ fn start_node() -> Node {
     let (wal, recovered) = Wal::open(&dir.path().join("wal"), 0, false).expect("open the WAL");
     let (committed_tx, committed) = flume::unbounded();
     let (snapshots, snapshots_rx) = flume::unbounded();
+    let me = MemberRecord {
+        id: 1,
+        name: "bench".into(),
+        peer_urls: vec!["http://127.0.0.1:2380".into()],
+        client_urls: Vec::new(),
+        is_learner: false,
+    };
     let cfg = NodeConfig {
         id: 1,
-        voters: vec![1],
+        this_member: me.clone(),
+        bootstrap: vec![me],
+        seed_peers: Vec::new(),
         heartbeat_ms: 100,
         election_ms: 1000,
+        lease_reads: false,
+        catch_up_entries: 5000,
+        request_timeout: Duration::from_secs(7),
     };
+    // A single member has no peers: its transport never spawns a task on this runtime.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("tokio runtime");
+    let transport = |node| Transport::new(1, 1, runtime.handle().clone(), Faults::default(), node);
     let (node, handle) = RaftNode::new(
         &cfg,
         None,
         0,
         wal,
         recovered,
-        Arc::new(Pending::default()),
+        transport,
+        Arc::new(Pending::new(1)),
         committed_tx,
         snapshots_rx,
     )

@@ -35,6 +35,7 @@ use std::sync::Arc;
 use tokio::sync::{oneshot, watch};
 
 use crate::consensus::snapshot::Snapshotter;
+use crate::consensus::Membership;
 use crate::error::EtcdError;
 use crate::lease::{LeaseTable, MAX_LEASE_TTL};
 use crate::mvcc::range::merge;
@@ -85,6 +86,8 @@ pub struct StartState {
     pub replay_until: u64,
     /// Whether shards keep their data on disk (snapshots are then checkpoints).
     pub durable: bool,
+    /// The membership table at the snapshot (conf changes after it arrive with their entries).
+    pub membership: Arc<Membership>,
 }
 
 /// The result of an applied write request, before the front end adds member and term to the
@@ -105,6 +108,8 @@ pub enum ApplyResponse {
     LeaseRevoke(LeaseRevokeResponse),
     /// A LeaseCheckpoint.
     LeaseCheckpoint(LeaseCheckpointResponse),
+    /// A membership change: the members after it, sorted by ID.
+    Members(Vec<crate::proto::metastorepb::MemberRecord>),
 }
 
 /// An applied request's outcome.
@@ -119,6 +124,8 @@ pub struct CommittedEntry {
     pub term: u64,
     /// Length-delimited `metastorepb.Proposal`s; empty for leader no-ops and conf changes.
     pub data: Vec<u8>,
+    /// For a conf change: the membership table after it (snapshots record it).
+    pub membership: Option<Arc<Membership>>,
 }
 
 /// Sent back to the Raft node after a snapshot, so it can release the log before `index`.
@@ -136,8 +143,6 @@ pub struct SnapshotPolicy {
     pub snapshotter: Snapshotter,
     /// Applied entries between snapshots.
     pub count: u64,
-    /// Voters recorded in each snapshot (the Raft configuration).
-    pub voters: Vec<u64>,
     /// Told about each snapshot taken.
     pub notify: flume::Sender<SnapshotTaken>,
 }
@@ -164,6 +169,8 @@ pub struct Dispatcher {
     pending: Arc<Pending>,
     applied_tx: watch::Sender<AppliedState>,
     snapshots: SnapshotPolicy,
+    /// The membership table at `applied_index`.
+    membership: Arc<Membership>,
 }
 
 /// A result still waiting for a shard's reply (a put's previous key-value).
@@ -218,6 +225,7 @@ impl Dispatcher {
             pending,
             applied_tx,
             snapshots,
+            membership: start.membership.clone(),
         };
         d.publish();
         d
@@ -240,6 +248,11 @@ impl Dispatcher {
     fn apply_entries(&mut self, entries: Vec<CommittedEntry>) {
         let mut outcomes = Vec::new();
         for entry in entries {
+            // Raft replays conf changes after the snapshot on every start; the table follows
+            // them even where the shards already hold the entry.
+            if let Some(m) = &entry.membership {
+                self.membership = m.clone();
+            }
             if entry.index <= self.applied_index {
                 continue; // already in the snapshot we started from
             }
@@ -253,7 +266,14 @@ impl Dispatcher {
             let mut data = entry.data.as_slice();
             while !data.is_empty() {
                 match <Proposal as prost::Message>::decode_length_delimited(&mut data) {
-                    Ok(p) => outcomes.push((p.id, self.apply_proposal(p.request))),
+                    Ok(p) => {
+                        let outcome = self.apply_proposal(p.request);
+                        // Only the member that proposed it has a waiter (0: written before
+                        // clusters, by this member).
+                        if p.origin == 0 || p.origin == self.pending.member_id() {
+                            outcomes.push((p.id, outcome));
+                        }
+                    }
                     Err(e) => {
                         // Identical bytes on every replica, so skipping is still deterministic.
                         tracing::error!(index = entry.index, error = %e, "undecodable log entry skipped");
@@ -728,8 +748,10 @@ impl Dispatcher {
         let snap = StateSnapshot {
             index: self.applied_index,
             term: self.applied_term,
-            voters: self.snapshots.voters.clone(),
-            learners: Vec::new(),
+            voters: self.membership.voters(),
+            learners: self.membership.learners(),
+            members: self.membership.list(),
+            removed: self.membership.removed.iter().copied().collect(),
             revision: self.revision,
             compact_revision: self.compact_revision,
             leases: self.leases.records(),

@@ -7,10 +7,14 @@ use tokio::sync::oneshot;
 
 use super::ApplyResult;
 
-/// Waiters for proposals in flight. A waiter that gives up (timeout, client cancel) removes
-/// itself through its [`PendingGuard`], so nothing stays behind.
+/// Waiters for this member's proposals in flight. A waiter that gives up (timeout, client
+/// cancel) removes itself through its [`PendingGuard`], so nothing stays behind.
+///
+/// Proposal IDs are unique per member only; every member applies every proposal, so results
+/// are handed here only for proposals whose origin is this member.
 #[derive(Default)]
 pub struct Pending {
+    member_id: u64,
     waiters: Mutex<HashMap<u64, oneshot::Sender<ApplyResult>>>,
 }
 
@@ -27,6 +31,19 @@ impl Drop for PendingGuard {
 }
 
 impl Pending {
+    /// Waiters for member `member_id`'s proposals.
+    pub fn new(member_id: u64) -> Self {
+        Pending {
+            member_id,
+            waiters: Mutex::default(),
+        }
+    }
+
+    /// The member whose proposals these are.
+    pub fn member_id(&self) -> u64 {
+        self.member_id
+    }
+
     /// Registers a waiter for proposal `id`.
     pub fn register(self: &Arc<Self>, id: u64) -> (PendingGuard, oneshot::Receiver<ApplyResult>) {
         let (tx, rx) = oneshot::channel();

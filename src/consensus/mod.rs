@@ -6,39 +6,61 @@
 //!  wait for a message or the next tick
 //!    Propose  -> appended to the current batch (length-delimited Proposals)
 //!    ReadIndex-> collected; one raft ReadIndex for all of them
+//!    Step     -> a peer's Raft message, from the transport
 //!  propose the batch as one entry (never waits for more: a batch is whatever queued up while
-//!  the previous fsync ran, so a lone client pays no added latency)
+//!  the previous fsync ran, so a lone client pays no added latency). On a follower raft-rs
+//!  forwards it to the leader (MsgPropose).
 //!  tick every --heartbeat-interval
 //!  handle Ready, in raft-rs's documented order:
-//!    send messages -> apply snapshot -> hand committed entries to the dispatcher
+//!    send messages (leader: before its own fsync, Raft thesis 10.2.1) -> apply snapshot
+//!    -> hand committed entries to the dispatcher (conf changes applied here, in log order)
 //!    -> append entries + hard state to the WAL, one fsync -> send persisted messages
 //!    -> advance -> hand newly committed entries to the dispatcher -> advance_apply
 //! ```
 //!
 //! A single member still runs all of this: it is a one-voter Raft group that elects itself.
+//!
+//! **Membership lives in the log.** A new cluster's first boot writes one conf change entry
+//! per `--initial-cluster` member (term 1, identical bytes on every member, as etcd does), so
+//! every replica, and every member that joins later with an empty log, derives Raft's
+//! configuration and the [`Membership`] table from snapshot plus log alone.
 
 mod logger;
+pub mod membership;
 pub mod snapshot;
+mod storage;
+pub mod transport;
 pub mod wal;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use prost::Message as _;
 use protobuf::Message as _;
-use raft::prelude::{ConfChange, ConfChangeV2, ConfState, Entry, EntryType, Snapshot};
-use raft::storage::MemStorage;
-use raft::{RawNode, StateRole};
-use tokio::sync::oneshot;
+use raft::prelude::{
+    ConfChange, ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, MessageType,
+    Snapshot,
+};
+use raft::{RawNode, ReadOnlyOption, SnapshotStatus, StateRole};
+use tokio::sync::{oneshot, watch};
 
-use crate::apply::{CommittedEntry, Pending, SnapshotTaken};
+use crate::apply::{ApplyResponse, CommittedEntry, Pending, SnapshotTaken};
 use crate::error::EtcdError;
-use crate::proto::metastorepb::StateSnapshot;
+use crate::proto::metastorepb::{
+    membership_change::Kind, MemberRecord, MembershipChange, StateSnapshot,
+};
+pub use membership::Membership;
+use storage::RaftStorage;
+use transport::Transport;
 use wal::{Recovered, Wal};
 
 /// Upper bound on one proposal batch (one Raft entry), bytes.
 pub const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// A follower's ReadIndex that got no answer is sent again after this long (etcd's
+/// `readIndexRetryTime`): the leader drops it while it has not committed in its term.
+const READ_RETRY: Duration = Duration::from_millis(500);
 
 /// Messages to the Raft node thread.
 pub enum NodeMsg {
@@ -52,6 +74,25 @@ pub enum NodeMsg {
     /// Ask for a ReadIndex (Raft paper section 6.4): replies with the commit index a
     /// linearizable read must wait to see applied.
     ReadIndex(oneshot::Sender<Result<u64, EtcdError>>),
+    /// Propose a membership change; the result reaches proposal `id`'s waiter once the
+    /// change is applied (or rejected) in log order.
+    ChangeMembership {
+        /// Proposal ID.
+        id: u64,
+        /// The change (its `origin` and `proposal` are filled in by the caller).
+        change: MembershipChange,
+    },
+    /// A Raft message from a peer.
+    Step(Message),
+    /// The transport could not deliver to this member.
+    Unreachable(u64),
+    /// A peer refused our traffic because this member was removed from the cluster.
+    RemovedByPeer,
+    /// Hand leadership to this member (MoveLeader; Raft thesis section 3.10).
+    TransferLeader(u64),
+    /// Replication progress of every member as the leader sees it (member ID, matched index);
+    /// empty on a follower.
+    Progress(oneshot::Sender<Vec<(u64, u64)>>),
 }
 
 /// Raft progress, readable from any thread.
@@ -65,6 +106,12 @@ pub struct NodeStatus {
     pub commit: AtomicU64,
     /// Last log index.
     pub last_index: AtomicU64,
+    /// Index Raft has handed to the state machine.
+    pub applied: AtomicU64,
+    /// Whether this member is a learner.
+    pub is_learner: AtomicBool,
+    /// Whether this member has been removed from the cluster (it must stop).
+    pub removed: AtomicBool,
 }
 
 /// How to reach the Raft node thread.
@@ -74,6 +121,8 @@ pub struct NodeHandle {
     pub tx: flume::Sender<NodeMsg>,
     /// Its progress.
     pub status: Arc<NodeStatus>,
+    /// The membership table as of the last conf change handed to the state machine.
+    pub membership: watch::Receiver<Arc<Membership>>,
 }
 
 /// Raft settings derived from the member configuration.
@@ -81,59 +130,161 @@ pub struct NodeHandle {
 pub struct NodeConfig {
     /// This member's ID (Raft node ID).
     pub id: u64,
-    /// Voting members' IDs.
-    pub voters: Vec<u64>,
+    /// This member's record: used only for data written before membership was in the log.
+    pub this_member: MemberRecord,
+    /// The members a new cluster bootstraps with (`--initial-cluster`, sorted by ID); empty
+    /// when joining an existing cluster. Written to the log only on a first boot.
+    pub bootstrap: Vec<MemberRecord>,
+    /// Members to talk to before the log has told this member who is in the cluster: a
+    /// joiner's answers must reach the leader that is sending it the log.
+    pub seed_peers: Vec<MemberRecord>,
     /// Tick length, ms (`--heartbeat-interval`).
     pub heartbeat_ms: u64,
     /// Election timeout, ms (`--election-timeout`); a multiple of the tick.
     pub election_ms: u64,
+    /// Serve ReadIndex from the leader's lease instead of a heartbeat round (raft-rs
+    /// `ReadOnlyOption::LeaseBased`): assumes clocks on all members run at the same rate.
+    pub lease_reads: bool,
+    /// Entries kept in memory behind a snapshot so slow followers can catch up from the log
+    /// (etcd's `SnapshotCatchUpEntries`).
+    pub catch_up_entries: u64,
+    /// How long a ReadIndex may wait before it fails with "request timed out".
+    pub request_timeout: Duration,
+}
+
+/// One ReadIndex round in flight: every read that arrived while it was being sent.
+struct ReadRound {
+    waiters: Vec<oneshot::Sender<Result<u64, EtcdError>>>,
+    leader: u64,
+    sent_at: Instant,
+    deadline: Instant,
 }
 
 /// The Raft node thread's state.
 pub struct RaftNode {
-    raw: RawNode<MemStorage>,
+    id: u64,
+    raw: RawNode<RaftStorage>,
     wal: Wal,
+    transport: Transport,
     inbox: flume::Receiver<NodeMsg>,
     snapshots: flume::Receiver<SnapshotTaken>,
     committed: flume::Sender<Vec<CommittedEntry>>,
     pending: Arc<Pending>,
     status: Arc<NodeStatus>,
+    membership: Arc<Membership>,
+    membership_tx: watch::Sender<Arc<Membership>>,
     tick: Duration,
+    catch_up_entries: u64,
+    request_timeout: Duration,
     batch: Vec<u8>,
     batch_ids: Vec<u64>,
     read_waiters: Vec<oneshot::Sender<Result<u64, EtcdError>>>,
-    reads_in_flight: HashMap<u64, Vec<oneshot::Sender<Result<u64, EtcdError>>>>,
+    reads_in_flight: HashMap<u64, ReadRound>,
     next_read_ctx: u64,
+}
+
+/// A ReadIndex context: unique cluster-wide, because the leader merges requests by context.
+fn read_ctx(member: u64, counter: u64) -> Vec<u8> {
+    let mut ctx = member.to_be_bytes().to_vec();
+    ctx.extend_from_slice(&counter.to_be_bytes());
+    ctx
+}
+
+fn parse_read_ctx(ctx: &[u8]) -> Option<(u64, u64)> {
+    let member = u64::from_be_bytes(ctx.get(..8)?.try_into().ok()?);
+    let counter = u64::from_be_bytes(ctx.get(8..16)?.try_into().ok()?);
+    Some((member, counter))
+}
+
+/// A new cluster's first entries: one AddNode conf change per initial member, term 1.
+fn bootstrap_entries(members: &[MemberRecord]) -> Vec<Entry> {
+    members
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let change = MembershipChange {
+                kind: Kind::Add as i32,
+                origin: 0,
+                proposal: 0,
+                member: Some(m.clone()),
+            };
+            let mut cc = membership::raft_conf_change(&change);
+            cc.context = change.encode_to_vec().into();
+            let mut e = Entry::default();
+            e.set_entry_type(EntryType::EntryConfChangeV2);
+            e.term = 1;
+            e.index = i as u64 + 1;
+            e.data = cc.write_to_bytes().expect("conf change encodes").into();
+            e
+        })
+        .collect()
 }
 
 impl RaftNode {
     /// Builds the node from what recovery found: the snapshot (if any) and the WAL records
-    /// after it.
+    /// after it. A new cluster's first boot writes the bootstrap entries to the WAL first.
+    ///
     /// `applied` is the index the state machine already holds (at least the snapshot's).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         cfg: &NodeConfig,
         snap: Option<&StateSnapshot>,
         applied: u64,
-        wal: Wal,
-        recovered: Recovered,
+        mut wal: Wal,
+        mut recovered: Recovered,
+        transport: impl FnOnce(flume::Sender<NodeMsg>) -> Transport,
         pending: Arc<Pending>,
         committed: flume::Sender<Vec<CommittedEntry>>,
         snapshots: flume::Receiver<SnapshotTaken>,
     ) -> anyhow::Result<(RaftNode, NodeHandle)> {
-        let conf_state = ConfState::from((cfg.voters.clone(), Vec::new()));
-        let (storage, snap_index) = match snap {
+        let fresh =
+            snap.is_none() && recovered.entries.is_empty() && recovered.hard_state.is_none();
+        if fresh && !cfg.bootstrap.is_empty() {
+            let entries = bootstrap_entries(&cfg.bootstrap);
+            let hs = HardState {
+                term: 1,
+                commit: entries.len() as u64,
+                ..Default::default()
+            };
+            wal.append(&entries, Some(&hs));
+            wal.sync()?;
+            recovered = Recovered {
+                entries,
+                hard_state: Some(hs),
+            };
+        }
+        // Data written before membership went into the log has a snapshot without members,
+        // or a log that does not start with conf changes: that was always this member alone.
+        let legacy_alone = match snap {
+            Some(s) => s.members.is_empty(),
+            None => recovered
+                .entries
+                .first()
+                .is_some_and(|e| e.get_entry_type() != EntryType::EntryConfChangeV2),
+        };
+        let mut membership = match snap {
+            Some(s) => Membership::from_records(&s.members, &s.removed),
+            None => Membership::default(),
+        };
+        if legacy_alone {
+            membership = Membership::from_records(std::slice::from_ref(&cfg.this_member), &[]);
+        }
+        let storage = RaftStorage::default();
+        let snap_index = match snap {
             Some(s) => {
-                let storage = MemStorage::new();
                 let mut rs = Snapshot::default();
                 rs.mut_metadata().index = s.index;
                 rs.mut_metadata().term = s.term;
-                rs.mut_metadata()
-                    .set_conf_state(ConfState::from((s.voters.clone(), s.learners.clone())));
+                rs.mut_metadata().set_conf_state(membership.conf_state());
                 storage.wl().apply_snapshot(rs)?;
-                (storage, s.index)
+                s.index
             }
-            None => (MemStorage::new_with_conf_state(conf_state), 0),
+            None => {
+                if legacy_alone {
+                    storage.wl().set_conf_state(membership.conf_state());
+                }
+                0
+            }
         };
         storage.wl().append(&recovered.entries)?;
         let last_index = recovered.entries.last().map_or(snap_index, |e| e.index);
@@ -153,29 +304,48 @@ impl RaftNode {
             id: cfg.id,
             election_tick,
             heartbeat_tick: 1,
-            applied: applied.max(snap_index).min(last_index),
+            // Everything after the snapshot comes out of Ready again, so conf changes after it
+            // rebuild Raft's configuration and the membership table; the dispatcher skips the
+            // writes its shards already hold.
+            applied: snap_index,
             max_size_per_msg: 1024 * 1024,
             max_inflight_msgs: 256,
             pre_vote: true,
+            check_quorum: true,
+            read_only_option: if cfg.lease_reads {
+                ReadOnlyOption::LeaseBased
+            } else {
+                ReadOnlyOption::Safe
+            },
             ..Default::default()
         };
         config.validate()?;
-        let mut raw = RawNode::new(&config, storage, &logger::raft_logger())?;
-        if cfg.voters == [cfg.id] {
-            // Alone in the group: no need to wait out an election timeout.
-            raw.campaign()?;
-        }
+        let raw = RawNode::new(&config, storage, &logger::raft_logger())?;
         let (tx, inbox) = flume::bounded(16 * 1024);
         let status = Arc::new(NodeStatus::default());
+        let membership = Arc::new(membership);
+        let (membership_tx, membership_rx) = watch::channel(membership.clone());
+        let mut transport = transport(tx.clone());
+        if membership.members.is_empty() {
+            transport.set_peers(&Membership::from_records(&cfg.seed_peers, &[]));
+        } else {
+            transport.set_peers(&membership);
+        }
         let node = RaftNode {
+            id: cfg.id,
             raw,
             wal,
+            transport,
             inbox,
             snapshots,
             committed,
             pending,
             status: status.clone(),
+            membership,
+            membership_tx,
             tick: Duration::from_millis(cfg.heartbeat_ms.max(1)),
+            catch_up_entries: cfg.catch_up_entries,
+            request_timeout: cfg.request_timeout,
             batch: Vec::new(),
             batch_ids: Vec::new(),
             read_waiters: Vec::new(),
@@ -183,7 +353,14 @@ impl RaftNode {
             next_read_ctx: 0,
         };
         node.publish_status();
-        Ok((node, NodeHandle { tx, status }))
+        Ok((
+            node,
+            NodeHandle {
+                tx,
+                status,
+                membership: membership_rx,
+            },
+        ))
     }
 
     /// Runs until every [`NodeHandle`] is dropped. A WAL failure is fatal: nothing can be
@@ -191,6 +368,7 @@ impl RaftNode {
     pub fn run(mut self) {
         let mut next_tick = Instant::now() + self.tick;
         loop {
+            self.campaign_if_alone();
             match self.inbox.recv_deadline(next_tick) {
                 Ok(msg) => {
                     self.on_msg(msg);
@@ -206,6 +384,7 @@ impl RaftNode {
             self.flush_reads();
             if Instant::now() >= next_tick {
                 self.raw.tick();
+                self.retry_reads();
                 next_tick = Instant::now() + self.tick;
             }
             while let Ok(s) = self.snapshots.try_recv() {
@@ -218,6 +397,20 @@ impl RaftNode {
                 self.ready_or_exit();
             }
             self.publish_status();
+        }
+    }
+
+    /// A member that is the only voter need not wait out an election timeout.
+    fn campaign_if_alone(&mut self) {
+        let r = &self.raw.raft;
+        if r.state == StateRole::Leader || r.state == StateRole::Candidate {
+            return;
+        }
+        let voters: Vec<u64> = r.prs().conf().voters().ids().iter().collect();
+        if voters == [self.id] {
+            if let Err(e) = self.raw.campaign() {
+                tracing::warn!(error = %e, "cannot campaign");
+            }
         }
     }
 
@@ -239,11 +432,46 @@ impl RaftNode {
                 self.batch_ids.push(id);
             }
             NodeMsg::ReadIndex(tx) => self.read_waiters.push(tx),
+            NodeMsg::ChangeMembership { id, change } => {
+                let mut cc = membership::raft_conf_change(&change);
+                cc.context = change.encode_to_vec().into();
+                if let Err(e) = self.raw.propose_conf_change(Vec::new(), cc) {
+                    tracing::debug!(error = %e, "membership change dropped");
+                    self.pending.complete(id, Err(EtcdError::NoLeader));
+                }
+            }
+            NodeMsg::Step(m) => {
+                if let Err(e) = self.raw.step(m) {
+                    // Responses from members removed meanwhile, mostly.
+                    tracing::debug!(error = %e, "peer message ignored");
+                }
+            }
+            NodeMsg::Unreachable(id) => self.raw.report_unreachable(id),
+            NodeMsg::RemovedByPeer => self.status.removed.store(true, Ordering::Relaxed),
+            NodeMsg::TransferLeader(id) => self.raw.transfer_leader(id),
+            NodeMsg::Progress(reply) => {
+                let progress = if self.raw.raft.state == StateRole::Leader {
+                    self.raw
+                        .raft
+                        .prs()
+                        .iter()
+                        .map(|(id, p)| (*id, p.matched))
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                let _ = reply.send(progress);
+            }
         }
     }
 
     fn flush_batch(&mut self) {
         if self.batch_ids.is_empty() {
+            return;
+        }
+        // raft-rs drops proposals while leadership is being handed over; the transfer ends
+        // (or is abandoned) within an election timeout, so hold the batch until then.
+        if self.raw.raft.lead_transferee.is_some() {
             return;
         }
         let data = std::mem::take(&mut self.batch);
@@ -260,31 +488,96 @@ impl RaftNode {
         if self.read_waiters.is_empty() {
             return;
         }
-        if self.raw.raft.state != StateRole::Leader {
+        let leader = self.raw.raft.leader_id;
+        if leader == 0 {
             for w in self.read_waiters.drain(..) {
                 let _ = w.send(Err(EtcdError::NoLeader));
             }
             return;
         }
         // raft-rs drops a ReadIndex until the leader has committed an entry of its own term
-        // (Raft paper section 6.4); hold the reads until then instead of losing them.
-        if !self.raw.raft.commit_to_current_term() {
+        // (Raft paper section 6.4); hold the reads until then instead of losing them. A
+        // follower cannot tell: it sends, and retries after READ_RETRY.
+        if self.raw.raft.state == StateRole::Leader && !self.raw.raft.commit_to_current_term() {
             return;
         }
         let waiters = std::mem::take(&mut self.read_waiters);
         self.next_read_ctx += 1;
-        self.raw
-            .read_index(self.next_read_ctx.to_be_bytes().to_vec());
-        self.reads_in_flight.insert(self.next_read_ctx, waiters);
+        self.raw.read_index(read_ctx(self.id, self.next_read_ctx));
+        let now = Instant::now();
+        self.reads_in_flight.insert(
+            self.next_read_ctx,
+            ReadRound {
+                waiters,
+                leader,
+                sent_at: now,
+                deadline: now + self.request_timeout,
+            },
+        );
+    }
+
+    /// Fails rounds whose leader changed or whose time is up; resends the rest that got no
+    /// answer yet.
+    fn retry_reads(&mut self) {
+        if self.reads_in_flight.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let leader = self.raw.raft.leader_id;
+        let mut resend = Vec::new();
+        self.reads_in_flight.retain(|ctx, round| {
+            let failure = if round.leader != leader {
+                Some(EtcdError::LeaderChanged)
+            } else if now >= round.deadline {
+                Some(EtcdError::Timeout)
+            } else {
+                None
+            };
+            if let Some(e) = failure {
+                for w in round.waiters.drain(..) {
+                    let _ = w.send(Err(e.clone()));
+                }
+                return false;
+            }
+            if now.duration_since(round.sent_at) >= READ_RETRY {
+                round.sent_at = now;
+                resend.push(*ctx);
+            }
+            true
+        });
+        for ctx in resend {
+            self.raw.read_index(read_ctx(self.id, ctx));
+        }
     }
 
     fn compact_log(&mut self, s: SnapshotTaken) {
-        let upto = s.index.min(self.raw.raft.raft_log.applied);
-        // Keep the entries the snapshot covers out of memory, and their WAL segments off disk.
-        if let Err(e) = self.raw.mut_store().wl().compact(upto) {
-            tracing::warn!(error = %e, "log compaction skipped");
+        // Keep a window of entries behind the snapshot in memory so that a follower a little
+        // behind catches up from the log rather than needing the whole snapshot.
+        let upto = s
+            .index
+            .saturating_sub(self.catch_up_entries)
+            .min(self.raw.raft.raft_log.applied);
+        if upto > raft::Storage::first_index(self.raw.store()).unwrap_or(1) {
+            if let Err(e) = self.raw.mut_store().wl().compact(upto) {
+                tracing::warn!(error = %e, "log compaction skipped");
+            }
         }
+        self.raw.mut_store().set_snapshot(s);
+        // The WAL need not keep what the snapshot covers: a restart resumes from the snapshot.
         self.wal.release_to(s.index);
+    }
+
+    /// Queues messages for peers; tells Raft about those that cannot be queued.
+    fn send(&mut self, messages: Vec<Message>) {
+        if messages.is_empty() {
+            return;
+        }
+        for (to, ty) in self.transport.send(messages) {
+            self.raw.report_unreachable(to);
+            if ty == MessageType::MsgSnapshot {
+                self.raw.report_snapshot(to, SnapshotStatus::Failure);
+            }
+        }
     }
 
     fn on_ready(&mut self) -> Result<(), wal::WalError> {
@@ -292,8 +585,8 @@ impl RaftNode {
             return Ok(());
         }
         let mut ready = self.raw.ready();
-        // Messages to peers: a single member has none (peer transport arrives with clusters).
-        let _ = ready.take_messages();
+        // A leader's messages go out before its own fsync (Raft thesis 10.2.1).
+        self.send(ready.take_messages());
         if !ready.snapshot().is_empty() {
             let snap = ready.snapshot().clone();
             if let Err(e) = self.raw.mut_store().wl().apply_snapshot(snap) {
@@ -303,14 +596,18 @@ impl RaftNode {
         let committed = ready.take_committed_entries();
         self.handle_committed(committed);
         for rs in ready.take_read_states() {
-            let ctx = rs
-                .request_ctx
-                .as_slice()
-                .try_into()
-                .map(u64::from_be_bytes)
-                .unwrap_or(0);
-            for w in self.reads_in_flight.remove(&ctx).unwrap_or_default() {
-                let _ = w.send(Ok(rs.index));
+            match parse_read_ctx(&rs.request_ctx) {
+                Some((member, ctx)) if member == self.id => {
+                    for w in self
+                        .reads_in_flight
+                        .remove(&ctx)
+                        .map(|r| r.waiters)
+                        .unwrap_or_default()
+                    {
+                        let _ = w.send(Ok(rs.index));
+                    }
+                }
+                _ => {}
             }
         }
         if !ready.entries().is_empty() {
@@ -330,7 +627,8 @@ impl RaftNode {
         if let Some(hs) = ready.hs() {
             self.raw.mut_store().wl().set_hardstate(hs.clone());
         }
-        let _ = ready.take_persisted_messages();
+        // A follower's answers (append acks, votes) only after its own fsync.
+        self.send(ready.take_persisted_messages());
         let mut light = self.raw.advance(ready);
         if let Some(commit) = light.commit_index() {
             let mut store = self.raw.mut_store().wl();
@@ -340,15 +638,11 @@ impl RaftNode {
             drop(store);
             self.wal.append(&[], Some(&hs));
         }
-        let _ = light.take_messages();
+        self.send(light.take_messages());
         self.handle_committed(light.take_committed_entries());
         self.raw.advance_apply();
-        if self.raw.raft.state != StateRole::Leader && !self.reads_in_flight.is_empty() {
-            for (_, ws) in self.reads_in_flight.drain() {
-                for w in ws {
-                    let _ = w.send(Err(EtcdError::NoLeader));
-                }
-            }
+        if !self.reads_in_flight.is_empty() && self.raw.raft.leader_id == 0 {
+            self.retry_reads();
         }
         Ok(())
     }
@@ -359,6 +653,7 @@ impl RaftNode {
         }
         let mut out = Vec::with_capacity(entries.len());
         for e in entries {
+            let mut membership = None;
             let data = match e.get_entry_type() {
                 EntryType::EntryNormal => e.data.to_vec(),
                 EntryType::EntryConfChange => {
@@ -372,8 +667,8 @@ impl RaftNode {
                 EntryType::EntryConfChangeV2 => {
                     let mut cc = ConfChangeV2::default();
                     if cc.merge_from_bytes(&e.data).is_ok() {
-                        let result = self.raw.apply_conf_change(&cc);
-                        self.conf_changed(result);
+                        self.apply_membership_change(&cc);
+                        membership = Some(self.membership.clone());
                     }
                     Vec::new()
                 }
@@ -382,10 +677,49 @@ impl RaftNode {
                 index: e.index,
                 term: e.term,
                 data,
+                membership,
             });
         }
         // The dispatcher gone means shutdown; nothing left to apply.
         let _ = self.committed.send(out);
+    }
+
+    /// Applies a committed membership change to the table and, if the table accepts it, to
+    /// Raft; answers the proposer when it is this member.
+    fn apply_membership_change(&mut self, cc: &ConfChangeV2) {
+        let Ok(change) = MembershipChange::decode(cc.context.as_ref()) else {
+            // Not written by MetaStore: Raft's side only.
+            let result = self.raw.apply_conf_change(cc);
+            self.conf_changed(result);
+            return;
+        };
+        let mut table = (*self.membership).clone();
+        let result = table.apply(&change);
+        let id = change.member.as_ref().map_or(0, |m| m.id);
+        match &result {
+            Ok(true) => {
+                let result = self.raw.apply_conf_change(cc);
+                self.conf_changed(result);
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::info!(kind = ?change.kind(), member = %format!("{id:x}"), error = %e, "membership change rejected")
+            }
+        }
+        if result.is_ok() {
+            tracing::info!(kind = ?change.kind(), member = %format!("{id:x}"), "membership changed");
+            self.membership = Arc::new(table);
+            self.membership_tx.send_replace(self.membership.clone());
+            self.transport.set_peers(&self.membership);
+            if change.kind() == Kind::Remove && id == self.id {
+                tracing::warn!("this member has been permanently removed from the cluster");
+                self.status.removed.store(true, Ordering::Relaxed);
+            }
+        }
+        if change.origin == self.id {
+            let reply = result.map(|_| ApplyResponse::Members(self.membership.list()));
+            self.pending.complete(change.proposal, reply);
+        }
     }
 
     fn conf_changed(&mut self, result: raft::Result<ConfState>) {
@@ -405,5 +739,15 @@ impl RaftNode {
         self.status
             .last_index
             .store(r.raft_log.last_index(), Ordering::Relaxed);
+        self.status
+            .applied
+            .store(r.raft_log.applied, Ordering::Relaxed);
+        self.status.is_learner.store(
+            self.membership
+                .members
+                .get(&self.id)
+                .is_some_and(|m| m.is_learner),
+            Ordering::Relaxed,
+        );
     }
 }

@@ -1,17 +1,30 @@
-//! `etcdserverpb.Cluster`: MemberList answers with this member. Membership changes arrive with
-//! multi-member clusters and answer Unimplemented until then.
+//! `etcdserverpb.Cluster`: the membership table and changes to it, with etcd's checks and
+//! errors (etcd `v3rpc/member.go`, `etcdserver/server.go`, `membership/cluster.go`).
+//!
+//! Every change is proposed as a Raft conf change and answered once it is applied in log
+//! order (see [`crate::consensus::membership`]). Checks that depend on live state (is the
+//! learner caught up, are enough members started) run on the member that receives the request,
+//! as in etcd; checks that depend on the table run again at apply time on every member.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
-use super::Core;
+use super::{member, Core};
+use crate::apply::ApplyResponse;
+use crate::consensus::NodeMsg;
 use crate::error::EtcdError;
 use crate::proto::etcdserverpb::{
     cluster_server::Cluster, Member, MemberAddRequest, MemberAddResponse, MemberListRequest,
     MemberListResponse, MemberPromoteRequest, MemberPromoteResponse, MemberRemoveRequest,
     MemberRemoveResponse, MemberUpdateRequest, MemberUpdateResponse,
 };
+use crate::proto::metastorepb::{membership_change::Kind, MemberRecord, MembershipChange};
+
+/// etcd's `readyPercent`: a learner may be promoted once its log matches 90% of the leader's.
+const LEARNER_READY_PERCENT: f64 = 0.9;
 
 /// The Cluster service.
 pub struct ClusterService {
@@ -25,27 +38,223 @@ impl ClusterService {
     }
 }
 
+fn to_member(m: &MemberRecord) -> Member {
+    Member {
+        id: m.id,
+        name: m.name.clone(),
+        peer_ur_ls: m.peer_urls.clone(),
+        client_ur_ls: m.client_urls.clone(),
+        is_learner: m.is_learner,
+    }
+}
+
+/// etcd `types.NewURLs`: every URL parses, has a host and port, and is http(s).
+///
+/// Errors: [`EtcdError::MemberBadUrls`].
+fn check_peer_urls(urls: &[String]) -> Result<Vec<String>, EtcdError> {
+    if urls.is_empty() {
+        return Err(EtcdError::MemberBadUrls);
+    }
+    let mut out = Vec::new();
+    for u in urls {
+        let url = url::Url::parse(u).map_err(|_| EtcdError::MemberBadUrls)?;
+        let scheme_ok = matches!(url.scheme(), "http" | "https" | "unix" | "unixs");
+        if !scheme_ok || url.host_str().is_none() || url.port().is_none() || url.path().len() > 1 {
+            return Err(EtcdError::MemberBadUrls);
+        }
+        out.push(member::url_string(&url));
+    }
+    out.sort();
+    Ok(out)
+}
+
+impl Core {
+    /// Proposes a membership change and waits until it is applied; returns the members after
+    /// it.
+    ///
+    /// Errors: the table's (see [`crate::consensus::Membership::validate`]), "no leader", and
+    /// "request timed out" (also when another change was in flight and Raft dropped this one).
+    pub async fn change_membership(
+        &self,
+        kind: Kind,
+        member: MemberRecord,
+    ) -> Result<Vec<MemberRecord>, EtcdError> {
+        let id = self.next_proposal.fetch_add(1, Ordering::Relaxed);
+        let change = MembershipChange {
+            kind: kind as i32,
+            origin: self.member.id,
+            proposal: id,
+            member: Some(member),
+        };
+        let (_guard, rx) = self.pending.register(id);
+        let work = async {
+            self.node
+                .tx
+                .send_async(NodeMsg::ChangeMembership { id, change })
+                .await
+                .map_err(|_| EtcdError::Stopped)?;
+            rx.await.map_err(|_| EtcdError::Stopped)?
+        };
+        match tokio::time::timeout(self.request_timeout, work).await {
+            Ok(Ok(ApplyResponse::Members(members))) => Ok(members),
+            Ok(Ok(_)) => Err(EtcdError::Stopped),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(EtcdError::Timeout),
+        }
+    }
+
+    fn members_reply(&self, members: &[MemberRecord]) -> Vec<Member> {
+        members.iter().map(to_member).collect()
+    }
+
+    /// etcd `IsReadyToAddVotingMember` / `IsReadyToRemoveVotingMember` /
+    /// `IsReadyToPromoteMember`: the voters after the change that have started (published
+    /// their name) must still form a quorum of the voters after it.
+    fn check_started_quorum(&self, adding: usize, removing: Option<u64>) -> Result<(), EtcdError> {
+        if !self.cfg.strict_reconfig_check {
+            return Ok(());
+        }
+        let table = self.node.membership.borrow().clone();
+        let voters: Vec<&MemberRecord> = table
+            .members
+            .values()
+            .filter(|m| !m.is_learner && Some(m.id) != removing)
+            .collect();
+        let started = voters.iter().filter(|m| !m.name.is_empty()).count();
+        let members = voters.len() + adding;
+        // etcd lets a one-member cluster grow to two even though the new one has not started.
+        if adding == 1 && started == 1 && members == 2 {
+            return Ok(());
+        }
+        if started < members / 2 + 1 {
+            return Err(EtcdError::NotEnoughStartedMembers);
+        }
+        Ok(())
+    }
+
+    /// etcd `isLearnerReady`, asked of the leader: a learner whose log matches less than 90%
+    /// of the leader's cannot be promoted yet.
+    async fn check_learner_ready(&self, id: u64) -> Result<(), EtcdError> {
+        let leader = self.node.status.leader.load(Ordering::Relaxed);
+        if leader == 0 {
+            return Err(EtcdError::NoLeader);
+        }
+        let progress = if leader == self.member.id {
+            let (reply, rx) = tokio::sync::oneshot::channel();
+            self.node
+                .tx
+                .send_async(NodeMsg::Progress(reply))
+                .await
+                .map_err(|_| EtcdError::Stopped)?;
+            rx.await.map_err(|_| EtcdError::Stopped)?
+        } else {
+            let urls = self
+                .node
+                .membership
+                .borrow()
+                .members
+                .get(&leader)
+                .map(|m| m.peer_urls.clone())
+                .unwrap_or_default();
+            super::peer::fetch_progress(&urls).await?
+        };
+        learner_ready(&progress, leader, id)
+    }
+}
+
+/// Whether learner `id` is close enough to `leader` in `progress` (member ID, matched index).
+/// A member the leader does not track passes: the apply-time check then reports it.
+fn learner_ready(progress: &[(u64, u64)], leader: u64, id: u64) -> Result<(), EtcdError> {
+    if progress.is_empty() {
+        return Err(EtcdError::LeaderChanged);
+    }
+    let matched = |who| progress.iter().find(|(m, _)| *m == who).map(|(_, i)| *i);
+    match (matched(id), matched(leader)) {
+        (Some(learner), Some(lead)) if (learner as f64) < lead as f64 * LEARNER_READY_PERCENT => {
+            Err(EtcdError::LearnerNotReady)
+        }
+        _ => Ok(()),
+    }
+}
+
 #[tonic::async_trait]
 impl Cluster for ClusterService {
     async fn member_add(
         &self,
-        _: Request<MemberAddRequest>,
+        request: Request<MemberAddRequest>,
     ) -> Result<Response<MemberAddResponse>, Status> {
-        Err(EtcdError::Unsupported("member add").into())
+        let req = request.into_inner();
+        let peer_urls = check_peer_urls(&req.peer_ur_ls)?;
+        if !req.is_learner {
+            self.core.check_started_quorum(1, None)?;
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let record = MemberRecord {
+            id: member::member_id(&peer_urls, &now.to_string()),
+            name: String::new(),
+            peer_urls,
+            client_urls: Vec::new(),
+            is_learner: req.is_learner,
+        };
+        let members = self
+            .core
+            .change_membership(Kind::Add, record.clone())
+            .await?;
+        let revision = self.core.applied.borrow().revision;
+        Ok(Response::new(MemberAddResponse {
+            header: self.core.header(revision),
+            member: Some(to_member(&record)),
+            members: self.core.members_reply(&members),
+        }))
     }
 
     async fn member_remove(
         &self,
-        _: Request<MemberRemoveRequest>,
+        request: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveResponse>, Status> {
-        Err(EtcdError::Unsupported("member remove").into())
+        let id = request.into_inner().id;
+        let is_voter = self
+            .core
+            .node
+            .membership
+            .borrow()
+            .members
+            .get(&id)
+            .is_some_and(|m| !m.is_learner);
+        if is_voter {
+            self.core.check_started_quorum(0, Some(id))?;
+        }
+        let record = MemberRecord {
+            id,
+            ..Default::default()
+        };
+        let members = self.core.change_membership(Kind::Remove, record).await?;
+        let revision = self.core.applied.borrow().revision;
+        Ok(Response::new(MemberRemoveResponse {
+            header: self.core.header(revision),
+            members: self.core.members_reply(&members),
+        }))
     }
 
     async fn member_update(
         &self,
-        _: Request<MemberUpdateRequest>,
+        request: Request<MemberUpdateRequest>,
     ) -> Result<Response<MemberUpdateResponse>, Status> {
-        Err(EtcdError::Unsupported("member update").into())
+        let req = request.into_inner();
+        let record = MemberRecord {
+            id: req.id,
+            peer_urls: check_peer_urls(&req.peer_ur_ls)?,
+            ..Default::default()
+        };
+        let members = self.core.change_membership(Kind::Update, record).await?;
+        let revision = self.core.applied.borrow().revision;
+        Ok(Response::new(MemberUpdateResponse {
+            header: self.core.header(revision),
+            members: self.core.members_reply(&members),
+        }))
     }
 
     async fn member_list(
@@ -55,24 +264,112 @@ impl Cluster for ClusterService {
         if request.into_inner().linearizable {
             self.core.linearizable_state().await?;
         }
-        let m = &self.core.member;
+        let members = self.core.node.membership.borrow().list();
         let revision = self.core.applied.borrow().revision;
         Ok(Response::new(MemberListResponse {
             header: self.core.header(revision),
-            members: vec![Member {
-                id: m.id,
-                name: m.name.clone(),
-                peer_ur_ls: m.peer_urls.clone(),
-                client_ur_ls: m.client_urls.clone(),
-                is_learner: false,
-            }],
+            members: self.core.members_reply(&members),
         }))
     }
 
     async fn member_promote(
         &self,
-        _: Request<MemberPromoteRequest>,
+        request: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
-        Err(EtcdError::Unsupported("member promote").into())
+        let id = request.into_inner().id;
+        self.core.check_learner_ready(id).await?;
+        self.core.check_started_quorum(1, None)?;
+        let record = MemberRecord {
+            id,
+            ..Default::default()
+        };
+        let members = self.core.change_membership(Kind::Promote, record).await?;
+        let revision = self.core.applied.borrow().revision;
+        Ok(Response::new(MemberPromoteResponse {
+            header: self.core.header(revision),
+            members: self.core.members_reply(&members),
+        }))
+    }
+}
+
+/// Publishes this member's name and client URLs to the membership table once a leader is
+/// known (etcd `publishV3`), retrying until the table shows them. Until then MemberList shows
+/// the member with an empty name and no client URLs, as etcd does for an unstarted member.
+pub async fn publish_attributes(core: Arc<Core>) {
+    let me = MemberRecord {
+        id: core.member.id,
+        name: core.member.name.clone(),
+        peer_urls: Vec::new(),
+        client_urls: core.member.client_urls.clone(),
+        is_learner: false,
+    };
+    let retry = Duration::from_millis(core.cfg.election_timeout.max(100));
+    loop {
+        let published = core
+            .node
+            .membership
+            .borrow()
+            .members
+            .get(&me.id)
+            .map(|m| m.name == me.name && m.client_urls == me.client_urls);
+        match published {
+            Some(true) => return,
+            // Not (yet) a member: a joiner before its own AddNode is applied here.
+            None => {}
+            Some(false) if core.node.status.leader.load(Ordering::Relaxed) != 0 => {
+                // Raft drops a conf change proposed while another is unapplied (other members
+                // publishing at the same moment): do not wait the full request timeout for it.
+                let attempt = core.change_membership(Kind::Attributes, me.clone());
+                match tokio::time::timeout(2 * retry, attempt)
+                    .await
+                    .unwrap_or(Err(EtcdError::Timeout))
+                {
+                    Ok(_) => {
+                        tracing::info!(name = %me.name, client_urls = ?me.client_urls, "published member attributes");
+                        return;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "publishing member attributes"),
+                }
+            }
+            Some(false) => {}
+        }
+        if core.node.status.removed.load(Ordering::Relaxed) {
+            return;
+        }
+        tokio::time::sleep(retry).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_urls_are_checked_like_etcd() {
+        assert_eq!(
+            check_peer_urls(&["http://b:2380".into(), "http://a:2380".into()]),
+            Ok(vec![
+                "http://a:2380".to_string(),
+                "http://b:2380".to_string()
+            ])
+        );
+        for bad in ["a:2380", "http://a", "ftp://a:1", "http://a:1/path", "::"] {
+            assert_eq!(
+                check_peer_urls(&[bad.into()]),
+                Err(EtcdError::MemberBadUrls),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn learner_readiness_is_ninety_percent_of_the_leader() {
+        assert_eq!(
+            learner_ready(&[(1, 100), (2, 89)], 1, 2),
+            Err(EtcdError::LearnerNotReady)
+        );
+        assert_eq!(learner_ready(&[(1, 100), (2, 90)], 1, 2), Ok(()));
+        assert_eq!(learner_ready(&[(1, 100)], 1, 9), Ok(()));
+        assert_eq!(learner_ready(&[], 1, 2), Err(EtcdError::LeaderChanged));
     }
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::Core;
+use crate::consensus::NodeMsg;
 use crate::error::EtcdError;
 use crate::proto::etcdserverpb::{
     alarm_request::AlarmAction, maintenance_server::Maintenance, AlarmMember, AlarmRequest,
@@ -81,17 +82,27 @@ impl Maintenance for MaintenanceService {
     ) -> Result<Response<StatusResponse>, Status> {
         let state = *self.core.applied.borrow();
         let status = &self.core.node.status;
+        let leader = status.leader.load(Ordering::Relaxed);
+        let mut errors = Vec::new();
+        if leader == 0 {
+            errors.push(EtcdError::NoLeader.to_string());
+        }
+        if self.core.nospace.load(Ordering::Relaxed) {
+            errors.push(
+                "memberID:".to_string() + &self.core.member.id.to_string() + " alarm:NOSPACE ",
+            );
+        }
         Ok(Response::new(StatusResponse {
             header: self.core.header(state.revision),
             version: ETCD_API_VERSION.to_string(),
             db_size: self.core.shards.db_size() as i64,
-            leader: status.leader.load(Ordering::Relaxed),
+            leader,
             raft_index: status.commit.load(Ordering::Relaxed),
             raft_term: status.term.load(Ordering::Relaxed),
             raft_applied_index: state.index,
-            errors: Vec::new(),
+            errors,
             db_size_in_use: self.core.shards.db_size_in_use() as i64,
-            is_learner: false,
+            is_learner: status.is_learner.load(Ordering::Relaxed),
         }))
     }
 
@@ -110,8 +121,39 @@ impl Maintenance for MaintenanceService {
         unsupported("hash")
     }
 
-    async fn hash_kv(&self, _: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
-        unsupported("hashkv")
+    /// A digest of the MVCC history up to `revision` (0: the current revision), comparable
+    /// across members to check that they converged (see [`crate::mvcc::kv_hash`]).
+    ///
+    /// Errors: ErrFutureRev above the current revision, ErrCompacted below the compaction
+    /// revision.
+    async fn hash_kv(
+        &self,
+        request: Request<HashKvRequest>,
+    ) -> Result<Response<HashKvResponse>, Status> {
+        let req = request.into_inner();
+        let state = *self.core.applied.borrow();
+        let rev = if req.revision <= 0 {
+            state.revision
+        } else {
+            req.revision
+        };
+        if rev > state.revision {
+            return Err(EtcdError::FutureRev.into());
+        }
+        if rev < state.compact_revision {
+            return Err(EtcdError::Compacted.into());
+        }
+        let hash = self
+            .core
+            .shards
+            .hash_kv(rev, state.compact_revision)
+            .await?;
+        Ok(Response::new(HashKvResponse {
+            header: self.core.header(state.revision),
+            hash,
+            compact_revision: state.compact_revision,
+            hash_revision: rev,
+        }))
     }
 
     type SnapshotStream = SnapshotStream;
@@ -123,11 +165,56 @@ impl Maintenance for MaintenanceService {
         unsupported("snapshot")
     }
 
+    /// Hands leadership to `target_id` (Raft thesis section 3.10, leadership transfer) and
+    /// waits until it leads, as `etcdctl move-leader` expects. Answers without a header, as
+    /// etcd 3.5 does.
+    ///
+    /// Errors: "not leader" when this member does not lead; "bad leader transferee" for a
+    /// learner or an unknown member; "request timed out, leader transfer took too long".
     async fn move_leader(
         &self,
-        _: Request<MoveLeaderRequest>,
+        request: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
-        unsupported("move-leader")
+        let target = request.into_inner().target_id;
+        let status = &self.core.node.status;
+        if status.leader.load(Ordering::Relaxed) != self.core.member.id {
+            return Err(EtcdError::NotLeader.into());
+        }
+        let is_voter = self
+            .core
+            .node
+            .membership
+            .borrow()
+            .members
+            .get(&target)
+            .is_some_and(|m| !m.is_learner);
+        if !is_voter {
+            return Err(EtcdError::BadLeaderTransferee.into());
+        }
+        if target == self.core.member.id {
+            return Ok(Response::new(MoveLeaderResponse { header: None }));
+        }
+        let tick = std::time::Duration::from_millis(self.core.cfg.heartbeat_interval.max(1));
+        let deadline = tokio::time::Instant::now() + self.core.request_timeout;
+        // raft-rs abandons a transfer after an election timeout; ask again until it lands.
+        let retry = std::time::Duration::from_millis(self.core.cfg.election_timeout);
+        let mut asked: Option<tokio::time::Instant> = None;
+        while status.leader.load(Ordering::Relaxed) != target {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(EtcdError::LeaderTransferTimeout.into());
+            }
+            if asked.is_none_or(|at| at.elapsed() >= retry) {
+                self.core
+                    .node
+                    .tx
+                    .send_async(NodeMsg::TransferLeader(target))
+                    .await
+                    .map_err(|_| EtcdError::Stopped)?;
+                asked = Some(tokio::time::Instant::now());
+            }
+            tokio::time::sleep(tick).await;
+        }
+        Ok(Response::new(MoveLeaderResponse { header: None }))
     }
 
     async fn downgrade(

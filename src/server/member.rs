@@ -39,6 +39,8 @@ fn sha1_u64(bytes: &[u8]) -> u64 {
 }
 
 /// etcd `NewMember`: sha1 of the sorted peer URLs and the cluster token, first 8 bytes.
+/// MemberAdd passes `""` and the current Unix time in seconds as the token (etcd
+/// `computeMemberID` with an empty cluster name).
 pub fn member_id(peer_urls: &[String], token: &str) -> u64 {
     let mut urls = peer_urls.to_vec();
     urls.sort();
@@ -72,14 +74,20 @@ pub enum MemberError {
 }
 
 impl Member {
-    /// Loads the identity from `<member_dir>/identity`, or creates it on first boot. The boot
-    /// counter is incremented and saved on every start (it keeps proposal IDs unique).
+    /// Whether `member_dir` already holds an identity (this is not a first boot).
+    pub fn exists(member_dir: &Path) -> bool {
+        member_dir.join("identity").exists()
+    }
+
+    /// Loads the identity from `<member_dir>/identity`, or creates it on first boot from
+    /// `identity` = (member ID, cluster ID). The boot counter is incremented and saved on every
+    /// start (it keeps proposal IDs unique).
     pub fn load_or_create(
         member_dir: &Path,
         name: &str,
         peer_urls: Vec<String>,
         client_urls: Vec<String>,
-        token: &str,
+        identity: (u64, u64),
     ) -> Result<Member, MemberError> {
         let path = member_dir.join("identity");
         let shown = path.display().to_string();
@@ -101,10 +109,7 @@ impl Member {
                     field("boot")? + 1,
                 )
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let id = member_id(&peer_urls, token);
-                (id, cluster_id(&[id]), 1)
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (identity.0, identity.1, 1),
             Err(e) => return Err(io(e)),
         };
         let tmp = member_dir.join("identity.tmp");
@@ -135,10 +140,11 @@ mod tests {
     fn identity_is_stable_across_boots() {
         let dir = tempfile::tempdir().unwrap();
         let peers = vec!["http://localhost:2380".to_string()];
-        let a =
-            Member::load_or_create(dir.path(), "n", peers.clone(), vec![], "etcd-cluster").unwrap();
-        let b = Member::load_or_create(dir.path(), "n", peers, vec![], "etcd-cluster").unwrap();
+        let id = member_id(&peers, "etcd-cluster");
+        let a = Member::load_or_create(dir.path(), "n", peers.clone(), vec![], (id, 7)).unwrap();
+        let b = Member::load_or_create(dir.path(), "n", peers, vec![], (1, 1)).unwrap();
         assert_eq!((a.id, a.cluster_id), (b.id, b.cluster_id));
+        assert_eq!((b.id, b.cluster_id), (id, 7), "a saved identity wins");
         assert_eq!((a.boot, b.boot), (1, 2));
         assert_ne!(
             member_id(&["http://a:1".into()], "t"),

@@ -9,6 +9,7 @@ mod kv;
 mod lease;
 mod maintenance;
 pub mod member;
+pub mod peer;
 mod recipes;
 pub mod validate;
 mod watch;
@@ -26,8 +27,9 @@ use tokio::sync::watch as state_watch;
 use crate::apply::{
     self, AppliedState, ApplyResponse, Dispatcher, Pending, SnapshotPolicy, StartState,
 };
-use crate::config::{defaults, Config};
+use crate::config::{defaults, ClusterState, Config};
 use crate::consensus::snapshot::Snapshotter;
+use crate::consensus::transport::{Faults, Transport, MAX_PEER_MESSAGE_BYTES};
 use crate::consensus::wal::Wal;
 use crate::consensus::{NodeConfig, NodeHandle, NodeMsg, RaftNode};
 use crate::error::EtcdError;
@@ -38,7 +40,9 @@ use crate::proto::etcdserverpb::{
     maintenance_server::MaintenanceServer, watch_server::WatchServer, RangeRequest, RangeResponse,
     ResponseHeader,
 };
-use crate::proto::metastorepb::{proposal::Request as Proposed, Proposal, StateSnapshot};
+use crate::proto::metastorepb::{
+    peer_server::PeerServer, proposal::Request as Proposed, MemberRecord, Proposal, StateSnapshot,
+};
 use crate::proto::v3electionpb::election_server::ElectionServer;
 use crate::proto::v3lockpb::lock_server::LockServer;
 use crate::shard::{ApplyCmd, EngineConfig, EngineKind, ShardSet, Shards};
@@ -88,6 +92,7 @@ impl Core {
         let id = self.next_proposal.fetch_add(1, Ordering::Relaxed);
         let data = Proposal {
             id,
+            origin: self.member.id,
             request: Some(request),
         }
         .encode_to_vec();
@@ -254,6 +259,7 @@ async fn recover_start(
             snapshot_index,
             replay_until: 0,
             durable: false,
+            membership: Default::default(),
         };
     }
     let mut states = Vec::new();
@@ -281,6 +287,7 @@ async fn recover_start(
             snapshot_index,
             replay_until,
             durable: true,
+            membership: Default::default(),
         },
         None => StartState {
             snapshot_index,
@@ -291,22 +298,106 @@ async fn recover_start(
     }
 }
 
-/// Starts a member and serves until SIGINT/SIGTERM.
+/// This member's identity on its first boot: from `--initial-cluster` for a new cluster (IDs
+/// computed as etcd computes them), or from the cluster itself when joining (the ID MemberAdd
+/// minted for this member's peer URLs).
+///
+/// Returns (member ID, cluster ID, the cluster's members when joining).
+///
+/// Errors: the cluster cannot be reached, or does not list this member's peer URLs.
+async fn first_boot_identity(
+    cfg: &Config,
+    initial: &[MemberRecord],
+    peer_urls: &[String],
+) -> anyhow::Result<(u64, u64, Vec<MemberRecord>)> {
+    if cfg.initial_cluster_state == ClusterState::New {
+        let me = initial
+            .iter()
+            .find(|m| m.name == cfg.name)
+            .expect("validate checks the local name");
+        let ids: Vec<u64> = initial.iter().map(|m| m.id).collect();
+        return Ok((me.id, member::cluster_id(&ids), Vec::new()));
+    }
+    let others: Vec<String> = initial
+        .iter()
+        .filter(|m| m.name != cfg.name)
+        .flat_map(|m| m.peer_urls.clone())
+        .collect();
+    let (cluster_id, members) = peer::fetch_members(&others).await?;
+    let mut mine = peer_urls.to_vec();
+    mine.sort();
+    let me = members.iter().find(|m| {
+        let mut urls = m.peer_urls.clone();
+        urls.sort();
+        urls == mine
+    });
+    match me {
+        Some(m) => Ok((m.id, cluster_id, members.clone())),
+        None => anyhow::bail!(
+            "cannot join the cluster: no member has peer URLs {}; add this member first \
+             (etcdctl member add {} --peer-urls={})",
+            mine.join(","),
+            cfg.name,
+            mine.join(",")
+        ),
+    }
+}
+
+async fn bind_all(urls: &[url::Url], what: &str) -> anyhow::Result<Vec<tokio::net::TcpListener>> {
+    let mut listeners = Vec::new();
+    for url in urls {
+        let host = url
+            .host_str()
+            .unwrap_or("localhost")
+            .trim_matches(['[', ']']);
+        let port = url.port_or_known_default().unwrap_or(2379);
+        let listener = tokio::net::TcpListener::bind((host, port))
+            .await
+            .with_context(|| format!("cannot listen on {what} URL {url}"))?;
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+/// Starts a member and serves until SIGINT/SIGTERM, or until it is removed from the cluster.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     cfg.validate()?;
     let cfg = Arc::new(cfg);
     let data_dir = cfg.data_dir();
     let _lock = prepare_data_dir(&data_dir)?;
     let member_dir = data_dir.join("member");
+    let peer_urls: Vec<String> = cfg
+        .initial_advertise_peer_urls
+        .iter()
+        .map(url_string)
+        .collect();
+    let mut initial: Vec<MemberRecord> = cfg
+        .initial_members()?
+        .into_iter()
+        .map(|(name, urls)| {
+            let urls: Vec<String> = urls.iter().map(url_string).collect();
+            MemberRecord {
+                id: member::member_id(&urls, &cfg.initial_cluster_token),
+                name,
+                peer_urls: urls,
+                client_urls: Vec::new(),
+                is_learner: false,
+            }
+        })
+        .collect();
+    initial.sort_by_key(|m| m.id);
+    let first_boot = !Member::exists(&member_dir);
+    let (id, cluster_id, seed_peers) = if first_boot {
+        first_boot_identity(&cfg, &initial, &peer_urls).await?
+    } else {
+        (0, 0, Vec::new())
+    };
     let member = Member::load_or_create(
         &member_dir,
         &cfg.name,
-        cfg.initial_advertise_peer_urls
-            .iter()
-            .map(url_string)
-            .collect(),
+        peer_urls,
         cfg.advertise_client_urls.iter().map(url_string).collect(),
-        &cfg.initial_cluster_token,
+        (id, cluster_id),
     )?;
     tracing::info!(name = %member.name, member_id = %format!("{:x}", member.id),
         cluster_id = %format!("{:x}", member.cluster_id), data_dir = %data_dir.display(), "starting member");
@@ -315,18 +406,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let snap = snapshotter.load_latest()?;
     // Everything that can fail on bad input (ports, the WAL) is checked before the shards
     // start: a failing start-up then leaves no storage engine half-open behind it.
-    let mut listeners = Vec::new();
-    for url in cfg.listen_client_urls.iter() {
-        let host = url
-            .host_str()
-            .unwrap_or("localhost")
-            .trim_matches(['[', ']']);
-        let port = url.port_or_known_default().unwrap_or(2379);
-        let listener = tokio::net::TcpListener::bind((host, port))
-            .await
-            .with_context(|| format!("cannot listen on client URL {url}"))?;
-        listeners.push(listener);
-    }
+    let listeners = bind_all(&cfg.listen_client_urls, "client").await?;
+    let peer_listeners = bind_all(&cfg.listen_peer_urls, "peer").await?;
     let (wal, recovered) = Wal::open(
         &member_dir.join("wal"),
         snap.as_ref().map_or(0, |s| s.index),
@@ -339,15 +420,65 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         engine = ?engine.kind, "recovered state machine");
     tracing::info!(entries = recovered.entries.len(), "replaying WAL");
 
-    let pending = Arc::new(Pending::default());
+    let request_timeout = Duration::from_millis(5000 + 2 * cfg.election_timeout);
+    let pending = Arc::new(Pending::new(member.id));
     let (applied_tx, applied_rx) = state_watch::channel(AppliedState::default());
     let (snap_tx, snap_rx) = flume::unbounded();
     let (committed_tx, committed_rx) = flume::bounded(1024);
-    let voters = vec![member.id];
+    let this_member = MemberRecord {
+        id: member.id,
+        name: member.name.clone(),
+        peer_urls: member.peer_urls.clone(),
+        client_urls: member.client_urls.clone(),
+        is_learner: false,
+    };
+    let bootstrap = if cfg.initial_cluster_state == ClusterState::New {
+        initial.clone()
+    } else {
+        Vec::new()
+    };
+    let node_cfg = NodeConfig {
+        id: member.id,
+        this_member,
+        bootstrap,
+        seed_peers,
+        heartbeat_ms: cfg.heartbeat_interval,
+        election_ms: cfg.election_timeout,
+        lease_reads: cfg.leader_lease_reads,
+        catch_up_entries: cfg.experimental_snapshot_catchup_entries,
+        request_timeout,
+    };
+    let faults = Faults::from_env(&tokio::runtime::Handle::current());
+    let transport = {
+        let (id, cluster_id, faults) = (member.id, member.cluster_id, faults.clone());
+        move |node| {
+            Transport::new(
+                id,
+                cluster_id,
+                tokio::runtime::Handle::current(),
+                faults,
+                node,
+            )
+        }
+    };
+    let (node, handle) = RaftNode::new(
+        &node_cfg,
+        snap.as_ref(),
+        start.index,
+        wal,
+        recovered,
+        transport,
+        pending.clone(),
+        committed_tx,
+        snap_rx,
+    )?;
+    let start = StartState {
+        membership: handle.membership.borrow().clone(),
+        ..start
+    };
     let policy = SnapshotPolicy {
         snapshotter,
         count: cfg.snapshot_count,
-        voters: voters.clone(),
         notify: snap_tx,
     };
     let leases = LeaseTable::default();
@@ -363,30 +494,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name("apply".into())
         .spawn(move || dispatcher.run(committed_rx))?;
-
-    let node_cfg = NodeConfig {
-        id: member.id,
-        voters,
-        heartbeat_ms: cfg.heartbeat_interval,
-        election_ms: cfg.election_timeout,
-    };
-    let (node, handle) = RaftNode::new(
-        &node_cfg,
-        snap.as_ref(),
-        start.index,
-        wal,
-        recovered,
-        pending.clone(),
-        committed_tx,
-        snap_rx,
-    )?;
     std::thread::Builder::new()
         .name("raft".into())
         .spawn(move || node.run())?;
 
     let core = Arc::new_cyclic(|this| Core {
         this: this.clone(),
-        request_timeout: Duration::from_millis(5000 + 2 * cfg.election_timeout),
+        request_timeout,
         next_proposal: AtomicU64::new(member.boot << 48),
         next_lease_seed: AtomicU64::new(member.id ^ (member.boot << 32)),
         nospace: Default::default(),
@@ -399,8 +513,27 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         pending,
     });
 
-    let max_recv = cfg.max_request_bytes + defaults::GRPC_OVERHEAD_BYTES;
     let mut servers = tokio::task::JoinSet::new();
+    for listener in peer_listeners {
+        let addr: SocketAddr = listener.local_addr()?;
+        tracing::info!(address = %addr, "serving peer traffic on {addr}");
+        let service = peer::PeerService::new(
+            core.member.id,
+            core.member.cluster_id,
+            core.node.tx.clone(),
+            core.node.membership.clone(),
+            faults.clone(),
+        );
+        let router = tonic::transport::Server::builder().add_service(
+            PeerServer::new(service)
+                .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES),
+        );
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        servers.spawn(router.serve_with_incoming(incoming));
+    }
+    let max_recv = cfg.max_request_bytes + defaults::GRPC_OVERHEAD_BYTES;
     for listener in listeners {
         let addr: SocketAddr = listener.local_addr()?;
         tracing::info!(address = %addr, "serving client requests on {addr}");
@@ -437,18 +570,40 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         servers.spawn(router.serve_with_incoming(incoming));
     }
+    // As etcd, a member is ready once it is part of a cluster with a leader (a lone member
+    // elects itself at once). Client listeners already answer meanwhile, with "no leader".
+    let mut waited = 0u64;
+    while core.node.status.leader.load(Ordering::Relaxed) == 0 {
+        if waited.is_multiple_of(5000) && waited > 0 {
+            tracing::info!(waited_ms = waited, "waiting for a Raft leader");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        waited += 10;
+    }
     // Lease deadlines are right before the first client asks: replay done, then promotion.
     let promoted = core.promote_leases().await;
     tokio::spawn(lease::run_lease_clock(core.clone(), promoted));
+    tokio::spawn(cluster::publish_attributes(core.clone()));
     tracing::info!("ready to serve client requests");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let removed = async {
+        let mut every = tokio::time::interval(Duration::from_millis(100));
+        while !core.node.status.removed.load(Ordering::Relaxed) {
+            every.tick().await;
+        }
+    };
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("received SIGINT, stopping"),
         _ = term.recv() => tracing::info!("received SIGTERM, stopping"),
+        _ = removed => {
+            // As etcd: answer what is in flight for a moment, then stop for good.
+            tracing::warn!("the member has been permanently removed from the cluster; stopping in 1 s");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
         Some(r) = servers.join_next() => {
             r??;
-            anyhow::bail!("a client listener stopped");
+            anyhow::bail!("a listener stopped");
         }
     }
     // Every acknowledged write is already fsynced; nothing else needs flushing.

@@ -222,6 +222,15 @@ pub enum ReadCmd {
         /// Its keys.
         reply: oneshot::Sender<Vec<Vec<u8>>>,
     },
+    /// Sum of [`crate::mvcc::kv_hash`] over this shard's keys (etcd HashKV).
+    HashKv {
+        /// Hash versions up to this revision.
+        rev: i64,
+        /// The compaction revision in force.
+        compact_revision: i64,
+        /// Receives the shard's sum.
+        reply: oneshot::Sender<u32>,
+    },
     /// This shard's part of a range at `rev`.
     Range {
         /// The request.
@@ -407,6 +416,19 @@ impl ShardSet {
                 .await?;
         }
         Ok(())
+    }
+
+    /// etcd HashKV over every shard: see [`crate::mvcc::kv_hash`].
+    pub async fn hash_kv(&self, rev: i64, compact_revision: i64) -> Result<u32, EtcdError> {
+        let all = (0..self.len()).collect();
+        let parts = self
+            .scatter(all, |reply| ReadCmd::HashKv {
+                rev,
+                compact_revision,
+                reply,
+            })
+            .await?;
+        Ok(parts.into_iter().fold(0u32, u32::wrapping_add))
     }
 
     /// Every key attached to `lease`, over all shards, in key order.
@@ -634,6 +656,17 @@ fn handle_read(store: &Store, size: &ShardSize, cmd: ReadCmd) {
         }
         ReadCmd::LeaseKeys { lease, reply } => {
             let _ = reply.send(store.lease_keys(lease));
+        }
+        ReadCmd::HashKv {
+            rev,
+            compact_revision,
+            reply,
+        } => {
+            let mut sum = 0u32;
+            store.export(&mut |k, h| {
+                sum = sum.wrapping_add(crate::mvcc::kv_hash(k, h, rev, compact_revision))
+            });
+            let _ = reply.send(sum);
         }
         ReadCmd::Defragment { reply } => {
             store.defragment();

@@ -257,3 +257,17 @@ async fn endpoint_and_member_commands() {
     assert!(json.contains(&format!("\"ID\":{id}")), "{json}");
     assert_eq!(json.matches("\"ID\":").count(), 1, "{json}");
 }
+
+/// etcdctl 3.4 sends an endpoint given as a URL as the whole `:authority`
+/// (`http://127.0.0.1:PORT`); upstream h2 reset such streams with PROTOCOL_ERROR
+/// (vendor/h2/PATCH.md). Regression test for that.
+#[test]
+fn endpoints_given_as_urls_work() {
+    let server = Server::start();
+    let url = format!("http://{}", server.endpoint);
+    let run = |args: &[&str]| ok_stdout(&crate::harness::etcdctl(&url, args, None));
+    assert_eq!(run(&["put", "k", "v"]), "OK\n");
+    assert_eq!(run(&["get", "k", "--print-value-only"]), "v\n");
+    let status = run(&["endpoint", "status", "-w", "table"]);
+    assert!(status.contains(&url), "{status}");
+}

@@ -3,11 +3,59 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 /// How long a server may take to print its ready line.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A spawned server that has not printed its ready line yet.
+struct Starting {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    log: Arc<Mutex<String>>,
+    data_dir: PathBuf,
+}
+
+impl Starting {
+    /// Waits for the ready line; on failure kills the process and returns its output.
+    fn wait_ready(mut self) -> Result<Server, String> {
+        let deadline = std::time::Instant::now() + START_TIMEOUT;
+        let mut seen = String::new();
+        let mut endpoint = None;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(addr) = line.split("serving client requests on ").nth(1) {
+                        endpoint = addr.split_whitespace().next().map(str::to_string);
+                    }
+                    let ready = line.contains("ready to serve client requests");
+                    seen.push_str(&line);
+                    seen.push('\n');
+                    if ready {
+                        break;
+                    }
+                }
+                Err(_) => {
+                    let _ = self.child.kill();
+                    let status = self.child.wait().ok();
+                    return Err(format!(
+                        "server did not become ready (exit: {status:?}); output:\n{seen}"
+                    ));
+                }
+            }
+        }
+        Ok(Server {
+            child: self.child,
+            endpoint: endpoint.expect("the server printed its address before the ready line"),
+            data_dir: self.data_dir,
+            startup_log: seen,
+            log: self.log,
+            _tmp: None,
+        })
+    }
+}
 
 /// A running server. Dropping it kills the process.
 pub struct Server {
@@ -18,6 +66,7 @@ pub struct Server {
     pub data_dir: PathBuf,
     /// Everything the server logged up to its ready line.
     pub startup_log: String,
+    log: Arc<Mutex<String>>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -47,6 +96,21 @@ impl Server {
             "--listen-client-urls".into(),
             "http://127.0.0.1:0".into(),
         ];
+        // A single member still listens for peers; an ephemeral port keeps tests apart.
+        if !extra.contains(&"--listen-peer-urls") {
+            args.extend(["--listen-peer-urls".into(), "http://127.0.0.1:0".into()]);
+        }
+        Server::spawn(data_dir, args, extra, env)?.wait_ready()
+    }
+
+    /// Spawns a server without waiting for it: every member of a cluster must be running
+    /// before any can elect a leader.
+    fn spawn(
+        data_dir: &Path,
+        mut args: Vec<String>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Starting, String> {
         if !extra.contains(&"--shards") {
             args.extend(["--shards".into(), "2".into()]);
         }
@@ -63,48 +127,32 @@ impl Server {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("spawn metastore");
+            .map_err(|e| format!("spawn metastore: {e}"))?;
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = mpsc::channel::<String>();
+        let log = Arc::new(Mutex::new(String::new()));
+        let keep = log.clone();
         // Keeps draining stderr for the life of the process so it never blocks on a full pipe.
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut all = keep.lock().unwrap();
+                all.push_str(&line);
+                all.push('\n');
+                drop(all);
                 let _ = tx.send(line);
             }
         });
-        let deadline = std::time::Instant::now() + START_TIMEOUT;
-        let mut seen = String::new();
-        let mut endpoint = None;
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(addr) = line.split("serving client requests on ").nth(1) {
-                        endpoint = addr.split_whitespace().next().map(str::to_string);
-                    }
-                    let ready = line.contains("ready to serve client requests");
-                    seen.push_str(&line);
-                    seen.push('\n');
-                    if ready {
-                        break;
-                    }
-                }
-                Err(_) => {
-                    let _ = child.kill();
-                    let status = child.wait().ok();
-                    return Err(format!(
-                        "server did not become ready (exit: {status:?}); output:\n{seen}"
-                    ));
-                }
-            }
-        }
-        Ok(Server {
+        Ok(Starting {
             child,
-            endpoint: endpoint.expect("the server printed its address before the ready line"),
+            lines: rx,
+            log,
             data_dir: data_dir.to_path_buf(),
-            startup_log: seen,
-            _tmp: None,
         })
+    }
+
+    /// Everything the server has logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
     }
 
     /// A connected `etcd-client` client.
@@ -201,7 +249,7 @@ pub struct Etcd {
     _tmp: tempfile::TempDir,
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("bind an ephemeral port")

@@ -2,6 +2,8 @@
 //! crate and `etcdctl`).
 
 mod check_perf;
+mod cluster;
+mod cluster_harness;
 mod durability;
 mod etcdctl;
 mod harness;

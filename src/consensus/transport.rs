@@ -1,0 +1,305 @@
+//! The peer transport: Raft messages to other members over gRPC (`metastorepb.Peer/Raft`).
+//!
+//! ```text
+//!  Raft thread ── try_send ──> per-peer queue (bounded) ──> peer task: batch ──> client stream
+//!                 (full: drop, report unreachable)           (one task and one HTTP/2
+//!                                                             connection per remote member)
+//! ```
+//!
+//! The Raft thread never waits on the network. Each remote member has its own queue and task,
+//! so a slow or dead peer fills only its own queue; its messages are then dropped and Raft is
+//! told the peer is unreachable (raft-rs retransmits, as etcd's rafthttp does). A task takes
+//! whatever queued up while the previous batch was on the wire and sends it as one envelope.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use protobuf::Message as _;
+use raft::prelude::{Message, MessageType};
+use tokio::sync::mpsc;
+use tonic::transport::Endpoint;
+
+use super::membership::Membership;
+use super::NodeMsg;
+use crate::proto::metastorepb::{peer_client::PeerClient, RaftEnvelope};
+
+/// Messages queued per peer before new ones are dropped (raft-rs's `max_inflight_msgs` is 256
+/// appends; heartbeats and votes come on top).
+const QUEUE: usize = 4096;
+/// Upper bound on one envelope, bytes.
+const MAX_ENVELOPE_BYTES: usize = 8 * 1024 * 1024;
+/// Largest envelope a peer accepts, bytes (a single entry can reach 4 MiB, and raft-rs always
+/// sends at least one entry even past `max_size_per_msg`).
+pub const MAX_PEER_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Peer links cut on purpose, for fault-injection tests: `METASTORE_TEST_FAULTS=<file>` names
+/// a file of member IDs (hex, one per line). Traffic to and from those members is dropped in
+/// both directions, as a network partition would. The file is re-read every 100 ms; without
+/// the variable nothing is ever blocked.
+#[derive(Clone, Default)]
+pub struct Faults(Arc<RwLock<HashSet<u64>>>);
+
+impl Faults {
+    /// Reads `METASTORE_TEST_FAULTS` and, when set, keeps the blocked set up to date on
+    /// `runtime`.
+    pub fn from_env(runtime: &tokio::runtime::Handle) -> Faults {
+        let faults = Faults::default();
+        if let Some(path) = std::env::var_os("METASTORE_TEST_FAULTS") {
+            let path = PathBuf::from(path);
+            let set = faults.0.clone();
+            runtime.spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_millis(100));
+                loop {
+                    every.tick().await;
+                    let text = std::fs::read_to_string(&path).unwrap_or_default();
+                    let blocked: HashSet<u64> = text
+                        .lines()
+                        .filter_map(|l| u64::from_str_radix(l.trim(), 16).ok())
+                        .collect();
+                    let mut current = set.write().unwrap();
+                    if *current != blocked {
+                        tracing::warn!(blocked = ?blocked.iter().map(|id| format!("{id:x}")).collect::<Vec<_>>(),
+                            "test fault hook: peer links cut");
+                        *current = blocked;
+                    }
+                }
+            });
+        }
+        faults
+    }
+
+    /// Whether traffic with member `id` is cut.
+    pub fn blocks(&self, id: u64) -> bool {
+        let set = self.0.read().unwrap();
+        !set.is_empty() && set.contains(&id)
+    }
+}
+
+struct PeerLink {
+    urls: Vec<String>,
+    queue: mpsc::Sender<Message>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PeerLink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The sending side of the peer transport, owned by the Raft thread.
+pub struct Transport {
+    self_id: u64,
+    cluster_id: u64,
+    runtime: tokio::runtime::Handle,
+    links: HashMap<u64, PeerLink>,
+    faults: Faults,
+    node: flume::Sender<NodeMsg>,
+}
+
+impl Transport {
+    /// A transport for member `self_id` of `cluster_id`, running its peer tasks on `runtime`
+    /// and reporting failed links to the Raft node through `node`.
+    pub fn new(
+        self_id: u64,
+        cluster_id: u64,
+        runtime: tokio::runtime::Handle,
+        faults: Faults,
+        node: flume::Sender<NodeMsg>,
+    ) -> Self {
+        Transport {
+            self_id,
+            cluster_id,
+            runtime,
+            links: HashMap::new(),
+            faults,
+            node,
+        }
+    }
+
+    /// Follows the membership table: a link per other member, rebuilt when its peer URLs
+    /// change, dropped when it leaves.
+    pub fn set_peers(&mut self, membership: &Membership) {
+        self.links.retain(|id, link| {
+            membership
+                .members
+                .get(id)
+                .is_some_and(|m| m.peer_urls == link.urls)
+        });
+        for m in membership.members.values() {
+            if m.id == self.self_id || self.links.contains_key(&m.id) || m.peer_urls.is_empty() {
+                continue;
+            }
+            let (queue, rx) = mpsc::channel(QUEUE);
+            let task = self.runtime.spawn(run_link(
+                LinkConfig {
+                    from: self.self_id,
+                    to: m.id,
+                    cluster_id: self.cluster_id,
+                    urls: m.peer_urls.clone(),
+                    faults: self.faults.clone(),
+                    node: self.node.clone(),
+                },
+                rx,
+            ));
+            self.links.insert(
+                m.id,
+                PeerLink {
+                    urls: m.peer_urls.clone(),
+                    queue,
+                    task,
+                },
+            );
+        }
+    }
+
+    /// Queues messages for their peers without waiting. Returns the members whose messages
+    /// could not be queued (no link, or the queue is full): Raft should treat them as
+    /// unreachable.
+    pub fn send(&self, messages: Vec<Message>) -> Vec<(u64, MessageType)> {
+        let mut failed = Vec::new();
+        for m in messages {
+            let (to, ty) = (m.to, m.get_msg_type());
+            let queued = self
+                .links
+                .get(&to)
+                .is_some_and(|link| link.queue.try_send(m).is_ok());
+            if !queued {
+                failed.push((to, ty));
+            }
+        }
+        failed
+    }
+}
+
+struct LinkConfig {
+    from: u64,
+    to: u64,
+    cluster_id: u64,
+    urls: Vec<String>,
+    faults: Faults,
+    node: flume::Sender<NodeMsg>,
+}
+
+async fn connect(urls: &[String], timeout: Duration) -> Option<tonic::transport::Channel> {
+    for url in urls {
+        let Ok(endpoint) = Endpoint::from_shared(url.clone()) else {
+            continue;
+        };
+        let endpoint = endpoint
+            .connect_timeout(timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5));
+        if let Ok(channel) = endpoint.connect().await {
+            return Some(channel);
+        }
+    }
+    None
+}
+
+/// One remote member's link: connect lazily, stream batches, reconnect with backoff.
+async fn run_link(cfg: LinkConfig, mut queue: mpsc::Receiver<Message>) {
+    let mut backoff = Duration::from_millis(50);
+    let mut logged_down = false;
+    'connect: loop {
+        let Some(first) = queue.recv().await else {
+            return;
+        };
+        let Some(channel) = connect(&cfg.urls, Duration::from_secs(1)).await else {
+            if !logged_down {
+                tracing::warn!(peer = %format!("{:x}", cfg.to), urls = ?cfg.urls, "cannot reach peer");
+                logged_down = true;
+            }
+            drop(first);
+            while queue.try_recv().is_ok() {}
+            let _ = cfg.node.try_send(NodeMsg::Unreachable(cfg.to));
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+            continue;
+        };
+        if logged_down {
+            tracing::info!(peer = %format!("{:x}", cfg.to), "peer reachable again");
+            logged_down = false;
+        }
+        backoff = Duration::from_millis(50);
+        let (stream_tx, stream_rx) = mpsc::channel::<RaftEnvelope>(16);
+        let mut client = PeerClient::new(channel)
+            .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES)
+            .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES);
+        let mut call = tokio::spawn(async move {
+            client
+                .raft(tokio_stream::wrappers::ReceiverStream::new(stream_rx))
+                .await
+        });
+        let mut next = Some(first);
+        loop {
+            let first = match next.take() {
+                Some(m) => m,
+                None => tokio::select! {
+                    m = queue.recv() => match m {
+                        Some(m) => m,
+                        None => return,
+                    },
+                    ended = &mut call => {
+                        report_call_end(&cfg, ended);
+                        continue 'connect;
+                    }
+                },
+            };
+            let mut batch = vec![first];
+            let mut bytes = 0;
+            while bytes < MAX_ENVELOPE_BYTES {
+                match queue.try_recv() {
+                    Ok(m) => {
+                        bytes += m.compute_size() as usize;
+                        batch.push(m);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if cfg.faults.blocks(cfg.to) {
+                let _ = cfg.node.try_send(NodeMsg::Unreachable(cfg.to));
+                continue;
+            }
+            let envelope = RaftEnvelope {
+                messages: batch
+                    .iter()
+                    .map(|m| m.write_to_bytes().expect("raft message encodes"))
+                    .collect(),
+                cluster_id: cfg.cluster_id,
+                from: cfg.from,
+                to: cfg.to,
+            };
+            if stream_tx.send(envelope).await.is_err() {
+                // The call ended; its result says why.
+                report_call_end(&cfg, (&mut call).await);
+                continue 'connect;
+            }
+        }
+    }
+}
+
+fn report_call_end(
+    cfg: &LinkConfig,
+    ended: Result<
+        Result<tonic::Response<crate::proto::metastorepb::RaftAck>, tonic::Status>,
+        tokio::task::JoinError,
+    >,
+) {
+    let _ = cfg.node.try_send(NodeMsg::Unreachable(cfg.to));
+    match ended {
+        Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
+            tracing::error!(peer = %format!("{:x}", cfg.to), error = %status.message(), "peer refused our Raft traffic");
+            if status.message() == crate::error::EtcdError::MemberRemoved.to_string() {
+                let _ = cfg.node.try_send(NodeMsg::RemovedByPeer);
+            }
+        }
+        Ok(Err(status)) => {
+            tracing::debug!(peer = %format!("{:x}", cfg.to), error = %status, "peer stream ended")
+        }
+        _ => {}
+    }
+}

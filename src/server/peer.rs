@@ -1,0 +1,165 @@
+//! `metastorepb.Peer` on `--listen-peer-urls`: Raft traffic from other members, and the
+//! membership table for members joining with `--initial-cluster-state existing`.
+
+use std::sync::Arc;
+
+use protobuf::Message as _;
+use raft::prelude::Message;
+use tokio::sync::watch;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::consensus::transport::Faults;
+use crate::consensus::{Membership, NodeMsg};
+use crate::error::EtcdError;
+use crate::proto::metastorepb::{
+    peer_client::PeerClient, peer_server::Peer, MemberProgress, MemberRecord, MembersRequest,
+    MembersResponse, ProgressRequest, ProgressResponse, RaftAck, RaftEnvelope,
+};
+
+/// The Peer service.
+pub struct PeerService {
+    member_id: u64,
+    cluster_id: u64,
+    node: flume::Sender<NodeMsg>,
+    membership: watch::Receiver<Arc<Membership>>,
+    faults: Faults,
+}
+
+impl PeerService {
+    /// Serves member `member_id` of `cluster_id`, stepping Raft messages into `node`.
+    pub fn new(
+        member_id: u64,
+        cluster_id: u64,
+        node: flume::Sender<NodeMsg>,
+        membership: watch::Receiver<Arc<Membership>>,
+        faults: Faults,
+    ) -> Self {
+        PeerService {
+            member_id,
+            cluster_id,
+            node,
+            membership,
+            faults,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    /// Steps every message of every envelope into the Raft node, in order. A full inbox drops
+    /// messages (Raft retransmits). Fails with "cluster ID mismatch" for another cluster's
+    /// member and with the removed-member error for a member removed from this cluster, which
+    /// makes that member stop.
+    async fn raft(
+        &self,
+        request: Request<Streaming<RaftEnvelope>>,
+    ) -> Result<Response<RaftAck>, Status> {
+        let mut inbound = request.into_inner();
+        while let Some(envelope) = inbound.message().await? {
+            if envelope.cluster_id != self.cluster_id {
+                return Err(EtcdError::ClusterIdMismatch.into());
+            }
+            if envelope.to != self.member_id {
+                return Err(Status::failed_precondition(format!(
+                    "etcdserver: message for member {:x} reached member {:x}",
+                    envelope.to, self.member_id
+                )));
+            }
+            if self.membership.borrow().removed.contains(&envelope.from) {
+                return Err(EtcdError::MemberRemoved.into());
+            }
+            if self.faults.blocks(envelope.from) {
+                continue;
+            }
+            for bytes in envelope.messages {
+                let mut m = Message::default();
+                if m.merge_from_bytes(&bytes).is_err() {
+                    return Err(Status::invalid_argument("undecodable raft message"));
+                }
+                if self.node.try_send(NodeMsg::Step(m)).is_err() && self.node.is_disconnected() {
+                    return Err(EtcdError::Stopped.into());
+                }
+            }
+        }
+        Ok(Response::new(RaftAck {}))
+    }
+
+    async fn progress(
+        &self,
+        _: Request<ProgressRequest>,
+    ) -> Result<Response<ProgressResponse>, Status> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.node
+            .send_async(NodeMsg::Progress(reply))
+            .await
+            .map_err(|_| EtcdError::Stopped)?;
+        let progress = rx.await.map_err(|_| EtcdError::Stopped)?;
+        Ok(Response::new(ProgressResponse {
+            progress: progress
+                .into_iter()
+                .map(|(id, matched)| MemberProgress { id, matched })
+                .collect(),
+        }))
+    }
+
+    async fn members(
+        &self,
+        _: Request<MembersRequest>,
+    ) -> Result<Response<MembersResponse>, Status> {
+        Ok(Response::new(MembersResponse {
+            cluster_id: self.cluster_id,
+            members: self.membership.borrow().list(),
+        }))
+    }
+}
+
+/// What a joining member learns from the cluster: the cluster ID and the members, asked of
+/// each peer URL in turn (etcd `GetClusterFromRemotePeers`).
+///
+/// Errors: no peer answered.
+pub async fn fetch_members(peer_urls: &[String]) -> anyhow::Result<(u64, Vec<MemberRecord>)> {
+    let mut errors = Vec::new();
+    for url in peer_urls {
+        let attempt = async {
+            let channel = tonic::transport::Endpoint::from_shared(url.clone())?
+                .connect_timeout(std::time::Duration::from_secs(2))
+                .timeout(std::time::Duration::from_secs(5))
+                .connect()
+                .await?;
+            let resp = PeerClient::new(channel).members(MembersRequest {}).await?;
+            anyhow::Ok(resp.into_inner())
+        };
+        match attempt.await {
+            Ok(r) => return Ok((r.cluster_id, r.members)),
+            Err(e) => errors.push(format!("{url}: {e}")),
+        }
+    }
+    anyhow::bail!(
+        "cannot fetch cluster info from peer urls: {}",
+        errors.join("; ")
+    )
+}
+
+/// The leader's view of replication progress, (member ID, matched index), asked over the peer
+/// port at `peer_urls`.
+///
+/// Errors: the leader cannot be reached (reported as "leader changed": the caller may retry).
+pub async fn fetch_progress(peer_urls: &[String]) -> Result<Vec<(u64, u64)>, EtcdError> {
+    for url in peer_urls {
+        let attempt = async {
+            let channel = tonic::transport::Endpoint::from_shared(url.clone())?
+                .connect_timeout(std::time::Duration::from_secs(1))
+                .timeout(std::time::Duration::from_secs(2))
+                .connect()
+                .await?;
+            let resp = PeerClient::new(channel)
+                .progress(ProgressRequest {})
+                .await?;
+            anyhow::Ok(resp.into_inner())
+        };
+        if let Ok(r) = attempt.await {
+            return Ok(r.progress.into_iter().map(|p| (p.id, p.matched)).collect());
+        }
+    }
+    Err(EtcdError::LeaderChanged)
+}

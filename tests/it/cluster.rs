@@ -1,0 +1,416 @@
+//! Multi-member clusters: bring-up with etcd's flags, leader failure, partitions, follower
+//! reads, membership changes. Each test runs real processes (see [`Cluster`]); they take the
+//! cluster lock so that only one cluster at a time competes for this machine's cores.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, GetOptions};
+use tokio::sync::Mutex;
+
+use crate::cluster_harness::Cluster;
+use crate::harness::{etcdctl, ok_stdout};
+
+/// One cluster at a time.
+pub static CLUSTER_LOCK: Mutex<()> = Mutex::const_new(());
+
+/// Puts `key = value` on whichever member takes it, trying each in turn from `start`, until
+/// `deadline`. Returns the member that acknowledged it, or `None` if none did in time.
+async fn put_anywhere(
+    clients: &mut [Client],
+    start: usize,
+    key: &str,
+    value: &str,
+    deadline: Instant,
+) -> Option<usize> {
+    let mut i = start;
+    while Instant::now() < deadline {
+        let c = &mut clients[i % clients.len()];
+        let attempt = tokio::time::timeout(Duration::from_secs(3), c.put(key, value, None)).await;
+        if let Ok(Ok(_)) = attempt {
+            return Some(i % clients.len());
+        }
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+async fn clients(cluster: &Cluster) -> Vec<Client> {
+    let mut out = Vec::new();
+    for i in 0..cluster.specs.len() {
+        out.push(cluster.client(i).await);
+    }
+    out
+}
+
+/// Every key under `prefix` as member `i` sees it (linearizable read).
+async fn all_keys(cluster: &Cluster, i: usize, prefix: &str) -> BTreeMap<String, String> {
+    let mut c = cluster.client(i).await;
+    let resp = c
+        .get(prefix, Some(GetOptions::new().with_prefix()))
+        .await
+        .expect("read all keys");
+    resp.kvs()
+        .iter()
+        .map(|kv| {
+            (
+                kv.key_str().unwrap().to_string(),
+                kv.value_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_members_come_up_with_etcds_flags() {
+    let _one = CLUSTER_LOCK.lock().await;
+    let cluster = Cluster::start(3, &[]).await;
+    let endpoints = cluster.all_endpoints();
+
+    // Members publish their client URLs once a leader exists (names come from
+    // --initial-cluster).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let list = loop {
+        let list = ok_stdout(&etcdctl(&endpoints, &["member", "list"], None));
+        let published = |l: &str| l.contains(", started, m") && !l.contains(", , ");
+        if list.lines().count() == 3 && list.lines().all(published) {
+            break list;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "members never all started: {list}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for (i, spec) in cluster.specs.iter().enumerate() {
+        let line = list
+            .lines()
+            .find(|l| l.starts_with(&format!("{:x},", cluster.ids[i])))
+            .unwrap_or_else(|| panic!("member {i} missing from {list}"));
+        assert!(line.contains(&spec.peer_url()), "{line}");
+        assert!(
+            line.contains(&format!("http://{}", spec.endpoint())),
+            "{line}"
+        );
+        assert!(line.ends_with("false"), "not a learner: {line}");
+    }
+
+    // `--cluster` takes the client URLs from MemberList, as URLs.
+    let table = ok_stdout(&etcdctl(
+        &endpoints,
+        &["endpoint", "status", "--cluster", "-w", "table"],
+        None,
+    ));
+    let rows: Vec<&str> = table.lines().filter(|l| l.contains("http://")).collect();
+    assert_eq!(rows.len(), 3, "{table}");
+    assert_eq!(
+        rows.iter().filter(|r| r.contains("true")).count(),
+        1,
+        "{table}"
+    );
+    let health = etcdctl(&endpoints, &["endpoint", "health", "--cluster"], None);
+    assert!(health.status.success(), "{health:?}");
+
+    // A write through one member is read through every other.
+    ok_stdout(&etcdctl(
+        &cluster.endpoint(1),
+        &["put", "greeting", "hello"],
+        None,
+    ));
+    for i in 0..3 {
+        let got = ok_stdout(&etcdctl(&cluster.endpoint(i), &["get", "greeting"], None));
+        assert_eq!(got, "greeting\nhello\n", "member {i}");
+    }
+    let all = ok_stdout(&etcdctl(
+        &endpoints,
+        &["get", "greeting", "--print-value-only"],
+        None,
+    ));
+    assert_eq!(all, "hello\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_under_writes_loses_no_acknowledged_write() {
+    let _one = CLUSTER_LOCK.lock().await;
+    let mut cluster = Cluster::start(3, &[]).await;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await;
+    let mut clients = clients(&cluster).await;
+    let mut acked = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for n in 0..100 {
+        let key = format!("w/{n:04}");
+        if put_anywhere(&mut clients, n, &key, &n.to_string(), deadline)
+            .await
+            .is_some()
+        {
+            acked.insert(key, n.to_string());
+        }
+        if n == 30 {
+            cluster.kill(leader);
+        }
+    }
+    assert!(
+        acked.len() >= 90,
+        "writes stopped after the leader died: {}",
+        acked.len()
+    );
+    let new_leader = cluster.wait_for_leader(Duration::from_secs(10)).await;
+    assert_ne!(new_leader, leader);
+
+    cluster.restart(leader);
+    cluster.wait_for_leader(Duration::from_secs(10)).await;
+    cluster.wait_converged(Duration::from_secs(20)).await;
+    for i in 0..3 {
+        let seen = all_keys(&cluster, i, "w/").await;
+        for (k, v) in &acked {
+            assert_eq!(seen.get(k), Some(v), "member {i} lost acknowledged {k}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_isolated_leader_stops_taking_writes_and_the_majority_goes_on() {
+    let _one = CLUSTER_LOCK.lock().await;
+    let cluster = Cluster::start(3, &[]).await;
+    let old = cluster.wait_for_leader(Duration::from_secs(10)).await;
+    let majority: Vec<usize> = (0..3).filter(|i| *i != old).collect();
+    cluster.partition(&[&[old], &majority]);
+
+    // The majority elects a new leader among itself.
+    let new = cluster
+        .wait_for_leader_among(&majority, Duration::from_secs(10))
+        .await;
+    assert_ne!(new, old);
+    let mut c = cluster.client(new).await;
+    c.put("side", "majority", None)
+        .await
+        .expect("majority write");
+
+    // The old leader steps down (check_quorum) and refuses writes: an error, never a hang and
+    // never an acknowledgement.
+    let mut isolated = cluster.client(old).await;
+    let started = Instant::now();
+    let r = tokio::time::timeout(
+        Duration::from_secs(15),
+        isolated.put("side", "minority", None),
+    )
+    .await
+    .expect("a write on the minority side must not hang");
+    assert!(r.is_err(), "the minority side acknowledged a write: {r:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let (leader, _, _) = cluster.status(old).await.expect("status");
+    assert_ne!(
+        leader, cluster.ids[old],
+        "the isolated member still thinks it leads"
+    );
+
+    cluster.heal();
+    cluster.wait_for_leader(Duration::from_secs(10)).await;
+    cluster.wait_converged(Duration::from_secs(20)).await;
+    let got = all_keys(&cluster, old, "side").await;
+    assert_eq!(got.get("side").map(String::as_str), Some("majority"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follower_reads_see_the_latest_write_and_never_go_back() {
+    let _one = CLUSTER_LOCK.lock().await;
+    let cluster = Cluster::start(3, &[]).await;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await;
+    let follower = (leader + 1) % 3;
+    let mut on_leader = cluster.client(leader).await;
+    let mut on_follower = cluster.client(follower).await;
+    let mut last_serializable = 0;
+    for n in 0..50 {
+        let rev = on_leader
+            .put("counter", n.to_string(), None)
+            .await
+            .unwrap()
+            .header()
+            .unwrap()
+            .revision();
+        // Linearizable (the default): ReadIndex through the leader, then wait to apply.
+        let got = on_follower.get("counter", None).await.unwrap();
+        assert_eq!(got.kvs()[0].value_str().unwrap(), n.to_string());
+        assert!(got.header().unwrap().revision() >= rev);
+        // Serializable: local, may lag, but one member never goes back in time.
+        let local = on_follower
+            .get("counter", Some(GetOptions::new().with_serializable()))
+            .await
+            .unwrap();
+        let seen = local.header().unwrap().revision();
+        assert!(
+            seen >= last_serializable,
+            "went back from {last_serializable} to {seen}"
+        );
+        last_serializable = seen;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_are_added_promoted_and_removed_with_etcdctl() {
+    let _one = CLUSTER_LOCK.lock().await;
+    let mut cluster = Cluster::start(3, &[]).await;
+    let endpoints = cluster.all_endpoints();
+    let mut c = cluster.client(0).await;
+    for n in 0..20 {
+        c.put(format!("k{n}"), "v", None).await.unwrap();
+    }
+
+    // A learner joins with --initial-cluster-state existing and catches up.
+    let new = cluster.add_spec(&[]);
+    let peer_url = cluster.specs[new].peer_url();
+    let name = cluster.specs[new].name.clone();
+    let added = ok_stdout(&etcdctl(
+        &endpoints,
+        &[
+            "member",
+            "add",
+            &name,
+            "--learner",
+            &format!("--peer-urls={peer_url}"),
+        ],
+        None,
+    ));
+    assert!(
+        added.contains("ETCD_INITIAL_CLUSTER_STATE=\"existing\""),
+        "{added}"
+    );
+    // (Another URL alongside, or the ID, computed from URLs and the second, would collide
+    // first.)
+    let dup = etcdctl(
+        &endpoints,
+        &[
+            "member",
+            "add",
+            "again",
+            &format!("--peer-urls={peer_url},http://127.0.0.1:1"),
+        ],
+        None,
+    );
+    assert!(
+        String::from_utf8_lossy(&dup.stderr).contains("Peer URLs already exists"),
+        "{dup:?}"
+    );
+    cluster.start_added(new).await;
+    let mut learner = cluster.client(new).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = learner
+            .get("k19", Some(GetOptions::new().with_serializable()))
+            .await;
+        if r.is_ok_and(|r| r.count() == 1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the learner never caught up\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let list = ok_stdout(&etcdctl(&endpoints, &["member", "list"], None));
+    let row = list
+        .lines()
+        .find(|l| l.contains(&peer_url))
+        .expect("the learner is listed");
+    assert!(row.ends_with("true"), "listed as a learner: {row}");
+
+    // Promote it (etcd refuses while it lags; it has caught up by now).
+    let id = format!("{:x}", cluster.ids[new]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = etcdctl(&endpoints, &["member", "promote", &id], None);
+        if out.status.success() {
+            break;
+        }
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(err.contains("in sync with leader"), "{err}");
+        assert!(Instant::now() < deadline, "promote never succeeded: {err}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let again = etcdctl(&endpoints, &["member", "promote", &id], None);
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("can only promote a learner member"),
+        "{again:?}"
+    );
+    let list = ok_stdout(&etcdctl(&endpoints, &["member", "list"], None));
+    assert_eq!(
+        list.lines().filter(|l| l.ends_with("false")).count(),
+        4,
+        "{list}"
+    );
+
+    // Remove a voter (asked of another member: the leader stops replicating to a removed
+    // member, so it may never see its own removal commit): it stops itself.
+    let victim = 1;
+    let victim_id = format!("{:x}", cluster.ids[victim]);
+    let others: Vec<String> = (0..cluster.specs.len())
+        .filter(|i| *i != victim)
+        .map(|i| cluster.endpoint(i))
+        .collect();
+    ok_stdout(&etcdctl(
+        &others.join(","),
+        &["member", "remove", &victim_id],
+        None,
+    ));
+    let exited = cluster.servers[victim]
+        .as_mut()
+        .unwrap()
+        .wait_exit(Duration::from_secs(10));
+    assert!(exited, "the removed member kept running");
+    cluster.servers[victim] = None;
+    let rest: Vec<usize> = cluster.live();
+    let list = ok_stdout(&etcdctl(&others.join(","), &["member", "list"], None));
+    assert_eq!(list.lines().count(), 3, "{list}");
+    assert!(!list.contains(&victim_id), "{list}");
+    let gone = etcdctl(&others.join(","), &["member", "remove", &victim_id], None);
+    assert!(
+        String::from_utf8_lossy(&gone.stderr).contains("member not found"),
+        "{gone:?}"
+    );
+    let mut c = cluster.client(rest[0]).await;
+    c.put("after-remove", "ok", None)
+        .await
+        .expect("the cluster still takes writes");
+    cluster.wait_converged(Duration::from_secs(20)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn move_leader_hands_over_leadership() {
+    let _one = CLUSTER_LOCK.lock().await;
+    let cluster = Cluster::start(3, &[]).await;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await;
+    let target = (leader + 1) % 3;
+    let id = format!("{:x}", cluster.ids[target]);
+    // etcdctl finds the leader among the endpoints and asks it.
+    let out = ok_stdout(&etcdctl(
+        &cluster.all_endpoints(),
+        &["move-leader", &id],
+        None,
+    ));
+    assert!(out.contains("Leadership transferred"), "{out}");
+    assert_eq!(
+        cluster.wait_for_leader(Duration::from_secs(10)).await,
+        target
+    );
+    let mut c = cluster.client(leader).await;
+    c.put("after-move", "ok", None).await.expect("writes go on");
+
+    let mut follower = cluster.client(leader).await;
+    let (code, msg) =
+        crate::util::grpc_err(follower.move_leader(cluster.ids[(leader + 2) % 3]).await);
+    assert_eq!(
+        (code, msg.as_str()),
+        (tonic::Code::FailedPrecondition, "etcdserver: not leader")
+    );
+    let mut on_leader = cluster.client(target).await;
+    let (code, msg) = crate::util::grpc_err(on_leader.move_leader(12345).await);
+    assert_eq!(
+        (code, msg.as_str()),
+        (
+            tonic::Code::FailedPrecondition,
+            "etcdserver: bad leader transferee"
+        )
+    );
+}
