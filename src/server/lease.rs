@@ -21,6 +21,7 @@ use crate::proto::etcdserverpb::{
     LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse, LeaseStatus,
     LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
 };
+use crate::proto::metastorepb::peer_client::PeerClient;
 use crate::proto::metastorepb::proposal::Request as Proposed;
 
 /// How often the leader looks for expired leases.
@@ -92,33 +93,21 @@ impl Lease for LeaseService {
         let core = self.core.clone();
         tokio::spawn(async move {
             while let Ok(Some(req)) = inbound.message().await {
-                // One response per request; an unknown lease answers TTL 0 (etcd).
-                let ttl = match core.leases.renew(req.id) {
-                    Some((ttl, clear_checkpoint)) => {
-                        if clear_checkpoint {
-                            let core = core.clone();
-                            let cp = LeaseCheckpoint {
-                                id: req.id,
-                                remaining_ttl: 0,
-                            };
-                            let clear = LeaseCheckpointRequest {
-                                checkpoints: vec![cp],
-                            };
-                            tokio::spawn(async move {
-                                core.propose(Proposed::LeaseCheckpoint(clear)).await
-                            });
-                        }
-                        ttl
+                // One response per request; an unknown lease answers TTL 0 (etcd). A follower
+                // renews on the leader; without a leader the stream ends with the error.
+                let resp = match core.renew_lease(req.id).await {
+                    Ok(ttl) => {
+                        let revision = core.applied.borrow().revision;
+                        Ok(LeaseKeepAliveResponse {
+                            header: core.header(revision),
+                            id: req.id,
+                            ttl,
+                        })
                     }
-                    None => 0,
+                    Err(e) => Err(Status::from(e)),
                 };
-                let revision = core.applied.borrow().revision;
-                let resp = LeaseKeepAliveResponse {
-                    header: core.header(revision),
-                    id: req.id,
-                    ttl,
-                };
-                if tx.send(Ok(resp)).await.is_err() {
+                let failed = resp.is_err();
+                if tx.send(resp).await.is_err() || failed {
                     break;
                 }
             }
@@ -133,34 +122,7 @@ impl Lease for LeaseService {
         request: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
         let req = request.into_inner();
-        let state = self.core.linearizable_state().await?;
-        let found = self
-            .core
-            .leases
-            .lock()
-            .get(&req.id)
-            .map(|l| (l.remaining_secs(Instant::now()), l.ttl));
-        let Some((ttl, granted_ttl)) = found else {
-            // etcd answers an unknown lease with TTL -1 rather than an error.
-            return Ok(Response::new(LeaseTimeToLiveResponse {
-                header: self.core.header(state.revision),
-                id: req.id,
-                ttl: -1,
-                ..Default::default()
-            }));
-        };
-        let keys = if req.keys {
-            self.core.shards.lease_keys(req.id).await?
-        } else {
-            Vec::new()
-        };
-        Ok(Response::new(LeaseTimeToLiveResponse {
-            header: self.core.header(state.revision),
-            id: req.id,
-            ttl,
-            granted_ttl,
-            keys,
-        }))
+        Ok(Response::new(self.core.lease_time_to_live(req).await?))
     }
 
     async fn lease_leases(
@@ -183,6 +145,127 @@ impl Lease for LeaseService {
 }
 
 impl Core {
+    /// Renews lease `id` where it counts: on the leader, which alone runs the lease clock.
+    /// Returns the granted TTL in seconds, or 0 for an unknown lease (etcd).
+    ///
+    /// Errors: "no leader"; "leader changed" when the leader cannot be reached.
+    pub async fn renew_lease(&self, id: i64) -> Result<i64, EtcdError> {
+        let leader = self.node.status.leader.load(Ordering::Relaxed);
+        if leader == 0 {
+            return Err(EtcdError::NoLeader);
+        }
+        if leader != self.member.id {
+            let mut peer = self.leader_peer(leader).await?;
+            let resp = peer
+                .lease_renew(LeaseKeepAliveRequest { id })
+                .await
+                .map_err(|_| EtcdError::LeaderChanged)?;
+            return Ok(resp.into_inner().ttl);
+        }
+        Ok(self.renew_lease_here(id))
+    }
+
+    /// The leader's side of [`Core::renew_lease`].
+    pub fn renew_lease_here(&self, id: i64) -> i64 {
+        let Some((ttl, clear_checkpoint)) = self.leases.renew(id) else {
+            return 0;
+        };
+        if clear_checkpoint {
+            // A renewed lease starts over from its full TTL: the checkpointed remainder no
+            // longer applies after a restart or leader change.
+            let core = self.this.upgrade();
+            let clear = LeaseCheckpointRequest {
+                checkpoints: vec![LeaseCheckpoint {
+                    id,
+                    remaining_ttl: 0,
+                }],
+            };
+            if let Some(core) = core {
+                tokio::spawn(async move { core.propose(Proposed::LeaseCheckpoint(clear)).await });
+            }
+        }
+        ttl
+    }
+
+    /// LeaseTimeToLive, answered by the leader (a follower's deadlines are not the ones that
+    /// expire leases).
+    ///
+    /// Errors: "no leader", "leader changed", and [`Core::linearizable_state`]'s.
+    pub async fn lease_time_to_live(
+        &self,
+        req: LeaseTimeToLiveRequest,
+    ) -> Result<LeaseTimeToLiveResponse, EtcdError> {
+        let leader = self.node.status.leader.load(Ordering::Relaxed);
+        if leader == 0 {
+            return Err(EtcdError::NoLeader);
+        }
+        if leader != self.member.id {
+            let mut peer = self.leader_peer(leader).await?;
+            let resp = peer
+                .lease_time_to_live(req)
+                .await
+                .map_err(|_| EtcdError::LeaderChanged)?;
+            return Ok(resp.into_inner());
+        }
+        let state = self.linearizable_state().await?;
+        let found = self
+            .leases
+            .lock()
+            .get(&req.id)
+            .map(|l| (l.remaining_secs(Instant::now()), l.ttl));
+        let Some((ttl, granted_ttl)) = found else {
+            // etcd answers an unknown lease with TTL -1 rather than an error.
+            return Ok(LeaseTimeToLiveResponse {
+                header: self.header(state.revision),
+                id: req.id,
+                ttl: -1,
+                ..Default::default()
+            });
+        };
+        let keys = if req.keys {
+            self.shards.lease_keys(req.id).await?
+        } else {
+            Vec::new()
+        };
+        Ok(LeaseTimeToLiveResponse {
+            header: self.header(state.revision),
+            id: req.id,
+            ttl,
+            granted_ttl,
+            keys,
+        })
+    }
+
+    /// A Peer client to `leader`'s peer URL, reused while the leader stays the same.
+    async fn leader_peer(
+        &self,
+        leader: u64,
+    ) -> Result<PeerClient<tonic::transport::Channel>, EtcdError> {
+        let mut cached = self.leader_peer.lock().await;
+        if let Some((id, client)) = cached.as_ref() {
+            if *id == leader {
+                return Ok(client.clone());
+            }
+        }
+        let url = self
+            .node
+            .membership
+            .borrow()
+            .members
+            .get(&leader)
+            .and_then(|m| m.peer_urls.first().cloned())
+            .ok_or(EtcdError::LeaderChanged)?;
+        let channel = tonic::transport::Endpoint::from_shared(url)
+            .map_err(|_| EtcdError::LeaderChanged)?
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(self.request_timeout)
+            .tcp_nodelay(true)
+            .connect_lazy();
+        let client = PeerClient::new(channel);
+        *cached = Some((leader, client.clone()));
+        Ok(client)
+    }
+
     /// A fresh positive lease ID (splitmix64 over a per-member sequence), as etcd picks one on
     /// the member that receives the grant.
     pub fn new_lease_id(&self) -> i64 {

@@ -5,6 +5,7 @@
 //! straight to the shards at a revision every shard has applied.
 
 mod cluster;
+pub mod gate;
 mod kv;
 mod lease;
 mod maintenance;
@@ -67,6 +68,13 @@ pub struct Core {
     next_lease_seed: AtomicU64,
     /// The NOSPACE alarm: raised when the backend passes its quota, cleared by Alarm DEACTIVATE.
     pub nospace: std::sync::atomic::AtomicBool,
+    /// A Peer client to the current leader, for requests only the leader answers.
+    leader_peer: tokio::sync::Mutex<
+        Option<(
+            u64,
+            crate::proto::metastorepb::peer_client::PeerClient<tonic::transport::Channel>,
+        )>,
+    >,
     /// This core itself, for tasks that outlive a borrowed `&Core` (lock cleanup).
     this: std::sync::Weak<Core>,
     request_timeout: Duration,
@@ -160,6 +168,9 @@ impl Core {
     /// revision, plus the validation errors of [`validate::check_range`].
     pub async fn range(&self, req: RangeRequest) -> Result<RangeResponse, EtcdError> {
         validate::check_range(&req)?;
+        if !req.serializable && self.node.status.is_learner.load(Ordering::Relaxed) {
+            return Err(EtcdError::NotSupportedForLearner);
+        }
         let state = if req.serializable {
             *self.applied.borrow()
         } else {
@@ -504,6 +515,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         next_proposal: AtomicU64::new(member.boot << 48),
         next_lease_seed: AtomicU64::new(member.id ^ (member.boot << 32)),
         nospace: Default::default(),
+        leader_peer: Default::default(),
         cfg: cfg.clone(),
         member,
         node: handle,
@@ -517,13 +529,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     for listener in peer_listeners {
         let addr: SocketAddr = listener.local_addr()?;
         tracing::info!(address = %addr, "serving peer traffic on {addr}");
-        let service = peer::PeerService::new(
-            core.member.id,
-            core.member.cluster_id,
-            core.node.tx.clone(),
-            core.node.membership.clone(),
-            faults.clone(),
-        );
+        let service = peer::PeerService::new(core.clone(), faults.clone());
         let router = tonic::transport::Server::builder().add_service(
             PeerServer::new(service)
                 .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
@@ -538,6 +544,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let addr: SocketAddr = listener.local_addr()?;
         tracing::info!(address = %addr, "serving client requests on {addr}");
         let router = tonic::transport::Server::builder()
+            .layer(gate::GateLayer::new(core.node.status.clone()))
             .add_service(
                 KvServer::new(kv::KvService::new(core.clone())).max_decoding_message_size(max_recv),
             )

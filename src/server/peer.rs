@@ -8,9 +8,15 @@ use raft::prelude::Message;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
+use std::sync::atomic::Ordering;
+
+use super::Core;
 use crate::consensus::transport::Faults;
 use crate::consensus::{Membership, NodeMsg};
 use crate::error::EtcdError;
+use crate::proto::etcdserverpb::{
+    LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
+};
 use crate::proto::metastorepb::{
     peer_client::PeerClient, peer_server::Peer, MemberProgress, MemberRecord, MembersRequest,
     MembersResponse, ProgressRequest, ProgressResponse, RaftAck, RaftEnvelope,
@@ -18,6 +24,7 @@ use crate::proto::metastorepb::{
 
 /// The Peer service.
 pub struct PeerService {
+    core: Arc<Core>,
     member_id: u64,
     cluster_id: u64,
     node: flume::Sender<NodeMsg>,
@@ -26,21 +33,25 @@ pub struct PeerService {
 }
 
 impl PeerService {
-    /// Serves member `member_id` of `cluster_id`, stepping Raft messages into `node`.
-    pub fn new(
-        member_id: u64,
-        cluster_id: u64,
-        node: flume::Sender<NodeMsg>,
-        membership: watch::Receiver<Arc<Membership>>,
-        faults: Faults,
-    ) -> Self {
+    /// Serves `core`'s member, stepping Raft messages into its Raft node. `faults` cuts links
+    /// in tests.
+    pub fn new(core: Arc<Core>, faults: Faults) -> Self {
         PeerService {
-            member_id,
-            cluster_id,
-            node,
-            membership,
+            member_id: core.member.id,
+            cluster_id: core.member.cluster_id,
+            node: core.node.tx.clone(),
+            membership: core.node.membership.clone(),
             faults,
+            core,
         }
+    }
+
+    fn check_leader(&self) -> Result<(), Status> {
+        let leader = self.core.node.status.leader.load(Ordering::Relaxed);
+        if leader != self.member_id {
+            return Err(EtcdError::NotLeader.into());
+        }
+        Ok(())
     }
 }
 
@@ -100,6 +111,30 @@ impl Peer for PeerService {
                 .map(|(id, matched)| MemberProgress { id, matched })
                 .collect(),
         }))
+    }
+
+    async fn lease_renew(
+        &self,
+        request: Request<LeaseKeepAliveRequest>,
+    ) -> Result<Response<LeaseKeepAliveResponse>, Status> {
+        self.check_leader()?;
+        let id = request.into_inner().id;
+        let ttl = self.core.renew_lease_here(id);
+        let revision = self.core.applied.borrow().revision;
+        Ok(Response::new(LeaseKeepAliveResponse {
+            header: self.core.header(revision),
+            id,
+            ttl,
+        }))
+    }
+
+    async fn lease_time_to_live(
+        &self,
+        request: Request<LeaseTimeToLiveRequest>,
+    ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        self.check_leader()?;
+        let resp = self.core.lease_time_to_live(request.into_inner()).await?;
+        Ok(Response::new(resp))
     }
 
     async fn members(

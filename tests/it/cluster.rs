@@ -204,6 +204,16 @@ async fn an_isolated_leader_stops_taking_writes_and_the_majority_goes_on() {
         leader, cluster.ids[old],
         "the isolated member still thinks it leads"
     );
+    // clientv3's WithRequireLeader (`hasleader` metadata): refused at once, not waited out.
+    let opts = etcd_client::ConnectOptions::new().with_require_leader(true);
+    let mut strict = Client::connect([cluster.endpoint(old)], Some(opts))
+        .await
+        .unwrap();
+    let (code, msg) = crate::util::grpc_err(strict.get("side", None).await);
+    assert_eq!(
+        (code, msg.as_str()),
+        (tonic::Code::Unavailable, "etcdserver: no leader")
+    );
 
     cluster.heal();
     cluster.wait_for_leader(Duration::from_secs(10)).await;
@@ -309,6 +319,17 @@ async fn members_are_added_promoted_and_removed_with_etcdctl() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // A learner serves serializable reads only.
+    let (code, msg) = crate::util::grpc_err(learner.get("k19", None).await);
+    assert_eq!(
+        (code, msg.as_str()),
+        (
+            tonic::Code::FailedPrecondition,
+            "etcdserver: rpc not supported for learner"
+        )
+    );
+    let (_, msg) = crate::util::grpc_err(learner.put("k", "v", None).await);
+    assert_eq!(msg, "etcdserver: rpc not supported for learner");
     let list = ok_stdout(&etcdctl(&endpoints, &["member", "list"], None));
     let row = list
         .lines()
@@ -413,4 +434,49 @@ async fn move_leader_hands_over_leadership() {
             "etcdserver: bad leader transferee"
         )
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alives_sent_to_a_follower_keep_the_lease_alive_on_the_leader() {
+    let _one = CLUSTER_LOCK.lock().await;
+    let cluster = Cluster::start(3, &[]).await;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await;
+    let follower = (leader + 1) % 3;
+    let mut on_follower = cluster.client(follower).await;
+    // The minimum TTL is the election timeout's ceiling in seconds (1 s at 500 ms); 2 s here.
+    let lease = on_follower.lease_grant(2, None).await.unwrap().id();
+    on_follower
+        .put(
+            "owned",
+            "x",
+            Some(etcd_client::PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .unwrap();
+    let (mut keeper, mut responses) = on_follower.lease_keep_alive(lease).await.unwrap();
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until {
+        keeper.keep_alive().await.unwrap();
+        let r = responses
+            .message()
+            .await
+            .unwrap()
+            .expect("a keep-alive response");
+        assert_eq!(r.ttl(), 2);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Five seconds on a 2 s lease: only the leader's clock expires leases, so the follower's
+    // keep-alives must have reached it.
+    let ttl = on_follower.lease_time_to_live(lease, None).await.unwrap();
+    assert!(ttl.ttl() > 0, "lease expired although kept alive: {ttl:?}");
+    let mut on_leader = cluster.client(leader).await;
+    assert_eq!(on_leader.get("owned", None).await.unwrap().count(), 1);
+
+    // Stop renewing: the leader revokes it and every member sees the key go.
+    drop(keeper);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while on_follower.get("owned", None).await.unwrap().count() == 1 {
+        assert!(Instant::now() < deadline, "the lease never expired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -1,0 +1,133 @@
+//! Checks in front of every client RPC, before its handler runs (etcd
+//! `v3rpc/interceptor.go`):
+//!
+//! * `hasleader: true` metadata: fail with "etcdserver: no leader" while this member knows no
+//!   leader, instead of waiting (clientv3's `WithRequireLeader`; Kubernetes sets it on
+//!   watches);
+//! * a learner serves only Status, serializable Range (checked in [`super::Core::range`]) and
+//!   the Snapshot stream; everything else fails with "etcdserver: rpc not supported for
+//!   learner".
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use crate::consensus::NodeStatus;
+use crate::error::EtcdError;
+
+/// gRPC metadata key of clientv3's `WithRequireLeader` (etcd `rpctypes.MetadataRequireLeaderKey`).
+pub const REQUIRE_LEADER_KEY: &str = "hasleader";
+
+/// Methods a learner serves (etcd `isRPCSupportedForLearner`, plus the Snapshot stream).
+const LEARNER_METHODS: [&str; 3] = [
+    "/etcdserverpb.Maintenance/Status",
+    "/etcdserverpb.KV/Range",
+    "/etcdserverpb.Maintenance/Snapshot",
+];
+
+/// Whether a request carries `hasleader: true`.
+pub fn requires_leader(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(REQUIRE_LEADER_KEY)
+        .is_some_and(|v| v.as_bytes() == b"true")
+}
+
+/// Why a request to `path` must be refused now, if it must.
+fn refusal(status: &NodeStatus, path: &str, headers: &http::HeaderMap) -> Option<EtcdError> {
+    if status.is_learner.load(Ordering::Relaxed) && !LEARNER_METHODS.contains(&path) {
+        return Some(EtcdError::NotSupportedForLearner);
+    }
+    if requires_leader(headers) && status.leader.load(Ordering::Relaxed) == 0 {
+        return Some(EtcdError::NoLeader);
+    }
+    None
+}
+
+/// The tower layer that puts a [`Gate`] in front of the client services.
+#[derive(Clone)]
+pub struct GateLayer {
+    status: Arc<NodeStatus>,
+}
+
+impl GateLayer {
+    /// Gates requests on the Raft node's `status`.
+    pub fn new(status: Arc<NodeStatus>) -> Self {
+        GateLayer { status }
+    }
+}
+
+impl<S> tower_layer::Layer<S> for GateLayer {
+    type Service = Gate<S>;
+
+    fn layer(&self, inner: S) -> Gate<S> {
+        Gate {
+            inner,
+            status: self.status.clone(),
+        }
+    }
+}
+
+/// See the module docs.
+#[derive(Clone)]
+pub struct Gate<S> {
+    inner: S,
+    status: Arc<NodeStatus>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, B, RB> tower_service::Service<http::Request<B>> for Gate<S>
+where
+    S: tower_service::Service<http::Request<B>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    RB: Default + Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        match refusal(&self.status, req.uri().path(), req.headers()) {
+            Some(e) => {
+                let response = tonic::Status::from(e).into_http::<RB>();
+                Box::pin(async move { Ok(response) })
+            }
+            None => Box::pin(self.inner.call(req)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn learners_and_leaderless_members_refuse_like_etcd() {
+        let status = NodeStatus::default();
+        let mut headers = http::HeaderMap::new();
+        assert_eq!(refusal(&status, "/etcdserverpb.KV/Put", &headers), None);
+        headers.insert(REQUIRE_LEADER_KEY, "true".parse().unwrap());
+        assert_eq!(
+            refusal(&status, "/etcdserverpb.KV/Put", &headers),
+            Some(EtcdError::NoLeader)
+        );
+        status.leader.store(7, Ordering::Relaxed);
+        assert_eq!(refusal(&status, "/etcdserverpb.KV/Put", &headers), None);
+        status.is_learner.store(true, Ordering::Relaxed);
+        assert_eq!(
+            refusal(&status, "/etcdserverpb.KV/Put", &headers),
+            Some(EtcdError::NotSupportedForLearner)
+        );
+        assert_eq!(
+            refusal(&status, "/etcdserverpb.Maintenance/Status", &headers),
+            None
+        );
+    }
+}
