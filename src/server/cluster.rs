@@ -340,6 +340,39 @@ pub async fn publish_attributes(core: Arc<Core>) {
     }
 }
 
+/// `--auto-promote-learners`: while this member leads, promotes every learner whose log has
+/// caught up (the same 90% rule as MemberPromote, and the same strict reconfiguration check),
+/// checking once per election timeout.
+pub async fn auto_promote_learners(core: Arc<Core>) {
+    let every = Duration::from_millis(core.cfg.election_timeout.max(100));
+    loop {
+        tokio::time::sleep(every).await;
+        if core.node.status.leader.load(Ordering::Relaxed) != core.member.id {
+            continue;
+        }
+        let learners = core.node.membership.borrow().learners();
+        for id in learners {
+            if core.check_learner_ready(id).await.is_err()
+                || core.check_started_quorum(1, None).is_err()
+            {
+                continue;
+            }
+            let record = MemberRecord {
+                id,
+                ..Default::default()
+            };
+            match core.change_membership(Kind::Promote, record).await {
+                Ok(_) => {
+                    tracing::info!(member = %format!("{id:x}"), "promoted a caught-up learner")
+                }
+                Err(e) => {
+                    tracing::debug!(member = %format!("{id:x}"), error = %e, "learner not promoted yet")
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -591,6 +591,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let promoted = core.promote_leases().await;
     tokio::spawn(lease::run_lease_clock(core.clone(), promoted));
     tokio::spawn(cluster::publish_attributes(core.clone()));
+    if cfg.auto_promote_learners {
+        tokio::spawn(cluster::auto_promote_learners(core.clone()));
+    }
     tracing::info!("ready to serve client requests");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -480,3 +480,43 @@ async fn keep_alives_sent_to_a_follower_keep_the_lease_alive_on_the_leader() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caught_up_learner_is_promoted_automatically_when_asked() {
+    let _one = CLUSTER_LOCK.lock().await;
+    let mut cluster = Cluster::start(3, &["--auto-promote-learners"]).await;
+    let mut c = cluster.client(0).await;
+    c.put("before", "join", None).await.unwrap();
+    let new = cluster.add_spec(&["--auto-promote-learners"]);
+    let peer_url = cluster.specs[new].peer_url();
+    let mut cc = cluster.client(0).await;
+    let added = cc
+        .member_add(
+            [peer_url.as_str()],
+            Some(etcd_client::MemberAddOptions::new().with_is_learner()),
+        )
+        .await
+        .expect("member add");
+    assert!(added.member().unwrap().is_learner());
+    cluster.start_added(new).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let list = cc.member_list().await.unwrap();
+        let me = list
+            .members()
+            .iter()
+            .find(|m| m.id() == cluster.ids[new])
+            .expect("listed");
+        if !me.is_learner() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never promoted\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut on_new = cluster.client(new).await;
+    assert_eq!(on_new.get("before", None).await.unwrap().count(), 1);
+}
