@@ -59,6 +59,11 @@ impl Membership {
             .collect()
     }
 
+    /// Whether `id` is a voting member (not a learner, not unknown).
+    pub fn is_voter(&self, id: u64) -> bool {
+        self.members.get(&id).is_some_and(|m| !m.is_learner)
+    }
+
     /// Raft's configuration for this table.
     pub fn conf_state(&self) -> ConfState {
         ConfState::from((self.voters(), self.learners()))

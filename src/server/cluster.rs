@@ -216,14 +216,7 @@ impl Cluster for ClusterService {
         request: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveResponse>, Status> {
         let id = request.into_inner().id;
-        let is_voter = self
-            .core
-            .node
-            .membership
-            .borrow()
-            .members
-            .get(&id)
-            .is_some_and(|m| !m.is_learner);
+        let is_voter = self.core.node.membership.borrow().is_voter(id);
         if is_voter {
             self.core.check_started_quorum(0, Some(id))?;
         }

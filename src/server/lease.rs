@@ -150,12 +150,7 @@ impl Core {
     ///
     /// Errors: "no leader"; "leader changed" when the leader cannot be reached.
     pub async fn renew_lease(&self, id: i64) -> Result<i64, EtcdError> {
-        let leader = self.node.status.leader.load(Ordering::Relaxed);
-        if leader == 0 {
-            return Err(EtcdError::NoLeader);
-        }
-        if leader != self.member.id {
-            let mut peer = self.leader_peer(leader).await?;
+        if let Some(mut peer) = self.remote_leader().await? {
             let resp = peer
                 .lease_renew(LeaseKeepAliveRequest { id })
                 .await
@@ -195,12 +190,7 @@ impl Core {
         &self,
         req: LeaseTimeToLiveRequest,
     ) -> Result<LeaseTimeToLiveResponse, EtcdError> {
-        let leader = self.node.status.leader.load(Ordering::Relaxed);
-        if leader == 0 {
-            return Err(EtcdError::NoLeader);
-        }
-        if leader != self.member.id {
-            let mut peer = self.leader_peer(leader).await?;
+        if let Some(mut peer) = self.remote_leader().await? {
             let resp = peer
                 .lease_time_to_live(req)
                 .await
@@ -234,6 +224,22 @@ impl Core {
             granted_ttl,
             keys,
         })
+    }
+
+    /// A Peer client to the leader, or `None` when this member leads.
+    ///
+    /// Errors: "no leader".
+    async fn remote_leader(
+        &self,
+    ) -> Result<Option<PeerClient<tonic::transport::Channel>>, EtcdError> {
+        let leader = self.node.status.leader.load(Ordering::Relaxed);
+        if leader == 0 {
+            return Err(EtcdError::NoLeader);
+        }
+        if leader == self.member.id {
+            return Ok(None);
+        }
+        self.leader_peer(leader).await.map(Some)
     }
 
     /// A Peer client to `leader`'s peer URL, reused while the leader stays the same.

@@ -180,14 +180,7 @@ impl Maintenance for MaintenanceService {
         if status.leader.load(Ordering::Relaxed) != self.core.member.id {
             return Err(EtcdError::NotLeader.into());
         }
-        let is_voter = self
-            .core
-            .node
-            .membership
-            .borrow()
-            .members
-            .get(&target)
-            .is_some_and(|m| !m.is_learner);
+        let is_voter = self.core.node.membership.borrow().is_voter(target);
         if !is_voter {
             return Err(EtcdError::BadLeaderTransferee.into());
         }
