@@ -403,7 +403,8 @@ impl RaftNode {
     /// A member that is the only voter need not wait out an election timeout.
     fn campaign_if_alone(&mut self) {
         let r = &self.raw.raft;
-        if r.state == StateRole::Leader || r.state == StateRole::Candidate {
+        // Cheap test first: this runs on every loop of the Raft thread.
+        if r.leader_id != 0 || r.state == StateRole::Candidate {
             return;
         }
         let voters: Vec<u64> = r.prs().conf().voters().ids().iter().collect();

@@ -19,7 +19,7 @@ use crate::error::EtcdError;
 use crate::proto::etcdserverpb::{
     cluster_server::Cluster, Member, MemberAddRequest, MemberAddResponse, MemberListRequest,
     MemberListResponse, MemberPromoteRequest, MemberPromoteResponse, MemberRemoveRequest,
-    MemberRemoveResponse, MemberUpdateRequest, MemberUpdateResponse,
+    MemberRemoveResponse, MemberUpdateRequest, MemberUpdateResponse, ResponseHeader,
 };
 use crate::proto::metastorepb::{membership_change::Kind, MemberRecord, MembershipChange};
 
@@ -86,25 +86,22 @@ impl Core {
             proposal: id,
             member: Some(member),
         };
-        let (_guard, rx) = self.pending.register(id);
-        let work = async {
-            self.node
-                .tx
-                .send_async(NodeMsg::ChangeMembership { id, change })
-                .await
-                .map_err(|_| EtcdError::Stopped)?;
-            rx.await.map_err(|_| EtcdError::Stopped)?
-        };
-        match tokio::time::timeout(self.request_timeout, work).await {
-            Ok(Ok(ApplyResponse::Members(members))) => Ok(members),
-            Ok(Ok(_)) => Err(EtcdError::Stopped),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(EtcdError::Timeout),
+        match self
+            .submit(id, NodeMsg::ChangeMembership { id, change })
+            .await?
+        {
+            ApplyResponse::Members(members) => Ok(members),
+            _ => Err(EtcdError::Stopped),
         }
     }
 
-    fn members_reply(&self, members: &[MemberRecord]) -> Vec<Member> {
-        members.iter().map(to_member).collect()
+    /// The header and member list every Cluster response carries.
+    fn members_reply(&self, members: &[MemberRecord]) -> (Option<ResponseHeader>, Vec<Member>) {
+        let revision = self.applied.borrow().revision;
+        (
+            self.header(revision),
+            members.iter().map(to_member).collect(),
+        )
     }
 
     /// etcd `IsReadyToAddVotingMember` / `IsReadyToRemoveVotingMember` /
@@ -203,11 +200,11 @@ impl Cluster for ClusterService {
             .core
             .change_membership(Kind::Add, record.clone())
             .await?;
-        let revision = self.core.applied.borrow().revision;
+        let (header, members) = self.core.members_reply(&members);
         Ok(Response::new(MemberAddResponse {
-            header: self.core.header(revision),
+            header,
             member: Some(to_member(&record)),
-            members: self.core.members_reply(&members),
+            members,
         }))
     }
 
@@ -225,11 +222,8 @@ impl Cluster for ClusterService {
             ..Default::default()
         };
         let members = self.core.change_membership(Kind::Remove, record).await?;
-        let revision = self.core.applied.borrow().revision;
-        Ok(Response::new(MemberRemoveResponse {
-            header: self.core.header(revision),
-            members: self.core.members_reply(&members),
-        }))
+        let (header, members) = self.core.members_reply(&members);
+        Ok(Response::new(MemberRemoveResponse { header, members }))
     }
 
     async fn member_update(
@@ -243,11 +237,8 @@ impl Cluster for ClusterService {
             ..Default::default()
         };
         let members = self.core.change_membership(Kind::Update, record).await?;
-        let revision = self.core.applied.borrow().revision;
-        Ok(Response::new(MemberUpdateResponse {
-            header: self.core.header(revision),
-            members: self.core.members_reply(&members),
-        }))
+        let (header, members) = self.core.members_reply(&members);
+        Ok(Response::new(MemberUpdateResponse { header, members }))
     }
 
     async fn member_list(
@@ -258,11 +249,8 @@ impl Cluster for ClusterService {
             self.core.linearizable_state().await?;
         }
         let members = self.core.node.membership.borrow().list();
-        let revision = self.core.applied.borrow().revision;
-        Ok(Response::new(MemberListResponse {
-            header: self.core.header(revision),
-            members: self.core.members_reply(&members),
-        }))
+        let (header, members) = self.core.members_reply(&members);
+        Ok(Response::new(MemberListResponse { header, members }))
     }
 
     async fn member_promote(
@@ -277,11 +265,8 @@ impl Cluster for ClusterService {
             ..Default::default()
         };
         let members = self.core.change_membership(Kind::Promote, record).await?;
-        let revision = self.core.applied.borrow().revision;
-        Ok(Response::new(MemberPromoteResponse {
-            header: self.core.header(revision),
-            members: self.core.members_reply(&members),
-        }))
+        let (header, members) = self.core.members_reply(&members);
+        Ok(Response::new(MemberPromoteResponse { header, members }))
     }
 }
 

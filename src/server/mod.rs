@@ -107,13 +107,21 @@ impl Core {
         if data.len() > self.cfg.max_request_bytes {
             return Err(EtcdError::RequestTooLarge);
         }
+        self.submit(id, NodeMsg::Propose { id, data }).await
+    }
+
+    /// Hands `msg` (proposal `id`) to the Raft node and waits until it is applied, within the
+    /// request timeout.
+    ///
+    /// Errors: "request timed out", "server stopped", and whatever applying it reports.
+    async fn submit(&self, id: u64, msg: NodeMsg) -> Result<ApplyResponse, EtcdError> {
         // The guard removes the waiter however this future ends: reply, timeout or the
         // client going away.
         let (_guard, rx) = self.pending.register(id);
         let work = async {
             self.node
                 .tx
-                .send_async(NodeMsg::Propose { id, data })
+                .send_async(msg)
                 .await
                 .map_err(|_| EtcdError::Stopped)?;
             rx.await.map_err(|_| EtcdError::Stopped)?
