@@ -88,6 +88,35 @@ pub struct StartState {
     pub durable: bool,
     /// The membership table at the snapshot (conf changes after it arrive with their entries).
     pub membership: Arc<Membership>,
+    /// A complete snapshot the shards do not hold yet (the memory engine's, or one a leader
+    /// sent that the durable shards had not finished installing): the dispatcher installs it
+    /// before applying anything, and publishes nothing until then.
+    pub restore: Option<Arc<StateSnapshot>>,
+}
+
+/// What the Raft node hands the dispatcher, in log order.
+pub enum ApplyMsg {
+    /// Committed entries.
+    Entries(Vec<CommittedEntry>),
+    /// A leader's snapshot this member's Raft log has been reset to (already saved to disk):
+    /// replace the whole state machine with it.
+    Restore(Arc<StateSnapshot>),
+    /// Build a complete image of the state machine at the applied index, for a follower the
+    /// leader's log no longer reaches (Raft paper section 7).
+    Image(flume::Sender<SnapshotImage>),
+}
+
+/// A complete image of the state machine, ready to ship to a follower.
+#[derive(Clone)]
+pub struct SnapshotImage {
+    /// Raft index it reflects.
+    pub index: u64,
+    /// Term of that entry.
+    pub term: u64,
+    /// The membership at `index` (the snapshot's Raft configuration).
+    pub membership: Arc<Membership>,
+    /// The encoded `metastorepb.StateSnapshot`, `complete` set.
+    pub data: bytes::Bytes,
 }
 
 /// The result of an applied write request, before the front end adds member and term to the
@@ -171,6 +200,8 @@ pub struct Dispatcher {
     snapshots: SnapshotPolicy,
     /// The membership table at `applied_index`.
     membership: Arc<Membership>,
+    /// A snapshot to install before anything else (see [`StartState::restore`]).
+    restore_first: Option<Arc<StateSnapshot>>,
 }
 
 /// A result still waiting for a shard's reply (a put's previous key-value).
@@ -226,22 +257,130 @@ impl Dispatcher {
             applied_tx,
             snapshots,
             membership: start.membership.clone(),
+            restore_first: start.restore.clone(),
         };
-        d.publish();
+        if d.restore_first.is_none() {
+            d.publish();
+        }
         d
     }
 
-    /// Applies committed entries until the Raft node drops its sender.
-    pub fn run(mut self, committed: flume::Receiver<Vec<CommittedEntry>>) {
-        while let Ok(mut entries) = committed.recv() {
-            // Coalesce whatever else is ready: one barrier for all of it.
-            while let Ok(more) = committed.try_recv() {
-                entries.extend(more);
-                if entries.len() >= 4096 {
-                    break;
+    /// Applies what the Raft node sends until it drops its sender.
+    pub fn run(mut self, inbox: flume::Receiver<ApplyMsg>) {
+        if let Some(snap) = self.restore_first.take() {
+            self.restore(&snap);
+        }
+        let mut next = None;
+        loop {
+            let msg = match next.take() {
+                Some(msg) => msg,
+                None => match inbox.recv() {
+                    Ok(msg) => msg,
+                    Err(_) => return,
+                },
+            };
+            match msg {
+                ApplyMsg::Entries(mut entries) => {
+                    // Coalesce whatever else is ready: one barrier for all of it.
+                    while entries.len() < 4096 {
+                        match inbox.try_recv() {
+                            Ok(ApplyMsg::Entries(more)) => entries.extend(more),
+                            Ok(other) => {
+                                next = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    self.apply_entries(entries);
+                }
+                ApplyMsg::Restore(snap) => self.restore(&snap),
+                ApplyMsg::Image(reply) => {
+                    let _ = reply.send(self.image());
                 }
             }
-            self.apply_entries(entries);
+        }
+    }
+
+    /// Replaces the whole state machine with a complete snapshot: every shard is emptied and
+    /// loaded with the keys it owns, and the revision, compaction, leases and membership are
+    /// the snapshot's. Reads see none of it until every shard has it.
+    fn restore(&mut self, snap: &StateSnapshot) {
+        let n = self.shards.len();
+        let mut per_shard: Vec<Vec<KeyHistory>> = vec![Vec::new(); n];
+        for kh in &snap.keys {
+            per_shard[shard_for(&kh.key, n)].push(kh.clone());
+        }
+        for (shard, keys) in self.shards.iter().zip(per_shard) {
+            let _ = shard.apply.send(ApplyCmd::Reset);
+            let _ = shard.apply.send(ApplyCmd::Import {
+                keys,
+                compact_revision: snap.compact_revision,
+            });
+        }
+        self.revision = snap.revision.max(1);
+        self.compact_revision = snap.compact_revision;
+        self.applied_index = snap.index;
+        self.applied_term = snap.term;
+        self.last_snapshot_index = snap.index;
+        self.replay_until = 0;
+        self.purge_pending = None;
+        self.leases.restore(&snap.leases);
+        // The shards' stored leases went with the reset: the barrier writes them all again.
+        self.lease_changes = snap
+            .leases
+            .iter()
+            .map(|r| (r.id, Some(*r)))
+            .collect();
+        self.membership = Arc::new(Membership::from_records(&snap.members, &snap.removed));
+        self.barrier();
+        self.publish();
+        tracing::info!(
+            index = snap.index,
+            revision = snap.revision,
+            keys = snap.keys.len(),
+            "installed snapshot"
+        );
+    }
+
+    /// Every key's history, from all shards, in key order.
+    fn export_keys(&self) -> Vec<KeyHistory> {
+        let parts = self.ask(0..self.shards.len(), |reply| ApplyCmd::Export { reply });
+        let mut keys: Vec<KeyHistory> = parts.into_iter().flatten().collect();
+        keys.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        keys
+    }
+
+    /// The state machine at the applied index; `keys` empty unless `complete`.
+    fn state_snapshot(&self, keys: Vec<KeyHistory>, complete: bool) -> StateSnapshot {
+        StateSnapshot {
+            index: self.applied_index,
+            term: self.applied_term,
+            voters: self.membership.voters(),
+            learners: self.membership.learners(),
+            members: self.membership.list(),
+            removed: self.membership.removed.iter().copied().collect(),
+            revision: self.revision,
+            compact_revision: self.compact_revision,
+            leases: self.leases.records(),
+            keys,
+            complete,
+        }
+    }
+
+    /// A complete image at the applied index, whatever the engine.
+    fn image(&self) -> SnapshotImage {
+        let snap = self.state_snapshot(self.export_keys(), true);
+        tracing::info!(
+            index = snap.index,
+            keys = snap.keys.len(),
+            "built a snapshot image for a follower"
+        );
+        SnapshotImage {
+            index: snap.index,
+            term: snap.term,
+            membership: self.membership.clone(),
+            data: prost::Message::encode_to_vec(&snap).into(),
         }
     }
 
@@ -707,9 +846,9 @@ impl Dispatcher {
     }
 
     fn snapshot(&mut self) {
-        // Durable engines snapshot as on-disk checkpoints (flushed SST files, ready to ship to
-        // a follower); the memory engine as an image of every key's history.
-        let keys = if self.durable {
+        // Durable engines snapshot as on-disk checkpoints (flushed SST files); the memory
+        // engine as an image of every key's history.
+        let snap = if self.durable {
             let dir = self
                 .snapshots
                 .snapshotter
@@ -738,24 +877,9 @@ impl Dispatcher {
                 tracing::error!(errors = ?failed, "checkpoint failed");
                 return;
             }
-            Vec::new()
+            self.state_snapshot(Vec::new(), false)
         } else {
-            let parts = self.ask(0..self.shards.len(), |reply| ApplyCmd::Export { reply });
-            let mut keys: Vec<KeyHistory> = parts.into_iter().flatten().collect();
-            keys.sort_unstable_by(|a, b| a.key.cmp(&b.key));
-            keys
-        };
-        let snap = StateSnapshot {
-            index: self.applied_index,
-            term: self.applied_term,
-            voters: self.membership.voters(),
-            learners: self.membership.learners(),
-            members: self.membership.list(),
-            removed: self.membership.removed.iter().copied().collect(),
-            revision: self.revision,
-            compact_revision: self.compact_revision,
-            leases: self.leases.records(),
-            keys,
+            self.state_snapshot(self.export_keys(), true)
         };
         match self.snapshots.snapshotter.save(&snap) {
             Ok(()) => {
@@ -794,31 +918,5 @@ impl TxnExec {
         } else {
             before
         }
-    }
-}
-
-/// Distributes a snapshot's key histories to the shards that own them now (the shard count may
-/// differ from when the snapshot was taken), and returns once every shard has loaded its part,
-/// so that no read can reach a shard before its data.
-pub async fn restore_shards(shards: &ShardSet, snap: &StateSnapshot) {
-    let mut per_shard: Vec<Vec<KeyHistory>> = vec![Vec::new(); shards.len()];
-    for kh in &snap.keys {
-        per_shard[shard_for(&kh.key, shards.len())].push(kh.clone());
-    }
-    let mut loaded = Vec::new();
-    for (i, keys) in per_shard.into_iter().enumerate() {
-        let shard = shards.get(i);
-        let compact_revision = snap.compact_revision;
-        let _ = shard.apply.send(ApplyCmd::Import {
-            keys,
-            compact_revision,
-        });
-        // Any reply-bearing command queued after the import tells us it has been processed.
-        let (reply, rx) = oneshot::channel();
-        let _ = shard.apply.send(ApplyCmd::Recover { reply });
-        loaded.push(rx);
-    }
-    for rx in loaded {
-        let _ = rx.await;
     }
 }

@@ -12,7 +12,8 @@
 //!  forwards it to the leader (MsgPropose).
 //!  tick every --heartbeat-interval
 //!  handle Ready, in raft-rs's documented order:
-//!    send messages (leader: before its own fsync, Raft thesis 10.2.1) -> apply snapshot
+//!    send messages (leader: before its own fsync, Raft thesis 10.2.1) -> a leader's snapshot:
+//!    saved to disk, the log reset to it, the dispatcher told to install it
 //!    -> hand committed entries to the dispatcher (conf changes applied here, in log order)
 //!    -> append entries + hard state to the WAL, one fsync -> send persisted messages
 //!    -> advance -> hand newly committed entries to the dispatcher -> advance_apply
@@ -24,6 +25,12 @@
 //! per `--initial-cluster` member (term 1, identical bytes on every member, as etcd does), so
 //! every replica, and every member that joins later with an empty log, derives Raft's
 //! configuration and the [`Membership`] table from snapshot plus log alone.
+//!
+//! **Snapshots for followers.** When a follower needs entries the log no longer holds,
+//! raft-rs asks [`RaftStorage`] for a snapshot; the dispatcher builds a complete image at its
+//! applied index (any engine), the transport streams it in chunks (`Peer/Snapshot`), and the
+//! follower saves it, resets its log to it and has its dispatcher replace the state machine
+//! with it (Raft paper section 7).
 
 mod logger;
 pub mod membership;
@@ -33,6 +40,7 @@ pub mod transport;
 pub mod wal;
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,7 +54,7 @@ use raft::prelude::{
 use raft::{RawNode, ReadOnlyOption, SnapshotStatus, StateRole};
 use tokio::sync::{oneshot, watch};
 
-use crate::apply::{ApplyResponse, CommittedEntry, Pending, SnapshotTaken};
+use crate::apply::{ApplyMsg, ApplyResponse, CommittedEntry, Pending, SnapshotTaken};
 use crate::error::EtcdError;
 use crate::proto::metastorepb::{
     membership_change::Kind, MemberRecord, MembershipChange, StateSnapshot,
@@ -93,6 +101,13 @@ pub enum NodeMsg {
     /// Replication progress of every member as the leader sees it (member ID, matched index);
     /// empty on a follower.
     Progress(oneshot::Sender<Vec<(u64, u64)>>),
+    /// How sending a snapshot to member `to` ended (raft-rs `report_snapshot`).
+    SnapshotSent {
+        /// The follower.
+        to: u64,
+        /// Whether the follower took it in.
+        ok: bool,
+    },
 }
 
 /// Raft progress, readable from any thread.
@@ -150,6 +165,9 @@ pub struct NodeConfig {
     pub catch_up_entries: u64,
     /// How long a ReadIndex may wait before it fails with "request timed out".
     pub request_timeout: Duration,
+    /// Where snapshots live (`<data-dir>/member/snap`): a leader's snapshot is saved there
+    /// before the log is reset to it.
+    pub snap_dir: PathBuf,
 }
 
 /// One ReadIndex round in flight: every read that arrived while it was being sent.
@@ -168,7 +186,8 @@ pub struct RaftNode {
     transport: Transport,
     inbox: flume::Receiver<NodeMsg>,
     snapshots: flume::Receiver<SnapshotTaken>,
-    committed: flume::Sender<Vec<CommittedEntry>>,
+    committed: flume::Sender<ApplyMsg>,
+    snapshotter: snapshot::Snapshotter,
     pending: Arc<Pending>,
     status: Arc<NodeStatus>,
     membership: Arc<Membership>,
@@ -234,7 +253,7 @@ impl RaftNode {
         mut recovered: Recovered,
         transport: impl FnOnce(flume::Sender<NodeMsg>) -> Transport,
         pending: Arc<Pending>,
-        committed: flume::Sender<Vec<CommittedEntry>>,
+        committed: flume::Sender<ApplyMsg>,
         snapshots: flume::Receiver<SnapshotTaken>,
     ) -> anyhow::Result<(RaftNode, NodeHandle)> {
         let fresh =
@@ -269,7 +288,7 @@ impl RaftNode {
         if legacy_alone {
             membership = Membership::from_records(std::slice::from_ref(&cfg.this_member), &[]);
         }
-        let storage = RaftStorage::default();
+        let storage = RaftStorage::new(committed.clone());
         let snap_index = match snap {
             Some(s) => {
                 let mut rs = Snapshot::default();
@@ -339,6 +358,7 @@ impl RaftNode {
             inbox,
             snapshots,
             committed,
+            snapshotter: snapshot::Snapshotter::new(cfg.snap_dir.clone())?,
             pending,
             status: status.clone(),
             membership,
@@ -463,6 +483,23 @@ impl RaftNode {
                 };
                 let _ = reply.send(progress);
             }
+            NodeMsg::SnapshotSent { to, ok } => {
+                let status = if ok {
+                    SnapshotStatus::Finish
+                } else {
+                    SnapshotStatus::Failure
+                };
+                self.raw.report_snapshot(to, status);
+                let sending = self
+                    .raw
+                    .raft
+                    .prs()
+                    .iter()
+                    .any(|(_, p)| p.state == raft::ProgressState::Snapshot);
+                if !sending {
+                    self.raw.store().release_image();
+                }
+            }
         }
     }
 
@@ -563,7 +600,6 @@ impl RaftNode {
                 tracing::warn!(error = %e, "log compaction skipped");
             }
         }
-        self.raw.mut_store().set_snapshot(s);
         // The WAL need not keep what the snapshot covers: a restart resumes from the snapshot.
         self.wal.release_to(s.index);
     }
@@ -589,10 +625,7 @@ impl RaftNode {
         // A leader's messages go out before its own fsync (Raft thesis 10.2.1).
         self.send(ready.take_messages());
         if !ready.snapshot().is_empty() {
-            let snap = ready.snapshot().clone();
-            if let Err(e) = self.raw.mut_store().wl().apply_snapshot(snap) {
-                tracing::error!(error = %e, "could not apply the leader's snapshot");
-            }
+            self.install_snapshot(ready.snapshot().clone());
         }
         let committed = ready.take_committed_entries();
         self.handle_committed(committed);
@@ -682,7 +715,38 @@ impl RaftNode {
             });
         }
         // The dispatcher gone means shutdown; nothing left to apply.
-        let _ = self.committed.send(out);
+        let _ = self.committed.send(ApplyMsg::Entries(out));
+    }
+
+    /// A leader's snapshot: saved durably first (a restart then resumes from it even if the
+    /// shards had not finished loading it), then the log is reset to it and the dispatcher
+    /// replaces the state machine with it, ahead of any entry after it. A snapshot that cannot
+    /// be decoded or saved stops the process, as a WAL failure does.
+    fn install_snapshot(&mut self, snap: Snapshot) {
+        let meta = snap.get_metadata();
+        let (index, term) = (meta.index, meta.term);
+        let image = match StateSnapshot::decode(snap.data.as_ref()) {
+            Ok(image) if image.complete && image.index == index => image,
+            _ => {
+                // Raft has already moved its log past this point; going on would diverge.
+                tracing::error!(index, "fatal: the leader's snapshot does not decode");
+                std::process::exit(1);
+            }
+        };
+        if let Err(e) = self.snapshotter.save(&image) {
+            tracing::error!(error = %e, "fatal: cannot save the leader's snapshot");
+            std::process::exit(1);
+        }
+        if let Err(e) = self.raw.mut_store().wl().apply_snapshot(snap) {
+            tracing::error!(error = %e, "leader's snapshot older than the log; ignored");
+            return;
+        }
+        tracing::info!(index, term, "log reset to the leader's snapshot");
+        self.membership = Arc::new(Membership::from_records(&image.members, &image.removed));
+        self.membership_tx.send_replace(self.membership.clone());
+        self.transport.set_peers(&self.membership);
+        let _ = self.committed.send(ApplyMsg::Restore(Arc::new(image)));
+        self.wal.release_to(index);
     }
 
     /// Applies a committed membership change to the table and, if the table accepts it, to

@@ -1,25 +1,49 @@
 //! Raft's view of the log: raft-rs's `MemStorage` (entries since the last compaction, hard
-//! state, configuration) with snapshots answered from what the state machine really saved.
+//! state, configuration), with snapshots built by the state machine on demand.
 //!
 //! `MemStorage::snapshot` would describe a snapshot at the commit index with no data; a
-//! follower installing that would silently lose every key. Here a snapshot is only ever
-//! offered once a real one exists for it; until then raft-rs is told it is temporarily
-//! unavailable and keeps replicating from the log.
+//! follower installing that would silently lose every key. Here, when raft-rs needs a snapshot
+//! for a follower its log no longer reaches, the apply dispatcher is asked for a complete
+//! image at its applied index ([`ApplyMsg::Image`]). Until that image is ready raft-rs is told
+//! the snapshot is temporarily unavailable, and asks again at the follower's next heartbeat
+//! response (the pattern TiKV uses with raft-rs).
+
+use std::cell::RefCell;
 
 use raft::prelude::{Entry, Snapshot};
 use raft::storage::{MemStorage, MemStorageCore, RaftState, Storage};
 use raft::{GetEntriesContext, StorageError};
 
-use crate::apply::SnapshotTaken;
+use crate::apply::{ApplyMsg, SnapshotImage};
+
+/// Where the image for followers stands.
+#[derive(Default)]
+enum Image {
+    #[default]
+    None,
+    /// Asked of the dispatcher; the answer arrives here.
+    Building(flume::Receiver<SnapshotImage>),
+    Ready(SnapshotImage),
+}
 
 /// The Raft log storage the Raft thread owns.
-#[derive(Default)]
 pub struct RaftStorage {
     mem: MemStorage,
-    latest: Option<SnapshotTaken>,
+    /// The dispatcher's inbox, for image requests.
+    dispatcher: flume::Sender<ApplyMsg>,
+    image: RefCell<Image>,
 }
 
 impl RaftStorage {
+    /// An empty log; images are asked of the dispatcher at `dispatcher`.
+    pub fn new(dispatcher: flume::Sender<ApplyMsg>) -> Self {
+        RaftStorage {
+            mem: MemStorage::default(),
+            dispatcher,
+            image: RefCell::default(),
+        }
+    }
+
     /// Write access to the in-memory log.
     pub fn wl(&self) -> std::sync::RwLockWriteGuard<'_, MemStorageCore> {
         self.mem.wl()
@@ -30,9 +54,43 @@ impl RaftStorage {
         self.mem.rl()
     }
 
-    /// Records the newest snapshot the state machine saved.
-    pub fn set_snapshot(&mut self, s: SnapshotTaken) {
-        self.latest = Some(s);
+    /// Frees the image once no follower is being sent it (it holds a copy of every key).
+    pub fn release_image(&self) {
+        if matches!(*self.image.borrow(), Image::Ready(_)) {
+            *self.image.borrow_mut() = Image::None;
+        }
+    }
+
+    /// The ready image, if it can serve follower `to`: the log must still hold every entry
+    /// after it, and `to` must be in its configuration (raft-rs refuses a snapshot that does
+    /// not name the receiver).
+    fn usable_image(&self, to: u64) -> Option<Snapshot> {
+        let mut image = self.image.borrow_mut();
+        if let Image::Building(rx) = &*image {
+            match rx.try_recv() {
+                Ok(ready) => *image = Image::Ready(ready),
+                Err(flume::TryRecvError::Empty) => return None,
+                Err(flume::TryRecvError::Disconnected) => *image = Image::None,
+            }
+        }
+        let Image::Ready(ready) = &*image else {
+            return None;
+        };
+        let first_index = self.mem.first_index().unwrap_or(1);
+        let names_to = ready.membership.members.contains_key(&to);
+        if ready.index + 1 < first_index || !names_to {
+            *image = Image::None;
+            return None;
+        }
+        let mut snap = Snapshot {
+            data: ready.data.clone(),
+            ..Default::default()
+        };
+        let meta = snap.mut_metadata();
+        meta.index = ready.index;
+        meta.term = ready.term;
+        meta.set_conf_state(ready.membership.conf_state());
+        Some(snap)
     }
 }
 
@@ -63,9 +121,74 @@ impl Storage for RaftStorage {
         self.mem.last_index()
     }
 
-    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    /// The image for follower `to`, or `SnapshotTemporarilyUnavailable` while one is built.
+    /// raft-rs treats any other error as fatal.
+    fn snapshot(&self, _request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        if let Some(snap) = self.usable_image(to) {
+            return Ok(snap);
+        }
+        let mut image = self.image.borrow_mut();
+        if matches!(*image, Image::None) {
+            let (reply, rx) = flume::bounded(1);
+            // A full inbox: ask again at the next heartbeat.
+            if self.dispatcher.try_send(ApplyMsg::Image(reply)).is_ok() {
+                *image = Image::Building(rx);
+            }
+        }
         Err(raft::Error::Store(
             StorageError::SnapshotTemporarilyUnavailable,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::consensus::Membership;
+    use crate::proto::metastorepb::MemberRecord;
+
+    fn member(id: u64) -> MemberRecord {
+        MemberRecord {
+            id,
+            peer_urls: vec![format!("http://127.0.0.1:{id}")],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn snapshot_is_built_on_demand_and_checked_against_the_log() {
+        let (tx, rx) = flume::unbounded();
+        let storage = RaftStorage::new(tx);
+        let unavailable = Err(raft::Error::Store(
+            StorageError::SnapshotTemporarilyUnavailable,
+        ));
+        assert_eq!(storage.snapshot(0, 2), unavailable);
+        let Ok(ApplyMsg::Image(reply)) = rx.try_recv() else {
+            panic!("an image is asked of the dispatcher");
+        };
+        // Asked once while it is being built.
+        assert_eq!(storage.snapshot(0, 2), unavailable);
+        assert!(rx.try_recv().is_err());
+        let membership = Arc::new(Membership::from_records(&[member(1), member(2)], &[]));
+        reply
+            .send(SnapshotImage {
+                index: 5,
+                term: 2,
+                membership,
+                data: bytes::Bytes::from_static(b"image"),
+            })
+            .unwrap();
+        let snap = storage.snapshot(0, 2).unwrap();
+        assert_eq!(
+            (snap.get_metadata().index, snap.get_metadata().term),
+            (5, 2)
+        );
+        assert_eq!(snap.get_metadata().get_conf_state().voters, vec![1, 2]);
+        assert_eq!(&snap.data[..], b"image");
+        // A member the image does not name needs a newer one.
+        assert_eq!(storage.snapshot(0, 3), unavailable);
+        assert!(matches!(rx.try_recv(), Ok(ApplyMsg::Image(_))));
     }
 }

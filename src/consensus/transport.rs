@@ -10,6 +10,11 @@
 //! so a slow or dead peer fills only its own queue; its messages are then dropped and Raft is
 //! told the peer is unreachable (raft-rs retransmits, as etcd's rafthttp does). A task takes
 //! whatever queued up while the previous batch was on the wire and sends it as one envelope.
+//!
+//! Snapshots go on their own stream (`Peer/Snapshot`), never through the queue: a task per
+//! snapshot sends it in [`SNAPSHOT_CHUNK_BYTES`] chunks, produced only as fast as HTTP/2 flow
+//! control lets them out, and reports the outcome to Raft (`report_snapshot`). Heartbeats and
+//! appends to other members, and to the same member, go on meanwhile.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -23,7 +28,7 @@ use tonic::transport::Endpoint;
 
 use super::membership::Membership;
 use super::NodeMsg;
-use crate::proto::metastorepb::{peer_client::PeerClient, RaftEnvelope};
+use crate::proto::metastorepb::{peer_client::PeerClient, RaftEnvelope, SnapshotChunk};
 
 /// Messages queued per peer before new ones are dropped (raft-rs's `max_inflight_msgs` is 256
 /// appends; heartbeats and votes come on top).
@@ -33,6 +38,8 @@ const MAX_ENVELOPE_BYTES: usize = 8 * 1024 * 1024;
 /// Largest envelope a peer accepts, bytes (a single entry can reach 4 MiB, and raft-rs always
 /// sends at least one entry even past `max_size_per_msg`).
 pub const MAX_PEER_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// Snapshot data per chunk on the `Peer/Snapshot` stream, bytes.
+pub const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
 
 /// Peer links cut on purpose, for fault-injection tests: `METASTORE_TEST_FAULTS=<file>` names
 /// a file of member IDs (hex, one per line). Traffic to and from those members is dropped in
@@ -81,11 +88,16 @@ struct PeerLink {
     urls: Vec<String>,
     queue: mpsc::Sender<Message>,
     task: tokio::task::JoinHandle<()>,
+    /// The snapshot being sent to this member, if any.
+    snapshot: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for PeerLink {
     fn drop(&mut self) {
         self.task.abort();
+        if let Some(snapshot) = &self.snapshot {
+            snapshot.abort();
+        }
     }
 }
 
@@ -133,35 +145,49 @@ impl Transport {
                 continue;
             }
             let (queue, rx) = mpsc::channel(QUEUE);
-            let task = self.runtime.spawn(run_link(
-                LinkConfig {
-                    from: self.self_id,
-                    to: m.id,
-                    cluster_id: self.cluster_id,
-                    urls: m.peer_urls.clone(),
-                    faults: self.faults.clone(),
-                    node: self.node.clone(),
-                },
-                rx,
-            ));
+            let task = self
+                .runtime
+                .spawn(run_link(self.link_config(m.id, &m.peer_urls), rx));
             self.links.insert(
                 m.id,
                 PeerLink {
                     urls: m.peer_urls.clone(),
                     queue,
                     task,
+                    snapshot: None,
                 },
             );
         }
     }
 
-    /// Queues messages for their peers without waiting. Returns the members whose messages
-    /// could not be queued (no link, or the queue is full): Raft should treat them as
-    /// unreachable.
-    pub fn send(&self, messages: Vec<Message>) -> Vec<(u64, MessageType)> {
+    fn link_config(&self, to: u64, urls: &[String]) -> LinkConfig {
+        LinkConfig {
+            from: self.self_id,
+            to,
+            cluster_id: self.cluster_id,
+            urls: urls.to_vec(),
+            faults: self.faults.clone(),
+            node: self.node.clone(),
+        }
+    }
+
+    /// Queues messages for their peers without waiting; a snapshot starts its own stream.
+    /// Returns the members whose messages could not be queued (no link, or the queue is
+    /// full): Raft should treat them as unreachable.
+    pub fn send(&mut self, messages: Vec<Message>) -> Vec<(u64, MessageType)> {
         let mut failed = Vec::new();
         for m in messages {
             let (to, ty) = (m.to, m.get_msg_type());
+            if ty == MessageType::MsgSnapshot && self.links.contains_key(&to) {
+                let cfg = self.link_config(to, &self.links[&to].urls);
+                let task = self.runtime.spawn(send_snapshot(cfg, m));
+                let link = self.links.get_mut(&to).expect("checked");
+                // raft-rs sends one snapshot at a time per member; a new one supersedes.
+                if let Some(old) = link.snapshot.replace(task) {
+                    old.abort();
+                }
+                continue;
+            }
             let queued = self
                 .links
                 .get(&to)
@@ -172,6 +198,67 @@ impl Transport {
         }
         failed
     }
+}
+
+/// Streams one MsgSnapshot to `cfg.to` and tells Raft how it ended.
+async fn send_snapshot(cfg: LinkConfig, mut m: Message) {
+    let data = std::mem::take(&mut m.mut_snapshot().data);
+    let index = m.get_snapshot().get_metadata().index;
+    tracing::info!(peer = %format!("{:x}", cfg.to), index, bytes = data.len(), "sending snapshot");
+    let result = stream_snapshot(&cfg, &m, data).await;
+    match &result {
+        Ok(()) => tracing::info!(peer = %format!("{:x}", cfg.to), index, "snapshot sent"),
+        Err(e) => {
+            tracing::warn!(peer = %format!("{:x}", cfg.to), index, error = %e, "sending snapshot failed")
+        }
+    }
+    let ok = result.is_ok();
+    // Awaited, not dropped: Raft holds the member in snapshot state until it hears.
+    let _ = cfg
+        .node
+        .send_async(NodeMsg::SnapshotSent { to: cfg.to, ok })
+        .await;
+}
+
+async fn stream_snapshot(cfg: &LinkConfig, m: &Message, data: bytes::Bytes) -> Result<(), String> {
+    if cfg.faults.blocks(cfg.to) {
+        return Err("link cut by the test fault hook".into());
+    }
+    let channel = connect(&cfg.urls, Duration::from_secs(1))
+        .await
+        .ok_or("peer unreachable")?;
+    let mut client = PeerClient::new(channel)
+        .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES)
+        .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES);
+    let total = data.len();
+    let mut header = Some(SnapshotChunk {
+        cluster_id: cfg.cluster_id,
+        from: cfg.from,
+        to: cfg.to,
+        message: m.write_to_bytes().expect("raft message encodes"),
+        total_bytes: total as u64,
+        data: Vec::new(),
+    });
+    let faults = cfg.faults.clone();
+    let to = cfg.to;
+    // Chunks are cut lazily, as the stream is polled: at most a window's worth is in memory
+    // besides the snapshot itself. A link cut midway ends the stream short; the receiver then
+    // refuses it.
+    let chunks = (0..total.div_ceil(SNAPSHOT_CHUNK_BYTES).max(1)).map_while(move |i| {
+        if faults.blocks(to) {
+            return None;
+        }
+        let piece = &data
+            [(i * SNAPSHOT_CHUNK_BYTES).min(total)..((i + 1) * SNAPSHOT_CHUNK_BYTES).min(total)];
+        let mut chunk = header.take().unwrap_or_default();
+        chunk.data = piece.to_vec();
+        Some(chunk)
+    });
+    client
+        .snapshot(tokio_stream::iter(chunks))
+        .await
+        .map(|_| ())
+        .map_err(|status| status.message().to_string())
 }
 
 struct LinkConfig {

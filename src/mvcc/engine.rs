@@ -120,6 +120,11 @@ pub trait Engine {
     /// Called once after a series of [`Engine::import`]s.
     fn finish_import(&mut self) {}
 
+    /// Removes everything: every key's history, the revision index, lease attachments and,
+    /// in a durable engine, the stored applied state and leases (the next flush writes them
+    /// anew). A follower does this before installing a leader's snapshot.
+    fn clear(&mut self);
+
     /// Makes the records appended so far durable and atomic as one unit, together with the
     /// applied state they reflect (one write batch in RocksDB). The memory engine keeps nothing
     /// on disk and ignores it.

@@ -43,6 +43,10 @@ impl Engine for MemoryEngine {
         "memory"
     }
 
+    fn clear(&mut self) {
+        *self = MemoryEngine::default();
+    }
+
     fn version_at(&self, key: &[u8], rev: i64) -> Option<VersionRecord> {
         self.keys.get(key).and_then(|h| newest_at(h, rev)).cloned()
     }

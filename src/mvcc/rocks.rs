@@ -426,6 +426,14 @@ impl Engine for RocksEngine {
         }
     }
 
+    fn clear(&mut self) {
+        self.overlay.clear();
+        let mut batch = WriteBatch::default();
+        // Every key this engine writes starts with a byte below 0xff (see the prefixes above).
+        batch.delete_range(Vec::<u8>::new(), vec![0xffu8]);
+        self.write(batch);
+    }
+
     fn flush(&mut self, state: &FlushState<'_>) {
         let mut batch = WriteBatch::default();
         for (k, v) in std::mem::take(&mut self.overlay) {

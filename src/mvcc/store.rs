@@ -329,6 +329,12 @@ impl Store {
         self.engine.checkpoint(dir)
     }
 
+    /// Empties the store (see [`Engine::clear`]) before a snapshot is installed.
+    pub fn reset(&mut self) {
+        self.engine.clear();
+        self.compact_revision = 0;
+    }
+
     /// Restores the compaction revision from a snapshot.
     pub fn set_compact_revision(&mut self, rev: i64) {
         self.compact_revision = rev;
@@ -532,6 +538,39 @@ pub mod conformance {
         ranges_limits_and_filters(Store::new(make()));
         export_import_roundtrip(make);
         events_and_lease_index(make);
+        reset_empties_everything(Store::new(make()));
+    }
+
+    fn reset_empties_everything(mut s: Store) {
+        let leased = PutArgs {
+            key: b"b",
+            value: b"1",
+            lease: 9,
+            ignore_value: false,
+            ignore_lease: false,
+        };
+        put(&mut s, "a", "1", 2);
+        s.put(leased, 3, 0);
+        s.compact(2);
+        s.flush(&crate::mvcc::engine::FlushState {
+            applied_index: 7,
+            applied_term: 1,
+            revision: 3,
+            compact_revision: 2,
+            lease_changes: &[],
+        });
+        put(&mut s, "c", "1", 4);
+        s.reset();
+        let all = KeyRange::from_request(b"\0", b"\0");
+        assert!(s.get(b"a", crate::mvcc::LATEST).is_none());
+        assert!(s.get(b"c", crate::mvcc::LATEST).is_none());
+        assert!(s.lease_keys(9).is_empty());
+        assert_eq!(s.compact_revision(), 0);
+        assert!(s.events(&all, 1, 10, 100, false).unwrap().events.is_empty());
+        assert!(s.recover().is_none(), "the applied state goes too");
+        // The store takes writes again from scratch.
+        put(&mut s, "a", "2", 2);
+        assert_eq!(s.get(b"a", crate::mvcc::LATEST).unwrap().version, 1);
     }
 
     fn events_and_lease_index(make: &dyn Fn() -> Box<dyn Engine>) {

@@ -3,7 +3,9 @@
 //!
 //! * `hasleader: true` metadata: fail with "etcdserver: no leader" while this member knows no
 //!   leader, instead of waiting (clientv3's `WithRequireLeader`; Kubernetes sets it on
-//!   watches);
+//!   watches). Streams opened so (Watch, LeaseKeepAlive) are also ended with that error once
+//!   the member has known no leader for [`NO_LEADER_CHECKS`] election timeouts in a row
+//!   ([`leader_lost`]);
 //! * a learner serves only Status, serializable Range (checked in [`super::Core::range`]) and
 //!   the Snapshot stream; everything else fails with "etcdserver: rpc not supported for
 //!   learner".
@@ -19,6 +21,51 @@ use crate::error::EtcdError;
 
 /// gRPC metadata key of clientv3's `WithRequireLeader` (etcd `rpctypes.MetadataRequireLeaderKey`).
 pub const REQUIRE_LEADER_KEY: &str = "hasleader";
+
+/// Leaderless election timeouts in a row after which `hasleader` streams end (etcd
+/// `maxNoLeaderCnt`).
+pub const NO_LEADER_CHECKS: u32 = 3;
+
+/// Returns once this member has known no leader at [`NO_LEADER_CHECKS`] checks in a row, one
+/// per `election_timeout` (etcd `monitorLeader`). A stream opened with `hasleader` then ends
+/// with "etcdserver: no leader", so the client moves to a member that has one.
+pub async fn leader_lost(status: Arc<NodeStatus>, election_timeout: std::time::Duration) {
+    let mut misses = 0;
+    let mut every = tokio::time::interval(election_timeout);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        if status.leader.load(Ordering::Relaxed) == 0 {
+            misses += 1;
+            if misses >= NO_LEADER_CHECKS {
+                return;
+            }
+        } else {
+            misses = 0;
+        }
+    }
+}
+
+/// For a stream opened with `hasleader` (per `headers`): ends it through `tx` with "etcdserver:
+/// no leader" once [`leader_lost`] says so, unless the stream has ended first.
+pub fn end_stream_without_leader<T: Send + 'static>(
+    headers: &http::HeaderMap,
+    status: Arc<NodeStatus>,
+    election_timeout: std::time::Duration,
+    tx: tokio::sync::mpsc::Sender<Result<T, tonic::Status>>,
+) {
+    if !requires_leader(headers) {
+        return;
+    }
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = leader_lost(status, election_timeout) => {
+                let _ = tx.send(Err(EtcdError::NoLeader.into())).await;
+            }
+            _ = tx.closed() => {}
+        }
+    });
+}
 
 /// Methods a learner serves (etcd `isRPCSupportedForLearner`, plus the Snapshot stream).
 const LEARNER_METHODS: [&str; 3] = [
@@ -107,6 +154,28 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn hasleader_streams_end_after_three_leaderless_checks() {
+        let status = Arc::new(NodeStatus::default());
+        status.leader.store(7, Ordering::Relaxed);
+        let election = std::time::Duration::from_millis(1000);
+        let mut headers = http::HeaderMap::new();
+        headers.insert(REQUIRE_LEADER_KEY, "true".parse().unwrap());
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<(), tonic::Status>>(1);
+        end_stream_without_leader(&headers, status.clone(), election, tx);
+        tokio::time::sleep(election * 5).await;
+        assert!(
+            rx.try_recv().is_err(),
+            "a leader is known: the stream stays"
+        );
+        status.leader.store(0, Ordering::Relaxed);
+        tokio::time::sleep(election * 2).await;
+        assert!(rx.try_recv().is_err(), "two checks are not enough");
+        tokio::time::sleep(election * 2).await;
+        let ended = rx.try_recv().expect("ended after the third check");
+        assert_eq!(ended.unwrap_err().message(), "etcdserver: no leader");
+    }
 
     #[test]
     fn learners_and_leaderless_members_refuse_like_etcd() {

@@ -88,8 +88,14 @@ impl Lease for LeaseService {
         &self,
         request: Request<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
-        let mut inbound = request.into_inner();
+        let (metadata, _, mut inbound) = request.into_parts();
         let (tx, rx) = mpsc::channel(16);
+        super::gate::end_stream_without_leader(
+            &metadata.into_headers(),
+            self.core.node.status.clone(),
+            Duration::from_millis(self.core.cfg.election_timeout),
+            tx.clone(),
+        );
         let core = self.core.clone();
         tokio::spawn(async move {
             while let Ok(Some(req)) = inbound.message().await {

@@ -25,9 +25,7 @@ use anyhow::Context;
 use prost::Message;
 use tokio::sync::watch as state_watch;
 
-use crate::apply::{
-    self, AppliedState, ApplyResponse, Dispatcher, Pending, SnapshotPolicy, StartState,
-};
+use crate::apply::{AppliedState, ApplyResponse, Dispatcher, Pending, SnapshotPolicy, StartState};
 use crate::config::{defaults, ClusterState, Config};
 use crate::consensus::snapshot::Snapshotter;
 use crate::consensus::transport::{Faults, Transport, MAX_PEER_MESSAGE_BYTES};
@@ -255,31 +253,31 @@ fn engine_config(cfg: &Config, member_dir: &Path) -> anyhow::Result<EngineConfig
     })
 }
 
-/// Where the state machine resumes. Memory engine: the snapshot (its keys go to the shards).
-/// RocksDB: the lowest applied index any shard has on disk, with the dispatcher state stored
-/// beside it; shards that are further ahead skip the entries they already hold.
+/// Where the state machine resumes. Memory engine: the snapshot (the dispatcher loads its
+/// keys into the shards before anything else). RocksDB: the lowest applied index any shard
+/// has on disk, with the dispatcher state stored beside it; shards that are further ahead skip
+/// the entries they already hold. A complete snapshot newer than that (one a leader sent,
+/// whose installation a crash interrupted) is installed again from the start.
 async fn recover_start(
     shards: &ShardSet,
     engine: &EngineConfig,
     snap: Option<&StateSnapshot>,
 ) -> StartState {
     let snapshot_index = snap.map_or(0, |s| s.index);
+    let from_snapshot = |s: &StateSnapshot| StartState {
+        index: s.index,
+        term: s.term,
+        revision: s.revision,
+        compact_revision: s.compact_revision,
+        leases: s.leases.clone(),
+        snapshot_index,
+        replay_until: 0,
+        durable: engine.kind != EngineKind::Memory,
+        membership: Default::default(),
+        restore: Some(Arc::new(s.clone())),
+    };
     if engine.kind == EngineKind::Memory {
-        let Some(s) = snap else {
-            return StartState::default();
-        };
-        apply::restore_shards(shards, s).await;
-        return StartState {
-            index: s.index,
-            term: s.term,
-            revision: s.revision,
-            compact_revision: s.compact_revision,
-            leases: s.leases.clone(),
-            snapshot_index,
-            replay_until: 0,
-            durable: false,
-            membership: Default::default(),
-        };
+        return snap.map(from_snapshot).unwrap_or_default();
     }
     let mut states = Vec::new();
     for i in 0..shards.len() {
@@ -296,6 +294,14 @@ async fn recover_start(
         .into_iter()
         .min_by_key(|s| s.as_ref().map_or(0, |s| s.applied_index))
         .flatten();
+    let lowest_index = lowest.as_ref().map_or(0, |r| r.applied_index);
+    if let Some(s) = snap.filter(|s| s.complete && s.index > lowest_index) {
+        tracing::info!(
+            index = s.index,
+            "installing the snapshot received from the leader"
+        );
+        return from_snapshot(s);
+    }
     match lowest {
         Some(r) => StartState {
             index: r.applied_index,
@@ -307,6 +313,7 @@ async fn recover_start(
             replay_until,
             durable: true,
             membership: Default::default(),
+            restore: None,
         },
         None => StartState {
             snapshot_index,
@@ -466,6 +473,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         lease_reads: cfg.leader_lease_reads,
         catch_up_entries: cfg.experimental_snapshot_catchup_entries,
         request_timeout,
+        snap_dir: member_dir.join("snap"),
     };
     let faults = Faults::from_env(&tokio::runtime::Handle::current());
     let transport = {
@@ -547,6 +555,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         servers.spawn(router.serve_with_incoming(incoming));
     }
+    // A snapshot still being loaded into the shards: clients wait until it is all there.
+    let _ = core
+        .applied
+        .clone()
+        .wait_for(|a| a.index >= start.index)
+        .await;
     let max_recv = cfg.max_request_bytes + defaults::GRPC_OVERHEAD_BYTES;
     for listener in listeners {
         let addr: SocketAddr = listener.local_addr()?;

@@ -19,7 +19,8 @@ use crate::proto::etcdserverpb::{
 };
 use crate::proto::metastorepb::{
     peer_client::PeerClient, peer_server::Peer, MemberProgress, MemberRecord, MembersRequest,
-    MembersResponse, ProgressRequest, ProgressResponse, RaftAck, RaftEnvelope,
+    MembersResponse, ProgressRequest, ProgressResponse, RaftAck, RaftEnvelope, SnapshotAck,
+    SnapshotChunk,
 };
 
 /// The Peer service.
@@ -46,6 +47,23 @@ impl PeerService {
         }
     }
 
+    /// Refuses traffic from another cluster, for another member, or from a removed member.
+    fn check_sender(&self, cluster_id: u64, from: u64, to: u64) -> Result<(), Status> {
+        if cluster_id != self.cluster_id {
+            return Err(EtcdError::ClusterIdMismatch.into());
+        }
+        if to != self.member_id {
+            return Err(Status::failed_precondition(format!(
+                "etcdserver: message for member {to:x} reached member {:x}",
+                self.member_id
+            )));
+        }
+        if self.membership.borrow().removed.contains(&from) {
+            return Err(EtcdError::MemberRemoved.into());
+        }
+        Ok(())
+    }
+
     fn check_leader(&self) -> Result<(), Status> {
         let leader = self.core.node.status.leader.load(Ordering::Relaxed);
         if leader != self.member_id {
@@ -67,18 +85,7 @@ impl Peer for PeerService {
     ) -> Result<Response<RaftAck>, Status> {
         let mut inbound = request.into_inner();
         while let Some(envelope) = inbound.message().await? {
-            if envelope.cluster_id != self.cluster_id {
-                return Err(EtcdError::ClusterIdMismatch.into());
-            }
-            if envelope.to != self.member_id {
-                return Err(Status::failed_precondition(format!(
-                    "etcdserver: message for member {:x} reached member {:x}",
-                    envelope.to, self.member_id
-                )));
-            }
-            if self.membership.borrow().removed.contains(&envelope.from) {
-                return Err(EtcdError::MemberRemoved.into());
-            }
+            self.check_sender(envelope.cluster_id, envelope.from, envelope.to)?;
             if self.faults.blocks(envelope.from) {
                 continue;
             }
@@ -93,6 +100,56 @@ impl Peer for PeerService {
             }
         }
         Ok(Response::new(RaftAck {}))
+    }
+
+    /// Reassembles a snapshot from its chunks and steps it into the Raft node, which saves and
+    /// installs it. Fails, and Raft on the leader retries later, when the stream ends short of
+    /// `total_bytes` or the first chunk is not a MsgSnapshot.
+    async fn snapshot(
+        &self,
+        request: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<SnapshotAck>, Status> {
+        let mut inbound = request.into_inner();
+        let Some(first) = inbound.message().await? else {
+            return Err(Status::invalid_argument("empty snapshot stream"));
+        };
+        self.check_sender(first.cluster_id, first.from, first.to)?;
+        let from = first.from;
+        let mut m = Message::default();
+        if m.merge_from_bytes(&first.message).is_err()
+            || m.get_msg_type() != raft::prelude::MessageType::MsgSnapshot
+        {
+            return Err(Status::invalid_argument(
+                "the first chunk is not a raft snapshot",
+            ));
+        }
+        let total = first.total_bytes as usize;
+        let mut data = first.data;
+        data.reserve(total.saturating_sub(data.len()));
+        while let Some(chunk) = inbound.message().await? {
+            if self.faults.blocks(from) {
+                return Err(Status::unavailable("link cut by the test fault hook"));
+            }
+            data.extend_from_slice(&chunk.data);
+            if data.len() > total {
+                return Err(Status::invalid_argument("snapshot longer than announced"));
+            }
+        }
+        if data.len() != total || self.faults.blocks(from) {
+            return Err(Status::invalid_argument(format!(
+                "snapshot cut short: {} of {total} bytes",
+                data.len()
+            )));
+        }
+        tracing::info!(peer = %format!("{from:x}"), bytes = total,
+            index = m.get_snapshot().get_metadata().index, "received snapshot");
+        m.mut_snapshot().data = data.into();
+        // Awaited rather than dropped when the inbox is full: a snapshot is costly to resend.
+        self.node
+            .send_async(NodeMsg::Step(m))
+            .await
+            .map_err(|_| EtcdError::Stopped)?;
+        Ok(Response::new(SnapshotAck {}))
     }
 
     async fn progress(

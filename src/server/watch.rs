@@ -18,6 +18,7 @@
 use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use prost::Message;
 use tokio::sync::mpsc;
@@ -65,8 +66,14 @@ impl Watch for WatchService {
         &self,
         request: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let inbound = request.into_inner();
+        let (metadata, _, inbound) = request.into_parts();
         let (tx, rx) = mpsc::channel(OUTBOUND_CAPACITY);
+        super::gate::end_stream_without_leader(
+            &metadata.into_headers(),
+            self.core.node.status.clone(),
+            Duration::from_millis(self.core.cfg.election_timeout),
+            tx.clone(),
+        );
         let stream = StreamState {
             core: self.core.clone(),
             tx,

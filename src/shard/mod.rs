@@ -169,6 +169,9 @@ pub enum ApplyCmd {
         /// Receives the histories in key order.
         reply: oneshot::Sender<Vec<KeyHistory>>,
     },
+    /// Empty the shard before a leader's snapshot is imported: its data, its stored applied
+    /// state, and what it remembered of entries made durable before a restart.
+    Reset,
     /// Load key histories from a snapshot.
     Import {
         /// Histories of keys this shard owns.
@@ -771,6 +774,12 @@ fn handle_apply(store: &mut Store, replay: &mut Replay, size: &ShardSize, cmd: A
             let mut keys = Vec::new();
             store.export(&mut |k, h| keys.push(history_to_proto(k, h)));
             let _ = reply.send(keys);
+        }
+        ApplyCmd::Reset => {
+            store.reset();
+            replay.durable_index = 0;
+            replay.entry_index = u64::MAX;
+            size.set(store);
         }
         ApplyCmd::Import {
             keys,

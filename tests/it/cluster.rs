@@ -175,6 +175,15 @@ async fn an_isolated_leader_stops_taking_writes_and_the_majority_goes_on() {
     let cluster = Cluster::start(3, &[]).await;
     let old = cluster.wait_for_leader(Duration::from_secs(10)).await;
     let majority: Vec<usize> = (0..3).filter(|i| *i != old).collect();
+    // A watch and a keep-alive stream opened with clientv3's WithRequireLeader (`hasleader`)
+    // on the member about to be cut off.
+    let opts = etcd_client::ConnectOptions::new().with_require_leader(true);
+    let mut strict = Client::connect([cluster.endpoint(old)], Some(opts))
+        .await
+        .unwrap();
+    let mut watch = strict.watch("side", None).await.unwrap();
+    let lease = strict.lease_grant(60, None).await.unwrap().id();
+    let (_keeper, mut keep_alive) = strict.lease_keep_alive(lease).await.unwrap();
     cluster.partition(&[&[old], &majority]);
 
     // The majority elects a new leader among itself.
@@ -205,14 +214,45 @@ async fn an_isolated_leader_stops_taking_writes_and_the_majority_goes_on() {
         "the isolated member still thinks it leads"
     );
     // clientv3's WithRequireLeader (`hasleader` metadata): refused at once, not waited out.
-    let opts = etcd_client::ConnectOptions::new().with_require_leader(true);
-    let mut strict = Client::connect([cluster.endpoint(old)], Some(opts))
-        .await
-        .unwrap();
     let (code, msg) = crate::util::grpc_err(strict.get("side", None).await);
     assert_eq!(
         (code, msg.as_str()),
         (tonic::Code::Unavailable, "etcdserver: no leader")
+    );
+    // Its streams end with the same error after three leaderless election timeouts.
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match watch.message().await {
+                Ok(Some(_)) => continue,
+                other => return other.map(|_| ()),
+            }
+        }
+    })
+    .await
+    .expect("the hasleader watch outlived the leader");
+    assert_eq!(
+        crate::util::grpc_err(ended),
+        (
+            tonic::Code::Unavailable,
+            "etcdserver: no leader".to_string()
+        )
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match keep_alive.message().await {
+                Ok(Some(_)) => continue,
+                other => return other.map(|_| ()),
+            }
+        }
+    })
+    .await
+    .expect("the hasleader keep-alive stream outlived the leader");
+    assert_eq!(
+        crate::util::grpc_err(ended),
+        (
+            tonic::Code::Unavailable,
+            "etcdserver: no leader".to_string()
+        )
     );
 
     cluster.heal();
@@ -519,4 +559,219 @@ async fn a_caught_up_learner_is_promoted_automatically_when_asked() {
     }
     let mut on_new = cluster.client(new).await;
     assert_eq!(on_new.get("before", None).await.unwrap().count(), 1);
+}
+
+/// Waits until member `i` serves `key` from its own state (a serializable read, so learners
+/// answer too), and returns its value.
+async fn wait_for_key(cluster: &Cluster, i: usize, key: &str, timeout: Duration) -> String {
+    let mut c = cluster.client(i).await;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let r = c
+            .get(key, Some(GetOptions::new().with_serializable()))
+            .await;
+        if let Some(kv) = r.ok().and_then(|r| r.kvs().first().cloned()) {
+            return kv.value_str().unwrap().to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "member {i} never saw {key}\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_whose_log_was_compacted_away_catch_up_through_a_snapshot() {
+    let _one = CLUSTER_LOCK.lock().await;
+    // A snapshot every 20 entries, and only 5 entries kept behind it: a member a few dozen
+    // entries behind can only catch up through a snapshot.
+    let small_log = [
+        "--snapshot-count",
+        "20",
+        "--experimental-snapshot-catchup-entries",
+        "5",
+    ];
+    let mut cluster = Cluster::start(3, &small_log).await;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await;
+    let mut c = cluster.client(leader).await;
+    let lease = c.lease_grant(600, None).await.unwrap().id();
+    c.put(
+        "leased",
+        "1",
+        Some(etcd_client::PutOptions::new().with_lease(lease)),
+    )
+    .await
+    .unwrap();
+    for n in 0..30 {
+        c.put(format!("k{n}"), format!("a{n}"), None).await.unwrap();
+    }
+
+    // A follower down while the log moves on by far more than the leader keeps.
+    let lagging = (leader + 1) % 3;
+    cluster.kill(lagging);
+    for n in 0..60 {
+        c.put(format!("k{}", n % 40), format!("b{n}"), None)
+            .await
+            .unwrap();
+    }
+    c.delete("k0", None).await.unwrap();
+    let rev = c
+        .put("mark", "1", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    c.compact(rev - 10, None).await.unwrap();
+    // Big enough that the snapshot goes in several chunks.
+    let blob = "x".repeat(256 * 1024);
+    for n in 0..12 {
+        c.put(format!("blob{n}"), blob.as_str(), None)
+            .await
+            .unwrap();
+    }
+    cluster.restart(lagging);
+    assert_eq!(
+        wait_for_key(&cluster, lagging, "blob11", Duration::from_secs(20)).await,
+        blob
+    );
+    assert!(
+        cluster.servers[lagging]
+            .as_ref()
+            .unwrap()
+            .log()
+            .contains("log reset to the leader's snapshot"),
+        "the lagging member caught up without a snapshot\n{}",
+        cluster.logs()
+    );
+    cluster.wait_converged(Duration::from_secs(20)).await;
+
+    // A learner joins with an empty log: the leader's log starts long after the beginning.
+    let voters = cluster.all_endpoints();
+    let new = cluster.add_spec(&small_log);
+    let peer_url = cluster.specs[new].peer_url();
+    let name = cluster.specs[new].name.clone();
+    ok_stdout(&etcdctl(
+        &voters,
+        &[
+            "member",
+            "add",
+            &name,
+            "--learner",
+            &format!("--peer-urls={peer_url}"),
+        ],
+        None,
+    ));
+    cluster.start_added(new).await;
+    assert_eq!(
+        wait_for_key(&cluster, new, "blob11", Duration::from_secs(20)).await,
+        blob
+    );
+    let learner_log = cluster.servers[new].as_ref().unwrap().log();
+    assert!(
+        learner_log.contains("log reset to the leader's snapshot"),
+        "{learner_log}"
+    );
+    // What it holds is the cluster's state: histories, the lease and the compaction.
+    let mut l = cluster.client(new).await;
+    let serializable = || Some(GetOptions::new().with_serializable());
+    let kv = l.get("leased", serializable()).await.unwrap();
+    assert_eq!(kv.kvs()[0].lease(), lease);
+    assert_eq!(l.get("k0", serializable()).await.unwrap().count(), 0);
+    let blobs = l
+        .get(
+            "blob",
+            Some(GetOptions::new().with_serializable().with_prefix()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(blobs.count(), 12);
+    assert!(blobs.kvs().iter().all(|kv| kv.value() == blob.as_bytes()));
+    let old = l
+        .get(
+            "k5",
+            Some(GetOptions::new().with_serializable().with_revision(rev - 5)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(old.kvs()[0].value_str().unwrap(), "b45");
+    let (_, msg) = crate::util::grpc_err(
+        l.get(
+            "k5",
+            Some(
+                GetOptions::new()
+                    .with_serializable()
+                    .with_revision(rev - 20),
+            ),
+        )
+        .await,
+    );
+    assert_eq!(
+        msg,
+        "etcdserver: mvcc: required revision has been compacted"
+    );
+
+    // Promoted once in sync; then every member agrees, and writes go on through it.
+    let id = format!("{:x}", cluster.ids[new]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !etcdctl(&voters, &["member", "promote", &id], None)
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "promote never succeeded");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut via_new = cluster.client(new).await;
+    via_new.put("after-join", "ok", None).await.unwrap();
+    cluster.wait_converged(Duration::from_secs(20)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_elections_do_not_keep_a_lease_alive() {
+    let _one = CLUSTER_LOCK.lock().await;
+    // Remaining TTLs are checkpointed through Raft every second; each new leader starts the
+    // lease's deadline from the checkpoint, not from the full TTL.
+    let cluster = Cluster::start(3, &["--experimental-lease-checkpoint-interval", "1s"]).await;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await;
+    let mut c = cluster.client(leader).await;
+    let granted = Instant::now();
+    let ttl = 8;
+    let lease = c.lease_grant(ttl, None).await.unwrap().id();
+    c.put(
+        "leased",
+        "1",
+        Some(etcd_client::PutOptions::new().with_lease(lease)),
+    )
+    .await
+    .unwrap();
+    // Leadership moves every two seconds, well within the TTL (and each leader stays long
+    // enough to checkpoint once): without checkpoints every new leader would grant the lease
+    // its full TTL again, and it would never expire.
+    let mut elections = 0;
+    loop {
+        let leader = cluster.wait_for_leader(Duration::from_secs(10)).await;
+        let mut lc = cluster.client(leader).await;
+        let r = lc.get("leased", None).await;
+        if r.is_ok_and(|r| r.count() == 0) {
+            break;
+        }
+        assert!(
+            granted.elapsed() < Duration::from_secs(4 * ttl as u64),
+            "{elections} elections kept the lease alive\n{}",
+            cluster.logs()
+        );
+        let target = cluster.ids[(leader + 1) % 3];
+        if lc.move_leader(target).await.is_ok() {
+            elections += 1;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    assert!(elections >= 3, "only {elections} leadership changes");
+    assert!(
+        granted.elapsed() >= Duration::from_secs(ttl as u64 - 1),
+        "the lease expired early, after {:?}",
+        granted.elapsed()
+    );
 }

@@ -52,6 +52,7 @@ impl Starting {
             data_dir: self.data_dir,
             startup_log: seen,
             log: self.log,
+            _peers: Vec::new(),
             _tmp: None,
         })
     }
@@ -67,16 +68,111 @@ pub struct Server {
     /// Everything the server logged up to its ready line.
     pub startup_log: String,
     log: Arc<Mutex<String>>,
+    /// The other members, when this server is one member of a cluster (dropped, so killed,
+    /// before the data directories go).
+    _peers: Vec<Server>,
     _tmp: Option<tempfile::TempDir>,
 }
 
+/// Where [`Server::start`] runs the server a suite talks to, from `METASTORE_TEST_TOPOLOGY`:
+/// unset or `single`, a lone member; `follower` or `leader`, that member of a fresh
+/// three-member cluster (the KV, txn, watch and lease suites run so in CI).
+fn topology() -> Option<bool> {
+    match std::env::var("METASTORE_TEST_TOPOLOGY").as_deref() {
+        Err(_) | Ok("") | Ok("single") => None,
+        Ok("leader") => Some(true),
+        Ok("follower") => Some(false),
+        Ok(other) => panic!("METASTORE_TEST_TOPOLOGY={other}: expected single, leader or follower"),
+    }
+}
+
 impl Server {
-    /// A fresh server on a temporary data directory with 2 shards.
+    /// A fresh server on a temporary data directory with 2 shards: a lone member, or one
+    /// member of a three-member cluster (see [`topology`]).
     pub fn start() -> Server {
+        if let Some(leader) = topology() {
+            return Server::start_in_cluster(leader);
+        }
         let tmp = tempfile::tempdir().expect("tempdir");
         let mut s = Server::try_start(tmp.path(), &[]).expect("server starts");
         s._tmp = Some(tmp);
         s
+    }
+
+    /// Starts a three-member cluster with etcd's flags and returns its leader (`leader`) or a
+    /// follower; the other members live as long as the returned server.
+    fn start_in_cluster(leader: bool) -> Server {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let initial: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .collect();
+        let starting: Vec<Starting> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (client, peer))| {
+                let dir = tmp.path().join(format!("m{i}"));
+                let (curl, purl) = (
+                    format!("http://127.0.0.1:{client}"),
+                    format!("http://127.0.0.1:{peer}"),
+                );
+                let args = [
+                    "--data-dir",
+                    &dir.display().to_string(),
+                    "--name",
+                    &format!("m{i}"),
+                    "--listen-client-urls",
+                    &curl,
+                    "--advertise-client-urls",
+                    &curl,
+                    "--listen-peer-urls",
+                    &purl,
+                    "--initial-advertise-peer-urls",
+                    &purl,
+                    "--initial-cluster",
+                    &initial.join(","),
+                    "--initial-cluster-state",
+                    "new",
+                ]
+                .map(str::to_string)
+                .to_vec();
+                Server::spawn(&dir, args, &[], &[]).expect("spawn a member")
+            })
+            .collect();
+        let mut members: Vec<Server> = starting
+            .into_iter()
+            .map(|s| s.wait_ready().expect("member starts"))
+            .collect();
+        // Every member is ready only once it knows a leader; ask them who it is.
+        let endpoints: Vec<&str> = members.iter().map(|m| m.endpoint.as_str()).collect();
+        let status = ok_stdout(&etcdctl(
+            &endpoints.join(","),
+            &["endpoint", "status", "-w", "json"],
+            None,
+        ));
+        let status: serde_json::Value = serde_json::from_str(&status).expect("status JSON");
+        let rows = status.as_array().expect("one row per endpoint");
+        let is_leader = |row: &serde_json::Value| {
+            row["Status"]["leader"] == row["Status"]["header"]["member_id"]
+        };
+        let pick = rows
+            .iter()
+            .position(|row| is_leader(row) == leader)
+            .expect("a member in the role asked for");
+        let endpoint = rows[pick]["Endpoint"]
+            .as_str()
+            .expect("endpoint")
+            .to_string();
+        let at = members
+            .iter()
+            .position(|m| m.endpoint == endpoint)
+            .expect("a started member");
+        let mut chosen = members.remove(at);
+        chosen._tmp = Some(tmp);
+        chosen._peers = members;
+        chosen
     }
 
     /// Starts a server on `data_dir` with extra flags; on failure returns everything it printed.
