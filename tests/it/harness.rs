@@ -86,6 +86,15 @@ fn topology() -> Option<bool> {
     }
 }
 
+/// How many members [`Server::start`] starts (see [`topology`]).
+pub fn members_started() -> usize {
+    if topology().is_some() {
+        3
+    } else {
+        1
+    }
+}
+
 impl Server {
     /// A fresh server on a temporary data directory with 2 shards: a lone member, or one
     /// member of a three-member cluster (see [`topology`]).
