@@ -327,11 +327,7 @@ impl Dispatcher {
         self.purge_pending = None;
         self.leases.restore(&snap.leases);
         // The shards' stored leases went with the reset: the barrier writes them all again.
-        self.lease_changes = snap
-            .leases
-            .iter()
-            .map(|r| (r.id, Some(*r)))
-            .collect();
+        self.lease_changes = snap.leases.iter().map(|r| (r.id, Some(*r))).collect();
         self.membership = Arc::new(Membership::from_records(&snap.members, &snap.removed));
         self.barrier();
         self.publish();

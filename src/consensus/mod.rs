@@ -98,9 +98,9 @@ pub enum NodeMsg {
     RemovedByPeer,
     /// Hand leadership to this member (MoveLeader; Raft thesis section 3.10).
     TransferLeader(u64),
-    /// Replication progress of every member as the leader sees it (member ID, matched index);
-    /// empty on a follower.
-    Progress(oneshot::Sender<Vec<(u64, u64)>>),
+    /// Replication progress and contact of every member as the leader sees it; empty on a
+    /// follower.
+    Progress(oneshot::Sender<Vec<PeerProgress>>),
     /// How sending a snapshot to member `to` ended (raft-rs `report_snapshot`).
     SnapshotSent {
         /// The follower.
@@ -108,6 +108,26 @@ pub enum NodeMsg {
         /// Whether the follower took it in.
         ok: bool,
     },
+}
+
+/// One member as the leader sees it (raft-rs `Progress`, plus when it last heard from it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerProgress {
+    /// Member ID.
+    pub id: u64,
+    /// Highest log index known to be replicated on the member.
+    pub matched: u64,
+    /// How long the leader has heard from it without a gap longer than an election timeout
+    /// (`None`: not heard from within the last one); `Duration::MAX` for the leader itself.
+    pub connected_for: Option<Duration>,
+}
+
+/// When this member first and last heard from a peer, without a gap longer than an election
+/// timeout in between.
+#[derive(Clone, Copy)]
+struct Contact {
+    since: Instant,
+    last: Instant,
 }
 
 /// Raft progress, readable from any thread.
@@ -199,6 +219,9 @@ pub struct RaftNode {
     batch_ids: Vec<u64>,
     read_waiters: Vec<oneshot::Sender<Result<u64, EtcdError>>>,
     reads_in_flight: HashMap<u64, ReadRound>,
+    /// Peers heard from, for the health checks of membership changes.
+    contact: HashMap<u64, Contact>,
+    election: Duration,
     next_read_ctx: u64,
 }
 
@@ -370,6 +393,8 @@ impl RaftNode {
             batch_ids: Vec::new(),
             read_waiters: Vec::new(),
             reads_in_flight: HashMap::new(),
+            contact: HashMap::new(),
+            election: Duration::from_millis(cfg.election_ms),
             next_read_ctx: 0,
         };
         node.publish_status();
@@ -462,6 +487,7 @@ impl RaftNode {
                 }
             }
             NodeMsg::Step(m) => {
+                self.heard_from(m.from);
                 if let Err(e) = self.raw.step(m) {
                     // Responses from members removed meanwhile, mostly.
                     tracing::debug!(error = %e, "peer message ignored");
@@ -471,17 +497,7 @@ impl RaftNode {
             NodeMsg::RemovedByPeer => self.status.removed.store(true, Ordering::Relaxed),
             NodeMsg::TransferLeader(id) => self.raw.transfer_leader(id),
             NodeMsg::Progress(reply) => {
-                let progress = if self.raw.raft.state == StateRole::Leader {
-                    self.raw
-                        .raft
-                        .prs()
-                        .iter()
-                        .map(|(id, p)| (*id, p.matched))
-                        .collect()
-                } else {
-                    Vec::new()
-                };
-                let _ = reply.send(progress);
+                let _ = reply.send(self.progress());
             }
             NodeMsg::SnapshotSent { to, ok } => {
                 let status = if ok {
@@ -501,6 +517,47 @@ impl RaftNode {
                 }
             }
         }
+    }
+
+    fn heard_from(&mut self, id: u64) {
+        let now = Instant::now();
+        let election = self.election;
+        self.contact
+            .entry(id)
+            .and_modify(|c| {
+                if now.duration_since(c.last) > election {
+                    c.since = now;
+                }
+                c.last = now;
+            })
+            .or_insert(Contact {
+                since: now,
+                last: now,
+            });
+    }
+
+    fn progress(&self) -> Vec<PeerProgress> {
+        if self.raw.raft.state != StateRole::Leader {
+            return Vec::new();
+        }
+        let now = Instant::now();
+        self.raw
+            .raft
+            .prs()
+            .iter()
+            .map(|(id, p)| PeerProgress {
+                id: *id,
+                matched: p.matched,
+                connected_for: if *id == self.id {
+                    Some(Duration::MAX)
+                } else {
+                    self.contact
+                        .get(id)
+                        .filter(|c| now.duration_since(c.last) <= self.election)
+                        .map(|c| now.duration_since(c.since))
+                },
+            })
+            .collect()
     }
 
     fn flush_batch(&mut self) {

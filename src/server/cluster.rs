@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 
 use super::{member, Core};
 use crate::apply::ApplyResponse;
-use crate::consensus::NodeMsg;
+use crate::consensus::{NodeMsg, PeerProgress};
 use crate::error::EtcdError;
 use crate::proto::etcdserverpb::{
     cluster_server::Cluster, Member, MemberAddRequest, MemberAddResponse, MemberListRequest,
@@ -25,6 +25,9 @@ use crate::proto::metastorepb::{membership_change::Kind, MemberRecord, Membershi
 
 /// etcd's `readyPercent`: a learner may be promoted once its log matches 90% of the leader's.
 const LEARNER_READY_PERCENT: f64 = 0.9;
+/// etcd's `HealthInterval`: a member counts as connected once the leader has heard from it
+/// without a break for this long.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The Cluster service.
 pub struct ClusterService {
@@ -132,6 +135,56 @@ impl Core {
     /// etcd `isLearnerReady`, asked of the leader: a learner whose log matches less than 90%
     /// of the leader's cannot be promoted yet.
     async fn check_learner_ready(&self, id: u64) -> Result<(), EtcdError> {
+        let (leader, progress) = self.leader_progress().await?;
+        learner_ready(&progress, leader, id)
+    }
+
+    /// etcd `mayAddMember`'s connectivity check (with `--strict-reconfig-check`): every voter
+    /// must have been in touch with the leader for [`HEALTH_INTERVAL`], or a change of the
+    /// quorum could stall the cluster.
+    ///
+    /// Errors: "etcdserver: unhealthy cluster".
+    async fn check_all_voters_connected(&self) -> Result<(), EtcdError> {
+        if !self.cfg.strict_reconfig_check {
+            return Ok(());
+        }
+        let (_, progress) = self.leader_progress().await?;
+        let voters = self.node.membership.borrow().voters();
+        if connected_voters(&progress, &voters) < voters.len() {
+            return Err(EtcdError::Unhealthy);
+        }
+        Ok(())
+    }
+
+    /// etcd `mayRemoveMember`'s connectivity check: removing a member the leader does not hear
+    /// from is always safe; otherwise the connected voters left must still form a quorum.
+    ///
+    /// Errors: "etcdserver: unhealthy cluster".
+    async fn check_removal_keeps_quorum(&self, id: u64) -> Result<(), EtcdError> {
+        if !self.cfg.strict_reconfig_check {
+            return Ok(());
+        }
+        let (leader, progress) = self.leader_progress().await?;
+        let down = progress
+            .iter()
+            .find(|p| p.id == id)
+            .is_none_or(|p| p.connected_for.is_none());
+        if id != leader && down {
+            return Ok(());
+        }
+        let voters = self.node.membership.borrow().voters();
+        let active = connected_voters(&progress, &voters);
+        if active.saturating_sub(1) < 1 + (voters.len().saturating_sub(1)) / 2 {
+            return Err(EtcdError::Unhealthy);
+        }
+        Ok(())
+    }
+
+    /// The leader's ID and its view of every member, asked over the peer port when another
+    /// member leads.
+    ///
+    /// Errors: "no leader"; "leader changed" when the leader cannot be reached.
+    async fn leader_progress(&self) -> Result<(u64, Vec<PeerProgress>), EtcdError> {
         let leader = self.node.status.leader.load(Ordering::Relaxed);
         if leader == 0 {
             return Err(EtcdError::NoLeader);
@@ -155,17 +208,27 @@ impl Core {
                 .unwrap_or_default();
             super::peer::fetch_progress(&urls).await?
         };
-        learner_ready(&progress, leader, id)
+        if progress.is_empty() {
+            // Asked a member that no longer leads.
+            return Err(EtcdError::LeaderChanged);
+        }
+        Ok((leader, progress))
     }
 }
 
-/// Whether learner `id` is close enough to `leader` in `progress` (member ID, matched index).
-/// A member the leader does not track passes: the apply-time check then reports it.
-fn learner_ready(progress: &[(u64, u64)], leader: u64, id: u64) -> Result<(), EtcdError> {
-    if progress.is_empty() {
-        return Err(EtcdError::LeaderChanged);
-    }
-    let matched = |who| progress.iter().find(|(m, _)| *m == who).map(|(_, i)| *i);
+/// How many of `voters` the leader has heard from for at least [`HEALTH_INTERVAL`].
+fn connected_voters(progress: &[PeerProgress], voters: &[u64]) -> usize {
+    progress
+        .iter()
+        .filter(|p| voters.contains(&p.id))
+        .filter(|p| p.connected_for.is_some_and(|d| d >= HEALTH_INTERVAL))
+        .count()
+}
+
+/// Whether learner `id` is close enough to `leader` in `progress`. A member the leader does
+/// not track passes: the apply-time check then reports it.
+fn learner_ready(progress: &[PeerProgress], leader: u64, id: u64) -> Result<(), EtcdError> {
+    let matched = |who| progress.iter().find(|p| p.id == who).map(|p| p.matched);
     match (matched(id), matched(leader)) {
         (Some(learner), Some(lead)) if (learner as f64) < lead as f64 * LEARNER_READY_PERCENT => {
             Err(EtcdError::LearnerNotReady)
@@ -185,6 +248,7 @@ impl Cluster for ClusterService {
         if !req.is_learner {
             self.core.check_started_quorum(1, None)?;
         }
+        self.core.check_all_voters_connected().await?;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
@@ -216,6 +280,7 @@ impl Cluster for ClusterService {
         let is_voter = self.core.node.membership.borrow().is_voter(id);
         if is_voter {
             self.core.check_started_quorum(0, Some(id))?;
+            self.core.check_removal_keeps_quorum(id).await?;
         }
         let record = MemberRecord {
             id,
@@ -373,14 +438,36 @@ mod tests {
         }
     }
 
+    fn peer(id: u64, matched: u64, connected_secs: Option<u64>) -> PeerProgress {
+        PeerProgress {
+            id,
+            matched,
+            connected_for: connected_secs.map(Duration::from_secs),
+        }
+    }
+
     #[test]
     fn learner_readiness_is_ninety_percent_of_the_leader() {
+        let at = |matched| [peer(1, 100, None), peer(2, matched, None)];
         assert_eq!(
-            learner_ready(&[(1, 100), (2, 89)], 1, 2),
+            learner_ready(&at(89), 1, 2),
             Err(EtcdError::LearnerNotReady)
         );
-        assert_eq!(learner_ready(&[(1, 100), (2, 90)], 1, 2), Ok(()));
-        assert_eq!(learner_ready(&[(1, 100)], 1, 9), Ok(()));
-        assert_eq!(learner_ready(&[], 1, 2), Err(EtcdError::LeaderChanged));
+        assert_eq!(learner_ready(&at(90), 1, 2), Ok(()));
+        assert_eq!(learner_ready(&at(90)[..1], 1, 9), Ok(()));
+    }
+
+    #[test]
+    fn voters_count_as_connected_after_the_health_interval() {
+        let progress = [
+            peer(1, 10, Some(u64::MAX / 2)),
+            peer(2, 10, Some(5)),
+            peer(3, 10, Some(4)),
+            peer(4, 10, None),
+            peer(5, 10, Some(60)),
+        ];
+        // 5 is a learner here: only voters count.
+        assert_eq!(connected_voters(&progress, &[1, 2, 3, 4]), 2);
+        assert_eq!(connected_voters(&progress, &[1, 2]), 2);
     }
 }

@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 
 use super::Core;
 use crate::consensus::transport::Faults;
-use crate::consensus::{Membership, NodeMsg};
+use crate::consensus::{Membership, NodeMsg, PeerProgress};
 use crate::error::EtcdError;
 use crate::proto::etcdserverpb::{
     LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
@@ -165,7 +165,13 @@ impl Peer for PeerService {
         Ok(Response::new(ProgressResponse {
             progress: progress
                 .into_iter()
-                .map(|(id, matched)| MemberProgress { id, matched })
+                .map(|p| MemberProgress {
+                    id: p.id,
+                    matched: p.matched,
+                    connected_ms: p.connected_for.map_or(0, |d| {
+                        u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+                    }),
+                })
                 .collect(),
         }))
     }
@@ -232,11 +238,11 @@ pub async fn fetch_members(peer_urls: &[String]) -> anyhow::Result<(u64, Vec<Mem
     )
 }
 
-/// The leader's view of replication progress, (member ID, matched index), asked over the peer
-/// port at `peer_urls`.
+/// The leader's view of every member's progress and contact, asked over the peer port at
+/// `peer_urls`.
 ///
 /// Errors: the leader cannot be reached (reported as "leader changed": the caller may retry).
-pub async fn fetch_progress(peer_urls: &[String]) -> Result<Vec<(u64, u64)>, EtcdError> {
+pub async fn fetch_progress(peer_urls: &[String]) -> Result<Vec<PeerProgress>, EtcdError> {
     for url in peer_urls {
         let attempt = async {
             let channel = tonic::transport::Endpoint::from_shared(url.clone())?
@@ -250,7 +256,16 @@ pub async fn fetch_progress(peer_urls: &[String]) -> Result<Vec<(u64, u64)>, Etc
             anyhow::Ok(resp.into_inner())
         };
         if let Ok(r) = attempt.await {
-            return Ok(r.progress.into_iter().map(|p| (p.id, p.matched)).collect());
+            return Ok(r
+                .progress
+                .into_iter()
+                .map(|p| PeerProgress {
+                    id: p.id,
+                    matched: p.matched,
+                    connected_for: (p.connected_ms > 0)
+                        .then(|| std::time::Duration::from_millis(p.connected_ms)),
+                })
+                .collect());
         }
     }
     Err(EtcdError::LeaderChanged)

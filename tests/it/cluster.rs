@@ -36,6 +36,21 @@ async fn put_anywhere(
     None
 }
 
+/// Runs etcdctl with `args` against `endpoints`, again while it fails with "etcdserver:
+/// unhealthy cluster": etcd refuses membership changes until every voter has been connected to
+/// the leader for 5 s, as right after start-up or a restart.
+fn etcdctl_when_healthy(endpoints: &str, args: &[&str]) -> std::process::Output {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = etcdctl(endpoints, args, None);
+        let unhealthy = String::from_utf8_lossy(&out.stderr).contains("unhealthy cluster");
+        if !unhealthy || Instant::now() > deadline {
+            return out;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 async fn clients(cluster: &Cluster) -> Vec<Client> {
     let mut out = Vec::new();
     for i in 0..cluster.specs.len() {
@@ -311,7 +326,7 @@ async fn members_are_added_promoted_and_removed_with_etcdctl() {
     let new = cluster.add_spec(&[]);
     let peer_url = cluster.specs[new].peer_url();
     let name = cluster.specs[new].name.clone();
-    let added = ok_stdout(&etcdctl(
+    let added = ok_stdout(&etcdctl_when_healthy(
         &endpoints,
         &[
             "member",
@@ -320,7 +335,6 @@ async fn members_are_added_promoted_and_removed_with_etcdctl() {
             "--learner",
             &format!("--peer-urls={peer_url}"),
         ],
-        None,
     ));
     assert!(
         added.contains("ETCD_INITIAL_CLUSTER_STATE=\"existing\""),
@@ -410,10 +424,9 @@ async fn members_are_added_promoted_and_removed_with_etcdctl() {
         .filter(|i| *i != victim)
         .map(|i| cluster.endpoint(i))
         .collect();
-    ok_stdout(&etcdctl(
+    ok_stdout(&etcdctl_when_healthy(
         &others.join(","),
         &["member", "remove", &victim_id],
-        None,
     ));
     let exited = cluster.servers[victim]
         .as_mut()
@@ -530,13 +543,23 @@ async fn a_caught_up_learner_is_promoted_automatically_when_asked() {
     let new = cluster.add_spec(&["--auto-promote-learners"]);
     let peer_url = cluster.specs[new].peer_url();
     let mut cc = cluster.client(0).await;
-    let added = cc
-        .member_add(
-            [peer_url.as_str()],
-            Some(etcd_client::MemberAddOptions::new().with_is_learner()),
-        )
-        .await
-        .expect("member add");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let added = loop {
+        let r = cc
+            .member_add(
+                [peer_url.as_str()],
+                Some(etcd_client::MemberAddOptions::new().with_is_learner()),
+            )
+            .await;
+        match r {
+            Err(etcd_client::Error::GRpcStatus(s))
+                if s.message() == "etcdserver: unhealthy cluster" && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            r => break r.expect("member add"),
+        }
+    };
     assert!(added.member().unwrap().is_learner());
     cluster.start_added(new).await;
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -625,6 +648,25 @@ async fn members_whose_log_was_compacted_away_catch_up_through_a_snapshot() {
         .unwrap()
         .revision();
     c.compact(rev - 10, None).await.unwrap();
+    // With a voter down, membership changes are refused (etcd's strict reconfiguration
+    // check) as soon as the leader notices; until then this add fails at apply time instead,
+    // on its duplicate peer URL, and changes nothing.
+    let live = cluster.endpoint(leader);
+    let taken = format!("--peer-urls={}", cluster.specs[leader].peer_url());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = etcdctl(&live, &["member", "add", "dup", "--learner", &taken], None);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        if err.contains("etcdserver: unhealthy cluster") {
+            break;
+        }
+        assert!(err.contains("Peer URLs already exists"), "{err}");
+        assert!(
+            Instant::now() < deadline,
+            "a member add passed with a voter down"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // Big enough that the snapshot goes in several chunks.
     let blob = "x".repeat(256 * 1024);
     for n in 0..12 {
@@ -653,7 +695,7 @@ async fn members_whose_log_was_compacted_away_catch_up_through_a_snapshot() {
     let new = cluster.add_spec(&small_log);
     let peer_url = cluster.specs[new].peer_url();
     let name = cluster.specs[new].name.clone();
-    ok_stdout(&etcdctl(
+    ok_stdout(&etcdctl_when_healthy(
         &voters,
         &[
             "member",
@@ -662,7 +704,6 @@ async fn members_whose_log_was_compacted_away_catch_up_through_a_snapshot() {
             "--learner",
             &format!("--peer-urls={peer_url}"),
         ],
-        None,
     ));
     cluster.start_added(new).await;
     assert_eq!(
