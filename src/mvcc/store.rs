@@ -541,14 +541,19 @@ pub mod conformance {
         reset_empties_everything(Store::new(make()));
     }
 
-    fn reset_empties_everything(mut s: Store) {
-        let leased = PutArgs {
-            key: b"b",
+    /// A put of `key = "1"` attached to `lease`.
+    fn leased_put(key: &[u8], lease: i64) -> PutArgs<'_> {
+        PutArgs {
+            key,
             value: b"1",
-            lease: 9,
+            lease,
             ignore_value: false,
             ignore_lease: false,
-        };
+        }
+    }
+
+    fn reset_empties_everything(mut s: Store) {
+        let leased = leased_put(b"b", 9);
         put(&mut s, "a", "1", 2);
         s.put(leased, 3, 0);
         s.compact(2);
@@ -575,13 +580,7 @@ pub mod conformance {
 
     fn events_and_lease_index(make: &dyn Fn() -> Box<dyn Engine>) {
         let mut s = Store::new(make());
-        let leased = PutArgs {
-            key: b"b",
-            value: b"1",
-            lease: 7,
-            ignore_value: false,
-            ignore_lease: false,
-        };
+        let leased = leased_put(b"b", 7);
         put(&mut s, "a", "1", 2);
         s.put(leased, 3, 0);
         put(&mut s, "a", "2", 4);
@@ -617,13 +616,7 @@ pub mod conformance {
 
         // The revision index and lease index come back from an export/import.
         let mut t = Store::new(make());
-        let leased = PutArgs {
-            key: b"c",
-            value: b"1",
-            lease: 8,
-            ignore_value: false,
-            ignore_lease: false,
-        };
+        let leased = leased_put(b"c", 8);
         s.put(leased, 7, 0);
         s.export(&mut |k, h| t.import(k.to_vec(), h.to_vec()));
         t.finish_import();

@@ -51,6 +51,23 @@ fn etcdctl_when_healthy(endpoints: &str, args: &[&str]) -> std::process::Output 
     }
 }
 
+/// Reads an etcd-client stream (anything with `message()`) until it ends, for at most 10 s;
+/// evaluates to how it ended.
+macro_rules! stream_end {
+    ($stream:expr) => {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match $stream.message().await {
+                    Ok(Some(_)) => continue,
+                    other => return other.map(|_| ()),
+                }
+            }
+        })
+        .await
+        .expect(concat!(stringify!($stream), " outlived the leader"))
+    };
+}
+
 async fn clients(cluster: &Cluster) -> Vec<Client> {
     let mut out = Vec::new();
     for i in 0..cluster.specs.len() {
@@ -235,40 +252,12 @@ async fn an_isolated_leader_stops_taking_writes_and_the_majority_goes_on() {
         (tonic::Code::Unavailable, "etcdserver: no leader")
     );
     // Its streams end with the same error after three leaderless election timeouts.
-    let ended = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match watch.message().await {
-                Ok(Some(_)) => continue,
-                other => return other.map(|_| ()),
-            }
-        }
-    })
-    .await
-    .expect("the hasleader watch outlived the leader");
-    assert_eq!(
-        crate::util::grpc_err(ended),
-        (
-            tonic::Code::Unavailable,
-            "etcdserver: no leader".to_string()
-        )
+    let no_leader = (
+        tonic::Code::Unavailable,
+        "etcdserver: no leader".to_string(),
     );
-    let ended = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match keep_alive.message().await {
-                Ok(Some(_)) => continue,
-                other => return other.map(|_| ()),
-            }
-        }
-    })
-    .await
-    .expect("the hasleader keep-alive stream outlived the leader");
-    assert_eq!(
-        crate::util::grpc_err(ended),
-        (
-            tonic::Code::Unavailable,
-            "etcdserver: no leader".to_string()
-        )
-    );
+    assert_eq!(crate::util::grpc_err(stream_end!(watch)), no_leader);
+    assert_eq!(crate::util::grpc_err(stream_end!(keep_alive)), no_leader);
 
     cluster.heal();
     cluster.wait_for_leader(Duration::from_secs(10)).await;
