@@ -775,28 +775,29 @@ impl RaftNode {
         let _ = self.committed.send(ApplyMsg::Entries(out));
     }
 
-    /// A leader's snapshot: saved durably first (a restart then resumes from it even if the
-    /// shards had not finished loading it), then the log is reset to it and the dispatcher
-    /// replaces the state machine with it, ahead of any entry after it. A snapshot that cannot
-    /// be decoded or saved stops the process, as a WAL failure does.
+    /// A leader's snapshot: the log is reset to it, it is saved durably before anything after
+    /// it is (a restart then resumes from it even if the shards had not finished loading it),
+    /// and the dispatcher replaces the state machine with it, ahead of any entry after it. A
+    /// snapshot that cannot be decoded (the peer service checked it already) or saved stops the
+    /// process, as a WAL failure does: Raft has moved its log past it, and going on would
+    /// diverge.
     fn install_snapshot(&mut self, snap: Snapshot) {
         let meta = snap.get_metadata();
         let (index, term) = (meta.index, meta.term);
         let image = match StateSnapshot::decode(snap.data.as_ref()) {
             Ok(image) if image.complete && image.index == index => image,
             _ => {
-                // Raft has already moved its log past this point; going on would diverge.
                 tracing::error!(index, "fatal: the leader's snapshot does not decode");
                 std::process::exit(1);
             }
         };
-        if let Err(e) = self.snapshotter.save(&image) {
-            tracing::error!(error = %e, "fatal: cannot save the leader's snapshot");
-            std::process::exit(1);
-        }
         if let Err(e) = self.raw.mut_store().wl().apply_snapshot(snap) {
             tracing::error!(error = %e, "leader's snapshot older than the log; ignored");
             return;
+        }
+        if let Err(e) = self.snapshotter.save(&image) {
+            tracing::error!(error = %e, "fatal: cannot save the leader's snapshot");
+            std::process::exit(1);
         }
         tracing::info!(index, term, "log reset to the leader's snapshot");
         self.membership = Arc::new(Membership::from_records(&image.members, &image.removed));

@@ -20,7 +20,7 @@ use crate::proto::etcdserverpb::{
 use crate::proto::metastorepb::{
     peer_client::PeerClient, peer_server::Peer, MemberProgress, MemberRecord, MembersRequest,
     MembersResponse, ProgressRequest, ProgressResponse, RaftAck, RaftEnvelope, SnapshotAck,
-    SnapshotChunk,
+    SnapshotChunk, StateSnapshot,
 };
 
 /// The Peer service.
@@ -141,8 +141,17 @@ impl Peer for PeerService {
                 data.len()
             )));
         }
-        tracing::info!(peer = %format!("{from:x}"), bytes = total,
-            index = m.get_snapshot().get_metadata().index, "received snapshot");
+        let index = m.get_snapshot().get_metadata().index;
+        // Checked here, where a bad one can be refused: once stepped, Raft resets the log to it.
+        match <StateSnapshot as prost::Message>::decode(data.as_slice()) {
+            Ok(s) if s.complete && s.index == index => {}
+            _ => {
+                return Err(Status::invalid_argument(
+                    "snapshot data is not a complete state image at its index",
+                ))
+            }
+        }
+        tracing::info!(peer = %format!("{from:x}"), bytes = total, index, "received snapshot");
         m.mut_snapshot().data = data.into();
         // Awaited rather than dropped when the inbox is full: a snapshot is costly to resend.
         self.node
