@@ -160,6 +160,51 @@ async fn three_members_come_up_with_etcds_flags() {
         None,
     ));
     assert_eq!(all, "hello\n");
+
+    // etcdctl given all three endpoints: the commands a single member serves work the same.
+    let lease = ok_stdout(&etcdctl(&endpoints, &["lease", "grant", "600"], None));
+    let lease = lease
+        .split_whitespace()
+        .nth(1)
+        .expect("lease ID")
+        .to_string();
+    let commands: Vec<Vec<&str>> = vec![
+        vec!["put", "k1", "v1", "--lease", &lease],
+        vec!["put", "k2", "v2", "--prev-kv"],
+        vec![
+            "get",
+            "k",
+            "--prefix",
+            "--sort-by",
+            "modify",
+            "--order",
+            "descend",
+        ],
+        vec!["get", "k", "--prefix", "--consistency", "s", "--keys-only"],
+        vec!["del", "k2", "--prev-kv"],
+        vec!["lease", "list"],
+        vec!["lease", "timetolive", &lease, "--keys"],
+        vec!["lease", "keep-alive", "--once", &lease],
+        vec!["compaction", "3"],
+        vec!["defrag", "--cluster"],
+        vec!["endpoint", "hashkv", "--cluster"],
+        vec!["alarm", "list"],
+        vec!["lock", "mutex", "--", "true"],
+        vec!["lease", "revoke", &lease],
+    ];
+    for args in &commands {
+        let out = etcdctl(&endpoints, args, None);
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let txn = "value(\"greeting\") = \"hello\"\n\nput greeting bye\n\nput greeting no\n\n";
+    let out = ok_stdout(&etcdctl(&endpoints, &["txn"], Some(txn)));
+    assert!(out.starts_with("SUCCESS"), "{out}");
+    let gone = ok_stdout(&etcdctl(&endpoints, &["get", "k1"], None));
+    assert_eq!(gone, "", "revoking the lease deleted its key");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
