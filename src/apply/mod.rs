@@ -328,7 +328,11 @@ impl Dispatcher {
         self.leases.restore(&snap.leases);
         // The shards' stored leases went with the reset: the barrier writes them all again.
         self.lease_changes = snap.leases.iter().map(|r| (r.id, Some(*r))).collect();
-        self.membership = Arc::new(Membership::from_records(&snap.members, &snap.removed));
+        // A snapshot written before membership was in the log has no members: the table the
+        // Raft node derived at start-up (this member alone) stands.
+        if !snap.members.is_empty() {
+            self.membership = Arc::new(Membership::from_records(&snap.members, &snap.removed));
+        }
         self.barrier();
         self.publish();
         tracing::info!(
