@@ -441,6 +441,9 @@ impl RaftNode {
                 self.flush_reads();
                 self.ready_or_exit();
             }
+            if self.raw.raft.state != StateRole::Leader {
+                self.raw.store().release_image();
+            }
             self.publish_status();
         }
     }

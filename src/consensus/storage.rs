@@ -54,9 +54,10 @@ impl RaftStorage {
         self.mem.rl()
     }
 
-    /// Frees the image once no follower is being sent it (it holds a copy of every key).
+    /// Frees the image (it holds a copy of every key), or forgets the one being built: when
+    /// no follower is being sent it, or this member no longer leads.
     pub fn release_image(&self) {
-        if matches!(*self.image.borrow(), Image::Ready(_)) {
+        if !matches!(*self.image.borrow(), Image::None) {
             *self.image.borrow_mut() = Image::None;
         }
     }
@@ -188,6 +189,10 @@ mod tests {
         assert_eq!(snap.get_metadata().get_conf_state().voters, vec![1, 2]);
         assert_eq!(&snap.data[..], b"image");
         // A member the image does not name needs a newer one.
+        assert_eq!(storage.snapshot(0, 3), unavailable);
+        assert!(matches!(rx.try_recv(), Ok(ApplyMsg::Image(_))));
+        // Released (no longer leading): the next request starts over.
+        storage.release_image();
         assert_eq!(storage.snapshot(0, 3), unavailable);
         assert!(matches!(rx.try_recv(), Ok(ApplyMsg::Image(_))));
     }
