@@ -58,6 +58,27 @@ impl Cluster {
     /// Starts `n` members as a new cluster with `extra` flags on each, and waits until all
     /// are ready and agree on a leader.
     pub async fn start(n: usize, extra: &[&str]) -> Cluster {
+        // Ports are picked before the members bind them (every member must know every peer
+        // URL up front), so another process may take one meanwhile: start again on new ones.
+        let mut attempt = 0;
+        let mut cluster = loop {
+            attempt += 1;
+            match Cluster::try_start(n, extra) {
+                Ok(cluster) => break cluster,
+                Err(e) if e.contains("cannot listen") && attempt < 5 => continue,
+                Err(e) => panic!("cluster members start: {e}"),
+            }
+        };
+        for i in 0..n {
+            cluster.ids[i] = cluster.member_id(i).await;
+        }
+        cluster.wait_for_leader(Duration::from_secs(20)).await;
+        cluster
+    }
+
+    /// Starts the members on fresh ports and data dirs and waits until each is ready. On
+    /// failure, every member started is stopped (dropped with the cluster).
+    fn try_start(n: usize, extra: &[&str]) -> Result<Cluster, String> {
         let tmp = tempfile::tempdir().expect("tempdir");
         let token = format!("test-{}-{}", std::process::id(), free_port());
         let mut specs: Vec<MemberSpec> = (0..n)
@@ -89,14 +110,17 @@ impl Cluster {
         };
         // Every member must run before any can win an election.
         let starting: Vec<_> = (0..n).map(|i| cluster.spawn(i)).collect();
+        let mut failure = None;
         for (i, s) in starting.into_iter().enumerate() {
-            cluster.servers[i] = Some(s.join().expect("start thread").expect("member starts"));
+            match s.join().expect("start thread") {
+                Ok(server) => cluster.servers[i] = Some(server),
+                Err(e) => failure = Some(e),
+            }
         }
-        for i in 0..n {
-            cluster.ids[i] = cluster.member_id(i).await;
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(cluster),
         }
-        cluster.wait_for_leader(Duration::from_secs(20)).await;
-        cluster
     }
 
     fn args(&self, i: usize) -> Vec<String> {

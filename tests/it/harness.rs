@@ -18,6 +18,12 @@ struct Starting {
 }
 
 impl Starting {
+    /// Kills a server that will not be waited for.
+    fn abandon(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Waits for the ready line; on failure kills the process and returns its output.
     fn wait_ready(mut self) -> Result<Server, String> {
         let deadline = std::time::Instant::now() + START_TIMEOUT;
@@ -108,9 +114,9 @@ impl Server {
         s
     }
 
-    /// Starts a three-member cluster with etcd's flags and returns its leader (`leader`) or a
-    /// follower; the other members live as long as the returned server.
-    fn start_in_cluster(leader: bool) -> Server {
+    /// Three fresh members of a new cluster on free ports, all ready (a member is ready once
+    /// it knows a leader). On failure, the members started so far are stopped.
+    fn try_start_cluster() -> Result<(tempfile::TempDir, Vec<Server>), String> {
         let tmp = tempfile::tempdir().expect("tempdir");
         let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
         let initial: Vec<String> = ports
@@ -118,42 +124,65 @@ impl Server {
             .enumerate()
             .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
             .collect();
-        let starting: Vec<Starting> = ports
-            .iter()
-            .enumerate()
-            .map(|(i, (client, peer))| {
-                let dir = tmp.path().join(format!("m{i}"));
-                let (curl, purl) = (
-                    format!("http://127.0.0.1:{client}"),
-                    format!("http://127.0.0.1:{peer}"),
-                );
-                let args = [
-                    "--data-dir",
-                    &dir.display().to_string(),
-                    "--name",
-                    &format!("m{i}"),
-                    "--listen-client-urls",
-                    &curl,
-                    "--advertise-client-urls",
-                    &curl,
-                    "--listen-peer-urls",
-                    &purl,
-                    "--initial-advertise-peer-urls",
-                    &purl,
-                    "--initial-cluster",
-                    &initial.join(","),
-                    "--initial-cluster-state",
-                    "new",
-                ]
-                .map(str::to_string)
-                .to_vec();
-                Server::spawn(&dir, args, &[], &[]).expect("spawn a member")
-            })
-            .collect();
-        let mut members: Vec<Server> = starting
+        let mut starting = Vec::new();
+        for (i, (client, peer)) in ports.iter().enumerate() {
+            let dir = tmp.path().join(format!("m{i}"));
+            let (curl, purl) = (
+                format!("http://127.0.0.1:{client}"),
+                format!("http://127.0.0.1:{peer}"),
+            );
+            let args = [
+                "--data-dir",
+                &dir.display().to_string(),
+                "--name",
+                &format!("m{i}"),
+                "--listen-client-urls",
+                &curl,
+                "--advertise-client-urls",
+                &curl,
+                "--listen-peer-urls",
+                &purl,
+                "--initial-advertise-peer-urls",
+                &purl,
+                "--initial-cluster",
+                &initial.join(","),
+                "--initial-cluster-state",
+                "new",
+            ]
+            .map(str::to_string)
+            .to_vec();
+            match Server::spawn(&dir, args, &[], &[]) {
+                Ok(member) => starting.push(member),
+                Err(e) => {
+                    starting.into_iter().for_each(Starting::abandon);
+                    return Err(e);
+                }
+            }
+        }
+        // Every member is waited for (a failed one is killed by its wait), so none is left
+        // running when another fails; the started ones are killed when dropped.
+        let members: Vec<Result<Server, String>> =
+            starting.into_iter().map(Starting::wait_ready).collect();
+        let members = members
             .into_iter()
-            .map(|s| s.wait_ready().expect("member starts"))
-            .collect();
+            .collect::<Result<Vec<Server>, String>>()?;
+        Ok((tmp, members))
+    }
+
+    /// Starts a three-member cluster with etcd's flags and returns its leader (`leader`) or a
+    /// follower; the other members live as long as the returned server.
+    fn start_in_cluster(leader: bool) -> Server {
+        // Ports are picked before the members bind them (every member must know every peer
+        // URL up front), so another process may take one meanwhile: start again on new ones.
+        let mut attempt = 0;
+        let (tmp, mut members) = loop {
+            attempt += 1;
+            match Server::try_start_cluster() {
+                Ok(started) => break started,
+                Err(e) if e.contains("cannot listen") && attempt < 5 => continue,
+                Err(e) => panic!("cluster members start: {e}"),
+            }
+        };
         // Every member is ready only once it knows a leader; ask them who it is.
         let endpoints: Vec<&str> = members.iter().map(|m| m.endpoint.as_str()).collect();
         let status = ok_stdout(&etcdctl(
