@@ -68,6 +68,17 @@ macro_rules! stream_end {
     };
 }
 
+/// Puts `key = "1"` attached to `lease`.
+async fn put_leased(c: &mut Client, key: &str, lease: i64) {
+    c.put(
+        key,
+        "1",
+        Some(etcd_client::PutOptions::new().with_lease(lease)),
+    )
+    .await
+    .unwrap();
+}
+
 async fn clients(cluster: &Cluster) -> Vec<Client> {
     let mut out = Vec::new();
     for i in 0..cluster.specs.len() {
@@ -654,13 +665,7 @@ async fn members_whose_log_was_compacted_away_catch_up_through_a_snapshot() {
     let leader = cluster.wait_for_leader(Duration::from_secs(10)).await;
     let mut c = cluster.client(leader).await;
     let lease = c.lease_grant(600, None).await.unwrap().id();
-    c.put(
-        "leased",
-        "1",
-        Some(etcd_client::PutOptions::new().with_lease(lease)),
-    )
-    .await
-    .unwrap();
+    put_leased(&mut c, "leased", lease).await;
     for n in 0..30 {
         c.put(format!("k{n}"), format!("a{n}"), None).await.unwrap();
     }
@@ -814,13 +819,7 @@ async fn repeated_elections_do_not_keep_a_lease_alive() {
     let granted = Instant::now();
     let ttl = 8;
     let lease = c.lease_grant(ttl, None).await.unwrap().id();
-    c.put(
-        "leased",
-        "1",
-        Some(etcd_client::PutOptions::new().with_lease(lease)),
-    )
-    .await
-    .unwrap();
+    put_leased(&mut c, "leased", lease).await;
     // Leadership moves every two seconds, well within the TTL (and each leader stays long
     // enough to checkpoint once): without checkpoints every new leader would grant the lease
     // its full TTL again, and it would never expire.
