@@ -210,7 +210,13 @@ async fn stop_returns_a_partial_report_and_samples() {
     let (report, cli) = run.await.unwrap();
     let report = report.unwrap();
     assert!(report.interrupted);
-    assert!(report.summary.count >= 20 && report.summary.count < 1_000_000);
+    // The server had applied 20 puts; the replies to the last ones (at most one per client,
+    // so 2) may still have been on their way back when the run stopped.
+    assert!(
+        report.summary.count >= 18 && report.summary.count < 1_000_000,
+        "{}",
+        report.summary.count
+    );
     assert_eq!(report.errors, 0);
 
     let out = metastore_loadgen::render(&report, &cli.global).unwrap();
