@@ -2,6 +2,7 @@
 //! membership table for members joining with `--initial-cluster-state existing`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use protobuf::Message as _;
 use raft::prelude::Message;
@@ -220,6 +221,20 @@ impl Peer for PeerService {
     }
 }
 
+/// A Peer client for one peer URL: `connect` bounds the dial, `request` each call.
+async fn peer_client(
+    url: &str,
+    connect: Duration,
+    request: Duration,
+) -> anyhow::Result<PeerClient<tonic::transport::Channel>> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())?
+        .connect_timeout(connect)
+        .timeout(request)
+        .connect()
+        .await?;
+    Ok(PeerClient::new(channel))
+}
+
 /// What a joining member learns from the cluster: the cluster ID and the members, asked of
 /// each peer URL in turn (etcd `GetClusterFromRemotePeers`).
 ///
@@ -228,13 +243,9 @@ pub async fn fetch_members(peer_urls: &[String]) -> anyhow::Result<(u64, Vec<Mem
     let mut errors = Vec::new();
     for url in peer_urls {
         let attempt = async {
-            let channel = tonic::transport::Endpoint::from_shared(url.clone())?
-                .connect_timeout(std::time::Duration::from_secs(2))
-                .timeout(std::time::Duration::from_secs(5))
-                .connect()
-                .await?;
-            let resp = PeerClient::new(channel).members(MembersRequest {}).await?;
-            anyhow::Ok(resp.into_inner())
+            let mut client =
+                peer_client(url, Duration::from_secs(2), Duration::from_secs(5)).await?;
+            anyhow::Ok(client.members(MembersRequest {}).await?.into_inner())
         };
         match attempt.await {
             Ok(r) => return Ok((r.cluster_id, r.members)),
@@ -254,15 +265,9 @@ pub async fn fetch_members(peer_urls: &[String]) -> anyhow::Result<(u64, Vec<Mem
 pub async fn fetch_progress(peer_urls: &[String]) -> Result<Vec<PeerProgress>, EtcdError> {
     for url in peer_urls {
         let attempt = async {
-            let channel = tonic::transport::Endpoint::from_shared(url.clone())?
-                .connect_timeout(std::time::Duration::from_secs(1))
-                .timeout(std::time::Duration::from_secs(2))
-                .connect()
-                .await?;
-            let resp = PeerClient::new(channel)
-                .progress(ProgressRequest {})
-                .await?;
-            anyhow::Ok(resp.into_inner())
+            let mut client =
+                peer_client(url, Duration::from_secs(1), Duration::from_secs(2)).await?;
+            anyhow::Ok(client.progress(ProgressRequest {}).await?.into_inner())
         };
         if let Ok(r) = attempt.await {
             return Ok(r
@@ -272,7 +277,7 @@ pub async fn fetch_progress(peer_urls: &[String]) -> Result<Vec<PeerProgress>, E
                     id: p.id,
                     matched: p.matched,
                     connected_for: (p.connected_ms > 0)
-                        .then(|| std::time::Duration::from_millis(p.connected_ms)),
+                        .then(|| Duration::from_millis(p.connected_ms)),
                 })
                 .collect());
         }
