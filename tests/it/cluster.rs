@@ -402,22 +402,8 @@ async fn members_are_added_promoted_and_removed_with_etcdctl() {
         "{dup:?}"
     );
     cluster.start_added(new).await;
+    wait_for_key(&cluster, new, "k19", Duration::from_secs(20)).await;
     let mut learner = cluster.client(new).await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let r = learner
-            .get("k19", Some(GetOptions::new().with_serializable()))
-            .await;
-        if r.is_ok_and(|r| r.count() == 1) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the learner never caught up\n{}",
-            cluster.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     // A learner serves serializable reads only.
     let (code, msg) = crate::util::grpc_err(learner.get("k19", None).await);
     assert_eq!(
