@@ -15,6 +15,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        // tonic-prost's codec with etcd's error for txns nested too deep (src/server/codec.rs).
+        .codec_path("crate::server::codec::EtcdCodec")
         .compile_protos(&protos, &["proto"])?;
     Ok(())
 }

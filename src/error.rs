@@ -107,6 +107,10 @@ pub enum EtcdError {
     /// Traffic from (or to) a member that was removed from the cluster (FailedPrecondition).
     #[error("etcdserver: the member has been permanently removed from the cluster")]
     MemberRemoved,
+    /// A committed proposal that this build cannot decode (Internal). It is applied as a no-op
+    /// on every member alike; etcd would panic instead (`pbutil.MustUnmarshal`).
+    #[error("etcdserver: the request cannot be decoded from the raft log")]
+    UndecodableProposal,
     /// The RPC exists in etcd but this member does not serve it yet (Unimplemented).
     #[error("etcdserver: {0} is not supported by this member yet")]
     Unsupported(&'static str),
@@ -137,6 +141,7 @@ impl EtcdError {
             NoSpace => Code::ResourceExhausted,
             NoLeader | LeaderChanged | Stopped | Timeout | Unhealthy => Code::Unavailable,
             LeaderTransferTimeout => Code::Unknown,
+            UndecodableProposal => Code::Internal,
             Unsupported(_) => Code::Unimplemented,
         }
     }

@@ -402,22 +402,22 @@ impl Dispatcher {
                     let _ = s.apply.send(ApplyCmd::Entry { index: entry.index });
                 }
             }
-            let mut data = entry.data.as_slice();
-            while !data.is_empty() {
-                match <Proposal as prost::Message>::decode_length_delimited(&mut data) {
-                    Ok(p) => {
-                        let outcome = self.apply_proposal(p.request);
-                        // Only the member that proposed it has a waiter (0: written before
-                        // clusters, by this member).
-                        if p.origin == 0 || p.origin == self.pending.member_id() {
-                            outcomes.push((p.id, outcome));
-                        }
+            for decoded in proposals(&entry.data) {
+                let (origin, id, outcome) = match decoded {
+                    Decoded::Proposal(p) => (p.origin, p.id, self.apply_proposal(p.request)),
+                    Decoded::Undecodable { origin, id, error } => {
+                        // Identical bytes on every replica: every member skips exactly this one
+                        // proposal, and its client is told.
+                        tracing::error!(index = entry.index, proposal = id, error = %error,
+                            "undecodable proposal skipped");
+                        let outcome = Outcome::Done(Err(EtcdError::UndecodableProposal));
+                        (origin, id, outcome)
                     }
-                    Err(e) => {
-                        // Identical bytes on every replica, so skipping is still deterministic.
-                        tracing::error!(index = entry.index, error = %e, "undecodable log entry skipped");
-                        break;
-                    }
+                };
+                // Only the member that proposed it has a waiter (0: written before clusters, by
+                // this member).
+                if origin == 0 || origin == self.pending.member_id() {
+                    outcomes.push((id, outcome));
                 }
             }
             self.applied_index = entry.index;
@@ -607,7 +607,9 @@ impl Dispatcher {
         if g.ttl > MAX_LEASE_TTL {
             return Err(EtcdError::LeaseTtlTooLarge);
         }
-        if g.id <= 0 || self.leases.contains(g.id) {
+        // etcd lessor.Grant: any ID but 0 (NoLease; the front end mints one for it), negative
+        // ones included.
+        if g.id == 0 || self.leases.contains(g.id) {
             return Err(EtcdError::LeaseExists);
         }
         let ttl = g.ttl.max(self.min_lease_ttl);
@@ -903,6 +905,68 @@ impl Dispatcher {
     }
 }
 
+/// One proposal of a Raft entry, as [`proposals`] splits them.
+#[derive(Debug)]
+enum Decoded {
+    Proposal(Proposal),
+    /// A frame that does not decode as a `Proposal`; `origin` and `id` are read on their own
+    /// (0 when even they cannot be), so its waiter can still be answered.
+    Undecodable {
+        origin: u64,
+        id: u64,
+        error: prost::DecodeError,
+    },
+}
+
+/// The fields of a `metastorepb.Proposal` that tie it to its waiter; decoding only these skips
+/// the request, however it is damaged.
+#[derive(Clone, PartialEq, prost::Message)]
+struct ProposalHeader {
+    #[prost(uint64, tag = "1")]
+    id: u64,
+    #[prost(uint64, tag = "15")]
+    origin: u64,
+}
+
+/// Splits a Raft entry's data (length-delimited `Proposal`s, see `metastore.proto`) into its
+/// proposals and decodes each on its own, so that one that fails to decode affects no other.
+/// Only a broken length prefix ends the entry early (the WAL's checksums make that a bug, not
+/// damage): it is logged, and the rest of the entry is skipped on every member alike.
+fn proposals(data: &[u8]) -> impl Iterator<Item = Decoded> + '_ {
+    let mut rest = data;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let frame = match prost::decode_length_delimiter(&mut rest) {
+            Ok(len) if len <= rest.len() => {
+                let (frame, after) = rest.split_at(len);
+                rest = after;
+                frame
+            }
+            _ => {
+                tracing::error!(
+                    bytes = rest.len(),
+                    "broken proposal framing in a log entry: the rest of it is skipped"
+                );
+                rest = &[];
+                return None;
+            }
+        };
+        Some(match <Proposal as prost::Message>::decode(frame) {
+            Ok(p) => Decoded::Proposal(p),
+            Err(error) => {
+                let header = <ProposalHeader as prost::Message>::decode(frame).unwrap_or_default();
+                Decoded::Undecodable {
+                    origin: header.origin,
+                    id: header.id,
+                    error,
+                }
+            }
+        })
+    })
+}
+
 /// Progress of one txn's execution.
 struct TxnExec {
     rev: i64,
@@ -918,5 +982,93 @@ impl TxnExec {
         } else {
             before
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::etcdserverpb::{request_op::Request as Op, RequestOp};
+
+    fn framed(p: &Proposal) -> Vec<u8> {
+        prost::Message::encode_length_delimited_to_vec(p)
+    }
+
+    fn put(id: u64, key: &str) -> Proposal {
+        Proposal {
+            id,
+            origin: 7,
+            request: Some(Proposed::Put(PutRequest {
+                key: key.into(),
+                ..Default::default()
+            })),
+        }
+    }
+
+    #[test]
+    fn one_undecodable_proposal_leaves_the_others_in_its_entry() {
+        // A proposal whose request fails to decode (a truncated PutRequest inside it), between
+        // two good ones.
+        let mut bad = prost::Message::encode_to_vec(&put(2, "bad"));
+        // The put's key is encoded as `0a 03 "bad"`: claim 9 bytes of key instead.
+        let at = bad
+            .windows(5)
+            .position(|w| w == b"\x0a\x03bad")
+            .expect("the key's encoding")
+            + 1;
+        bad[at] = 9;
+        let bad = {
+            let mut b = Vec::new();
+            prost::encode_length_delimiter(bad.len(), &mut b).unwrap();
+            b.extend_from_slice(&bad);
+            b
+        };
+        let mut data = framed(&put(1, "a"));
+        data.extend_from_slice(&bad);
+        data.extend_from_slice(&framed(&put(3, "c")));
+        let got: Vec<Decoded> = proposals(&data).collect();
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert!(matches!(&got[0], Decoded::Proposal(p) if p.id == 1));
+        assert!(
+            matches!(
+                &got[1],
+                Decoded::Undecodable {
+                    origin: 7,
+                    id: 2,
+                    ..
+                }
+            ),
+            "{:?}",
+            got[1]
+        );
+        assert!(matches!(&got[2], Decoded::Proposal(p) if p.id == 3));
+    }
+
+    #[test]
+    fn a_txn_nested_as_deep_as_allowed_decodes_inside_a_proposal() {
+        let mut t = TxnRequest {
+            success: vec![RequestOp {
+                request: Some(Op::RequestPut(PutRequest {
+                    key: b"k".to_vec(),
+                    ..Default::default()
+                })),
+            }],
+            ..Default::default()
+        };
+        for _ in 1..crate::server::validate::MAX_TXN_DEPTH {
+            t = TxnRequest {
+                success: vec![RequestOp {
+                    request: Some(Op::RequestTxn(t)),
+                }],
+                ..Default::default()
+            };
+        }
+        let p = Proposal {
+            id: 9,
+            origin: 1,
+            request: Some(Proposed::Txn(t)),
+        };
+        let got: Vec<Decoded> = proposals(&framed(&p)).collect();
+        assert!(matches!(&got[..], [Decoded::Proposal(p)] if p.id == 9));
     }
 }

@@ -146,9 +146,49 @@ where
                 let response = tonic::Status::from(e).into_http::<RB>();
                 Box::pin(async move { Ok(response) })
             }
-            None => Box::pin(self.inner.call(req)),
+            None => {
+                let call = self.inner.call(req);
+                Box::pin(async move {
+                    let mut response = call.await?;
+                    grpc_size_status(response.headers_mut());
+                    Ok(response)
+                })
+            }
         }
     }
+}
+
+/// tonic's refusal of a request message above the decoding limit, as its headers carry it.
+const TONIC_TOO_LARGE: &str = "Error, decoded message length too large: found ";
+
+/// Rewrites tonic's refusal of an oversized request (OUT_OF_RANGE "Error, decoded message
+/// length too large: found N bytes, the limit is: M bytes") into grpc-go's, which etcd's
+/// clients see: RESOURCE_EXHAUSTED "grpc: received message larger than max (N vs. M)". The
+/// limit is `--max-request-bytes` plus etcd's 512 KiB of gRPC overhead; requests between the
+/// two limits get etcd's own "etcdserver: request is too large" from the handlers.
+fn grpc_size_status(headers: &mut http::HeaderMap) {
+    if headers.get("grpc-status").map(http::HeaderValue::as_bytes) != Some(b"11") {
+        return;
+    }
+    let Some(refused) = tonic::Status::from_header_map(headers) else {
+        return;
+    };
+    let Some(rest) = refused.message().strip_prefix(TONIC_TOO_LARGE) else {
+        return;
+    };
+    let numbers: Vec<&str> = rest
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|n| !n.is_empty())
+        .collect();
+    let [found, limit] = numbers[..] else {
+        return;
+    };
+    let status = tonic::Status::resource_exhausted(format!(
+        "grpc: received message larger than max ({found} vs. {limit})"
+    ));
+    headers.remove("grpc-message");
+    headers.remove("grpc-status");
+    let _ = status.add_header(headers);
 }
 
 #[cfg(test)]
@@ -175,6 +215,31 @@ mod tests {
         tokio::time::sleep(election * 2).await;
         let ended = rx.try_recv().expect("ended after the third check");
         assert_eq!(ended.unwrap_err().message(), "etcdserver: no leader");
+    }
+
+    #[test]
+    fn oversized_requests_get_grpc_gos_status() {
+        let mut headers = http::HeaderMap::new();
+        tonic::Status::out_of_range(
+            "Error, decoded message length too large: found 3000017 bytes, the limit is: 2097152 bytes",
+        )
+        .add_header(&mut headers)
+        .unwrap();
+        grpc_size_status(&mut headers);
+        let status = tonic::Status::from_header_map(&headers).unwrap();
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(
+            status.message(),
+            "grpc: received message larger than max (3000017 vs. 2097152)"
+        );
+        // Other OUT_OF_RANGE errors (a compacted revision) are left as they are.
+        let mut headers = http::HeaderMap::new();
+        tonic::Status::from(EtcdError::Compacted)
+            .add_header(&mut headers)
+            .unwrap();
+        grpc_size_status(&mut headers);
+        let status = tonic::Status::from_header_map(&headers).unwrap();
+        assert_eq!(status.code(), tonic::Code::OutOfRange);
     }
 
     #[test]

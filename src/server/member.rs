@@ -20,8 +20,10 @@ pub struct Member {
     pub peer_urls: Vec<String>,
     /// Advertised client URLs.
     pub client_urls: Vec<String>,
-    /// How many times this data directory has been started (1 on first boot).
-    pub boot: u64,
+    /// When this start began, in microseconds since the Unix epoch: unique to this start of
+    /// the data directory (proposal IDs and lease IDs are derived from it, so they never repeat
+    /// those of an earlier start whose entries the log may still replay).
+    pub boot_stamp: u64,
 }
 
 /// A URL as etcd prints it: `scheme://host:port`, no trailing slash.
@@ -80,8 +82,13 @@ impl Member {
     }
 
     /// Loads the identity from `<member_dir>/identity`, or creates it on first boot from
-    /// `identity` = (member ID, cluster ID). The boot counter is incremented and saved on every
-    /// start (it keeps proposal IDs unique).
+    /// `identity` = (member ID, cluster ID).
+    ///
+    /// Only a first boot writes: a restart reads the file and nothing else, so a member whose
+    /// disk is full still starts and serves reads.
+    ///
+    /// Errors: [`MemberError::Io`] when the file cannot be read (or, on first boot, written),
+    /// [`MemberError::Malformed`] when it does not hold both IDs.
     pub fn load_or_create(
         member_dir: &Path,
         name: &str,
@@ -95,7 +102,7 @@ impl Member {
             path: shown.clone(),
             source,
         };
-        let (id, cluster_id, boot) = match fs::read_to_string(&path) {
+        let (id, cluster_id) = match fs::read_to_string(&path) {
             Ok(text) => {
                 let field = |k: &str| {
                     text.lines()
@@ -103,33 +110,39 @@ impl Member {
                         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
                         .ok_or_else(|| MemberError::Malformed(shown.clone()))
                 };
-                (
-                    field("member_id")?,
-                    field("cluster_id")?,
-                    field("boot")? + 1,
-                )
+                (field("member_id")?, field("cluster_id")?)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (identity.0, identity.1, 1),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let (id, cluster_id) = identity;
+                let tmp = member_dir.join("identity.tmp");
+                let mut f = fs::File::create(&tmp).map_err(io)?;
+                write!(f, "member_id={id:x}\ncluster_id={cluster_id:x}\n").map_err(io)?;
+                f.sync_all().map_err(io)?;
+                fs::rename(&tmp, &path).map_err(io)?;
+                fs::File::open(member_dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(io)?;
+                (id, cluster_id)
+            }
             Err(e) => return Err(io(e)),
         };
-        let tmp = member_dir.join("identity.tmp");
-        let mut f = fs::File::create(&tmp).map_err(io)?;
-        write!(
-            f,
-            "member_id={id:x}\ncluster_id={cluster_id:x}\nboot={boot:x}\n"
-        )
-        .map_err(io)?;
-        f.sync_all().map_err(io)?;
-        fs::rename(&tmp, &path).map_err(io)?;
         Ok(Member {
             id,
             cluster_id,
             name: name.to_string(),
             peer_urls,
             client_urls,
-            boot,
+            boot_stamp: boot_stamp(),
         })
     }
+}
+
+/// Microseconds since the Unix epoch, and never 0.
+fn boot_stamp() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_micros() as u64)
+        .max(1)
 }
 
 #[cfg(test)]
@@ -145,10 +158,32 @@ mod tests {
         let b = Member::load_or_create(dir.path(), "n", peers, vec![], (1, 1)).unwrap();
         assert_eq!((a.id, a.cluster_id), (b.id, b.cluster_id));
         assert_eq!((b.id, b.cluster_id), (id, 7), "a saved identity wins");
-        assert_eq!((a.boot, b.boot), (1, 2));
+        assert!(b.boot_stamp >= a.boot_stamp && a.boot_stamp > 0);
         assert_ne!(
             member_id(&["http://a:1".into()], "t"),
             member_id(&["http://a:1".into()], "u")
+        );
+    }
+
+    #[test]
+    fn a_restart_writes_nothing() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let peers = vec!["http://localhost:2380".to_string()];
+        Member::load_or_create(dir.path(), "n", peers.clone(), vec![], (5, 7)).unwrap();
+        let path = dir.path().join("identity");
+        let before = fs::metadata(&path).unwrap();
+        // A file from before boot stamps (with a boot counter) still loads.
+        fs::write(&path, "member_id=5\ncluster_id=7\nboot=3\n").unwrap();
+        let before_ino = fs::metadata(&path).unwrap().ino();
+        assert_eq!(before.ino(), before_ino, "rewritten in place by the test");
+        let m = Member::load_or_create(dir.path(), "n", peers, vec![], (1, 1)).unwrap();
+        assert_eq!((m.id, m.cluster_id), (5, 7));
+        let after = fs::metadata(&path).unwrap();
+        assert_eq!(after.ino(), before_ino, "the identity file was replaced");
+        assert_eq!(
+            fs::read_to_string(&path).unwrap(),
+            "member_id=5\ncluster_id=7\nboot=3\n"
         );
     }
 }

@@ -43,16 +43,32 @@ pub fn check_delete(r: &DeleteRangeRequest) -> Result<(), EtcdError> {
     Ok(())
 }
 
+/// How deep txns may nest inside txns, whatever `--max-txn-ops` allows: each level costs
+/// stack in the protobuf decoder and in apply (see `vendor/prost/PATCH.md`). etcd's own limit,
+/// the op budget below, is at most 128 levels with its default `--max-txn-ops`.
+pub const MAX_TXN_DEPTH: usize = 512;
+
 /// etcd `checkTxnRequest` plus `checkIntervals` on both branches.
+///
+/// As in etcd, a nested txn gets what its parent left of the op budget: `max_txn_ops` minus
+/// the parent's `max(compares, success ops, failure ops)`. So a chain of txns nested one in
+/// another is refused past `max_txn_ops` levels, and past [`MAX_TXN_DEPTH`] levels in any case.
+///
+/// Errors: `TooManyOps` ("etcdserver: too many operations in txn request"), `EmptyKey`,
+/// `KeyNotFound` (an empty op), `ValueProvided`, `LeaseProvided`, `InvalidSortOption`,
+/// `DuplicateKey`, all InvalidArgument as in etcd.
 pub fn check_txn(r: &TxnRequest, max_txn_ops: usize) -> Result<(), EtcdError> {
-    check_txn_ops(r, max_txn_ops)?;
+    check_txn_ops(r, max_txn_ops, 1)?;
     check_intervals(&r.success)?;
     check_intervals(&r.failure)?;
     Ok(())
 }
 
-fn check_txn_ops(r: &TxnRequest, max_txn_ops: usize) -> Result<(), EtcdError> {
-    if r.compare.len().max(r.success.len()).max(r.failure.len()) > max_txn_ops {
+/// etcd `checkTxnRequest` with `budget` ops left; `depth` is this txn's nesting level (1 for
+/// the request itself).
+fn check_txn_ops(r: &TxnRequest, budget: usize, depth: usize) -> Result<(), EtcdError> {
+    let ops = r.compare.len().max(r.success.len()).max(r.failure.len());
+    if ops > budget || depth > MAX_TXN_DEPTH {
         return Err(EtcdError::TooManyOps);
     }
     if r.compare.iter().any(|c| c.key.is_empty()) {
@@ -63,7 +79,7 @@ fn check_txn_ops(r: &TxnRequest, max_txn_ops: usize) -> Result<(), EtcdError> {
             Some(OpRequest::RequestRange(q)) => check_range(q)?,
             Some(OpRequest::RequestPut(q)) => check_put(q)?,
             Some(OpRequest::RequestDeleteRange(q)) => check_delete(q)?,
-            Some(OpRequest::RequestTxn(q)) => check_txn_ops(q, max_txn_ops)?,
+            Some(OpRequest::RequestTxn(q)) => check_txn_ops(q, budget - ops, depth + 1)?,
             None => return Err(EtcdError::KeyNotFound),
         }
     }
@@ -184,6 +200,46 @@ mod tests {
         assert_eq!(
             check_txn(&txn(vec![nested, put("x")], vec![]), 128),
             Err(EtcdError::DuplicateKey)
+        );
+    }
+
+    /// A chain of `depth` txns, each the only success op of its parent; the innermost puts.
+    pub(crate) fn nested(depth: usize) -> TxnRequest {
+        let mut t = txn(vec![put("leaf")], vec![]);
+        for _ in 1..depth {
+            t = txn(
+                vec![RequestOp {
+                    request: Some(OpRequest::RequestTxn(t)),
+                }],
+                vec![],
+            );
+        }
+        t
+    }
+
+    #[test]
+    fn nested_txns_share_the_op_budget_as_in_etcd() {
+        // etcd checkTxnRequest: each level spends one op of the budget on its nested txn.
+        assert_eq!(check_txn(&nested(128), 128), Ok(()));
+        assert_eq!(check_txn(&nested(129), 128), Err(EtcdError::TooManyOps));
+        assert_eq!(check_txn(&nested(3), 2), Err(EtcdError::TooManyOps));
+        // A parent with two ops leaves its nested txn two fewer.
+        let wide = txn(
+            vec![
+                put("a"),
+                RequestOp {
+                    request: Some(OpRequest::RequestTxn(txn(vec![put("b"), put("c")], vec![]))),
+                },
+            ],
+            vec![],
+        );
+        assert_eq!(check_txn(&wide, 4), Ok(()));
+        assert_eq!(check_txn(&wide, 3), Err(EtcdError::TooManyOps));
+        // Past MAX_TXN_DEPTH whatever the budget.
+        assert_eq!(check_txn(&nested(MAX_TXN_DEPTH), 100_000), Ok(()));
+        assert_eq!(
+            check_txn(&nested(MAX_TXN_DEPTH + 1), 100_000),
+            Err(EtcdError::TooManyOps)
         );
     }
 

@@ -826,6 +826,16 @@ async fn request_errors() {
             "etcdserver: request is too large".to_string()
         )
     );
+    // Above gRPC's limit: grpc-go's own refusal, as etcd answers (regression, issue 11: tonic
+    // answered OUT_OF_RANGE "Error, decoded message length too large").
+    let huge = vec![b'z'; 3_000_000];
+    assert_eq!(
+        grpc_err(c.put("huge", huge, None).await),
+        (
+            Code::ResourceExhausted,
+            "grpc: received message larger than max (3000011 vs. 2097152)".to_string()
+        )
+    );
     // Just under the limit is fine.
     let r = c.put("ok", vec![b'y'; 1_500_000], None).await.unwrap();
     assert_eq!(
@@ -836,6 +846,7 @@ async fn request_errors() {
     let got = c.get("ok", None).await.unwrap();
     assert_eq!(got.kvs()[0].value().len(), 1_500_000);
     assert_eq!(c.get("big", None).await.unwrap().count(), 0);
+    assert_eq!(c.get("huge", None).await.unwrap().count(), 0);
 }
 
 /// etcd-client cannot express an unknown sort order or target; the raw generated client can.

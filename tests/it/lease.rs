@@ -85,6 +85,16 @@ async fn case_grant_validation(ep: &str) {
     // The failed grant changed nothing.
     assert_eq!(ttl_of(&mut c, 0x1234).await.1, 10);
 
+    // Any ID but 0 may be asked for, negative ones too, as etcd's lessor grants them
+    // (regression, issue 11: "lease already exists").
+    let r = c
+        .lease_grant(30, Some(LeaseGrantOptions::new().with_id(-7)))
+        .await
+        .unwrap();
+    assert_eq!((r.id(), r.ttl()), (-7, 30));
+    assert_eq!(ttl_of(&mut c, -7).await.1, 30);
+    c.lease_revoke(-7).await.unwrap();
+
     // Below the minimum (1.5 x the 1 s election timeout, rounded up): raised to 2.
     let r = c.lease_grant(1, None).await.unwrap();
     assert_eq!(r.ttl(), 2);

@@ -4,6 +4,7 @@
 mod check_perf;
 mod cluster;
 mod cluster_harness;
+mod disk_full;
 mod durability;
 mod etcdctl;
 mod harness;

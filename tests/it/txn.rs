@@ -746,3 +746,139 @@ async fn cross_shard_txn_is_atomic() {
         assert!(g.kvs().iter().all(|kv| kv.mod_revision() == at), "at {at}");
     }
 }
+
+/// A chain of `depth` txns, each the only success op of its parent; the innermost puts
+/// `key = value`.
+fn txn_chain(depth: usize, key: &str, value: &str) -> Txn {
+    let mut t = Txn::new().and_then(vec![TxnOp::put(key, value, None)]);
+    for _ in 1..depth {
+        t = Txn::new().and_then(vec![TxnOp::txn(t)]);
+    }
+    t
+}
+
+const TOO_MANY_OPS: &str = "etcdserver: too many operations in txn request";
+
+/// Regression (issue 11, defect 1): a txn nested 50 deep passed the front end but did not
+/// decode at apply, and apply then skipped every later proposal of the same Raft entry on every
+/// member: innocent puts were committed and never applied, their clients timed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deep_nested_txns_do_not_hold_up_other_writes() {
+    let server = Server::start();
+    for burst in 0..3 {
+        let mut tasks = Vec::new();
+        for i in 0..20 {
+            let mut deep = server.client().await;
+            let mut plain = server.client().await;
+            tasks.push(tokio::spawn(async move {
+                let key = format!("deep/{burst}/{i:02}");
+                deep.txn(txn_chain(50, &key, "d")).await.map(|_| ())
+            }));
+            tasks.push(tokio::spawn(async move {
+                let key = format!("plain/{burst}/{i:02}");
+                plain.put(key, "p", None).await.map(|_| ())
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().expect("every write succeeds");
+        }
+    }
+    let mut c = server.client().await;
+    for prefix in ["deep/", "plain/"] {
+        let r = c
+            .get(
+                prefix,
+                Some(GetOptions::new().with_prefix().with_count_only()),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.count(), 60, "{prefix}");
+    }
+    // 120 writes, one revision each.
+    assert_eq!(put_rev(&mut c, "last", "x").await, 122);
+}
+
+/// Runs `body` on a current-thread runtime in a thread with a 1 GiB stack: etcd-client encodes,
+/// decodes and drops a nested txn recursively, a few hundred bytes of stack per level.
+fn on_big_stack<F, Fut, T>(body: F) -> T
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T>,
+    T: Send + 'static,
+{
+    std::thread::Builder::new()
+        .stack_size(1 << 30)
+        .spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(body())
+        })
+        .unwrap()
+        .join()
+        .unwrap()
+}
+
+/// etcd's `checkTxnRequest` gives a nested txn what its parent leaves of `--max-txn-ops`, so
+/// with the default 128 a chain of 128 txns is accepted and 129 is not. Deeper ones, up to
+/// requests far deeper than any decoder follows, get the same error and write nothing.
+#[test]
+fn nested_txns_as_deep_as_etcd_allows() {
+    let server = Server::start();
+    let endpoint = server.endpoint.clone();
+    on_big_stack(move || async move {
+        let mut c = Client::connect([endpoint], None).await.unwrap();
+        let r = c.txn(txn_chain(128, "deepest", "v")).await.unwrap();
+        assert!(r.succeeded());
+        let mut depth = 0;
+        let mut op = r.op_responses().into_iter().next();
+        while let Some(TxnOpResponse::Txn(inner)) = op {
+            depth += 1;
+            op = inner.op_responses().into_iter().next();
+        }
+        assert!(matches!(op, Some(TxnOpResponse::Put(_))));
+        assert_eq!(depth, 127, "one response per nested txn");
+        let got = c.get("deepest", None).await.unwrap();
+        assert_eq!(values(got.kvs()), strs(&["v"]));
+
+        for depth in [129, 600, 5_000] {
+            let refused = grpc_err(c.txn(txn_chain(depth, "too-deep", "v")).await);
+            assert_eq!(
+                refused,
+                (Code::InvalidArgument, TOO_MANY_OPS.into()),
+                "{depth}"
+            );
+        }
+        let got = c.get("too-deep", None).await.unwrap();
+        assert!(got.kvs().is_empty());
+        // The server is unharmed.
+        put_rev(&mut c, "after", "x").await;
+    });
+}
+
+/// With a larger `--max-txn-ops`, nesting is still capped at 512 levels (the depth the
+/// protobuf decoder and apply are sized for).
+#[test]
+fn nesting_is_capped_at_512_levels() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::try_start(dir.path(), &["--max-txn-ops", "10000"]).unwrap();
+    let endpoint = server.endpoint.clone();
+    on_big_stack(move || async move {
+        let mut c = Client::connect([endpoint], None).await.unwrap();
+        assert!(c
+            .txn(txn_chain(512, "k512", "v"))
+            .await
+            .unwrap()
+            .succeeded());
+        assert_eq!(
+            grpc_err(c.txn(txn_chain(513, "k513", "v")).await),
+            (Code::InvalidArgument, TOO_MANY_OPS.into())
+        );
+        let got = c
+            .get("k", Some(GetOptions::new().with_prefix()))
+            .await
+            .unwrap();
+        assert_eq!(keys(got.kvs()), strs(&["k512"]));
+    });
+}
