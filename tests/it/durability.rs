@@ -496,3 +496,56 @@ async fn zeroed_wal_tail_followed_by_garbage_is_a_torn_write() {
     let mut c = server.client().await;
     assert_eq!(c.get("after", None).await.unwrap().kvs()[0].value(), b"x");
 }
+
+/// The `.snap` files of a data directory, oldest first.
+fn snap_files(data_dir: &Path) -> Vec<PathBuf> {
+    let mut snaps: Vec<PathBuf> = fs::read_dir(data_dir.join("member").join("snap"))
+        .expect("member/snap exists")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "snap"))
+        .collect();
+    snaps.sort();
+    snaps
+}
+
+#[tokio::test]
+async fn corrupt_newest_snapshot_falls_back_to_the_older_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let flags = ["--snapshot-count", "10"];
+    let server = Server::try_start(dir.path(), &flags).unwrap();
+    let mut c = server.client().await;
+    let rev = put_keys(&mut c, 35).await;
+    server.kill();
+
+    let snaps = snap_files(dir.path());
+    assert_eq!(snaps.len(), 2, "two snapshots kept: {snaps:?}");
+    let newest = snaps[1].clone();
+    let mut bytes = fs::read(&newest).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    fs::write(&newest, &bytes).unwrap();
+
+    let server = Server::try_start(dir.path(), &flags)
+        .expect("the older snapshot and the WAL after it are enough to start");
+    let name = newest.file_name().unwrap().to_str().unwrap();
+    assert!(
+        server.startup_log.contains(name),
+        "a warning names the broken snapshot:\n{}",
+        server.startup_log
+    );
+    assert!(!newest.exists());
+    assert!(newest.with_extension("snap.broken").exists());
+    check_keys(&server, 35, rev).await;
+    // And it goes on from there: more snapshots, another restart.
+    let mut c = server.client().await;
+    for i in 0..25 {
+        c.put(format!("m{i:02}"), "y", None).await.unwrap();
+    }
+    server.kill();
+    let server = Server::try_start(dir.path(), &flags).unwrap();
+    let mut c = server.client().await;
+    let (got, read_rev) = dump(&mut c, "").await;
+    assert_eq!(got.len(), 35 + 1 + 25);
+    assert_eq!(got["k34"], "v34");
+    assert_eq!(read_rev, rev + 1 + 25);
+}
