@@ -40,7 +40,7 @@ pub mod transport;
 pub mod wal;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -60,9 +60,10 @@ use crate::proto::metastorepb::{
     membership_change::Kind, MemberRecord, MembershipChange, StateSnapshot,
 };
 pub use membership::Membership;
+use snapshot::{BrokenSnapshot, Snapshotter};
 use storage::RaftStorage;
 use transport::Transport;
-use wal::{Recovered, Wal};
+use wal::{Recovered, Wal, WalError};
 
 /// Upper bound on one proposal batch (one Raft entry), bytes.
 pub const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
@@ -260,6 +261,105 @@ fn bootstrap_entries(members: &[MemberRecord]) -> Vec<Entry> {
             e
         })
         .collect()
+}
+
+/// Releases `wal` after a snapshot at `index`, up to the oldest snapshot `snapshotter` still
+/// keeps (or `index`, if lower), so that the WAL covers the gap between the snapshots kept.
+fn release_wal(wal: &mut Wal, snapshotter: &Snapshotter, index: u64) {
+    match snapshotter.oldest_index() {
+        Some(oldest) => wal.release_to(oldest.min(index)),
+        None => tracing::warn!("cannot list snapshots; WAL segments kept"),
+    }
+}
+
+/// The log a member starts from: the newest snapshot that loads and the WAL after it.
+pub struct RecoveredLog {
+    /// The snapshot, if any.
+    pub snapshot: Option<StateSnapshot>,
+    /// Newer snapshot files that failed to load and that the WAL stands in for; the caller
+    /// renames them with [`Snapshotter::mark_broken`] once the state machine can resume too.
+    pub broken: Vec<BrokenSnapshot>,
+    /// The WAL, open for appending.
+    pub wal: Wal,
+    /// Its records after the snapshot.
+    pub recovered: Recovered,
+}
+
+/// Loads the newest snapshot that passes its checksum and opens the WAL in `wal_dir` after it
+/// (`fsync` as for [`Wal::open`]).
+///
+/// When newer snapshots are damaged, falling back to an older one (or to none) is allowed only
+/// if the WAL still holds every entry after the older one up to each damaged one's index, with
+/// the damaged one's term at that index: by Raft's Log Matching property the log up to there is
+/// then the one the damaged snapshot was taken from. That fails when the WAL before the damaged
+/// snapshot was released, or when this member's log was reset to it because the leader sent it
+/// (there is no WAL before such a snapshot): starting anyway would leave a hole in the state.
+///
+/// Errors: the snapshot directory or the WAL cannot be read, or the WAL is corrupt; a damaged
+/// snapshot the WAL cannot stand in for (the error names the file).
+pub fn recover_log(
+    snapshotter: &Snapshotter,
+    wal_dir: &Path,
+    fsync: bool,
+) -> anyhow::Result<RecoveredLog> {
+    let loaded = snapshotter.load_newest_available()?;
+    let index = loaded.snapshot.as_ref().map_or(0, |s| s.index);
+    let Some(newest_broken) = loaded.broken.first() else {
+        let (wal, recovered) = Wal::open(wal_dir, index, fsync)?;
+        return Ok(RecoveredLog {
+            snapshot: loaded.snapshot,
+            broken: Vec::new(),
+            wal,
+            recovered,
+        });
+    };
+    let older = match index {
+        0 => "no older snapshot".to_string(),
+        i => format!("the older snapshot is at index {i}"),
+    };
+    let refuse = |why: String| {
+        anyhow::anyhow!(
+            "snapshot {} is corrupt (crc mismatch or undecodable) and cannot be skipped: \
+             {older}, and {why}; restore this member's data directory from a backup, or remove \
+             the member and add it back with an empty data directory",
+            newest_broken.path.display()
+        )
+    };
+    let missing = |b: &BrokenSnapshot| {
+        refuse(format!(
+            "the WAL does not hold the entries from index {} to {} at term {} (released, or this \
+             member's log was reset to that snapshot when the leader sent it, so no WAL precedes \
+             it)",
+            index + 1,
+            b.index,
+            b.term
+        ))
+    };
+    let (wal, recovered) = match Wal::open(wal_dir, index, fsync) {
+        Ok(opened) => opened,
+        Err(WalError::Gap { .. }) => return Err(missing(newest_broken)),
+        Err(e) => return Err(refuse(format!("the WAL after it cannot be used ({e})"))),
+    };
+    for b in &loaded.broken {
+        // Recovered entries run contiguously from `index + 1` (Wal::open checks for gaps).
+        let at = b
+            .index
+            .checked_sub(index + 1)
+            .and_then(|i| recovered.entries.get(i as usize));
+        match at {
+            Some(e) if e.index == b.index && e.term == b.term => {}
+            _ => return Err(missing(b)),
+        }
+    }
+    tracing::warn!(broken = %newest_broken.path.display(), snapshot_index = index,
+        entries = recovered.entries.len(),
+        "newest snapshot is damaged; starting from the older one and replaying the WAL after it");
+    Ok(RecoveredLog {
+        snapshot: loaded.snapshot,
+        broken: loaded.broken,
+        wal,
+        recovered,
+    })
 }
 
 impl RaftNode {
@@ -660,8 +760,14 @@ impl RaftNode {
                 tracing::warn!(error = %e, "log compaction skipped");
             }
         }
-        // The WAL need not keep what the snapshot covers: a restart resumes from the snapshot.
-        self.wal.release_to(s.index);
+        self.release_wal(s.index);
+    }
+
+    /// Releases the WAL after a snapshot at `index`, but only up to the oldest snapshot still
+    /// on disk: a restart resumes from the newest snapshot, and should that one fail to load,
+    /// from the one before it with the WAL after it (see [`recover_log`]).
+    fn release_wal(&mut self, index: u64) {
+        release_wal(&mut self.wal, &self.snapshotter, index);
     }
 
     /// Queues messages for peers; tells Raft about those that cannot be queued.
@@ -807,7 +913,7 @@ impl RaftNode {
         self.membership_tx.send_replace(self.membership.clone());
         self.transport.set_peers(&self.membership);
         let _ = self.committed.send(ApplyMsg::Restore(Arc::new(image)));
-        self.wal.release_to(index);
+        self.release_wal(index);
     }
 
     /// Applies a committed membership change to the table and, if the table accepts it, to
@@ -875,5 +981,163 @@ impl RaftNode {
                 .is_some_and(|m| m.is_learner),
             Ordering::Relaxed,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(index: u64, term: u64) -> Entry {
+        Entry {
+            index,
+            term,
+            data: format!("e{index}").into_bytes().into(),
+            ..Default::default()
+        }
+    }
+
+    fn snap(term: u64, index: u64) -> StateSnapshot {
+        StateSnapshot {
+            term,
+            index,
+            revision: index as i64,
+            complete: true,
+            ..Default::default()
+        }
+    }
+
+    /// Flips a byte in the newest snapshot file; returns its path.
+    fn corrupt_newest(snap_dir: &Path) -> PathBuf {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(snap_dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "snap"))
+            .collect();
+        files.sort();
+        let newest = files.pop().unwrap();
+        let mut bytes = std::fs::read(&newest).unwrap();
+        bytes[8] ^= 0x01;
+        std::fs::write(&newest, bytes).unwrap();
+        newest
+    }
+
+    /// Entries 1..=30 at term 1 in three segments, with a snapshot taken (and the WAL released
+    /// the way the Raft node does) at 10 and at 20.
+    fn two_snapshots(dir: &Path) -> (Snapshotter, PathBuf) {
+        let snapshotter = Snapshotter::new(dir.join("snap")).unwrap();
+        let wal_dir = dir.join("wal");
+        let (mut wal, _) = Wal::open(&wal_dir, 0, true).unwrap();
+        for i in 1..=30 {
+            wal.append(&[entry(i, 1)], None);
+            wal.sync().unwrap();
+            if i % 10 == 0 && i < 30 {
+                wal.roll_over().unwrap();
+                snapshotter.save(&snap(1, i)).unwrap();
+                release_wal(&mut wal, &snapshotter, i);
+            }
+        }
+        (snapshotter, wal_dir)
+    }
+
+    #[test]
+    fn wal_is_released_only_up_to_the_oldest_snapshot_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (snapshotter, wal_dir) = two_snapshots(dir.path());
+        // Entries 11..=20 are in the second segment: still there after the snapshot at 20.
+        let (_, rec) = Wal::open(&wal_dir, 10, true).unwrap();
+        assert_eq!(rec.entries.first().map(|e| e.index), Some(11));
+        // A third snapshot lets the WAL go up to the second.
+        let (mut wal, _) = Wal::open(&wal_dir, 20, true).unwrap();
+        assert_eq!(wal.segment_paths().len(), 2);
+        snapshotter.save(&snap(1, 30)).unwrap();
+        release_wal(&mut wal, &snapshotter, 30);
+        assert_eq!(wal.segment_paths().len(), 1);
+        let (_, rec) = Wal::open(&wal_dir, 20, true).unwrap();
+        assert_eq!(rec.entries.first().map(|e| e.index), Some(21));
+    }
+
+    #[test]
+    fn corrupt_newest_snapshot_falls_back_to_the_older_with_the_wal() {
+        let dir = tempfile::tempdir().unwrap();
+        let (snapshotter, wal_dir) = two_snapshots(dir.path());
+        let broken = corrupt_newest(&dir.path().join("snap"));
+        let log = recover_log(&snapshotter, &wal_dir, true).expect("falls back");
+        assert_eq!(log.snapshot.as_ref().map(|s| s.index), Some(10));
+        assert_eq!(log.broken.len(), 1);
+        assert_eq!(log.broken[0].path, broken);
+        assert_eq!(
+            log.recovered
+                .entries
+                .iter()
+                .map(|e| e.index)
+                .collect::<Vec<_>>(),
+            (11..=30).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn corrupt_snapshot_without_the_wal_before_it_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (snapshotter, wal_dir) = two_snapshots(dir.path());
+        // As the WAL was released before: up to the newest snapshot.
+        let (mut wal, _) = Wal::open(&wal_dir, 20, true).unwrap();
+        wal.release_to(20);
+        drop(wal);
+        let broken = corrupt_newest(&dir.path().join("snap"));
+        let err = recover_log(&snapshotter, &wal_dir, true)
+            .err()
+            .expect("refuses")
+            .to_string();
+        assert!(
+            err.contains(&broken.display().to_string()) && err.contains("corrupt"),
+            "{err}"
+        );
+        assert!(broken.exists(), "a refused snapshot is left in place");
+    }
+
+    #[test]
+    fn corrupt_snapshot_from_the_leader_is_not_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let snapshotter = Snapshotter::new(dir.path().join("snap")).unwrap();
+        let wal_dir = dir.path().join("wal");
+        let (mut wal, _) = Wal::open(&wal_dir, 0, true).unwrap();
+        // Our own log: 1..=25 at term 1, a snapshot at 3. Then the leader's snapshot at
+        // (term 2, index 20) resets the log, and entries 21..=22 of term 2 follow. Entries 4..=20
+        // in the WAL are ours, not necessarily the leader's.
+        wal.append(&(1..=25).map(|i| entry(i, 1)).collect::<Vec<_>>(), None);
+        wal.sync().unwrap();
+        snapshotter.save(&snap(1, 3)).unwrap();
+        snapshotter.save(&snap(2, 20)).unwrap();
+        wal.append(&[entry(21, 2), entry(22, 2)], None);
+        wal.sync().unwrap();
+        drop(wal);
+        let broken = corrupt_newest(&dir.path().join("snap"));
+        let err = recover_log(&snapshotter, &wal_dir, true)
+            .err()
+            .expect("refuses")
+            .to_string();
+        assert!(
+            err.contains(&broken.display().to_string()) && err.contains("leader"),
+            "{err}"
+        );
+
+        // The same with a log that was shorter than the leader's snapshot (a gap in the WAL).
+        let dir = tempfile::tempdir().unwrap();
+        let snapshotter = Snapshotter::new(dir.path().join("snap")).unwrap();
+        let wal_dir = dir.path().join("wal");
+        let (mut wal, _) = Wal::open(&wal_dir, 0, true).unwrap();
+        wal.append(&(1..=5).map(|i| entry(i, 1)).collect::<Vec<_>>(), None);
+        snapshotter.save(&snap(1, 3)).unwrap();
+        snapshotter.save(&snap(2, 20)).unwrap();
+        wal.append(&[entry(21, 2)], None);
+        wal.sync().unwrap();
+        drop(wal);
+        let broken = corrupt_newest(&dir.path().join("snap"));
+        let err = recover_log(&snapshotter, &wal_dir, true)
+            .err()
+            .expect("refuses")
+            .to_string();
+        assert!(err.contains(&broken.display().to_string()), "{err}");
     }
 }

@@ -4,6 +4,12 @@
 //! File `<data-dir>/member/snap/<term:016x>-<index:016x>.snap`: a 4-byte magic, a little-endian
 //! crc32 of the payload, then the payload (a `metastorepb.StateSnapshot`). Written to a
 //! temporary file, fsynced and renamed, so a crash leaves either the old or the new snapshot.
+//!
+//! The newest two snapshots stay on disk, and the WAL is released only up to the oldest of
+//! them, so a newest snapshot that fails to load is not fatal: as etcd does (`snap/snapshotter.go`
+//! `Load`, `renameBroken`), start-up renames it to `<name>.broken` and falls back to the next
+//! newest, replaying the WAL after that one (see [`crate::consensus::recover_log`], which checks
+//! that the WAL still holds every entry the broken snapshot covered).
 
 use std::fs;
 use std::io::Write;
@@ -31,6 +37,37 @@ pub enum SnapshotError {
     /// The file failed its checksum or could not be decoded.
     #[error("snapshot {0}: corrupt (bad magic, checksum or encoding)")]
     Corrupt(PathBuf),
+}
+
+/// A snapshot file that failed its checksum or could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokenSnapshot {
+    /// The file.
+    pub path: PathBuf,
+    /// Raft term of the entry it was taken at (from its name, which a damaged body leaves
+    /// intact).
+    pub term: u64,
+    /// Raft index it was taken at (from its name).
+    pub index: u64,
+}
+
+/// What [`Snapshotter::load_newest_available`] found.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// The newest snapshot that loads, if any.
+    pub snapshot: Option<StateSnapshot>,
+    /// The snapshot files newer than it that failed to load, newest first.
+    pub broken: Vec<BrokenSnapshot>,
+}
+
+/// (term, index) from a snapshot file name `<term:016x>-<index:016x>.snap`.
+fn parse_name(path: &Path) -> Option<(u64, u64)> {
+    let stem = path.file_name()?.to_str()?.strip_suffix(".snap")?;
+    let (term, index) = stem.split_once('-')?;
+    Some((
+        u64::from_str_radix(term, 16).ok()?,
+        u64::from_str_radix(index, 16).ok()?,
+    ))
 }
 
 /// Saves and loads snapshots in one directory.
@@ -106,25 +143,72 @@ impl Snapshotter {
         }
     }
 
-    /// Loads the newest snapshot, if any.
+    /// Loads the newest snapshot that passes its checksum and decodes, if any, and lists the
+    /// newer ones that do not (etcd `LoadNewestAvailable`). Nothing is renamed here: the
+    /// caller first checks that the WAL can stand in for the broken ones, then calls
+    /// [`Snapshotter::mark_broken`].
     ///
-    /// Errors: [`SnapshotError::Corrupt`] naming the file when it fails its checksum: the WAL
-    /// before it may already be released, so falling back to an older one could lose writes.
-    pub fn load_latest(&self) -> Result<Option<StateSnapshot>, SnapshotError> {
-        let Some(path) = self.list()?.pop() else {
-            return Ok(None);
-        };
-        let bytes = fs::read(&path).map_err(io(&path))?;
+    /// Errors: [`SnapshotError::Io`] when the directory or a file cannot be read (an unreadable
+    /// file is not known to be damaged, so it is not skipped).
+    pub fn load_newest_available(&self) -> Result<Loaded, SnapshotError> {
+        let mut loaded = Loaded::default();
+        for path in self.list()?.into_iter().rev() {
+            match Self::read(&path) {
+                Ok(snap) => {
+                    loaded.snapshot = Some(snap);
+                    break;
+                }
+                Err(SnapshotError::Corrupt(path)) => {
+                    let (term, index) = parse_name(&path).unwrap_or((u64::MAX, u64::MAX));
+                    loaded.broken.push(BrokenSnapshot { path, term, index });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(loaded)
+    }
+
+    /// Reads and checks one snapshot file.
+    ///
+    /// Errors: [`SnapshotError::Corrupt`] naming the file when its magic, checksum or encoding
+    /// is wrong; [`SnapshotError::Io`] when it cannot be read.
+    fn read(path: &Path) -> Result<StateSnapshot, SnapshotError> {
+        let bytes = fs::read(path).map_err(io(path))?;
+        let corrupt = || SnapshotError::Corrupt(path.to_path_buf());
         if bytes.len() < 8 || &bytes[..4] != MAGIC {
-            return Err(SnapshotError::Corrupt(path));
+            return Err(corrupt());
         }
         let crc = u32::from_le_bytes(bytes[4..8].try_into().unwrap());
         if crc32fast::hash(&bytes[8..]) != crc {
-            return Err(SnapshotError::Corrupt(path));
+            return Err(corrupt());
         }
-        StateSnapshot::decode(&bytes[8..])
-            .map(Some)
-            .map_err(|_| SnapshotError::Corrupt(path))
+        StateSnapshot::decode(&bytes[8..]).map_err(|_| corrupt())
+    }
+
+    /// Renames a snapshot that failed to load to `<name>.broken` (etcd `renameBroken`), so the
+    /// next start neither trips over it nor counts it among the snapshots kept; the file stays
+    /// for inspection. Logs a warning naming it.
+    ///
+    /// Errors: [`SnapshotError::Io`] when the rename or the directory fsync fails.
+    pub fn mark_broken(&self, broken: &BrokenSnapshot) -> Result<(), SnapshotError> {
+        let mut name = broken.path.clone().into_os_string();
+        name.push(".broken");
+        let to = PathBuf::from(name);
+        fs::rename(&broken.path, &to).map_err(io(&broken.path))?;
+        fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&self.dir))?;
+        tracing::warn!(path = %broken.path.display(), renamed = %to.display(),
+            "snapshot failed its checksum or did not decode; renamed, started from an older one");
+        Ok(())
+    }
+
+    /// Raft index of the oldest snapshot file on disk (`None`: none, or the directory cannot
+    /// be read). The WAL is released only up to it: if the newest snapshot turns out to be
+    /// damaged at the next start, the WAL still reaches back to the one before.
+    pub fn oldest_index(&self) -> Option<u64> {
+        let oldest = self.list().ok()?.into_iter().next()?;
+        parse_name(&oldest).map(|(_, index)| index)
     }
 }
 
@@ -136,7 +220,7 @@ mod tests {
     fn save_load_and_keep_newest() {
         let dir = tempfile::tempdir().unwrap();
         let s = Snapshotter::new(dir.path().to_path_buf()).unwrap();
-        assert!(s.load_latest().unwrap().is_none());
+        assert!(s.load_newest_available().unwrap().snapshot.is_none());
         for index in [10, 20, 30] {
             s.save(&StateSnapshot {
                 index,
@@ -146,8 +230,11 @@ mod tests {
             })
             .unwrap();
         }
-        assert_eq!(s.load_latest().unwrap().unwrap().index, 30);
+        let loaded = s.load_newest_available().unwrap();
+        assert_eq!(loaded.snapshot.unwrap().index, 30);
+        assert!(loaded.broken.is_empty());
         assert_eq!(s.list().unwrap().len(), KEEP);
+        assert_eq!(s.oldest_index(), Some(20));
     }
 
     #[test]
@@ -165,7 +252,62 @@ mod tests {
         let last = bytes.len() - 1;
         bytes[last] ^= 0xff;
         fs::write(&path, bytes).unwrap();
-        let err = s.load_latest().unwrap_err().to_string();
-        assert!(err.contains(".snap") && err.contains("corrupt"), "{err}");
+        let loaded = s.load_newest_available().unwrap();
+        assert!(loaded.snapshot.is_none());
+        assert_eq!(
+            loaded.broken,
+            vec![BrokenSnapshot {
+                path,
+                term: 1,
+                index: 5
+            }]
+        );
+    }
+
+    #[test]
+    fn corrupt_newest_falls_back_to_the_older_and_is_renamed_broken() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Snapshotter::new(dir.path().to_path_buf()).unwrap();
+        for index in [10, 20] {
+            s.save(&StateSnapshot {
+                index,
+                term: 2,
+                revision: index as i64,
+                ..Default::default()
+            })
+            .unwrap();
+        }
+        let newest = s.list().unwrap().pop().unwrap();
+        let mut bytes = fs::read(&newest).unwrap();
+        bytes[9] ^= 0x01;
+        fs::write(&newest, bytes).unwrap();
+
+        let loaded = s.load_newest_available().unwrap();
+        let older = loaded.snapshot.expect("the older snapshot loads");
+        assert_eq!((older.index, older.revision), (10, 10));
+        assert_eq!(loaded.broken.len(), 1);
+        assert_eq!(loaded.broken[0].path, newest);
+        assert_eq!((loaded.broken[0].term, loaded.broken[0].index), (2, 20));
+
+        s.mark_broken(&loaded.broken[0]).unwrap();
+        assert!(!newest.exists());
+        let renamed = dir.path().join(format!(
+            "{}.broken",
+            newest.file_name().unwrap().to_str().unwrap()
+        ));
+        assert!(renamed.exists(), "{} exists", renamed.display());
+        // The next start sees only the good one, and a new snapshot keeps it (KEEP counts
+        // snapshots, not broken files).
+        let loaded = s.load_newest_available().unwrap();
+        assert_eq!(loaded.snapshot.unwrap().index, 10);
+        assert!(loaded.broken.is_empty());
+        s.save(&StateSnapshot {
+            index: 30,
+            term: 2,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.oldest_index(), Some(10));
+        assert!(renamed.exists());
     }
 }

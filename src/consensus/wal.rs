@@ -11,10 +11,23 @@
 //! over past [`SEGMENT_BYTES`]; each new segment starts with the latest hard state, so older
 //! segments can be deleted once a snapshot covers their entries.
 //!
-//! Recovery reads every segment in order. A damaged record at the very end of the last segment
-//! is a torn write from a crash: it is truncated away (it was never fsynced, hence never
-//! acknowledged). Damage anywhere else is corruption and stops start-up with the file and
-//! offset.
+//! Recovery reads every segment in order and tells a torn write from corruption as etcd does
+//! (etcd `server/wal/decoder.go`): a crash in the middle of a write leaves a prefix of it, or
+//! sectors that never reached the disk and read back as zeros. In the last segment only,
+//! a record is a *torn write* when
+//!
+//! * its length field is zero (etcd: a zero length is the end of the data), or
+//! * its header or body extends past the end of the file, or
+//! * its header or body checksum fails and one of the 512-byte-sector chunks of its bytes
+//!   (split on file offsets that are multiples of 512; partial first and last chunks count)
+//!   is all zeros (etcd `isTornEntry`).
+//!
+//! A torn record was never fsynced, hence never acknowledged: it and everything after it are
+//! truncated away. Any other checksum failure (a complete record whose bytes changed, such as
+//! a flipped bit in an acknowledged write) and any damage in an earlier segment is corruption:
+//! start-up stops with `wal: corrupt record in <file> at offset <n>: ... crc mismatch`, as
+//! etcd refuses to start with `walpb: crc mismatch`, rather than silently dropping the record
+//! and reusing its revision.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -26,6 +39,9 @@ use raft::prelude::{Entry, HardState};
 /// A segment rolls over once it grows past this many bytes.
 pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 const HEADER: usize = 12;
+/// Bytes per disk sector when judging torn writes (etcd `minSectorSize`): a crash persists a
+/// write sector by sector, so a sector that never reached the disk reads back as zeros.
+const SECTOR: usize = 512;
 const ENTRY: u8 = 1;
 const HARD_STATE: u8 = 2;
 
@@ -224,7 +240,11 @@ impl Wal {
         Ok(())
     }
 
-    fn roll_over(&mut self) -> Result<(), WalError> {
+    /// Starts a new segment (after the entries written so far), headed by the latest hard
+    /// state. [`Wal::sync`] calls it once a segment is full.
+    ///
+    /// Errors: [`WalError::Io`] when the new segment cannot be created or synced.
+    pub(crate) fn roll_over(&mut self) -> Result<(), WalError> {
         let first_index = self.last_index + 1;
         let path = self
             .dir
@@ -318,41 +338,64 @@ fn read_segment(
 }
 
 enum Damage {
-    /// Damage that a crash during the final write explains.
+    /// Damage that a crash during the final write explains: a torn tail, if in the last
+    /// segment.
     Torn(&'static str),
+    /// Damage no crash explains.
     Corrupt(&'static str),
 }
 
+/// Whether some chunk of `data[start..end]`, split on file offsets that are multiples of
+/// [`SECTOR`] (partial first and last chunks included), is all zeros: the mark of a write that
+/// a crash cut off (etcd `isTornEntry`). `data` is the whole segment, so indexes are file
+/// offsets.
+fn has_zeroed_sector(data: &[u8], start: usize, end: usize) -> bool {
+    let mut at = start;
+    while at < end {
+        let chunk_end = ((at / SECTOR + 1) * SECTOR).min(end);
+        if data[at..chunk_end].iter().all(|b| *b == 0) {
+            return true;
+        }
+        at = chunk_end;
+    }
+    false
+}
+
+/// Parses the record at file offset `off` of the segment `data`; returns its type, payload and
+/// the offset after it. [`Damage::Torn`] is only a candidate: the caller decides by segment.
 fn parse_record(data: &[u8], off: usize) -> Result<(u8, &[u8], usize), Damage> {
     let rest = &data[off..];
     if rest.len() < HEADER {
         return Err(Damage::Torn("incomplete record header"));
     }
     let len_bytes: [u8; 4] = rest[0..4].try_into().unwrap();
+    let body_len = u32::from_le_bytes(len_bytes) as usize;
+    // No record is empty (the body holds at least its type byte): a zero length is space the
+    // last write never reached, whatever follows it (etcd reads it as the end of the data).
+    if body_len == 0 {
+        return Err(Damage::Torn("zero record length"));
+    }
     let len_crc = u32::from_le_bytes(rest[4..8].try_into().unwrap());
     if crc32fast::hash(&len_bytes) != len_crc {
-        // A crash leaves a prefix of the last write, or zeros; garbage followed by data is not.
-        return if rest.iter().all(|b| *b == 0) {
-            Err(Damage::Torn("zeroed tail"))
+        return if has_zeroed_sector(data, off, off + HEADER) {
+            Err(Damage::Torn("header crc mismatch in a zeroed sector"))
         } else {
-            Err(Damage::Corrupt("header checksum mismatch"))
+            Err(Damage::Corrupt("header crc mismatch"))
         };
     }
-    let body_len = u32::from_le_bytes(len_bytes) as usize;
     let end = HEADER + body_len;
-    if body_len == 0 {
-        return Err(Damage::Corrupt("empty record body"));
-    }
     if rest.len() < end {
         return Err(Damage::Torn("incomplete record body"));
     }
     let body = &rest[HEADER..end];
     let body_crc = u32::from_le_bytes(rest[8..12].try_into().unwrap());
     if crc32fast::hash(body) != body_crc {
-        return if rest.len() == end {
-            Err(Damage::Torn("checksum mismatch in the last record"))
+        // A complete record with a bad checksum may have been fsynced and acknowledged: only
+        // a zeroed sector shows that the write itself never finished.
+        return if has_zeroed_sector(data, off, off + end) {
+            Err(Damage::Torn("body crc mismatch in a zeroed sector"))
         } else {
-            Err(Damage::Corrupt("body checksum mismatch"))
+            Err(Damage::Corrupt("body crc mismatch"))
         };
     }
     Ok((body[0], &body[1..], off + end))
@@ -466,6 +509,167 @@ mod tests {
         wal.sync().unwrap();
         let (_, rec) = Wal::open(dir.path(), 0, true).unwrap();
         assert_eq!(rec.entries.last().unwrap().data.as_ref(), b"again");
+    }
+
+    /// File offsets of the records in `seg`, in order (walking the length fields).
+    fn record_offsets(seg: &Path) -> Vec<usize> {
+        let bytes = fs::read(seg).unwrap();
+        let mut offsets = Vec::new();
+        let mut off = 0;
+        while off < bytes.len() {
+            offsets.push(off);
+            let len = u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap()) as usize;
+            off += HEADER + len;
+        }
+        assert_eq!(off, bytes.len(), "records end where the file does");
+        offsets
+    }
+
+    fn indexes(rec: &Recovered) -> Vec<u64> {
+        rec.entries.iter().map(|e| e.index).collect()
+    }
+
+    #[test]
+    fn flipped_byte_in_last_record_is_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let seg = write_entries(dir.path(), 1..=5).pop().unwrap();
+        let last = *record_offsets(&seg).last().unwrap();
+        let mut bytes = fs::read(&seg).unwrap();
+        // Inside the complete, fsynced last record's payload: no crash explains this.
+        bytes[last + HEADER + 2] ^= 0x01;
+        assert!(!has_zeroed_sector(&bytes, last, bytes.len()));
+        fs::write(&seg, &bytes).unwrap();
+        let err = Wal::open(dir.path(), 0, true)
+            .err()
+            .expect("refuses to open");
+        assert!(matches!(err, WalError::Corrupt { .. }), "{err:?}");
+        let err = err.to_string();
+        assert!(
+            err.contains(&seg.display().to_string())
+                && err.contains(&format!("offset {last}"))
+                && err.contains("crc mismatch"),
+            "{err}"
+        );
+        // Nothing was truncated away.
+        assert_eq!(fs::read(&seg).unwrap(), bytes);
+    }
+
+    #[test]
+    fn zeroed_tail_followed_by_garbage_is_torn() {
+        let dir = tempfile::tempdir().unwrap();
+        let seg = write_entries(dir.path(), 1..=5).pop().unwrap();
+        let len = fs::metadata(&seg).unwrap().len();
+        let mut tail = vec![0u8; 512];
+        // Deterministic noise with no zero byte (xorshift).
+        let mut x = 0x2545_f491_u32;
+        tail.extend((0..300).map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x as u8) | 1
+        }));
+        OpenOptions::new()
+            .append(true)
+            .open(&seg)
+            .unwrap()
+            .write_all(&tail)
+            .unwrap();
+        let (mut wal, rec) = Wal::open(dir.path(), 0, true).expect("a zeroed tail is torn");
+        assert_eq!(indexes(&rec), vec![1, 2, 3, 4, 5]);
+        assert_eq!(
+            fs::metadata(&seg).unwrap().len(),
+            len,
+            "the tail is truncated"
+        );
+        wal.append(&[entry(6, 1, b"after")], None);
+        wal.sync().unwrap();
+        let (_, rec) = Wal::open(dir.path(), 0, true).unwrap();
+        assert_eq!(indexes(&rec), vec![1, 2, 3, 4, 5, 6]);
+        assert_eq!(rec.entries[5].data.as_ref(), b"after");
+    }
+
+    #[test]
+    fn record_cut_inside_its_header_is_torn() {
+        let dir = tempfile::tempdir().unwrap();
+        let seg = write_entries(dir.path(), 1..=5).pop().unwrap();
+        let last = *record_offsets(&seg).last().unwrap();
+        OpenOptions::new()
+            .write(true)
+            .open(&seg)
+            .unwrap()
+            .set_len(last as u64 + 7)
+            .unwrap();
+        let (_, rec) = Wal::open(dir.path(), 0, true).unwrap();
+        assert_eq!(indexes(&rec), vec![1, 2, 3, 4]);
+        assert_eq!(fs::metadata(&seg).unwrap().len(), last as u64);
+    }
+
+    #[test]
+    fn zeroed_sector_in_an_unfinished_write_is_torn() {
+        let dir = tempfile::tempdir().unwrap();
+        let seg = write_entries(dir.path(), 1..=3).pop().unwrap();
+        let synced = fs::metadata(&seg).unwrap().len() as usize;
+        // One group commit of two large records that the crash cut off: the second reached
+        // the disk, a sector in the middle of the first did not.
+        let (mut wal, _) = Wal::open(dir.path(), 0, true).unwrap();
+        wal.append(&[entry(4, 1, &[7; 1500]), entry(5, 1, &[9; 1500])], None);
+        wal.sync().unwrap();
+        drop(wal);
+        let mut bytes = fs::read(&seg).unwrap();
+        let sector = (synced / SECTOR + 1) * SECTOR;
+        assert!(
+            sector + SECTOR < synced + 1500,
+            "the sector lies inside entry 4"
+        );
+        bytes[sector..sector + SECTOR].fill(0);
+        fs::write(&seg, &bytes).unwrap();
+        let (_, rec) = Wal::open(dir.path(), 0, true).expect("a zeroed sector is torn");
+        assert_eq!(indexes(&rec), vec![1, 2, 3]);
+        assert_eq!(fs::metadata(&seg).unwrap().len() as usize, synced);
+    }
+
+    #[test]
+    fn zeroed_sector_in_a_complete_last_record_is_torn() {
+        let dir = tempfile::tempdir().unwrap();
+        write_entries(dir.path(), 1..=3);
+        let (mut wal, _) = Wal::open(dir.path(), 0, true).unwrap();
+        wal.append(&[entry(4, 1, &[7; 1500])], None);
+        wal.sync().unwrap();
+        let seg = wal.segment_paths().pop().unwrap();
+        drop(wal);
+        let last = *record_offsets(&seg).last().unwrap();
+        let mut bytes = fs::read(&seg).unwrap();
+        let sector = (last / SECTOR + 1) * SECTOR;
+        bytes[sector..sector + SECTOR].fill(0);
+        fs::write(&seg, &bytes).unwrap();
+        let (_, rec) = Wal::open(dir.path(), 0, true).unwrap();
+        assert_eq!(indexes(&rec), vec![1, 2, 3]);
+        assert_eq!(fs::metadata(&seg).unwrap().len() as usize, last);
+    }
+
+    #[test]
+    fn torn_looking_damage_in_an_earlier_segment_is_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(dir.path(), 0, true).unwrap();
+        wal.append(&[entry(1, 1, b"a")], None);
+        wal.sync().unwrap();
+        wal.roll_over().unwrap();
+        wal.append(&[entry(2, 1, b"b")], None);
+        wal.sync().unwrap();
+        let first = wal.segment_paths().remove(0);
+        drop(wal);
+        let len = fs::metadata(&first).unwrap().len();
+        OpenOptions::new()
+            .append(true)
+            .open(&first)
+            .unwrap()
+            .write_all(&[0; 12])
+            .unwrap();
+        let err = Wal::open(dir.path(), 0, true).err().unwrap().to_string();
+        assert!(
+            err.contains(&first.display().to_string()) && err.contains(&format!("offset {len}")),
+            "{err}"
+        );
     }
 
     #[test]

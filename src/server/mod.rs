@@ -30,8 +30,7 @@ use crate::apply::{AppliedState, ApplyResponse, Dispatcher, Pending, SnapshotPol
 use crate::config::{defaults, ClusterState, Config};
 use crate::consensus::snapshot::Snapshotter;
 use crate::consensus::transport::{Faults, Transport, MAX_PEER_MESSAGE_BYTES};
-use crate::consensus::wal::Wal;
-use crate::consensus::{NodeConfig, NodeHandle, NodeMsg, RaftNode};
+use crate::consensus::{recover_log, NodeConfig, NodeHandle, NodeMsg, RaftNode, RecoveredLog};
 use crate::error::EtcdError;
 use crate::lease::{min_ttl_secs, LeaseTable};
 use crate::mvcc::range::merge;
@@ -430,19 +429,35 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         cluster_id = %format!("{:x}", member.cluster_id), data_dir = %data_dir.display(), "starting member");
 
     let snapshotter = Snapshotter::new(member_dir.join("snap"))?;
-    let snap = snapshotter.load_latest()?;
-    // Everything that can fail on bad input (ports, the WAL) is checked before the shards
-    // start: a failing start-up then leaves no storage engine half-open behind it.
+    // Everything that can fail on bad input (ports, snapshots, the WAL) is checked before the
+    // shards start: a failing start-up then leaves no storage engine half-open behind it.
     let listeners = bind_all(&cfg.listen_client_urls, "client").await?;
     let peer_listeners = bind_all(&cfg.listen_peer_urls, "peer").await?;
-    let (wal, recovered) = Wal::open(
-        &member_dir.join("wal"),
-        snap.as_ref().map_or(0, |s| s.index),
-        !cfg.unsafe_no_fsync,
-    )?;
+    let RecoveredLog {
+        snapshot: snap,
+        broken,
+        wal,
+        recovered,
+    } = recover_log(&snapshotter, &member_dir.join("wal"), !cfg.unsafe_no_fsync)?;
     let engine = engine_config(&cfg, &member_dir)?;
     let shards = Shards::spawn(cfg.shard_count(), &engine)?;
     let start = recover_start(&shards.set, &engine, snap.as_ref()).await;
+    if let Some(newest) = broken.first() {
+        // Durable shards resume from their own applied index, and the WAL only reaches back to
+        // the older snapshot: shards below it (emptied by an interrupted install of a leader's
+        // snapshot, say) would skip entries nobody can replay.
+        let snapshot_index = snap.as_ref().map_or(0, |s| s.index);
+        anyhow::ensure!(
+            start.restore.is_some() || start.index >= snapshot_index,
+            "snapshot {} is corrupt and cannot be skipped: the shards hold only up to index {}, \
+             below the older snapshot at index {snapshot_index} the WAL starts from",
+            newest.path.display(),
+            start.index
+        );
+        for b in &broken {
+            snapshotter.mark_broken(b)?;
+        }
+    }
     tracing::info!(index = start.index, revision = start.revision, replay_until = start.replay_until,
         engine = ?engine.kind, "recovered state machine");
     tracing::info!(entries = recovered.entries.len(), "replaying WAL");
