@@ -283,8 +283,8 @@ fn record_shard_count(engine: &EngineConfig, count: usize) -> anyhow::Result<()>
 ///
 /// Errors (RocksDB): a shard whose applied index is below the snapshot index (the entries it
 /// lacks are no longer in the WAL: its data is stale or was replaced) or more than one entry
-/// above `log_last_index` (it holds writes the log does not know). Either way the shard's directory
-/// does not belong with this log, and serving from it would lose acknowledged writes.
+/// above `log_last_index` (it holds writes the log does not know). Either way the shard's
+/// directory does not belong with this log, and serving from it would lose acknowledged writes.
 async fn recover_start(
     shards: &ShardSet,
     engine: &EngineConfig,
@@ -317,11 +317,7 @@ async fn recover_start(
         .iter()
         .map(|s| s.as_ref().map_or(0, |s| s.applied_index))
         .collect();
-    let replay_until = states
-        .iter()
-        .map(|s| s.as_ref().map_or(0, |s| s.applied_index))
-        .max()
-        .unwrap_or(0);
+    let replay_until = applied.iter().copied().max().unwrap_or(0);
     let lowest = states
         .into_iter()
         .min_by_key(|s| s.as_ref().map_or(0, |s| s.applied_index))
