@@ -182,6 +182,8 @@ fn bench_read(c: &mut Criterion) {
         kind: EngineKind::Memory,
         dir: dir.path().to_path_buf(),
         rocks: RocksOptions::default(),
+        member_id: 0,
+        create: true,
     };
     // Started before this thread is pinned: threads inherit the affinity of their parent.
     let shards = Shards::spawn(1, &engine).expect("start the shard");
@@ -300,6 +302,8 @@ fn bench_echo(c: &mut Criterion) {
         kind: EngineKind::Memory,
         dir: dir.path().to_path_buf(),
         rocks: RocksOptions::default(),
+        member_id: 0,
+        create: true,
     };
     let shards = Shards::spawn(1, &engine).expect("start a shard");
     let shard_cpu = pinned_cpu_of_thread("shard-0");

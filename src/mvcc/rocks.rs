@@ -8,6 +8,7 @@
 //! r | revision u64 BE | sub u32 BE | key                 -> ()  the revision index (watch)
 //! l | lease u64 BE | key                                 -> ()  keys attached to a lease
 //! m | name                                               -> the applied state (see flush)
+//! FF | "identity"                                        -> which shard this is (see open_shard)
 //! ```
 //!
 //! Keys are escaped (`00` -> `00 FF`, then a `00 00` terminator) so that every version of a key
@@ -23,11 +24,18 @@
 //! loss RocksDB recovers a consistent prefix of batches, and the Raft WAL, which is never
 //! released past a point RocksDB has flushed to SST files (checkpoints flush first), replays
 //! the rest. Either way replay restarts exactly after the applied index on disk.
+//!
+//! Damaged data is never served as missing data: every read checks RocksDB's status (block
+//! checksums are verified on every read), and a failed read or write stops the process through
+//! [`fatal_storage_error`], naming the database and RocksDB's message (which names the SST file).
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use rocksdb::{BlockBasedOptions, Cache, DBCompressionType, Options, WriteBatch, DB};
+use rocksdb::{
+    BlockBasedOptions, Cache, DBCompressionType, DBRawIterator, Options, ReadOptions, WriteBatch,
+    DB,
+};
 
 use super::engine::{Engine, FlushState, Live, RecoveredState, VersionRecord};
 use crate::proto::metastorepb::LeaseRecord;
@@ -62,17 +70,118 @@ const LEASES: u8 = b'l';
 const META_STATE: &[u8] = b"mstate";
 const META_LEASE: &[u8] = b"mlease/";
 
-/// RocksDB failures (opening a shard's database).
+/// Where a shard database records which shard it is. Its tag byte (0xff) is above every other
+/// key's, so [`Engine::clear`] (which installing a leader's snapshot uses) keeps it.
+const META_IDENTITY: &[u8] = b"\xffidentity";
+
+/// Which shard of which member a database belongs to, recorded in it when it is created so
+/// that a directory holding another shard's data (swapped or copied directories) is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShardIdentity {
+    /// The member's ID (as in `member/identity`).
+    pub member_id: u64,
+    /// The shard's index, `0..shards`.
+    pub shard: u64,
+    /// How many shards the member has (`--shards`).
+    pub shards: u64,
+}
+
+impl ShardIdentity {
+    fn encode(&self) -> Vec<u8> {
+        [self.member_id, self.shard, self.shards]
+            .iter()
+            .flat_map(|w| w.to_be_bytes())
+            .collect()
+    }
+
+    fn decode(bytes: &[u8]) -> Option<ShardIdentity> {
+        let word = |i: usize| {
+            bytes
+                .get(i * 8..i * 8 + 8)
+                .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
+        };
+        (bytes.len() == 24).then_some(())?;
+        Some(ShardIdentity {
+            member_id: word(0)?,
+            shard: word(1)?,
+            shards: word(2)?,
+        })
+    }
+}
+
+impl std::fmt::Display for ShardIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "shard {} of {} of member {:x}",
+            self.shard, self.shards, self.member_id
+        )
+    }
+}
+
+/// RocksDB failures when opening a shard's database.
 #[derive(Debug, thiserror::Error)]
-#[error("rocksdb at {path}: {source}")]
-pub struct RocksError {
-    path: String,
-    source: rocksdb::Error,
+pub enum RocksError {
+    /// RocksDB refused to open (or read) the database: permissions, corruption, a lock held by
+    /// another process.
+    #[error("rocksdb at {path}: {source}")]
+    Rocks {
+        /// The database directory.
+        path: String,
+        /// RocksDB's reason.
+        source: rocksdb::Error,
+    },
+    /// The data directory is initialised but this shard's database is gone: recreating it
+    /// empty would serve a fraction of the keys and hand out old revisions again.
+    #[error(
+        "shard directory {path} is missing (or holds no database) in an initialised data \
+         directory; its data is lost: restore the data directory from a backup, or remove this \
+         member from the cluster and add it again with an empty data directory"
+    )]
+    Missing {
+        /// The database directory.
+        path: String,
+    },
+    /// The database belongs to another shard or member (directories swapped or copied).
+    #[error("shard directory {path} holds {found}, not {expected}; refusing to serve it")]
+    WrongShard {
+        /// The database directory.
+        path: String,
+        /// The identity recorded in it.
+        found: String,
+        /// The identity this member expected.
+        expected: ShardIdentity,
+    },
+}
+
+/// Stops the process on a storage error that leaves a shard unable to serve its data whole: a
+/// failed read (a corrupt SST block: RocksDB's message names the `.sst` file) or a failed
+/// write. Serving on would answer with partial data or let memory and disk disagree, so the
+/// member stops, as etcd does on a damaged backend. The message goes to the log at error level
+/// and, in case logging is filtered or off, to stderr too; `path` is the shard's database
+/// directory and `what` the operation that failed.
+pub fn fatal_storage_error(path: &Path, what: &str, error: &dyn std::fmt::Display) -> ! {
+    tracing::error!(path = %path.display(), error = %error, "fatal: rocksdb {what} failed");
+    eprintln!(
+        "metastore: fatal: rocksdb {what} failed in {}: {error}",
+        path.display()
+    );
+    std::process::exit(1);
+}
+
+/// Read options for every read: block checksums verified (RocksDB's default, made explicit
+/// because a corrupt block must fail the read rather than be skipped).
+fn read_opts() -> ReadOptions {
+    let mut r = ReadOptions::default();
+    r.set_verify_checksums(true);
+    r
 }
 
 /// A shard's RocksDB instance and its unflushed overlay.
 pub struct RocksEngine {
     db: DB,
+    /// The database directory, for error messages.
+    path: PathBuf,
     /// Writes since the last flush (`None` deletes). Reads see them first.
     overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
 }
@@ -184,8 +293,62 @@ impl RocksEngine {
     /// Errors: whatever RocksDB reports (permissions, corruption, a lock held by another
     /// process).
     pub fn open(dir: &Path, opts: &RocksOptions) -> Result<RocksEngine, RocksError> {
+        Self::open_with(dir, opts, true)
+    }
+
+    /// Opens shard `identity.shard`'s database in `dir`. Only while the data directory is
+    /// being initialised (`create`) may the database be missing: it is then created. A new
+    /// database records `identity`; an existing one must hold the same (one written before
+    /// identities were recorded gets it recorded now).
+    ///
+    /// Errors: [`RocksError::Missing`] when `dir` holds no database and `create` is false,
+    /// [`RocksError::WrongShard`] when it belongs to another shard or member, and whatever
+    /// RocksDB reports.
+    pub fn open_shard(
+        dir: &Path,
+        opts: &RocksOptions,
+        identity: ShardIdentity,
+        create: bool,
+    ) -> Result<RocksEngine, RocksError> {
+        let path = dir.display().to_string();
+        // RocksDB keeps its manifest pointer in CURRENT: without it there is no database.
+        if !create && !dir.join("CURRENT").exists() {
+            return Err(RocksError::Missing { path });
+        }
+        let engine = Self::open_with(dir, opts, create)?;
+        let rocks = |source| RocksError::Rocks {
+            path: path.clone(),
+            source,
+        };
+        match engine.get(META_IDENTITY).map_err(rocks)? {
+            Some(found) if ShardIdentity::decode(&found) == Some(identity) => {}
+            Some(found) => {
+                return Err(RocksError::WrongShard {
+                    path,
+                    found: ShardIdentity::decode(&found)
+                        .map_or_else(|| "an unreadable identity".into(), |i| i.to_string()),
+                    expected: identity,
+                })
+            }
+            None => {
+                if engine.get(META_STATE).map_err(rocks)?.is_some() {
+                    tracing::info!(path = %path, "recording the identity of a shard database written before identities were");
+                }
+                engine
+                    .db
+                    .put(META_IDENTITY, identity.encode())
+                    .map_err(rocks)?;
+            }
+        }
+        Ok(engine)
+    }
+
+    fn open_with(dir: &Path, opts: &RocksOptions, create: bool) -> Result<RocksEngine, RocksError> {
         let mut o = Options::default();
-        o.create_if_missing(true);
+        o.create_if_missing(create);
+        // Stop on damage RocksDB detects (its own WAL, file sizes, background reads) instead
+        // of carrying on without the damaged part.
+        o.set_paranoid_checks(true);
         o.set_write_buffer_size(opts.write_buffer_bytes);
         o.set_compression_type(if opts.compression {
             DBCompressionType::Lz4
@@ -198,31 +361,68 @@ impl RocksEngine {
             table.set_bloom_filter(opts.bloom_bits_per_key, false);
         }
         o.set_block_based_table_factory(&table);
-        let db = DB::open(&o, dir).map_err(|source| RocksError {
+        let db = DB::open(&o, dir).map_err(|source| RocksError::Rocks {
             path: dir.display().to_string(),
             source,
         })?;
         Ok(RocksEngine {
             db,
+            path: dir.to_path_buf(),
             overlay: BTreeMap::new(),
         })
     }
 
+    /// Stops the process: see [`fatal_storage_error`].
+    fn fatal(&self, what: &str, error: &rocksdb::Error) -> ! {
+        fatal_storage_error(&self.path, what, error)
+    }
+
+    /// A database read (the overlay aside), checksums verified.
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, rocksdb::Error> {
+        self.db.get_opt(key, &read_opts())
+    }
+
     fn db_get(&self, key: &[u8]) -> Option<Vec<u8>> {
-        self.db.get(key).expect("rocksdb read")
+        self.get(key).unwrap_or_else(|e| self.fatal("read", &e))
+    }
+
+    /// The iterator's current key, or `None` at the end of the data. An iterator also stops
+    /// being valid when a read fails (a corrupt block); that is an error, never the end.
+    fn iter_key<'a>(it: &'a DBRawIterator<'_>) -> Result<Option<&'a [u8]>, rocksdb::Error> {
+        if it.valid() {
+            return Ok(it.key());
+        }
+        it.status()?;
+        Ok(None)
     }
 
     /// Every (key, value) with `start <= key < end`, the overlay merged over the database
     /// (an overlay entry wins over the same database key; an overlay `None` hides it).
+    /// A failed read stops the process (see [`fatal_storage_error`]).
     fn scan_raw(&self, start: &[u8], end: &[u8], visit: &mut dyn FnMut(&[u8], &[u8]) -> bool) {
-        let mut it = self.db.raw_iterator();
+        if let Err(e) = self.try_scan_raw(start, end, visit) {
+            self.fatal("read", &e)
+        }
+    }
+
+    /// [`Self::scan_raw`], returning RocksDB's error (a corrupt block, say) instead of
+    /// stopping. The visitor may have seen part of the range by then.
+    fn try_scan_raw(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), rocksdb::Error> {
+        let mut it = self.db.raw_iterator_opt(read_opts());
         it.seek(start);
         let mut over = self.overlay.range(start.to_vec()..end.to_vec()).peekable();
         loop {
-            let db_key = it.key().filter(|k| *k < end).map(<[u8]>::to_vec);
+            let db_key = Self::iter_key(&it)?
+                .filter(|k| *k < end)
+                .map(<[u8]>::to_vec);
             let over_key = over.peek().map(|(k, _)| (*k).clone());
             let take_db = match (&db_key, &over_key) {
-                (None, None) => return,
+                (None, None) => return Ok(()),
                 (Some(_), None) => true,
                 (Some(dk), Some(ok)) => dk < ok,
                 (None, Some(_)) => false,
@@ -240,14 +440,21 @@ impl RocksEngine {
             };
             if let Some(v) = value {
                 if !visit(&key, &v) {
-                    return;
+                    return Ok(());
                 }
             }
         }
     }
 
-    /// The greatest data record of `key` at or below `rev`.
+    /// The greatest data record of `key` at or below `rev`. A failed read stops the process
+    /// (see [`fatal_storage_error`]).
     fn newest_at(&self, key: &[u8], rev: i64) -> Option<VersionRecord> {
+        self.try_newest_at(key, rev)
+            .unwrap_or_else(|e| self.fatal("read", &e))
+    }
+
+    /// [`Self::newest_at`], returning RocksDB's error instead of stopping.
+    fn try_newest_at(&self, key: &[u8], rev: i64) -> Result<Option<VersionRecord>, rocksdb::Error> {
         let prefix = data_prefix(key);
         let target = data_key(key, rev, u32::MAX);
         let over = self
@@ -255,10 +462,9 @@ impl RocksEngine {
             .range(prefix.clone()..=target.clone())
             .rev()
             .find_map(|(k, v)| v.as_ref().map(|v| (k.clone(), v.clone())));
-        let mut it = self.db.raw_iterator();
+        let mut it = self.db.raw_iterator_opt(read_opts());
         it.seek_for_prev(&target);
-        let db = it
-            .key()
+        let db = Self::iter_key(&it)?
             .filter(|k| k.starts_with(&prefix))
             .map(|k| (k.to_vec(), it.value().unwrap().to_vec()));
         let (k, v) = match (over, db) {
@@ -271,17 +477,15 @@ impl RocksEngine {
             }
             (Some(o), None) => o,
             (None, Some(d)) => d,
-            (None, None) => return None,
+            (None, None) => return Ok(None),
         };
-        let (_, rev, sub) = decode_data_key(&k)?;
-        Some(decode_record(rev, sub, &v))
+        Ok(decode_data_key(&k).map(|(_, rev, sub)| decode_record(rev, sub, &v)))
     }
 
     fn write(&self, batch: WriteBatch) {
         // A failed write would leave memory and disk disagreeing: stop rather than serve that.
         if let Err(e) = self.db.write(batch) {
-            tracing::error!(error = %e, "fatal: rocksdb write failed");
-            std::process::exit(1);
+            self.fatal("write", &e)
         }
     }
 }
@@ -429,7 +633,8 @@ impl Engine for RocksEngine {
     fn clear(&mut self) {
         self.overlay.clear();
         let mut batch = WriteBatch::default();
-        // Every key this engine writes starts with a byte below 0xff (see the prefixes above).
+        // Every key this engine writes starts with a byte below 0xff (see the prefixes above),
+        // except the shard's identity, which stays: the shard is still the same shard.
         batch.delete_range(Vec::<u8>::new(), vec![0xffu8]);
         self.write(batch);
     }
@@ -593,5 +798,134 @@ mod tests {
         );
         assert_eq!(e.version_at(b"k", 10).unwrap().mod_revision, 2);
         assert_eq!(e.lease_keys(9), vec![b"k".to_vec()]);
+    }
+
+    fn live(value: Vec<u8>, rev: i64) -> VersionRecord {
+        VersionRecord {
+            mod_revision: rev,
+            sub: 0,
+            live: Some(Live {
+                value,
+                create_revision: rev,
+                version: 1,
+                lease: 0,
+            }),
+        }
+    }
+
+    fn flush_at(e: &mut RocksEngine, index: u64) {
+        e.flush(&FlushState {
+            applied_index: index,
+            applied_term: 1,
+            revision: index as i64,
+            compact_revision: 0,
+            lease_changes: &[],
+        });
+    }
+
+    /// Regression (issue 11): an iterator that stops on a corrupt block was taken as the end
+    /// of the data, so scans returned the intact part as if it were all.
+    #[test]
+    fn a_corrupt_data_block_is_a_read_error_not_the_end_of_the_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = RocksOptions {
+            compression: false,
+            ..RocksOptions::default()
+        };
+        let keys = 2000;
+        {
+            let mut e = RocksEngine::open(dir.path(), &opts).unwrap();
+            for i in 0..keys {
+                let key = format!("key/{i:05}");
+                e.append(key.as_bytes(), live(vec![b'v'; 100], i as i64 + 2));
+            }
+            flush_at(&mut e, 1);
+            e.defragment(); // into SST files
+        }
+        let sst = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "sst"))
+            .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+            .expect("an SST file");
+        let mut bytes = std::fs::read(&sst).unwrap();
+        // Data blocks come first; a quarter of the way in is inside the `k` records.
+        let at = bytes.len() / 4;
+        for b in &mut bytes[at..at + 3] {
+            *b ^= 0xa5;
+        }
+        std::fs::write(&sst, &bytes).unwrap();
+
+        let e = RocksEngine::open(dir.path(), &opts).unwrap();
+        let mut seen = 0;
+        let err = e
+            .try_scan_raw(&[DATA], &[DATA + 1], &mut |_, _| {
+                seen += 1;
+                true
+            })
+            .expect_err("a scan over a corrupt block must fail");
+        assert!(seen < keys, "the damaged block was not read past");
+        let msg = err.to_string();
+        assert!(msg.contains("Corruption"), "{msg}");
+        assert!(
+            msg.contains(&sst.display().to_string()),
+            "names the file: {msg}"
+        );
+        // Point reads of the damaged keys fail too (probe every key: some are in that block).
+        let failed = (0..keys)
+            .filter(|i| {
+                e.try_newest_at(format!("key/{i:05}").as_bytes(), i64::MAX)
+                    .is_err()
+            })
+            .count();
+        assert!(failed > 0, "no point read hit the damaged block");
+    }
+
+    fn identity(shard: u64) -> ShardIdentity {
+        ShardIdentity {
+            member_id: 0xabc,
+            shard,
+            shards: 2,
+        }
+    }
+
+    #[test]
+    fn a_shard_database_is_only_created_when_asked_and_keeps_its_identity() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("0");
+        let opts = RocksOptions::default();
+        let err = RocksEngine::open_shard(&dir, &opts, identity(0), false)
+            .err()
+            .expect("a missing database is not created");
+        assert!(matches!(err, RocksError::Missing { .. }), "{err}");
+        assert!(
+            err.to_string().contains(&dir.display().to_string()),
+            "{err}"
+        );
+        assert!(!dir.exists());
+
+        {
+            let mut e = RocksEngine::open_shard(&dir, &opts, identity(0), true).unwrap();
+            e.append(b"k", live(b"v".to_vec(), 2));
+            flush_at(&mut e, 3);
+            // Installing a leader's snapshot empties the shard; it is still the same shard.
+            e.clear();
+        }
+        let e = RocksEngine::open_shard(&dir, &opts, identity(0), false).unwrap();
+        assert!(e.recover().is_none(), "clear removed the applied state");
+        drop(e);
+        let err = RocksEngine::open_shard(&dir, &opts, identity(1), false)
+            .err()
+            .expect("another shard's database is refused");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("holds shard 0 of 2 of member abc, not shard 1 of 2 of member abc"),
+            "{msg}"
+        );
+        let other_member = ShardIdentity {
+            member_id: 0xdef,
+            ..identity(0)
+        };
+        assert!(RocksEngine::open_shard(&dir, &opts, other_member, true).is_err());
     }
 }

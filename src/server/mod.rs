@@ -222,9 +222,12 @@ fn prepare_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
 }
 
 /// The engine configuration. A RocksDB data dir records its shard count, because keys are
-/// placed by `shard_for(key, count)`: reopening with another count would misplace them.
-fn engine_config(cfg: &Config, member_dir: &Path) -> anyhow::Result<EngineConfig> {
+/// placed by `shard_for(key, count)`: reopening with another count would misplace them. The
+/// count file also marks the data dir as initialised: without it the shards' databases are
+/// created (see [`record_shard_count`]); with it, a missing shard database is an error.
+fn engine_config(cfg: &Config, member_dir: &Path, member_id: u64) -> anyhow::Result<EngineConfig> {
     let dir = member_dir.join("shards");
+    let mut create = false;
     if cfg.storage_engine == EngineKind::Rocksdb {
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
@@ -242,15 +245,32 @@ fn engine_config(cfg: &Config, member_dir: &Path) -> anyhow::Result<EngineConfig
                     dir.display()
                 );
             }
-            Err(_) => std::fs::write(&count_file, count.to_string())
-                .with_context(|| format!("cannot write {}", count_file.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => create = true,
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot read {}", count_file.display()))
+            }
         }
     }
     Ok(EngineConfig {
         kind: cfg.storage_engine,
         dir,
         rocks: cfg.rocks_options(),
+        member_id,
+        create,
     })
+}
+
+/// Writes the shard count of a RocksDB data dir being initialised, once every shard database
+/// exists (so a start-up that stops before that simply initialises again).
+///
+/// Errors: the count file cannot be written.
+fn record_shard_count(engine: &EngineConfig, count: usize) -> anyhow::Result<()> {
+    if engine.kind != EngineKind::Rocksdb || !engine.create {
+        return Ok(());
+    }
+    let count_file = engine.dir.join("count");
+    std::fs::write(&count_file, count.to_string())
+        .with_context(|| format!("cannot write {}", count_file.display()))
 }
 
 /// Where the state machine resumes. Memory engine: the snapshot (the dispatcher loads its
@@ -258,11 +278,19 @@ fn engine_config(cfg: &Config, member_dir: &Path) -> anyhow::Result<EngineConfig
 /// has on disk, with the dispatcher state stored beside it; shards that are further ahead skip
 /// the entries they already hold. A complete snapshot newer than that (one a leader sent,
 /// whose installation a crash interrupted) is installed again from the start.
+///
+/// `log_last_index` is the last Raft index the snapshot and the WAL hold.
+///
+/// Errors (RocksDB): a shard whose applied index is below the snapshot index (the entries it
+/// lacks are no longer in the WAL: its data is stale or was replaced) or more than one entry
+/// above `log_last_index` (it holds writes the log does not know). Either way the shard's
+/// directory does not belong with this log, and serving from it would lose acknowledged writes.
 async fn recover_start(
     shards: &ShardSet,
     engine: &EngineConfig,
     snap: Option<&StateSnapshot>,
-) -> StartState {
+    log_last_index: u64,
+) -> anyhow::Result<StartState> {
     let snapshot_index = snap.map_or(0, |s| s.index);
     let from_snapshot = |s: &StateSnapshot| StartState {
         index: s.index,
@@ -277,7 +305,7 @@ async fn recover_start(
         restore: Some(Arc::new(s.clone())),
     };
     if engine.kind == EngineKind::Memory {
-        return snap.map(from_snapshot).unwrap_or_default();
+        return Ok(snap.map(from_snapshot).unwrap_or_default());
     }
     let mut states = Vec::new();
     for i in 0..shards.len() {
@@ -285,11 +313,11 @@ async fn recover_start(
         let _ = shards.get(i).apply.send(ApplyCmd::Recover { reply });
         states.push(rx.await.ok().flatten());
     }
-    let replay_until = states
+    let applied: Vec<u64> = states
         .iter()
         .map(|s| s.as_ref().map_or(0, |s| s.applied_index))
-        .max()
-        .unwrap_or(0);
+        .collect();
+    let replay_until = applied.iter().copied().max().unwrap_or(0);
     let lowest = states
         .into_iter()
         .min_by_key(|s| s.as_ref().map_or(0, |s| s.applied_index))
@@ -300,9 +328,34 @@ async fn recover_start(
             index = s.index,
             "installing the snapshot received from the leader"
         );
-        return from_snapshot(s);
+        // Every shard is emptied and loaded from the snapshot: what they held does not matter.
+        return Ok(from_snapshot(s));
     }
-    match lowest {
+    for (shard, &index) in applied.iter().enumerate() {
+        let dir = engine.dir.join(shard.to_string());
+        anyhow::ensure!(
+            index >= snapshot_index,
+            "shard directory {} has applied Raft entries only up to index {index}, but the log \
+             starts after the snapshot at index {snapshot_index}: the entries it lacks are gone \
+             (its data is stale or was replaced); restore the data directory from a backup, or \
+             remove this member and add it again with an empty data directory",
+            dir.display()
+        );
+        // One entry of slack: the WAL truncates a torn final record at start-up, and if that
+        // record was an entry the shards had applied (a disk that lost part of an fsynced
+        // write), they are one entry ahead. That entry was committed, so nothing is lost by
+        // skipping the entry the log gets at its index again: in a cluster the leader sends
+        // the same committed entry, and a lone member's next entry is its new term's empty
+        // one. Further ahead, the shard holds writes the log never had.
+        anyhow::ensure!(
+            index <= log_last_index + 1,
+            "shard directory {} has applied Raft entries up to index {index}, past the last \
+             index {log_last_index} of the WAL and snapshot: it holds writes the log does not \
+             know (it belongs to another data directory, or the WAL lost entries)",
+            dir.display()
+        );
+    }
+    Ok(match lowest {
         Some(r) => StartState {
             index: r.applied_index,
             term: r.applied_term,
@@ -321,7 +374,7 @@ async fn recover_start(
             durable: true,
             ..Default::default()
         },
-    }
+    })
 }
 
 /// This member's identity on its first boot: from `--initial-cluster` for a new cluster (IDs
@@ -439,14 +492,21 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         wal,
         recovered,
     } = recover_log(&snapshotter, &member_dir.join("wal"), !cfg.unsafe_no_fsync)?;
-    let engine = engine_config(&cfg, &member_dir)?;
+    let engine = engine_config(&cfg, &member_dir, member.id)?;
     let shards = Shards::spawn(cfg.shard_count(), &engine)?;
-    let start = recover_start(&shards.set, &engine, snap.as_ref()).await;
-    if let Some(newest) = broken.first() {
+    let snapshot_index = snap.as_ref().map_or(0, |s| s.index);
+    let log_last_index = recovered.entries.last().map_or(snapshot_index, |e| e.index);
+    let start = match record_shard_count(&engine, cfg.shard_count()) {
+        Ok(()) => recover_start(&shards.set, &engine, snap.as_ref(), log_last_index).await,
+        Err(e) => Err(e),
+    };
+    let start = start.and_then(|start| {
+        let Some(newest) = broken.first() else {
+            return Ok(start);
+        };
         // Durable shards resume from their own applied index, and the WAL only reaches back to
         // the older snapshot: shards below it (emptied by an interrupted install of a leader's
         // snapshot, say) would skip entries nobody can replay.
-        let snapshot_index = snap.as_ref().map_or(0, |s| s.index);
         anyhow::ensure!(
             start.restore.is_some() || start.index >= snapshot_index,
             "snapshot {} is corrupt and cannot be skipped: the shards hold only up to index {}, \
@@ -457,7 +517,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         for b in &broken {
             snapshotter.mark_broken(b)?;
         }
-    }
+        Ok(start)
+    });
+    let start = match start {
+        Ok(start) => start,
+        Err(e) => {
+            // Close the shards' databases before the process exits with the error.
+            shards.join();
+            return Err(e);
+        }
+    };
     tracing::info!(index = start.index, revision = start.revision, replay_until = start.replay_until,
         engine = ?engine.kind, "recovered state machine");
     tracing::info!(entries = recovered.entries.len(), "replaying WAL");

@@ -20,7 +20,7 @@ use crate::mvcc::engine::{Engine, Live, VersionRecord};
 use crate::mvcc::engine::{FlushState, RecoveredState};
 use crate::mvcc::memory::MemoryEngine;
 use crate::mvcc::range::PartialRange;
-use crate::mvcc::rocks::{RocksEngine, RocksOptions};
+use crate::mvcc::rocks::{RocksEngine, RocksOptions, ShardIdentity};
 use crate::mvcc::store::{CompareEval, EventBatch, PutArgs};
 use crate::mvcc::{KeyRange, KeyValue, Store};
 use crate::proto::etcdserverpb::{Compare, PutRequest, RangeRequest};
@@ -50,17 +50,30 @@ pub struct EngineConfig {
     pub dir: std::path::PathBuf,
     /// RocksDB tuning.
     pub rocks: RocksOptions,
+    /// This member's ID, recorded in each RocksDB shard database (see [`ShardIdentity`]).
+    pub member_id: u64,
+    /// The data directory is being initialised: missing RocksDB shard databases are created.
+    /// Otherwise a missing one is an error, since an empty shard would silently lose its keys.
+    pub create: bool,
 }
 
 impl EngineConfig {
-    fn open(&self, shard: usize) -> Result<Box<dyn Engine>, String> {
+    fn open(&self, shard: usize, shards: usize) -> Result<Box<dyn Engine>, String> {
         match self.kind {
             EngineKind::Memory => Ok(Box::new(MemoryEngine::new())),
             EngineKind::Rocksdb => {
                 let dir = self.dir.join(shard.to_string());
-                std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                if self.create {
+                    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                }
+                let identity = ShardIdentity {
+                    member_id: self.member_id,
+                    shard: shard as u64,
+                    shards: shards as u64,
+                };
                 Ok(Box::new(
-                    RocksEngine::open(&dir, &self.rocks).map_err(|e| e.to_string())?,
+                    RocksEngine::open_shard(&dir, &self.rocks, identity, self.create)
+                        .map_err(|e| e.to_string())?,
                 ))
             }
         }
@@ -540,7 +553,7 @@ impl Shards {
             let thread = glommio::LocalExecutorBuilder::new(placement)
                 .name(&format!("shard-{i}"))
                 .spawn(move || async move {
-                    match config.open(i) {
+                    match config.open(i, count) {
                         Ok(engine) => {
                             let _ = opened_tx.send(Ok(()));
                             run_shard(i, engine, sizes, apply_rx, read_rx).await;

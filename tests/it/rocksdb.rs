@@ -1,7 +1,9 @@
 //! The RocksDB engine beyond the shared suite (which runs against it with
 //! `METASTORE_TEST_ENGINE=rocksdb`): crash consistency across shards, restart from the applied
-//! index, data larger than the block cache, and the space quota.
+//! index, data larger than the block cache, the space quota, and damaged or misplaced shard
+//! databases, which stop the member instead of being served as if they were whole.
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -293,4 +295,223 @@ async fn snapshots_are_rocksdb_checkpoints() {
     }
     // A checkpoint opens as a database holding the keys of its shard.
     drop(server);
+}
+
+/// Puts `count` keys `{prefix}{i:05}` with [`test_value`]s, from 4 concurrent clients.
+async fn put_keys(server: &Server, prefix: &str, count: usize) {
+    let mut tasks = Vec::new();
+    for t in 0..4 {
+        let endpoint = server.endpoint.clone();
+        let prefix = prefix.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::connect([endpoint.as_str()], None).await.unwrap();
+            for i in (t..count).step_by(4) {
+                c.put(format!("{prefix}{i:05}"), test_value(i), None)
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+/// A value of about 100 bytes that LZ4 cannot shrink much, so SST files are mostly data blocks.
+fn test_value(i: usize) -> String {
+    let mut x = i as u64 ^ 0x9e37_79b9_7f4a_7c15;
+    (0..6)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            format!("{x:016x}")
+        })
+        .collect()
+}
+
+/// `member/shards/<shard>` of a data directory.
+fn shard_dir(data_dir: &Path, shard: usize) -> PathBuf {
+    data_dir
+        .join("member")
+        .join("shards")
+        .join(shard.to_string())
+}
+
+/// Copies a directory tree (a stopped member's shard database).
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// What a start-up that must be refused printed; panics if the server started.
+fn refused_start(data_dir: &Path) -> String {
+    match Server::try_start(data_dir, &flags(&[])) {
+        Ok(server) => panic!(
+            "the member started on a damaged data directory:\n{}",
+            server.startup_log
+        ),
+        Err(output) => output,
+    }
+}
+
+/// Regression (issue 11): three bytes flipped in an SST data block made the member serve the
+/// keys of the intact blocks as if they were all, with nothing logged. A failed checksum must
+/// stop the member with a message naming the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_sst_block_stops_the_member_instead_of_serving_partial_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::try_start(dir.path(), &flags(&[])).unwrap();
+    put_keys(&server, "c/", 3000).await;
+    // Defragment flushes the memtables and compacts every shard: the keys are in SST files.
+    server.client().await.defragment().await.unwrap();
+    server.kill();
+
+    let sst = std::fs::read_dir(shard_dir(dir.path(), 0))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "sst"))
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .expect("shard 0 has an SST file");
+    let mut bytes = std::fs::read(&sst).unwrap();
+    assert!(bytes.len() > 64 << 10, "{} holds the keys", sst.display());
+    // Data blocks start at offset 0 and make up most of the file (index, filter and footer
+    // come last): a third of the way in is inside a data block holding keys.
+    let at = bytes.len() / 3;
+    for b in &mut bytes[at..at + 3] {
+        *b ^= 0xa5;
+    }
+    std::fs::write(&sst, &bytes).unwrap();
+
+    let log = match Server::try_start(dir.path(), &flags(&[])) {
+        // Start-up may already read the damaged block.
+        Err(output) => output,
+        Ok(mut server) => {
+            let mut c = server.client().await;
+            let read = c.get("c/", Some(GetOptions::new().with_prefix())).await;
+            if let Ok(r) = &read {
+                panic!(
+                    "a corrupt SST was served as a successful read of {} of 3000 keys",
+                    r.kvs().len()
+                );
+            }
+            assert!(
+                server.wait_exit(Duration::from_secs(10)),
+                "the member must stop on corrupt data: {:?}",
+                read.err()
+            );
+            server.log()
+        }
+    };
+    let path = sst.display().to_string();
+    assert!(
+        log.contains(&path) && log.contains("Corruption"),
+        "the member must log RocksDB's Corruption error naming {path}:\n{log}"
+    );
+}
+
+/// Regression (issue 11): with `member/shards/1` deleted, RocksDB recreated it empty and the
+/// member served a fraction of its keys and handed out old revisions again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_shard_directory_stops_startup() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::try_start(dir.path(), &flags(&[])).unwrap();
+    put_keys(&server, "k/", 200).await;
+    server.kill();
+
+    let gone = shard_dir(dir.path(), 1);
+    std::fs::remove_dir_all(&gone).unwrap();
+    let err = refused_start(dir.path());
+    let path = gone.display().to_string();
+    assert!(
+        err.contains(&format!("shard directory {path} is missing")),
+        "the error names {path}: {err}"
+    );
+    assert!(!gone.exists(), "nothing was recreated in its place");
+}
+
+/// Shard directories swapped: each holds keys the other shard owns. Refused at start-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swapped_shard_directories_stop_startup() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::try_start(dir.path(), &flags(&[])).unwrap();
+    put_keys(&server, "k/", 200).await;
+    server.kill();
+
+    let (zero, one) = (shard_dir(dir.path(), 0), shard_dir(dir.path(), 1));
+    let aside = dir.path().join("aside");
+    std::fs::rename(&zero, &aside).unwrap();
+    std::fs::rename(&one, &zero).unwrap();
+    std::fs::rename(&aside, &one).unwrap();
+    let err = refused_start(dir.path());
+    let path = zero.display().to_string();
+    assert!(
+        err.contains(&format!("shard directory {path} holds shard 1 of 2")),
+        "the error names {path} and what it holds: {err}"
+    );
+}
+
+/// A shard directory replaced by an older copy of itself: the entries it lacks were released
+/// from the WAL by later snapshots, so it cannot catch up. Refused rather than served stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_shard_directory_stops_startup() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = ["--snapshot-count", "100"];
+    let server = Server::try_start(dir.path(), &flags(&snap)).unwrap();
+    put_keys(&server, "k/", 20).await;
+    server.kill();
+    let backup = tempfile::tempdir().unwrap();
+    let one = shard_dir(dir.path(), 1);
+    copy_dir(&one, backup.path());
+
+    let server = Server::try_start(dir.path(), &flags(&snap)).unwrap();
+    put_keys(&server, "more/", 400).await;
+    server.kill();
+    std::fs::remove_dir_all(&one).unwrap();
+    copy_dir(backup.path(), &one);
+
+    let err = refused_start(dir.path());
+    let path = one.display().to_string();
+    assert!(
+        err.contains(&format!(
+            "shard directory {path} has applied Raft entries only up to"
+        )),
+        "the error names {path}: {err}"
+    );
+}
+
+/// A shard directory copied from a newer state of the same member into an older copy of its
+/// data directory: the shard holds writes this WAL never had. Refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_directory_ahead_of_the_log_stops_startup() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::try_start(dir.path(), &flags(&[])).unwrap();
+    put_keys(&server, "k/", 20).await;
+    server.kill();
+    let old = tempfile::tempdir().unwrap();
+    copy_dir(dir.path(), old.path());
+
+    let server = Server::try_start(dir.path(), &flags(&[])).unwrap();
+    put_keys(&server, "more/", 100).await;
+    server.kill();
+    let one = shard_dir(old.path(), 1);
+    std::fs::remove_dir_all(&one).unwrap();
+    copy_dir(&shard_dir(dir.path(), 1), &one);
+
+    let err = refused_start(old.path());
+    let path = one.display().to_string();
+    assert!(
+        err.contains(&format!(
+            "shard directory {path} has applied Raft entries up to"
+        )),
+        "the error names {path}: {err}"
+    );
 }
