@@ -7,6 +7,7 @@
 //! only store version records; the etcd semantics (versions, tombstones, compaction bounds,
 //! range options, compares) live once, in [`store::Store`], for every engine.
 
+pub mod ballast;
 pub mod engine;
 pub mod memory;
 pub mod range;

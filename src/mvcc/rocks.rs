@@ -344,7 +344,16 @@ impl RocksEngine {
     }
 
     fn open_with(dir: &Path, opts: &RocksOptions, create: bool) -> Result<RocksEngine, RocksError> {
-        let mut o = Options::default();
+        // Replay RocksDB's own log into the memtable instead of flushing it to a new SST file
+        // while opening: a restart then writes next to nothing, which a full disk needs (see
+        // `ballast`). The Rust binding has no setter for it; the options string comes first so
+        // that everything set below is kept by the options the database holds.
+        let mut o = Options::default()
+            .get_options_from_string("avoid_flush_during_recovery=true")
+            .map_err(|source| RocksError::Rocks {
+                path: dir.display().to_string(),
+                source,
+            })?;
         o.create_if_missing(create);
         // Stop on damage RocksDB detects (its own WAL, file sizes, background reads) instead
         // of carrying on without the damaged part.

@@ -231,6 +231,7 @@ fn engine_config(cfg: &Config, member_dir: &Path, member_id: u64) -> anyhow::Res
     if cfg.storage_engine == EngineKind::Rocksdb {
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
+        crate::mvcc::ballast::prepare(&dir);
         let count_file = dir.join("count");
         let count = cfg.shard_count();
         match std::fs::read_to_string(&count_file) {
