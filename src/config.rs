@@ -32,6 +32,12 @@ pub mod defaults {
     pub const QUOTA_BACKEND_BYTES: u64 = 2 * 1024 * 1024 * 1024;
     /// Extra room gRPC allows over `--max-request-bytes` for framing (etcd's grpcOverheadBytes).
     pub const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
+    /// `--max-snapshots`: snapshot files kept (etcd's DefaultMaxSnapshots).
+    pub const MAX_SNAPSHOTS: usize = 5;
+    /// `--max-wals`: WAL segment files kept (etcd's DefaultMaxWALs).
+    pub const MAX_WALS: usize = 5;
+    /// `--experimental-max-learners`: learners a cluster may have (etcd's DefaultMaxLearners).
+    pub const MAX_LEARNERS: usize = 1;
 }
 
 /// `--initial-cluster-state`.
@@ -94,6 +100,17 @@ fn parse_urls(s: &str) -> Result<UrlList, String> {
         })
         .collect::<Result<_, _>>()
         .map(UrlList)
+}
+
+/// A Go `time.Duration` flag value (`"5s"`, `"10m"`, `"1h30m"`, `"100ms"`; `"0"` or `""` for zero),
+/// as etcd's duration flags take.
+fn parse_go_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    // Go prints a zero duration flag's default as "" or "0" (no unit needed for zero).
+    if s.is_empty() || s == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}"))
 }
 
 fn parse_bool(s: &str) -> Result<bool, String> {
@@ -267,6 +284,614 @@ pub struct Config {
     /// Number of shards, each pinned to a core [default: one per online CPU].
     #[arg(long, env = "METASTORE_SHARDS")]
     pub shards: Option<usize>,
+
+    // ---------------------------------------------------------------------------------------
+    // etcd flags beyond the core set, for drop-in command lines (flags branch). The TLS
+    // flags (`--cert-file`, `--peer-*`, ...) live in their own group; none is declared here.
+    // Flags that are accepted without effect are listed, with the reason, in [`IGNORED`].
+    // ---------------------------------------------------------------------------------------
+
+    // -- Storage: WAL and snapshot files ---------------------------------------------------
+    /// Dedicated WAL directory [default: `<data-dir>/member/wal`].
+    #[arg(long, env = "ETCD_WAL_DIR")]
+    pub wal_dir: Option<PathBuf>,
+
+    /// Snapshot files kept on disk (0 = unlimited).
+    #[arg(long, env = "ETCD_MAX_SNAPSHOTS", default_value_t = defaults::MAX_SNAPSHOTS)]
+    pub max_snapshots: usize,
+
+    /// WAL segment files kept on disk (0 = unlimited); a segment an older kept snapshot still
+    /// needs is never removed.
+    #[arg(long, env = "ETCD_MAX_WALS", default_value_t = defaults::MAX_WALS)]
+    pub max_wals: usize,
+
+    /// bbolt freelist type: `map` or `array`.
+    #[arg(long, env = "ETCD_BACKEND_BBOLT_FREELIST_TYPE", default_value = "map")]
+    pub backend_bbolt_freelist_type: String,
+
+    /// bbolt freelist type (etcd 3.4 name): `map` or `array`.
+    #[arg(
+        long,
+        env = "ETCD_EXPERIMENTAL_BACKEND_BBOLT_FREELIST_TYPE",
+        default_value = "array"
+    )]
+    pub experimental_backend_bbolt_freelist_type: String,
+
+    /// Longest time before the backend commits its batch (Go duration; empty or 0 = etcd's
+    /// 100ms).
+    #[arg(long, env = "ETCD_BACKEND_BATCH_INTERVAL", default_value = "",
+          value_parser = parse_go_duration)]
+    pub backend_batch_interval: std::time::Duration,
+
+    /// Most operations before the backend commits its batch (0 = etcd's 10000).
+    #[arg(long, env = "ETCD_BACKEND_BATCH_LIMIT", default_value_t = 0)]
+    pub backend_batch_limit: u64,
+
+    /// Keep the backend's pages locked in RAM (mlock).
+    #[arg(long, env = "ETCD_EXPERIMENTAL_MEMORY_MLOCK", num_args = 0..=1, default_missing_value = "true",
+          default_value = "false", value_parser = parse_bool)]
+    pub experimental_memory_mlock: bool,
+
+    /// Defragment at start-up if it frees at least this much, MB (0 = never).
+    #[arg(
+        long,
+        env = "ETCD_EXPERIMENTAL_BOOTSTRAP_DEFRAG_THRESHOLD_MEGABYTES",
+        default_value_t = 0
+    )]
+    pub experimental_bootstrap_defrag_threshold_megabytes: u64,
+
+    /// Stop serving gRPC while a defragmentation runs.
+    #[arg(long, env = "ETCD_EXPERIMENTAL_STOP_GRPC_SERVICE_ON_DEFRAG", num_args = 0..=1,
+          default_missing_value = "true", default_value = "false", value_parser = parse_bool)]
+    pub experimental_stop_grpc_service_on_defrag: bool,
+
+    /// Let write txns share the read buffer in their read-only checks.
+    #[arg(long, env = "ETCD_EXPERIMENTAL_TXN_MODE_WRITE_WITH_SHARED_BUFFER", num_args = 0..=1,
+          default_missing_value = "true", default_value = "true", value_parser = parse_bool)]
+    pub experimental_txn_mode_write_with_shared_buffer: bool,
+
+    /// Most revisions deleted per compaction batch.
+    #[arg(
+        long,
+        env = "ETCD_EXPERIMENTAL_COMPACTION_BATCH_LIMIT",
+        default_value_t = 1000
+    )]
+    pub experimental_compaction_batch_limit: i64,
+
+    /// Pause between compaction batches (Go duration).
+    #[arg(long, env = "ETCD_EXPERIMENTAL_COMPACTION_SLEEP_INTERVAL", default_value = "10ms",
+          value_parser = parse_go_duration)]
+    pub experimental_compaction_sleep_interval: std::time::Duration,
+
+    /// Auto compaction retention: a Go duration or hours (`periodic`), or revisions
+    /// (`revision`); 0 disables it.
+    #[arg(long, env = "ETCD_AUTO_COMPACTION_RETENTION", default_value = "0")]
+    pub auto_compaction_retention: String,
+
+    /// How `--auto-compaction-retention` is read: `periodic` or `revision`.
+    #[arg(long, env = "ETCD_AUTO_COMPACTION_MODE", default_value = "periodic",
+          value_parser = clap::builder::PossibleValuesParser::new(["periodic", "revision"]))]
+    pub auto_compaction_mode: String,
+
+    // -- gRPC server -----------------------------------------------------------------------
+    /// Concurrent HTTP/2 streams (gRPC calls) each client connection may have open.
+    #[arg(long, env = "ETCD_MAX_CONCURRENT_STREAMS", default_value_t = u32::MAX)]
+    pub max_concurrent_streams: u32,
+
+    /// Shortest interval at which a client may ping the server (Go duration).
+    #[arg(long, env = "ETCD_GRPC_KEEPALIVE_MIN_TIME", default_value = "5s",
+          value_parser = parse_go_duration)]
+    pub grpc_keepalive_min_time: std::time::Duration,
+
+    /// How often the server pings an idle client connection (Go duration; 0 disables).
+    #[arg(long, env = "ETCD_GRPC_KEEPALIVE_INTERVAL", default_value = "2h",
+          value_parser = parse_go_duration)]
+    pub grpc_keepalive_interval: std::time::Duration,
+
+    /// How long the server waits for a ping's answer before closing the connection (Go
+    /// duration; 0 disables).
+    #[arg(long, env = "ETCD_GRPC_KEEPALIVE_TIMEOUT", default_value = "20s",
+          value_parser = parse_go_duration)]
+    pub grpc_keepalive_timeout: std::time::Duration,
+
+    /// Serve the HTTP/JSON gRPC gateway.
+    #[arg(long, env = "ETCD_ENABLE_GRPC_GATEWAY", num_args = 0..=1, default_missing_value = "true",
+          default_value = "true", value_parser = parse_bool)]
+    pub enable_grpc_gateway: bool,
+
+    /// Comma-separated URLs for HTTP-only client traffic (gateway, health).
+    #[arg(long, env = "ETCD_LISTEN_CLIENT_HTTP_URLS", value_parser = parse_urls)]
+    pub listen_client_http_urls: Option<UrlList>,
+
+    /// Set SO_REUSEPORT on the listeners.
+    #[arg(long, env = "ETCD_SOCKET_REUSE_PORT", num_args = 0..=1, default_missing_value = "true",
+          default_value = "false", value_parser = parse_bool)]
+    pub socket_reuse_port: bool,
+
+    /// Set SO_REUSEADDR on the listeners.
+    #[arg(long, env = "ETCD_SOCKET_REUSE_ADDRESS", num_args = 0..=1, default_missing_value = "true",
+          default_value = "false", value_parser = parse_bool)]
+    pub socket_reuse_address: bool,
+
+    /// Read timeout of each rafthttp peer connection (Go duration).
+    #[arg(long, env = "ETCD_RAFT_READ_TIMEOUT", default_value = "5s",
+          value_parser = parse_go_duration)]
+    pub raft_read_timeout: std::time::Duration,
+
+    /// Write timeout of each rafthttp peer connection (Go duration).
+    #[arg(long, env = "ETCD_RAFT_WRITE_TIMEOUT", default_value = "5s",
+          value_parser = parse_go_duration)]
+    pub raft_write_timeout: std::time::Duration,
+
+    /// Comma-separated origins allowed by CORS (`*` = all).
+    #[arg(long, env = "ETCD_CORS", default_value = "*")]
+    pub cors: String,
+
+    /// Comma-separated host names accepted from HTTP clients (`*` = all).
+    #[arg(long, env = "ETCD_HOST_WHITELIST", default_value = "*")]
+    pub host_whitelist: String,
+
+    // -- Raft and clustering ---------------------------------------------------------------
+    /// Run Raft's pre-vote phase before an election, so a partitioned member rejoining does
+    /// not depose the leader.
+    #[arg(long, env = "ETCD_PRE_VOTE", num_args = 0..=1, default_missing_value = "true",
+          default_value = "true", value_parser = parse_bool)]
+    pub pre_vote: bool,
+
+    /// Fast-forward the election ticks at boot for a faster first election.
+    #[arg(long, env = "ETCD_INITIAL_ELECTION_TICK_ADVANCE", num_args = 0..=1,
+          default_missing_value = "true", default_value = "true", value_parser = parse_bool)]
+    pub initial_election_tick_advance: bool,
+
+    /// Most learners the cluster may have at once.
+    #[arg(long, env = "ETCD_EXPERIMENTAL_MAX_LEARNERS", default_value_t = defaults::MAX_LEARNERS)]
+    pub experimental_max_learners: usize,
+
+    /// Force a new one-member cluster from this member's data (unsafe).
+    #[arg(long, env = "ETCD_FORCE_NEW_CLUSTER", num_args = 0..=1, default_missing_value = "true",
+          default_value = "false", value_parser = parse_bool)]
+    pub force_new_cluster: bool,
+
+    /// How long to wait for the cluster to be ready before serving clients (Go duration).
+    #[arg(long, env = "ETCD_EXPERIMENTAL_WAIT_CLUSTER_READY_TIMEOUT", default_value = "5s",
+          value_parser = parse_go_duration)]
+    pub experimental_wait_cluster_ready_timeout: std::time::Duration,
+
+    /// Interval between two downgrade status checks (Go duration).
+    #[arg(long, env = "ETCD_EXPERIMENTAL_DOWNGRADE_CHECK_TIME", default_value = "5s",
+          value_parser = parse_go_duration)]
+    pub experimental_downgrade_check_time: std::time::Duration,
+
+    // -- Discovery -------------------------------------------------------------------------
+    /// Discovery URL used to bootstrap the cluster.
+    #[arg(long, env = "ETCD_DISCOVERY", default_value = "")]
+    pub discovery: String,
+
+    /// What to do when discovery fails: `exit` or `proxy`.
+    #[arg(long, env = "ETCD_DISCOVERY_FALLBACK", default_value = "proxy",
+          value_parser = clap::builder::PossibleValuesParser::new(["exit", "proxy"]))]
+    pub discovery_fallback: String,
+
+    /// HTTP proxy for traffic to the discovery service.
+    #[arg(long, env = "ETCD_DISCOVERY_PROXY", default_value = "")]
+    pub discovery_proxy: String,
+
+    /// DNS SRV domain used to bootstrap the cluster.
+    #[arg(long, env = "ETCD_DISCOVERY_SRV", default_value = "")]
+    pub discovery_srv: String,
+
+    /// Suffix of the DNS SRV name queried when bootstrapping.
+    #[arg(long, env = "ETCD_DISCOVERY_SRV_NAME", default_value = "")]
+    pub discovery_srv_name: String,
+
+    // -- v2 API and v2 proxy ---------------------------------------------------------------
+    /// Serve etcd v2 client requests.
+    #[arg(long, env = "ETCD_ENABLE_V2", num_args = 0..=1, default_missing_value = "true",
+          default_value = "false", value_parser = parse_bool)]
+    pub enable_v2: bool,
+
+    /// Serve v2 requests through the v3 backend under this prefix.
+    #[arg(long, env = "ETCD_EXPERIMENTAL_ENABLE_V2V3", default_value = "")]
+    pub experimental_enable_v2v3: String,
+
+    /// Phase of the v2store deprecation.
+    #[arg(long, env = "ETCD_V2_DEPRECATION", default_value = "not-yet",
+          value_parser = clap::builder::PossibleValuesParser::new(["not-yet", "write-only", "write-only-drop-data", "gone"]))]
+    pub v2_deprecation: String,
+
+    /// v2 proxy mode: `off`, `readonly` or `on`.
+    #[arg(long, env = "ETCD_PROXY", default_value = "off",
+          value_parser = clap::builder::PossibleValuesParser::new(["off", "readonly", "on"]))]
+    pub proxy: String,
+
+    /// v2 proxy: time an endpoint stays failed, ms.
+    #[arg(long, env = "ETCD_PROXY_FAILURE_WAIT", default_value_t = 5000)]
+    pub proxy_failure_wait: u64,
+
+    /// v2 proxy: endpoints refresh interval, ms.
+    #[arg(long, env = "ETCD_PROXY_REFRESH_INTERVAL", default_value_t = 30000)]
+    pub proxy_refresh_interval: u64,
+
+    /// v2 proxy: dial timeout, ms (0 = none).
+    #[arg(long, env = "ETCD_PROXY_DIAL_TIMEOUT", default_value_t = 1000)]
+    pub proxy_dial_timeout: u64,
+
+    /// v2 proxy: write timeout, ms (0 = none).
+    #[arg(long, env = "ETCD_PROXY_WRITE_TIMEOUT", default_value_t = 5000)]
+    pub proxy_write_timeout: u64,
+
+    /// v2 proxy: read timeout, ms (0 = none).
+    #[arg(long, env = "ETCD_PROXY_READ_TIMEOUT", default_value_t = 0)]
+    pub proxy_read_timeout: u64,
+
+    // -- Auth ------------------------------------------------------------------------------
+    /// Auth token type and options: `simple` or `jwt,...`.
+    #[arg(long, env = "ETCD_AUTH_TOKEN", default_value = "simple")]
+    pub auth_token: String,
+
+    /// bcrypt cost for hashing auth passwords (4 to 31).
+    #[arg(long, env = "ETCD_BCRYPT_COST", default_value_t = 10)]
+    pub bcrypt_cost: u32,
+
+    /// Lifetime of a simple auth token, seconds.
+    #[arg(long, env = "ETCD_AUTH_TOKEN_TTL", default_value_t = 300)]
+    pub auth_token_ttl: u64,
+
+    // -- Profiling, monitoring and tracing -------------------------------------------------
+    /// Serve Go's pprof runtime profiles at `/debug/pprof/`.
+    #[arg(long, env = "ETCD_ENABLE_PPROF", num_args = 0..=1, default_missing_value = "true",
+          default_value = "false", value_parser = parse_bool)]
+    pub enable_pprof: bool,
+
+    /// Detail of exported metrics: `basic` or `extensive`.
+    #[arg(long, env = "ETCD_METRICS", default_value = "basic",
+          value_parser = clap::builder::PossibleValuesParser::new(["basic", "extensive"]))]
+    pub metrics: String,
+
+    /// Comma-separated URLs serving `/metrics` and `/health`.
+    #[arg(long, env = "ETCD_LISTEN_METRICS_URLS", value_parser = parse_urls)]
+    pub listen_metrics_urls: Option<UrlList>,
+
+    /// Enable OpenTelemetry distributed tracing.
+    #[arg(long, env = "ETCD_EXPERIMENTAL_ENABLE_DISTRIBUTED_TRACING", num_args = 0..=1,
+          default_missing_value = "true", default_value = "false", value_parser = parse_bool)]
+    pub experimental_enable_distributed_tracing: bool,
+
+    /// Distributed tracing collector address (`host:port`).
+    #[arg(
+        long,
+        env = "ETCD_EXPERIMENTAL_DISTRIBUTED_TRACING_ADDRESS",
+        default_value = "localhost:4317"
+    )]
+    pub experimental_distributed_tracing_address: String,
+
+    /// Distributed tracing service name.
+    #[arg(
+        long,
+        env = "ETCD_EXPERIMENTAL_DISTRIBUTED_TRACING_SERVICE_NAME",
+        default_value = "etcd"
+    )]
+    pub experimental_distributed_tracing_service_name: String,
+
+    /// Distributed tracing instance ID (unique per member).
+    #[arg(
+        long,
+        env = "ETCD_EXPERIMENTAL_DISTRIBUTED_TRACING_INSTANCE_ID",
+        default_value = ""
+    )]
+    pub experimental_distributed_tracing_instance_id: String,
+
+    /// Spans sampled per million.
+    #[arg(
+        long,
+        env = "ETCD_EXPERIMENTAL_DISTRIBUTED_TRACING_SAMPLING_RATE",
+        default_value_t = 0
+    )]
+    pub experimental_distributed_tracing_sampling_rate: u32,
+
+    /// Warn when applying an entry takes longer than this (Go duration).
+    #[arg(long, env = "ETCD_EXPERIMENTAL_WARNING_APPLY_DURATION", default_value = "100ms",
+          value_parser = parse_go_duration)]
+    pub experimental_warning_apply_duration: std::time::Duration,
+
+    /// Warn when a unary request takes longer than this (Go duration).
+    #[arg(long, env = "ETCD_EXPERIMENTAL_WARNING_UNARY_REQUEST_DURATION", default_value = "300ms",
+          value_parser = parse_go_duration)]
+    pub experimental_warning_unary_request_duration: std::time::Duration,
+
+    // -- Corruption checks -----------------------------------------------------------------
+    /// Check data corruption against the other members before serving.
+    #[arg(long, env = "ETCD_EXPERIMENTAL_INITIAL_CORRUPT_CHECK", num_args = 0..=1,
+          default_missing_value = "true", default_value = "false", value_parser = parse_bool)]
+    pub experimental_initial_corrupt_check: bool,
+
+    /// Interval between cluster corruption checks (Go duration; 0 = never).
+    #[arg(long, env = "ETCD_EXPERIMENTAL_CORRUPT_CHECK_TIME", default_value = "0s",
+          value_parser = parse_go_duration)]
+    pub experimental_corrupt_check_time: std::time::Duration,
+
+    /// Have the leader check followers' compaction hashes periodically.
+    #[arg(long, env = "ETCD_EXPERIMENTAL_COMPACT_HASH_CHECK_ENABLED", num_args = 0..=1,
+          default_missing_value = "true", default_value = "false", value_parser = parse_bool)]
+    pub experimental_compact_hash_check_enabled: bool,
+
+    /// Interval between compaction hash checks (Go duration).
+    #[arg(long, env = "ETCD_EXPERIMENTAL_COMPACT_HASH_CHECK_TIME", default_value = "1m",
+          value_parser = parse_go_duration)]
+    pub experimental_compact_hash_check_time: std::time::Duration,
+
+    // -- Leases ----------------------------------------------------------------------------
+    /// Have the leader checkpoint leases' remaining TTLs through Raft (every
+    /// `--experimental-lease-checkpoint-interval`), so a leader change or restart does not
+    /// renew long-lived leases to their full TTL.
+    #[arg(long, env = "ETCD_EXPERIMENTAL_ENABLE_LEASE_CHECKPOINT", num_args = 0..=1,
+          default_missing_value = "true", default_value = "false", value_parser = parse_bool)]
+    pub experimental_enable_lease_checkpoint: bool,
+
+    /// Persist checkpointed remaining TTLs.
+    #[arg(long, env = "ETCD_EXPERIMENTAL_ENABLE_LEASE_CHECKPOINT_PERSIST", num_args = 0..=1,
+          default_missing_value = "true", default_value = "false", value_parser = parse_bool)]
+    pub experimental_enable_lease_checkpoint_persist: bool,
+
+    // -- Peer TLS verification -------------------------------------------------------------
+    /// Skip verifying the SAN of client certificates on peer connections.
+    #[arg(long, env = "ETCD_EXPERIMENTAL_PEER_SKIP_CLIENT_SAN_VERIFICATION", num_args = 0..=1,
+          default_missing_value = "true", default_value = "false", value_parser = parse_bool)]
+    pub experimental_peer_skip_client_san_verification: bool,
+
+    // -- Logging ---------------------------------------------------------------------------
+    /// Logger: `zap` (etcd 3.5's) or `capnslog` (3.4's); MetaStore has one logger.
+    #[arg(long, env = "ETCD_LOGGER", default_value = "zap",
+          value_parser = clap::builder::PossibleValuesParser::new(["zap", "capnslog"]))]
+    pub logger: String,
+
+    /// Comma-separated log targets: `default` or `stderr` (standard error), `stdout`, or file
+    /// paths (appended to).
+    #[arg(long, env = "ETCD_LOG_OUTPUTS", default_value = "default", value_delimiter = ',')]
+    pub log_outputs: Vec<String>,
+
+    /// Log format: `json` or `console`.
+    #[arg(long, env = "ETCD_LOG_FORMAT", default_value = "json",
+          value_parser = clap::builder::PossibleValuesParser::new(["json", "console"]))]
+    pub log_format: String,
+
+    /// Rotate a single file target of `--log-outputs`.
+    #[arg(long, env = "ETCD_ENABLE_LOG_ROTATION", num_args = 0..=1, default_missing_value = "true",
+          default_value = "false", value_parser = parse_bool)]
+    pub enable_log_rotation: bool,
+
+    /// Log rotation settings (JSON: maxsize MB, maxage days, maxbackups, localtime, compress).
+    #[arg(
+        long,
+        env = "ETCD_LOG_ROTATION_CONFIG_JSON",
+        default_value = r#"{"maxsize": 100, "maxage": 0, "maxbackups": 0, "localtime": false, "compress": false}"#
+    )]
+    pub log_rotation_config_json: String,
+
+    /// Log at debug level (etcd 3.4; same as `--log-level debug`).
+    #[arg(long, env = "ETCD_DEBUG", num_args = 0..=1, default_missing_value = "true",
+          default_value = "false", value_parser = parse_bool)]
+    pub debug: bool,
+
+    /// capnslog per-package log levels (`etcdserver=WARNING,...`; etcd 3.4).
+    #[arg(long, env = "ETCD_LOG_PACKAGE_LEVELS", default_value = "")]
+    pub log_package_levels: String,
+}
+
+/// A flag MetaStore accepts, for etcd command lines, without acting on it.
+#[derive(Debug, Clone, Copy)]
+pub struct IgnoredFlag {
+    /// The flag's name without the dashes (`enable-v2`).
+    pub flag: &'static str,
+    /// Why it has no effect, as logged: `ignored: <why>`.
+    pub reason: &'static str,
+    /// Whether the value given needs the warning (most flags: always; `--logger` only when it
+    /// asks for the logger MetaStore does not have).
+    pub applies: fn(&Config) -> bool,
+}
+
+const fn always(_: &Config) -> bool {
+    true
+}
+
+const fn ignored(flag: &'static str, reason: &'static str) -> IgnoredFlag {
+    IgnoredFlag {
+        flag,
+        reason,
+        applies: always,
+    }
+}
+
+const NO_V2: &str = "the v2 API is not served";
+const NO_V2_PROXY: &str = "the v2 proxy is not provided (deprecated in etcd 3.5)";
+const NO_DISCOVERY: &str = "discovery bootstrapping is not supported; use --initial-cluster";
+const NO_BBOLT: &str = "no bbolt backend (the shards are in memory or in RocksDB)";
+const NO_AUTH: &str = "authentication is not supported yet";
+const NO_TRACING: &str = "no OpenTelemetry distributed tracing";
+const NO_HTTP: &str = "no HTTP endpoints (gateway, /health, /metrics) are served yet";
+const NO_CORRUPT_CHECK: &str = "no cross-member corruption check yet";
+
+/// Every accepted flag that has no effect, with its reason. A flag the user sets (on the
+/// command line, through its `ETCD_*` variable or in `--config-file`) is logged once at
+/// start-up by [`startup_warnings`].
+pub const IGNORED: &[IgnoredFlag] = &[
+    ignored("enable-v2", NO_V2),
+    ignored("experimental-enable-v2v3", NO_V2),
+    ignored("v2-deprecation", NO_V2),
+    ignored("proxy", NO_V2_PROXY),
+    ignored("proxy-failure-wait", NO_V2_PROXY),
+    ignored("proxy-refresh-interval", NO_V2_PROXY),
+    ignored("proxy-dial-timeout", NO_V2_PROXY),
+    ignored("proxy-write-timeout", NO_V2_PROXY),
+    ignored("proxy-read-timeout", NO_V2_PROXY),
+    ignored("discovery", NO_DISCOVERY),
+    ignored("discovery-fallback", NO_DISCOVERY),
+    ignored("discovery-proxy", NO_DISCOVERY),
+    ignored("discovery-srv", NO_DISCOVERY),
+    ignored("discovery-srv-name", NO_DISCOVERY),
+    ignored("backend-bbolt-freelist-type", NO_BBOLT),
+    ignored("experimental-backend-bbolt-freelist-type", NO_BBOLT),
+    ignored("backend-batch-interval", NO_BBOLT),
+    ignored("backend-batch-limit", NO_BBOLT),
+    ignored("experimental-memory-mlock", NO_BBOLT),
+    ignored("experimental-bootstrap-defrag-threshold-megabytes", NO_BBOLT),
+    ignored("experimental-txn-mode-write-with-shared-buffer", NO_BBOLT),
+    ignored(
+        "experimental-stop-grpc-service-on-defrag",
+        "defragmentation does not pause serving here (no bbolt backend)",
+    ),
+    ignored(
+        "experimental-compaction-batch-limit",
+        "compaction runs per shard, not in bbolt batches",
+    ),
+    ignored(
+        "experimental-compaction-sleep-interval",
+        "compaction runs per shard, not in bbolt batches",
+    ),
+    ignored(
+        "auto-compaction-retention",
+        "auto compaction is not supported yet; compact with the Compact RPC",
+    ),
+    ignored(
+        "auto-compaction-mode",
+        "auto compaction is not supported yet; compact with the Compact RPC",
+    ),
+    ignored("auth-token", NO_AUTH),
+    ignored("bcrypt-cost", NO_AUTH),
+    ignored("auth-token-ttl", NO_AUTH),
+    ignored("enable-pprof", "no pprof: it profiles the Go runtime"),
+    ignored("metrics", NO_HTTP),
+    ignored("listen-metrics-urls", NO_HTTP),
+    ignored("enable-grpc-gateway", NO_HTTP),
+    ignored("listen-client-http-urls", NO_HTTP),
+    ignored("cors", NO_HTTP),
+    ignored("host-whitelist", NO_HTTP),
+    ignored("experimental-enable-distributed-tracing", NO_TRACING),
+    ignored("experimental-distributed-tracing-address", NO_TRACING),
+    ignored("experimental-distributed-tracing-service-name", NO_TRACING),
+    ignored("experimental-distributed-tracing-instance-id", NO_TRACING),
+    ignored("experimental-distributed-tracing-sampling-rate", NO_TRACING),
+    ignored("experimental-initial-corrupt-check", NO_CORRUPT_CHECK),
+    ignored("experimental-corrupt-check-time", NO_CORRUPT_CHECK),
+    ignored("experimental-compact-hash-check-enabled", NO_CORRUPT_CHECK),
+    ignored("experimental-compact-hash-check-time", NO_CORRUPT_CHECK),
+    ignored(
+        "experimental-warning-apply-duration",
+        "no slow-apply warnings yet",
+    ),
+    ignored(
+        "experimental-warning-unary-request-duration",
+        "no slow-request warnings yet",
+    ),
+    ignored(
+        "experimental-downgrade-check-time",
+        "cluster downgrades are not supported",
+    ),
+    ignored(
+        "experimental-wait-cluster-ready-timeout",
+        "a member waits for a leader without a timeout before it is ready",
+    ),
+    ignored(
+        "experimental-peer-skip-client-san-verification",
+        "peer TLS is configured by the TLS flags",
+    ),
+    ignored(
+        "raft-read-timeout",
+        "peer traffic is gRPC, not rafthttp; its deadlines are fixed",
+    ),
+    ignored(
+        "raft-write-timeout",
+        "peer traffic is gRPC, not rafthttp; its deadlines are fixed",
+    ),
+    ignored(
+        "socket-reuse-port",
+        "listeners do not set SO_REUSEPORT",
+    ),
+    ignored(
+        "socket-reuse-address",
+        "listeners always set SO_REUSEADDR (tokio's default on Unix)",
+    ),
+    ignored(
+        "grpc-keepalive-min-time",
+        "tonic has no server-side ping policy: client pings are accepted at any rate",
+    ),
+    ignored(
+        "initial-election-tick-advance",
+        "a lone voter campaigns at once; members of a cluster wait a full election timeout",
+    ),
+    ignored("force-new-cluster", "forcing a new cluster is not supported yet"),
+    ignored(
+        "experimental-enable-lease-checkpoint-persist",
+        "checkpointed remaining TTLs are always persisted with the leases (as in etcd 3.6)",
+    ),
+    IgnoredFlag {
+        flag: "logger",
+        reason: "one logger here: capnslog's format is not reproduced",
+        applies: |c| c.logger == "capnslog",
+    },
+    ignored("log-format", "one log format: tracing's text lines"),
+    ignored("enable-log-rotation", "no log rotation: rotate with logrotate's copytruncate"),
+    ignored("log-rotation-config-json", "no log rotation: rotate with logrotate's copytruncate"),
+    ignored("log-package-levels", "capnslog's package levels: use --log-level"),
+];
+
+/// Whether the user set `long` (command line, `ETCD_*` variable or `--config-file`) rather
+/// than leaving etcd's default.
+fn user_set(matches: &clap::ArgMatches, long: &str) -> bool {
+    use clap::parser::ValueSource;
+    matches!(
+        matches.value_source(&long.replace('-', "_")),
+        Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+    )
+}
+
+/// The `ignored:` warnings for the flags of [`IGNORED`] the user set, one per flag, in table
+/// order.
+pub fn ignored_flag_warnings(matches: &clap::ArgMatches, cfg: &Config) -> Vec<String> {
+    IGNORED
+        .iter()
+        .filter(|i| user_set(matches, i.flag) && (i.applies)(cfg))
+        .map(|i| format!("--{} ignored: {}", i.flag, i.reason))
+        .collect()
+}
+
+/// etcd's warnings for `ETCD_*` variables no flag reads (etcd 3.5 `pkg/flags`:
+/// "unrecognized environment variable"). `ETCD_VERSION` gets etcd's special warning.
+pub fn unrecognized_env_warnings(vars: impl IntoIterator<Item = (String, String)>) -> Vec<String> {
+    use clap::CommandFactory;
+    let cmd = Config::command();
+    let known: Vec<String> = cmd
+        .get_arguments()
+        .filter_map(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()))
+        .collect();
+    let mut out: Vec<String> = vars
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("ETCD_") && !known.iter().any(|n| n == k))
+        .map(|(k, v)| {
+            if k == "ETCD_VERSION" {
+                format!("cannot set special environment variable {k}={v}")
+            } else {
+                format!("unrecognized environment variable {k}={v}")
+            }
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Parses the command line (after [`args_with_config_file`]) into a `Config`, with the
+/// warnings to log once logging is up: unrecognized `ETCD_*` variables and ignored flags.
+///
+/// Errors: clap's, for an unknown flag or a bad value (print with `Error::exit`).
+pub fn parse_with_warnings(
+    args: Vec<std::ffi::OsString>,
+) -> Result<(Config, Vec<String>), clap::Error> {
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Config::command().try_get_matches_from(args)?;
+    let cfg = Config::from_arg_matches(&matches)?;
+    let mut warnings = unrecognized_env_warnings(std::env::vars());
+    warnings.extend(ignored_flag_warnings(&matches, &cfg));
+    Ok((cfg, warnings))
 }
 
 /// Expands `--config-file` (or `ETCD_CONFIG_FILE`): the file's settings become flags placed

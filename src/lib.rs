@@ -37,6 +37,7 @@ pub mod config;
 pub mod consensus;
 pub mod error;
 pub mod lease;
+pub mod logging;
 pub mod mvcc;
 pub mod proto;
 pub mod server;

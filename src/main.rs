@@ -1,7 +1,5 @@
 //! The `metastore` binary: parses etcd-style flags and runs one member.
 
-use clap::Parser;
-use metastore::config::{Config, LogLevel};
 
 fn main() {
     // Fault-injection hooks (the `fail` crate), configured with FAILPOINTS; inert otherwise.
@@ -13,20 +11,18 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let cfg = Config::parse_from(args);
-    let level = match cfg.log_level {
-        LogLevel::Debug => "debug",
-        LogLevel::Info => "info",
-        LogLevel::Warn => "warn",
-        LogLevel::Error | LogLevel::Panic | LogLevel::Fatal => "error",
+    let (cfg, warnings) = match metastore::config::parse_with_warnings(args) {
+        Ok(parsed) => parsed,
+        Err(e) => e.exit(),
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("METASTORE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
+    if let Err(e) = metastore::logging::init(&cfg) {
+        eprintln!("metastore: error: {e}");
+        std::process::exit(2);
+    }
+    // Logged once logging is up, so they reach every --log-outputs target.
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
 
     let workers = 2
         .min(std::thread::available_parallelism().map_or(1, |n| n.get()))
