@@ -1004,6 +1004,13 @@ impl Config {
             .unwrap_or_else(|| PathBuf::from(format!("{}.etcd", self.name)))
     }
 
+    /// The WAL directory: `--wal-dir`, or `<data-dir>/member/wal` like etcd.
+    pub fn wal_dir(&self) -> PathBuf {
+        self.wal_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir().join("member").join("wal"))
+    }
+
     /// The shard count: `--shards`, or one per online CPU.
     pub fn shard_count(&self) -> usize {
         self.shards

@@ -15,8 +15,8 @@ use raft::prelude::{ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState};
 use crate::error::EtcdError;
 use crate::proto::metastorepb::{membership_change::Kind, MemberRecord, MembershipChange};
 
-/// etcd's `maxLearners`: at most one learner at a time.
-pub const MAX_LEARNERS: usize = 1;
+/// etcd's default `maxLearners` (`--experimental-max-learners`): one learner at a time.
+pub const MAX_LEARNERS: usize = crate::config::defaults::MAX_LEARNERS;
 
 /// The membership table at some Raft index.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -82,7 +82,12 @@ impl Membership {
     /// Errors: [`EtcdError::MemberNotFound`] for a removed or unknown ID,
     /// [`EtcdError::MemberExists`], [`EtcdError::PeerUrlExists`],
     /// [`EtcdError::TooManyLearners`], [`EtcdError::MemberNotLearner`].
-    pub fn validate(&self, change: &MembershipChange) -> Result<(), EtcdError> {
+    /// `max_learners` is `--experimental-max-learners`.
+    pub fn validate(
+        &self,
+        change: &MembershipChange,
+        max_learners: usize,
+    ) -> Result<(), EtcdError> {
         let m = change.member.as_ref().ok_or(EtcdError::MemberNotFound)?;
         if self.removed.contains(&m.id) {
             return Err(EtcdError::MemberNotFound);
@@ -96,7 +101,7 @@ impl Membership {
                 if self.url_in_use(&m.peer_urls, 0) {
                     return Err(EtcdError::PeerUrlExists);
                 }
-                if m.is_learner && self.learners().len() >= MAX_LEARNERS {
+                if m.is_learner && self.learners().len() >= max_learners {
                     return Err(EtcdError::TooManyLearners);
                 }
             }
@@ -118,9 +123,14 @@ impl Membership {
         Ok(())
     }
 
-    /// Validates and applies a change. Returns whether Raft's configuration changes with it.
-    pub fn apply(&mut self, change: &MembershipChange) -> Result<bool, EtcdError> {
-        self.validate(change)?;
+    /// Validates and applies a change, with at most `max_learners` learners. Returns whether
+    /// Raft's configuration changes with it.
+    pub fn apply(
+        &mut self,
+        change: &MembershipChange,
+        max_learners: usize,
+    ) -> Result<bool, EtcdError> {
+        self.validate(change, max_learners)?;
         let m = change.member.clone().unwrap_or_default();
         match change.kind() {
             Kind::Add => {
@@ -201,45 +211,45 @@ mod tests {
     fn follows_etcds_rules() {
         let mut t = Membership::default();
         assert_eq!(
-            t.apply(&change(Kind::Add, 1, "http://a:1", false)),
+            t.apply(&change(Kind::Add, 1, "http://a:1", false), MAX_LEARNERS),
             Ok(true)
         );
         assert_eq!(
-            t.apply(&change(Kind::Add, 1, "http://b:1", false)),
+            t.apply(&change(Kind::Add, 1, "http://b:1", false), MAX_LEARNERS),
             Err(EtcdError::MemberExists)
         );
         assert_eq!(
-            t.apply(&change(Kind::Add, 2, "http://a:1", false)),
+            t.apply(&change(Kind::Add, 2, "http://a:1", false), MAX_LEARNERS),
             Err(EtcdError::PeerUrlExists)
         );
-        t.apply(&change(Kind::Add, 2, "http://b:1", true)).unwrap();
+        t.apply(&change(Kind::Add, 2, "http://b:1", true), MAX_LEARNERS).unwrap();
         assert_eq!(
-            t.apply(&change(Kind::Add, 3, "http://c:1", true)),
+            t.apply(&change(Kind::Add, 3, "http://c:1", true), MAX_LEARNERS),
             Err(EtcdError::TooManyLearners)
         );
         assert_eq!(t.conf_state(), ConfState::from((vec![1], vec![2])));
         assert_eq!(
-            t.apply(&change(Kind::Promote, 1, "", false)),
+            t.apply(&change(Kind::Promote, 1, "", false), MAX_LEARNERS),
             Err(EtcdError::MemberNotLearner)
         );
-        t.apply(&change(Kind::Promote, 2, "", false)).unwrap();
+        t.apply(&change(Kind::Promote, 2, "", false), MAX_LEARNERS).unwrap();
         assert_eq!(t.voters(), vec![1, 2]);
         assert_eq!(
-            t.apply(&change(Kind::Update, 2, "http://a:1", false)),
+            t.apply(&change(Kind::Update, 2, "http://a:1", false), MAX_LEARNERS),
             Err(EtcdError::PeerUrlExists)
         );
         assert_eq!(
-            t.apply(&change(Kind::Update, 2, "http://b:2", false)),
+            t.apply(&change(Kind::Update, 2, "http://b:2", false), MAX_LEARNERS),
             Ok(false)
         );
-        t.apply(&change(Kind::Remove, 2, "", false)).unwrap();
+        t.apply(&change(Kind::Remove, 2, "", false), MAX_LEARNERS).unwrap();
         assert_eq!(
-            t.apply(&change(Kind::Add, 2, "http://z:1", false)),
+            t.apply(&change(Kind::Add, 2, "http://z:1", false), MAX_LEARNERS),
             Err(EtcdError::MemberNotFound),
             "a removed ID never comes back"
         );
         assert_eq!(
-            t.apply(&change(Kind::Remove, 9, "", false)),
+            t.apply(&change(Kind::Remove, 9, "", false), MAX_LEARNERS),
             Err(EtcdError::MemberNotFound)
         );
     }

@@ -189,6 +189,12 @@ pub struct NodeConfig {
     /// Where snapshots live (`<data-dir>/member/snap`): a leader's snapshot is saved there
     /// before the log is reset to it.
     pub snap_dir: PathBuf,
+    /// Snapshot files kept (`--max-snapshots`; 0 = unlimited).
+    pub max_snapshots: usize,
+    /// Run Raft's pre-vote phase (`--pre-vote`).
+    pub pre_vote: bool,
+    /// Most learners the membership table accepts (`--experimental-max-learners`).
+    pub max_learners: usize,
 }
 
 /// One ReadIndex round in flight: every read that arrived while it was being sent.
@@ -224,6 +230,7 @@ pub struct RaftNode {
     contact: HashMap<u64, Contact>,
     election: Duration,
     next_read_ctx: u64,
+    max_learners: usize,
 }
 
 /// A ReadIndex context: unique cluster-wide, because the leader merges requests by context.
@@ -452,7 +459,7 @@ impl RaftNode {
             applied: snap_index,
             max_size_per_msg: 1024 * 1024,
             max_inflight_msgs: 256,
-            pre_vote: true,
+            pre_vote: cfg.pre_vote,
             check_quorum: true,
             read_only_option: if cfg.lease_reads {
                 ReadOnlyOption::LeaseBased
@@ -481,7 +488,8 @@ impl RaftNode {
             inbox,
             snapshots,
             committed,
-            snapshotter: snapshot::Snapshotter::new(cfg.snap_dir.clone())?,
+            snapshotter: snapshot::Snapshotter::new(cfg.snap_dir.clone())?
+                .with_keep(cfg.max_snapshots),
             pending,
             status: status.clone(),
             membership,
@@ -496,6 +504,7 @@ impl RaftNode {
             contact: HashMap::new(),
             election: Duration::from_millis(cfg.election_ms),
             next_read_ctx: 0,
+            max_learners: cfg.max_learners,
         };
         node.publish_status();
         Ok((
@@ -926,7 +935,7 @@ impl RaftNode {
             return;
         };
         let mut table = (*self.membership).clone();
-        let result = table.apply(&change);
+        let result = table.apply(&change, self.max_learners);
         let id = change.member.as_ref().map_or(0, |m| m.id);
         match &result {
             Ok(true) => {
@@ -1025,7 +1034,7 @@ mod tests {
     /// Entries 1..=30 at term 1 in three segments, with a snapshot taken (and the WAL released
     /// the way the Raft node does) at 10 and at 20.
     fn two_snapshots(dir: &Path) -> (Snapshotter, PathBuf) {
-        let snapshotter = Snapshotter::new(dir.join("snap")).unwrap();
+        let snapshotter = Snapshotter::new(dir.join("snap")).unwrap().with_keep(2);
         let wal_dir = dir.join("wal");
         let (mut wal, _) = Wal::open(&wal_dir, 0, true).unwrap();
         for i in 1..=30 {

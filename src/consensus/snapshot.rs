@@ -5,8 +5,9 @@
 //! crc32 of the payload, then the payload (a `metastorepb.StateSnapshot`). Written to a
 //! temporary file, fsynced and renamed, so a crash leaves either the old or the new snapshot.
 //!
-//! The newest two snapshots stay on disk, and the WAL is released only up to the oldest of
-//! them, so a newest snapshot that fails to load is not fatal: as etcd does (`snap/snapshotter.go`
+//! The newest `--max-snapshots` snapshots (etcd's default 5, 0 = all) stay on disk, and the
+//! WAL is released only up to the oldest of them, so a newest snapshot that fails to load is
+//! not fatal (given two or more are kept): as etcd does (`snap/snapshotter.go`
 //! `Load`, `renameBroken`), start-up renames it to `<name>.broken` and falls back to the next
 //! newest, replaying the WAL after that one (see [`crate::consensus::recover_log`], which checks
 //! that the WAL still holds every entry the broken snapshot covered).
@@ -20,8 +21,9 @@ use prost::Message;
 use crate::proto::metastorepb::StateSnapshot;
 
 const MAGIC: &[u8; 4] = b"MSS1";
-/// Snapshots kept on disk; older ones are removed after a new one is saved.
-const KEEP: usize = 2;
+/// Snapshots kept on disk by default (`--max-snapshots`); older ones are removed after a new
+/// one is saved.
+const KEEP: usize = crate::config::defaults::MAX_SNAPSHOTS;
 
 /// Failures reading or writing snapshots.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +75,8 @@ fn parse_name(path: &Path) -> Option<(u64, u64)> {
 /// Saves and loads snapshots in one directory.
 pub struct Snapshotter {
     dir: PathBuf,
+    /// Snapshot files kept (0 = unlimited).
+    keep: usize,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
@@ -86,7 +90,14 @@ impl Snapshotter {
     /// Uses (and creates) `dir`.
     pub fn new(dir: PathBuf) -> Result<Self, SnapshotError> {
         fs::create_dir_all(&dir).map_err(io(&dir))?;
-        Ok(Snapshotter { dir })
+        Ok(Snapshotter { dir, keep: KEEP })
+    }
+
+    /// Keeps the newest `keep` snapshot files (`--max-snapshots`; 0 = unlimited) instead of
+    /// etcd's default 5.
+    pub fn with_keep(mut self, keep: usize) -> Self {
+        self.keep = keep;
+        self
     }
 
     fn list(&self) -> Result<Vec<PathBuf>, SnapshotError> {
@@ -117,7 +128,8 @@ impl Snapshotter {
             .and_then(|d| d.sync_all())
             .map_err(io(&self.dir))?;
         let files = self.list()?;
-        for old in files.iter().take(files.len().saturating_sub(KEEP)) {
+        let keep = if self.keep == 0 { files.len() } else { self.keep };
+        for old in files.iter().take(files.len().saturating_sub(keep)) {
             let _ = fs::remove_file(old);
         }
         Ok(())
@@ -219,7 +231,9 @@ mod tests {
     #[test]
     fn save_load_and_keep_newest() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Snapshotter::new(dir.path().to_path_buf()).unwrap();
+        let s = Snapshotter::new(dir.path().to_path_buf())
+            .unwrap()
+            .with_keep(2);
         assert!(s.load_newest_available().unwrap().snapshot.is_none());
         for index in [10, 20, 30] {
             s.save(&StateSnapshot {
@@ -233,8 +247,30 @@ mod tests {
         let loaded = s.load_newest_available().unwrap();
         assert_eq!(loaded.snapshot.unwrap().index, 30);
         assert!(loaded.broken.is_empty());
-        assert_eq!(s.list().unwrap().len(), KEEP);
+        assert_eq!(s.list().unwrap().len(), 2);
         assert_eq!(s.oldest_index(), Some(20));
+    }
+
+    #[test]
+    fn max_snapshots_default_and_unlimited() {
+        let save_all = |s: &Snapshotter| {
+            for index in 1..=7 {
+                s.save(&StateSnapshot {
+                    index,
+                    term: 1,
+                    ..Default::default()
+                })
+                .unwrap();
+            }
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let s = Snapshotter::new(dir.path().join("a")).unwrap();
+        save_all(&s);
+        assert_eq!(s.list().unwrap().len(), 5, "etcd's default --max-snapshots");
+        assert_eq!(s.oldest_index(), Some(3));
+        let s = Snapshotter::new(dir.path().join("b")).unwrap().with_keep(0);
+        save_all(&s);
+        assert_eq!(s.list().unwrap().len(), 7, "0 keeps every snapshot");
     }
 
     #[test]

@@ -104,6 +104,8 @@ struct Segment {
 pub struct Wal {
     dir: PathBuf,
     segments: Vec<Segment>,
+    /// Segment files kept (`--max-wals`; 0 = unlimited); see [`Wal::set_max_segments`].
+    max_segments: usize,
     file: File,
     size: u64,
     next_seq: u64,
@@ -193,6 +195,8 @@ impl Wal {
         let wal = Wal {
             dir: dir.to_path_buf(),
             segments,
+            // Covered segments go at once until the member's --max-wals is set.
+            max_segments: 1,
             file,
             size,
             next_seq,
@@ -276,10 +280,23 @@ impl Wal {
         Ok(())
     }
 
-    /// Deletes segments whose entries all lie at or below `index` (covered by a snapshot).
-    /// The newest segment is always kept.
+    /// Keeps up to `max` segment files (`--max-wals`; 0 = unlimited): segments covered by a
+    /// snapshot are deleted only while there are more than that, as etcd purges its WAL.
+    /// Until this is called, covered segments are deleted at once.
+    pub fn set_max_segments(&mut self, max: usize) {
+        self.max_segments = max;
+    }
+
+    /// Deletes the oldest segments whose entries all lie at or below `index` (covered by a
+    /// snapshot) while more than `--max-wals` segments exist. A segment with entries after
+    /// `index` is never deleted, whatever `--max-wals` says, and the newest segment is always
+    /// kept.
     pub fn release_to(&mut self, index: u64) {
-        while self.segments.len() > 1 && self.segments[1].first_index <= index + 1 {
+        let keep = match self.max_segments {
+            0 => return,
+            n => n.max(1),
+        };
+        while self.segments.len() > keep && self.segments[1].first_index <= index + 1 {
             let seg = self.segments.remove(0);
             if let Err(e) = fs::remove_file(&seg.path) {
                 tracing::warn!(path = %seg.path.display(), error = %e, "could not remove released WAL segment");
@@ -746,6 +763,37 @@ mod tests {
         assert_eq!(
             rec.entries.iter().map(|e| e.index).collect::<Vec<_>>(),
             vec![4]
+        );
+    }
+
+    #[test]
+    fn max_wals_keeps_covered_segments_but_never_needed_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(dir.path(), 0, true).unwrap();
+        // Six segments: entry i in segment i (the last one open).
+        for i in 1..=6 {
+            wal.append(&[entry(i, 1, b"x")], None);
+            wal.sync().unwrap();
+            if i < 6 {
+                wal.roll_over().unwrap();
+            }
+        }
+        assert_eq!(wal.segment_paths().len(), 6);
+        wal.set_max_segments(0);
+        wal.release_to(5);
+        assert_eq!(wal.segment_paths().len(), 6, "0 = unlimited");
+        wal.set_max_segments(4);
+        wal.release_to(5);
+        assert_eq!(wal.segment_paths().len(), 4, "covered segments beyond --max-wals go");
+        // Only entries up to 4 are covered: segments 5 and 6 are needed whatever the limit.
+        wal.set_max_segments(1);
+        wal.release_to(4);
+        let left = wal.segment_paths().len();
+        assert_eq!(left, 2, "a segment with uncovered entries is never deleted");
+        let (_, rec) = Wal::open(dir.path(), 4, true).unwrap();
+        assert_eq!(
+            rec.entries.iter().map(|e| e.index).collect::<Vec<_>>(),
+            vec![5, 6]
         );
     }
 }

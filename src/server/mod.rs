@@ -482,7 +482,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     tracing::info!(name = %member.name, member_id = %format!("{:x}", member.id),
         cluster_id = %format!("{:x}", member.cluster_id), data_dir = %data_dir.display(), "starting member");
 
-    let snapshotter = Snapshotter::new(member_dir.join("snap"))?;
+    let snapshotter = Snapshotter::new(member_dir.join("snap"))?.with_keep(cfg.max_snapshots);
     // Everything that can fail on bad input (ports, snapshots, the WAL) is checked before the
     // shards start: a failing start-up then leaves no storage engine half-open behind it.
     let listeners = bind_all(&cfg.listen_client_urls, "client").await?;
@@ -490,9 +490,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let RecoveredLog {
         snapshot: snap,
         broken,
-        wal,
+        mut wal,
         recovered,
-    } = recover_log(&snapshotter, &member_dir.join("wal"), !cfg.unsafe_no_fsync)?;
+    } = recover_log(&snapshotter, &cfg.wal_dir(), !cfg.unsafe_no_fsync)?;
+    wal.set_max_segments(cfg.max_wals);
     let engine = engine_config(&cfg, &member_dir, member.id)?;
     let shards = Shards::spawn(cfg.shard_count(), &engine)?;
     let snapshot_index = snap.as_ref().map_or(0, |s| s.index);
@@ -560,6 +561,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         catch_up_entries: cfg.experimental_snapshot_catchup_entries,
         request_timeout,
         snap_dir: member_dir.join("snap"),
+        max_snapshots: cfg.max_snapshots,
+        pre_vote: cfg.pre_vote,
+        max_learners: cfg.experimental_max_learners,
     };
     let faults = Faults::from_env(&tokio::runtime::Handle::current());
     let transport = {
