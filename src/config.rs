@@ -241,8 +241,9 @@ pub struct Config {
           value_parser = humantime::parse_duration)]
     pub experimental_watch_progress_notify_interval: std::time::Duration,
 
-    /// How often the leader checkpoints leases' remaining TTLs through Raft, so that a restart
-    /// or leader change does not extend them by more than this.
+    /// How often the leader checkpoints leases' remaining TTLs through Raft (with
+    /// `--experimental-enable-lease-checkpoint`), so that a restart or leader change does not
+    /// extend them by more than this (Go duration).
     #[arg(long, env = "ETCD_EXPERIMENTAL_LEASE_CHECKPOINT_INTERVAL", default_value = "5m",
           value_parser = humantime::parse_duration)]
     pub experimental_lease_checkpoint_interval: std::time::Duration,
@@ -647,7 +648,12 @@ pub struct Config {
 
     /// Comma-separated log targets: `default` or `stderr` (standard error), `stdout`, or file
     /// paths (appended to).
-    #[arg(long, env = "ETCD_LOG_OUTPUTS", default_value = "default", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "ETCD_LOG_OUTPUTS",
+        default_value = "default",
+        value_delimiter = ','
+    )]
     pub log_outputs: Vec<String>,
 
     /// Log format: `json` or `console`.
@@ -734,7 +740,10 @@ pub const IGNORED: &[IgnoredFlag] = &[
     ignored("backend-batch-interval", NO_BBOLT),
     ignored("backend-batch-limit", NO_BBOLT),
     ignored("experimental-memory-mlock", NO_BBOLT),
-    ignored("experimental-bootstrap-defrag-threshold-megabytes", NO_BBOLT),
+    ignored(
+        "experimental-bootstrap-defrag-threshold-megabytes",
+        NO_BBOLT,
+    ),
     ignored("experimental-txn-mode-write-with-shared-buffer", NO_BBOLT),
     ignored(
         "experimental-stop-grpc-service-on-defrag",
@@ -803,10 +812,7 @@ pub const IGNORED: &[IgnoredFlag] = &[
         "raft-write-timeout",
         "peer traffic is gRPC, not rafthttp; its deadlines are fixed",
     ),
-    ignored(
-        "socket-reuse-port",
-        "listeners do not set SO_REUSEPORT",
-    ),
+    ignored("socket-reuse-port", "listeners do not set SO_REUSEPORT"),
     ignored(
         "socket-reuse-address",
         "listeners always set SO_REUSEADDR (tokio's default on Unix)",
@@ -819,7 +825,10 @@ pub const IGNORED: &[IgnoredFlag] = &[
         "initial-election-tick-advance",
         "a lone voter campaigns at once; members of a cluster wait a full election timeout",
     ),
-    ignored("force-new-cluster", "forcing a new cluster is not supported yet"),
+    ignored(
+        "force-new-cluster",
+        "forcing a new cluster is not supported yet",
+    ),
     ignored(
         "experimental-enable-lease-checkpoint-persist",
         "checkpointed remaining TTLs are always persisted with the leases (as in etcd 3.6)",
@@ -830,9 +839,18 @@ pub const IGNORED: &[IgnoredFlag] = &[
         applies: |c| c.logger == "capnslog",
     },
     ignored("log-format", "one log format: tracing's text lines"),
-    ignored("enable-log-rotation", "no log rotation: rotate with logrotate's copytruncate"),
-    ignored("log-rotation-config-json", "no log rotation: rotate with logrotate's copytruncate"),
-    ignored("log-package-levels", "capnslog's package levels: use --log-level"),
+    ignored(
+        "enable-log-rotation",
+        "no log rotation: rotate with logrotate's copytruncate",
+    ),
+    ignored(
+        "log-rotation-config-json",
+        "no log rotation: rotate with logrotate's copytruncate",
+    ),
+    ignored(
+        "log-package-levels",
+        "capnslog's package levels: use --log-level",
+    ),
 ];
 
 /// Whether the user set `long` (command line, `ETCD_*` variable or `--config-file`) rather
@@ -1191,6 +1209,109 @@ mod tests {
         assert_eq!(c.listen_client_urls.len(), 2);
         let missing = ["metastore", "--config-file", "/nonexistent/x.yml"];
         assert!(args_with_config_file(missing.iter().map(Into::into).collect()).is_err());
+    }
+
+    #[test]
+    fn etcd_flags_parse_with_etcds_defaults_and_forms() {
+        let c = parse(&[]).unwrap();
+        assert_eq!((c.max_snapshots, c.max_wals), (5, 5));
+        assert!(c.pre_vote, "etcd 3.5 default");
+        assert_eq!(c.experimental_max_learners, 1);
+        assert_eq!(c.max_concurrent_streams, u32::MAX);
+        assert_eq!(
+            c.grpc_keepalive_interval,
+            std::time::Duration::from_secs(7200)
+        );
+        assert_eq!(c.grpc_keepalive_timeout, std::time::Duration::from_secs(20));
+        assert_eq!(c.wal_dir(), PathBuf::from("default.etcd/member/wal"));
+        assert_eq!(c.log_outputs, vec!["default".to_string()]);
+        assert!(!c.experimental_enable_lease_checkpoint);
+        // Booleans: bare, =true, =false.
+        for (args, want) in [
+            (&["--experimental-initial-corrupt-check"][..], true),
+            (&["--experimental-initial-corrupt-check=true"][..], true),
+            (&["--experimental-initial-corrupt-check=false"][..], false),
+        ] {
+            assert_eq!(
+                parse(args).unwrap().experimental_initial_corrupt_check,
+                want
+            );
+        }
+        let c = parse(&[
+            "--pre-vote=false",
+            "--grpc-keepalive-min-time=1h30m",
+            "--backend-batch-interval=",
+            "--experimental-corrupt-check-time=0",
+            "--log-outputs=stdout,/tmp/x.log",
+            "--wal-dir=/w",
+            "--proxy-read-timeout=250",
+        ])
+        .unwrap();
+        assert!(!c.pre_vote);
+        assert_eq!(
+            c.grpc_keepalive_min_time,
+            std::time::Duration::from_secs(5400)
+        );
+        assert_eq!(c.backend_batch_interval, std::time::Duration::ZERO);
+        assert_eq!(c.experimental_corrupt_check_time, std::time::Duration::ZERO);
+        assert_eq!(c.log_outputs, vec!["stdout", "/tmp/x.log"]);
+        assert_eq!(c.wal_dir(), PathBuf::from("/w"));
+        assert_eq!(c.proxy_read_timeout, 250);
+        assert!(
+            parse(&["--grpc-keepalive-interval=5"]).is_err(),
+            "Go durations need a unit"
+        );
+        assert!(parse(&["--auto-compaction-mode=hourly"]).is_err());
+        assert!(parse(&["--logger=glog"]).is_err());
+    }
+
+    #[test]
+    fn ignored_flags_warn_only_when_set() {
+        use clap::{CommandFactory, FromArgMatches};
+        let warnings = |args: &[&str]| {
+            let m = Config::command()
+                .try_get_matches_from(std::iter::once("metastore").chain(args.iter().copied()))
+                .unwrap();
+            ignored_flag_warnings(&m, &Config::from_arg_matches(&m).unwrap())
+        };
+        assert!(warnings(&[]).is_empty());
+        assert!(warnings(&["--logger=zap", "--pre-vote"]).is_empty());
+        assert_eq!(
+            warnings(&["--enable-v2=false", "--logger", "capnslog"]),
+            [
+                "--enable-v2 ignored: the v2 API is not served",
+                "--logger ignored: one logger here: capnslog's format is not reproduced"
+            ]
+        );
+        // Every entry names a declared flag.
+        let cmd = Config::command();
+        for i in IGNORED {
+            assert!(
+                cmd.get_arguments().any(|a| a.get_long() == Some(i.flag)),
+                "{}",
+                i.flag
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_etcd_env_vars_are_reported() {
+        let vars = [
+            ("ETCD_FOO", "1"),
+            ("ETCD_NAME", "n"),
+            ("ETCD_ENABLE_V2", "true"),
+            ("ETCDCTL_API", "3"),
+            ("METASTORE_SHARDS", "2"),
+            ("ETCD_VERSION", "3.5"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        assert_eq!(
+            unrecognized_env_warnings(vars),
+            [
+                "cannot set special environment variable ETCD_VERSION=3.5",
+                "unrecognized environment variable ETCD_FOO=1"
+            ]
+        );
     }
 
     #[test]

@@ -1,6 +1,5 @@
 //! The `metastore` binary: parses etcd-style flags and runs one member.
 
-
 fn main() {
     // Fault-injection hooks (the `fail` crate), configured with FAILPOINTS; inert otherwise.
     let _failpoints = fail::FailScenario::setup();

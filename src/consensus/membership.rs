@@ -222,7 +222,8 @@ mod tests {
             t.apply(&change(Kind::Add, 2, "http://a:1", false), MAX_LEARNERS),
             Err(EtcdError::PeerUrlExists)
         );
-        t.apply(&change(Kind::Add, 2, "http://b:1", true), MAX_LEARNERS).unwrap();
+        t.apply(&change(Kind::Add, 2, "http://b:1", true), MAX_LEARNERS)
+            .unwrap();
         assert_eq!(
             t.apply(&change(Kind::Add, 3, "http://c:1", true), MAX_LEARNERS),
             Err(EtcdError::TooManyLearners)
@@ -232,7 +233,8 @@ mod tests {
             t.apply(&change(Kind::Promote, 1, "", false), MAX_LEARNERS),
             Err(EtcdError::MemberNotLearner)
         );
-        t.apply(&change(Kind::Promote, 2, "", false), MAX_LEARNERS).unwrap();
+        t.apply(&change(Kind::Promote, 2, "", false), MAX_LEARNERS)
+            .unwrap();
         assert_eq!(t.voters(), vec![1, 2]);
         assert_eq!(
             t.apply(&change(Kind::Update, 2, "http://a:1", false), MAX_LEARNERS),
@@ -242,7 +244,8 @@ mod tests {
             t.apply(&change(Kind::Update, 2, "http://b:2", false), MAX_LEARNERS),
             Ok(false)
         );
-        t.apply(&change(Kind::Remove, 2, "", false), MAX_LEARNERS).unwrap();
+        t.apply(&change(Kind::Remove, 2, "", false), MAX_LEARNERS)
+            .unwrap();
         assert_eq!(
             t.apply(&change(Kind::Add, 2, "http://z:1", false), MAX_LEARNERS),
             Err(EtcdError::MemberNotFound),

@@ -128,7 +128,11 @@ impl Snapshotter {
             .and_then(|d| d.sync_all())
             .map_err(io(&self.dir))?;
         let files = self.list()?;
-        let keep = if self.keep == 0 { files.len() } else { self.keep };
+        let keep = if self.keep == 0 {
+            files.len()
+        } else {
+            self.keep
+        };
         for old in files.iter().take(files.len().saturating_sub(keep)) {
             let _ = fs::remove_file(old);
         }

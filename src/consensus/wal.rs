@@ -784,7 +784,11 @@ mod tests {
         assert_eq!(wal.segment_paths().len(), 6, "0 = unlimited");
         wal.set_max_segments(4);
         wal.release_to(5);
-        assert_eq!(wal.segment_paths().len(), 4, "covered segments beyond --max-wals go");
+        assert_eq!(
+            wal.segment_paths().len(),
+            4,
+            "covered segments beyond --max-wals go"
+        );
         // Only entries up to 4 are covered: segments 5 and 6 are needed whatever the limit.
         wal.set_max_segments(1);
         wal.release_to(4);

@@ -320,8 +320,9 @@ impl Core {
     }
 }
 
-/// The leader's lease clock: revokes expired leases through the log and checkpoints remaining
-/// TTLs every `--experimental-lease-checkpoint-interval`. Runs for the life of the member.
+/// The leader's lease clock: revokes expired leases through the log and, with
+/// `--experimental-enable-lease-checkpoint`, checkpoints remaining TTLs every
+/// `--experimental-lease-checkpoint-interval`. Runs for the life of the member.
 pub async fn run_lease_clock(core: Arc<Core>, promoted_term: Option<u64>) {
     let mut scan = tokio::time::interval(EXPIRY_SCAN);
     let mut promoted_term = promoted_term.unwrap_or(0);
@@ -357,8 +358,10 @@ pub async fn run_lease_clock(core: Arc<Core>, promoted_term: Option<u64>) {
                 .filter(|(id, l)| l.deadline <= now && !revoking.contains_key(id))
                 .map(|(id, _)| *id)
                 .collect();
-            let checkpoints: Vec<LeaseCheckpoint> = if now.duration_since(last_checkpoint)
-                >= checkpoint_every
+            // As etcd, checkpoints only with --experimental-enable-lease-checkpoint: without
+            // them a leader change or restart renews every lease to its full TTL.
+            let checkpoints: Vec<LeaseCheckpoint> = if core.cfg.experimental_enable_lease_checkpoint
+                && now.duration_since(last_checkpoint) >= checkpoint_every
             {
                 table
                     .iter()

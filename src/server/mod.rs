@@ -439,6 +439,19 @@ async fn bind_all(urls: &[url::Url], what: &str) -> anyhow::Result<Vec<tokio::ne
     Ok(listeners)
 }
 
+/// A gRPC server builder for client traffic with etcd's HTTP/2 settings:
+/// `--max-concurrent-streams` per connection, and server pings every
+/// `--grpc-keepalive-interval` (0 = none) that close the connection when unanswered within
+/// `--grpc-keepalive-timeout` (0 keeps the 20 s default, as grpc-go does).
+/// `--grpc-keepalive-min-time` has no tonic equivalent (it is in [`crate::config::IGNORED`]).
+fn client_server_builder(cfg: &Config) -> tonic::transport::Server {
+    let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(cfg.max_concurrent_streams)
+        .http2_keepalive_interval(nonzero(cfg.grpc_keepalive_interval))
+        .http2_keepalive_timeout(nonzero(cfg.grpc_keepalive_timeout))
+}
+
 /// Starts a member and serves until SIGINT/SIGTERM, or until it is removed from the cluster.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     cfg.validate()?;
@@ -658,7 +671,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     for listener in listeners {
         let addr: SocketAddr = listener.local_addr()?;
         tracing::info!(address = %addr, "serving client requests on {addr}");
-        let router = tonic::transport::Server::builder()
+        let router = client_server_builder(&cfg)
             .layer(gate::GateLayer::new(core.node.status.clone()))
             .add_service(
                 KvServer::new(kv::KvService::new(core.clone())).max_decoding_message_size(max_recv),

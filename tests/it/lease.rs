@@ -427,7 +427,11 @@ async fn leases_survive_restart() {
 /// of granting a full TTL again.
 #[tokio::test]
 async fn checkpointed_ttl_survives_restart() {
-    let flags = ["--experimental-lease-checkpoint-interval", "2s"];
+    let flags = [
+        "--experimental-enable-lease-checkpoint",
+        "--experimental-lease-checkpoint-interval",
+        "2s",
+    ];
     let dir = tempfile::tempdir().unwrap();
     let server = Server::try_start(dir.path(), &flags).unwrap();
     let mut c = server.client().await;

@@ -7,6 +7,7 @@ mod cluster_harness;
 mod disk_full;
 mod durability;
 mod etcdctl;
+mod flags;
 mod harness;
 mod kv;
 mod lease;
