@@ -511,7 +511,8 @@ fn snap_files(data_dir: &Path) -> Vec<PathBuf> {
 #[tokio::test]
 async fn corrupt_newest_snapshot_falls_back_to_the_older_one() {
     let dir = tempfile::tempdir().unwrap();
-    let flags = ["--snapshot-count", "10"];
+    // Two snapshots kept, so that exactly one older one is there to fall back to.
+    let flags = ["--snapshot-count", "10", "--max-snapshots", "2"];
     let server = Server::try_start(dir.path(), &flags).unwrap();
     let mut c = server.client().await;
     let rev = put_keys(&mut c, 35).await;
