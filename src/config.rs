@@ -364,8 +364,8 @@ pub struct Config {
           value_parser = parse_go_duration)]
     pub experimental_compaction_sleep_interval: std::time::Duration,
 
-    /// Auto compaction retention: a Go duration or hours (`periodic`), or revisions
-    /// (`revision`); 0 disables it.
+    /// Auto compaction retention: a Go duration or a whole number of hours (`periodic`), or
+    /// revisions (`revision`); 0 disables it. Run by the leader (`server::compactor`).
     #[arg(long, env = "ETCD_AUTO_COMPACTION_RETENTION", default_value = "0")]
     pub auto_compaction_retention: String,
 
@@ -756,14 +756,6 @@ pub const IGNORED: &[IgnoredFlag] = &[
     ignored(
         "experimental-compaction-sleep-interval",
         "compaction runs per shard, not in bbolt batches",
-    ),
-    ignored(
-        "auto-compaction-retention",
-        "auto compaction is not supported yet; compact with the Compact RPC",
-    ),
-    ignored(
-        "auto-compaction-mode",
-        "auto compaction is not supported yet; compact with the Compact RPC",
     ),
     ignored("auth-token", NO_AUTH),
     ignored("bcrypt-cost", NO_AUTH),

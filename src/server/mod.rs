@@ -6,6 +6,7 @@
 
 mod cluster;
 pub mod codec;
+pub mod compactor;
 pub mod gate;
 mod kv;
 mod lease;
@@ -455,6 +456,9 @@ fn client_server_builder(cfg: &Config) -> tonic::transport::Server {
 /// Starts a member and serves until SIGINT/SIGTERM, or until it is removed from the cluster.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     cfg.validate()?;
+    let auto_compaction =
+        compactor::retention(&cfg.auto_compaction_mode, &cfg.auto_compaction_retention)
+            .map_err(anyhow::Error::msg)?;
     let cfg = Arc::new(cfg);
     let data_dir = cfg.data_dir();
     let _lock = prepare_data_dir(&data_dir)?;
@@ -718,6 +722,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     // Lease deadlines are right before the first client asks: replay done, then promotion.
     let promoted = core.promote_leases().await;
     tokio::spawn(lease::run_lease_clock(core.clone(), promoted));
+    if let Some(retention) = auto_compaction {
+        tokio::spawn(compactor::run(core.clone(), retention));
+    }
     tokio::spawn(cluster::publish_attributes(core.clone()));
     if cfg.auto_promote_learners {
         tokio::spawn(cluster::auto_promote_learners(core.clone()));

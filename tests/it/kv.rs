@@ -805,6 +805,64 @@ async fn compaction() {
     );
 }
 
+/// `--auto-compaction-retention 1s` in periodic mode: the leader compacts by itself, as
+/// etcd's compactor does, a retention (1 s) after start-up and then every retention.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn periodic_auto_compaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let flags = [
+        "--auto-compaction-mode=periodic",
+        "--auto-compaction-retention=1s",
+    ];
+    let server = Server::try_start(dir.path(), &flags).unwrap();
+    let mut c = server.client().await;
+    for i in 1..=5 {
+        put_rev(&mut c, &format!("auto/{i}"), "v").await;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        match c
+            .get("auto/1", Some(GetOptions::new().with_revision(2)))
+            .await
+        {
+            Err(e) => {
+                assert_eq!(
+                    grpc_err::<()>(Err(e)),
+                    (Code::OutOfRange, COMPACTED.to_string())
+                );
+                break;
+            }
+            Ok(_) => assert!(
+                std::time::Instant::now() < deadline,
+                "no auto-compaction after 20 s:\n{}",
+                server.log()
+            ),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(server.log().contains("finished auto-compaction"));
+    // Compaction drops history only: the latest values stay.
+    let got = c
+        .get("auto/", Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    assert_eq!(got.kvs().len(), 5);
+
+    let refused = Server::try_start(
+        tempfile::tempdir().unwrap().path(),
+        &[
+            "--auto-compaction-mode=revision",
+            "--auto-compaction-retention=1h",
+        ],
+    )
+    .err()
+    .expect("a revision retention is a number");
+    assert!(
+        refused.contains("invalid --auto-compaction-retention"),
+        "{refused}"
+    );
+}
+
 #[tokio::test]
 async fn request_errors() {
     let server = Server::start();
