@@ -601,7 +601,8 @@ pub struct Config {
     pub experimental_warning_unary_request_duration: std::time::Duration,
 
     // -- Corruption checks -----------------------------------------------------------------
-    /// Check data corruption against the other members before serving.
+    /// Compare this member's HashKV with every peer's before serving clients, and refuse to
+    /// start on a mismatch (`server::corrupt`).
     #[arg(long, env = "ETCD_EXPERIMENTAL_INITIAL_CORRUPT_CHECK", num_args = 0..=1,
           default_missing_value = "true", default_value = "false", value_parser = parse_bool)]
     pub experimental_initial_corrupt_check: bool,
@@ -772,7 +773,6 @@ pub const IGNORED: &[IgnoredFlag] = &[
     ignored("experimental-distributed-tracing-service-name", NO_TRACING),
     ignored("experimental-distributed-tracing-instance-id", NO_TRACING),
     ignored("experimental-distributed-tracing-sampling-rate", NO_TRACING),
-    ignored("experimental-initial-corrupt-check", NO_CORRUPT_CHECK),
     ignored("experimental-corrupt-check-time", NO_CORRUPT_CHECK),
     ignored("experimental-compact-hash-check-enabled", NO_CORRUPT_CHECK),
     ignored("experimental-compact-hash-check-time", NO_CORRUPT_CHECK),

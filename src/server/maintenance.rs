@@ -122,38 +122,13 @@ impl Maintenance for MaintenanceService {
     }
 
     /// A digest of the MVCC history up to `revision` (0: the current revision), comparable
-    /// across members to check that they converged (see [`crate::mvcc::kv_hash`]).
-    ///
-    /// Errors: ErrFutureRev above the current revision, ErrCompacted below the compaction
-    /// revision.
+    /// across members to check that they converged (see [`Core::hash_kv`]).
     async fn hash_kv(
         &self,
         request: Request<HashKvRequest>,
     ) -> Result<Response<HashKvResponse>, Status> {
-        let req = request.into_inner();
-        let state = *self.core.applied.borrow();
-        let rev = if req.revision <= 0 {
-            state.revision
-        } else {
-            req.revision
-        };
-        if rev > state.revision {
-            return Err(EtcdError::FutureRev.into());
-        }
-        if rev < state.compact_revision {
-            return Err(EtcdError::Compacted.into());
-        }
-        let hash = self
-            .core
-            .shards
-            .hash_kv(rev, state.compact_revision)
-            .await?;
-        Ok(Response::new(HashKvResponse {
-            header: self.core.header(state.revision),
-            hash,
-            compact_revision: state.compact_revision,
-            hash_revision: rev,
-        }))
+        let revision = request.into_inner().revision;
+        Ok(Response::new(self.core.hash_kv(revision).await?))
     }
 
     type SnapshotStream = SnapshotStream;

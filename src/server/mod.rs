@@ -7,6 +7,7 @@
 mod cluster;
 pub mod codec;
 pub mod compactor;
+mod corrupt;
 pub mod gate;
 mod kv;
 mod lease;
@@ -549,6 +550,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     tracing::info!(index = start.index, revision = start.revision, replay_until = start.replay_until,
         engine = ?engine.kind, "recovered state machine");
     tracing::info!(entries = recovered.entries.len(), "replaying WAL");
+    // What this member knew to be committed when it stopped: the state machine (and with it
+    // the membership table) is whole once it has applied that far.
+    let committed_at_start = recovered.hard_state.as_ref().map_or(0, |h| h.commit);
 
     let request_timeout = Duration::from_millis(5000 + 2 * cfg.election_timeout);
     let pending = Arc::new(Pending::new(member.id));
@@ -671,6 +675,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .clone()
         .wait_for(|a| a.index >= start.index)
         .await;
+    // As etcd, the check runs once this member's state machine holds what it recovered, and
+    // before any client is served.
+    if cfg.experimental_initial_corrupt_check {
+        corrupt::initial_check(&core, committed_at_start).await?;
+    }
     let max_recv = cfg.max_request_bytes + defaults::GRPC_OVERHEAD_BYTES;
     for listener in listeners {
         let addr: SocketAddr = listener.local_addr()?;

@@ -16,7 +16,8 @@ use crate::consensus::transport::Faults;
 use crate::consensus::{Membership, NodeMsg, PeerProgress};
 use crate::error::EtcdError;
 use crate::proto::etcdserverpb::{
-    LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
+    HashKvRequest, HashKvResponse, LeaseKeepAliveRequest, LeaseKeepAliveResponse,
+    LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
 };
 use crate::proto::metastorepb::{
     peer_client::PeerClient, peer_server::Peer, MemberProgress, MemberRecord, MembersRequest,
@@ -210,6 +211,14 @@ impl Peer for PeerService {
         Ok(Response::new(resp))
     }
 
+    async fn hash_kv(
+        &self,
+        request: Request<HashKvRequest>,
+    ) -> Result<Response<HashKvResponse>, Status> {
+        let revision = request.into_inner().revision;
+        Ok(Response::new(self.core.hash_kv(revision).await?))
+    }
+
     async fn members(
         &self,
         _: Request<MembersRequest>,
@@ -222,7 +231,7 @@ impl Peer for PeerService {
 }
 
 /// A Peer client for one peer URL: `connect` bounds the dial, `request` each call.
-async fn peer_client(
+pub(crate) async fn peer_client(
     url: &str,
     connect: Duration,
     request: Duration,

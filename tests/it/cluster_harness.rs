@@ -255,9 +255,22 @@ impl Cluster {
 
     /// Restarts member `i` on its data dir and ports.
     pub fn restart(&mut self, i: usize) {
+        if let Err(e) = self.try_restart(i) {
+            panic!("member {i} restarts: {e}");
+        }
+    }
+
+    /// Restarts member `i`; on failure returns everything it printed.
+    pub fn try_restart(&mut self, i: usize) -> Result<(), String> {
         assert!(self.servers[i].is_none(), "member {i} is running");
-        let server = self.spawn(i).join().expect("start thread");
-        self.servers[i] = Some(server.unwrap_or_else(|e| panic!("member {i} restarts: {e}")));
+        let server = self.spawn(i).join().expect("start thread")?;
+        self.servers[i] = Some(server);
+        Ok(())
+    }
+
+    /// Member `i`'s data directory.
+    pub fn data_dir(&self, i: usize) -> PathBuf {
+        self.specs[i].dir.clone()
     }
 
     /// Cuts every peer link between members of different groups, in both directions. Members
