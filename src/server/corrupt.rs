@@ -2,6 +2,7 @@
 //! HashKV, and `--experimental-initial-corrupt-check`, which compares this member's HashKV with
 //! every peer's before it serves clients and refuses to start on a mismatch.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::peer::peer_client;
@@ -82,25 +83,32 @@ fn mismatches(hash: u32, compact_revision: i64, peers: &[(u64, PeerHash)]) -> us
 
 /// `--experimental-initial-corrupt-check`: before this member serves clients, compares its
 /// HashKV at its current revision with every peer's at the same revision. It first waits
-/// (up to the request timeout) until the state machine has applied `committed` (the commit
-/// index this member recovered), so that the revision and the membership table are those it
-/// stopped with: a durable engine's shards hold their data at once, but the members come back
-/// only as the log replays.
+/// (up to the request timeout) until the Raft node and the state machine have applied
+/// `committed` (the commit index this member recovered), so that the revision and the
+/// membership table are those it stopped with: a durable engine's shards hold their data at
+/// once, but the members come back only as the log replays.
 ///
 /// Errors: "<member ID> found data inconsistency with peers" (etcd's message) when a peer with
 /// the same compaction revision has a different hash; the member then does not start.
 pub async fn initial_check(core: &Core, committed: u64) -> anyhow::Result<()> {
-    let mut applied = core.applied.clone();
-    let caught_up = applied.wait_for(|a| a.index >= committed);
-    if tokio::time::timeout(core.request_timeout, caught_up)
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            committed,
-            applied = core.applied.borrow().index,
-            "initial corruption check: the log is still replaying; checking what is applied"
-        );
+    // The Raft node updates the membership table as it hands entries over (even those durable
+    // shards already hold), and only then counts them as applied; the shards publish their
+    // own progress. Both must reach `committed`.
+    let deadline = tokio::time::Instant::now() + core.request_timeout;
+    let caught_up = || {
+        core.node.status.applied.load(Ordering::Relaxed) >= committed
+            && core.applied.borrow().index >= committed
+    };
+    while !caught_up() {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                committed,
+                applied = core.applied.borrow().index,
+                "initial corruption check: the log is still replaying; checking what is applied"
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let local = core.hash_kv(0).await?;
     let me = core.member.id;

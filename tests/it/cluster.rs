@@ -802,9 +802,18 @@ async fn members_whose_log_was_compacted_away_catch_up_through_a_snapshot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_elections_do_not_keep_a_lease_alive() {
     let _one = CLUSTER_LOCK.lock().await;
-    // Remaining TTLs are checkpointed through Raft every second; each new leader starts the
-    // lease's deadline from the checkpoint, not from the full TTL.
-    let cluster = Cluster::start(3, &["--experimental-lease-checkpoint-interval", "1s"]).await;
+    // Remaining TTLs are checkpointed through Raft every second (checkpoints are off by
+    // default, as in etcd 3.5); each new leader starts the lease's deadline from the
+    // checkpoint, not from the full TTL.
+    let cluster = Cluster::start(
+        3,
+        &[
+            "--experimental-enable-lease-checkpoint",
+            "--experimental-lease-checkpoint-interval",
+            "1s",
+        ],
+    )
+    .await;
     let leader = cluster.wait_for_leader(Duration::from_secs(10)).await;
     let mut c = cluster.client(leader).await;
     let granted = Instant::now();
@@ -849,6 +858,7 @@ async fn initial_corrupt_check_refuses_a_member_whose_data_differs() {
     use metastore::mvcc::engine::{Engine, FlushState, Live, VersionRecord};
     use metastore::mvcc::rocks::{RocksEngine, RocksOptions};
 
+    let _one = CLUSTER_LOCK.lock().await;
     let flags = [
         "--storage-engine",
         "rocksdb",

@@ -363,7 +363,9 @@ async fn kubeadm_command_line_starts() {
         server.startup_log
     );
     assert!(
-        server.startup_log.contains("initial corruption check passed"),
+        server
+            .startup_log
+            .contains("initial corruption check passed"),
         "{}",
         server.startup_log
     );
