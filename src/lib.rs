@@ -41,3 +41,4 @@ pub mod mvcc;
 pub mod proto;
 pub mod server;
 pub mod shard;
+pub mod tls;

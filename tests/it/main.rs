@@ -14,6 +14,7 @@ mod loadgen;
 mod recipes;
 mod rocksdb;
 mod smoke;
+mod tls;
 mod txn;
 mod util;
 mod watch;
