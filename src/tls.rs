@@ -821,3 +821,81 @@ pub fn setup(cfg: &Config, data_dir: &Path) -> anyhow::Result<MemberTls> {
         peer: peer_acceptor,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn cfg(args: &[&str]) -> Config {
+        Config::try_parse_from(std::iter::once("metastore").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn versions_and_suites_follow_etcd_rules() {
+        let c = TlsCommon::from_config(&cfg(&[])).unwrap();
+        assert_eq!(c.versions.len(), 2, "TLS1.2 and TLS1.3 by default");
+        let c = TlsCommon::from_config(&cfg(&["--tls-min-version", "TLS1.3"])).unwrap();
+        assert_eq!(c.versions, vec![&rustls::version::TLS13]);
+        let err = TlsCommon::from_config(&cfg(&["--tls-min-version", "TLS1.0"])).unwrap_err();
+        assert!(err.contains("not supported"), "{err}");
+        let err = TlsCommon::from_config(&cfg(&[
+            "--tls-min-version",
+            "TLS1.3",
+            "--tls-max-version",
+            "TLS1.2",
+        ]))
+        .unwrap_err();
+        assert_eq!(err, "min version (TLS1.3) is greater than max version (TLS1.2)");
+        let suites = "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305";
+        let c = TlsCommon::from_config(&cfg(&["--cipher-suites", suites])).unwrap();
+        let tls12 = c.provider.cipher_suites.iter().filter(|s| s.tls13().is_none());
+        assert_eq!(tls12.count(), 2);
+        assert!(c.provider.cipher_suites.iter().any(|s| s.tls13().is_some()));
+        let err = TlsCommon::from_config(&cfg(&[
+            "--cipher-suites",
+            "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA",
+        ]))
+        .unwrap_err();
+        assert!(err.contains("not supported"), "{err}");
+        let err = TlsCommon::from_config(&cfg(&[
+            "--tls-min-version",
+            "TLS1.3",
+            "--cipher-suites",
+            "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
+        ]))
+        .unwrap_err();
+        assert!(err.contains("only TLS1.3"), "{err}");
+    }
+
+    #[test]
+    fn boolean_flags_and_exclusive_restrictions() {
+        let c = cfg(&["--client-cert-auth", "--peer-auto-tls=true", "--auto-tls=false"]);
+        assert!(c.client_cert_auth && c.peer_auto_tls && !c.auto_tls);
+        assert_eq!(c.self_signed_cert_validity, 1);
+        let c = cfg(&[
+            "--peer-cert-allowed-cn",
+            "a",
+            "--peer-cert-allowed-hostname",
+            "b",
+        ]);
+        assert!(validate(&c).unwrap_err().contains("mutually exclusive"));
+    }
+
+    #[test]
+    fn self_cert_is_made_once_and_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let hosts = ["127.0.0.1".to_string(), "localhost".to_string()];
+        let (cert, key) = self_cert(dir.path(), &hosts, 1).unwrap();
+        let first = std::fs::read(&cert).unwrap();
+        self_cert(dir.path(), &hosts, 1).unwrap();
+        assert_eq!(first, std::fs::read(&cert).unwrap(), "reused on restart");
+        let info = TlsInfo {
+            cert_file: Some(cert),
+            key_file: Some(key),
+            ..TlsInfo::default()
+        };
+        let common = TlsCommon::from_config(&cfg(&[])).unwrap();
+        server_config(&info, &common).unwrap();
+    }
+}
