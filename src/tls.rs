@@ -211,8 +211,7 @@ impl TlsCommon {
 /// `--peer-cert-allowed-hostname` (etcd allows one).
 pub fn validate(cfg: &Config) -> Result<(), String> {
     TlsCommon::from_config(cfg)?;
-    if let (Some(cn), Some(host)) = (&cfg.peer_cert_allowed_cn, &cfg.peer_cert_allowed_hostname)
-    {
+    if let (Some(cn), Some(host)) = (&cfg.peer_cert_allowed_cn, &cfg.peer_cert_allowed_hostname) {
         return Err(format!(
             "AllowedCN and AllowedHostname are mutually exclusive (cn={cn:?}, hostname={host:?})"
         ));
@@ -270,8 +269,10 @@ pub fn server_config(info: &TlsInfo, common: &TlsCommon) -> anyhow::Result<TlsAc
         .with_protocol_versions(&common.versions)?;
     let builder = match (&info.trusted_ca_file, info.client_cert_auth) {
         (Some(ca), true) => {
-            let mut verifier =
-                WebPkiClientVerifier::builder_with_provider(load_roots(ca)?, common.provider.clone());
+            let mut verifier = WebPkiClientVerifier::builder_with_provider(
+                load_roots(ca)?,
+                common.provider.clone(),
+            );
             if let Some(crl) = &info.crl_file {
                 // etcd checks the presented certificate's serial against the CRL; a CRL from
                 // another issuer says nothing about it.
@@ -304,7 +305,10 @@ pub fn server_config(info: &TlsInfo, common: &TlsCommon) -> anyhow::Result<TlsAc
 /// trust root, or no verification for auto-TLS.
 ///
 /// Errors: unreadable or malformed files.
-pub fn client_config(info: &TlsInfo, common: &TlsCommon) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+pub fn client_config(
+    info: &TlsInfo,
+    common: &TlsCommon,
+) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     let builder = rustls::ClientConfig::builder_with_provider(common.provider.clone())
         .with_protocol_versions(&common.versions)?;
     let builder = if info.insecure_skip_verify {
@@ -547,7 +551,9 @@ impl tower_service::Service<http::Uri> for PeerConnector {
             let tcp = TcpStream::connect((host, port)).await?;
             tcp.set_nodelay(true)?;
             let io = match tls {
-                Some((connector, name)) => PeerIo::Tls(Box::new(connector.connect(name, tcp).await?)),
+                Some((connector, name)) => {
+                    PeerIo::Tls(Box::new(connector.connect(name, tcp).await?))
+                }
                 None => PeerIo::Plain(tcp),
             };
             Ok(hyper_util::rt::TokioIo::new(io))
@@ -618,7 +624,10 @@ fn peer_parts(url: &str) -> Result<(tonic::transport::Endpoint, PeerConnector), 
             let config = PEER_CLIENT
                 .get()
                 .ok_or_else(|| format!("{url}: Connecting to HTTPS without TLS enabled"))?;
-            let host = parsed.host_str().unwrap_or("localhost").trim_matches(['[', ']']);
+            let host = parsed
+                .host_str()
+                .unwrap_or("localhost")
+                .trim_matches(['[', ']']);
             let name = ServerName::try_from(host.to_string()).map_err(|e| format!("{url}: {e}"))?;
             Some((TlsConnector::from(config.clone()), name))
         }
@@ -764,12 +773,18 @@ fn check_urls(urls: &[url::Url], info: &TlsInfo, what: &str) -> anyhow::Result<b
             tracing::warn!(url = %u, "scheme is HTTP while key and certificate files are present; ignoring key and certificate files");
         }
         if info.client_cert_auth {
-            let flag = if what == "client" { "--client-cert-auth" } else { "--peer-client-cert-auth" };
+            let flag = if what == "client" {
+                "--client-cert-auth"
+            } else {
+                "--peer-client-cert-auth"
+            };
             tracing::warn!(url = %u, "scheme is HTTP while {flag} is enabled; ignoring client cert auth for this URL");
         }
     }
     if https && info.crl_file.is_some() && !info.client_cert_auth {
-        tracing::warn!("the {what} CRL file is used only with {what} client certificate authentication");
+        tracing::warn!(
+            "the {what} CRL file is used only with {what} client certificate authentication"
+        );
     }
     Ok(https)
 }
@@ -846,10 +861,17 @@ mod tests {
             "TLS1.2",
         ]))
         .unwrap_err();
-        assert_eq!(err, "min version (TLS1.3) is greater than max version (TLS1.2)");
+        assert_eq!(
+            err,
+            "min version (TLS1.3) is greater than max version (TLS1.2)"
+        );
         let suites = "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305";
         let c = TlsCommon::from_config(&cfg(&["--cipher-suites", suites])).unwrap();
-        let tls12 = c.provider.cipher_suites.iter().filter(|s| s.tls13().is_none());
+        let tls12 = c
+            .provider
+            .cipher_suites
+            .iter()
+            .filter(|s| s.tls13().is_none());
         assert_eq!(tls12.count(), 2);
         assert!(c.provider.cipher_suites.iter().any(|s| s.tls13().is_some()));
         let err = TlsCommon::from_config(&cfg(&[
@@ -870,7 +892,11 @@ mod tests {
 
     #[test]
     fn boolean_flags_and_exclusive_restrictions() {
-        let c = cfg(&["--client-cert-auth", "--peer-auto-tls=true", "--auto-tls=false"]);
+        let c = cfg(&[
+            "--client-cert-auth",
+            "--peer-auto-tls=true",
+            "--auto-tls=false",
+        ]);
         assert!(c.client_cert_auth && c.peer_auto_tls && !c.auto_tls);
         assert_eq!(c.self_signed_cert_validity, 1);
         let c = cfg(&[

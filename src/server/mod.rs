@@ -452,8 +452,8 @@ macro_rules! serve {
             None => {
                 // Without TCP_NODELAY, Nagle plus the client's delayed ACK add ~40 ms to small
                 // replies.
-                let incoming = tonic::transport::server::TcpIncoming::from($listener)
-                    .with_nodelay(Some(true));
+                let incoming =
+                    tonic::transport::server::TcpIncoming::from($listener).with_nodelay(Some(true));
                 $servers.spawn($router.serve_with_incoming(incoming));
             }
         }

@@ -7,8 +7,8 @@ use std::time::Duration;
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
-    RevocationReason, RevokedCertParams, SerialNumber,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason,
+    RevokedCertParams, SerialNumber,
 };
 
 use crate::harness::{etcdctl, free_port, ok_stdout, Server};
@@ -150,14 +150,28 @@ async fn client_tls_serves_etcd_client_and_etcdctl_and_refuses_plain_text() {
     let server = start(dir.path(), &["--cert-file", &f.cert, "--key-file", &f.key]);
     let endpoint = https(&server);
 
-    let mut client = tls_client(&endpoint, &f.ca_pem, None).await.expect("TLS client");
+    let mut client = tls_client(&endpoint, &f.ca_pem, None)
+        .await
+        .expect("TLS client");
     client.put("k", "over-tls", None).await.unwrap();
-    let got = ok_stdout(&etcdctl(&endpoint, &["--cacert", &f.ca, "get", "k", "--print-value-only"], None));
+    let got = ok_stdout(&etcdctl(
+        &endpoint,
+        &["--cacert", &f.ca, "get", "k", "--print-value-only"],
+        None,
+    ));
     assert_eq!(got.trim(), "over-tls");
-    ok_stdout(&etcdctl(&endpoint, &["--cacert", &f.ca, "put", "k2", "v2"], None));
+    ok_stdout(&etcdctl(
+        &endpoint,
+        &["--cacert", &f.ca, "put", "k2", "v2"],
+        None,
+    ));
 
     // Plain text on the TLS port: refused, and the member keeps serving.
-    let plain = etcdctl(&format!("http://{}", server.endpoint), &["get", "k", "--dial-timeout=2s", "--command-timeout=3s"], None);
+    let plain = etcdctl(
+        &format!("http://{}", server.endpoint),
+        &["get", "k", "--dial-timeout=2s", "--command-timeout=3s"],
+        None,
+    );
     assert!(!plain.status.success(), "plain text must be refused");
     let mut plain_client = Client::connect(
         [format!("http://{}", server.endpoint)],
@@ -165,14 +179,29 @@ async fn client_tls_serves_etcd_client_and_etcdctl_and_refuses_plain_text() {
     )
     .await;
     if let Ok(c) = plain_client.as_mut() {
-        assert!(c.get("k", None).await.is_err(), "plain-text request must fail");
+        assert!(
+            c.get("k", None).await.is_err(),
+            "plain-text request must fail"
+        );
     }
     // Without the CA the server's certificate is not trusted.
-    let untrusted = etcdctl(&endpoint, &["get", "k", "--dial-timeout=2s", "--command-timeout=3s"], None);
+    let untrusted = etcdctl(
+        &endpoint,
+        &["get", "k", "--dial-timeout=2s", "--command-timeout=3s"],
+        None,
+    );
     assert!(!untrusted.status.success());
-    let got = ok_stdout(&etcdctl(&endpoint, &["--cacert", &f.ca, "get", "k2", "--print-value-only"], None));
+    let got = ok_stdout(&etcdctl(
+        &endpoint,
+        &["--cacert", &f.ca, "get", "k2", "--print-value-only"],
+        None,
+    ));
     assert_eq!(got.trim(), "v2");
-    assert!(server.log().contains("rejected connection"), "{}", server.log());
+    assert!(
+        server.log().contains("rejected connection"),
+        "{}",
+        server.log()
+    );
 }
 
 #[tokio::test]
@@ -182,20 +211,39 @@ async fn mutual_tls_refuses_clients_without_a_valid_certificate() {
     let f = files(dir.path(), &ca1);
     let other = ca("other-ca");
     let (ocert, okey) = leaf(&other, "intruder", 3, false);
-    let (ocert, okey) = (write(dir.path(), "other.pem", &ocert), write(dir.path(), "other-key.pem", &okey));
+    let (ocert, okey) = (
+        write(dir.path(), "other.pem", &ocert),
+        write(dir.path(), "other-key.pem", &okey),
+    );
     let (ecert, ekey) = leaf(&ca1, "old", 4, true);
-    let (ecert, ekey) = (write(dir.path(), "expired.pem", &ecert), write(dir.path(), "expired-key.pem", &ekey));
+    let (ecert, ekey) = (
+        write(dir.path(), "expired.pem", &ecert),
+        write(dir.path(), "expired-key.pem", &ekey),
+    );
     let server = start(
         dir.path(),
-        &["--cert-file", &f.cert, "--key-file", &f.key, "--trusted-ca-file", &f.ca, "--client-cert-auth"],
+        &[
+            "--cert-file",
+            &f.cert,
+            "--key-file",
+            &f.key,
+            "--trusted-ca-file",
+            &f.ca,
+            "--client-cert-auth",
+        ],
     );
     let endpoint = https(&server);
     let short = ["--dial-timeout=2s", "--command-timeout=3s"];
 
-    let mut good = tls_client(&endpoint, &f.ca_pem, Some(&f.client_pem)).await.expect("client with a cert");
+    let mut good = tls_client(&endpoint, &f.ca_pem, Some(&f.client_pem))
+        .await
+        .expect("client with a cert");
     good.put("a", "1", None).await.unwrap();
 
-    assert!(tls_client(&endpoint, &f.ca_pem, None).await.is_err(), "no client cert must be refused");
+    assert!(
+        tls_client(&endpoint, &f.ca_pem, None).await.is_err(),
+        "no client cert must be refused"
+    );
     let refused = |cert: &str, key: &str| {
         let mut args = vec!["--cacert", &f.ca, "--cert", cert, "--key", key];
         args.extend(short);
@@ -206,7 +254,10 @@ async fn mutual_tls_refuses_clients_without_a_valid_certificate() {
     let mut args = vec!["--cacert", f.ca.as_str()];
     args.extend(short);
     args.extend(["get", "a"]);
-    assert!(!etcdctl(&endpoint, &args, None).status.success(), "no cert via etcdctl");
+    assert!(
+        !etcdctl(&endpoint, &args, None).status.success(),
+        "no cert via etcdctl"
+    );
     refused(&ocert, &okey);
     refused(&ecert, &ekey);
 
@@ -214,7 +265,17 @@ async fn mutual_tls_refuses_clients_without_a_valid_certificate() {
     good.put("a", "2", None).await.unwrap();
     let got = ok_stdout(&etcdctl(
         &endpoint,
-        &["--cacert", &f.ca, "--cert", &f.client_cert, "--key", &f.client_key, "get", "a", "--print-value-only"],
+        &[
+            "--cacert",
+            &f.ca,
+            "--cert",
+            &f.client_cert,
+            "--key",
+            &f.client_key,
+            "get",
+            "a",
+            "--print-value-only",
+        ],
         None,
     ));
     assert_eq!(got.trim(), "2");
@@ -226,26 +287,63 @@ async fn crl_refuses_revoked_client_certificates() {
     let ca1 = ca("test-ca");
     let f = files(dir.path(), &ca1);
     let revoked_pem = leaf(&ca1, "revoked", 77, false);
-    let (rcert, rkey) = (write(dir.path(), "r.pem", &revoked_pem.0), write(dir.path(), "r-key.pem", &revoked_pem.1));
+    let (rcert, rkey) = (
+        write(dir.path(), "r.pem", &revoked_pem.0),
+        write(dir.path(), "r-key.pem", &revoked_pem.1),
+    );
     let crl_file = write(dir.path(), "crl.pem", &crl(&ca1, &[77]));
     let server = start(
         dir.path(),
         &[
-            "--cert-file", &f.cert, "--key-file", &f.key, "--trusted-ca-file", &f.ca,
-            "--client-cert-auth", "--client-crl-file", &crl_file,
+            "--cert-file",
+            &f.cert,
+            "--key-file",
+            &f.key,
+            "--trusted-ca-file",
+            &f.ca,
+            "--client-cert-auth",
+            "--client-crl-file",
+            &crl_file,
         ],
     );
     let endpoint = https(&server);
-    assert!(tls_client(&endpoint, &f.ca_pem, Some(&revoked_pem)).await.is_err(), "revoked cert must be refused");
+    assert!(
+        tls_client(&endpoint, &f.ca_pem, Some(&revoked_pem))
+            .await
+            .is_err(),
+        "revoked cert must be refused"
+    );
     let out = etcdctl(
         &endpoint,
-        &["--cacert", &f.ca, "--cert", &rcert, "--key", &rkey, "--dial-timeout=2s", "--command-timeout=3s", "put", "x", "y"],
+        &[
+            "--cacert",
+            &f.ca,
+            "--cert",
+            &rcert,
+            "--key",
+            &rkey,
+            "--dial-timeout=2s",
+            "--command-timeout=3s",
+            "put",
+            "x",
+            "y",
+        ],
         None,
     );
     assert!(!out.status.success());
     ok_stdout(&etcdctl(
         &endpoint,
-        &["--cacert", &f.ca, "--cert", &f.client_cert, "--key", &f.client_key, "put", "x", "y"],
+        &[
+            "--cacert",
+            &f.ca,
+            "--cert",
+            &f.client_cert,
+            "--key",
+            &f.client_key,
+            "put",
+            "x",
+            "y",
+        ],
         None,
     ));
 }
@@ -253,29 +351,58 @@ async fn crl_refuses_revoked_client_certificates() {
 #[tokio::test]
 async fn auto_tls_generates_a_self_signed_certificate() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start(dir.path(), &["--auto-tls", "--self-signed-cert-validity", "2"]);
+    let server = start(
+        dir.path(),
+        &["--auto-tls", "--self-signed-cert-validity", "2"],
+    );
     let endpoint = https(&server);
     let fixtures = server.data_dir.join("fixtures").join("client");
     assert!(fixtures.join("cert.pem").exists() && fixtures.join("key.pem").exists());
-    ok_stdout(&etcdctl(&endpoint, &["--insecure-transport=false", "--insecure-skip-tls-verify", "put", "auto", "tls"], None));
+    ok_stdout(&etcdctl(
+        &endpoint,
+        &[
+            "--insecure-transport=false",
+            "--insecure-skip-tls-verify",
+            "put",
+            "auto",
+            "tls",
+        ],
+        None,
+    ));
     let got = ok_stdout(&etcdctl(
         &endpoint,
-        &["--insecure-transport=false", "--insecure-skip-tls-verify", "get", "auto", "--print-value-only"],
+        &[
+            "--insecure-transport=false",
+            "--insecure-skip-tls-verify",
+            "get",
+            "auto",
+            "--print-value-only",
+        ],
         None,
     ));
     assert_eq!(got.trim(), "tls");
     // Self-signed: a verifying client does not trust it.
-    let out = etcdctl(&endpoint, &["--dial-timeout=2s", "--command-timeout=3s", "get", "auto"], None);
+    let out = etcdctl(
+        &endpoint,
+        &["--dial-timeout=2s", "--command-timeout=3s", "get", "auto"],
+        None,
+    );
     assert!(!out.status.success());
 }
 
 #[test]
 fn bad_tls_settings_stop_the_start() {
     let dir = tempfile::tempdir().unwrap();
-    let err = Server::try_start(&dir.path().join("a"), &["--listen-client-urls", "https://127.0.0.1:0"])
-        .err()
-        .expect("https without a certificate must not start");
-    assert!(err.contains("TLS key/cert (--cert-file, --key-file) must be provided"), "{err}");
+    let err = Server::try_start(
+        &dir.path().join("a"),
+        &["--listen-client-urls", "https://127.0.0.1:0"],
+    )
+    .err()
+    .expect("https without a certificate must not start");
+    assert!(
+        err.contains("TLS key/cert (--cert-file, --key-file) must be provided"),
+        "{err}"
+    );
     let err = Server::try_start(&dir.path().join("b"), &["--tls-min-version", "TLS1.1"])
         .err()
         .expect("TLS1.1 is refused");
@@ -298,10 +425,20 @@ fn start_tls_cluster(dir: &Path, n: usize, flags: impl Fn(usize) -> Vec<String>)
             let data = dir.join(format!("m{i}"));
             let purl = format!("https://127.0.0.1:{}", peers[i]);
             let mut args: Vec<String> = [
-                "--name", &format!("m{i}"), "--listen-peer-urls", &purl,
-                "--initial-advertise-peer-urls", &purl, "--initial-cluster", &initial,
-                "--initial-cluster-token", &format!("tls-{}", peers[0]),
-                "--heartbeat-interval", "50", "--election-timeout", "500",
+                "--name",
+                &format!("m{i}"),
+                "--listen-peer-urls",
+                &purl,
+                "--initial-advertise-peer-urls",
+                &purl,
+                "--initial-cluster",
+                &initial,
+                "--initial-cluster-token",
+                &format!("tls-{}", peers[0]),
+                "--heartbeat-interval",
+                "50",
+                "--election-timeout",
+                "500",
             ]
             .map(str::to_string)
             .to_vec();
@@ -333,13 +470,21 @@ async fn cluster_with_peer_mutual_tls() {
     let mut per_member = Vec::new();
     for i in 0..3 {
         let (c, k) = leaf(&ca1, &format!("peer{i}"), 100 + i, false);
-        per_member.push((write(dir.path(), &format!("p{i}.pem"), &c), write(dir.path(), &format!("p{i}-key.pem"), &k)));
+        per_member.push((
+            write(dir.path(), &format!("p{i}.pem"), &c),
+            write(dir.path(), &format!("p{i}-key.pem"), &k),
+        ));
     }
     let ca_file = write(dir.path(), "peer-ca.pem", &ca1.pem);
     let members = start_tls_cluster(dir.path(), 3, |i| {
         [
-            "--peer-cert-file", &per_member[i].0, "--peer-key-file", &per_member[i].1,
-            "--peer-trusted-ca-file", &ca_file, "--peer-client-cert-auth",
+            "--peer-cert-file",
+            &per_member[i].0,
+            "--peer-key-file",
+            &per_member[i].1,
+            "--peer-trusted-ca-file",
+            &ca_file,
+            "--peer-client-cert-auth",
         ]
         .map(str::to_string)
         .to_vec()
@@ -386,16 +531,33 @@ async fn peer_cert_allowed_cn_and_hostname_restrict_peer_clients() {
         format!("https://{line}")
     };
     let tls = [
-        "--listen-peer-urls", "https://127.0.0.1:0", "--peer-cert-file", &f.cert,
-        "--peer-key-file", &f.key, "--peer-trusted-ca-file", &f.ca, "--peer-client-cert-auth",
+        "--listen-peer-urls",
+        "https://127.0.0.1:0",
+        "--peer-cert-file",
+        &f.cert,
+        "--peer-key-file",
+        &f.key,
+        "--peer-trusted-ca-file",
+        &f.ca,
+        "--peer-client-cert-auth",
     ];
     let mut flags = tls.to_vec();
     flags.extend(["--peer-cert-allowed-cn", "peer0"]);
     let server = Server::try_start(&dir.path().join("cn"), &flags).expect("starts");
     let endpoint = peer_port(&server);
-    assert!(peer_port_accepts(&endpoint, &f.ca_pem, &peer0).await, "CN peer0 is allowed");
-    assert!(!peer_port_accepts(&endpoint, &f.ca_pem, &peer2).await, "CN peer2 is not");
-    assert!(server.log().contains("CommonName authentication failed"), "{}", server.log());
+    assert!(
+        peer_port_accepts(&endpoint, &f.ca_pem, &peer0).await,
+        "CN peer0 is allowed"
+    );
+    assert!(
+        !peer_port_accepts(&endpoint, &f.ca_pem, &peer2).await,
+        "CN peer2 is not"
+    );
+    assert!(
+        server.log().contains("CommonName authentication failed"),
+        "{}",
+        server.log()
+    );
     drop(server);
 
     // Every test leaf is valid for localhost; none for example.com.
