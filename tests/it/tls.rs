@@ -571,3 +571,47 @@ async fn peer_cert_allowed_cn_and_hostname_restrict_peer_clients() {
     let server = Server::try_start(&dir.path().join("host2"), &flags).expect("starts");
     assert!(peer_port_accepts(&peer_port(&server), &f.ca_pem, &peer0).await);
 }
+
+#[tokio::test]
+async fn mixed_http_and_https_client_urls_serve_side_by_side() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = files(dir.path(), &ca("test-ca"));
+    let server = Server::try_start(
+        &dir.path().join("data"),
+        &[
+            "--listen-client-urls",
+            "http://127.0.0.1:0,https://127.0.0.1:0",
+            "--cert-file",
+            &f.cert,
+            "--key-file",
+            &f.key,
+        ],
+    )
+    .expect("server starts");
+    // One "serving client requests on ADDR ... scheme=..." line per URL, in order.
+    let addrs: Vec<&str> = server
+        .startup_log
+        .lines()
+        .filter_map(|l| l.split("serving client requests on ").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .collect();
+    assert_eq!(addrs.len(), 2, "{}", server.startup_log);
+    let (plain, tls) = (
+        format!("http://{}", addrs[0]),
+        format!("https://{}", addrs[1]),
+    );
+    ok_stdout(&etcdctl(&plain, &["put", "mixed", "yes"], None));
+    let got = ok_stdout(&etcdctl(
+        &tls,
+        &["--cacert", &f.ca, "get", "mixed", "--print-value-only"],
+        None,
+    ));
+    assert_eq!(got.trim(), "yes");
+    // The TLS listener does not speak plain text.
+    let out = etcdctl(
+        &format!("http://{}", addrs[1]),
+        &["get", "mixed", "--dial-timeout=2s", "--command-timeout=3s"],
+        None,
+    );
+    assert!(!out.status.success());
+}
