@@ -683,6 +683,108 @@ pub struct Config {
     /// capnslog per-package log levels (`etcdserver=WARNING,...`; etcd 3.4).
     #[arg(long, env = "ETCD_LOG_PACKAGE_LEVELS", default_value = "")]
     pub log_package_levels: String,
+
+    // ---- TLS (etcd's security flags; see src/tls.rs and README "TLS") ----
+    /// Client server TLS certificate file (PEM).
+    #[arg(long, env = "ETCD_CERT_FILE")]
+    pub cert_file: Option<PathBuf>,
+
+    /// Client server TLS key file (PEM).
+    #[arg(long, env = "ETCD_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+
+    /// Client server TLS trusted CA certificate file, for client certificate authentication.
+    #[arg(long, env = "ETCD_TRUSTED_CA_FILE")]
+    pub trusted_ca_file: Option<PathBuf>,
+
+    /// Enable client certificate authentication (mutual TLS) on `https://` client URLs.
+    #[arg(long, env = "ETCD_CLIENT_CERT_AUTH", num_args = 0..=1, default_missing_value = "true",
+          default_value = "false", value_parser = parse_bool)]
+    pub client_cert_auth: bool,
+
+    /// Path to the client certificate revocation list file (PEM or DER).
+    #[arg(long, env = "ETCD_CLIENT_CRL_FILE")]
+    pub client_crl_file: Option<PathBuf>,
+
+    /// Allowed TLS hostname (SAN) for client certificate authentication.
+    #[arg(long, env = "ETCD_CLIENT_CERT_ALLOWED_HOSTNAME")]
+    pub client_cert_allowed_hostname: Option<String>,
+
+    /// Client TLS using a generated self-signed certificate (under `<data-dir>/fixtures/client`).
+    #[arg(long, env = "ETCD_AUTO_TLS", num_args = 0..=1, default_missing_value = "true",
+          default_value = "false", value_parser = parse_bool)]
+    pub auto_tls: bool,
+
+    /// Validity of the auto-TLS self-signed certificates, years.
+    #[arg(long, env = "ETCD_SELF_SIGNED_CERT_VALIDITY", default_value_t = 1)]
+    pub self_signed_cert_validity: u32,
+
+    /// Comma-separated TLS 1.2 cipher suites for both ports (Go/IANA names; empty = rustls's
+    /// defaults).
+    #[arg(long, env = "ETCD_CIPHER_SUITES", default_value = "")]
+    pub cipher_suites: String,
+
+    /// Minimum TLS version on both ports: TLS1.2 or TLS1.3 (TLS1.0/1.1 are refused).
+    #[arg(long, env = "ETCD_TLS_MIN_VERSION", default_value = "TLS1.2")]
+    pub tls_min_version: String,
+
+    /// Maximum TLS version on both ports: TLS1.2 or TLS1.3 (empty = the highest, TLS1.3).
+    #[arg(long, env = "ETCD_TLS_MAX_VERSION", default_value = "")]
+    pub tls_max_version: String,
+
+    /// Peer server TLS certificate file (PEM); also this member's client certificate when it
+    /// dials peers.
+    #[arg(long, env = "ETCD_PEER_CERT_FILE")]
+    pub peer_cert_file: Option<PathBuf>,
+
+    /// Peer server TLS key file (PEM).
+    #[arg(long, env = "ETCD_PEER_KEY_FILE")]
+    pub peer_key_file: Option<PathBuf>,
+
+    /// Peer server TLS trusted CA file: peers' certificates must chain to it.
+    #[arg(long, env = "ETCD_PEER_TRUSTED_CA_FILE")]
+    pub peer_trusted_ca_file: Option<PathBuf>,
+
+    /// Enable peer client certificate authentication.
+    #[arg(long, env = "ETCD_PEER_CLIENT_CERT_AUTH", num_args = 0..=1, default_missing_value = "true",
+          default_value = "false", value_parser = parse_bool)]
+    pub peer_client_cert_auth: bool,
+
+    /// Path to the peer certificate revocation list file (PEM or DER).
+    #[arg(long, env = "ETCD_PEER_CRL_FILE")]
+    pub peer_crl_file: Option<PathBuf>,
+
+    /// Allowed CommonName for peer client certificates.
+    #[arg(long, env = "ETCD_PEER_CERT_ALLOWED_CN")]
+    pub peer_cert_allowed_cn: Option<String>,
+
+    /// Allowed TLS hostname (SAN) for peer client certificates.
+    #[arg(long, env = "ETCD_PEER_CERT_ALLOWED_HOSTNAME")]
+    pub peer_cert_allowed_hostname: Option<String>,
+
+    /// Peer TLS using generated self-signed certificates (under `<data-dir>/fixtures/peer`);
+    /// peers then accept each other's certificates without CA verification, as etcd does.
+    #[arg(long, env = "ETCD_PEER_AUTO_TLS", num_args = 0..=1, default_missing_value = "true",
+          default_value = "false", value_parser = parse_bool)]
+    pub peer_auto_tls: bool,
+
+    /// Client certificate (PEM) for when this member dials its own client port, with
+    /// `--client-key-file` (etcd 3.5: the gateway and proxies). Accepted; see [`IGNORED`].
+    #[arg(long, env = "ETCD_CLIENT_CERT_FILE")]
+    pub client_cert_file: Option<PathBuf>,
+
+    /// Key (PEM) of `--client-cert-file`. Accepted; see [`IGNORED`].
+    #[arg(long, env = "ETCD_CLIENT_KEY_FILE")]
+    pub client_key_file: Option<PathBuf>,
+
+    /// Client certificate (PEM) this member presents when it dials peers, instead of
+    /// `--peer-cert-file` (etcd 3.5). Accepted; see [`IGNORED`].
+    #[arg(long, env = "ETCD_PEER_CLIENT_CERT_FILE")]
+    pub peer_client_cert_file: Option<PathBuf>,
+
+    /// Key (PEM) of `--peer-client-cert-file`. Accepted; see [`IGNORED`].
+    #[arg(long, env = "ETCD_PEER_CLIENT_KEY_FILE")]
+    pub peer_client_key_file: Option<PathBuf>,
 }
 
 /// A flag MetaStore accepts, for etcd command lines, without acting on it.
@@ -722,6 +824,22 @@ const NO_CORRUPT_CHECK: &str = "no cross-member corruption check yet";
 /// command line, through its `ETCD_*` variable or in `--config-file`) is logged once at
 /// start-up by [`startup_warnings`].
 pub const IGNORED: &[IgnoredFlag] = &[
+    ignored(
+        "client-cert-file",
+        "nothing dials the client port from inside the member (no gateway or proxy)",
+    ),
+    ignored(
+        "client-key-file",
+        "nothing dials the client port from inside the member (no gateway or proxy)",
+    ),
+    ignored(
+        "peer-client-cert-file",
+        "not supported yet: peers present --peer-cert-file as their client certificate",
+    ),
+    ignored(
+        "peer-client-key-file",
+        "not supported yet: peers present --peer-cert-file as their client certificate",
+    ),
     ignored("enable-v2", NO_V2),
     ignored("experimental-enable-v2v3", NO_V2),
     ignored("v2-deprecation", NO_V2),
@@ -1001,6 +1119,9 @@ pub enum ConfigError {
     /// A feature another issue brings.
     #[error("{0} is not supported yet")]
     Unsupported(&'static str),
+    /// A TLS flag that cannot work (versions, cipher suites, allowed CN and hostname).
+    #[error("{0}")]
+    Tls(String),
     /// `--max-txn-ops` or `--max-request-bytes` of zero.
     #[error("{0} must be greater than 0")]
     Zero(&'static str),
@@ -1102,13 +1223,7 @@ impl Config {
         if self.max_request_bytes == 0 {
             return Err(ConfigError::Zero("--max-request-bytes"));
         }
-        if self
-            .listen_client_urls
-            .iter()
-            .any(|u| u.scheme() == "https")
-        {
-            return Err(ConfigError::Unsupported("TLS (https client URLs)"));
-        }
+        crate::tls::validate(self).map_err(ConfigError::Tls)?;
         let members = self.initial_members()?;
         if self.initial_cluster.is_some() {
             let (_, urls) = members

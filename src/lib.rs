@@ -42,3 +42,4 @@ pub mod mvcc;
 pub mod proto;
 pub mod server;
 pub mod shard;
+pub mod tls;

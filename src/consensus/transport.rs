@@ -24,7 +24,6 @@ use std::time::Duration;
 use protobuf::Message as _;
 use raft::prelude::{Message, MessageType};
 use tokio::sync::mpsc;
-use tonic::transport::Endpoint;
 
 use super::membership::Membership;
 use super::NodeMsg;
@@ -272,16 +271,18 @@ struct LinkConfig {
 
 async fn connect(urls: &[String], timeout: Duration) -> Option<tonic::transport::Channel> {
     for url in urls {
-        let Ok(endpoint) = Endpoint::from_shared(url.clone()) else {
-            continue;
-        };
-        let endpoint = endpoint
-            .connect_timeout(timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(5));
-        if let Ok(channel) = endpoint.connect().await {
-            return Some(channel);
+        // `https://` peers are dialed with the peer TLS client configuration.
+        let channel = crate::tls::connect_peer(url, |endpoint| {
+            endpoint
+                .connect_timeout(timeout)
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(5))
+                .keep_alive_timeout(Duration::from_secs(5))
+        })
+        .await;
+        match channel {
+            Ok(channel) => return Some(channel),
+            Err(e) => tracing::debug!(url, error = %e, "cannot connect to peer"),
         }
     }
     None

@@ -267,12 +267,12 @@ impl Core {
             .get(&leader)
             .and_then(|m| m.peer_urls.first().cloned())
             .ok_or(EtcdError::LeaderChanged)?;
-        let channel = tonic::transport::Endpoint::from_shared(url)
-            .map_err(|_| EtcdError::LeaderChanged)?
-            .connect_timeout(Duration::from_secs(1))
-            .timeout(self.request_timeout)
-            .tcp_nodelay(true)
-            .connect_lazy();
+        let channel = crate::tls::connect_peer_lazy(&url, |endpoint| {
+            endpoint
+                .connect_timeout(Duration::from_secs(1))
+                .timeout(self.request_timeout)
+        })
+        .map_err(|_| EtcdError::LeaderChanged)?;
         let client = PeerClient::new(channel);
         *cached = Some((leader, client.clone()));
         Ok(client)

@@ -454,6 +454,27 @@ fn client_server_builder(cfg: &Config) -> tonic::transport::Server {
         .http2_keepalive_timeout(nonzero(cfg.grpc_keepalive_timeout))
 }
 
+/// Serves `$router` on `$listener` into `$servers`: TLS for an `https://` URL, plain TCP
+/// otherwise. A macro because the client and peer routers have different layer types.
+macro_rules! serve {
+    ($servers:expr, $router:expr, $listener:expr, $url:expr, $tls:expr) => {
+        match $tls.filter(|_| $url.scheme() == "https") {
+            Some(acceptor) => {
+                $servers.spawn(
+                    $router.serve_with_incoming(crate::tls::incoming($listener, acceptor.clone())),
+                );
+            }
+            None => {
+                // Without TCP_NODELAY, Nagle plus the client's delayed ACK add ~40 ms to small
+                // replies.
+                let incoming =
+                    tonic::transport::server::TcpIncoming::from($listener).with_nodelay(Some(true));
+                $servers.spawn($router.serve_with_incoming(incoming));
+            }
+        }
+    };
+}
+
 /// Starts a member and serves until SIGINT/SIGTERM, or until it is removed from the cluster.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     cfg.validate()?;
@@ -463,6 +484,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
     let data_dir = cfg.data_dir();
     let _lock = prepare_data_dir(&data_dir)?;
+    // Before anything dials a peer (a joining member asks the cluster for its members).
+    let tls = crate::tls::setup(&cfg, &data_dir)?;
     let member_dir = data_dir.join("member");
     let peer_urls: Vec<String> = cfg
         .initial_advertise_peer_urls
@@ -656,7 +679,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     });
 
     let mut servers = tokio::task::JoinSet::new();
-    for listener in peer_listeners {
+    for (listener, url) in peer_listeners.into_iter().zip(cfg.listen_peer_urls.iter()) {
         let addr: SocketAddr = listener.local_addr()?;
         tracing::info!(address = %addr, "serving peer traffic on {addr}");
         let service = peer::PeerService::new(core.clone(), faults.clone());
@@ -665,9 +688,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES),
         );
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-        servers.spawn(router.serve_with_incoming(incoming));
+        serve!(servers, router, listener, url, tls.peer.as_ref());
     }
     // A snapshot still being loaded into the shards: clients wait until it is all there.
     let _ = core
@@ -681,9 +702,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         corrupt::initial_check(&core, committed_at_start).await?;
     }
     let max_recv = cfg.max_request_bytes + defaults::GRPC_OVERHEAD_BYTES;
-    for listener in listeners {
+    for (listener, url) in listeners.into_iter().zip(cfg.listen_client_urls.iter()) {
         let addr: SocketAddr = listener.local_addr()?;
-        tracing::info!(address = %addr, "serving client requests on {addr}");
+        tracing::info!(address = %addr, scheme = url.scheme(), "serving client requests on {addr}");
         let router = client_server_builder(&cfg)
             .layer(gate::GateLayer::new(core.node.status.clone()))
             .add_service(
@@ -713,10 +734,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 ClusterServer::new(cluster::ClusterService::new(core.clone()))
                     .max_decoding_message_size(max_recv),
             );
-        // Without TCP_NODELAY, Nagle plus the client's delayed ACK add ~40 ms to small replies.
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-        servers.spawn(router.serve_with_incoming(incoming));
+        serve!(servers, router, listener, url, tls.client.as_ref());
     }
     // As etcd, a member is ready once it is part of a cluster with a leader (a lone member
     // elects itself at once). Client listeners already answer meanwhile, with "no leader".

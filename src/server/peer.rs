@@ -236,11 +236,10 @@ pub(crate) async fn peer_client(
     connect: Duration,
     request: Duration,
 ) -> anyhow::Result<PeerClient<tonic::transport::Channel>> {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_string())?
-        .connect_timeout(connect)
-        .timeout(request)
-        .connect()
-        .await?;
+    let channel = crate::tls::connect_peer(url, |endpoint| {
+        endpoint.connect_timeout(connect).timeout(request)
+    })
+    .await?;
     Ok(PeerClient::new(channel))
 }
 

@@ -1,6 +1,6 @@
-//! etcd's command line: every flag of etcd 3.4.23's and 3.5's `etcd --help` (the TLS flags
-//! aside, tested with TLS) is accepted; flags without effect are logged once as ignored; the
-//! flags that work are checked for their effect.
+//! etcd's command line: every flag of etcd 3.4.23's and 3.5's `etcd --help` is accepted
+//! (the TLS flags too; their behaviour is tested in `tls.rs`); flags without effect are logged
+//! once as ignored; the flags that work are checked for their effect.
 
 use std::path::Path;
 
@@ -9,7 +9,7 @@ use metastore::config::{Config, IGNORED};
 
 use crate::harness::{free_port, Server};
 
-/// Every non-TLS flag of etcd 3.5's and etcd 3.4.23's `etcd --help` (plus 3.5 patch-release
+/// Every flag of etcd 3.5's and etcd 3.4.23's `etcd --help` (plus 3.5 patch-release
 /// and 3.6 additions kubeadm and etcd's e2e suite pass), without the dashes.
 const ETCD_FLAGS: &[&str] = &[
     // Member
@@ -119,6 +119,30 @@ const ETCD_FLAGS: &[&str] = &[
     "unsafe-no-fsync",
     // Configuration file
     "config-file",
+    // Security (TLS; their behaviour is tested in tls.rs)
+    "cert-file",
+    "key-file",
+    "client-cert-auth",
+    "client-crl-file",
+    "client-cert-allowed-hostname",
+    "trusted-ca-file",
+    "auto-tls",
+    "self-signed-cert-validity",
+    "cipher-suites",
+    "tls-min-version",
+    "tls-max-version",
+    "client-cert-file",
+    "client-key-file",
+    "peer-cert-file",
+    "peer-key-file",
+    "peer-client-cert-auth",
+    "peer-trusted-ca-file",
+    "peer-auto-tls",
+    "peer-cert-allowed-cn",
+    "peer-cert-allowed-hostname",
+    "peer-crl-file",
+    "peer-client-cert-file",
+    "peer-client-key-file",
 ];
 
 /// A value for `flag` on the command line: `true` for booleans, the etcd default otherwise,
@@ -133,6 +157,8 @@ fn sample_value(flag: &str) -> String {
         "discovery-fallback" => Some("exit".into()),
         "proxy" => Some("off".into()),
         "auth-token" => Some("simple".into()),
+        "client-cert-file" | "peer-client-cert-file" => Some("/etc/etcd/client.crt".into()),
+        "client-key-file" | "peer-client-key-file" => Some("/etc/etcd/client.key".into()),
         _ => None,
     };
     if let Some(v) = special {

@@ -15,6 +15,7 @@ mod loadgen;
 mod recipes;
 mod rocksdb;
 mod smoke;
+mod tls;
 mod txn;
 mod util;
 mod watch;

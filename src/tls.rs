@@ -1,0 +1,927 @@
+//! TLS for the client and peer ports, configured as etcd 3.5 configures it (its "transport
+//! security model"): `https://` listen URLs served with `--cert-file/--key-file` (client) and
+//! `--peer-cert-file/--peer-key-file` (peer); `--*client-cert-auth` plus a trusted CA for mutual
+//! TLS, CRLs, allowed CN/hostname, self-signed auto-TLS, cipher suites and protocol versions.
+//!
+//! All cryptography and certificate parsing is rustls's, webpki's, x509-parser's and rcgen's.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{
+    CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime,
+};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{
+    DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
+    SupportedProtocolVersion,
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{server::TlsStream, TlsAcceptor, TlsConnector};
+
+use crate::config::Config;
+
+/// How long a client has to finish its TLS handshake; a stalled one is dropped without holding
+/// up anyone else.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One port's TLS files and policies (etcd's `transport.TLSInfo`).
+#[derive(Clone, Debug, Default)]
+pub struct TlsInfo {
+    /// Certificate presented by the server, and by this member when it dials peers.
+    pub cert_file: Option<PathBuf>,
+    /// Its private key.
+    pub key_file: Option<PathBuf>,
+    /// CA certificates that client certificates (and, for peers, server certificates) must
+    /// chain to.
+    pub trusted_ca_file: Option<PathBuf>,
+    /// Require and verify client certificates.
+    pub client_cert_auth: bool,
+    /// Revoked certificates.
+    pub crl_file: Option<PathBuf>,
+    /// A client certificate's Subject CommonName must be this.
+    pub allowed_cn: Option<String>,
+    /// A client certificate must be valid for this host name (SAN DNS name or IP).
+    pub allowed_hostname: Option<String>,
+    /// Auto-TLS: as a client, accept any server certificate (etcd's `InsecureSkipVerify` for
+    /// self-signed certificates, which no CA can vouch for).
+    pub insecure_skip_verify: bool,
+}
+
+impl TlsInfo {
+    /// No certificate and key: the port cannot serve TLS (etcd's `TLSInfo.Empty`).
+    pub fn is_empty(&self) -> bool {
+        self.cert_file.is_none() && self.key_file.is_none()
+    }
+
+    /// The client port's settings from the flags.
+    pub fn client(cfg: &Config) -> Self {
+        TlsInfo {
+            cert_file: cfg.cert_file.clone(),
+            key_file: cfg.key_file.clone(),
+            trusted_ca_file: cfg.trusted_ca_file.clone(),
+            client_cert_auth: cfg.client_cert_auth,
+            crl_file: cfg.client_crl_file.clone(),
+            allowed_cn: None,
+            allowed_hostname: cfg.client_cert_allowed_hostname.clone(),
+            insecure_skip_verify: false,
+        }
+    }
+
+    /// The peer port's settings from the flags.
+    pub fn peer(cfg: &Config) -> Self {
+        TlsInfo {
+            cert_file: cfg.peer_cert_file.clone(),
+            key_file: cfg.peer_key_file.clone(),
+            trusted_ca_file: cfg.peer_trusted_ca_file.clone(),
+            client_cert_auth: cfg.peer_client_cert_auth,
+            crl_file: cfg.peer_crl_file.clone(),
+            allowed_cn: cfg.peer_cert_allowed_cn.clone(),
+            allowed_hostname: cfg.peer_cert_allowed_hostname.clone(),
+            insecure_skip_verify: false,
+        }
+    }
+}
+
+/// Protocol versions and cipher suites shared by both ports (`--tls-min-version`,
+/// `--tls-max-version`, `--cipher-suites`).
+#[derive(Clone, Debug)]
+pub struct TlsCommon {
+    versions: Vec<&'static SupportedProtocolVersion>,
+    provider: Arc<CryptoProvider>,
+}
+
+fn parse_version(flag: &str, v: &str) -> Result<Option<u8>, String> {
+    match v {
+        "" => Ok(None),
+        "TLS1.2" => Ok(Some(2)),
+        "TLS1.3" => Ok(Some(3)),
+        "TLS1.0" | "TLS1.1" => Err(format!(
+            "{flag}={v} is not supported: MetaStore's TLS (rustls) implements TLS1.2 and TLS1.3 only"
+        )),
+        _ => Err(format!(
+            "unexpected TLS version {v:?} (must be one of: TLS1.0, TLS1.1, TLS1.2, TLS1.3)"
+        )),
+    }
+}
+
+/// Go's names for the TLS 1.2 suites it knows that rustls does not implement (CBC, RC4, 3DES,
+/// static RSA key exchange): named as unsupported rather than unknown.
+const GO_ONLY_SUITES: &[&str] = &[
+    "TLS_RSA_WITH_RC4_128_SHA",
+    "TLS_RSA_WITH_3DES_EDE_CBC_SHA",
+    "TLS_RSA_WITH_AES_128_CBC_SHA",
+    "TLS_RSA_WITH_AES_256_CBC_SHA",
+    "TLS_RSA_WITH_AES_128_CBC_SHA256",
+    "TLS_RSA_WITH_AES_128_GCM_SHA256",
+    "TLS_RSA_WITH_AES_256_GCM_SHA384",
+    "TLS_ECDHE_ECDSA_WITH_RC4_128_SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA",
+    "TLS_ECDHE_RSA_WITH_RC4_128_SHA",
+    "TLS_ECDHE_RSA_WITH_3DES_EDE_CBC_SHA",
+    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA",
+    "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA256",
+];
+
+impl TlsCommon {
+    /// Versions and suites from the flags, checked as etcd checks them.
+    ///
+    /// Errors: an unknown version or suite; TLS1.0/1.1 or a CBC/RC4/3DES suite (not in
+    /// rustls); min above max; suites with TLS1.3 only (TLS1.3 suites are not configurable).
+    pub fn from_config(cfg: &Config) -> Result<Self, String> {
+        let min = parse_version("--tls-min-version", &cfg.tls_min_version)?.unwrap_or(2);
+        let max = parse_version("--tls-max-version", &cfg.tls_max_version)?;
+        if max.is_some_and(|max| min > max) {
+            return Err(format!(
+                "min version ({}) is greater than max version ({})",
+                cfg.tls_min_version, cfg.tls_max_version
+            ));
+        }
+        let suites: Vec<&str> = cfg
+            .cipher_suites
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        if min == 3 && !suites.is_empty() {
+            return Err(format!(
+                "cipher suites {suites:?} cannot be configured when only TLS1.3 is enabled"
+            ));
+        }
+        let max = max.unwrap_or(3);
+        let mut versions = Vec::new();
+        if min <= 2 && max >= 2 {
+            versions.push(&rustls::version::TLS12);
+        }
+        if max >= 3 {
+            versions.push(&rustls::version::TLS13);
+        }
+        let mut provider = rustls::crypto::ring::default_provider();
+        if !suites.is_empty() {
+            // As Go: the list restricts TLS 1.2 suites; TLS 1.3's are always all enabled.
+            let mut chosen = Vec::new();
+            for name in &suites {
+                let found = provider.cipher_suites.iter().find(|s| {
+                    let iana = format!("{:?}", s.suite());
+                    iana == *name || iana.strip_suffix("_SHA256") == Some(name)
+                });
+                match found {
+                    Some(s) if s.tls13().is_none() => chosen.push(*s),
+                    Some(_) => {
+                        return Err(format!(
+                            "--cipher-suites: {name} is a TLS1.3 suite; TLS1.3 suites cannot be configured"
+                        ))
+                    }
+                    None if GO_ONLY_SUITES.contains(name) => {
+                        return Err(format!(
+                            "--cipher-suites: {name} is not supported: MetaStore's TLS (rustls) offers only AEAD suites with ECDHE"
+                        ))
+                    }
+                    None => return Err(format!("unexpected TLS cipher suite {name:?}")),
+                }
+            }
+            let tls13: Vec<_> = provider
+                .cipher_suites
+                .iter()
+                .filter(|s| s.tls13().is_some())
+                .copied()
+                .collect();
+            provider.cipher_suites = tls13.into_iter().chain(chosen).collect();
+        }
+        Ok(TlsCommon {
+            versions,
+            provider: Arc::new(provider),
+        })
+    }
+}
+
+/// Checks the TLS flags without touching files (called from `Config::validate`).
+///
+/// Errors: as [`TlsCommon::from_config`]; `--peer-cert-allowed-cn` together with
+/// `--peer-cert-allowed-hostname` (etcd allows one).
+pub fn validate(cfg: &Config) -> Result<(), String> {
+    TlsCommon::from_config(cfg)?;
+    if let (Some(cn), Some(host)) = (&cfg.peer_cert_allowed_cn, &cfg.peer_cert_allowed_hostname) {
+        return Err(format!(
+            "AllowedCN and AllowedHostname are mutually exclusive (cn={cn:?}, hostname={host:?})"
+        ));
+    }
+    if cfg.self_signed_cert_validity == 0 {
+        return Err("--self-signed-cert-validity must be at least 1 year".into());
+    }
+    Ok(())
+}
+
+fn load_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .with_context(|| format!("cannot read certificates from {}", path.display()))?;
+    anyhow::ensure!(!certs.is_empty(), "no certificate in {}", path.display());
+    Ok(certs)
+}
+
+fn load_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
+    PrivateKeyDer::from_pem_file(path)
+        .with_context(|| format!("cannot read a private key from {}", path.display()))
+}
+
+fn load_roots(path: &Path) -> anyhow::Result<Arc<RootCertStore>> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(path)? {
+        roots
+            .add(cert)
+            .with_context(|| format!("bad CA certificate in {}", path.display()))?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// A CRL file in PEM or DER, as Go's `x509.ParseCRL` takes either.
+fn load_crls(path: &Path) -> anyhow::Result<Vec<CertificateRevocationListDer<'static>>> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let pem: Vec<_> = CertificateRevocationListDer::pem_slice_iter(&bytes)
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("bad CRL in {}", path.display()))?;
+    Ok(if pem.is_empty() {
+        vec![CertificateRevocationListDer::from(bytes)]
+    } else {
+        pem
+    })
+}
+
+/// Server side: the TLS acceptor for a port.
+///
+/// Errors: unreadable or malformed files; a key not matching the certificate.
+pub fn server_config(info: &TlsInfo, common: &TlsCommon) -> anyhow::Result<TlsAcceptor> {
+    let (Some(cert), Some(key)) = (&info.cert_file, &info.key_file) else {
+        anyhow::bail!("KeyFile and CertFile are not presented");
+    };
+    let builder = rustls::ServerConfig::builder_with_provider(common.provider.clone())
+        .with_protocol_versions(&common.versions)?;
+    let builder = match (&info.trusted_ca_file, info.client_cert_auth) {
+        (Some(ca), true) => {
+            let mut verifier = WebPkiClientVerifier::builder_with_provider(
+                load_roots(ca)?,
+                common.provider.clone(),
+            );
+            if let Some(crl) = &info.crl_file {
+                // etcd checks the presented certificate's serial against the CRL; a CRL from
+                // another issuer says nothing about it.
+                verifier = verifier
+                    .with_crls(load_crls(crl)?)
+                    .only_check_end_entity_revocation()
+                    .allow_unknown_revocation_status();
+            }
+            let verifier = verifier.build().context("client certificate verifier")?;
+            builder.with_client_cert_verifier(Arc::new(Restricted {
+                inner: verifier,
+                allowed_cn: info.allowed_cn.clone(),
+                allowed_hostname: info.allowed_hostname.clone(),
+            }))
+        }
+        (None, true) => {
+            anyhow::bail!("client certificate authentication needs a trusted CA file")
+        }
+        (_, false) => builder.with_no_client_auth(),
+    };
+    let mut config = builder
+        .with_single_cert(load_certs(cert)?, load_key(key)?)
+        .context("certificate and key do not match")?;
+    // gRPC clients (grpc-go ≥ 1.67 enforces it) negotiate HTTP/2 through ALPN.
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Client side (dialing peers): the peer certificate as client certificate, the peer CA as
+/// trust root, or no verification for auto-TLS.
+///
+/// Errors: unreadable or malformed files.
+pub fn client_config(
+    info: &TlsInfo,
+    common: &TlsCommon,
+) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let builder = rustls::ClientConfig::builder_with_provider(common.provider.clone())
+        .with_protocol_versions(&common.versions)?;
+    let builder = if info.insecure_skip_verify {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(SkipServerVerification(
+                common.provider.clone(),
+            )))
+    } else if let Some(ca) = &info.trusted_ca_file {
+        builder.with_root_certificates(load_roots(ca)?)
+    } else {
+        // Without a CA file Go falls back to the system roots; MetaStore ships none, so only
+        // an explicit CA (or auto-TLS) can verify peers.
+        builder.with_root_certificates(RootCertStore::empty())
+    };
+    let mut config = match (&info.cert_file, &info.key_file) {
+        (Some(cert), Some(key)) => builder
+            .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
+            .context("certificate and key do not match")?,
+        _ => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// `--peer-cert-allowed-cn` / `--*-cert-allowed-hostname` on top of chain verification.
+#[derive(Debug)]
+struct Restricted {
+    inner: Arc<dyn ClientCertVerifier>,
+    allowed_cn: Option<String>,
+    allowed_hostname: Option<String>,
+}
+
+impl ClientCertVerifier for Restricted {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        if let Some(allowed) = &self.allowed_cn {
+            let (_, cert) = x509_parser::parse_x509_certificate(end_entity)
+                .map_err(|_| rustls::Error::General("unparsable client certificate".into()))?;
+            let cn = cert
+                .subject()
+                .iter_common_name()
+                .next()
+                .and_then(|a| a.as_str().ok());
+            if cn != Some(allowed.as_str()) {
+                return Err(rustls::Error::General(
+                    "CommonName authentication failed".into(),
+                ));
+            }
+        }
+        if let Some(allowed) = &self.allowed_hostname {
+            let name = ServerName::try_from(allowed.as_str())
+                .map_err(|_| rustls::Error::General("bad allowed hostname".into()))?;
+            let ok = webpki::EndEntityCert::try_from(end_entity)
+                .is_ok_and(|c| c.verify_is_valid_for_subject_name(&name).is_ok());
+            if !ok {
+                return Err(rustls::Error::General(
+                    "HostName authentication failed".into(),
+                ));
+            }
+        }
+        Ok(verified)
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Auto-TLS peers trust any certificate, as etcd's self-signed `InsecureSkipVerify`; the
+/// handshake signatures are still checked, so the peer must hold the certificate's key.
+#[derive(Debug)]
+struct SkipServerVerification(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for SkipServerVerification {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Auto-TLS: a self-signed certificate and key under `dir` (`cert.pem`, `key.pem`), made
+/// once and reused on restart (etcd's `transport.SelfCert`), valid for `hosts` (the listen
+/// URLs' hosts) for `years`.
+///
+/// Errors: the directory or files cannot be written.
+pub fn self_cert(dir: &Path, hosts: &[String], years: u32) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    if cert_path.exists() && key_path.exists() {
+        tracing::info!(path = %cert_path.display(), "using the existing self-signed certificate");
+        return Ok((cert_path, key_path));
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    for host in hosts {
+        let san = match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => rcgen::SanType::IpAddress(ip),
+            Err(_) => rcgen::SanType::DnsName(host.clone().try_into()?),
+        };
+        if !params.subject_alt_names.contains(&san) {
+            params.subject_alt_names.push(san);
+        }
+    }
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, "etcd");
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now;
+    params.not_after = now + time::Duration::days(365 * i64::from(years));
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::DigitalSignature,
+        rcgen::KeyUsagePurpose::KeyEncipherment,
+    ];
+    // Peers present the same certificate as server and as client.
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let key = rcgen::KeyPair::generate()?;
+    let cert = params.self_signed(&key)?;
+    std::fs::write(&cert_path, cert.pem())?;
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&key_path)?;
+        f.write_all(key.serialize_pem().as_bytes())?;
+    }
+    tracing::info!(path = %cert_path.display(), "created cert file");
+    tracing::info!(path = %key_path.display(), "created key file");
+    Ok((cert_path, key_path))
+}
+
+/// The client-side TLS for dialing `https://` peers, set once at start-up: every peer client
+/// (Raft transport, snapshot sender, lease forwarding, membership fetches) uses it.
+static PEER_CLIENT: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
+
+/// Installs the peer dialing configuration (first call wins; a process runs one member).
+pub fn set_peer_client(config: Arc<rustls::ClientConfig>) {
+    let _ = PEER_CLIENT.set(config);
+}
+
+/// A tonic connector: TCP, then TLS when `tls` is set. tonic itself refuses `https://` URIs
+/// given to a custom connector, so TLS endpoints are handed over as `http://` with TLS done
+/// here; the HTTP/2 `:scheme` is not checked by the server.
+#[derive(Clone)]
+struct PeerConnector {
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+}
+
+impl tower_service::Service<http::Uri> for PeerConnector {
+    type Response = hyper_util::rt::TokioIo<PeerIo>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = std::io::Result<Self::Response>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let tls = self.tls.clone();
+        Box::pin(async move {
+            let host = uri.host().unwrap_or("localhost").trim_matches(['[', ']']);
+            let port = uri.port_u16().unwrap_or(80);
+            let tcp = TcpStream::connect((host, port)).await?;
+            tcp.set_nodelay(true)?;
+            let io = match tls {
+                Some((connector, name)) => {
+                    PeerIo::Tls(Box::new(connector.connect(name, tcp).await?))
+                }
+                None => PeerIo::Plain(tcp),
+            };
+            Ok(hyper_util::rt::TokioIo::new(io))
+        })
+    }
+}
+
+/// A peer connection, plain or TLS.
+pub enum PeerIo {
+    /// `http://`.
+    Plain(TcpStream),
+    /// `https://`.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl tokio::io::AsyncRead for PeerIo {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            PeerIo::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            PeerIo::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for PeerIo {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            PeerIo::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            PeerIo::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            PeerIo::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            PeerIo::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            PeerIo::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            PeerIo::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A peer endpoint for `url`, `http://` or `https://`, with the connector that dials it.
+///
+/// Errors: a malformed URL; an `https://` URL while no peer TLS is configured ("Connecting to
+/// HTTPS without TLS enabled", as tonic says).
+fn peer_parts(url: &str) -> Result<(tonic::transport::Endpoint, PeerConnector), String> {
+    let parsed = url::Url::parse(url).map_err(|e| format!("{url}: {e}"))?;
+    let tls = match parsed.scheme() {
+        "https" => {
+            let config = PEER_CLIENT
+                .get()
+                .ok_or_else(|| format!("{url}: Connecting to HTTPS without TLS enabled"))?;
+            let host = parsed
+                .host_str()
+                .unwrap_or("localhost")
+                .trim_matches(['[', ']']);
+            let name = ServerName::try_from(host.to_string()).map_err(|e| format!("{url}: {e}"))?;
+            Some((TlsConnector::from(config.clone()), name))
+        }
+        _ => None,
+    };
+    let mut plain = parsed.clone();
+    let _ = plain.set_scheme("http");
+    if parsed.port().is_none() {
+        let _ = plain.set_port(parsed.port_or_known_default());
+    }
+    let endpoint = tonic::transport::Endpoint::from_shared(plain.to_string())
+        .map_err(|e| format!("{url}: {e}"))?;
+    Ok((endpoint, PeerConnector { tls }))
+}
+
+/// Applies `f` to the endpoint for a peer URL, then connects (TLS for `https://`).
+///
+/// Errors: a malformed URL, no peer TLS for an `https://` URL, or the dial/handshake failing.
+pub async fn connect_peer(
+    url: &str,
+    f: impl FnOnce(tonic::transport::Endpoint) -> tonic::transport::Endpoint,
+) -> anyhow::Result<tonic::transport::Channel> {
+    let (endpoint, connector) = peer_parts(url).map_err(anyhow::Error::msg)?;
+    Ok(f(endpoint).connect_with_connector(connector).await?)
+}
+
+/// As [`connect_peer`], dialing on first use.
+///
+/// Errors: a malformed URL or no peer TLS for an `https://` URL.
+pub fn connect_peer_lazy(
+    url: &str,
+    f: impl FnOnce(tonic::transport::Endpoint) -> tonic::transport::Endpoint,
+) -> Result<tonic::transport::Channel, String> {
+    let (endpoint, connector) = peer_parts(url)?;
+    Ok(f(endpoint).connect_with_connector_lazy(connector))
+}
+
+/// TLS connections accepted on `listener`: each handshake runs in its own task under
+/// [`HANDSHAKE_TIMEOUT`], so that a plain-text client, a bad certificate or a stalled peer is
+/// refused (and logged) while the accept loop goes on serving everyone else.
+pub fn incoming(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+) -> impl tokio_stream::Stream<Item = std::io::Result<TlsStream<TcpStream>>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, remote) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of descriptors and the like: back off rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, conn_tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = conn_tx.send(Ok(stream)).await;
+                    }
+                    Ok(Err(e)) => reject(remote, &e.to_string()),
+                    Err(_) => reject(remote, "TLS handshake timed out"),
+                }
+            });
+            if tx.is_closed() {
+                return;
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+fn reject(remote: SocketAddr, error: &str) {
+    // etcd (Go's http server) logs "http: TLS handshake error from ADDR: ERR".
+    tracing::warn!(remote_addr = %remote, error, "rejected connection: TLS handshake error from {remote}: {error}");
+}
+
+/// The TLS a member serves with, per port.
+pub struct MemberTls {
+    /// For `https://` client URLs.
+    pub client: Option<TlsAcceptor>,
+    /// For `https://` peer URLs.
+    pub peer: Option<TlsAcceptor>,
+}
+
+fn url_hosts(urls: &[url::Url]) -> Vec<String> {
+    urls.iter()
+        .filter_map(|u| u.host_str())
+        .map(|h| h.trim_matches(['[', ']']).to_string())
+        .collect()
+}
+
+/// Auto-TLS for one port, as etcd's `ClientSelfCert`/`PeerSelfCert`: files given beat it.
+fn auto_tls(
+    info: TlsInfo,
+    enabled: bool,
+    dir: PathBuf,
+    urls: &[url::Url],
+    years: u32,
+    what: &str,
+) -> anyhow::Result<TlsInfo> {
+    if !enabled {
+        return Ok(info);
+    }
+    if !info.is_empty() {
+        tracing::warn!("ignoring {what} auto TLS since certs given");
+        return Ok(info);
+    }
+    if info.client_cert_auth || info.trusted_ca_file.is_some() || info.crl_file.is_some() {
+        // etcd replaces the whole TLS info with the self-signed one.
+        tracing::warn!("{what} auto TLS ignores the {what} CA, CRL and client-cert-auth settings");
+    }
+    let (cert, key) = self_cert(&dir, &url_hosts(urls), years)?;
+    Ok(TlsInfo {
+        cert_file: Some(cert),
+        key_file: Some(key),
+        insecure_skip_verify: true,
+        ..TlsInfo::default()
+    })
+}
+
+/// Checks one port's URLs against its TLS info, with etcd's warnings and errors.
+fn check_urls(urls: &[url::Url], info: &TlsInfo, what: &str) -> anyhow::Result<bool> {
+    let mut https = false;
+    for u in urls {
+        if u.scheme() == "https" {
+            https = true;
+            if info.is_empty() {
+                if what == "client" {
+                    anyhow::bail!("TLS key/cert (--cert-file, --key-file) must be provided for client url {u} with HTTPS scheme");
+                }
+                anyhow::bail!(
+                    "cannot listen on TLS for {}: KeyFile and CertFile are not presented",
+                    u.host_str().unwrap_or_default()
+                );
+            }
+            continue;
+        }
+        if !info.is_empty() {
+            tracing::warn!(url = %u, "scheme is HTTP while key and certificate files are present; ignoring key and certificate files");
+        }
+        if info.client_cert_auth {
+            let flag = if what == "client" {
+                "--client-cert-auth"
+            } else {
+                "--peer-client-cert-auth"
+            };
+            tracing::warn!(url = %u, "scheme is HTTP while {flag} is enabled; ignoring client cert auth for this URL");
+        }
+    }
+    if https && info.crl_file.is_some() && !info.client_cert_auth {
+        tracing::warn!(
+            "the {what} CRL file is used only with {what} client certificate authentication"
+        );
+    }
+    Ok(https)
+}
+
+/// Builds both ports' TLS from the flags: generates auto-TLS certificates under
+/// `<data-dir>/fixtures/{client,peer}`, loads and checks the files, and installs the peer
+/// dialing configuration.
+///
+/// Errors: an `https://` URL without certificate and key; unreadable or malformed files;
+/// versions or suites that cannot work.
+pub fn setup(cfg: &Config, data_dir: &Path) -> anyhow::Result<MemberTls> {
+    let common = TlsCommon::from_config(cfg).map_err(anyhow::Error::msg)?;
+    let years = cfg.self_signed_cert_validity;
+    let client = auto_tls(
+        TlsInfo::client(cfg),
+        cfg.auto_tls,
+        data_dir.join("fixtures").join("client"),
+        &cfg.listen_client_urls,
+        years,
+        "client",
+    )?;
+    let peer = auto_tls(
+        TlsInfo::peer(cfg),
+        cfg.peer_auto_tls,
+        data_dir.join("fixtures").join("peer"),
+        &cfg.listen_peer_urls,
+        years,
+        "peer",
+    )?;
+    let client_acceptor = if check_urls(&cfg.listen_client_urls, &client, "client")? {
+        tracing::info!(cert = ?client.cert_file, trusted_ca = ?client.trusted_ca_file,
+            client_cert_auth = client.client_cert_auth, crl = ?client.crl_file, "starting with client TLS");
+        Some(server_config(&client, &common).context("client TLS")?)
+    } else {
+        None
+    };
+    let peer_acceptor = if check_urls(&cfg.listen_peer_urls, &peer, "peer")? {
+        tracing::info!(cert = ?peer.cert_file, trusted_ca = ?peer.trusted_ca_file,
+            client_cert_auth = peer.client_cert_auth, crl = ?peer.crl_file, "starting with peer TLS");
+        Some(server_config(&peer, &common).context("peer TLS")?)
+    } else {
+        None
+    };
+    if !peer.is_empty() {
+        set_peer_client(client_config(&peer, &common).context("peer TLS")?);
+    }
+    Ok(MemberTls {
+        client: client_acceptor,
+        peer: peer_acceptor,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn cfg(args: &[&str]) -> Config {
+        Config::try_parse_from(std::iter::once("metastore").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn versions_and_suites_follow_etcd_rules() {
+        let c = TlsCommon::from_config(&cfg(&[])).unwrap();
+        assert_eq!(c.versions.len(), 2, "TLS1.2 and TLS1.3 by default");
+        let c = TlsCommon::from_config(&cfg(&["--tls-min-version", "TLS1.3"])).unwrap();
+        assert_eq!(c.versions, vec![&rustls::version::TLS13]);
+        let err = TlsCommon::from_config(&cfg(&["--tls-min-version", "TLS1.0"])).unwrap_err();
+        assert!(err.contains("not supported"), "{err}");
+        let err = TlsCommon::from_config(&cfg(&[
+            "--tls-min-version",
+            "TLS1.3",
+            "--tls-max-version",
+            "TLS1.2",
+        ]))
+        .unwrap_err();
+        assert_eq!(
+            err,
+            "min version (TLS1.3) is greater than max version (TLS1.2)"
+        );
+        let suites = "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305";
+        let c = TlsCommon::from_config(&cfg(&["--cipher-suites", suites])).unwrap();
+        let tls12 = c
+            .provider
+            .cipher_suites
+            .iter()
+            .filter(|s| s.tls13().is_none());
+        assert_eq!(tls12.count(), 2);
+        assert!(c.provider.cipher_suites.iter().any(|s| s.tls13().is_some()));
+        let err = TlsCommon::from_config(&cfg(&[
+            "--cipher-suites",
+            "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA",
+        ]))
+        .unwrap_err();
+        assert!(err.contains("not supported"), "{err}");
+        let err = TlsCommon::from_config(&cfg(&[
+            "--tls-min-version",
+            "TLS1.3",
+            "--cipher-suites",
+            "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
+        ]))
+        .unwrap_err();
+        assert!(err.contains("only TLS1.3"), "{err}");
+    }
+
+    #[test]
+    fn boolean_flags_and_exclusive_restrictions() {
+        let c = cfg(&[
+            "--client-cert-auth",
+            "--peer-auto-tls=true",
+            "--auto-tls=false",
+        ]);
+        assert!(c.client_cert_auth && c.peer_auto_tls && !c.auto_tls);
+        assert_eq!(c.self_signed_cert_validity, 1);
+        let c = cfg(&[
+            "--peer-cert-allowed-cn",
+            "a",
+            "--peer-cert-allowed-hostname",
+            "b",
+        ]);
+        assert!(validate(&c).unwrap_err().contains("mutually exclusive"));
+    }
+
+    #[test]
+    fn self_cert_is_made_once_and_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let hosts = ["127.0.0.1".to_string(), "localhost".to_string()];
+        let (cert, key) = self_cert(dir.path(), &hosts, 1).unwrap();
+        let first = std::fs::read(&cert).unwrap();
+        self_cert(dir.path(), &hosts, 1).unwrap();
+        assert_eq!(first, std::fs::read(&cert).unwrap(), "reused on restart");
+        let info = TlsInfo {
+            cert_file: Some(cert),
+            key_file: Some(key),
+            ..TlsInfo::default()
+        };
+        let common = TlsCommon::from_config(&cfg(&[])).unwrap();
+        server_config(&info, &common).unwrap();
+    }
+}
