@@ -752,7 +752,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     if let Some(retention) = auto_compaction {
         tokio::spawn(compactor::run(core.clone(), retention));
     }
-    tokio::spawn(cluster::publish_attributes(core.clone()));
+    // As etcd (`publish` closes `readych`), a member is ready only once its name and client
+    // URLs are in the membership table: a client that lists members right after every member
+    // said so sees each one's client URLs (etcd's e2e `memberToRemove` relies on it).
+    cluster::publish_attributes(core.clone()).await;
     if cfg.auto_promote_learners {
         tokio::spawn(cluster::auto_promote_learners(core.clone()));
     }
