@@ -914,7 +914,11 @@ async fn initial_corrupt_check_refuses_a_member_whose_data_differs() {
         refused.contains("found data inconsistency with peers"),
         "{refused}"
     );
-    // The others serve on.
+    // The others serve on (after electing a leader between them, if member 2 led).
+    let leader = cluster
+        .wait_for_leader_among(&[0, 1], Duration::from_secs(10))
+        .await;
+    let mut c = cluster.client(leader).await;
     let got = c
         .get("cc/", Some(GetOptions::new().with_prefix()))
         .await
