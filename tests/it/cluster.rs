@@ -794,8 +794,17 @@ async fn members_whose_log_was_compacted_away_catch_up_through_a_snapshot() {
         assert!(Instant::now() < deadline, "promote never succeeded");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // The promotion is committed once etcdctl returns; the new member applies it a moment
+    // later, and refuses writes as a learner until then.
     let mut via_new = cluster.client(new).await;
-    via_new.put("after-join", "ok", None).await.unwrap();
+    let applied_by = Instant::now() + Duration::from_secs(10);
+    while let Err(e) = via_new.put("after-join", "ok", None).await {
+        assert!(
+            Instant::now() < applied_by && e.to_string().contains("not supported for learner"),
+            "{e}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     cluster.wait_converged(Duration::from_secs(20)).await;
 }
 
