@@ -370,9 +370,7 @@ impl ClientCertVerifier for Restricted {
                 .next()
                 .and_then(|a| a.as_str().ok());
             if cn != Some(allowed.as_str()) {
-                return Err(rustls::Error::General(
-                    "CommonName authentication failed".into(),
-                ));
+                return Err(CLIENT_CERT_AUTH_FAILED);
             }
         }
         if let Some(allowed) = &self.allowed_hostname {
@@ -381,9 +379,7 @@ impl ClientCertVerifier for Restricted {
             let ok = webpki::EndEntityCert::try_from(end_entity)
                 .is_ok_and(|c| c.verify_is_valid_for_subject_name(&name).is_ok());
             if !ok {
-                return Err(rustls::Error::General(
-                    "HostName authentication failed".into(),
-                ));
+                return Err(CLIENT_CERT_AUTH_FAILED);
             }
         }
         Ok(verified)
@@ -691,7 +687,7 @@ pub fn incoming(
                     Ok(Ok(stream)) => {
                         let _ = conn_tx.send(Ok(stream)).await;
                     }
-                    Ok(Err(e)) => reject(remote, &e.to_string()),
+                    Ok(Err(e)) => reject(remote, &go_tls_error(&e)),
                     Err(_) => reject(remote, "TLS handshake timed out"),
                 }
             });
@@ -701,6 +697,96 @@ pub fn incoming(
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// A client certificate that chains to a trusted CA but fails `--peer-cert-allowed-cn` or
+/// `--peer-cert-allowed-hostname`. rustls answers it with a `bad_certificate` alert, as Go
+/// does for etcd's `VerifyPeerCertificate` error, and [`go_tls_error`] logs it in etcd's words.
+/// Webpki checks no names on client certificates, so on the server side this error has no
+/// other source.
+const CLIENT_CERT_AUTH_FAILED: rustls::Error =
+    rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName);
+
+/// Go's text for a TLS alert (crypto/tls `alert.go`), which etcd's logs and its e2e tests
+/// quote ("remote error: tls: bad certificate").
+fn go_alert_text(alert: rustls::AlertDescription) -> String {
+    use rustls::AlertDescription as A;
+    match alert {
+        A::CloseNotify => "close notify",
+        A::UnexpectedMessage => "unexpected message",
+        A::BadRecordMac => "bad record MAC",
+        A::RecordOverflow => "record overflow",
+        A::HandshakeFailure => "handshake failure",
+        A::BadCertificate => "bad certificate",
+        A::UnsupportedCertificate => "unsupported certificate",
+        A::CertificateRevoked => "revoked certificate",
+        A::CertificateExpired => "expired certificate",
+        A::CertificateUnknown => "unknown certificate",
+        A::IllegalParameter => "illegal parameter",
+        A::UnknownCA => "unknown certificate authority",
+        A::AccessDenied => "access denied",
+        A::DecodeError => "error decoding message",
+        A::DecryptError => "error decrypting message",
+        A::ProtocolVersion => "protocol version not supported",
+        A::InsufficientSecurity => "insufficient security level",
+        A::InternalError => "internal error",
+        A::UserCanceled => "user canceled",
+        A::NoRenegotiation => "no renegotiation",
+        A::MissingExtension => "missing extension",
+        A::UnsupportedExtension => "unsupported extension",
+        A::UnrecognisedName => "unrecognized name",
+        A::NoApplicationProtocol => "no application protocol",
+        A::CertificateRequired => "certificate required",
+        other => return format!("alert({})", u8::from(other)),
+    }
+    .to_string()
+}
+
+/// Describes a connection error as etcd (Go) would: a TLS alert from the other side reads
+/// "remote error: tls: <alert>", a client certificate refused by the allowed CN or hostname
+/// reads "client certificate authentication failed"; anything else is the error chain joined
+/// with ": ". `err` may wrap the rustls error at any depth (tonic, hyper, io).
+pub fn go_tls_error(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut texts = Vec::new();
+    let mut next = Some(err);
+    while let Some(e) = next {
+        let tls = e.downcast_ref::<rustls::Error>().or_else(|| {
+            e.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        match tls {
+            Some(rustls::Error::AlertReceived(alert)) => {
+                return format!("remote error: tls: {}", go_alert_text(*alert))
+            }
+            Some(e) if *e == CLIENT_CERT_AUTH_FAILED => {
+                return "client certificate authentication failed".to_string()
+            }
+            _ => {}
+        }
+        let text = e.to_string();
+        // h2 keeps an I/O error's kind and text only, so a rustls alert that ended an HTTP/2
+        // connection arrives as rustls' text: "received fatal alert: BadCertificate".
+        if let Some(alert) = text
+            .split_once("received fatal alert: ")
+            .and_then(|(_, name)| alert_named(name.trim()))
+        {
+            return format!("remote error: tls: {}", go_alert_text(alert));
+        }
+        if texts.last() != Some(&text) {
+            texts.push(text);
+        }
+        next = e.source();
+    }
+    texts.join(": ")
+}
+
+/// The alert whose rustls name (its `Debug` form, as in "received fatal alert: BadCertificate")
+/// is `name`.
+fn alert_named(name: &str) -> Option<rustls::AlertDescription> {
+    (0..=u8::MAX)
+        .map(rustls::AlertDescription::from)
+        .find(|a| format!("{a:?}") == name)
 }
 
 fn reject(remote: SocketAddr, error: &str) {
@@ -844,6 +930,31 @@ mod tests {
 
     fn cfg(args: &[&str]) -> Config {
         Config::try_parse_from(std::iter::once("metastore").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn connection_errors_read_as_etcd_logs_them() {
+        let alert = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::AlertReceived(rustls::AlertDescription::BadCertificate),
+        );
+        assert_eq!(go_tls_error(&alert), "remote error: tls: bad certificate");
+        // As h2 hands it back: the text alone.
+        let text = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "received fatal alert: UnknownCA",
+        );
+        assert_eq!(
+            go_tls_error(&text),
+            "remote error: tls: unknown certificate authority"
+        );
+        let refused = std::io::Error::new(std::io::ErrorKind::InvalidData, CLIENT_CERT_AUTH_FAILED);
+        assert_eq!(
+            go_tls_error(&refused),
+            "client certificate authentication failed"
+        );
+        let other = std::io::Error::other("connection refused");
+        assert_eq!(go_tls_error(&other), "connection refused");
     }
 
     #[test]

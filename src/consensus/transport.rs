@@ -223,9 +223,7 @@ async fn stream_snapshot(cfg: &LinkConfig, m: &Message, data: bytes::Bytes) -> R
     if cfg.faults.blocks(cfg.to) {
         return Err("link cut by the test fault hook".into());
     }
-    let channel = connect(&cfg.urls, Duration::from_secs(1))
-        .await
-        .ok_or("peer unreachable")?;
+    let channel = connect(&cfg.urls, Duration::from_secs(1)).await?;
     let mut client = PeerClient::new(channel)
         .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES)
         .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES);
@@ -269,7 +267,10 @@ struct LinkConfig {
     node: flume::Sender<NodeMsg>,
 }
 
-async fn connect(urls: &[String], timeout: Duration) -> Option<tonic::transport::Channel> {
+/// Dials the first of `urls` that answers. Errors: the last URL's failure, in etcd's words
+/// ([`crate::tls::go_tls_error`]).
+async fn connect(urls: &[String], timeout: Duration) -> Result<tonic::transport::Channel, String> {
+    let mut last = "no peer URL".to_string();
     for url in urls {
         // `https://` peers are dialed with the peer TLS client configuration.
         let channel = crate::tls::connect_peer(url, |endpoint| {
@@ -281,32 +282,40 @@ async fn connect(urls: &[String], timeout: Duration) -> Option<tonic::transport:
         })
         .await;
         match channel {
-            Ok(channel) => return Some(channel),
-            Err(e) => tracing::debug!(url, error = %e, "cannot connect to peer"),
+            Ok(channel) => return Ok(channel),
+            Err(e) => {
+                last = crate::tls::go_tls_error(e.as_ref());
+                tracing::debug!(url, error = %last, "cannot connect to peer");
+            }
         }
     }
-    None
+    Err(last)
 }
 
 /// One remote member's link: connect lazily, stream batches, reconnect with backoff.
 async fn run_link(cfg: LinkConfig, mut queue: mpsc::Receiver<Message>) {
     let mut backoff = Duration::from_millis(50);
     let mut logged_down = false;
+    // The last link error logged, so that a peer failing the same way is logged once.
+    let mut last_error: Option<String> = None;
     'connect: loop {
         let Some(first) = queue.recv().await else {
             return;
         };
-        let Some(channel) = connect(&cfg.urls, Duration::from_secs(1)).await else {
-            if !logged_down {
-                tracing::warn!(peer = %format!("{:x}", cfg.to), urls = ?cfg.urls, "cannot reach peer");
-                logged_down = true;
+        let channel = match connect(&cfg.urls, Duration::from_secs(1)).await {
+            Ok(channel) => channel,
+            Err(error) => {
+                if !logged_down {
+                    tracing::warn!(peer = %format!("{:x}", cfg.to), urls = ?cfg.urls, %error, "cannot reach peer");
+                    logged_down = true;
+                }
+                drop(first);
+                while queue.try_recv().is_ok() {}
+                let _ = cfg.node.try_send(NodeMsg::Unreachable(cfg.to));
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
             }
-            drop(first);
-            while queue.try_recv().is_ok() {}
-            let _ = cfg.node.try_send(NodeMsg::Unreachable(cfg.to));
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(1));
-            continue;
         };
         if logged_down {
             tracing::info!(peer = %format!("{:x}", cfg.to), "peer reachable again");
@@ -332,7 +341,7 @@ async fn run_link(cfg: LinkConfig, mut queue: mpsc::Receiver<Message>) {
                         None => return,
                     },
                     ended = &mut call => {
-                        report_call_end(&cfg, ended);
+                        report_call_end(&cfg, ended, &mut last_error);
                         continue 'connect;
                     }
                 },
@@ -363,7 +372,7 @@ async fn run_link(cfg: LinkConfig, mut queue: mpsc::Receiver<Message>) {
             };
             if stream_tx.send(envelope).await.is_err() {
                 // The call ended; its result says why.
-                report_call_end(&cfg, (&mut call).await);
+                report_call_end(&cfg, (&mut call).await, &mut last_error);
                 continue 'connect;
             }
         }
@@ -376,6 +385,7 @@ fn report_call_end(
         Result<tonic::Response<crate::proto::metastorepb::RaftAck>, tonic::Status>,
         tokio::task::JoinError,
     >,
+    last_error: &mut Option<String>,
 ) {
     let _ = cfg.node.try_send(NodeMsg::Unreachable(cfg.to));
     match ended {
@@ -386,7 +396,13 @@ fn report_call_end(
             }
         }
         Ok(Err(status)) => {
-            tracing::debug!(peer = %format!("{:x}", cfg.to), error = %status, "peer stream ended")
+            // A TLS peer that refuses our certificate does so after a TLS 1.3 handshake has
+            // completed on our side: its alert ends the stream, not the dial.
+            let error = crate::tls::go_tls_error(&status);
+            if last_error.as_deref() != Some(error.as_str()) {
+                tracing::warn!(peer = %format!("{:x}", cfg.to), %error, "lost the Raft stream to peer");
+                *last_error = Some(error);
+            }
         }
         _ => {}
     }

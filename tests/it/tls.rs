@@ -554,7 +554,9 @@ async fn peer_cert_allowed_cn_and_hostname_restrict_peer_clients() {
         "CN peer2 is not"
     );
     assert!(
-        server.log().contains("CommonName authentication failed"),
+        server
+            .log()
+            .contains("client certificate authentication failed"),
         "{}",
         server.log()
     );
