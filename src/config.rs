@@ -90,11 +90,21 @@ fn parse_urls(s: &str) -> Result<UrlList, String> {
     s.split(',')
         .map(|u| {
             let url = Url::parse(u.trim()).map_err(|e| format!("invalid URL {u:?}: {e}"))?;
-            if url.scheme() != "http" && url.scheme() != "https" {
-                return Err(format!("URL scheme must be http or https: {u:?}"));
+            // etcd's `types.NewURLs` rules and messages.
+            if !matches!(url.scheme(), "http" | "https" | "unix" | "unixs") {
+                return Err(format!(
+                    "URL scheme must be http, https, unix, or unixs: {}",
+                    u.trim()
+                ));
             }
             if url.host_str().is_none() || url.port_or_known_default().is_none() {
-                return Err(format!("URL needs a host and port: {u:?}"));
+                return Err(format!(
+                    "URL address does not have the form \"host:port\": {}",
+                    u.trim()
+                ));
+            }
+            if !matches!(url.path(), "" | "/") {
+                return Err(format!("URL must not contain a path: {}", u.trim()));
             }
             Ok(url)
         })

@@ -29,6 +29,8 @@
 //! * [`shard`]: shard executors (glommio, one per core) and their queues.
 //! * [`mvcc`]: key history, the engine trait, the memory engine, range merging.
 //! * [`error`]: etcd's exact gRPC statuses.
+//! * [`net`]: client and peer sockets (TCP or Unix, plain or TLS) and peer dialing.
+//! * [`tls`]: certificates, verification and TLS settings for both ports.
 //! * [`proto`]: generated etcd and MetaStore protos.
 #![warn(missing_docs)]
 
@@ -39,6 +41,7 @@ pub mod error;
 pub mod lease;
 pub mod logging;
 pub mod mvcc;
+pub mod net;
 pub mod proto;
 pub mod server;
 pub mod shard;

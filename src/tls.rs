@@ -5,7 +5,6 @@
 //!
 //! All cryptography and certificate parsing is rustls's, webpki's, x509-parser's and rcgen's.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -23,8 +22,7 @@ use rustls::{
     DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
     SupportedProtocolVersion,
 };
-use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::{server::TlsStream, TlsAcceptor, TlsConnector};
+use tokio_rustls::TlsAcceptor;
 
 use crate::config::Config;
 
@@ -517,186 +515,9 @@ pub fn set_peer_client(config: Arc<rustls::ClientConfig>) {
     let _ = PEER_CLIENT.set(config);
 }
 
-/// A tonic connector: TCP, then TLS when `tls` is set. tonic itself refuses `https://` URIs
-/// given to a custom connector, so TLS endpoints are handed over as `http://` with TLS done
-/// here; the HTTP/2 `:scheme` is not checked by the server.
-#[derive(Clone)]
-struct PeerConnector {
-    tls: Option<(TlsConnector, ServerName<'static>)>,
-}
-
-impl tower_service::Service<http::Uri> for PeerConnector {
-    type Response = hyper_util::rt::TokioIo<PeerIo>;
-    type Error = std::io::Error;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = std::io::Result<Self::Response>> + Send>,
-    >;
-
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let tls = self.tls.clone();
-        Box::pin(async move {
-            let host = uri.host().unwrap_or("localhost").trim_matches(['[', ']']);
-            let port = uri.port_u16().unwrap_or(80);
-            let tcp = TcpStream::connect((host, port)).await?;
-            tcp.set_nodelay(true)?;
-            let io = match tls {
-                Some((connector, name)) => {
-                    PeerIo::Tls(Box::new(connector.connect(name, tcp).await?))
-                }
-                None => PeerIo::Plain(tcp),
-            };
-            Ok(hyper_util::rt::TokioIo::new(io))
-        })
-    }
-}
-
-/// A peer connection, plain or TLS.
-pub enum PeerIo {
-    /// `http://`.
-    Plain(TcpStream),
-    /// `https://`.
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
-
-impl tokio::io::AsyncRead for PeerIo {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            PeerIo::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
-            PeerIo::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl tokio::io::AsyncWrite for PeerIo {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            PeerIo::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
-            PeerIo::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            PeerIo::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
-            PeerIo::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            PeerIo::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
-            PeerIo::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
-
-/// A peer endpoint for `url`, `http://` or `https://`, with the connector that dials it.
-///
-/// Errors: a malformed URL; an `https://` URL while no peer TLS is configured ("Connecting to
-/// HTTPS without TLS enabled", as tonic says).
-fn peer_parts(url: &str) -> Result<(tonic::transport::Endpoint, PeerConnector), String> {
-    let parsed = url::Url::parse(url).map_err(|e| format!("{url}: {e}"))?;
-    let tls = match parsed.scheme() {
-        "https" => {
-            let config = PEER_CLIENT
-                .get()
-                .ok_or_else(|| format!("{url}: Connecting to HTTPS without TLS enabled"))?;
-            let host = parsed
-                .host_str()
-                .unwrap_or("localhost")
-                .trim_matches(['[', ']']);
-            let name = ServerName::try_from(host.to_string()).map_err(|e| format!("{url}: {e}"))?;
-            Some((TlsConnector::from(config.clone()), name))
-        }
-        _ => None,
-    };
-    let mut plain = parsed.clone();
-    let _ = plain.set_scheme("http");
-    if parsed.port().is_none() {
-        let _ = plain.set_port(parsed.port_or_known_default());
-    }
-    let endpoint = tonic::transport::Endpoint::from_shared(plain.to_string())
-        .map_err(|e| format!("{url}: {e}"))?;
-    Ok((endpoint, PeerConnector { tls }))
-}
-
-/// Applies `f` to the endpoint for a peer URL, then connects (TLS for `https://`).
-///
-/// Errors: a malformed URL, no peer TLS for an `https://` URL, or the dial/handshake failing.
-pub async fn connect_peer(
-    url: &str,
-    f: impl FnOnce(tonic::transport::Endpoint) -> tonic::transport::Endpoint,
-) -> anyhow::Result<tonic::transport::Channel> {
-    let (endpoint, connector) = peer_parts(url).map_err(anyhow::Error::msg)?;
-    Ok(f(endpoint).connect_with_connector(connector).await?)
-}
-
-/// As [`connect_peer`], dialing on first use.
-///
-/// Errors: a malformed URL or no peer TLS for an `https://` URL.
-pub fn connect_peer_lazy(
-    url: &str,
-    f: impl FnOnce(tonic::transport::Endpoint) -> tonic::transport::Endpoint,
-) -> Result<tonic::transport::Channel, String> {
-    let (endpoint, connector) = peer_parts(url)?;
-    Ok(f(endpoint).connect_with_connector_lazy(connector))
-}
-
-/// TLS connections accepted on `listener`: each handshake runs in its own task under
-/// [`HANDSHAKE_TIMEOUT`], so that a plain-text client, a bad certificate or a stalled peer is
-/// refused (and logged) while the accept loop goes on serving everyone else.
-pub fn incoming(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-) -> impl tokio_stream::Stream<Item = std::io::Result<TlsStream<TcpStream>>> {
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(async move {
-        loop {
-            let (tcp, remote) = match listener.accept().await {
-                Ok(c) => c,
-                Err(e) => {
-                    // Out of descriptors and the like: back off rather than spin.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let _ = tcp.set_nodelay(true);
-            let (acceptor, conn_tx) = (acceptor.clone(), tx.clone());
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => {
-                        let _ = conn_tx.send(Ok(stream)).await;
-                    }
-                    Ok(Err(e)) => reject(remote, &go_tls_error(&e)),
-                    Err(_) => reject(remote, "TLS handshake timed out"),
-                }
-            });
-            if tx.is_closed() {
-                return;
-            }
-        }
-    });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
+/// The peer dialing configuration, when peer TLS is configured.
+pub fn peer_client() -> Option<Arc<rustls::ClientConfig>> {
+    PEER_CLIENT.get().cloned()
 }
 
 /// A client certificate that chains to a trusted CA but fails `--peer-cert-allowed-cn` or
@@ -789,11 +610,6 @@ fn alert_named(name: &str) -> Option<rustls::AlertDescription> {
         .find(|a| format!("{a:?}") == name)
 }
 
-fn reject(remote: SocketAddr, error: &str) {
-    // etcd (Go's http server) logs "http: TLS handshake error from ADDR: ERR".
-    tracing::warn!(remote_addr = %remote, error, "rejected connection: TLS handshake error from {remote}: {error}");
-}
-
 /// The TLS a member serves with, per port.
 pub struct MemberTls {
     /// For `https://` client URLs.
@@ -842,7 +658,7 @@ fn auto_tls(
 fn check_urls(urls: &[url::Url], info: &TlsInfo, what: &str) -> anyhow::Result<bool> {
     let mut https = false;
     for u in urls {
-        if u.scheme() == "https" {
+        if crate::net::is_tls(u) {
             https = true;
             if info.is_empty() {
                 if what == "client" {

@@ -273,7 +273,7 @@ async fn connect(urls: &[String], timeout: Duration) -> Result<tonic::transport:
     let mut last = "no peer URL".to_string();
     for url in urls {
         // `https://` peers are dialed with the peer TLS client configuration.
-        let channel = crate::tls::connect_peer(url, |endpoint| {
+        let channel = crate::net::connect_peer(url, |endpoint| {
             endpoint
                 .connect_timeout(timeout)
                 .tcp_nodelay(true)

@@ -267,7 +267,7 @@ impl Core {
             .get(&leader)
             .and_then(|m| m.peer_urls.first().cloned())
             .ok_or(EtcdError::LeaderChanged)?;
-        let channel = crate::tls::connect_peer_lazy(&url, |endpoint| {
+        let channel = crate::net::connect_peer_lazy(&url, |endpoint| {
             endpoint
                 .connect_timeout(Duration::from_secs(1))
                 .timeout(self.request_timeout)

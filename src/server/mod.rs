@@ -18,7 +18,6 @@ mod recipes;
 pub mod validate;
 mod watch;
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -425,15 +424,10 @@ async fn first_boot_identity(
     }
 }
 
-async fn bind_all(urls: &[url::Url], what: &str) -> anyhow::Result<Vec<tokio::net::TcpListener>> {
+async fn bind_all(urls: &[url::Url], what: &str) -> anyhow::Result<Vec<crate::net::Listener>> {
     let mut listeners = Vec::new();
     for url in urls {
-        let host = url
-            .host_str()
-            .unwrap_or("localhost")
-            .trim_matches(['[', ']']);
-        let port = url.port_or_known_default().unwrap_or(2379);
-        let listener = tokio::net::TcpListener::bind((host, port))
+        let listener = crate::net::Listener::bind(url)
             .await
             .with_context(|| format!("cannot listen on {what} URL {url}"))?;
         listeners.push(listener);
@@ -454,21 +448,28 @@ fn client_server_builder(cfg: &Config) -> tonic::transport::Server {
         .http2_keepalive_timeout(nonzero(cfg.grpc_keepalive_timeout))
 }
 
-/// Serves `$router` on `$listener` into `$servers`: TLS for an `https://` URL, plain TCP
-/// otherwise. A macro because the client and peer routers have different layer types.
+/// Serves `$router` on `$listener` into `$servers`: TCP or a Unix socket, with TLS for an
+/// `https://` or `unixs://` URL. A macro because the client and peer routers have different
+/// layer types.
 macro_rules! serve {
     ($servers:expr, $router:expr, $listener:expr, $url:expr, $tls:expr) => {
-        match $tls.filter(|_| $url.scheme() == "https") {
-            Some(acceptor) => {
-                $servers.spawn(
-                    $router.serve_with_incoming(crate::tls::incoming($listener, acceptor.clone())),
-                );
+        let tls = $tls.filter(|_| crate::net::is_tls($url)).cloned();
+        match ($listener, tls) {
+            (crate::net::Listener::Tcp(l), Some(acceptor)) => {
+                $servers.spawn($router.serve_with_incoming(crate::net::tls_incoming(l, acceptor)));
             }
-            None => {
+            (crate::net::Listener::Tcp(l), None) => {
                 // Without TCP_NODELAY, Nagle plus the client's delayed ACK add ~40 ms to small
                 // replies.
                 let incoming =
-                    tonic::transport::server::TcpIncoming::from($listener).with_nodelay(Some(true));
+                    tonic::transport::server::TcpIncoming::from(l).with_nodelay(Some(true));
+                $servers.spawn($router.serve_with_incoming(incoming));
+            }
+            (crate::net::Listener::Unix(l, _), Some(acceptor)) => {
+                $servers.spawn($router.serve_with_incoming(crate::net::tls_incoming(l, acceptor)));
+            }
+            (crate::net::Listener::Unix(l, _), None) => {
+                let incoming = tokio_stream::wrappers::UnixListenerStream::new(l);
                 $servers.spawn($router.serve_with_incoming(incoming));
             }
         }
@@ -680,7 +681,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let mut servers = tokio::task::JoinSet::new();
     for (listener, url) in peer_listeners.into_iter().zip(cfg.listen_peer_urls.iter()) {
-        let addr: SocketAddr = listener.local_addr()?;
+        let addr = listener.address();
         tracing::info!(address = %addr, "serving peer traffic on {addr}");
         let service = peer::PeerService::new(core.clone(), faults.clone());
         let router = tonic::transport::Server::builder().add_service(
@@ -703,7 +704,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     let max_recv = cfg.max_request_bytes + defaults::GRPC_OVERHEAD_BYTES;
     for (listener, url) in listeners.into_iter().zip(cfg.listen_client_urls.iter()) {
-        let addr: SocketAddr = listener.local_addr()?;
+        let addr = listener.address();
         tracing::info!(address = %addr, scheme = url.scheme(), "serving client requests on {addr}");
         let router = client_server_builder(&cfg)
             .layer(gate::GateLayer::new(core.node.status.clone()))

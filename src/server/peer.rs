@@ -236,7 +236,7 @@ pub(crate) async fn peer_client(
     connect: Duration,
     request: Duration,
 ) -> anyhow::Result<PeerClient<tonic::transport::Channel>> {
-    let channel = crate::tls::connect_peer(url, |endpoint| {
+    let channel = crate::net::connect_peer(url, |endpoint| {
         endpoint.connect_timeout(connect).timeout(request)
     })
     .await?;

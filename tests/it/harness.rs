@@ -33,8 +33,9 @@ impl Starting {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok(line) => {
+                    // The first client URL is the harness's own `http://127.0.0.1:0`.
                     if let Some(addr) = line.split("serving client requests on ").nth(1) {
-                        endpoint = addr.split_whitespace().next().map(str::to_string);
+                        endpoint = endpoint.or(addr.split_whitespace().next().map(str::to_string));
                     }
                     let ready = line.contains("ready to serve client requests");
                     seen.push_str(&line);
@@ -255,7 +256,11 @@ impl Server {
             }
         }
         args.extend(extra.iter().map(|s| s.to_string()));
+        // Relative paths a server creates (etcd's `unix://host:port` socket files) land next to
+        // its data directory, in the test's temporary directory, not in the repository.
+        let cwd = data_dir.parent().unwrap_or(data_dir);
         let mut child = Command::new(env!("CARGO_BIN_EXE_metastore"))
+            .current_dir(cwd)
             .args(&args)
             .envs(env.iter().copied())
             .stdout(Stdio::null())

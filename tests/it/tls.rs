@@ -415,26 +415,34 @@ fn bad_tls_settings_stop_the_start() {
 
 /// Starts `n` members with `https://` peer URLs and `flags(i)` each; returns them once ready.
 fn start_tls_cluster(dir: &Path, n: usize, flags: impl Fn(usize) -> Vec<String>) -> Vec<Server> {
-    let peers: Vec<u16> = (0..n).map(|_| free_port()).collect();
-    let initial = (0..n)
-        .map(|i| format!("m{i}=https://127.0.0.1:{}", peers[i]))
+    let peers: Vec<String> = (0..n)
+        .map(|_| format!("https://127.0.0.1:{}", free_port()))
+        .collect();
+    let args = cluster_args(&peers, flags);
+    start_members(dir, &args)
+}
+
+/// Each member's flags for a cluster whose members `m0..` listen for peers on `peer_urls`.
+fn cluster_args(peer_urls: &[String], flags: impl Fn(usize) -> Vec<String>) -> Vec<Vec<String>> {
+    let initial = (0..peer_urls.len())
+        .map(|i| format!("m{i}={}", peer_urls[i]))
         .collect::<Vec<_>>()
         .join(",");
-    let handles: Vec<_> = (0..n)
+    let token = format!("tls-{}", free_port());
+    (0..peer_urls.len())
         .map(|i| {
-            let data = dir.join(format!("m{i}"));
-            let purl = format!("https://127.0.0.1:{}", peers[i]);
+            let purl = &peer_urls[i];
             let mut args: Vec<String> = [
                 "--name",
                 &format!("m{i}"),
                 "--listen-peer-urls",
-                &purl,
+                purl,
                 "--initial-advertise-peer-urls",
-                &purl,
+                purl,
                 "--initial-cluster",
                 &initial,
                 "--initial-cluster-token",
-                &format!("tls-{}", peers[0]),
+                &token,
                 "--heartbeat-interval",
                 "50",
                 "--election-timeout",
@@ -443,6 +451,19 @@ fn start_tls_cluster(dir: &Path, n: usize, flags: impl Fn(usize) -> Vec<String>)
             .map(str::to_string)
             .to_vec();
             args.extend(flags(i));
+            args
+        })
+        .collect()
+}
+
+/// Starts member `m{i}` of `dir` with `args[i]`, all at once (none can elect alone).
+fn start_members(dir: &Path, args: &[Vec<String>]) -> Vec<Server> {
+    let handles: Vec<_> = args
+        .iter()
+        .enumerate()
+        .map(|(i, args)| {
+            let data = dir.join(format!("m{i}"));
+            let args = args.clone();
             std::thread::spawn(move || {
                 let refs: Vec<&str> = args.iter().map(String::as_str).collect();
                 Server::try_start(&data, &refs)
@@ -616,4 +637,70 @@ async fn mixed_http_and_https_client_urls_serve_side_by_side() {
         None,
     );
     assert!(!out.status.success());
+}
+
+/// etcd's `unix://` and `unixs://` URLs: the socket file is named by the URL's host:port,
+/// relative to the member's working directory (the harness runs members in `dir`).
+#[tokio::test]
+async fn unix_sockets_carry_peer_and_client_traffic() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca1 = ca("unix-ca");
+    let f = files(dir.path(), &ca1);
+    // Distinct "ports" keep the members' socket files apart; "localhost" is the name every
+    // test certificate is valid for, and what a TLS peer dial checks.
+    let base = free_port();
+    let peers: Vec<String> = (0..3)
+        .map(|i| format!("unixs://localhost:{}", base + i))
+        .collect();
+    let client_socket = |i: u16| format!("localhost:{}", base + 100 + i);
+    let args = cluster_args(&peers, |i| {
+        [
+            "--peer-cert-file",
+            &f.cert,
+            "--peer-key-file",
+            &f.key,
+            "--peer-trusted-ca-file",
+            &f.ca,
+            "--peer-client-cert-auth",
+            "--listen-client-urls",
+            &format!("http://127.0.0.1:0,unix://{}", client_socket(i as u16)),
+        ]
+        .map(str::to_string)
+        .to_vec()
+    });
+    let mut members = start_members(dir.path(), &args);
+    put_on_first_read_on_last(&members).await;
+    for i in 0..3 {
+        let peer_socket = dir.path().join(format!("localhost:{}", base + i));
+        assert!(peer_socket.exists(), "{} exists", peer_socket.display());
+    }
+
+    // etcdctl (grpc-go) dials the client socket, relative to its own working directory.
+    let etcdctl_unix = |i: u16, args: &[&str]| {
+        std::process::Command::new("etcdctl")
+            .current_dir(dir.path())
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints=unix://{}", client_socket(i)))
+            .arg("--command-timeout=10s")
+            .args(args)
+            .output()
+            .expect("etcdctl is installed")
+    };
+    let got = ok_stdout(&etcdctl_unix(2, &["get", "peer-tls", "--print-value-only"]));
+    assert_eq!(got.trim(), "replicated");
+
+    // A restarted member replaces the socket files its last run left behind.
+    drop(members.remove(0));
+    assert!(
+        dir.path().join(client_socket(0)).exists(),
+        "stale socket left"
+    );
+    let refs: Vec<&str> = args[0].iter().map(String::as_str).collect();
+    let _m0 = Server::try_start(&dir.path().join("m0"), &refs).expect("m0 restarts");
+    ok_stdout(&etcdctl_unix(0, &["put", "after-restart", "1"]));
+    let got = ok_stdout(&etcdctl_unix(
+        1,
+        &["get", "after-restart", "--print-value-only"],
+    ));
+    assert_eq!(got.trim(), "1");
 }
