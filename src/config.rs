@@ -788,11 +788,11 @@ pub struct Config {
     pub client_key_file: Option<PathBuf>,
 
     /// Client certificate (PEM) this member presents when it dials peers, instead of
-    /// `--peer-cert-file` (etcd 3.5). Accepted; see [`IGNORED`].
+    /// `--peer-cert-file` (etcd 3.5). Needs `--peer-client-key-file`.
     #[arg(long, env = "ETCD_PEER_CLIENT_CERT_FILE")]
     pub peer_client_cert_file: Option<PathBuf>,
 
-    /// Key (PEM) of `--peer-client-cert-file`. Accepted; see [`IGNORED`].
+    /// Key (PEM) of `--peer-client-cert-file`.
     #[arg(long, env = "ETCD_PEER_CLIENT_KEY_FILE")]
     pub peer_client_key_file: Option<PathBuf>,
 }
@@ -841,14 +841,6 @@ pub const IGNORED: &[IgnoredFlag] = &[
     ignored(
         "client-key-file",
         "nothing dials the client port from inside the member (no gateway or proxy)",
-    ),
-    ignored(
-        "peer-client-cert-file",
-        "not supported yet: peers present --peer-cert-file as their client certificate",
-    ),
-    ignored(
-        "peer-client-key-file",
-        "not supported yet: peers present --peer-cert-file as their client certificate",
     ),
     ignored("enable-v2", NO_V2),
     ignored("experimental-enable-v2v3", NO_V2),

@@ -51,6 +51,11 @@ pub struct TlsInfo {
     /// Auto-TLS: as a client, accept any server certificate (etcd's `InsecureSkipVerify` for
     /// self-signed certificates, which no CA can vouch for).
     pub insecure_skip_verify: bool,
+    /// The certificate this member presents when it dials, instead of `cert_file`
+    /// (`--peer-client-cert-file`, etcd 3.5's `TLSInfo.ClientCertFile`).
+    pub client_cert_file: Option<PathBuf>,
+    /// Its private key (`--peer-client-key-file`).
+    pub client_key_file: Option<PathBuf>,
 }
 
 impl TlsInfo {
@@ -70,6 +75,10 @@ impl TlsInfo {
             allowed_cn: None,
             allowed_hostname: cfg.client_cert_allowed_hostname.clone(),
             insecure_skip_verify: false,
+            // Nothing in a member dials its own client port: see `--client-cert-file` in
+            // `config::IGNORED`.
+            client_cert_file: None,
+            client_key_file: None,
         }
     }
 
@@ -84,6 +93,8 @@ impl TlsInfo {
             allowed_cn: cfg.peer_cert_allowed_cn.clone(),
             allowed_hostname: cfg.peer_cert_allowed_hostname.clone(),
             insecure_skip_verify: false,
+            client_cert_file: cfg.peer_client_cert_file.clone(),
+            client_key_file: cfg.peer_client_key_file.clone(),
         }
     }
 }
@@ -214,6 +225,19 @@ pub fn validate(cfg: &Config) -> Result<(), String> {
             "AllowedCN and AllowedHostname are mutually exclusive (cn={cn:?}, hostname={host:?})"
         ));
     }
+    for (cert, key) in [
+        (&cfg.peer_client_cert_file, &cfg.peer_client_key_file),
+        (&cfg.client_cert_file, &cfg.client_key_file),
+    ] {
+        if cert.is_none() != key.is_none() {
+            // etcd 3.5 `TLSInfo.baseConfig`.
+            return Err(format!(
+                "ClientKeyFile and ClientCertFile must both be present or both absent: key: {:?}, cert: {:?}]",
+                key.as_deref().unwrap_or(Path::new("")),
+                cert.as_deref().unwrap_or(Path::new(""))
+            ));
+        }
+    }
     if cfg.self_signed_cert_validity == 0 {
         return Err("--self-signed-cert-validity must be at least 1 year".into());
     }
@@ -322,7 +346,13 @@ pub fn client_config(
         // an explicit CA (or auto-TLS) can verify peers.
         builder.with_root_certificates(RootCertStore::empty())
     };
-    let mut config = match (&info.cert_file, &info.key_file) {
+    // etcd 3.5: a dialing member presents `--peer-client-cert-file` when given, else its
+    // server certificate.
+    let identity = match (&info.client_cert_file, &info.client_key_file) {
+        (Some(cert), Some(key)) => (Some(cert), Some(key)),
+        _ => (info.cert_file.as_ref(), info.key_file.as_ref()),
+    };
+    let mut config = match identity {
         (Some(cert), Some(key)) => builder
             .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
             .context("certificate and key do not match")?,

@@ -704,3 +704,54 @@ async fn unix_sockets_carry_peer_and_client_traffic() {
     ));
     assert_eq!(got.trim(), "1");
 }
+
+/// etcd 3.5's `--peer-client-cert-file`: a dialing member presents that certificate, not its
+/// serving one. The peers admit only the client certificate's CN, so the cluster forms only if
+/// every member dials with it.
+#[tokio::test]
+async fn peer_client_cert_file_is_presented_when_dialing_peers() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca1 = ca("peer-ca");
+    let (server_cert, server_key) = leaf(&ca1, "peer-server", 400, false);
+    let (client_cert, client_key) = leaf(&ca1, "peer-client", 401, false);
+    let paths = [
+        write(dir.path(), "server.pem", &server_cert),
+        write(dir.path(), "server-key.pem", &server_key),
+        write(dir.path(), "client.pem", &client_cert),
+        write(dir.path(), "client-key.pem", &client_key),
+        write(dir.path(), "ca.pem", &ca1.pem),
+    ];
+    let members = start_tls_cluster(dir.path(), 3, |_| {
+        [
+            "--peer-cert-file",
+            &paths[0],
+            "--peer-key-file",
+            &paths[1],
+            "--peer-client-cert-file",
+            &paths[2],
+            "--peer-client-key-file",
+            &paths[3],
+            "--peer-trusted-ca-file",
+            &paths[4],
+            "--peer-client-cert-auth",
+            "--peer-cert-allowed-cn",
+            "peer-client",
+        ]
+        .map(str::to_string)
+        .to_vec()
+    });
+    put_on_first_read_on_last(&members).await;
+    assert!(!members[0].startup_log.contains(" ignored: "));
+
+    // One of the pair alone is refused at start-up, as etcd refuses it.
+    let err = Server::try_start(
+        &dir.path().join("half"),
+        &["--peer-client-cert-file", &paths[2]],
+    )
+    .err()
+    .expect("a client certificate without its key is refused");
+    assert!(
+        err.contains("ClientKeyFile and ClientCertFile must both be present or both absent"),
+        "{err}"
+    );
+}
