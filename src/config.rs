@@ -930,10 +930,6 @@ pub const IGNORED: &[IgnoredFlag] = &[
         "listeners always set SO_REUSEADDR (tokio's default on Unix)",
     ),
     ignored(
-        "grpc-keepalive-min-time",
-        "tonic has no server-side ping policy: client pings are accepted at any rate",
-    ),
-    ignored(
         "initial-election-tick-advance",
         "a lone voter campaigns at once; members of a cluster wait a full election timeout",
     ),

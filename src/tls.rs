@@ -181,16 +181,15 @@ impl TlsCommon {
             let mut chosen = Vec::new();
             for name in &suites {
                 let found = provider.cipher_suites.iter().find(|s| {
-                    let iana = format!("{:?}", s.suite());
+                    // rustls spells TLS 1.3 suites TLS13_*, Go and IANA TLS_*.
+                    let iana = format!("{:?}", s.suite()).replacen("TLS13_", "TLS_", 1);
                     iana == *name || iana.strip_suffix("_SHA256") == Some(name)
                 });
                 match found {
                     Some(s) if s.tls13().is_none() => chosen.push(*s),
-                    Some(_) => {
-                        return Err(format!(
-                            "--cipher-suites: {name} is a TLS1.3 suite; TLS1.3 suites cannot be configured"
-                        ))
-                    }
+                    // etcd 3.5 knows Go's TLS 1.3 names too; Go (and rustls) always enable
+                    // every TLS 1.3 suite, so naming one changes nothing.
+                    Some(_) => {}
                     None if GO_ONLY_SUITES.contains(name) => {
                         return Err(format!(
                             "--cipher-suites: {name} is not supported: MetaStore's TLS (rustls) offers only AEAD suites with ECDHE"
@@ -205,6 +204,15 @@ impl TlsCommon {
                 .filter(|s| s.tls13().is_some())
                 .copied()
                 .collect();
+            if chosen.is_empty() {
+                // Only TLS 1.3 names: as in Go, no TLS 1.2 handshake can agree on a suite.
+                versions.retain(|v| v.version != rustls::ProtocolVersion::TLSv1_2);
+                if versions.is_empty() {
+                    return Err(format!(
+                        "--cipher-suites {suites:?} name only TLS1.3 suites, and TLS1.3 is not enabled"
+                    ));
+                }
+            }
             provider.cipher_suites = tls13.into_iter().chain(chosen).collect();
         }
         Ok(TlsCommon {
@@ -845,6 +853,19 @@ mod tests {
         ]))
         .unwrap_err();
         assert!(err.contains("only TLS1.3"), "{err}");
+        // Go's TLS 1.3 names are accepted, as etcd 3.5 accepts them; alone they leave TLS 1.3.
+        let c = TlsCommon::from_config(&cfg(&[
+            "--cipher-suites",
+            "TLS_AES_128_GCM_SHA256,TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
+        ]))
+        .unwrap();
+        assert_eq!(c.versions.len(), 2);
+        let c = TlsCommon::from_config(&cfg(&[
+            "--cipher-suites",
+            "TLS_AES_256_GCM_SHA384,TLS_CHACHA20_POLY1305_SHA256",
+        ]))
+        .unwrap();
+        assert_eq!(c.versions, vec![&rustls::version::TLS13]);
     }
 
     #[test]

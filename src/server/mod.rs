@@ -9,6 +9,7 @@ pub mod codec;
 pub mod compactor;
 mod corrupt;
 pub mod gate;
+pub mod keepalive;
 mod kv;
 mod lease;
 mod maintenance;
@@ -439,7 +440,7 @@ async fn bind_all(urls: &[url::Url], what: &str) -> anyhow::Result<Vec<crate::ne
 /// `--max-concurrent-streams` per connection, and server pings every
 /// `--grpc-keepalive-interval` (0 = none) that close the connection when unanswered within
 /// `--grpc-keepalive-timeout` (0 keeps the 20 s default, as grpc-go does).
-/// `--grpc-keepalive-min-time` has no tonic equivalent (it is in [`crate::config::IGNORED`]).
+/// `--grpc-keepalive-min-time` is enforced on each connection by [`keepalive::PingGuard`].
 fn client_server_builder(cfg: &Config) -> tonic::transport::Server {
     let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
     tonic::transport::Server::builder()
@@ -449,27 +450,36 @@ fn client_server_builder(cfg: &Config) -> tonic::transport::Server {
 }
 
 /// Serves `$router` on `$listener` into `$servers`: TCP or a Unix socket, with TLS for an
-/// `https://` or `unixs://` URL. A macro because the client and peer routers have different
-/// layer types.
+/// `https://` or `unixs://` URL, each connection under the `$min_ping` keepalive policy
+/// ([`keepalive::PingGuard`]; zero for none). A macro because the client and peer routers have
+/// different layer types.
 macro_rules! serve {
-    ($servers:expr, $router:expr, $listener:expr, $url:expr, $tls:expr) => {
+    ($servers:expr, $router:expr, $listener:expr, $url:expr, $tls:expr, $min_ping:expr) => {
+        use tokio_stream::StreamExt as _;
         let tls = $tls.filter(|_| crate::net::is_tls($url)).cloned();
+        let min_ping: Duration = $min_ping;
         match ($listener, tls) {
             (crate::net::Listener::Tcp(l), Some(acceptor)) => {
-                $servers.spawn($router.serve_with_incoming(crate::net::tls_incoming(l, acceptor)));
+                let incoming = crate::net::tls_incoming(l, acceptor)
+                    .map(move |c| keepalive::guard(c, min_ping));
+                $servers.spawn($router.serve_with_incoming(incoming));
             }
             (crate::net::Listener::Tcp(l), None) => {
                 // Without TCP_NODELAY, Nagle plus the client's delayed ACK add ~40 ms to small
                 // replies.
-                let incoming =
-                    tonic::transport::server::TcpIncoming::from(l).with_nodelay(Some(true));
+                let incoming = tonic::transport::server::TcpIncoming::from(l)
+                    .with_nodelay(Some(true))
+                    .map(move |c| keepalive::guard(c, min_ping));
                 $servers.spawn($router.serve_with_incoming(incoming));
             }
             (crate::net::Listener::Unix(l, _), Some(acceptor)) => {
-                $servers.spawn($router.serve_with_incoming(crate::net::tls_incoming(l, acceptor)));
+                let incoming = crate::net::tls_incoming(l, acceptor)
+                    .map(move |c| keepalive::guard(c, min_ping));
+                $servers.spawn($router.serve_with_incoming(incoming));
             }
             (crate::net::Listener::Unix(l, _), None) => {
-                let incoming = tokio_stream::wrappers::UnixListenerStream::new(l);
+                let incoming = tokio_stream::wrappers::UnixListenerStream::new(l)
+                    .map(move |c| keepalive::guard(c, min_ping));
                 $servers.spawn($router.serve_with_incoming(incoming));
             }
         }
@@ -689,7 +699,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES),
         );
-        serve!(servers, router, listener, url, tls.peer.as_ref());
+        // The peer port is ours alone: no ping policy.
+        serve!(
+            servers,
+            router,
+            listener,
+            url,
+            tls.peer.as_ref(),
+            Duration::ZERO
+        );
     }
     // A snapshot still being loaded into the shards: clients wait until it is all there.
     let _ = core
@@ -735,7 +753,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 ClusterServer::new(cluster::ClusterService::new(core.clone()))
                     .max_decoding_message_size(max_recv),
             );
-        serve!(servers, router, listener, url, tls.client.as_ref());
+        serve!(
+            servers,
+            router,
+            listener,
+            url,
+            tls.client.as_ref(),
+            cfg.grpc_keepalive_min_time
+        );
     }
     // As etcd, a member is ready once it is part of a cluster with a leader (a lone member
     // elects itself at once). Client listeners already answer meanwhile, with "no leader".
