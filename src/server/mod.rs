@@ -485,8 +485,8 @@ const TICK_ADVANCE_POLL: Duration = Duration::from_millis(50);
 const TICK_ADVANCE_WAIT: Duration = Duration::from_secs(5);
 
 /// `--initial-election-tick-advance` at start-up (etcd 3.5 `EtcdServer.adjustTicks`,
-/// `server/etcdserver/server.go`): once the Raft thread has replayed the log this member knew
-/// to be committed (`committed_at_start`), the membership table decides (see
+/// `server/etcdserver/server.go`): once the Raft thread has replayed the log it started with
+/// as committed, the membership table decides (see
 /// [`initial_tick_advance`]). In a multi-member cluster with the flag on, the peers' URLs are
 /// dialed every 50 ms for up to 5 s; as soon as more than one peer answers (etcd's
 /// `transport.ActivePeers() > 1`) the election clock is advanced by `election_ticks - 2`, so
@@ -496,11 +496,13 @@ const TICK_ADVANCE_WAIT: Duration = Duration::from_secs(5);
 async fn adjust_ticks(
     node: NodeHandle,
     id: u64,
-    committed_at_start: u64,
     enabled: bool,
     election_ticks: usize,
     faults: Faults,
 ) {
+    // The commit index the Raft node started with (bootstrap and --force-new-cluster entries
+    // included): the membership table is whole once Raft has handed over that much.
+    let committed_at_start = node.status.commit.load(Ordering::Relaxed);
     let deadline = tokio::time::Instant::now() + TICK_ADVANCE_WAIT;
     while node.status.applied.load(Ordering::Relaxed) < committed_at_start {
         if tokio::time::Instant::now() >= deadline {
@@ -781,7 +783,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     tokio::spawn(adjust_ticks(
         core.node.clone(),
         core.member.id,
-        committed_at_start,
         cfg.initial_election_tick_advance,
         election_ticks(cfg.election_timeout, cfg.heartbeat_interval),
         faults.clone(),
