@@ -55,7 +55,9 @@ async fn keys(c: &mut Client) -> (Vec<(String, String)>, i64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn force_new_cluster_restarts_a_member_alone_with_all_its_data() {
     let _one = CLUSTER_LOCK.lock().await;
-    let mut cluster = Cluster::start(3, &[]).await;
+    // Snapshots every 8 entries: the survivor recovers from a snapshot plus the WAL after it,
+    // and the member added later catches up from a snapshot.
+    let mut cluster = Cluster::start(3, &["--snapshot-count", "8"]).await;
     let leader = cluster.wait_for_leader(Duration::from_secs(20)).await;
     let mut c = cluster.client(leader).await;
     for i in 0..20 {
@@ -78,7 +80,18 @@ async fn force_new_cluster_restarts_a_member_alone_with_all_its_data() {
         cluster.kill(i);
     }
     let survivor = (leader + 1) % 3;
-    cluster.set_extra(survivor, &["--force-new-cluster"]);
+    let snaps = std::fs::read_dir(cluster.data_dir(survivor).join("member/snap"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "snap")
+        })
+        .count();
+    assert!(snaps > 0, "the survivor has a snapshot to recover from");
+    cluster.set_extra(survivor, &["--snapshot-count", "8", "--force-new-cluster"]);
     cluster.restart(survivor);
     let log = cluster.servers[survivor].as_ref().unwrap().log();
     assert!(log.contains("forcing restart member"), "{log}");
@@ -102,7 +115,7 @@ async fn force_new_cluster_restarts_a_member_alone_with_all_its_data() {
 
     // The new configuration is in the log: a restart without the flag keeps it.
     cluster.kill(survivor);
-    cluster.set_extra(survivor, &[]);
+    cluster.set_extra(survivor, &["--snapshot-count", "8"]);
     cluster.restart(survivor);
     let mut c = cluster.client(survivor).await;
     assert_eq!(member_ids(&mut c).await, vec![old_ids[survivor]]);
