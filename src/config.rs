@@ -449,7 +449,14 @@ pub struct Config {
           default_value = "true", value_parser = parse_bool)]
     pub pre_vote: bool,
 
-    /// Fast-forward the election ticks at boot for a faster first election.
+    /// Fast-forward the election ticks at boot for a faster first election (etcd
+    /// `--initial-election-tick-advance`, default true). As etcd 3.5's `adjustTicks`
+    /// (`server/etcdserver/server.go`): a member of a multi-member cluster advances its
+    /// election clock by `election ticks - 2` ticks (an election tick is one
+    /// `--heartbeat-interval`) once it can reach more than one peer, checked every 50 ms for up
+    /// to 5 s after start-up; with `false` it waits a whole randomized election timeout before
+    /// its first campaign. A cluster of one member always starts its campaign at once, whatever
+    /// this flag says (etcd advances `election ticks - 1` ticks there regardless of it).
     #[arg(long, env = "ETCD_INITIAL_ELECTION_TICK_ADVANCE", num_args = 0..=1,
           default_missing_value = "true", default_value = "true", value_parser = parse_bool)]
     pub initial_election_tick_advance: bool,
@@ -458,7 +465,20 @@ pub struct Config {
     #[arg(long, env = "ETCD_EXPERIMENTAL_MAX_LEARNERS", default_value_t = defaults::MAX_LEARNERS)]
     pub experimental_max_learners: usize,
 
-    /// Force a new one-member cluster from this member's data (unsafe).
+    /// Force a new one-member cluster from this member's data (etcd `--force-new-cluster`,
+    /// unsafe; for disaster recovery after a quorum loss). On a data dir that already holds a
+    /// log, start-up does what etcd 3.5's `restartAsStandaloneNode`
+    /// (`server/etcdserver/raft.go`) does: log entries after the commit index are discarded;
+    /// conf changes that add this member (if the log does not list it) and remove every other
+    /// member (voters and learners) are appended at the commit index's term and committed
+    /// locally; the member then starts as the only voter of its cluster, with the same cluster
+    /// ID and all its keys, revisions and leases. The removed IDs can never rejoin; new members
+    /// are added with `member add` and `--initial-cluster-state existing`. The change is in the
+    /// log, so later restarts without the flag stay a one-member cluster. On an empty data dir
+    /// the flag has no effect (a normal new cluster starts).
+    ///
+    /// Errors at start-up: this member's own ID was removed from the cluster (etcd would fail
+    /// its own re-add with `membership: ID removed`); the WAL cannot be written.
     #[arg(long, env = "ETCD_FORCE_NEW_CLUSTER", num_args = 0..=1, default_missing_value = "true",
           default_value = "false", value_parser = parse_bool)]
     pub force_new_cluster: bool,
@@ -928,14 +948,6 @@ pub const IGNORED: &[IgnoredFlag] = &[
     ignored(
         "socket-reuse-address",
         "listeners always set SO_REUSEADDR (tokio's default on Unix)",
-    ),
-    ignored(
-        "initial-election-tick-advance",
-        "a lone voter campaigns at once; members of a cluster wait a full election timeout",
-    ),
-    ignored(
-        "force-new-cluster",
-        "forcing a new cluster is not supported yet",
     ),
     ignored(
         "experimental-enable-lease-checkpoint-persist",

@@ -102,6 +102,9 @@ pub enum NodeMsg {
     /// Replication progress and contact of every member as the leader sees it; empty on a
     /// follower.
     Progress(oneshot::Sender<Vec<PeerProgress>>),
+    /// Advance the election clock by this many ticks at once (etcd's `advanceTicks`, for
+    /// `--initial-election-tick-advance`; see [`initial_tick_advance`]).
+    AdvanceTicks(usize),
     /// How sending a snapshot to member `to` ended (raft-rs `report_snapshot`).
     SnapshotSent {
         /// The follower.
@@ -195,6 +198,9 @@ pub struct NodeConfig {
     pub pre_vote: bool,
     /// Most learners the membership table accepts (`--experimental-max-learners`).
     pub max_learners: usize,
+    /// `--force-new-cluster`: on a data dir with a log, restart as the only member of the
+    /// cluster (see [`force_new_cluster`]).
+    pub force_new_cluster: bool,
 }
 
 /// One ReadIndex round in flight: every read that arrived while it was being sent.
@@ -369,6 +375,182 @@ pub fn recover_log(
     })
 }
 
+/// The commit index a restart starts from: the recorded one, but at least what the snapshot
+/// or the durable state machine (`applied`) holds, and no more than the log holds.
+fn start_commit(hard_state: Option<&HardState>, snap_index: u64, applied: u64, last: u64) -> u64 {
+    hard_state
+        .map_or(0, |h| h.commit)
+        .max(snap_index)
+        .max(applied)
+        .min(last)
+}
+
+/// The membership table after the conf changes in `entries`, applied to `table` in log order
+/// as the Raft thread applies them (changes the table rejects are skipped).
+fn replay_membership(mut table: Membership, entries: &[Entry], max_learners: usize) -> Membership {
+    for e in entries {
+        if e.get_entry_type() != EntryType::EntryConfChangeV2 {
+            continue;
+        }
+        let mut cc = ConfChangeV2::default();
+        if cc.merge_from_bytes(&e.data).is_err() {
+            continue;
+        }
+        if let Ok(change) = MembershipChange::decode(cc.context.as_ref()) {
+            let _ = table.apply(&change, max_learners);
+        }
+    }
+    table
+}
+
+/// The conf change entries that make `this` the only member of `table`, from `index` on at
+/// `term`: add `this` if the table lacks it (promote it if it is a learner), then remove every
+/// other member, voters and learners, in ID order. Adding comes first because Raft refuses a
+/// configuration without voters (etcd `createConfigChangeEnts`).
+fn standalone_entries(
+    table: &Membership,
+    this: &MemberRecord,
+    term: u64,
+    index: u64,
+) -> Vec<Entry> {
+    let change = |kind: Kind, member: MemberRecord| MembershipChange {
+        kind: kind as i32,
+        origin: 0,
+        proposal: 0,
+        member: Some(member),
+    };
+    let mut changes = Vec::new();
+    match table.members.get(&this.id) {
+        None => changes.push(change(
+            Kind::Add,
+            MemberRecord {
+                is_learner: false,
+                ..this.clone()
+            },
+        )),
+        Some(m) if m.is_learner => changes.push(change(Kind::Promote, m.clone())),
+        Some(_) => {}
+    }
+    for m in table.members.values().filter(|m| m.id != this.id) {
+        changes.push(change(Kind::Remove, m.clone()));
+    }
+    changes
+        .into_iter()
+        .zip(index..)
+        .map(|(change, index)| {
+            let mut cc = membership::raft_conf_change(&change);
+            cc.context = change.encode_to_vec().into();
+            let mut e = Entry::default();
+            e.set_entry_type(EntryType::EntryConfChangeV2);
+            e.term = term;
+            e.index = index;
+            e.data = cc.write_to_bytes().expect("conf change encodes").into();
+            e
+        })
+        .collect()
+}
+
+/// `--force-new-cluster` on a member with a log (etcd 3.5 `restartAsStandaloneNode`,
+/// `server/etcdserver/raft.go`): drops the recovered entries after the commit index, appends
+/// conf changes that leave this member the only one (see [`standalone_entries`]) at the term
+/// of the hard state, and writes them to the WAL with a hard state that commits them, so that
+/// this start and every later one (with or without the flag) applies them. `table` is the
+/// membership of the snapshot (empty without one); `snap_index` the snapshot's index;
+/// `applied` the index the state machine already holds.
+///
+/// Errors: this member's ID was removed from the cluster (no member can take it again: etcd
+/// rejects its re-add with `membership: ID removed`); the WAL cannot be written.
+pub fn force_new_cluster(
+    cfg: &NodeConfig,
+    table: &Membership,
+    snap_index: u64,
+    applied: u64,
+    wal: &mut Wal,
+    recovered: &mut Recovered,
+) -> anyhow::Result<()> {
+    let last = recovered.entries.last().map_or(snap_index, |e| e.index);
+    let commit = start_commit(recovered.hard_state.as_ref(), snap_index, applied, last);
+    let keep = recovered
+        .entries
+        .iter()
+        .position(|e| e.index > commit)
+        .unwrap_or(recovered.entries.len());
+    let discarded = recovered.entries.len() - keep;
+    if discarded > 0 {
+        tracing::warn!(
+            first_discarded_index = commit + 1,
+            commit_index = commit,
+            discarded,
+            "discarding uncommitted WAL entries"
+        );
+        recovered.entries.truncate(keep);
+    }
+    let table = replay_membership(table.clone(), &recovered.entries, cfg.max_learners);
+    anyhow::ensure!(
+        !table.removed.contains(&cfg.id),
+        "--force-new-cluster: member {:x} was removed from the cluster; its data cannot start a \
+         new one (etcd: membership: ID removed)",
+        cfg.id
+    );
+    let mut hs = recovered.hard_state.clone().unwrap_or_default();
+    hs.term = hs
+        .term
+        .max(recovered.entries.last().map_or(0, |e| e.term))
+        .max(1);
+    let entries = standalone_entries(&table, &cfg.this_member, hs.term, commit + 1);
+    let removed: Vec<String> = table
+        .members
+        .keys()
+        .filter(|id| **id != cfg.id)
+        .map(|id| format!("{id:x}"))
+        .collect();
+    hs.commit = entries.last().map_or(commit, |e| e.index);
+    wal.append(&entries, Some(&hs));
+    wal.sync()?;
+    recovered.entries.extend(entries);
+    recovered.hard_state = Some(hs.clone());
+    tracing::warn!(
+        local_member_id = %format!("{:x}", cfg.id),
+        removed_member_ids = ?removed,
+        commit_index = hs.commit,
+        "forcing restart member"
+    );
+    Ok(())
+}
+
+/// What `--initial-election-tick-advance` does at start-up (etcd 3.5 `adjustTicks`,
+/// `server/etcdserver/server.go`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TickAdvance {
+    /// A one-member cluster: advance this many ticks (`election ticks - 1`) at once, whatever
+    /// the flag says. (The Raft thread also campaigns at once when it is the only voter.)
+    SingleNode(usize),
+    /// Advance this many ticks (`election ticks - 2`) once more than one peer is reachable,
+    /// checked every 50 ms for up to 5 s (etcd's `rafthttp.ConnReadTimeout`); never otherwise.
+    AfterPeersConnect(usize),
+    /// The flag is off in a multi-member cluster: wait a whole election timeout.
+    Skip,
+}
+
+/// etcd's `adjustTicks` decision for a member whose membership table lists `members` members
+/// (itself included), with `election_ticks` ticks per election timeout and the flag
+/// `--initial-election-tick-advance` = `enabled`.
+pub fn initial_tick_advance(members: usize, election_ticks: usize, enabled: bool) -> TickAdvance {
+    if members == 1 {
+        TickAdvance::SingleNode(election_ticks.saturating_sub(1))
+    } else if !enabled {
+        TickAdvance::Skip
+    } else {
+        TickAdvance::AfterPeersConnect(election_ticks.saturating_sub(2))
+    }
+}
+
+/// Election ticks per election timeout for `election_ms` and `heartbeat_ms` (one tick per
+/// heartbeat interval; at least 2).
+pub fn election_ticks(election_ms: u64, heartbeat_ms: u64) -> usize {
+    (election_ms / heartbeat_ms.max(1)).max(2) as usize
+}
+
 impl RaftNode {
     /// Builds the node from what recovery found: the snapshot (if any) and the WAL records
     /// after it. A new cluster's first boot writes the bootstrap entries to the WAL first.
@@ -418,6 +600,16 @@ impl RaftNode {
         if legacy_alone {
             membership = Membership::from_records(std::slice::from_ref(&cfg.this_member), &[]);
         }
+        if cfg.force_new_cluster && !fresh {
+            force_new_cluster(
+                cfg,
+                &membership,
+                snap.map_or(0, |s| s.index),
+                applied,
+                &mut wal,
+                &mut recovered,
+            )?;
+        }
         let storage = RaftStorage::new(committed.clone());
         let snap_index = match snap {
             Some(s) => {
@@ -438,17 +630,23 @@ impl RaftNode {
         storage.wl().append(&recovered.entries)?;
         let last_index = recovered.entries.last().map_or(snap_index, |e| e.index);
         if recovered.hard_state.is_some() || applied > snap_index {
-            let mut hs = recovered.hard_state.unwrap_or_default();
             // What the snapshot or the durable state machine holds was committed; the log
             // cannot commit what it lacks.
-            hs.commit = hs.commit.max(snap_index).max(applied).min(last_index);
+            let commit = start_commit(
+                recovered.hard_state.as_ref(),
+                snap_index,
+                applied,
+                last_index,
+            );
+            let mut hs = recovered.hard_state.unwrap_or_default();
+            hs.commit = commit;
             hs.term = hs.term.max(storage.rl().hard_state().term);
             if let Some(last) = recovered.entries.last() {
                 hs.term = hs.term.max(last.term);
             }
             storage.wl().set_hardstate(hs);
         }
-        let election_tick = (cfg.election_ms / cfg.heartbeat_ms.max(1)).max(2) as usize;
+        let election_tick = election_ticks(cfg.election_ms, cfg.heartbeat_ms);
         let config = raft::Config {
             id: cfg.id,
             election_tick,
@@ -606,6 +804,11 @@ impl RaftNode {
                 }
             }
             NodeMsg::Unreachable(id) => self.raw.report_unreachable(id),
+            NodeMsg::AdvanceTicks(ticks) => {
+                for _ in 0..ticks {
+                    self.raw.tick();
+                }
+            }
             NodeMsg::RemovedByPeer => self.status.removed.store(true, Ordering::Relaxed),
             NodeMsg::TransferLeader(id) => self.raw.transfer_leader(id),
             NodeMsg::Progress(reply) => {
@@ -1047,6 +1250,148 @@ mod tests {
             }
         }
         (snapshotter, wal_dir)
+    }
+
+    fn record(id: u64) -> MemberRecord {
+        MemberRecord {
+            id,
+            name: format!("m{id}"),
+            peer_urls: vec![format!("http://127.0.0.1:{id}")],
+            client_urls: vec![],
+            is_learner: false,
+        }
+    }
+
+    fn node_config(id: u64, dir: &Path) -> NodeConfig {
+        NodeConfig {
+            id,
+            this_member: record(id),
+            bootstrap: vec![],
+            seed_peers: vec![],
+            heartbeat_ms: 100,
+            election_ms: 1000,
+            lease_reads: false,
+            catch_up_entries: 5000,
+            request_timeout: Duration::from_secs(5),
+            snap_dir: dir.join("snap"),
+            max_snapshots: 5,
+            pre_vote: true,
+            max_learners: 1,
+            force_new_cluster: true,
+        }
+    }
+
+    #[test]
+    fn force_new_cluster_commits_a_one_member_configuration() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal_dir = dir.path().join("wal");
+        let (mut wal, _) = Wal::open(&wal_dir, 0, true).unwrap();
+        // Members 1, 2, 3; writes up to 6 committed at term 2, 7..=8 never committed.
+        let mut entries = bootstrap_entries(&[record(1), record(2), record(3)]);
+        entries.extend((4..=8).map(|i| entry(i, 2)));
+        let hs = HardState {
+            term: 2,
+            vote: 3,
+            commit: 6,
+            ..Default::default()
+        };
+        wal.append(&entries, Some(&hs));
+        wal.sync().unwrap();
+        drop(wal);
+
+        let cfg = node_config(2, dir.path());
+        let (mut wal, mut recovered) = Wal::open(&wal_dir, 0, true).unwrap();
+        force_new_cluster(&cfg, &Membership::default(), 0, 0, &mut wal, &mut recovered).unwrap();
+        drop(wal);
+        let check = |recovered: &Recovered| {
+            let indexes: Vec<u64> = recovered.entries.iter().map(|e| e.index).collect();
+            assert_eq!(indexes, (1..=8).collect::<Vec<_>>(), "7 and 8 replaced");
+            let hs = recovered.hard_state.clone().unwrap();
+            assert_eq!((hs.term, hs.commit), (2, 8));
+            let table = replay_membership(Membership::default(), &recovered.entries, 1);
+            assert_eq!(table.voters(), vec![2]);
+            assert_eq!(table.removed, [1, 3].into_iter().collect());
+            assert!(recovered.entries[6..]
+                .iter()
+                .all(|e| e.term == 2 && e.get_entry_type() == EntryType::EntryConfChangeV2));
+        };
+        check(&recovered);
+        // Durable: a restart without the flag finds the same log.
+        let (_, again) = Wal::open(&wal_dir, 0, true).unwrap();
+        check(&again);
+    }
+
+    #[test]
+    fn force_new_cluster_adds_a_member_the_log_does_not_list() {
+        let table = Membership::from_records(&[record(1), record(3)], &[]);
+        let entries = standalone_entries(&table, &record(2), 4, 10);
+        let after = replay_membership(table.clone(), &entries, 1);
+        assert_eq!(after.list(), vec![record(2)]);
+        assert_eq!(
+            entries.iter().map(|e| e.index).collect::<Vec<_>>(),
+            [10, 11, 12]
+        );
+        // A learner is promoted; a lone voter needs nothing.
+        let mut learner = record(2);
+        learner.is_learner = true;
+        let table = Membership::from_records(&[record(1), learner], &[]);
+        let after = replay_membership(
+            table.clone(),
+            &standalone_entries(&table, &record(2), 4, 10),
+            1,
+        );
+        assert_eq!(after.voters(), vec![2]);
+        assert!(after.learners().is_empty());
+        let alone = Membership::from_records(&[record(2)], &[]);
+        assert!(standalone_entries(&alone, &record(2), 4, 10).is_empty());
+    }
+
+    #[test]
+    fn force_new_cluster_refuses_a_removed_member() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(&dir.path().join("wal"), 0, true).unwrap();
+        let mut recovered = Recovered {
+            entries: vec![],
+            hard_state: Some(HardState {
+                term: 3,
+                vote: 0,
+                commit: 10,
+                ..Default::default()
+            }),
+        };
+        let table = Membership::from_records(&[record(1)], &[2]);
+        let err = force_new_cluster(
+            &node_config(2, dir.path()),
+            &table,
+            10,
+            10,
+            &mut wal,
+            &mut recovered,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("removed"), "{err}");
+    }
+
+    #[test]
+    fn initial_tick_advance_follows_etcds_adjust_ticks() {
+        // One member: always, flag or not, electionTicks - 1.
+        assert_eq!(
+            initial_tick_advance(1, 10, true),
+            TickAdvance::SingleNode(9)
+        );
+        assert_eq!(
+            initial_tick_advance(1, 10, false),
+            TickAdvance::SingleNode(9)
+        );
+        // More: electionTicks - 2 once peers connect, only with the flag.
+        assert_eq!(
+            initial_tick_advance(3, 10, true),
+            TickAdvance::AfterPeersConnect(8)
+        );
+        assert_eq!(initial_tick_advance(3, 10, false), TickAdvance::Skip);
+        assert_eq!(election_ticks(5000, 100), 50);
+        assert_eq!(election_ticks(100, 100), 2);
     }
 
     #[test]

@@ -292,6 +292,14 @@ async fn connect(urls: &[String], timeout: Duration) -> Result<tonic::transport:
     Err(last)
 }
 
+/// Whether a peer at one of `urls` accepts a connection within `timeout` (etcd counts such a
+/// peer among `transport.ActivePeers`). The connection is closed again.
+pub async fn reachable(urls: &[String], timeout: Duration) -> bool {
+    tokio::time::timeout(timeout, connect(urls, timeout))
+        .await
+        .is_ok_and(|connected| connected.is_ok())
+}
+
 /// One remote member's link: connect lazily, stream batches, reconnect with backoff.
 async fn run_link(cfg: LinkConfig, mut queue: mpsc::Receiver<Message>) {
     let mut backoff = Duration::from_millis(50);

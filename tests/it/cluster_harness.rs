@@ -268,6 +268,11 @@ impl Cluster {
         Ok(())
     }
 
+    /// Replaces member `i`'s extra flags, for its next (re)start.
+    pub fn set_extra(&mut self, i: usize, extra: &[&str]) {
+        self.specs[i].extra = extra.iter().map(|s| s.to_string()).collect();
+    }
+
     /// Member `i`'s data directory.
     pub fn data_dir(&self, i: usize) -> PathBuf {
         self.specs[i].dir.clone()

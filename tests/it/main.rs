@@ -8,6 +8,7 @@ mod disk_full;
 mod durability;
 mod etcdctl;
 mod flags;
+mod force_new;
 mod harness;
 mod kv;
 mod lease;
