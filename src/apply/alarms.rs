@@ -124,7 +124,7 @@ impl AlarmTable {
     }
 
     /// The alarms as Status lists them in `errors` (etcd: each `AlarmMember`'s text form,
-    /// "memberID:<decimal ID> alarm:<TYPE> ").
+    /// `"memberID:<decimal ID> alarm:<TYPE> "`).
     pub fn status_errors(&self) -> Vec<String> {
         self.get(AlarmType::None as i32)
             .into_iter()

@@ -278,7 +278,7 @@ async fn periodic_check(core: &Core) -> Result<(), EtcdError> {
             core.raise_alarm(id, AlarmType::Corrupt).await?;
         }
     }
-    tracing::debug!(
+    tracing::info!(
         number_of_peers_checked = checked,
         "finished peer corruption check"
     );
