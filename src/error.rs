@@ -50,6 +50,11 @@ pub enum EtcdError {
     /// The backend is above `--quota-backend-bytes` (ResourceExhausted).
     #[error("etcdserver: mvcc: database space exceeded")]
     NoSpace,
+    /// A CORRUPT alarm is active (etcd `ErrCorrupt`, rpctypes `ErrGRPCCorrupt`: DataLoss).
+    /// While it is, writes, compactions and lease grants and revokes are refused, as etcd's
+    /// `applierV3Corrupt` refuses them (see [`crate::apply::alarms::AlarmTable::refusal`]).
+    #[error("etcdserver: corrupt cluster")]
+    Corrupt,
     /// No Raft leader is known (Unavailable).
     #[error("etcdserver: no leader")]
     NoLeader,
@@ -139,6 +144,7 @@ impl EtcdError {
             LeaseNotFound | MemberNotFound => Code::NotFound,
             MemberBadUrls => Code::InvalidArgument,
             NoSpace => Code::ResourceExhausted,
+            Corrupt => Code::DataLoss,
             NoLeader | LeaderChanged | Stopped | Timeout | Unhealthy => Code::Unavailable,
             LeaderTransferTimeout => Code::Unknown,
             UndecodableProposal => Code::Internal,
@@ -172,6 +178,11 @@ mod tests {
                 Code::InvalidArgument,
                 "etcdserver: duplicate key given in txn request"
             )
+        );
+        let s = Status::from(EtcdError::Corrupt);
+        assert_eq!(
+            (s.code(), s.message()),
+            (Code::DataLoss, "etcdserver: corrupt cluster")
         );
     }
 }

@@ -28,6 +28,7 @@
 //! the dispatcher works on a txn it sends nothing else, so the txn is a barrier only on the
 //! shards it touches; the others keep draining their queues.
 
+pub mod alarms;
 pub mod pending;
 
 use std::sync::Arc;
@@ -42,16 +43,18 @@ use crate::mvcc::range::merge;
 use crate::mvcc::store::combine_compare;
 use crate::mvcc::{KeyRange, KeyValue};
 use crate::proto::etcdserverpb::{
-    request_op::Request as OpRequest, response_op::Response as OpResponse, CompactionRequest,
-    CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, LeaseCheckpointRequest,
-    LeaseCheckpointResponse, LeaseGrantRequest, LeaseGrantResponse, LeaseRevokeRequest,
-    LeaseRevokeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, ResponseHeader,
-    ResponseOp, TxnRequest, TxnResponse,
+    alarm_request::AlarmAction, request_op::Request as OpRequest,
+    response_op::Response as OpResponse, AlarmMember, AlarmRequest, AlarmResponse, AlarmType,
+    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse,
+    LeaseCheckpointRequest, LeaseCheckpointResponse, LeaseGrantRequest, LeaseGrantResponse,
+    LeaseRevokeRequest, LeaseRevokeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse,
+    ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
 };
 use crate::proto::metastorepb::{
     proposal::Request as Proposed, KeyHistory, Proposal, StateSnapshot,
 };
 use crate::shard::{shard_for, ApplyCmd, BarrierState, ShardSet};
+use alarms::{Guarded, SharedAlarms};
 pub use pending::{Pending, PendingGuard};
 
 /// What clients may read: published after every shard has applied through `index`.
@@ -92,6 +95,12 @@ pub struct StartState {
     /// sent that the durable shards had not finished installing): the dispatcher installs it
     /// before applying anything, and publishes nothing until then.
     pub restore: Option<Arc<StateSnapshot>>,
+    /// The alarm table at `alarm_index` (a snapshot's; empty without one).
+    pub alarms: Vec<AlarmMember>,
+    /// The Raft index `alarms` reflects: the snapshot's. Alarm requests in later entries are
+    /// applied again even where the shards already hold the entry, since only the log and
+    /// snapshots record the table.
+    pub alarm_index: u64,
 }
 
 /// What the Raft node hands the dispatcher, in log order.
@@ -139,6 +148,8 @@ pub enum ApplyResponse {
     LeaseCheckpoint(LeaseCheckpointResponse),
     /// A membership change: the members after it, sorted by ID.
     Members(Vec<crate::proto::metastorepb::MemberRecord>),
+    /// An alarm request (GET, ACTIVATE or DEACTIVATE).
+    Alarm(AlarmResponse),
 }
 
 /// An applied request's outcome.
@@ -202,6 +213,10 @@ pub struct Dispatcher {
     membership: Arc<Membership>,
     /// A snapshot to install before anything else (see [`StartState::restore`]).
     restore_first: Option<Arc<StateSnapshot>>,
+    /// The replicated alarm table (shared with the front end, which only reads it).
+    alarms: SharedAlarms,
+    /// The Raft index the alarm table reflects (see [`StartState::alarm_index`]).
+    alarm_index: u64,
 }
 
 /// A result still waiting for a shard's reply (a put's previous key-value).
@@ -229,7 +244,9 @@ fn wait<T>(rx: oneshot::Receiver<T>) -> T {
 
 impl Dispatcher {
     /// A dispatcher at `start` (or empty), publishing to `applied_tx`. Grants below
-    /// `min_lease_ttl` seconds are raised to it.
+    /// `min_lease_ttl` seconds are raised to it. `alarms` receives the alarm table at `start`
+    /// and every change applied to it.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         shards: ShardSet,
         start: &StartState,
@@ -238,8 +255,10 @@ impl Dispatcher {
         snapshots: SnapshotPolicy,
         leases: LeaseTable,
         min_lease_ttl: i64,
+        alarms: SharedAlarms,
     ) -> Self {
         leases.restore(&start.leases);
+        alarms.write(|t| *t = alarms::AlarmTable::from_members(&start.alarms));
         let d = Dispatcher {
             shards,
             revision: start.revision.max(1),
@@ -258,6 +277,8 @@ impl Dispatcher {
             snapshots,
             membership: start.membership.clone(),
             restore_first: start.restore.clone(),
+            alarms,
+            alarm_index: start.alarm_index,
         };
         if d.restore_first.is_none() {
             d.publish();
@@ -333,6 +354,9 @@ impl Dispatcher {
         if !snap.members.is_empty() {
             self.membership = Arc::new(Membership::from_records(&snap.members, &snap.removed));
         }
+        self.alarms
+            .write(|t| *t = alarms::AlarmTable::from_members(&snap.alarms));
+        self.alarm_index = snap.index;
         self.barrier();
         self.publish();
         tracing::info!(
@@ -365,6 +389,7 @@ impl Dispatcher {
             leases: self.leases.records(),
             keys,
             complete,
+            alarms: self.alarms.read(|t| t.get(AlarmType::None as i32)),
         }
     }
 
@@ -393,8 +418,14 @@ impl Dispatcher {
                 self.membership = m.clone();
             }
             if entry.index <= self.applied_index {
+                // Already in the shards; but the alarm table is only in the log and snapshots.
+                if entry.index > self.alarm_index {
+                    self.replay_alarms(&entry);
+                    self.alarm_index = entry.index;
+                }
                 continue; // already in the snapshot we started from
             }
+            self.alarm_index = self.alarm_index.max(entry.index);
             // Shards that made this entry durable before a restart skip its writes; the first
             // entry past them tells them to stop skipping.
             if self.replay_until > 0 && entry.index <= self.replay_until + 1 {
@@ -487,8 +518,79 @@ impl Dispatcher {
         });
     }
 
+    /// Applies the alarm requests of an entry the shards already hold (its other requests are
+    /// in the shards), so that the alarm table catches up with the log after a restart.
+    fn replay_alarms(&mut self, entry: &CommittedEntry) {
+        for decoded in proposals(&entry.data) {
+            if let Decoded::Proposal(Proposal {
+                request: Some(Proposed::Alarm(a)),
+                ..
+            }) = decoded
+            {
+                let _ = self.apply_alarm(&a);
+            }
+        }
+    }
+
+    /// An alarm request, as etcd's `applierV3backend.Alarm` applies it: GET lists the alarms
+    /// of a type (NONE: all); ACTIVATE raises one for `member_id` (NONE is ignored) and
+    /// answers it; DEACTIVATE clears one and answers it, or nothing if it was not raised.
+    fn apply_alarm(&mut self, a: &AlarmRequest) -> ApplyResult {
+        let action = AlarmAction::try_from(a.action).unwrap_or(AlarmAction::Get);
+        let name = || {
+            AlarmType::try_from(a.alarm)
+                .map(|t| t.as_str_name())
+                .unwrap_or("unknown")
+        };
+        let alarms = self.alarms.write(|t| match action {
+            AlarmAction::Get => t.get(a.alarm),
+            AlarmAction::Activate => {
+                let newly = !t.get(a.alarm).iter().any(|m| m.member_id == a.member_id);
+                let raised = t.activate(a.member_id, a.alarm);
+                if raised.is_some() && newly {
+                    tracing::warn!(member = %format!("{:x}", a.member_id), alarm = name(),
+                        "alarm raised");
+                }
+                raised.into_iter().collect()
+            }
+            AlarmAction::Deactivate => {
+                let cleared = t.deactivate(a.member_id, a.alarm);
+                if cleared.is_some() {
+                    tracing::info!(member = %format!("{:x}", a.member_id), alarm = name(),
+                        "alarm disarmed");
+                }
+                cleared.into_iter().collect()
+            }
+        });
+        Ok(ApplyResponse::Alarm(AlarmResponse {
+            header: header(self.revision),
+            alarms,
+        }))
+    }
+
+    /// What the active alarms refuse (see [`alarms::AlarmTable::refusal`]).
+    fn refused(&self, request: &Proposed) -> Option<EtcdError> {
+        let guarded = match request {
+            Proposed::Put(_) => Guarded::Put,
+            Proposed::DeleteRange(_) => Guarded::DeleteRange,
+            Proposed::Txn(t) => Guarded::Txn {
+                writes: !txn_read_only(t),
+                puts: txn_puts(t),
+            },
+            Proposed::Compaction(_) => Guarded::Compaction,
+            Proposed::LeaseGrant(_) => Guarded::LeaseGrant,
+            Proposed::LeaseRevoke(_) => Guarded::LeaseRevoke,
+            Proposed::LeaseCheckpoint(_) | Proposed::Alarm(_) => return None,
+        };
+        self.alarms.read(|t| t.refusal(guarded))
+    }
+
     fn apply_proposal(&mut self, request: Option<Proposed>) -> Outcome {
+        if let Some(e) = request.as_ref().and_then(|r| self.refused(r)) {
+            return Outcome::Done(Err(e));
+        }
         match request {
+            Some(Proposed::Alarm(a)) => Outcome::Done(self.apply_alarm(&a)),
             Some(Proposed::Put(p)) => self.apply_put(p),
             Some(Proposed::DeleteRange(d)) => {
                 let rev = self.revision + 1;
@@ -965,6 +1067,28 @@ fn proposals(data: &[u8]) -> impl Iterator<Item = Decoded> + '_ {
             }
         })
     })
+}
+
+/// Whether every op of `t`, in both branches, is a Range (etcd `isTxnReadonly`: a nested txn
+/// is not read-only).
+pub fn txn_read_only(t: &TxnRequest) -> bool {
+    t.success
+        .iter()
+        .chain(&t.failure)
+        .all(|op| matches!(op.request, Some(OpRequest::RequestRange(_)) | None))
+}
+
+/// Whether `t` holds a put in either branch, nested txns included: the txns a NOSPACE alarm
+/// refuses (etcd's quota `Cost` is positive).
+pub fn txn_puts(t: &TxnRequest) -> bool {
+    t.success
+        .iter()
+        .chain(&t.failure)
+        .any(|op| match &op.request {
+            Some(OpRequest::RequestPut(_)) => true,
+            Some(OpRequest::RequestTxn(n)) => txn_puts(n),
+            _ => false,
+        })
 }
 
 /// Progress of one txn's execution.

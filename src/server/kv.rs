@@ -5,11 +5,10 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::{validate, Core};
-use crate::apply::ApplyResponse;
+use crate::apply::{txn_puts, ApplyResponse};
 use crate::proto::etcdserverpb::{
-    kv_server::Kv, request_op::Request as OpRequest, CompactionRequest, CompactionResponse,
-    DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse,
-    TxnRequest, TxnResponse,
+    kv_server::Kv, CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse,
+    PutRequest, PutResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
 };
 use crate::proto::metastorepb::proposal::Request as Proposed;
 
@@ -27,17 +26,6 @@ impl KvService {
     async fn write(&self, req: Proposed) -> Result<ApplyResponse, Status> {
         Ok(self.core.propose(req).await?)
     }
-}
-
-fn txn_puts(t: &TxnRequest) -> bool {
-    t.success
-        .iter()
-        .chain(&t.failure)
-        .any(|op| match &op.request {
-            Some(OpRequest::RequestPut(_)) => true,
-            Some(OpRequest::RequestTxn(n)) => txn_puts(n),
-            _ => false,
-        })
 }
 
 fn unexpected(what: &str) -> Status {

@@ -1,5 +1,6 @@
-//! `etcdserverpb.Maintenance`: Status and Alarm (GET) for `etcdctl endpoint status/health`.
-//! The other RPCs arrive with the maintenance issue and answer Unimplemented until then.
+//! `etcdserverpb.Maintenance`: Status, Alarm (replicated through Raft, see
+//! [`crate::apply::alarms`]), Defragment, HashKV and MoveLeader. The other RPCs answer
+//! Unimplemented.
 
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -8,14 +9,16 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::Core;
+use crate::apply::ApplyResponse;
 use crate::consensus::NodeMsg;
 use crate::error::EtcdError;
 use crate::proto::etcdserverpb::{
-    alarm_request::AlarmAction, maintenance_server::Maintenance, AlarmMember, AlarmRequest,
-    AlarmResponse, AlarmType, DefragmentRequest, DefragmentResponse, DowngradeRequest,
-    DowngradeResponse, HashKvRequest, HashKvResponse, HashRequest, HashResponse, MoveLeaderRequest,
-    MoveLeaderResponse, SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
+    maintenance_server::Maintenance, AlarmRequest, AlarmResponse, DefragmentRequest,
+    DefragmentResponse, DowngradeRequest, DowngradeResponse, HashKvRequest, HashKvResponse,
+    HashRequest, HashResponse, MoveLeaderRequest, MoveLeaderResponse, SnapshotRequest,
+    SnapshotResponse, StatusRequest, StatusResponse,
 };
+use crate::proto::metastorepb::proposal::Request as Proposed;
 
 /// The etcd version MetaStore's API matches; clients (Kubernetes among them) parse it to turn
 /// features on, so it names the etcd API level, not MetaStore's own version.
@@ -42,38 +45,31 @@ fn unsupported<T>(rpc: &'static str) -> Result<Response<T>, Status> {
 
 #[tonic::async_trait]
 impl Maintenance for MaintenanceService {
+    /// Alarm GET, ACTIVATE and DEACTIVATE, proposed through Raft and applied on every member
+    /// as etcd does (`EtcdServer.Alarm` sends an `InternalRaftRequest{Alarm}`): every member
+    /// lists every member's alarms. ACTIVATE answers the alarm raised (NONE raises nothing);
+    /// DEACTIVATE answers the alarm cleared, or nothing when it was not active. As etcd's
+    /// server, DEACTIVATE clears exactly (member ID, type): etcdctl's `alarm disarm` lists the
+    /// alarms first and disarms each one.
+    ///
+    /// Errors: those of a proposal ("etcdserver: no leader", "etcdserver: request timed out").
     async fn alarm(
         &self,
         request: Request<AlarmRequest>,
     ) -> Result<Response<AlarmResponse>, Status> {
-        let req = request.into_inner();
-        let nospace =
-            |alarm: i32| alarm == AlarmType::Nospace as i32 || alarm == AlarmType::None as i32;
-        let action = AlarmAction::try_from(req.action).unwrap_or(AlarmAction::Get);
-        match action {
-            AlarmAction::Get => {}
-            AlarmAction::Activate if req.alarm == AlarmType::Nospace as i32 => {
-                self.core.nospace.store(true, Ordering::Relaxed);
+        match self
+            .core
+            .propose(Proposed::Alarm(request.into_inner()))
+            .await?
+        {
+            ApplyResponse::Alarm(mut r) => {
+                r.header = self.core.header(r.header.map_or(0, |h| h.revision));
+                Ok(Response::new(r))
             }
-            // Disarming after a compaction and defragment lets writes through again; if the
-            // backend is still over quota, the next write raises the alarm anew.
-            AlarmAction::Deactivate if nospace(req.alarm) => {
-                self.core.nospace.store(false, Ordering::Relaxed);
-            }
-            _ => return unsupported("alarms other than NOSPACE"),
+            _ => Err(Status::internal(
+                "etcdserver: unexpected apply result for alarm",
+            )),
         }
-        let state = *self.core.applied.borrow();
-        let mut alarms = Vec::new();
-        if self.core.nospace.load(Ordering::Relaxed) || action == AlarmAction::Deactivate {
-            alarms.push(AlarmMember {
-                member_id: self.core.member.id,
-                alarm: AlarmType::Nospace as i32,
-            });
-        }
-        Ok(Response::new(AlarmResponse {
-            header: self.core.header(state.revision),
-            alarms,
-        }))
     }
 
     async fn status(
@@ -87,11 +83,8 @@ impl Maintenance for MaintenanceService {
         if leader == 0 {
             errors.push(EtcdError::NoLeader.to_string());
         }
-        if self.core.nospace.load(Ordering::Relaxed) {
-            errors.push(
-                "memberID:".to_string() + &self.core.member.id.to_string() + " alarm:NOSPACE ",
-            );
-        }
+        // etcd: one entry per active alarm, every member's, in `AlarmMember`'s text form.
+        errors.extend(self.core.alarms.read(|t| t.status_errors()));
         Ok(Response::new(StatusResponse {
             header: self.core.header(state.revision),
             version: ETCD_API_VERSION.to_string(),

@@ -28,6 +28,7 @@ use anyhow::Context;
 use prost::Message;
 use tokio::sync::watch as state_watch;
 
+use crate::apply::alarms::SharedAlarms;
 use crate::apply::{AppliedState, ApplyResponse, Dispatcher, Pending, SnapshotPolicy, StartState};
 use crate::config::{defaults, ClusterState, Config};
 use crate::consensus::snapshot::Snapshotter;
@@ -40,9 +41,9 @@ use crate::error::EtcdError;
 use crate::lease::{min_ttl_secs, LeaseTable};
 use crate::mvcc::range::merge;
 use crate::proto::etcdserverpb::{
-    cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
-    maintenance_server::MaintenanceServer, watch_server::WatchServer, RangeRequest, RangeResponse,
-    ResponseHeader,
+    alarm_request::AlarmAction, cluster_server::ClusterServer, kv_server::KvServer,
+    lease_server::LeaseServer, maintenance_server::MaintenanceServer, watch_server::WatchServer,
+    AlarmRequest, AlarmType, RangeRequest, RangeResponse, ResponseHeader,
 };
 use crate::proto::metastorepb::{
     peer_server::PeerServer, proposal::Request as Proposed, MemberRecord, Proposal, StateSnapshot,
@@ -69,8 +70,11 @@ pub struct Core {
     pending: Arc<Pending>,
     next_proposal: AtomicU64,
     next_lease_seed: AtomicU64,
-    /// The NOSPACE alarm: raised when the backend passes its quota, cleared by Alarm DEACTIVATE.
-    pub nospace: std::sync::atomic::AtomicBool,
+    /// The replicated alarm table (etcd's alarm store), as the dispatcher last applied it.
+    pub alarms: SharedAlarms,
+    /// A NOSPACE alarm for this member is being proposed: the next writes over quota do not
+    /// propose it again meanwhile.
+    raising_nospace: std::sync::atomic::AtomicBool,
     /// A Peer client to the current leader, for requests only the leader answers.
     leader_peer: tokio::sync::Mutex<
         Option<(
@@ -134,20 +138,56 @@ impl Core {
             .map_err(|_| EtcdError::Timeout)?
     }
 
-    /// Fails with "database space exceeded" while the NOSPACE alarm is raised; raises it when
-    /// the backend has grown past `--quota-backend-bytes`. Reads are never refused.
+    /// The front end's quota check for a request that grows the backend (Put, a Txn with a
+    /// put, LeaseGrant), as etcd's `quotaKVServer`/`quotaLeaseServer`: while any member's
+    /// NOSPACE alarm is active, or when this member's backend has grown past
+    /// `--quota-backend-bytes`, the request is refused. In the latter case this member also
+    /// proposes a NOSPACE alarm for itself through Raft (etcd's Alarm ACTIVATE with its member
+    /// ID), so that every member refuses such requests until it is disarmed. The dispatcher
+    /// refuses them again as it applies them (the alarm may be raised meanwhile). Reads and
+    /// deletes are never refused.
+    ///
+    /// Errors: "etcdserver: mvcc: database space exceeded" (etcd `ErrGRPCNoSpace`).
     pub fn check_quota(&self) -> Result<(), EtcdError> {
-        if !self.nospace.load(Ordering::Relaxed) && self.shards.db_size() <= self.cfg.quota_bytes()
-        {
+        let raised = self
+            .alarms
+            .read(|t| t.is_active(crate::proto::etcdserverpb::AlarmType::Nospace));
+        if raised {
+            return Err(EtcdError::NoSpace);
+        }
+        if self.shards.db_size() <= self.cfg.quota_bytes() {
             return Ok(());
         }
-        if !self.nospace.swap(true, Ordering::Relaxed) {
+        if !self.raising_nospace.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 quota = self.cfg.quota_bytes(),
-                "backend over quota: NOSPACE alarm raised"
+                db_size = self.shards.db_size(),
+                "backend over quota: raising the NOSPACE alarm"
             );
+            if let Some(core) = self.this.upgrade() {
+                tokio::spawn(async move {
+                    let id = core.member.id;
+                    if let Err(e) = core.raise_alarm(id, AlarmType::Nospace).await {
+                        tracing::warn!(error = %e, "cannot raise the NOSPACE alarm");
+                    }
+                    core.raising_nospace.store(false, Ordering::Relaxed);
+                });
+            }
         }
         Err(EtcdError::NoSpace)
+    }
+
+    /// Proposes an Alarm ACTIVATE of `alarm` for `member` and waits until it is applied.
+    ///
+    /// Errors: those of [`Core::propose`].
+    pub async fn raise_alarm(&self, member: u64, alarm: AlarmType) -> Result<(), EtcdError> {
+        self.propose(Proposed::Alarm(AlarmRequest {
+            action: AlarmAction::Activate as i32,
+            member_id: member,
+            alarm: alarm as i32,
+        }))
+        .await
+        .map(|_| ())
     }
 
     /// The applied state a linearizable read may use: ReadIndex (Raft paper section 6.4), then
@@ -309,6 +349,8 @@ async fn recover_start(
         durable: engine.kind != EngineKind::Memory,
         membership: Default::default(),
         restore: Some(Arc::new(s.clone())),
+        alarms: s.alarms.clone(),
+        alarm_index: s.index,
     };
     if engine.kind == EngineKind::Memory {
         return Ok(snap.map(from_snapshot).unwrap_or_default());
@@ -361,6 +403,9 @@ async fn recover_start(
             dir.display()
         );
     }
+    // The alarm table is only in snapshots and the log: it starts from the snapshot the WAL
+    // follows, whatever the shards hold, and the dispatcher replays the alarm requests after it.
+    let alarms = snap.map(|s| s.alarms.clone()).unwrap_or_default();
     Ok(match lowest {
         Some(r) => StartState {
             index: r.applied_index,
@@ -373,11 +418,15 @@ async fn recover_start(
             durable: true,
             membership: Default::default(),
             restore: None,
+            alarms,
+            alarm_index: snapshot_index,
         },
         None => StartState {
             snapshot_index,
             replay_until,
             durable: true,
+            alarms,
+            alarm_index: snapshot_index,
             ..Default::default()
         },
     })
@@ -744,6 +793,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         notify: snap_tx,
     };
     let leases = LeaseTable::default();
+    let alarms = SharedAlarms::default();
     let dispatcher = Dispatcher::new(
         shards.set.clone(),
         &start,
@@ -752,6 +802,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         policy,
         leases.clone(),
         min_ttl_secs(cfg.election_timeout),
+        alarms.clone(),
     );
     std::thread::Builder::new()
         .name("apply".into())
@@ -768,7 +819,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         // start can use (the shift stays within 64 bits until the year 2112).
         next_proposal: AtomicU64::new(member.boot_stamp << 12),
         next_lease_seed: AtomicU64::new(member.id ^ member.boot_stamp),
-        nospace: Default::default(),
+        alarms,
+        raising_nospace: Default::default(),
         leader_peer: Default::default(),
         cfg: cfg.clone(),
         member,
@@ -874,6 +926,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     tokio::spawn(lease::run_lease_clock(core.clone(), promoted));
     if let Some(retention) = auto_compaction {
         tokio::spawn(compactor::run(core.clone(), retention));
+    }
+    if !cfg.experimental_corrupt_check_time.is_zero() {
+        let every = cfg.experimental_corrupt_check_time;
+        tokio::spawn(corrupt::run_periodic_check(core.clone(), every));
     }
     // As etcd (`publish` closes `readych`), a member is ready only once its name and client
     // URLs are in the membership table: a client that lists members right after every member

@@ -1,6 +1,7 @@
 //! Integration tests: real `metastore` processes driven by real clients (the `etcd-client`
 //! crate and `etcdctl`).
 
+mod alarm;
 mod check_perf;
 mod cluster;
 mod cluster_harness;

@@ -242,6 +242,29 @@ async fn quota_raises_nospace_until_compacted_and_disarmed() {
         .await
         .unwrap();
     assert_eq!(alarms.alarms().len(), 1);
+    let member = c.status().await.unwrap().header().unwrap().member_id();
+    assert_eq!(alarms.alarms()[0].member_id(), member);
+    // The alarm is replicated state: it survives a restart (the WAL replays it, though the
+    // shards already hold every entry).
+    server.kill();
+    let server =
+        Server::try_start(dir.path(), &flags(&["--quota-backend-bytes", "300000"])).unwrap();
+    let mut c = server.client().await;
+    let alarms = c
+        .alarm(
+            etcd_client::AlarmAction::Get,
+            etcd_client::AlarmType::None,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        alarms.alarms().len(),
+        1,
+        "after a restart, before any write"
+    );
+    let e = c.put("quota", "small", None).await.unwrap_err().to_string();
+    assert!(e.contains("database space exceeded"), "{e}");
     // Compact away the history, defragment, disarm: writes are accepted again.
     c.compact(
         last,
@@ -256,10 +279,13 @@ async fn quota_raises_nospace_until_compacted_and_disarmed() {
         "defragment should shrink the backend: {}",
         status.db_size()
     );
+    // As etcd, DEACTIVATE clears exactly (member, type): etcdctl lists the alarms first.
+    let mut mine = etcd_client::AlarmOptions::new();
+    mine.with_member(member);
     c.alarm(
         etcd_client::AlarmAction::Deactivate,
         etcd_client::AlarmType::Nospace,
-        None,
+        Some(mine),
     )
     .await
     .unwrap();
