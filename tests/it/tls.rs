@@ -36,10 +36,16 @@ fn ca(name: &str) -> Ca {
     }
 }
 
-/// A leaf (server and client usage) signed by `ca`: (cert PEM, key PEM).
+/// A leaf (server and client usage) signed by `ca` for localhost and 127.0.0.1: (cert PEM,
+/// key PEM).
 fn leaf(ca: &Ca, cn: &str, serial: u64, expired: bool) -> (String, String) {
+    leaf_for(ca, cn, serial, expired, &["localhost", "127.0.0.1"])
+}
+
+/// A leaf signed by `ca`, valid for the names and IPs in `sans`.
+fn leaf_for(ca: &Ca, cn: &str, serial: u64, expired: bool, sans: &[&str]) -> (String, String) {
     let mut p =
-        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
     p.distinguished_name.push(DnType::CommonName, cn);
     p.serial_number = Some(SerialNumber::from(serial));
     p.extended_key_usages = vec![
@@ -754,4 +760,76 @@ async fn peer_client_cert_file_is_presented_when_dialing_peers() {
         err.contains("ClientKeyFile and ClientCertFile must both be present or both absent"),
         "{err}"
     );
+}
+
+/// kubeadm's etcd static pod command line (shared/reference/deployment.md), with the node's
+/// IP (127.0.0.2 here), free ports and a temporary data directory: MetaStore starts from it
+/// unchanged, and kube-apiserver's way in (a client certificate, CN
+/// kube-apiserver-etcd-client) works on both client URLs, through etcdctl and etcd-client.
+#[tokio::test]
+async fn kubeadm_static_pod_command_line_starts_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path();
+    let ca1 = ca("etcd-ca");
+    let names = ["localhost", "127.0.0.1", "127.0.0.2", "node1"];
+    let (server_crt, server_key) = leaf_for(&ca1, "node1", 10, false, &names);
+    let (peer_crt, peer_key) = leaf_for(&ca1, "node1", 11, false, &names);
+    let apiserver = leaf_for(&ca1, "kube-apiserver-etcd-client", 12, false, &[]);
+    let ca_crt = write(pki, "ca.crt", &ca1.pem);
+    let server_crt = write(pki, "server.crt", &server_crt);
+    let server_key = write(pki, "server.key", &server_key);
+    let peer_crt = write(pki, "peer.crt", &peer_crt);
+    let peer_key = write(pki, "peer.key", &peer_key);
+    let (client_port, peer_port, metrics_port) = (free_port(), free_port(), free_port());
+    let ip = "127.0.0.2";
+    let line = format!(
+        "--advertise-client-urls=https://{ip}:{client_port} --cert-file={server_crt} \
+         --client-cert-auth=true --experimental-initial-corrupt-check=true \
+         --experimental-watch-progress-notify-interval=5s \
+         --initial-advertise-peer-urls=https://{ip}:{peer_port} \
+         --initial-cluster=node1=https://{ip}:{peer_port} --key-file={server_key} \
+         --listen-client-urls=https://127.0.0.1:{client_port},https://{ip}:{client_port} \
+         --listen-metrics-urls=http://127.0.0.1:{metrics_port} \
+         --listen-peer-urls=https://{ip}:{peer_port} --name=node1 --peer-cert-file={peer_crt} \
+         --peer-client-cert-auth=true --peer-key-file={peer_key} \
+         --peer-trusted-ca-file={ca_crt} --snapshot-count=10000 --trusted-ca-file={ca_crt}"
+    );
+    let args: Vec<&str> = line.split_whitespace().collect();
+    let server = Server::try_start(&dir.path().join("var-lib-etcd"), &args)
+        .expect("kubeadm's command line starts MetaStore");
+    for endpoint in [
+        format!("https://127.0.0.1:{client_port}"),
+        format!("https://{ip}:{client_port}"),
+    ] {
+        let mut c = tls_client(&endpoint, &ca1.pem, Some(&apiserver))
+            .await
+            .unwrap();
+        c.put("/registry/pods/default/p", endpoint.as_str(), None)
+            .await
+            .unwrap();
+        let status = c.status().await.unwrap();
+        assert!(status.version().starts_with("3.5"), "{}", status.version());
+        let apiserver_crt = write(pki, "apiserver-etcd-client.crt", &apiserver.0);
+        let apiserver_key = write(pki, "apiserver-etcd-client.key", &apiserver.1);
+        let got = ok_stdout(&etcdctl(
+            &endpoint,
+            &[
+                "--cacert",
+                &ca_crt,
+                "--cert",
+                &apiserver_crt,
+                "--key",
+                &apiserver_key,
+                "get",
+                "/registry/pods/default/p",
+                "--print-value-only",
+            ],
+            None,
+        ));
+        assert_eq!(got.trim(), endpoint);
+        // Without a client certificate the handshake is refused.
+        assert!(tls_client(&endpoint, &ca1.pem, None).await.is_err());
+    }
+    let log = server.log();
+    assert!(log.contains("starting with client TLS") && log.contains("starting with peer TLS"));
 }
