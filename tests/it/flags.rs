@@ -456,3 +456,36 @@ async fn grpc_keepalive_min_time_sends_away_clients_that_ping_too_often() {
         .expect("the pinging connection still serves");
     assert!(!server.log().contains("too many pings"), "{}", server.log());
 }
+
+/// The README's "Accepted but ignored" list is the `IGNORED` table, reasons included, and
+/// nothing else.
+#[test]
+fn readme_lists_exactly_the_ignored_flags() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme.find("### Accepted but ignored").expect("section");
+    let section = &readme[start..];
+    let section = &section[..section[4..].find("\n#").map_or(section.len(), |i| i + 4)];
+    for i in IGNORED {
+        let line = section
+            .lines()
+            .find(|l| l.starts_with("- ") && l.contains(&format!("`--{}`", i.flag)))
+            .unwrap_or_else(|| panic!("--{} is not in the README's ignored list", i.flag));
+        assert!(
+            line.ends_with(i.reason),
+            "--{}: {line:?} vs {:?}",
+            i.flag,
+            i.reason
+        );
+    }
+    let items = section
+        .lines()
+        .filter(|l| l.starts_with("- "))
+        .flat_map(|l| l.split(": ").next().unwrap_or("").split('`'));
+    for flag in items.filter(|w| w.starts_with("--")) {
+        assert!(
+            IGNORED.iter().any(|i| format!("--{}", i.flag) == flag),
+            "{flag} is listed as ignored but works"
+        );
+    }
+}
