@@ -1057,3 +1057,25 @@ async fn cross_shard_ranges() {
     assert_eq!(r.count(), 200);
     assert_eq!(c.get("cs/", Some(prefix())).await.unwrap().count(), 0);
 }
+
+/// Maintenance.Hash (python-etcd3's and aetcd's test suites call it): the same state hashes
+/// the same, a write changes the hash, and the header carries the revision.
+#[tokio::test]
+async fn maintenance_hash_follows_the_kv_state() {
+    let server = Server::start();
+    let mut c = server.client().await;
+    c.put("hash/a", "1", None).await.unwrap();
+    let first = c.hash().await.expect("Hash is served");
+    let again = c.hash().await.unwrap();
+    assert_eq!(first.hash(), again.hash(), "no write, same hash");
+    let rev = c
+        .put("hash/a", "2", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    let after = c.hash().await.unwrap();
+    assert_ne!(first.hash(), after.hash(), "a write changes the hash");
+    assert_eq!(after.header().unwrap().revision(), rev);
+}
