@@ -1,6 +1,6 @@
 //! `etcdserverpb.Maintenance`: Status, Alarm (replicated through Raft, see
-//! [`crate::apply::alarms`]), Defragment, HashKV and MoveLeader. The other RPCs answer
-//! Unimplemented.
+//! [`crate::apply::alarms`]), Defragment, Hash, HashKV and MoveLeader. Snapshot and Downgrade
+//! answer Unimplemented.
 
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
