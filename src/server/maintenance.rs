@@ -101,8 +101,11 @@ impl Maintenance for MaintenanceService {
 
     async fn defragment(
         &self,
-        _: Request<DefragmentRequest>,
+        request: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
+        // Root only while auth is enabled (etcd 3.5 `isAdminPermitted`).
+        let caller = self.core.caller_of(&request).await?;
+        self.core.check_admin(caller.as_ref())?;
         self.core.shards.defragment().await?;
         let revision = self.core.applied.borrow().revision;
         Ok(Response::new(DefragmentResponse {
@@ -110,7 +113,10 @@ impl Maintenance for MaintenanceService {
         }))
     }
 
-    async fn hash(&self, _: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+    async fn hash(&self, request: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        // Root only while auth is enabled (etcd 3.5 `isAdminPermitted`).
+        let caller = self.core.caller_of(&request).await?;
+        self.core.check_admin(caller.as_ref())?;
         unsupported("hash")
     }
 
@@ -120,6 +126,9 @@ impl Maintenance for MaintenanceService {
         &self,
         request: Request<HashKvRequest>,
     ) -> Result<Response<HashKvResponse>, Status> {
+        // Root only while auth is enabled (etcd 3.5 `isAdminPermitted`).
+        let caller = self.core.caller_of(&request).await?;
+        self.core.check_admin(caller.as_ref())?;
         let revision = request.into_inner().revision;
         Ok(Response::new(self.core.hash_kv(revision).await?))
     }
@@ -128,8 +137,11 @@ impl Maintenance for MaintenanceService {
 
     async fn snapshot(
         &self,
-        _: Request<SnapshotRequest>,
+        request: Request<SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
+        // Root only while auth is enabled (etcd 3.5 `isAdminPermitted`).
+        let caller = self.core.caller_of(&request).await?;
+        self.core.check_admin(caller.as_ref())?;
         unsupported("snapshot")
     }
 
@@ -143,6 +155,9 @@ impl Maintenance for MaintenanceService {
         &self,
         request: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
+        // Root only while auth is enabled (etcd 3.5 `isAdminPermitted`).
+        let caller = self.core.caller_of(&request).await?;
+        self.core.check_admin(caller.as_ref())?;
         let target = request.into_inner().target_id;
         let status = &self.core.node.status;
         if status.leader.load(Ordering::Relaxed) != self.core.member.id {
