@@ -301,7 +301,8 @@ async fn tokens_expire_and_go_with_their_user() {
         raw.get(&token, "a1").await.unwrap_err(),
         (Code::Unauthenticated, "etcdserver: invalid auth token".into())
     );
-    // A deleted user's token is invalid at once.
+    // A deleted user's token is invalid at once (root's own token expired too: a new client).
+    let mut root = c_root(&s).await;
     let token = root
         .auth_client().authenticate("u".into(), "upw".into())
         .await
@@ -504,8 +505,15 @@ async fn auth_works_across_members_restarts_and_snapshots() {
         root0.put(format!("w/{i}"), "v", None).await.unwrap();
     }
     cl.restart(2);
-    cl.wait_converged(Duration::from_secs(20)).await;
-    let mut late = as_user(&cl.endpoint(2), "late", "latepw").await.unwrap();
+    // (HashKV is root-only now: wait for the user to appear on member 2 instead.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut late = loop {
+        match as_user(&cl.endpoint(2), "late", "latepw").await {
+            Ok(c) => break c,
+            Err(e) => assert!(std::time::Instant::now() < deadline, "{e:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert_eq!(late.get("a1", None).await.unwrap().kvs().len(), 1);
     // Restart every member: the store is rebuilt from snapshots and the WAL.
     for i in 0..3 {
