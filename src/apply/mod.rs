@@ -35,6 +35,7 @@ use std::sync::Arc;
 
 use tokio::sync::{oneshot, watch};
 
+use crate::auth::SharedAuth;
 use crate::consensus::snapshot::Snapshotter;
 use crate::consensus::Membership;
 use crate::error::EtcdError;
@@ -54,7 +55,6 @@ use crate::proto::metastorepb::{
     proposal::Request as Proposed, KeyHistory, Proposal, StateSnapshot,
 };
 use crate::shard::{shard_for, ApplyCmd, BarrierState, ShardSet};
-use crate::auth::SharedAuth;
 use alarms::{Guarded, SharedAlarms};
 pub use pending::{Pending, PendingGuard};
 
@@ -652,12 +652,14 @@ impl Dispatcher {
             return Outcome::Done(Err(e));
         }
         match request {
-            Some(r) if crate::auth::is_auth_request(&r) => {
-                Outcome::Done(self.auth.apply(&r, index).map(|applied| ApplyResponse::Auth {
-                    applied,
-                    revision: self.revision,
-                }))
-            }
+            Some(r) if crate::auth::is_auth_request(&r) => Outcome::Done(
+                self.auth
+                    .apply(&r, index)
+                    .map(|applied| ApplyResponse::Auth {
+                        applied,
+                        revision: self.revision,
+                    }),
+            ),
             Some(Proposed::Alarm(a)) => Outcome::Done(self.apply_alarm(&a)),
             Some(Proposed::Put(p)) => self.apply_put(p),
             Some(Proposed::DeleteRange(d)) => {
@@ -1194,6 +1196,7 @@ mod tests {
                 key: key.into(),
                 ..Default::default()
             })),
+            auth: None,
         }
     }
 
@@ -1259,6 +1262,7 @@ mod tests {
             id: 9,
             origin: 1,
             request: Some(Proposed::Txn(t)),
+            auth: None,
         };
         let got: Vec<Decoded> = proposals(&framed(&p)).collect();
         assert!(matches!(&got[..], [Decoded::Proposal(p)] if p.id == 9));

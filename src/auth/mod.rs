@@ -433,9 +433,7 @@ impl AuthStore {
             .iter()
             .filter_map(|r| self.roles.get(r))
             .flat_map(|r| r.key_permission.iter())
-            .filter(|p| {
-                p.perm_type == PermType::Readwrite as i32 || p.perm_type == want as i32
-            })
+            .filter(|p| p.perm_type == PermType::Readwrite as i32 || p.perm_type == want as i32)
             .map(|p| interval(&p.key, &p.range_end))
             .collect();
         if covered(ivs, &interval(key, range_end)) {
@@ -581,11 +579,9 @@ impl SharedAuth {
                 s.enable()?;
                 tracing::info!("enabled authentication");
             }
-            Proposed::AuthDisable(_) => {
-                if s.disable() {
-                    self.tokens.clear();
-                    tracing::info!("disabled authentication");
-                }
+            Proposed::AuthDisable(_) if s.disable() => {
+                self.tokens.clear();
+                tracing::info!("disabled authentication");
             }
             Proposed::AuthUserAdd(r) => {
                 s.user_add(&r.name, &r.hashed_password, r.options)?;
@@ -731,7 +727,10 @@ mod tests {
             Err(EtcdError::PermissionNotGiven)
         );
         s.role_delete("r").unwrap();
-        assert!(s.user_get("u").unwrap().is_empty(), "deleted from users too");
+        assert!(
+            s.user_get("u").unwrap().is_empty(),
+            "deleted from users too"
+        );
     }
 
     #[test]

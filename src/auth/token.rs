@@ -111,8 +111,9 @@ impl Tokens {
                     .parse()
                     .map_err(|_| anyhow::anyhow!("invalid sign-method {method:?}"))?;
                 let ttl = match opts.get("ttl") {
-                    Some(t) => go_duration(t)
-                        .ok_or_else(|| anyhow::anyhow!("invalid jwt ttl {t:?}"))?,
+                    Some(t) => {
+                        go_duration(t).ok_or_else(|| anyhow::anyhow!("invalid jwt ttl {t:?}"))?
+                    }
                     None => DEFAULT_JWT_TTL,
                 };
                 let read = |k: &str| -> anyhow::Result<Option<Vec<u8>>> {

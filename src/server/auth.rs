@@ -205,7 +205,9 @@ impl AuthService {
 
     /// A linearizable view of the auth store for a read RPC, after the admin check (etcd
     /// serves these through Raft too).
-    async fn read_header(&self) -> Result<Option<crate::proto::etcdserverpb::ResponseHeader>, Status> {
+    async fn read_header(
+        &self,
+    ) -> Result<Option<crate::proto::etcdserverpb::ResponseHeader>, Status> {
         let state = self.core.linearizable_state().await?;
         Ok(self.core.header(state.revision))
     }
@@ -215,55 +217,82 @@ impl AuthService {
 impl Auth for AuthService {
     // Changes: proposed with the caller, checked (root only while enabled) and applied on
     // every member; errors as [`crate::auth::AuthStore`]'s methods.
-    async fn auth_enable(&self, request: Request<AuthEnableRequest>) -> Result<Response<AuthEnableResponse>, Status> {
-        let proposal = Proposed::AuthEnable(request.get_ref().clone());
+    async fn auth_enable(
+        &self,
+        request: Request<AuthEnableRequest>,
+    ) -> Result<Response<AuthEnableResponse>, Status> {
+        let proposal = Proposed::AuthEnable(*request.get_ref());
         let header = self.change(&request, proposal).await?;
         Ok(Response::new(AuthEnableResponse { header }))
     }
 
-    async fn auth_disable(&self, request: Request<AuthDisableRequest>) -> Result<Response<AuthDisableResponse>, Status> {
-        let proposal = Proposed::AuthDisable(request.get_ref().clone());
+    async fn auth_disable(
+        &self,
+        request: Request<AuthDisableRequest>,
+    ) -> Result<Response<AuthDisableResponse>, Status> {
+        let proposal = Proposed::AuthDisable(*request.get_ref());
         let header = self.change(&request, proposal).await?;
         Ok(Response::new(AuthDisableResponse { header }))
     }
 
-    async fn role_add(&self, request: Request<AuthRoleAddRequest>) -> Result<Response<AuthRoleAddResponse>, Status> {
+    async fn role_add(
+        &self,
+        request: Request<AuthRoleAddRequest>,
+    ) -> Result<Response<AuthRoleAddResponse>, Status> {
         let proposal = Proposed::AuthRoleAdd(request.get_ref().clone());
         let header = self.change(&request, proposal).await?;
         Ok(Response::new(AuthRoleAddResponse { header }))
     }
 
-    async fn role_delete(&self, request: Request<AuthRoleDeleteRequest>) -> Result<Response<AuthRoleDeleteResponse>, Status> {
+    async fn role_delete(
+        &self,
+        request: Request<AuthRoleDeleteRequest>,
+    ) -> Result<Response<AuthRoleDeleteResponse>, Status> {
         let proposal = Proposed::AuthRoleDelete(request.get_ref().clone());
         let header = self.change(&request, proposal).await?;
         Ok(Response::new(AuthRoleDeleteResponse { header }))
     }
 
-    async fn role_grant_permission(&self, request: Request<AuthRoleGrantPermissionRequest>) -> Result<Response<AuthRoleGrantPermissionResponse>, Status> {
+    async fn role_grant_permission(
+        &self,
+        request: Request<AuthRoleGrantPermissionRequest>,
+    ) -> Result<Response<AuthRoleGrantPermissionResponse>, Status> {
         let proposal = Proposed::AuthRoleGrantPermission(request.get_ref().clone());
         let header = self.change(&request, proposal).await?;
         Ok(Response::new(AuthRoleGrantPermissionResponse { header }))
     }
 
-    async fn role_revoke_permission(&self, request: Request<AuthRoleRevokePermissionRequest>) -> Result<Response<AuthRoleRevokePermissionResponse>, Status> {
+    async fn role_revoke_permission(
+        &self,
+        request: Request<AuthRoleRevokePermissionRequest>,
+    ) -> Result<Response<AuthRoleRevokePermissionResponse>, Status> {
         let proposal = Proposed::AuthRoleRevokePermission(request.get_ref().clone());
         let header = self.change(&request, proposal).await?;
         Ok(Response::new(AuthRoleRevokePermissionResponse { header }))
     }
 
-    async fn user_delete(&self, request: Request<AuthUserDeleteRequest>) -> Result<Response<AuthUserDeleteResponse>, Status> {
+    async fn user_delete(
+        &self,
+        request: Request<AuthUserDeleteRequest>,
+    ) -> Result<Response<AuthUserDeleteResponse>, Status> {
         let proposal = Proposed::AuthUserDelete(request.get_ref().clone());
         let header = self.change(&request, proposal).await?;
         Ok(Response::new(AuthUserDeleteResponse { header }))
     }
 
-    async fn user_grant_role(&self, request: Request<AuthUserGrantRoleRequest>) -> Result<Response<AuthUserGrantRoleResponse>, Status> {
+    async fn user_grant_role(
+        &self,
+        request: Request<AuthUserGrantRoleRequest>,
+    ) -> Result<Response<AuthUserGrantRoleResponse>, Status> {
         let proposal = Proposed::AuthUserGrantRole(request.get_ref().clone());
         let header = self.change(&request, proposal).await?;
         Ok(Response::new(AuthUserGrantRoleResponse { header }))
     }
 
-    async fn user_revoke_role(&self, request: Request<AuthUserRevokeRoleRequest>) -> Result<Response<AuthUserRevokeRoleResponse>, Status> {
+    async fn user_revoke_role(
+        &self,
+        request: Request<AuthUserRevokeRoleRequest>,
+    ) -> Result<Response<AuthUserRevokeRoleResponse>, Status> {
         let proposal = Proposed::AuthUserRevokeRole(request.get_ref().clone());
         let header = self.change(&request, proposal).await?;
         Ok(Response::new(AuthUserRevokeRoleResponse { header }))
@@ -305,7 +334,10 @@ impl Auth for AuthService {
                 if u.options.is_some_and(|o| o.no_password) {
                     return Err(EtcdError::AuthFailed);
                 }
-                Ok((a.revision(), String::from_utf8_lossy(&u.password).into_owned()))
+                Ok((
+                    a.revision(),
+                    String::from_utf8_lossy(&u.password).into_owned(),
+                ))
             })?;
             let password = req.password.clone();
             let ok = tokio::task::spawn_blocking(move || {

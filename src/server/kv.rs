@@ -50,7 +50,10 @@ impl Kv for KvService {
             .check_read(caller.as_ref(), &req.key, &req.range_end)?;
         let resp = self.core.range(req).await?;
         if let Some(c) = &caller {
-            if c.revision != 0 && self.core.auth_enabled() && c.revision != self.core.auth.read(|a| a.revision()) {
+            if c.revision != 0
+                && self.core.auth_enabled()
+                && c.revision != self.core.auth.read(|a| a.revision())
+            {
                 return Err(crate::error::EtcdError::AuthOldRevision.into());
             }
         }
@@ -78,7 +81,10 @@ impl Kv for KvService {
         let caller = self.core.caller_of(&request).await?;
         let req = request.into_inner();
         validate::check_delete(&req)?;
-        match self.write(Proposed::DeleteRange(req), caller.as_ref()).await? {
+        match self
+            .write(Proposed::DeleteRange(req), caller.as_ref())
+            .await?
+        {
             ApplyResponse::DeleteRange(mut r) => {
                 r.header = self.core.header(r.header.map_or(0, |h| h.revision));
                 Ok(Response::new(r))

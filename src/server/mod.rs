@@ -929,9 +929,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     .max_decoding_message_size(max_recv),
             )
             .add_service(
-                crate::proto::etcdserverpb::auth_server::AuthServer::new(
-                    auth::AuthService::new(core.clone()),
-                )
+                crate::proto::etcdserverpb::auth_server::AuthServer::new(auth::AuthService::new(
+                    core.clone(),
+                ))
                 .max_decoding_message_size(max_recv),
             );
         serve!(

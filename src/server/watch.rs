@@ -286,8 +286,14 @@ impl StreamState {
             };
             if let Some((user, key, end)) = &w.reader {
                 let allowed = self.core.auth.read(|a| {
-                    a.check(user, a.revision(), key, end, crate::proto::authpb::permission::Type::Read)
-                        .is_ok()
+                    a.check(
+                        user,
+                        a.revision(),
+                        key,
+                        end,
+                        crate::proto::authpb::permission::Type::Read,
+                    )
+                    .is_ok()
                 });
                 if !allowed {
                     self.watchers.remove(&id);

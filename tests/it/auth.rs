@@ -55,7 +55,10 @@ async fn auth_rpcs_answer_with_etcds_errors() {
     let mut c = s.client().await;
     assert_eq!(
         grpc_err(c.auth_enable().await),
-        (Code::FailedPrecondition, "etcdserver: root user does not exist".into())
+        (
+            Code::FailedPrecondition,
+            "etcdserver: root user does not exist".into()
+        )
     );
     c.user_add("root", "rootpw", None).await.unwrap();
     assert_eq!(
@@ -67,11 +70,17 @@ async fn auth_rpcs_answer_with_etcds_errors() {
     );
     assert_eq!(
         grpc_err(c.user_add("root", "x", None).await),
-        (Code::FailedPrecondition, "etcdserver: user name already exists".into())
+        (
+            Code::FailedPrecondition,
+            "etcdserver: user name already exists".into()
+        )
     );
     assert_eq!(
         grpc_err(c.user_add("", "x", None).await),
-        (Code::InvalidArgument, "etcdserver: user name is empty".into())
+        (
+            Code::InvalidArgument,
+            "etcdserver: user name is empty".into()
+        )
     );
     assert_eq!(
         grpc_err(c.user_grant_role("nobody", "root").await).1,
@@ -86,14 +95,24 @@ async fn auth_rpcs_answer_with_etcds_errors() {
         "etcdserver: role name not found"
     );
     assert_eq!(
-        grpc_err(c.auth_client().authenticate("root".into(), "rootpw".into()).await),
-        (Code::FailedPrecondition, "etcdserver: authentication is not enabled".into())
+        grpc_err(
+            c.auth_client()
+                .authenticate("root".into(), "rootpw".into())
+                .await
+        ),
+        (
+            Code::FailedPrecondition,
+            "etcdserver: authentication is not enabled".into()
+        )
     );
     setup_rest(&mut c).await;
     // Now enabled: no token is no user.
     assert_eq!(
         grpc_err(c.put("k", "v", None).await),
-        (Code::InvalidArgument, "etcdserver: user name is empty".into())
+        (
+            Code::InvalidArgument,
+            "etcdserver: user name is empty".into()
+        )
     );
     assert_eq!(
         grpc_err(as_user(&s.endpoint, "root", "bad").await.map(|_| ())),
@@ -105,7 +124,10 @@ async fn auth_rpcs_answer_with_etcds_errors() {
     let mut root = as_user(&s.endpoint, "root", "rootpw").await.unwrap();
     assert_eq!(
         grpc_err(root.user_revoke_role("root", "root").await),
-        (Code::InvalidArgument, "etcdserver: invalid auth management".into())
+        (
+            Code::InvalidArgument,
+            "etcdserver: invalid auth management".into()
+        )
     );
     assert_eq!(
         grpc_err(root.user_delete("root").await).1,
@@ -137,7 +159,10 @@ async fn auth_rpcs_answer_with_etcds_errors() {
     let mut u = as_user(&s.endpoint, "u", "upw").await.unwrap();
     assert_eq!(
         grpc_err(u.user_list().await),
-        (Code::PermissionDenied, "etcdserver: permission denied".into())
+        (
+            Code::PermissionDenied,
+            "etcdserver: permission denied".into()
+        )
     );
     assert_eq!(
         grpc_err(u.user_add("x", "y", None).await).1,
@@ -178,7 +203,10 @@ async fn permissions_are_checked_per_service() {
     c.put("d", "x", None).await.unwrap();
     setup(&mut c).await;
     let mut u = as_user(&s.endpoint, "u", "upw").await.unwrap();
-    let denied = (Code::PermissionDenied, "etcdserver: permission denied".to_string());
+    let denied = (
+        Code::PermissionDenied,
+        "etcdserver: permission denied".to_string(),
+    );
     // Range: a key, a range inside [a, c), a range past it, a prefix.
     assert_eq!(u.get("a1", None).await.unwrap().kvs().len(), 1);
     let r = u
@@ -224,8 +252,11 @@ async fn permissions_are_checked_per_service() {
     assert_eq!(grpc_err(u.lease_revoke(lease).await), denied);
     assert_eq!(
         grpc_err(
-            u.lease_time_to_live(lease, Some(etcd_client::LeaseTimeToLiveOptions::new().with_keys()))
-                .await
+            u.lease_time_to_live(
+                lease,
+                Some(etcd_client::LeaseTimeToLiveOptions::new().with_keys())
+            )
+            .await
         ),
         denied
     );
@@ -276,7 +307,10 @@ async fn a_role_revoked_mid_watch_stops_the_watch() {
         .expect("an answer")
         .unwrap()
         .unwrap();
-    assert!(resp.events().is_empty(), "nothing after the revoke: {resp:?}");
+    assert!(
+        resp.events().is_empty(),
+        "nothing after the revoke: {resp:?}"
+    );
     assert!(resp.canceled());
     assert_eq!(resp.cancel_reason(), "etcdserver: permission denied");
 }
@@ -286,9 +320,10 @@ async fn tokens_expire_and_go_with_their_user() {
     let (_tmp, s) = start(&["--auth-token-ttl", "1"]);
     let mut c = s.client().await;
     setup(&mut c).await;
-    let mut root = c_root(&s).await;
+    let root = c_root(&s).await;
     let token = root
-        .auth_client().authenticate("u".into(), "upw".into())
+        .auth_client()
+        .authenticate("u".into(), "upw".into())
         .await
         .unwrap()
         .token()
@@ -299,12 +334,16 @@ async fn tokens_expire_and_go_with_their_user() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(
         raw.get(&token, "a1").await.unwrap_err(),
-        (Code::Unauthenticated, "etcdserver: invalid auth token".into())
+        (
+            Code::Unauthenticated,
+            "etcdserver: invalid auth token".into()
+        )
     );
     // A deleted user's token is invalid at once (root's own token expired too: a new client).
     let mut root = c_root(&s).await;
     let token = root
-        .auth_client().authenticate("u".into(), "upw".into())
+        .auth_client()
+        .authenticate("u".into(), "upw".into())
         .await
         .unwrap()
         .token()
@@ -374,7 +413,8 @@ async fn jwt_tokens_are_signed_and_verified() {
     setup(&mut c).await;
     let mut root = c_root(&s).await;
     let token = root
-        .auth_client().authenticate("u".into(), "upw".into())
+        .auth_client()
+        .authenticate("u".into(), "upw".into())
         .await
         .unwrap()
         .token()
@@ -389,7 +429,8 @@ async fn jwt_tokens_are_signed_and_verified() {
         "etcdserver: revision of auth store is old"
     );
     let token = root
-        .auth_client().authenticate("u".into(), "upw".into())
+        .auth_client()
+        .authenticate("u".into(), "upw".into())
         .await
         .unwrap()
         .token()
@@ -450,13 +491,7 @@ async fn no_password_reaches_the_data_dir() {
         ok_stdout(&s.etcdctl(&["user", "grant-role", "root", "root"]));
         ok_stdout(&s.etcdctl(&["auth", "enable"]));
         for i in 0..8 {
-            ok_stdout(&s.etcdctl(&[
-                "--user",
-                "alice:An0therSecretPw2",
-                "user",
-                "get",
-                "alice",
-            ]));
+            ok_stdout(&s.etcdctl(&["--user", "alice:An0therSecretPw2", "user", "get", "alice"]));
             let _ = i;
         }
         drop(s);
@@ -484,7 +519,8 @@ async fn auth_works_across_members_restarts_and_snapshots() {
     // as it applies the Authenticate entry).
     let mut root0 = as_user(&cl.endpoint(0), "root", "rootpw").await.unwrap();
     let token = root0
-        .auth_client().authenticate("u".into(), "upw".into())
+        .auth_client()
+        .authenticate("u".into(), "upw".into())
         .await
         .unwrap()
         .token()
@@ -523,7 +559,11 @@ async fn auth_works_across_members_restarts_and_snapshots() {
     cl.wait_for_leader(Duration::from_secs(20)).await;
     for i in 0..3 {
         let mut u = as_user(&cl.endpoint(i), "late", "latepw").await.unwrap();
-        assert_eq!(u.get("a1", None).await.unwrap().kvs().len(), 1, "member {i}");
+        assert_eq!(
+            u.get("a1", None).await.unwrap().kvs().len(),
+            1,
+            "member {i}"
+        );
         let mut anon = cl.client(i).await;
         assert_eq!(
             grpc_err(anon.get("a1", None).await).1,
