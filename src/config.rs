@@ -849,7 +849,6 @@ const NO_V2: &str = "the v2 API is not served";
 const NO_V2_PROXY: &str = "the v2 proxy is not provided (deprecated in etcd 3.5)";
 const NO_DISCOVERY: &str = "discovery bootstrapping is not supported; use --initial-cluster";
 const NO_BBOLT: &str = "no bbolt backend (the shards are in memory or in RocksDB)";
-const NO_AUTH: &str = "authentication is not supported yet";
 const NO_TRACING: &str = "no OpenTelemetry distributed tracing";
 const NO_HTTP: &str = "no HTTP endpoints (gateway, /health, /metrics) are served yet";
 const NO_CORRUPT_CHECK: &str = "no compaction hash check yet";
@@ -902,9 +901,6 @@ pub const IGNORED: &[IgnoredFlag] = &[
         "experimental-compaction-sleep-interval",
         "compaction runs per shard, not in bbolt batches",
     ),
-    ignored("auth-token", NO_AUTH),
-    ignored("bcrypt-cost", NO_AUTH),
-    ignored("auth-token-ttl", NO_AUTH),
     ignored("enable-pprof", "no pprof: it profiles the Go runtime"),
     ignored("metrics", NO_HTTP),
     ignored("listen-metrics-urls", NO_HTTP),

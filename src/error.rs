@@ -116,6 +116,64 @@ pub enum EtcdError {
     /// on every member alike; etcd would panic instead (`pbutil.MustUnmarshal`).
     #[error("etcdserver: the request cannot be decoded from the raft log")]
     UndecodableProposal,
+    /// AuthEnable without a `root` user (etcd `ErrGRPCRootUserNotExist`: FailedPrecondition).
+    #[error("etcdserver: root user does not exist")]
+    RootUserNotExist,
+    /// AuthEnable while `root` lacks the `root` role (`ErrGRPCRootRoleNotExist`:
+    /// FailedPrecondition).
+    #[error("etcdserver: root user does not have root role")]
+    RootRoleNotExist,
+    /// UserAdd of an existing user (`ErrGRPCUserAlreadyExist`: FailedPrecondition).
+    #[error("etcdserver: user name already exists")]
+    UserAlreadyExist,
+    /// An empty user name, or a request without a user while auth is enabled
+    /// (`ErrGRPCUserEmpty`: InvalidArgument).
+    #[error("etcdserver: user name is empty")]
+    UserEmpty,
+    /// An unknown user (`ErrGRPCUserNotFound`: FailedPrecondition).
+    #[error("etcdserver: user name not found")]
+    UserNotFound,
+    /// RoleAdd of an existing role (`ErrGRPCRoleAlreadyExist`: FailedPrecondition).
+    #[error("etcdserver: role name already exists")]
+    RoleAlreadyExist,
+    /// An unknown role (`ErrGRPCRoleNotFound`: FailedPrecondition).
+    #[error("etcdserver: role name not found")]
+    RoleNotFound,
+    /// An empty role name (`ErrGRPCRoleEmpty`: InvalidArgument).
+    #[error("etcdserver: role name is empty")]
+    RoleEmpty,
+    /// Authenticate with a wrong user or password (`ErrGRPCAuthFailed`: InvalidArgument).
+    #[error("etcdserver: authentication failed, invalid user ID or password")]
+    AuthFailed,
+    /// RoleGrantPermission without a permission (`ErrGRPCPermissionNotGiven`:
+    /// InvalidArgument).
+    #[error("etcdserver: permission not given")]
+    PermissionNotGiven,
+    /// The caller's roles do not allow the request (`ErrGRPCPermissionDenied`:
+    /// PermissionDenied).
+    #[error("etcdserver: permission denied")]
+    PermissionDenied,
+    /// UserRevokeRole of a role the user lacks (`ErrGRPCRoleNotGranted`: FailedPrecondition).
+    #[error("etcdserver: role is not granted to the user")]
+    RoleNotGranted,
+    /// RoleRevokePermission of a permission the role lacks (`ErrGRPCPermissionNotGranted`:
+    /// FailedPrecondition).
+    #[error("etcdserver: permission is not granted to the role")]
+    PermissionNotGranted,
+    /// Authenticate while auth is disabled (`ErrGRPCAuthNotEnabled`: FailedPrecondition).
+    #[error("etcdserver: authentication is not enabled")]
+    AuthNotEnabled,
+    /// An unknown, expired or revoked token (`ErrGRPCInvalidAuthToken`: Unauthenticated).
+    #[error("etcdserver: invalid auth token")]
+    InvalidAuthToken,
+    /// Deleting root or its role, or revoking root's role, while auth is enabled; a bad
+    /// permission range (`ErrGRPCInvalidAuthMgmt`: InvalidArgument).
+    #[error("etcdserver: invalid auth management")]
+    InvalidAuthMgmt,
+    /// The auth store changed after the caller was authenticated (`ErrGRPCAuthOldRevision`:
+    /// InvalidArgument); clients authenticate again and retry.
+    #[error("etcdserver: revision of auth store is old")]
+    AuthOldRevision,
     /// The RPC exists in etcd but this member does not serve it yet (Unimplemented).
     #[error("etcdserver: {0} is not supported by this member yet")]
     Unsupported(&'static str),
@@ -148,6 +206,13 @@ impl EtcdError {
             NoLeader | LeaderChanged | Stopped | Timeout | Unhealthy => Code::Unavailable,
             LeaderTransferTimeout => Code::Unknown,
             UndecodableProposal => Code::Internal,
+            UserEmpty | RoleEmpty | AuthFailed | PermissionNotGiven | InvalidAuthMgmt
+            | AuthOldRevision => Code::InvalidArgument,
+            RootUserNotExist | RootRoleNotExist | UserAlreadyExist | UserNotFound
+            | RoleAlreadyExist | RoleNotFound | RoleNotGranted | PermissionNotGranted
+            | AuthNotEnabled => Code::FailedPrecondition,
+            PermissionDenied => Code::PermissionDenied,
+            InvalidAuthToken => Code::Unauthenticated,
             Unsupported(_) => Code::Unimplemented,
         }
     }

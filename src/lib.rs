@@ -35,6 +35,7 @@
 #![warn(missing_docs)]
 
 pub mod apply;
+pub mod auth;
 pub mod config;
 pub mod consensus;
 pub mod error;

@@ -35,6 +35,7 @@ use std::sync::Arc;
 
 use tokio::sync::{oneshot, watch};
 
+use crate::auth::SharedAuth;
 use crate::consensus::snapshot::Snapshotter;
 use crate::consensus::Membership;
 use crate::error::EtcdError;
@@ -97,7 +98,9 @@ pub struct StartState {
     pub restore: Option<Arc<StateSnapshot>>,
     /// The alarm table at `alarm_index` (a snapshot's; empty without one).
     pub alarms: Vec<AlarmMember>,
-    /// The Raft index `alarms` reflects: the snapshot's. Alarm requests in later entries are
+    /// The auth store at `alarm_index` (a snapshot's; empty without one).
+    pub auth: Option<crate::proto::metastorepb::AuthState>,
+    /// The Raft index `alarms` and `auth` reflect: the snapshot's. Alarm requests in later entries are
     /// applied again even where the shards already hold the entry, since only the log and
     /// snapshots record the table.
     pub alarm_index: u64,
@@ -150,6 +153,13 @@ pub enum ApplyResponse {
     Members(Vec<crate::proto::metastorepb::MemberRecord>),
     /// An alarm request (GET, ACTIVATE or DEACTIVATE).
     Alarm(AlarmResponse),
+    /// An auth store change or Authenticate; `revision` is the store (KV) revision.
+    Auth {
+        /// What it returned.
+        applied: crate::auth::AuthApplied,
+        /// The KV revision, for the response header.
+        revision: i64,
+    },
 }
 
 /// An applied request's outcome.
@@ -217,6 +227,8 @@ pub struct Dispatcher {
     alarms: SharedAlarms,
     /// The Raft index the alarm table reflects (see [`StartState::alarm_index`]).
     alarm_index: u64,
+    /// The replicated auth store (shared with the front end), and this member's tokens.
+    auth: SharedAuth,
 }
 
 /// A result still waiting for a shard's reply (a put's previous key-value).
@@ -256,8 +268,10 @@ impl Dispatcher {
         leases: LeaseTable,
         min_lease_ttl: i64,
         alarms: SharedAlarms,
+        auth: SharedAuth,
     ) -> Self {
         leases.restore(&start.leases);
+        auth.restore(start.auth.as_ref());
         alarms.write(|t| *t = alarms::AlarmTable::from_members(&start.alarms));
         let d = Dispatcher {
             shards,
@@ -279,6 +293,7 @@ impl Dispatcher {
             restore_first: start.restore.clone(),
             alarms,
             alarm_index: start.alarm_index,
+            auth,
         };
         if d.restore_first.is_none() {
             d.publish();
@@ -356,6 +371,7 @@ impl Dispatcher {
         }
         self.alarms
             .write(|t| *t = alarms::AlarmTable::from_members(&snap.alarms));
+        self.auth.restore(snap.auth.as_ref());
         self.alarm_index = snap.index;
         self.barrier();
         self.publish();
@@ -390,6 +406,7 @@ impl Dispatcher {
             keys,
             complete,
             alarms: self.alarms.read(|t| t.get(AlarmType::None as i32)),
+            auth: Some(self.auth.read(|a| a.to_state())),
         }
     }
 
@@ -435,7 +452,10 @@ impl Dispatcher {
             }
             for decoded in proposals(&entry.data) {
                 let (origin, id, outcome) = match decoded {
-                    Decoded::Proposal(p) => (p.origin, p.id, self.apply_proposal(p.request)),
+                    Decoded::Proposal(p) => {
+                        let outcome = self.apply_proposal(p.request, p.auth.as_ref(), entry.index);
+                        (p.origin, p.id, outcome)
+                    }
                     Decoded::Undecodable { origin, id, error } => {
                         // Identical bytes on every replica: every member skips exactly this one
                         // proposal, and its client is told.
@@ -522,14 +542,43 @@ impl Dispatcher {
     /// in the shards), so that the alarm table catches up with the log after a restart.
     fn replay_alarms(&mut self, entry: &CommittedEntry) {
         for decoded in proposals(&entry.data) {
-            if let Decoded::Proposal(Proposal {
-                request: Some(Proposed::Alarm(a)),
-                ..
-            }) = decoded
-            {
-                let _ = self.apply_alarm(&a);
+            match decoded {
+                Decoded::Proposal(Proposal {
+                    request: Some(Proposed::Alarm(a)),
+                    ..
+                }) => {
+                    let _ = self.apply_alarm(&a);
+                }
+                // The auth store is only in the log and snapshots too. Authenticate is not
+                // replayed: tokens do not survive a restart.
+                Decoded::Proposal(Proposal {
+                    request: Some(r),
+                    auth,
+                    ..
+                }) if crate::auth::is_auth_request(&r)
+                    && !matches!(r, Proposed::Authenticate(_)) =>
+                {
+                    let refused = self
+                        .auth
+                        .read(|a| a.refusal(auth.as_ref(), &r, |_| Vec::new()));
+                    if refused.is_none() {
+                        let _ = self.auth.apply(&r, entry.index);
+                    }
+                }
+                _ => {}
             }
         }
+    }
+
+    /// The keys attached to `lease`, from every shard.
+    fn lease_keys(&self, lease: i64) -> Vec<Vec<u8>> {
+        self.ask(0..self.shards.len(), |reply| ApplyCmd::LeaseKeys {
+            lease,
+            reply,
+        })
+        .into_iter()
+        .flatten()
+        .collect()
     }
 
     /// An alarm request, as etcd's `applierV3backend.Alarm` applies it: GET lists the alarms
@@ -580,16 +629,37 @@ impl Dispatcher {
             Proposed::Compaction(_) => Guarded::Compaction,
             Proposed::LeaseGrant(_) => Guarded::LeaseGrant,
             Proposed::LeaseRevoke(_) => Guarded::LeaseRevoke,
-            Proposed::LeaseCheckpoint(_) | Proposed::Alarm(_) => return None,
+            _ => return None,
         };
         self.alarms.read(|t| t.refusal(guarded))
     }
 
-    fn apply_proposal(&mut self, request: Option<Proposed>) -> Outcome {
+    fn apply_proposal(
+        &mut self,
+        request: Option<Proposed>,
+        auth: Option<&crate::proto::metastorepb::AuthHeader>,
+        index: u64,
+    ) -> Outcome {
+        if let Some(r) = request.as_ref() {
+            let refused = self
+                .auth
+                .read(|a| a.refusal(auth, r, |lease| self.lease_keys(lease)));
+            if let Some(e) = refused {
+                return Outcome::Done(Err(e));
+            }
+        }
         if let Some(e) = request.as_ref().and_then(|r| self.refused(r)) {
             return Outcome::Done(Err(e));
         }
         match request {
+            Some(r) if crate::auth::is_auth_request(&r) => Outcome::Done(
+                self.auth
+                    .apply(&r, index)
+                    .map(|applied| ApplyResponse::Auth {
+                        applied,
+                        revision: self.revision,
+                    }),
+            ),
             Some(Proposed::Alarm(a)) => Outcome::Done(self.apply_alarm(&a)),
             Some(Proposed::Put(p)) => self.apply_put(p),
             Some(Proposed::DeleteRange(d)) => {
@@ -609,7 +679,7 @@ impl Dispatcher {
             Some(Proposed::LeaseGrant(g)) => Outcome::Done(self.apply_lease_grant(&g)),
             Some(Proposed::LeaseRevoke(r)) => Outcome::Done(self.apply_lease_revoke(&r)),
             Some(Proposed::LeaseCheckpoint(c)) => Outcome::Done(self.apply_lease_checkpoint(&c)),
-            None => Outcome::Done(Err(EtcdError::KeyNotFound)),
+            Some(_) | None => Outcome::Done(Err(EtcdError::KeyNotFound)),
         }
     }
 
@@ -1126,6 +1196,7 @@ mod tests {
                 key: key.into(),
                 ..Default::default()
             })),
+            auth: None,
         }
     }
 
@@ -1191,6 +1262,7 @@ mod tests {
             id: 9,
             origin: 1,
             request: Some(Proposed::Txn(t)),
+            auth: None,
         };
         let got: Vec<Decoded> = proposals(&framed(&p)).collect();
         assert!(matches!(&got[..], [Decoded::Proposal(p)] if p.id == 9));

@@ -243,6 +243,9 @@ impl Cluster for ClusterService {
         &self,
         request: Request<MemberAddRequest>,
     ) -> Result<Response<MemberAddResponse>, Status> {
+        // Root only while auth is enabled (etcd 3.5 `isAdminPermitted`).
+        let caller = self.core.caller_of(&request).await?;
+        self.core.check_admin(caller.as_ref())?;
         let req = request.into_inner();
         let peer_urls = check_peer_urls(&req.peer_ur_ls)?;
         if !req.is_learner {
@@ -276,6 +279,9 @@ impl Cluster for ClusterService {
         &self,
         request: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveResponse>, Status> {
+        // Root only while auth is enabled (etcd 3.5 `isAdminPermitted`).
+        let caller = self.core.caller_of(&request).await?;
+        self.core.check_admin(caller.as_ref())?;
         let id = request.into_inner().id;
         let is_voter = self.core.node.membership.borrow().is_voter(id);
         if is_voter {
@@ -295,6 +301,9 @@ impl Cluster for ClusterService {
         &self,
         request: Request<MemberUpdateRequest>,
     ) -> Result<Response<MemberUpdateResponse>, Status> {
+        // Root only while auth is enabled (etcd 3.5 `isAdminPermitted`).
+        let caller = self.core.caller_of(&request).await?;
+        self.core.check_admin(caller.as_ref())?;
         let req = request.into_inner();
         let record = MemberRecord {
             id: req.id,
@@ -322,6 +331,9 @@ impl Cluster for ClusterService {
         &self,
         request: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
+        // Root only while auth is enabled (etcd 3.5 `isAdminPermitted`).
+        let caller = self.core.caller_of(&request).await?;
+        self.core.check_admin(caller.as_ref())?;
         let id = request.into_inner().id;
         self.core.check_learner_ready(id).await?;
         self.core.check_started_quorum(1, None)?;

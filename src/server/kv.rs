@@ -23,8 +23,12 @@ impl KvService {
         KvService { core }
     }
 
-    async fn write(&self, req: Proposed) -> Result<ApplyResponse, Status> {
-        Ok(self.core.propose(req).await?)
+    async fn write(
+        &self,
+        req: Proposed,
+        caller: Option<&crate::auth::AuthInfo>,
+    ) -> Result<ApplyResponse, Status> {
+        Ok(self.core.propose_as(req, caller).await?)
     }
 }
 
@@ -38,14 +42,30 @@ impl Kv for KvService {
         &self,
         request: Request<RangeRequest>,
     ) -> Result<Response<RangeResponse>, Status> {
-        Ok(Response::new(self.core.range(request.into_inner()).await?))
+        // etcd `doSerialize`: the permission check, the read, then a check that the auth
+        // store did not change meanwhile.
+        let caller = self.core.caller_of(&request).await?;
+        let req = request.into_inner();
+        self.core
+            .check_read(caller.as_ref(), &req.key, &req.range_end)?;
+        let resp = self.core.range(req).await?;
+        if let Some(c) = &caller {
+            if c.revision != 0
+                && self.core.auth_enabled()
+                && c.revision != self.core.auth.read(|a| a.revision())
+            {
+                return Err(crate::error::EtcdError::AuthOldRevision.into());
+            }
+        }
+        Ok(Response::new(resp))
     }
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let caller = self.core.caller_of(&request).await?;
         let req = request.into_inner();
         validate::check_put(&req)?;
         self.core.check_quota()?;
-        match self.write(Proposed::Put(req)).await? {
+        match self.write(Proposed::Put(req), caller.as_ref()).await? {
             ApplyResponse::Put(mut r) => {
                 r.header = self.core.header(r.header.map_or(0, |h| h.revision));
                 Ok(Response::new(r))
@@ -58,9 +78,13 @@ impl Kv for KvService {
         &self,
         request: Request<DeleteRangeRequest>,
     ) -> Result<Response<DeleteRangeResponse>, Status> {
+        let caller = self.core.caller_of(&request).await?;
         let req = request.into_inner();
         validate::check_delete(&req)?;
-        match self.write(Proposed::DeleteRange(req)).await? {
+        match self
+            .write(Proposed::DeleteRange(req), caller.as_ref())
+            .await?
+        {
             ApplyResponse::DeleteRange(mut r) => {
                 r.header = self.core.header(r.header.map_or(0, |h| h.revision));
                 Ok(Response::new(r))
@@ -70,12 +94,13 @@ impl Kv for KvService {
     }
 
     async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        let caller = self.core.caller_of(&request).await?;
         let req = request.into_inner();
         validate::check_txn(&req, self.core.cfg.max_txn_ops)?;
         if txn_puts(&req) {
             self.core.check_quota()?;
         }
-        match self.write(Proposed::Txn(req)).await? {
+        match self.write(Proposed::Txn(req), caller.as_ref()).await? {
             ApplyResponse::Txn(mut r) => {
                 r.header = self.core.header(r.header.map_or(0, |h| h.revision));
                 Ok(Response::new(r))
@@ -88,8 +113,9 @@ impl Kv for KvService {
         &self,
         request: Request<CompactionRequest>,
     ) -> Result<Response<CompactionResponse>, Status> {
+        let caller = self.core.caller_of(&request).await?;
         match self
-            .write(Proposed::Compaction(request.into_inner()))
+            .write(Proposed::Compaction(request.into_inner()), caller.as_ref())
             .await?
         {
             ApplyResponse::Compaction(mut r) => {

@@ -69,9 +69,11 @@ impl Lease for LeaseService {
         &self,
         request: Request<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
+        // etcd `checkLeasePuts`, at apply: WRITE on every key attached to the lease.
+        let caller = self.core.caller_of(&request).await?;
         match self
             .core
-            .propose(Proposed::LeaseRevoke(request.into_inner()))
+            .propose_as(Proposed::LeaseRevoke(request.into_inner()), caller.as_ref())
             .await?
         {
             ApplyResponse::LeaseRevoke(mut r) => {
@@ -127,8 +129,15 @@ impl Lease for LeaseService {
         &self,
         request: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        let caller = self.core.caller_of(&request).await?;
         let req = request.into_inner();
-        Ok(Response::new(self.core.lease_time_to_live(req).await?))
+        let resp = self.core.lease_time_to_live(req).await?;
+        // With keys, READ on each attached key while auth is enabled (etcd 3.5
+        // `checkLeaseTimeToLive`): "etcdserver: permission denied" otherwise.
+        for k in &resp.keys {
+            self.core.check_read(caller.as_ref(), k, &[])?;
+        }
+        Ok(Response::new(resp))
     }
 
     async fn lease_leases(

@@ -101,8 +101,11 @@ impl Maintenance for MaintenanceService {
 
     async fn defragment(
         &self,
-        _: Request<DefragmentRequest>,
+        request: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
+        // Root only while auth is enabled (etcd 3.5 `isAdminPermitted`).
+        let caller = self.core.caller_of(&request).await?;
+        self.core.check_admin(caller.as_ref())?;
         self.core.shards.defragment().await?;
         let revision = self.core.applied.borrow().revision;
         Ok(Response::new(DefragmentResponse {
@@ -114,7 +117,12 @@ impl Maintenance for MaintenanceService {
     /// consistency checking purpose"): the HashKV digest of the whole history at the current
     /// revision. etcd hashes its bbolt file, so the values differ from etcd's; as there, members
     /// holding the same state answer the same hash, and a write changes it.
-    async fn hash(&self, _: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+    ///
+    /// Errors: "permission denied" for a user other than root while auth is enabled (etcd
+    /// `authMaintenanceServer.Hash`).
+    async fn hash(&self, request: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        let caller = self.core.caller_of(&request).await?;
+        self.core.check_admin(caller.as_ref())?;
         let kv = self.core.hash_kv(0).await?;
         Ok(Response::new(HashResponse {
             header: kv.header,
@@ -128,6 +136,9 @@ impl Maintenance for MaintenanceService {
         &self,
         request: Request<HashKvRequest>,
     ) -> Result<Response<HashKvResponse>, Status> {
+        // Root only while auth is enabled (etcd 3.5 `isAdminPermitted`).
+        let caller = self.core.caller_of(&request).await?;
+        self.core.check_admin(caller.as_ref())?;
         let revision = request.into_inner().revision;
         Ok(Response::new(self.core.hash_kv(revision).await?))
     }
@@ -136,8 +147,11 @@ impl Maintenance for MaintenanceService {
 
     async fn snapshot(
         &self,
-        _: Request<SnapshotRequest>,
+        request: Request<SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
+        // Root only while auth is enabled (etcd 3.5 `isAdminPermitted`).
+        let caller = self.core.caller_of(&request).await?;
+        self.core.check_admin(caller.as_ref())?;
         unsupported("snapshot")
     }
 
@@ -151,6 +165,7 @@ impl Maintenance for MaintenanceService {
         &self,
         request: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
+        // No permission check: etcd's `authMaintenanceServer.MoveLeader` passes it through.
         let target = request.into_inner().target_id;
         let status = &self.core.node.status;
         if status.leader.load(Ordering::Relaxed) != self.core.member.id {

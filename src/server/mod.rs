@@ -4,6 +4,7 @@
 //! writes are validated, proposed through the Raft node and answered once applied; reads go
 //! straight to the shards at a revision every shard has applied.
 
+pub mod auth;
 mod cluster;
 pub mod codec;
 pub mod compactor;
@@ -72,6 +73,8 @@ pub struct Core {
     next_lease_seed: AtomicU64,
     /// The replicated alarm table (etcd's alarm store), as the dispatcher last applied it.
     pub alarms: SharedAlarms,
+    /// The replicated auth store, as the dispatcher last applied it, and this member's tokens.
+    pub auth: crate::auth::SharedAuth,
     /// A NOSPACE alarm for this member is being proposed: the next writes over quota do not
     /// propose it again meanwhile.
     raising_nospace: std::sync::atomic::AtomicBool,
@@ -103,12 +106,24 @@ impl Core {
     /// Errors: "request is too large" above `--max-request-bytes`; "request timed out" when it
     /// does not apply within etcd's request timeout (5 s + 2 election timeouts; the outcome is
     /// then unknown); "no leader"; "server stopped"; and whatever applying it reports.
+    /// The member's own requests (lease expiry, alarms, lock cleanup) act as root, as etcd's
+    /// `WithRoot`; clients' go through [`Core::propose_as`].
     pub async fn propose(&self, request: Proposed) -> Result<ApplyResponse, EtcdError> {
+        self.propose_with(request, None).await
+    }
+
+    /// [`Core::propose`] with the caller's auth header (`None`: the member itself).
+    async fn propose_with(
+        &self,
+        request: Proposed,
+        auth: Option<crate::proto::metastorepb::AuthHeader>,
+    ) -> Result<ApplyResponse, EtcdError> {
         let id = self.next_proposal.fetch_add(1, Ordering::Relaxed);
         let data = Proposal {
             id,
             origin: self.member.id,
             request: Some(request),
+            auth,
         }
         .encode_to_vec();
         if data.len() > self.cfg.max_request_bytes {
@@ -350,6 +365,7 @@ async fn recover_start(
         membership: Default::default(),
         restore: Some(Arc::new(s.clone())),
         alarms: s.alarms.clone(),
+        auth: s.auth.clone(),
         alarm_index: s.index,
     };
     if engine.kind == EngineKind::Memory {
@@ -406,6 +422,8 @@ async fn recover_start(
     // The alarm table is only in snapshots and the log: it starts from the snapshot the WAL
     // follows, whatever the shards hold, and the dispatcher replays the alarm requests after it.
     let alarms = snap.map(|s| s.alarms.clone()).unwrap_or_default();
+    // So is the auth store.
+    let auth = snap.and_then(|s| s.auth.clone());
     Ok(match lowest {
         Some(r) => StartState {
             index: r.applied_index,
@@ -419,6 +437,7 @@ async fn recover_start(
             membership: Default::default(),
             restore: None,
             alarms,
+            auth,
             alarm_index: snapshot_index,
         },
         None => StartState {
@@ -426,6 +445,7 @@ async fn recover_start(
             replay_until,
             durable: true,
             alarms,
+            auth,
             alarm_index: snapshot_index,
             ..Default::default()
         },
@@ -794,6 +814,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     };
     let leases = LeaseTable::default();
     let alarms = SharedAlarms::default();
+    let auth = crate::auth::SharedAuth::new(crate::auth::token::Tokens::from_flag(
+        &cfg.auth_token,
+        Duration::from_secs(cfg.auth_token_ttl),
+    )?);
     let dispatcher = Dispatcher::new(
         shards.set.clone(),
         &start,
@@ -803,6 +827,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         leases.clone(),
         min_ttl_secs(cfg.election_timeout),
         alarms.clone(),
+        auth.clone(),
     );
     std::thread::Builder::new()
         .name("apply".into())
@@ -820,6 +845,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         next_proposal: AtomicU64::new(member.boot_stamp << 12),
         next_lease_seed: AtomicU64::new(member.id ^ member.boot_stamp),
         alarms,
+        auth,
         raising_nospace: Default::default(),
         leader_peer: Default::default(),
         cfg: cfg.clone(),
@@ -901,6 +927,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             .add_service(
                 ClusterServer::new(cluster::ClusterService::new(core.clone()))
                     .max_decoding_message_size(max_recv),
+            )
+            .add_service(
+                crate::proto::etcdserverpb::auth_server::AuthServer::new(auth::AuthService::new(
+                    core.clone(),
+                ))
+                .max_decoding_message_size(max_recv),
             );
         serve!(
             servers,

@@ -66,6 +66,7 @@ impl Watch for WatchService {
         &self,
         request: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let creds = super::auth::Credentials::of(&request);
         let (metadata, _, inbound) = request.into_parts();
         let (tx, rx) = mpsc::channel(OUTBOUND_CAPACITY);
         super::gate::end_stream_without_leader(
@@ -80,6 +81,7 @@ impl Watch for WatchService {
             watchers: BTreeMap::new(),
             next_auto_id: 0,
             progress_requested: false,
+            creds,
         };
         tokio::spawn(stream.run(inbound));
         Ok(Response::new(Box::pin(
@@ -97,6 +99,10 @@ struct Watcher {
     prev_kv: bool,
     progress_notify: bool,
     fragment: bool,
+    /// Who created it while auth was enabled, with the key and range end it asked for: its
+    /// events are sent only while that user may still read them (a role revoked mid-watch
+    /// cancels the watch with "etcdserver: permission denied").
+    reader: Option<(String, Vec<u8>, Vec<u8>)>,
 }
 
 /// The client went away; the stream task ends and every watcher with it.
@@ -108,6 +114,8 @@ struct StreamState {
     watchers: BTreeMap<i64, Watcher>,
     next_auto_id: i64,
     progress_requested: bool,
+    /// The stream's token or certificate user.
+    creds: super::auth::Credentials,
 }
 
 impl StreamState {
@@ -167,7 +175,28 @@ impl StreamState {
     async fn handle(&mut self, req: WatchRequest) -> Result<(), Gone> {
         match req.request_union {
             Some(RequestUnion::CreateRequest(c)) => {
-                let resp = self.create(c);
+                // etcd `isWatchPermitted`: READ on the key or range, as the stream's caller.
+                let reader = if self.core.auth_enabled() {
+                    let caller = self.core.caller(&self.creds).await.ok().flatten();
+                    let allowed = self
+                        .core
+                        .check_read(caller.as_ref(), &c.key, &c.range_end)
+                        .is_ok();
+                    if !allowed {
+                        let revision = self.core.applied.borrow().revision;
+                        let resp = WatchResponse {
+                            created: true,
+                            canceled: true,
+                            cancel_reason: EtcdError::PermissionDenied.to_string(),
+                            ..self.response(c.watch_id, revision)
+                        };
+                        return self.send(resp).await;
+                    }
+                    caller.map(|a| (a.user, c.key.clone(), c.range_end.clone()))
+                } else {
+                    None
+                };
+                let resp = self.create(c, reader);
                 self.send(resp).await
             }
             Some(RequestUnion::CancelRequest(c)) => {
@@ -189,7 +218,11 @@ impl StreamState {
         }
     }
 
-    fn create(&mut self, c: WatchCreateRequest) -> WatchResponse {
+    fn create(
+        &mut self,
+        c: WatchCreateRequest,
+        reader: Option<(String, Vec<u8>, Vec<u8>)>,
+    ) -> WatchResponse {
         let revision = self.core.applied.borrow().revision;
         let key = if c.key.is_empty() { vec![0] } else { c.key };
         let range = KeyRange::from_request(&key, &c.range_end);
@@ -229,6 +262,7 @@ impl StreamState {
             prev_kv: c.prev_kv,
             progress_notify: c.progress_notify,
             fragment: c.fragment,
+            reader,
         };
         self.watchers.insert(id, watcher);
         WatchResponse {
@@ -250,6 +284,28 @@ impl StreamState {
             let Some(w) = self.watchers.get(&id) else {
                 continue;
             };
+            if let Some((user, key, end)) = &w.reader {
+                let allowed = self.core.auth.read(|a| {
+                    a.check(
+                        user,
+                        a.revision(),
+                        key,
+                        end,
+                        crate::proto::authpb::permission::Type::Read,
+                    )
+                    .is_ok()
+                });
+                if !allowed {
+                    self.watchers.remove(&id);
+                    let resp = WatchResponse {
+                        canceled: true,
+                        cancel_reason: EtcdError::PermissionDenied.to_string(),
+                        ..self.response(id, state.revision)
+                    };
+                    self.send(resp).await?;
+                    continue;
+                }
+            }
             let fetched = if w.next_rev < state.compact_revision {
                 Err(EtcdError::Compacted)
             } else {

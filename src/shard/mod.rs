@@ -82,6 +82,13 @@ impl EngineConfig {
 
 /// Work for a shard, in log order, from the apply dispatcher.
 pub enum ApplyCmd {
+    /// The keys attached to `lease` on this shard (auth checks of lease revokes).
+    LeaseKeys {
+        /// The lease.
+        lease: i64,
+        /// Gets the keys.
+        reply: oneshot::Sender<Vec<Vec<u8>>>,
+    },
     /// Write one key at `rev`; replies with the previous key-value when asked.
     Put {
         /// The client's put.
@@ -716,6 +723,9 @@ fn handle_apply(store: &mut Store, replay: &mut Replay, size: &ShardSize, cmd: A
             if let Some(reply) = reply {
                 let _ = reply.send(prev);
             }
+        }
+        ApplyCmd::LeaseKeys { lease, reply } => {
+            let _ = reply.send(store.lease_keys(lease));
         }
         ApplyCmd::Get { key, rev, reply } => {
             let _ = reply.send(store.get(&key, rev));

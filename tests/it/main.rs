@@ -2,6 +2,7 @@
 //! crate and `etcdctl`).
 
 mod alarm;
+mod auth;
 mod check_perf;
 mod cluster;
 mod cluster_harness;
