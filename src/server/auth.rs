@@ -35,10 +35,11 @@ use crate::proto::metastorepb::{proposal::Request as Proposed, AuthenticatePropo
 /// `TokenFieldNameSwagger` which etcd 3.5 also reads).
 pub const TOKEN_KEYS: [&str; 2] = ["token", "authorization"];
 
-/// The caller-identifying parts of a request: its metadata and the client certificate's CN.
+/// The caller-identifying parts of a request: its token and the client's certificate chain
+/// (parsed for its CN only when a certificate user is possible, not on every request).
 pub struct Credentials {
     token: Option<String>,
-    cn: Option<String>,
+    certs: Option<std::sync::Arc<Vec<tonic::transport::CertificateDer<'static>>>>,
 }
 
 impl Credentials {
@@ -50,10 +51,10 @@ impl Credentials {
             .find_map(|k| md.get(*k))
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let cn = request
-            .peer_certs()
-            .and_then(|certs| certs.first().and_then(|c| common_name(c.as_ref())));
-        Credentials { token, cn }
+        Credentials {
+            token,
+            certs: request.peer_certs(),
+        }
     }
 
     /// From raw HTTP headers (streams whose messages come later).
@@ -63,7 +64,7 @@ impl Credentials {
             .find_map(|k| headers.get(*k))
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        Credentials { token, cn: None }
+        Credentials { token, certs: None }
     }
 }
 
@@ -104,14 +105,14 @@ impl Core {
             };
         }
         if self.cfg.client_cert_auth {
-            if let Some(cn) = &creds.cn {
-                let (enabled, revision) = self.auth.read(|a| (a.enabled(), a.revision()));
-                if enabled {
-                    return Ok(Some(AuthInfo {
-                        user: cn.clone(),
-                        revision,
-                    }));
-                }
+            let (enabled, revision) = self.auth.read(|a| (a.enabled(), a.revision()));
+            let cn = creds
+                .certs
+                .as_ref()
+                .filter(|_| enabled)
+                .and_then(|certs| certs.first().and_then(|c| common_name(c.as_ref())));
+            if let Some(user) = cn {
+                return Ok(Some(AuthInfo { user, revision }));
             }
         }
         Ok(None)

@@ -833,3 +833,51 @@ async fn kubeadm_static_pod_command_line_starts_unchanged() {
     let log = server.log();
     assert!(log.contains("starting with client TLS") && log.contains("starting with peer TLS"));
 }
+
+/// Go (and so etcd) accepts a client that presents a trusted CA certificate itself, a chain of
+/// one root; webpki calls that "CA used as end entity". etcd's e2e fixture
+/// `CommonName-root.crt` is such a certificate (`TestCtlV3AuthCertCNWithWithConcurrentOperation`).
+#[tokio::test]
+async fn a_trusted_ca_certificate_is_accepted_as_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.distinguished_name.push(DnType::CommonName, "root");
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    let key = KeyPair::generate().unwrap();
+    let root_pem = p.self_signed(&key).unwrap().pem();
+    let root_key = key.serialize_pem();
+    let ca1 = Ca {
+        pem: root_pem.clone(),
+        issuer: Issuer::new(p, key),
+    };
+    let f = files(dir.path(), &ca1);
+    let server = start(
+        dir.path(),
+        &[
+            "--cert-file",
+            &f.cert,
+            "--key-file",
+            &f.key,
+            "--trusted-ca-file",
+            &f.ca,
+            "--client-cert-auth",
+        ],
+    );
+    let mut c = tls_client(&https(&server), &f.ca_pem, Some(&(root_pem, root_key)))
+        .await
+        .expect("the trusted root itself is a valid client certificate");
+    c.put("k", "v", None).await.unwrap();
+    // A CA certificate that is not trusted is still refused.
+    let other = ca("untrusted-ca");
+    let other_key = other.issuer.key().serialize_pem();
+    assert!(
+        tls_client(&https(&server), &f.ca_pem, Some(&(other.pem, other_key)))
+            .await
+            .is_err()
+    );
+}
