@@ -103,7 +103,12 @@ impl Drop for Member {
 pub fn signal(pid: i32, signal: libc::c_int) {
     // SAFETY: kill(2) has no memory-safety preconditions; the pid is a child we own.
     let rc = unsafe { libc::kill(pid, signal) };
-    assert_eq!(rc, 0, "kill({pid}, {signal}): {}", std::io::Error::last_os_error());
+    assert_eq!(
+        rc,
+        0,
+        "kill({pid}, {signal}): {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 struct Spec {

@@ -185,7 +185,7 @@ pub fn check(history: &[Operation], init: State, budget: Duration) -> Verdict {
     let mut steps: u64 = 0;
     while list[0].next != NIL {
         steps += 1;
-        if steps % 4096 == 0 && started.elapsed() > budget {
+        if steps.is_multiple_of(4096) && started.elapsed() > budget {
             return Verdict::Timeout;
         }
         if list[entry].kind == Kind::Call {
@@ -383,6 +383,26 @@ mod tests {
             op(2, 3, put("b", "1"), put_ok(2)),
         ];
         assert_illegal(&h);
+    }
+
+    #[test]
+    fn torn_multi_key_txn_fails() {
+        // A txn put a=1 and b=1 at revision 2; a read sees a but not b at that revision.
+        let all = Request::PutAll {
+            kvs: vec![("a".into(), "1".into()), ("b".into(), "1".into())],
+        };
+        let h = vec![
+            op(0, 1, all.clone(), put_ok(2)),
+            op(2, 3, get("a"), got(Some(("1", 2)), 2)),
+            op(4, 5, get("b"), got(None, 2)),
+        ];
+        assert_illegal(&h);
+        let h = vec![
+            op(0, 1, all, put_ok(2)),
+            op(2, 3, get("a"), got(Some(("1", 2)), 2)),
+            op(4, 5, get("b"), got(Some(("1", 2)), 2)),
+        ];
+        assert_ok(&h);
     }
 
     #[test]

@@ -36,24 +36,29 @@ pub enum Request {
         cond: Cond,
         value: String,
     },
+    /// `Txn{compare: [], success: [put k1 v1, put k2 v2, ...]}`: several distinct keys at one
+    /// revision (its response is [`Response::Put`]).
+    PutAll { kvs: Vec<(String, String)> },
 }
 
 impl Request {
-    /// The key the request touches.
+    /// The (first) key the request touches.
     pub fn key(&self) -> &str {
         match self {
             Request::Get { key }
             | Request::Put { key, .. }
             | Request::Delete { key }
             | Request::Cas { key, .. } => key,
+            Request::PutAll { kvs } => &kvs[0].0,
         }
     }
 
-    /// The value the request writes, if any.
-    pub fn written_value(&self) -> Option<&str> {
+    /// The (key, value) pairs the request writes if it takes effect.
+    pub fn writes(&self) -> Vec<(&str, &str)> {
         match self {
-            Request::Put { value, .. } | Request::Cas { value, .. } => Some(value),
-            _ => None,
+            Request::Put { key, value } | Request::Cas { key, value, .. } => vec![(key, value)],
+            Request::PutAll { kvs } => kvs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
+            _ => Vec::new(),
         }
     }
 }
@@ -105,6 +110,15 @@ impl State {
             Request::Put { key, value } => {
                 next.revision += 1;
                 next.kvs.insert(key.clone(), (value.clone(), next.revision));
+                Response::Put {
+                    revision: next.revision,
+                }
+            }
+            Request::PutAll { kvs } => {
+                next.revision += 1;
+                for (key, value) in kvs {
+                    next.kvs.insert(key.clone(), (value.clone(), next.revision));
+                }
                 Response::Put {
                     revision: next.revision,
                 }

@@ -30,7 +30,7 @@ use tokio::time::{sleep, timeout};
 use crate::cluster::{signal, Cluster, ELECTION_MS};
 use crate::linearizability::{check, Operation, Verdict, INFINITY};
 use crate::model::{Cond, Request, Response, State};
-use crate::watch::{validate_all, Event, KvHistory, Kv, Session, WatchResp};
+use crate::watch::{validate_all, Event, Kv, KvHistory, Session, WatchResp};
 
 /// Concurrent KV clients.
 pub const CLIENTS: usize = 4;
@@ -113,12 +113,24 @@ async fn execute(c: &mut Client, req: &Request) -> Result<Response, etcd_client:
                 Cond::ModRevision(r) => Compare::mod_revision(key.as_str(), CompareOp::Equal, *r),
                 Cond::Value(v) => Compare::value(key.as_str(), CompareOp::Equal, v.as_str()),
             };
-            let txn = Txn::new()
-                .when(vec![cmp])
-                .and_then(vec![TxnOp::put(key.as_str(), value.as_str(), None)]);
+            let txn = Txn::new().when(vec![cmp]).and_then(vec![TxnOp::put(
+                key.as_str(),
+                value.as_str(),
+                None,
+            )]);
             let r = c.txn(txn).await?;
             Response::Cas {
                 succeeded: r.succeeded(),
+                revision: rev(r.header()),
+            }
+        }
+        Request::PutAll { kvs } => {
+            let puts: Vec<TxnOp> = kvs
+                .iter()
+                .map(|(k, v)| TxnOp::put(k.as_str(), v.as_str(), None))
+                .collect();
+            let r = c.txn(Txn::new().and_then(puts)).await?;
+            Response::Put {
                 revision: rev(r.header()),
             }
         }
@@ -157,13 +169,20 @@ async fn client_loop(
             }
         };
         seq += 1;
-        let key = format!("{PREFIX}k{}", rng.below(KEYS as u64));
+        let key_index = rng.below(KEYS as u64);
+        let key = format!("{PREFIX}k{key_index}");
         let value = format!("c{id}-{seq}");
         let last = seen.get(&key).cloned();
         let req = match rng.below(100) {
-            0..35 => Request::Get { key },
-            35..70 => Request::Put { key, value },
-            70..80 => Request::Delete { key },
+            0..30 => Request::Get { key },
+            30..60 => Request::Put { key, value },
+            60..70 => Request::Delete { key },
+            70..80 => {
+                let other = format!("{PREFIX}k{}", (key_index + 1) % KEYS as u64);
+                Request::PutAll {
+                    kvs: vec![(key, value.clone()), (other, value)],
+                }
+            }
             roll => Request::Cas {
                 key,
                 cond: if roll % 2 == 0 {
@@ -301,8 +320,16 @@ pub struct Summary {
     pub operations: usize,
     /// Of which with an unknown outcome.
     pub unknown: usize,
-    /// Unknown-outcome writes found in the KV history (resolved as applied).
-    pub resolved_applied: usize,
+    /// Unknown-outcome reads (dropped).
+    pub unknown_reads: usize,
+    /// Unknown-outcome puts, CASes and txns found in the KV history (resolved as applied).
+    pub unknown_applied: usize,
+    /// Unknown-outcome puts, CASes and txns not in the KV history (dropped).
+    pub unknown_not_applied: usize,
+    /// Unknown-outcome deletes (kept with both outcomes).
+    pub unknown_deletes: usize,
+    /// Progress notifications received, over all watchers.
+    pub watch_progress: usize,
     /// SIGKILL + restart faults.
     pub kills: usize,
     /// SIGSTOP + SIGCONT faults of the leader.
@@ -321,6 +348,48 @@ pub struct Summary {
     pub linearizability_checked: bool,
     /// Time the checks took.
     pub check_time: Duration,
+    /// Time the linearizability check took.
+    pub linearizability_time: Duration,
+    /// Faults planted into the recorded history that the checker caught (of 2; see
+    /// [`plant_faults`]).
+    pub planted_caught: usize,
+}
+
+/// Plants faults into a linearizable recorded history and counts how many the checker
+/// rejects, so a run also shows that its check is not vacuous: (1) the first acknowledged read
+/// that saw a value returns a value never written; (2) the second acknowledged put claims the
+/// revision of the first (a revision reused). Early operations, so that the search, which must
+/// exhaust every linearization up to the planted fault to reject it, ends quickly.
+pub fn plant_faults(ops: &[Operation]) -> usize {
+    let mut caught = 0;
+    let illegal = |h: &[Operation]| {
+        matches!(
+            check(h, State::initial(), Duration::from_secs(60)),
+            Verdict::Illegal(_)
+        )
+    };
+    let read = ops
+        .iter()
+        .position(|o| o.ret != INFINITY && matches!(&o.resp, Response::Get { kv: Some(_), .. }));
+    if let Some(i) = read {
+        let mut h = ops.to_vec();
+        if let Response::Get { kv: Some(kv), .. } = &mut h[i].resp {
+            kv.0 = "never-written".into();
+        }
+        caught += illegal(&h) as usize;
+    }
+    let puts: Vec<usize> = ops
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| o.ret != INFINITY && matches!(o.resp, Response::Put { .. }))
+        .map(|(i, _)| i)
+        .collect();
+    if let (Some(&first), Some(&second)) = (puts.first(), puts.get(1)) {
+        let mut h = ops.to_vec();
+        h[second].resp = h[first].resp.clone();
+        caught += illegal(&h) as usize;
+    }
+    caught
 }
 
 /// How long the profile runs: `ROBUSTNESS_SECONDS`, 60 s by default.
@@ -337,23 +406,29 @@ async fn read_history(cluster: &Cluster, last: i64) -> Vec<(i64, BTreeMap<String
     const READERS: i64 = 4;
     let mut tasks = tokio::task::JoinSet::new();
     for r in 0..READERS {
-        let mut c = cluster.client(r as usize % cluster.len()).await.expect("connect");
+        let mut c = cluster
+            .client(r as usize % cluster.len())
+            .await
+            .expect("connect");
         tasks.spawn(async move {
             let mut out = Vec::new();
             let mut rev = 1 + r;
             while rev <= last {
                 let opts = GetOptions::new().with_prefix().with_revision(rev);
-                let resp = c.get(PREFIX, Some(opts)).await;
-                let resp = resp.unwrap_or_else(|e| panic!("read revision {rev}: {e}"));
+                // A spurious election on a loaded machine may fail a read: retry.
+                let mut tries = 0;
+                let resp = loop {
+                    tries += 1;
+                    match c.get(PREFIX, Some(opts.clone())).await {
+                        Ok(r) => break r,
+                        Err(e) if tries >= 20 => panic!("read revision {rev}: {e}"),
+                        Err(_) => sleep(Duration::from_millis(250)).await,
+                    }
+                };
                 let snap: BTreeMap<String, Kv> = resp
                     .kvs()
                     .iter()
-                    .map(|kv| {
-                        (
-                            lossy(kv.key()),
-                            (lossy(kv.value()), kv.mod_revision()),
-                        )
-                    })
+                    .map(|kv| (lossy(kv.key()), (lossy(kv.value()), kv.mod_revision())))
                     .collect();
                 out.push((rev, snap));
                 rev += READERS;
@@ -361,12 +436,8 @@ async fn read_history(cluster: &Cluster, last: i64) -> Vec<(i64, BTreeMap<String
             out
         });
     }
-    let mut all: Vec<(i64, BTreeMap<String, Kv>)> = tasks
-        .join_all()
-        .await
-        .into_iter()
-        .flatten()
-        .collect();
+    let mut all: Vec<(i64, BTreeMap<String, Kv>)> =
+        tasks.join_all().await.into_iter().flatten().collect();
     all.sort_by_key(|(r, _)| *r);
     all
 }
@@ -375,39 +446,46 @@ async fn read_history(cluster: &Cluster, last: i64) -> Vec<(i64, BTreeMap<String
 /// reads with unknown outcomes carry no information and go; a put or compare-and-set whose
 /// unique value is in the history happened at that revision (its return time stays infinite);
 /// one whose value is not never took effect and goes. Unknown deletes stay unknown (the model
-/// keeps both outcomes). Returns the patched history and how many writes were found applied.
-pub fn patch_history(ops: Vec<Operation>, history: &KvHistory) -> (Vec<Operation>, usize) {
+/// keeps both outcomes). Returns the patched history; counts what it did in `summary`.
+pub fn patch_history(
+    ops: Vec<Operation>,
+    history: &KvHistory,
+    summary: &mut Summary,
+) -> Vec<Operation> {
     let mut written: HashMap<(&str, &str), i64> = HashMap::new();
     for evs in history.events.values() {
         for e in evs.iter().filter(|e| e.put) {
             written.insert((e.key.as_str(), e.value.as_str()), e.revision);
         }
     }
-    let mut applied = 0;
     let mut out = Vec::with_capacity(ops.len());
     for mut op in ops {
         if op.resp == Response::Unknown {
             match &op.req {
-                Request::Get { .. } => continue,
-                Request::Delete { .. } => {}
-                Request::Put { key, value } | Request::Cas { key, value, .. } => {
-                    let Some(rev) = written.get(&(key.as_str(), value.as_str())) else {
+                Request::Get { .. } => {
+                    summary.unknown_reads += 1;
+                    continue;
+                }
+                Request::Delete { .. } => summary.unknown_deletes += 1,
+                Request::Put { .. } | Request::Cas { .. } | Request::PutAll { .. } => {
+                    let Some(rev) = op.req.writes().first().and_then(|kv| written.get(kv)) else {
+                        summary.unknown_not_applied += 1;
                         continue;
                     };
-                    applied += 1;
+                    summary.unknown_applied += 1;
                     op.resp = match op.req {
-                        Request::Put { .. } => Response::Put { revision: *rev },
-                        _ => Response::Cas {
+                        Request::Cas { .. } => Response::Cas {
                             succeeded: true,
                             revision: *rev,
                         },
+                        _ => Response::Put { revision: *rev },
                     };
                 }
             }
         }
         out.push(op);
     }
-    (out, applied)
+    out
 }
 
 /// Acknowledged writes that the KV history does not have at their revision.
@@ -415,7 +493,9 @@ pub fn lost_writes(ops: &[Operation], history: &KvHistory) -> Vec<String> {
     let mut lost = Vec::new();
     for op in ops.iter().filter(|op| op.ret != INFINITY) {
         let (rev, put) = match (&op.req, &op.resp) {
-            (Request::Put { .. }, Response::Put { revision }) => (*revision, true),
+            (Request::Put { .. } | Request::PutAll { .. }, Response::Put { revision }) => {
+                (*revision, true)
+            }
             (
                 Request::Cas { .. },
                 Response::Cas {
@@ -432,10 +512,15 @@ pub fn lost_writes(ops: &[Operation], history: &KvHistory) -> Vec<String> {
             ) => (*revision, false),
             _ => continue,
         };
-        let value = op.req.written_value().unwrap_or("");
         let found = history.events.get(&rev).is_some_and(|evs| {
-            evs.iter()
-                .any(|e| e.put == put && e.key == op.req.key() && (!put || e.value == value))
+            if put {
+                op.req
+                    .writes()
+                    .iter()
+                    .all(|(k, v)| evs.iter().any(|e| e.put && e.key == *k && e.value == *v))
+            } else {
+                evs.iter().any(|e| !e.put && e.key == op.req.key())
+            }
         });
         if !found {
             lost.push(format!(
@@ -466,7 +551,14 @@ pub async fn run(engine: &str, run_for: Duration) -> Summary {
         })
         .collect();
     let clients: Vec<_> = (0..CLIENTS)
-        .map(|c| tokio::spawn(client_loop(c, endpoints.clone(), start, stop_clients.clone())))
+        .map(|c| {
+            tokio::spawn(client_loop(
+                c,
+                endpoints.clone(),
+                start,
+                stop_clients.clone(),
+            ))
+        })
         .collect();
 
     // Faults, until the end of the run.
@@ -504,15 +596,20 @@ pub async fn run(engine: &str, run_for: Duration) -> Summary {
     ops.sort_by_key(|op| op.call);
 
     // The final revision, linearizably, from the leader once everyone agrees on it.
-    let leader = cluster.wait_for_leader(Duration::from_secs(60)).await;
-    let mut c = cluster.client(leader).await.expect("connect");
-    let last = c
-        .get(PREFIX, Some(GetOptions::new().with_prefix()))
-        .await
-        .expect("final read")
-        .header()
-        .expect("header")
-        .revision();
+    let mut tries = 0;
+    let last = loop {
+        tries += 1;
+        let leader = cluster.wait_for_leader(Duration::from_secs(60)).await;
+        let read = async {
+            let mut c = cluster.client(leader).await?;
+            c.get(PREFIX, Some(GetOptions::new().with_prefix())).await
+        };
+        match timeout(Duration::from_secs(5), read).await {
+            Ok(Ok(r)) => break r.header().expect("header").revision(),
+            _ if tries < 20 => sleep(Duration::from_millis(250)).await,
+            other => panic!("final read: {other:?}\n{}", cluster.logs()),
+        }
+    };
     // Watchers must catch up to it (ask for progress notifications; conditions, not sleeps).
     let wait = Instant::now();
     while reached.iter().any(|r| r.load(Ordering::Relaxed) < last)
@@ -533,10 +630,15 @@ pub async fn run(engine: &str, run_for: Duration) -> Summary {
     summary.unknown = ops.iter().filter(|o| o.resp == Response::Unknown).count();
     summary.revision = last;
     summary.lost_writes = lost_writes(&ops, &history);
-    let (patched, applied) = patch_history(ops, &history);
-    summary.resolved_applied = applied;
-    match check(&patched, State::initial(), Duration::from_secs(120)) {
-        Verdict::Ok => summary.linearizability_checked = true,
+    let patched = patch_history(ops, &history, &mut summary);
+    let lin = Instant::now();
+    let verdict = check(&patched, State::initial(), Duration::from_secs(120));
+    summary.linearizability_time = lin.elapsed();
+    match verdict {
+        Verdict::Ok => {
+            summary.linearizability_checked = true;
+            summary.planted_caught = plant_faults(&patched);
+        }
         Verdict::Illegal(why) => {
             summary.linearizability_checked = true;
             summary.violations.push(format!("linearizability: {why}"));
@@ -550,6 +652,11 @@ pub async fn run(engine: &str, run_for: Duration) -> Summary {
             .flat_map(|s| &s.responses)
             .map(|r| r.events.len())
             .sum::<usize>();
+        summary.watch_progress += sessions
+            .iter()
+            .flat_map(|s| &s.responses)
+            .filter(|r| r.progress)
+            .count();
         for v in validate_all(&history, sessions, Some(last)) {
             summary
                 .violations
@@ -564,23 +671,31 @@ pub async fn run(engine: &str, run_for: Duration) -> Summary {
 /// The one-line summary the profile prints.
 pub fn summary_line(engine: &str, s: &Summary) -> String {
     format!(
-        "robustness engine={engine}: operations={} (unknown={}, resolved-applied={}) \
-         revision={} faults={} (kill+restart={}, leader-stop={}) watch-events={} \
-         watch-sessions={} linearizability={} violations={} lost-writes={} checks={:?}",
+        "robustness engine={engine}: operations={} (unknown={}: reads dropped={}, writes \
+         applied={}, writes not applied={}, deletes kept unknown={}) revision={} faults={} \
+         (kill+restart={}, leader-stop={}) watch-events={} watch-sessions={} \
+         watch-progress-notifications={} linearizability={} ({:?}, planted faults caught {}/2) violations={} \
+         lost-writes={} checks={:?}",
         s.operations,
         s.unknown,
-        s.resolved_applied,
+        s.unknown_reads,
+        s.unknown_applied,
+        s.unknown_not_applied,
+        s.unknown_deletes,
         s.revision,
         s.kills + s.stops,
         s.kills,
         s.stops,
         s.watch_events,
         s.watch_sessions,
+        s.watch_progress,
         if s.linearizability_checked {
             "checked"
         } else {
             "inconclusive"
         },
+        s.linearizability_time,
+        s.planted_caught,
         s.violations.len(),
         s.lost_writes.len(),
         s.check_time
@@ -614,5 +729,8 @@ async fn kv_and_watch_under_process_faults() {
             s.lost_writes.len()
         );
         assert!(s.operations > 0 && s.kills + s.stops > 0);
+        if s.linearizability_checked {
+            assert_eq!(s.planted_caught, 2, "the checker missed a planted fault");
+        }
     }
 }

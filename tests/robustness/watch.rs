@@ -152,11 +152,7 @@ pub fn validate_ordered(sessions: &[Session]) -> Vec<Violation> {
             if w[1].1.revision < w[0].1.revision {
                 out.push(Violation {
                     validator: "ordered",
-                    detail: format!(
-                        "session {si}: {} after {}",
-                        brief(w[1].1),
-                        brief(w[0].1)
-                    ),
+                    detail: format!("session {si}: {} after {}", brief(w[1].1), brief(w[0].1)),
                 });
             }
         }
@@ -227,7 +223,9 @@ pub fn validate_reliable(
                         "session {si} (from revision {}): event {i} is {}, the history has {}",
                         s.start,
                         brief(e),
-                        expected.get(i).map_or("no more events".into(), |x| brief(x))
+                        expected
+                            .get(i)
+                            .map_or("no more events".into(), |x| brief(x))
                     ),
                 });
                 break;
