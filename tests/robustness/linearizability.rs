@@ -22,6 +22,7 @@
 //! operations on a few keys then check in well under a second.
 
 use std::collections::HashSet;
+use std::hash::{BuildHasher, RandomState};
 use std::time::{Duration, Instant};
 
 use crate::model::{Request, Response, State};
@@ -175,7 +176,18 @@ pub fn check(history: &[Operation], init: State, budget: Duration) -> Verdict {
         }
     }
 
-    let mut cache: HashSet<(Bitset, Vec<State>)> = HashSet::new();
+    // The cache holds 128-bit fingerprints of (linearized set, state set), two SipHashes with
+    // independent random keys, rather than the configurations themselves: a long history's
+    // bitsets are kilobytes each. A collision (probability about k^2 / 2^128 for k entries)
+    // could only prune a branch wrongly, never accept a wrong history.
+    let keys = (RandomState::new(), RandomState::new());
+    let fingerprint = |lin: &Bitset, states: &[State]| -> (u64, u64) {
+        (
+            keys.0.hash_one((lin, states)),
+            keys.1.hash_one((lin, states)),
+        )
+    };
+    let mut cache: HashSet<(u64, u64)> = HashSet::new();
     let mut linearized = Bitset::new(n);
     let mut states = vec![init];
     let mut calls: Vec<(usize, Vec<State>)> = Vec::new();
@@ -192,15 +204,14 @@ pub fn check(history: &[Operation], init: State, budget: Duration) -> Verdict {
             let op = list[entry].op;
             let next = step_all(&states, &history[op]);
             if !next.is_empty() {
-                let mut lin = linearized.clone();
-                lin.set(op);
-                if cache.insert((lin, next.clone())) {
+                linearized.set(op);
+                if cache.insert(fingerprint(&linearized, &next)) {
                     calls.push((entry, std::mem::replace(&mut states, next)));
-                    linearized.set(op);
                     lift(&mut list, entry);
                     entry = list[0].next;
                     continue;
                 }
+                linearized.clear(op);
             }
             entry = list[entry].next;
         } else {

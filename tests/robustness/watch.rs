@@ -211,7 +211,13 @@ pub fn validate_reliable(
     let mut out = Vec::new();
     for (si, s) in sessions.iter().enumerate() {
         let expected = history.from(s.start);
-        let got = events_of(s);
+        // Within one revision (a txn), events come in the txn's op order, which snapshots
+        // cannot tell: compare each revision's events sorted by key (ordered and atomic check
+        // the rest).
+        let mut got = events_of(s);
+        for run in got.chunk_by_mut(|a, b| a.1.revision == b.1.revision) {
+            run.sort_by(|a, b| a.1.key.cmp(&b.1.key));
+        }
         for (i, (_, e)) in got.iter().enumerate() {
             let same = expected.get(i).is_some_and(|x| {
                 x.put == e.put && x.key == e.key && x.value == e.value && x.revision == e.revision
@@ -440,6 +446,16 @@ mod tests {
         first.responses.truncate(2);
         let sessions = vec![first, session(&h, 4)];
         let v = validate_all(&h, &sessions, Some(6));
+        assert!(v.is_empty(), "{v:?}");
+    }
+
+    #[test]
+    fn txn_events_in_op_order_pass() {
+        // Revision 6's events in the txn's op order (d before c), not key order.
+        let h = history();
+        let mut s = session(&h, 1);
+        s.responses[4].events.reverse();
+        let v = validate_all(&h, &[s], Some(6));
         assert!(v.is_empty(), "{v:?}");
     }
 
