@@ -1,0 +1,10 @@
+//! A Jepsen-style robustness suite, after etcd's `tests/robustness`: real MetaStore processes
+//! under process faults, concurrent KV traffic and watches, then a linearizability check of the
+//! recorded history (Lowe's algorithm as porcupine implements it), watch validators and a
+//! lost-write check. See `tests/robustness/README.md`.
+
+mod cluster;
+mod linearizability;
+mod model;
+mod traffic;
+mod watch;

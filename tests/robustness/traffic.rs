@@ -1,0 +1,744 @@
+//! The short robustness profile: a 3-member cluster of real processes, concurrent KV clients
+//! and watchers, and process faults, after etcd's `tests/robustness` (traffic, failpoints'
+//! process-level faults, and the final validation).
+//!
+//! * Traffic: [`CLIENTS`] clients (the `etcd-client` crate, all endpoints, 2 s per-request
+//!   timeout) run put / get / delete / compare-and-set on [`KEYS`] keys with unique values;
+//!   every operation is recorded with call and return times from a monotonic clock. A failed
+//!   or timed-out request is recorded with an unknown outcome.
+//! * Watchers: [`WATCHERS`] watchers watch the key prefix from revision 1 with prev_kv and
+//!   progress notifications, each stream on one member; when a stream breaks or stalls they
+//!   resume on another member from the revision after the last event.
+//! * Faults: every few seconds, either SIGKILL of a random member and its restart, or SIGSTOP
+//!   of the leader for three election timeouts then SIGCONT.
+//! * Checks at the end: the KV history is read back revision by revision; unknown-outcome
+//!   writes are resolved against it (as etcd's `patchedOperationHistory` does: a write whose
+//!   unique value is in the history happened at that revision, one whose value is not never
+//!   happened); then linearizability of the whole history ([`crate::linearizability`]), no
+//!   acknowledged write lost, and every watcher against the history ([`crate::watch`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Txn, TxnOp, WatchOptions,
+};
+use tokio::time::{sleep, timeout};
+
+use crate::cluster::{signal, Cluster, ELECTION_MS};
+use crate::linearizability::{check, Operation, Verdict, INFINITY};
+use crate::model::{Cond, Request, Response, State};
+use crate::watch::{validate_all, Event, Kv, KvHistory, Session, WatchResp};
+
+/// Concurrent KV clients.
+pub const CLIENTS: usize = 4;
+/// Keys the clients write, all under [`PREFIX`].
+pub const KEYS: usize = 3;
+/// Concurrent watchers.
+pub const WATCHERS: usize = 2;
+/// The key prefix of the traffic.
+pub const PREFIX: &str = "robust/";
+/// Per-request timeout of the traffic clients.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pause between a client's operations (keeps histories at a few thousand operations).
+const THINK: Duration = Duration::from_millis(40);
+
+/// Deterministic 64-bit LCG (Knuth's MMIX constants).
+pub struct Lcg(u64);
+
+impl Lcg {
+    /// A generator from `seed`.
+    pub fn new(seed: u64) -> Lcg {
+        Lcg(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+    /// The next number, 31 bits.
+    pub fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+    /// A number below `n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn nanos(start: Instant) -> u64 {
+    start.elapsed().as_nanos() as u64
+}
+
+fn lossy(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn connect_options() -> ConnectOptions {
+    ConnectOptions::new()
+        .with_connect_timeout(REQUEST_TIMEOUT)
+        .with_timeout(REQUEST_TIMEOUT)
+}
+
+/// Whether reads are serializable (`ROBUSTNESS_SERIALIZABLE_READS=1`): a member answers
+/// from its own state, which may be stale, so the linearizability check is expected to fail —
+/// a way to see it catch real stale reads.
+fn serializable_reads() -> bool {
+    std::env::var("ROBUSTNESS_SERIALIZABLE_READS").is_ok_and(|v| v == "1")
+}
+
+/// Sends `req` and converts the reply to the model's response.
+async fn execute(c: &mut Client, req: &Request) -> Result<Response, etcd_client::Error> {
+    let rev = |h: Option<&etcd_client::ResponseHeader>| h.map_or(0, |h| h.revision());
+    Ok(match req {
+        Request::Get { key } => {
+            let opts = serializable_reads().then(|| GetOptions::new().with_serializable());
+            let r = c.get(key.as_str(), opts).await?;
+            Response::Get {
+                kv: r
+                    .kvs()
+                    .first()
+                    .map(|kv| (lossy(kv.value()), kv.mod_revision())),
+                revision: rev(r.header()),
+            }
+        }
+        Request::Put { key, value } => {
+            let r = c.put(key.as_str(), value.as_str(), None).await?;
+            Response::Put {
+                revision: rev(r.header()),
+            }
+        }
+        Request::Delete { key } => {
+            let r = c.delete(key.as_str(), None).await?;
+            Response::Delete {
+                deleted: r.deleted() > 0,
+                revision: rev(r.header()),
+            }
+        }
+        Request::Cas { key, cond, value } => {
+            let cmp = match cond {
+                Cond::ModRevision(r) => Compare::mod_revision(key.as_str(), CompareOp::Equal, *r),
+                Cond::Value(v) => Compare::value(key.as_str(), CompareOp::Equal, v.as_str()),
+            };
+            let txn = Txn::new().when(vec![cmp]).and_then(vec![TxnOp::put(
+                key.as_str(),
+                value.as_str(),
+                None,
+            )]);
+            let r = c.txn(txn).await?;
+            Response::Cas {
+                succeeded: r.succeeded(),
+                revision: rev(r.header()),
+            }
+        }
+        Request::PutAll { kvs } => {
+            let puts: Vec<TxnOp> = kvs
+                .iter()
+                .map(|(k, v)| TxnOp::put(k.as_str(), v.as_str(), None))
+                .collect();
+            let r = c.txn(Txn::new().and_then(puts)).await?;
+            Response::Put {
+                revision: rev(r.header()),
+            }
+        }
+    })
+}
+
+/// One traffic client: random operations until `stop`, every one recorded.
+async fn client_loop(
+    id: usize,
+    endpoints: Vec<String>,
+    start: Instant,
+    stop: Arc<AtomicBool>,
+) -> Vec<Operation> {
+    let mut rng = Lcg::new(0x5eed + id as u64 * 7919 + start.elapsed().as_nanos() as u64);
+    let mut ops = Vec::new();
+    let mut client: Option<Client> = None;
+    // The last (value, mod_revision) this client saw per key, for its compare-and-sets.
+    let mut seen: HashMap<String, Kv> = HashMap::new();
+    let mut seq = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let c = match client.as_mut() {
+            Some(c) => c,
+            None => {
+                match timeout(
+                    REQUEST_TIMEOUT,
+                    Client::connect(endpoints.clone(), Some(connect_options())),
+                )
+                .await
+                {
+                    Ok(Ok(c)) => client.insert(c),
+                    _ => {
+                        sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                }
+            }
+        };
+        seq += 1;
+        let key_index = rng.below(KEYS as u64);
+        let key = format!("{PREFIX}k{key_index}");
+        let value = format!("c{id}-{seq}");
+        let last = seen.get(&key).cloned();
+        let req = match rng.below(100) {
+            0..30 => Request::Get { key },
+            30..60 => Request::Put { key, value },
+            60..70 => Request::Delete { key },
+            70..80 => {
+                let other = format!("{PREFIX}k{}", (key_index + 1) % KEYS as u64);
+                Request::PutAll {
+                    kvs: vec![(key, value.clone()), (other, value)],
+                }
+            }
+            roll => Request::Cas {
+                key,
+                cond: if roll % 2 == 0 {
+                    Cond::ModRevision(last.map_or(0, |(_, r)| r))
+                } else {
+                    Cond::Value(last.map_or_else(|| "none".into(), |(v, _)| v))
+                },
+                value,
+            },
+        };
+        let call = nanos(start);
+        let result = timeout(REQUEST_TIMEOUT, execute(c, &req)).await;
+        let ret = nanos(start);
+        let (ret, resp) = match result {
+            Ok(Ok(resp)) => (ret, resp),
+            _ => (INFINITY, Response::Unknown),
+        };
+        if let Response::Get { kv, .. } = &resp {
+            match kv {
+                Some(kv) => seen.insert(req.key().to_string(), kv.clone()),
+                None => seen.remove(req.key()),
+            };
+        }
+        let failed = resp == Response::Unknown;
+        ops.push(Operation {
+            client: id,
+            call,
+            ret,
+            req,
+            resp,
+        });
+        if failed {
+            // Let the faulty member go; a fresh client re-resolves the endpoints.
+            client = None;
+        }
+        sleep(THINK).await;
+    }
+    ops
+}
+
+/// One watcher: watches [`PREFIX`] from revision 1 until `stop`, resuming on another member
+/// when a stream breaks or stalls; `reached` is the highest revision it is known to have
+/// caught up to (last event or progress notification).
+async fn watch_loop(
+    id: usize,
+    endpoints: Vec<String>,
+    stop: Arc<AtomicBool>,
+    reached: Arc<AtomicI64>,
+) -> Vec<Session> {
+    let mut sessions = Vec::new();
+    let mut next = 1i64;
+    let mut attempt = 0usize;
+    while !stop.load(Ordering::Relaxed) {
+        attempt += 1;
+        let endpoint = endpoints[(id + attempt) % endpoints.len()].clone();
+        let opened = async {
+            let mut c = Client::connect([endpoint], Some(connect_options())).await?;
+            let opts = WatchOptions::new()
+                .with_prefix()
+                .with_prev_key()
+                .with_progress_notify()
+                .with_start_revision(next);
+            c.watch(PREFIX, Some(opts)).await
+        };
+        let mut stream = match timeout(REQUEST_TIMEOUT, opened).await {
+            Ok(Ok(s)) => s,
+            _ => {
+                sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        let mut session = Session {
+            start: next,
+            responses: Vec::new(),
+        };
+        let mut last_message = Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        while !stop.load(Ordering::Relaxed) {
+            tokio::select! {
+                m = stream.message() => {
+                    let Ok(Some(resp)) = m else { break };
+                    last_message = Instant::now();
+                    if resp.created() {
+                        continue;
+                    }
+                    if resp.canceled() {
+                        eprintln!("watcher {id}: canceled: {:?}", resp.cancel_reason());
+                        break;
+                    }
+                    let events: Vec<Event> = resp
+                        .events()
+                        .iter()
+                        .map(|e| {
+                            let kv = e.kv().expect("an event carries its kv");
+                            let put = e.event_type() == EventType::Put;
+                            Event {
+                                put,
+                                key: lossy(kv.key()),
+                                value: if put { lossy(kv.value()) } else { String::new() },
+                                revision: kv.mod_revision(),
+                                prev: e.prev_kv().map(|p| (lossy(p.value()), p.mod_revision())),
+                            }
+                        })
+                        .collect();
+                    let revision = resp.header().map_or(0, |h| h.revision());
+                    let progress = events.is_empty() && resp.compact_revision() == 0;
+                    if let Some(last) = events.last() {
+                        next = next.max(last.revision + 1);
+                        reached.fetch_max(last.revision, Ordering::Relaxed);
+                    } else if progress {
+                        reached.fetch_max(revision, Ordering::Relaxed);
+                    }
+                    session.responses.push(WatchResp { revision, events, progress });
+                }
+                _ = tick.tick() => {
+                    // A stopped or partitioned member answers nothing: move on.
+                    if last_message.elapsed() > Duration::from_secs(5) {
+                        break;
+                    }
+                    if timeout(REQUEST_TIMEOUT, stream.request_progress()).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        sessions.push(session);
+    }
+    sessions
+}
+
+/// Counts of what a run did and found.
+#[derive(Debug, Default)]
+pub struct Summary {
+    /// Operations recorded.
+    pub operations: usize,
+    /// Of which with an unknown outcome.
+    pub unknown: usize,
+    /// Unknown-outcome reads (dropped).
+    pub unknown_reads: usize,
+    /// Unknown-outcome puts, CASes and txns found in the KV history (resolved as applied).
+    pub unknown_applied: usize,
+    /// Unknown-outcome puts, CASes and txns not in the KV history (dropped).
+    pub unknown_not_applied: usize,
+    /// Unknown-outcome deletes (kept with both outcomes).
+    pub unknown_deletes: usize,
+    /// Progress notifications received, over all watchers.
+    pub watch_progress: usize,
+    /// SIGKILL + restart faults.
+    pub kills: usize,
+    /// SIGSTOP + SIGCONT faults of the leader.
+    pub stops: usize,
+    /// The last revision.
+    pub revision: i64,
+    /// Watch events delivered, over all watchers.
+    pub watch_events: usize,
+    /// Watch sessions (streams), over all watchers.
+    pub watch_sessions: usize,
+    /// Linearizability and watch violations.
+    pub violations: Vec<String>,
+    /// Acknowledged writes missing from the KV history.
+    pub lost_writes: Vec<String>,
+    /// Whether the linearizability check finished.
+    pub linearizability_checked: bool,
+    /// Time the checks took.
+    pub check_time: Duration,
+    /// Time the linearizability check took.
+    pub linearizability_time: Duration,
+    /// Faults planted into the recorded history that the checker caught (of 2; see
+    /// [`plant_faults`]), when the history itself passed.
+    pub planted_caught: Option<usize>,
+}
+
+/// Plants faults into a linearizable recorded history and counts how many the checker
+/// rejects, so a run also shows that its check is not vacuous: (1) the first acknowledged read
+/// that saw a value returns a value never written; (2) the second acknowledged put claims the
+/// revision of the first (a revision reused). Early operations, so that the search, which must
+/// exhaust every linearization up to the planted fault to reject it, ends quickly.
+pub fn plant_faults(ops: &[Operation]) -> usize {
+    let mut caught = 0;
+    let illegal = |h: &[Operation]| {
+        matches!(
+            check(h, State::initial(), Duration::from_secs(60)),
+            Verdict::Illegal(_)
+        )
+    };
+    let read = ops
+        .iter()
+        .position(|o| o.ret != INFINITY && matches!(&o.resp, Response::Get { kv: Some(_), .. }));
+    if let Some(i) = read {
+        let mut h = ops.to_vec();
+        if let Response::Get { kv: Some(kv), .. } = &mut h[i].resp {
+            kv.0 = "never-written".into();
+        }
+        caught += illegal(&h) as usize;
+    }
+    let puts: Vec<usize> = ops
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| o.ret != INFINITY && matches!(o.resp, Response::Put { .. }))
+        .map(|(i, _)| i)
+        .collect();
+    if let (Some(&first), Some(&second)) = (puts.first(), puts.get(1)) {
+        let mut h = ops.to_vec();
+        h[second].resp = h[first].resp.clone();
+        caught += illegal(&h) as usize;
+    }
+    caught
+}
+
+/// How long the profile runs: `ROBUSTNESS_SECONDS`, 60 s by default.
+pub fn duration() -> Duration {
+    let secs = std::env::var("ROBUSTNESS_SECONDS")
+        .ok()
+        .map(|s| s.parse::<u64>().expect("ROBUSTNESS_SECONDS is a number"))
+        .unwrap_or(60);
+    Duration::from_secs(secs)
+}
+
+/// Reads the KV history of [`PREFIX`] back, one snapshot per revision from 1 to `last`.
+async fn read_history(cluster: &Cluster, last: i64) -> Vec<(i64, BTreeMap<String, Kv>)> {
+    const READERS: i64 = 4;
+    let mut tasks = tokio::task::JoinSet::new();
+    for r in 0..READERS {
+        let mut c = cluster
+            .client(r as usize % cluster.len())
+            .await
+            .expect("connect");
+        tasks.spawn(async move {
+            let mut out = Vec::new();
+            let mut rev = 1 + r;
+            while rev <= last {
+                let opts = GetOptions::new().with_prefix().with_revision(rev);
+                // A spurious election on a loaded machine may fail a read: retry.
+                let mut tries = 0;
+                let resp = loop {
+                    tries += 1;
+                    match c.get(PREFIX, Some(opts.clone())).await {
+                        Ok(r) => break r,
+                        Err(e) if tries >= 20 => panic!("read revision {rev}: {e}"),
+                        Err(_) => sleep(Duration::from_millis(250)).await,
+                    }
+                };
+                let snap: BTreeMap<String, Kv> = resp
+                    .kvs()
+                    .iter()
+                    .map(|kv| (lossy(kv.key()), (lossy(kv.value()), kv.mod_revision())))
+                    .collect();
+                out.push((rev, snap));
+                rev += READERS;
+            }
+            out
+        });
+    }
+    let mut all: Vec<(i64, BTreeMap<String, Kv>)> =
+        tasks.join_all().await.into_iter().flatten().collect();
+    all.sort_by_key(|(r, _)| *r);
+    all
+}
+
+/// Resolves unknown outcomes against the KV history (etcd's `patchedOperationHistory`):
+/// reads with unknown outcomes carry no information and go; a put or compare-and-set whose
+/// unique value is in the history happened at that revision (its return time stays infinite);
+/// one whose value is not never took effect and goes. Unknown deletes stay unknown (the model
+/// keeps both outcomes). Returns the patched history; counts what it did in `summary`.
+pub fn patch_history(
+    ops: Vec<Operation>,
+    history: &KvHistory,
+    summary: &mut Summary,
+) -> Vec<Operation> {
+    let mut written: HashMap<(&str, &str), i64> = HashMap::new();
+    for evs in history.events.values() {
+        for e in evs.iter().filter(|e| e.put) {
+            written.insert((e.key.as_str(), e.value.as_str()), e.revision);
+        }
+    }
+    let mut out = Vec::with_capacity(ops.len());
+    for mut op in ops {
+        if op.resp == Response::Unknown {
+            match &op.req {
+                Request::Get { .. } => {
+                    summary.unknown_reads += 1;
+                    continue;
+                }
+                Request::Delete { .. } => summary.unknown_deletes += 1,
+                Request::Put { .. } | Request::Cas { .. } | Request::PutAll { .. } => {
+                    let Some(rev) = op.req.writes().first().and_then(|kv| written.get(kv)) else {
+                        summary.unknown_not_applied += 1;
+                        continue;
+                    };
+                    summary.unknown_applied += 1;
+                    op.resp = match op.req {
+                        Request::Cas { .. } => Response::Cas {
+                            succeeded: true,
+                            revision: *rev,
+                        },
+                        _ => Response::Put { revision: *rev },
+                    };
+                }
+            }
+        }
+        out.push(op);
+    }
+    out
+}
+
+/// Acknowledged writes that the KV history does not have at their revision.
+pub fn lost_writes(ops: &[Operation], history: &KvHistory) -> Vec<String> {
+    let mut lost = Vec::new();
+    for op in ops.iter().filter(|op| op.ret != INFINITY) {
+        let (rev, put) = match (&op.req, &op.resp) {
+            (Request::Put { .. } | Request::PutAll { .. }, Response::Put { revision }) => {
+                (*revision, true)
+            }
+            (
+                Request::Cas { .. },
+                Response::Cas {
+                    succeeded: true,
+                    revision,
+                },
+            ) => (*revision, true),
+            (
+                Request::Delete { .. },
+                Response::Delete {
+                    deleted: true,
+                    revision,
+                },
+            ) => (*revision, false),
+            _ => continue,
+        };
+        let found = history.events.get(&rev).is_some_and(|evs| {
+            if put {
+                op.req
+                    .writes()
+                    .iter()
+                    .all(|(k, v)| evs.iter().any(|e| e.put && e.key == *k && e.value == *v))
+            } else {
+                evs.iter().any(|e| !e.put && e.key == op.req.key())
+            }
+        });
+        if !found {
+            lost.push(format!(
+                "client {}: {:?} acknowledged at revision {rev}, not in the history",
+                op.client, op.req
+            ));
+        }
+    }
+    lost
+}
+
+/// Runs the profile on `engine` for `run_for` and checks everything; returns the summary.
+pub async fn run(engine: &str, run_for: Duration) -> Summary {
+    let mut cluster = Cluster::start(3, &["--storage-engine", engine]).await;
+    let endpoints = cluster.endpoints();
+    let start = Instant::now();
+    let stop_clients = Arc::new(AtomicBool::new(false));
+    let stop_watchers = Arc::new(AtomicBool::new(false));
+    let reached: Vec<Arc<AtomicI64>> = (0..WATCHERS).map(|_| Arc::default()).collect();
+    let watchers: Vec<_> = (0..WATCHERS)
+        .map(|w| {
+            tokio::spawn(watch_loop(
+                w,
+                endpoints.clone(),
+                stop_watchers.clone(),
+                reached[w].clone(),
+            ))
+        })
+        .collect();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            tokio::spawn(client_loop(
+                c,
+                endpoints.clone(),
+                start,
+                stop_clients.clone(),
+            ))
+        })
+        .collect();
+
+    // Faults, until the end of the run.
+    let mut summary = Summary::default();
+    let mut rng = Lcg::new(start.elapsed().as_nanos() as u64 ^ 0xfa17);
+    let deadline = start + run_for;
+    loop {
+        sleep(Duration::from_millis(2000 + rng.below(2000))).await;
+        if Instant::now() + Duration::from_secs(3) > deadline {
+            break;
+        }
+        let leader = cluster.wait_for_leader(Duration::from_secs(60)).await;
+        if rng.below(2) == 0 {
+            let victim = rng.below(cluster.len() as u64) as usize;
+            cluster.kill(victim);
+            sleep(Duration::from_millis(300 + rng.below(1500))).await;
+            cluster.restart(victim);
+            summary.kills += 1;
+        } else {
+            let pid = cluster.pid(leader).expect("the leader runs");
+            signal(pid, libc::SIGSTOP);
+            sleep(Duration::from_millis(3 * ELECTION_MS + rng.below(1000))).await;
+            signal(pid, libc::SIGCONT);
+            summary.stops += 1;
+        }
+    }
+    while Instant::now() < deadline {
+        sleep(Duration::from_millis(100)).await;
+    }
+    stop_clients.store(true, Ordering::Relaxed);
+    let mut ops = Vec::new();
+    for c in clients {
+        ops.extend(c.await.expect("client task"));
+    }
+    ops.sort_by_key(|op| op.call);
+
+    // The final revision, linearizably, from the leader once everyone agrees on it.
+    let mut tries = 0;
+    let last = loop {
+        tries += 1;
+        let leader = cluster.wait_for_leader(Duration::from_secs(60)).await;
+        let read = async {
+            let mut c = cluster.client(leader).await?;
+            c.get(PREFIX, Some(GetOptions::new().with_prefix())).await
+        };
+        match timeout(Duration::from_secs(5), read).await {
+            Ok(Ok(r)) => break r.header().expect("header").revision(),
+            _ if tries < 20 => sleep(Duration::from_millis(250)).await,
+            other => panic!("final read: {other:?}\n{}", cluster.logs()),
+        }
+    };
+    // Watchers must catch up to it (ask for progress notifications; conditions, not sleeps).
+    let wait = Instant::now();
+    while reached.iter().any(|r| r.load(Ordering::Relaxed) < last)
+        && wait.elapsed() < Duration::from_secs(60)
+    {
+        sleep(Duration::from_millis(100)).await;
+    }
+    stop_watchers.store(true, Ordering::Relaxed);
+    let mut watched = Vec::new();
+    for w in watchers {
+        watched.push(w.await.expect("watch task"));
+    }
+
+    let checks = Instant::now();
+    let snapshots = read_history(&cluster, last).await;
+    let history = KvHistory::from_snapshots(&snapshots);
+    summary.operations = ops.len();
+    summary.unknown = ops.iter().filter(|o| o.resp == Response::Unknown).count();
+    summary.revision = last;
+    summary.lost_writes = lost_writes(&ops, &history);
+    let patched = patch_history(ops, &history, &mut summary);
+    let lin = Instant::now();
+    let verdict = check(&patched, State::initial(), Duration::from_secs(120));
+    summary.linearizability_time = lin.elapsed();
+    match verdict {
+        Verdict::Ok => {
+            summary.linearizability_checked = true;
+            summary.planted_caught = Some(plant_faults(&patched));
+        }
+        Verdict::Illegal(why) => {
+            summary.linearizability_checked = true;
+            summary.violations.push(format!("linearizability: {why}"));
+        }
+        Verdict::Timeout => eprintln!("linearizability check timed out: inconclusive"),
+    }
+    for (w, sessions) in watched.iter().enumerate() {
+        summary.watch_sessions += sessions.len();
+        summary.watch_events += sessions
+            .iter()
+            .flat_map(|s| &s.responses)
+            .map(|r| r.events.len())
+            .sum::<usize>();
+        summary.watch_progress += sessions
+            .iter()
+            .flat_map(|s| &s.responses)
+            .filter(|r| r.progress)
+            .count();
+        for v in validate_all(&history, sessions, Some(last)) {
+            summary
+                .violations
+                .push(format!("watcher {w}: {}: {}", v.validator, v.detail));
+        }
+    }
+    summary.check_time = checks.elapsed();
+    drop(cluster);
+    summary
+}
+
+/// The one-line summary the profile prints.
+pub fn summary_line(engine: &str, s: &Summary) -> String {
+    format!(
+        "robustness engine={engine}: operations={} (unknown={}: reads dropped={}, writes \
+         applied={}, writes not applied={}, deletes kept unknown={}) revision={} faults={} \
+         (kill+restart={}, leader-stop={}) watch-events={} watch-sessions={} \
+         watch-progress-notifications={} linearizability={} ({:?}, planted faults caught {}) violations={} \
+         lost-writes={} checks={:?}",
+        s.operations,
+        s.unknown,
+        s.unknown_reads,
+        s.unknown_applied,
+        s.unknown_not_applied,
+        s.unknown_deletes,
+        s.revision,
+        s.kills + s.stops,
+        s.kills,
+        s.stops,
+        s.watch_events,
+        s.watch_sessions,
+        s.watch_progress,
+        if s.linearizability_checked {
+            "checked"
+        } else {
+            "inconclusive"
+        },
+        s.linearizability_time,
+        s.planted_caught
+            .map_or("n/a".to_string(), |n| format!("{n}/2")),
+        s.violations.len(),
+        s.lost_writes.len(),
+        s.check_time
+    )
+}
+
+/// The engines to run: `ROBUSTNESS_ENGINES` (comma-separated) or `METASTORE_TEST_ENGINE` (as
+/// the `it` suite), else the memory engine.
+fn engines() -> Vec<String> {
+    if let Ok(list) = std::env::var("ROBUSTNESS_ENGINES") {
+        return list.split(',').map(|s| s.trim().to_string()).collect();
+    }
+    vec![std::env::var("METASTORE_TEST_ENGINE").unwrap_or_else(|_| "memory".into())]
+}
+
+/// The profile: KV traffic and watches under SIGKILL/restart and SIGSTOP/SIGCONT faults, then
+/// linearizability, lost-write and watch checks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kv_and_watch_under_process_faults() {
+    for engine in engines() {
+        let s = run(&engine, duration()).await;
+        println!("{}", summary_line(&engine, &s));
+        for v in s.violations.iter().chain(&s.lost_writes).take(20) {
+            println!("  {v}");
+        }
+        assert!(
+            s.violations.is_empty() && s.lost_writes.is_empty(),
+            "{engine}: {} violations, {} lost writes (see above)",
+            s.violations.len(),
+            s.lost_writes.len()
+        );
+        assert!(s.operations > 0 && s.kills + s.stops > 0);
+        if let Some(caught) = s.planted_caught {
+            assert_eq!(caught, 2, "the checker missed a planted fault");
+        }
+    }
+}
