@@ -578,3 +578,30 @@ async fn auth_works_across_members_restarts_and_snapshots() {
         );
     }
 }
+
+/// loadgen's `--user` authenticates its clients: with a user allowed on `w/` the puts all
+/// succeed; as a user who may only read they are all refused.
+#[tokio::test]
+async fn loadgen_runs_as_a_user() {
+    use clap::Parser;
+    let (_tmp, s) = start(&[]);
+    let mut c = s.client().await;
+    setup(&mut c).await;
+    let run = |user: &str| {
+        let argv = format!(
+            "metastore-loadgen --endpoints {} --user {user} --clients 2 --total 20 put --key-size 8 --val-size 8 --key-space-size 5",
+            s.endpoint
+        );
+        let cli = metastore_loadgen::cli::Cli::try_parse_from(argv.split_whitespace()).unwrap();
+        async move {
+            let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+            metastore_loadgen::run(&cli, stop).await.expect("run")
+        }
+    };
+    let root_ok = run("root:rootpw").await;
+    assert_eq!(root_ok.errors, 0, "{}", root_ok.text());
+    assert_eq!(root_ok.summary.count, 20);
+    let denied = run("u:upw").await;
+    assert_eq!(denied.summary.count, 0, "{}", denied.text());
+    assert_eq!(denied.errors, 20, "{}", denied.text());
+}

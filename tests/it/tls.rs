@@ -881,3 +881,74 @@ async fn a_trusted_ca_certificate_is_accepted_as_client_certificate() {
             .is_err()
     );
 }
+
+/// With `--client-cert-auth`, a request without a token is made as the client certificate's
+/// CN (etcd `AuthInfoFromTLS`): the CN user's permissions apply, a CN that names no user gets
+/// "permission denied", and a token still wins over the certificate.
+#[tokio::test]
+async fn certificate_common_name_is_the_user_when_auth_is_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca1 = ca("cn-ca");
+    let f = files(dir.path(), &ca1);
+    let server = start(
+        dir.path(),
+        &[
+            "--cert-file",
+            &f.cert,
+            "--key-file",
+            &f.key,
+            "--trusted-ca-file",
+            &f.ca,
+            "--client-cert-auth",
+            "--bcrypt-cost",
+            "4",
+        ],
+    );
+    let endpoint = https(&server);
+    // The client certificate's CN is "client".
+    let mut c = tls_client(&endpoint, &f.ca_pem, Some(&f.client_pem))
+        .await
+        .unwrap();
+    c.put("a", "1", None).await.unwrap();
+    c.user_add("root", "rootpw", None).await.unwrap();
+    c.role_add("root").await.unwrap();
+    c.user_grant_role("root", "root").await.unwrap();
+    c.user_add("client", "clientpw", None).await.unwrap();
+    c.role_add("reader").await.unwrap();
+    c.role_grant_permission("reader", etcd_client::Permission::read("a"))
+        .await
+        .unwrap();
+    c.user_grant_role("client", "reader").await.unwrap();
+    c.auth_enable().await.unwrap();
+
+    assert_eq!(c.get("a", None).await.unwrap().kvs()[0].value(), b"1");
+    let e = c.put("a", "2", None).await.unwrap_err().to_string();
+    assert!(e.contains("etcdserver: permission denied"), "{e}");
+    // A certificate whose CN is no user.
+    let stranger = leaf(&ca1, "stranger", 77, false);
+    let mut s = tls_client_no_probe(&endpoint, &f.ca_pem, &stranger).await;
+    let e = s.get("a", None).await.unwrap_err().to_string();
+    assert!(e.contains("etcdserver: permission denied"), "{e}");
+    // A token (root's) beats the certificate.
+    let opts = ConnectOptions::new().with_user("root", "rootpw").with_tls(
+        TlsOptions::new()
+            .ca_certificate(Certificate::from_pem(&f.ca_pem))
+            .domain_name("localhost")
+            .identity(Identity::from_pem(&f.client_pem.0, &f.client_pem.1)),
+    );
+    let mut r = Client::connect([endpoint.as_str()], Some(opts))
+        .await
+        .unwrap();
+    r.put("a", "3", None).await.expect("root may write");
+}
+
+/// A TLS client with `identity`, without the probing read of [`tls_client`].
+async fn tls_client_no_probe(endpoint: &str, ca_pem: &str, identity: &(String, String)) -> Client {
+    let tls = TlsOptions::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .domain_name("localhost")
+        .identity(Identity::from_pem(&identity.0, &identity.1));
+    Client::connect([endpoint], Some(ConnectOptions::new().with_tls(tls)))
+        .await
+        .unwrap()
+}
