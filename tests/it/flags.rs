@@ -243,7 +243,7 @@ async fn ignored_flags_start_and_are_logged_once() {
 async fn env_and_config_file_settings_and_unknown_env_vars() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("etcd.yml");
-    std::fs::write(&file, "enable-pprof: true\nauth-token: simple\n").unwrap();
+    std::fs::write(&file, "enable-pprof: true\nlog-format: json\n").unwrap();
     let file = file.display().to_string();
     let data = dir.path().join("data");
     let server = Server::try_start_with_env(
@@ -263,7 +263,7 @@ async fn env_and_config_file_settings_and_unknown_env_vars() {
         "--enable-v2 ignored: the v2 API is not served",
         "--experimental-memory-mlock ignored: ",
         "--enable-pprof ignored: ",
-        "--auth-token ignored: ",
+        "--log-format ignored: ",
     ] {
         assert_eq!(count(&log, line), 1, "{line:?} once in:\n{log}");
     }

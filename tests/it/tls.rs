@@ -421,15 +421,28 @@ fn bad_tls_settings_stop_the_start() {
 
 /// Starts `n` members with `https://` peer URLs and `flags(i)` each; returns them once ready.
 fn start_tls_cluster(dir: &Path, n: usize, flags: impl Fn(usize) -> Vec<String>) -> Vec<Server> {
-    let peers: Vec<String> = (0..n)
-        .map(|_| format!("https://127.0.0.1:{}", free_port()))
-        .collect();
-    let args = cluster_args(&peers, flags);
-    start_members(dir, &args)
+    // Peer ports are picked before the members bind them, so another process may take one
+    // meanwhile: start again on new ones (as `Cluster::start` does).
+    for attempt in 1.. {
+        let peers: Vec<String> = (0..n)
+            .map(|_| format!("https://127.0.0.1:{}", free_port()))
+            .collect();
+        let args = cluster_args(&peers, &flags);
+        match try_start_members(dir, &args) {
+            Ok(members) => return members,
+            Err(e) if e.contains("cannot listen") && attempt < 5 => {
+                for i in 0..n {
+                    let _ = std::fs::remove_dir_all(dir.join(format!("m{i}")));
+                }
+            }
+            Err(e) => panic!("member starts: {e}"),
+        }
+    }
+    unreachable!()
 }
 
 /// Each member's flags for a cluster whose members `m0..` listen for peers on `peer_urls`.
-fn cluster_args(peer_urls: &[String], flags: impl Fn(usize) -> Vec<String>) -> Vec<Vec<String>> {
+fn cluster_args(peer_urls: &[String], flags: &impl Fn(usize) -> Vec<String>) -> Vec<Vec<String>> {
     let initial = (0..peer_urls.len())
         .map(|i| format!("m{i}={}", peer_urls[i]))
         .collect::<Vec<_>>()
@@ -464,6 +477,11 @@ fn cluster_args(peer_urls: &[String], flags: impl Fn(usize) -> Vec<String>) -> V
 
 /// Starts member `m{i}` of `dir` with `args[i]`, all at once (none can elect alone).
 fn start_members(dir: &Path, args: &[Vec<String>]) -> Vec<Server> {
+    try_start_members(dir, args).unwrap_or_else(|e| panic!("member starts: {e}"))
+}
+
+/// As [`start_members`]; the first member's failure is the error (the others are stopped).
+fn try_start_members(dir: &Path, args: &[Vec<String>]) -> Result<Vec<Server>, String> {
     let handles: Vec<_> = args
         .iter()
         .enumerate()
@@ -476,9 +494,12 @@ fn start_members(dir: &Path, args: &[Vec<String>]) -> Vec<Server> {
             })
         })
         .collect();
+    // Collecting into a Result drops (stops) the members that did start if one did not.
     handles
         .into_iter()
-        .map(|h| h.join().unwrap().expect("member starts"))
+        .map(|h| h.join().unwrap())
+        .collect::<Vec<_>>()
+        .into_iter()
         .collect()
 }
 
@@ -659,7 +680,7 @@ async fn unix_sockets_carry_peer_and_client_traffic() {
         .map(|i| format!("unixs://localhost:{}", base + i))
         .collect();
     let client_socket = |i: u16| format!("localhost:{}", base + 100 + i);
-    let args = cluster_args(&peers, |i| {
+    let args = cluster_args(&peers, &|i| {
         [
             "--peer-cert-file",
             &f.cert,
