@@ -851,7 +851,10 @@ const NO_DISCOVERY: &str = "discovery bootstrapping is not supported; use --init
 const NO_BBOLT: &str = "no bbolt backend (the shards are in memory or in RocksDB)";
 const NO_AUTH: &str = "authentication is not supported yet";
 const NO_TRACING: &str = "no OpenTelemetry distributed tracing";
-const NO_HTTP: &str = "no HTTP endpoints (gateway, /health, /metrics) are served yet";
+const NO_HTTP: &str =
+    "the HTTP endpoints are /health, /livez, /readyz, /version and /metrics only (no grpc-gateway)";
+const NO_EXTENSIVE_METRICS: &str =
+    "the metrics are always the basic set (no grpc_server_handling_seconds histograms)";
 const NO_CORRUPT_CHECK: &str = "no compaction hash check yet";
 
 /// Every accepted flag that has no effect, with its reason. A flag the user sets (on the
@@ -906,8 +909,7 @@ pub const IGNORED: &[IgnoredFlag] = &[
     ignored("bcrypt-cost", NO_AUTH),
     ignored("auth-token-ttl", NO_AUTH),
     ignored("enable-pprof", "no pprof: it profiles the Go runtime"),
-    ignored("metrics", NO_HTTP),
-    ignored("listen-metrics-urls", NO_HTTP),
+    ignored("metrics", NO_EXTENSIVE_METRICS),
     ignored("enable-grpc-gateway", NO_HTTP),
     ignored("listen-client-http-urls", NO_HTTP),
     ignored("cors", NO_HTTP),
