@@ -52,13 +52,21 @@ pub static REGISTRY: LazyLock<Registry> = LazyLock::new(|| {
 });
 
 fn gauge(namespace: &str, subsystem: &str, name: &str, help: &str) -> IntGauge {
-    IntGauge::with_opts(Opts::new(name, help).namespace(namespace).subsystem(subsystem))
-        .expect("valid metric")
+    IntGauge::with_opts(
+        Opts::new(name, help)
+            .namespace(namespace)
+            .subsystem(subsystem),
+    )
+    .expect("valid metric")
 }
 
 fn counter(namespace: &str, subsystem: &str, name: &str, help: &str) -> IntCounter {
-    IntCounter::with_opts(Opts::new(name, help).namespace(namespace).subsystem(subsystem))
-        .expect("valid metric")
+    IntCounter::with_opts(
+        Opts::new(name, help)
+            .namespace(namespace)
+            .subsystem(subsystem),
+    )
+    .expect("valid metric")
 }
 
 /// `etcd_server_has_leader`: 1 while this member knows a leader, else 0.
@@ -137,9 +145,12 @@ pub static QUOTA_BACKEND_BYTES: LazyLock<IntGauge> = LazyLock::new(|| {
 /// `etcd_server_version{server_version}`: 1 for the version this member reports.
 pub static SERVER_VERSION: LazyLock<GaugeVec> = LazyLock::new(|| {
     GaugeVec::new(
-        Opts::new("version", "Which version is running. 1 for 'server_version' label with current version.")
-            .namespace("etcd")
-            .subsystem("server"),
+        Opts::new(
+            "version",
+            "Which version is running. 1 for 'server_version' label with current version.",
+        )
+        .namespace("etcd")
+        .subsystem("server"),
         &["server_version"],
     )
     .expect("valid metric")
@@ -147,9 +158,12 @@ pub static SERVER_VERSION: LazyLock<GaugeVec> = LazyLock::new(|| {
 /// `etcd_cluster_version{cluster_version}`: 1 for the cluster version.
 pub static CLUSTER_VERSION: LazyLock<GaugeVec> = LazyLock::new(|| {
     GaugeVec::new(
-        Opts::new("version", "Which version is running. 1 for 'cluster_version' label with current cluster version")
-            .namespace("etcd")
-            .subsystem("cluster"),
+        Opts::new(
+            "version",
+            "Which version is running. 1 for 'cluster_version' label with current cluster version",
+        )
+        .namespace("etcd")
+        .subsystem("cluster"),
         &["cluster_version"],
     )
     .expect("valid metric")

@@ -126,7 +126,9 @@ where
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         if self.layer.endpoints == Endpoints::Metrics || !is_grpc(&req) {
             let layer = self.layer.clone();
-            return Box::pin(async move { Ok(serve_http(&layer.core, layer.endpoints, req).await) });
+            return Box::pin(
+                async move { Ok(serve_http(&layer.core, layer.endpoints, req).await) },
+            );
         }
         let labels = GrpcLabels::of(req.uri().path());
         GRPC_STARTED
@@ -537,7 +539,10 @@ async fn health(core: &Core, excluded: &[String], serializable: bool) -> (bool, 
             AlarmType::Corrupt => "ALARM CORRUPT",
             AlarmType::None => "ALARM UNKNOWN",
         };
-        tracing::warn!(alarm = kind.as_str_name(), "serving /health false due to an alarm");
+        tracing::warn!(
+            alarm = kind.as_str_name(),
+            "serving /health false due to an alarm"
+        );
         return (false, reason.to_string());
     }
     if !serializable && core.node.status.leader.load(Ordering::Relaxed) == 0 {

@@ -467,6 +467,25 @@ mod tests {
         assert!(p.client_frame(ping, at(400)), "strike 3");
     }
 
+    #[tokio::test]
+    async fn http1_connections_pass_untouched() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let mut guarded = PingGuard::new(server, Duration::from_secs(5));
+        let mut client = client;
+        // Bytes that, read as HTTP/2 frames after a preface, would be a run of PINGs.
+        let mut request = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+        for _ in 0..4 {
+            request.extend(frame(FRAME_PING, 0, 0, 8));
+        }
+        client.write_all(&request).await.unwrap();
+        let mut got = vec![0; request.len()];
+        guarded.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, request);
+        assert!(guarded.policy.is_none() && guarded.goaway.is_none());
+        guarded.write_all(b"HTTP/1.1 200 OK\r\n").await.unwrap();
+    }
+
     #[test]
     fn goaway_is_grpc_gos() {
         let mut p = PingPolicy::new(Duration::from_secs(5));

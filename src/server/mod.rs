@@ -889,7 +889,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let addr = listener.address();
         tracing::info!(address = %addr, scheme = url.scheme(), "serving client requests on {addr}");
         let router = client_server_builder(&cfg)
-            .layer(http::HttpLayer::new(core.clone(), &health, http::Endpoints::Client))
+            .layer(http::HttpLayer::new(
+                core.clone(),
+                &health,
+                http::Endpoints::Client,
+            ))
             .layer(gate::GateLayer::new(core.node.status.clone()))
             .add_service(
                 KvServer::new(kv::KvService::new(core.clone())).max_decoding_message_size(max_recv),
@@ -932,9 +936,20 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         tracing::info!(address = %addr, "serving metrics on {addr}");
         let router = tonic::transport::Server::builder()
             .accept_http1(true)
-            .layer(http::HttpLayer::new(core.clone(), &health, http::Endpoints::Metrics))
+            .layer(http::HttpLayer::new(
+                core.clone(),
+                &health,
+                http::Endpoints::Metrics,
+            ))
             .add_routes(tonic::service::Routes::default());
-        serve!(servers, router, listener, url, tls.client.as_ref(), Duration::ZERO);
+        serve!(
+            servers,
+            router,
+            listener,
+            url,
+            tls.client.as_ref(),
+            Duration::ZERO
+        );
     }
     // As etcd, a member is ready once it is part of a cluster with a leader (a lone member
     // elects itself at once). Client listeners already answer meanwhile, with "no leader".

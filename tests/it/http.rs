@@ -184,7 +184,9 @@ async fn client_port_serves_etcds_http_endpoints_beside_grpc() {
         0.0
     );
     let a = get(&format!("{base}/metrics"));
-    assert!(a.headers.contains("content-type: text/plain; version=0.0.4"));
+    assert!(a
+        .headers
+        .contains("content-type: text/plain; version=0.0.4"));
     assert!(a.body.contains("# TYPE etcd_mvcc_put_total counter"));
 
     // The metrics URL: metrics and health, nothing else.
@@ -246,7 +248,10 @@ async fn health_is_false_while_an_alarm_is_active() {
         .unwrap();
     let a = get(&format!("{base}/health"));
     assert_eq!(a.status, 503);
-    assert_eq!(a.body, "{\"health\":\"false\",\"reason\":\"ALARM NOSPACE\"}\n");
+    assert_eq!(
+        a.body,
+        "{\"health\":\"false\",\"reason\":\"ALARM NOSPACE\"}\n"
+    );
     let a = get(&format!("{base}/health?exclude=NOSPACE"));
     assert_eq!((a.status, a.body.as_str()), (200, HEALTHY));
     // NOSPACE does not make a member unready; CORRUPT does.
@@ -256,7 +261,12 @@ async fn health_is_false_while_an_alarm_is_active() {
         .alarm(AlarmAction::Deactivate, AlarmType::Nospace, member())
         .await
         .unwrap();
-    wait_for(&format!("{base}/health"), 200, HEALTHY, Duration::from_secs(5));
+    wait_for(
+        &format!("{base}/health"),
+        200,
+        HEALTHY,
+        Duration::from_secs(5),
+    );
 
     client
         .alarm(AlarmAction::Activate, AlarmType::Corrupt, member())
@@ -280,7 +290,12 @@ async fn health_is_false_while_an_alarm_is_active() {
         .alarm(AlarmAction::Deactivate, AlarmType::Corrupt, member())
         .await
         .unwrap();
-    wait_for(&format!("{base}/health"), 200, HEALTHY, Duration::from_secs(5));
+    wait_for(
+        &format!("{base}/health"),
+        200,
+        HEALTHY,
+        Duration::from_secs(5),
+    );
     assert_eq!(get(&format!("{base}/readyz")).status, 200);
 }
 
@@ -293,7 +308,12 @@ async fn health_is_false_without_a_leader_and_grpc_health_not_serving() {
     let me = (leader + 1) % 3;
     let others: Vec<usize> = (0..3).filter(|&i| i != me).collect();
     let base = format!("http://{}", cluster.endpoint(me));
-    wait_for(&format!("{base}/health"), 200, HEALTHY, Duration::from_secs(10));
+    wait_for(
+        &format!("{base}/health"),
+        200,
+        HEALTHY,
+        Duration::from_secs(10),
+    );
     assert_eq!(
         grpc_health(&cluster.endpoint(me)).await,
         ServingStatus::Serving
@@ -321,7 +341,12 @@ async fn health_is_false_without_a_leader_and_grpc_health_not_serving() {
     }
     cluster.restart(others[0]);
     cluster.wait_for_leader(Duration::from_secs(20)).await;
-    wait_for(&format!("{base}/health"), 200, HEALTHY, Duration::from_secs(20));
+    wait_for(
+        &format!("{base}/health"),
+        200,
+        HEALTHY,
+        Duration::from_secs(20),
+    );
     assert_eq!(
         grpc_health(&cluster.endpoint(me)).await,
         ServingStatus::Serving
