@@ -574,12 +574,14 @@ pub struct Config {
           default_value = "false", value_parser = parse_bool)]
     pub enable_pprof: bool,
 
-    /// Detail of exported metrics: `basic` or `extensive`.
+    /// Detail of exported metrics: `basic`, or `extensive` (adds the
+    /// `grpc_server_handling_seconds` histograms).
     #[arg(long, env = "ETCD_METRICS", default_value = "basic",
           value_parser = clap::builder::PossibleValuesParser::new(["basic", "extensive"]))]
     pub metrics: String,
 
-    /// Comma-separated URLs serving `/metrics` and `/health`.
+    /// Comma-separated URLs serving `/metrics`, `/health`, `/livez` and `/readyz` (see
+    /// `server::http`).
     #[arg(long, env = "ETCD_LISTEN_METRICS_URLS", value_parser = parse_urls)]
     pub listen_metrics_urls: Option<UrlList>,
 
@@ -853,8 +855,6 @@ const NO_AUTH: &str = "authentication is not supported yet";
 const NO_TRACING: &str = "no OpenTelemetry distributed tracing";
 const NO_HTTP: &str =
     "the HTTP endpoints are /health, /livez, /readyz, /version and /metrics only (no grpc-gateway)";
-const NO_EXTENSIVE_METRICS: &str =
-    "the metrics are always the basic set (no grpc_server_handling_seconds histograms)";
 const NO_CORRUPT_CHECK: &str = "no compaction hash check yet";
 
 /// Every accepted flag that has no effect, with its reason. A flag the user sets (on the
@@ -909,7 +909,6 @@ pub const IGNORED: &[IgnoredFlag] = &[
     ignored("bcrypt-cost", NO_AUTH),
     ignored("auth-token-ttl", NO_AUTH),
     ignored("enable-pprof", "no pprof: it profiles the Go runtime"),
-    ignored("metrics", NO_EXTENSIVE_METRICS),
     ignored("enable-grpc-gateway", NO_HTTP),
     ignored("listen-client-http-urls", NO_HTTP),
     ignored("cors", NO_HTTP),

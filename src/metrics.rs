@@ -11,7 +11,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every metric below, plus the process collector (Linux).
@@ -30,6 +31,8 @@ pub static REGISTRY: LazyLock<Registry> = LazyLock::new(|| {
         Box::new(CLUSTER_VERSION.clone()),
         Box::new(HEALTH_SUCCESS.clone()),
         Box::new(HEALTH_FAILURES.clone()),
+        Box::new(HEALTHCHECK.clone()),
+        Box::new(HEALTHCHECKS_TOTAL.clone()),
         Box::new(DB_TOTAL_SIZE.clone()),
         Box::new(DB_TOTAL_SIZE_IN_USE.clone()),
         Box::new(MVCC_RANGE.clone()),
@@ -186,6 +189,62 @@ pub static HEALTH_FAILURES: LazyLock<IntCounter> = LazyLock::new(|| {
         "The total number of failed health checks",
     )
 });
+/// `etcd_server_healthcheck{type,name}`: 1 if the last `/livez` or `/readyz` check `name` of
+/// `type` (`livez`, `readyz`) passed, else 0 (etcd 3.5.11 `recordMetrics`).
+pub static HEALTHCHECK: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    IntGaugeVec::new(
+        Opts::new("healthcheck", "The result of each kind of healthcheck.")
+            .namespace("etcd")
+            .subsystem("server"),
+        &["type", "name"],
+    )
+    .expect("valid metric")
+});
+/// `etcd_server_healthchecks_total{type,name,status}`: `/livez` and `/readyz` checks run, by
+/// outcome (`success`, `error`).
+pub static HEALTHCHECKS_TOTAL: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    IntCounterVec::new(
+        Opts::new(
+            "healthchecks_total",
+            "The total number of each kind of healthcheck.",
+        )
+        .namespace("etcd")
+        .subsystem("server"),
+        &["type", "name", "status"],
+    )
+    .expect("valid metric")
+});
+/// `grpc_server_handling_seconds{grpc_type,grpc_service,grpc_method}`: seconds from a gRPC
+/// call's start to its end, with go-grpc-prometheus's buckets (Prometheus' default ones).
+/// Only under `--metrics extensive` ([`enable_handling_time`]), as etcd.
+pub static GRPC_HANDLING_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    HistogramVec::new(
+        HistogramOpts::new(
+            "grpc_server_handling_seconds",
+            "Histogram of response latency (seconds) of gRPC that had been application-level handled by the server.",
+        ),
+        &["grpc_type", "grpc_service", "grpc_method"],
+    )
+    .expect("valid metric")
+});
+
+static HANDLING_TIME: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+
+/// `--metrics extensive`: registers [`GRPC_HANDLING_SECONDS`] (etcd calls go-grpc-prometheus'
+/// `EnableHandlingTimeHistogram`).
+pub fn enable_handling_time() {
+    HANDLING_TIME.get_or_init(|| {
+        REGISTRY
+            .register(Box::new(GRPC_HANDLING_SECONDS.clone()))
+            .expect("registered once");
+    });
+}
+
+/// Whether [`enable_handling_time`] was called.
+pub fn handling_time_enabled() -> bool {
+    HANDLING_TIME.get().is_some()
+}
+
 /// `etcd_mvcc_db_total_size_in_bytes`: storage over all shards, bytes.
 pub static DB_TOTAL_SIZE: LazyLock<Gauge> = LazyLock::new(|| {
     Gauge::with_opts(

@@ -130,7 +130,10 @@ where
                 async move { Ok(serve_http(&layer.core, layer.endpoints, req).await) },
             );
         }
-        let labels = GrpcLabels::of(req.uri().path());
+        let mut labels = GrpcLabels::of(req.uri().path());
+        if crate::metrics::handling_time_enabled() {
+            labels.started = Some(std::time::Instant::now());
+        }
         GRPC_STARTED
             .with_label_values(&[labels.kind, &labels.service, &labels.method])
             .inc();
@@ -157,6 +160,8 @@ struct GrpcLabels {
     kind: &'static str,
     service: String,
     method: String,
+    /// When the call started, under `--metrics extensive`.
+    started: Option<std::time::Instant>,
 }
 
 /// etcd's streaming methods: (service, method, grpc_type). Every other method is unary.
@@ -247,6 +252,7 @@ impl GrpcLabels {
             kind: grpc_type(&service, &method),
             service,
             method,
+            started: None,
         }
     }
 }
@@ -311,6 +317,11 @@ impl CountedBody {
             GRPC_HANDLED
                 .with_label_values(&[l.kind, &l.service, &l.method, code])
                 .inc();
+            if let Some(started) = l.started {
+                crate::metrics::GRPC_HANDLING_SECONDS
+                    .with_label_values(&[l.kind, &l.service, &l.method])
+                    .observe(started.elapsed().as_secs_f64());
+            }
         }
     }
 }
@@ -494,8 +505,17 @@ pub async fn serve_http(core: &Core, endpoints: Endpoints, req: Request<Body>) -
                 };
                 let mut reason = String::new();
                 let mut failed = false;
+                let kind = &root[1..];
                 for check in run {
-                    match check.run(core).await {
+                    let outcome = check.run(core).await;
+                    let status = if outcome.is_ok() { "success" } else { "error" };
+                    crate::metrics::HEALTHCHECK
+                        .with_label_values(&[kind, check.name()])
+                        .set(outcome.is_ok().into());
+                    crate::metrics::HEALTHCHECKS_TOTAL
+                        .with_label_values(&[kind, check.name(), status])
+                        .inc();
+                    match outcome {
                         Ok(()) => reason.push_str(&format!("[+]{} ok\n", check.name())),
                         Err(e) => {
                             failed = true;

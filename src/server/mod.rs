@@ -885,6 +885,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let (health, _) = tonic_health::server::health_reporter();
     tokio::spawn(http::run_health_reporter(core.clone(), health.clone()));
     http::init_grpc_metrics();
+    if cfg.metrics == "extensive" {
+        crate::metrics::enable_handling_time();
+    }
     for (listener, url) in listeners.into_iter().zip(cfg.listen_client_urls.iter()) {
         let addr = listener.address();
         tracing::info!(address = %addr, scheme = url.scheme(), "serving client requests on {addr}");

@@ -92,6 +92,22 @@ async fn grpc_health(endpoint: &str) -> ServingStatus {
     ServingStatus::try_from(status).unwrap()
 }
 
+/// Polls `grpc.health.v1.Health/Check` on `endpoint` until it answers `want` (5 s at most).
+async fn wait_grpc_health(endpoint: &str, want: ServingStatus) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let got = grpc_health(endpoint).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "gRPC health {got:?}, want {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 const HEALTHY: &str = r#"{"health":"true","reason":""}"#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -101,7 +117,12 @@ async fn client_port_serves_etcds_http_endpoints_beside_grpc() {
     let metrics_url = format!("http://127.0.0.1:{metrics_port}");
     let server = Server::try_start(
         &tmp.path().join("data"),
-        &["--listen-metrics-urls", &metrics_url],
+        &[
+            "--listen-metrics-urls",
+            &metrics_url,
+            "--metrics",
+            "extensive",
+        ],
     )
     .expect("server starts");
     let base = format!("http://{}", server.endpoint);
@@ -183,6 +204,27 @@ async fn client_port_serves_etcds_http_endpoints_beside_grpc() {
         ),
         0.0
     );
+    // --metrics extensive: handling-time histograms.
+    assert_eq!(
+        metric(
+            &base,
+            r#"grpc_server_handling_seconds_count{grpc_method="Put",grpc_service="etcdserverpb.KV",grpc_type="unary"}"#
+        ),
+        3.0
+    );
+    assert!(
+        metric(
+            &base,
+            r#"etcd_server_healthchecks_total{name="linearizable_read",status="success",type="readyz"}"#
+        ) >= 1.0
+    );
+    assert_eq!(
+        metric(
+            &base,
+            r#"etcd_server_healthcheck{name="serializable_read",type="livez"}"#
+        ),
+        1.0
+    );
     let a = get(&format!("{base}/metrics"));
     assert!(a
         .headers
@@ -199,7 +241,7 @@ async fn client_port_serves_etcds_http_endpoints_beside_grpc() {
     );
     assert_eq!(get(&format!("{metrics_url}/version")).status, 404);
 
-    assert_eq!(grpc_health(&server.endpoint).await, ServingStatus::Serving);
+    wait_grpc_health(&server.endpoint, ServingStatus::Serving).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -225,6 +267,10 @@ async fn tls_client_and_metrics_ports_serve_http() {
     assert!(a.headers.starts_with("http/2 200"), "{}", a.headers);
     assert_eq!(get(&format!("{base}/readyz")).body, "ok\n");
     assert_eq!(metric(&base, "etcd_server_has_leader"), 1.0);
+    // Without --metrics extensive, no handling-time histograms.
+    assert!(!get(&format!("{base}/metrics"))
+        .body
+        .contains("grpc_server_handling_seconds"));
     let a = get(&format!("{metrics_url}/health"));
     assert_eq!((a.status, a.body.as_str()), (200, HEALTHY));
     assert_eq!(metric(&metrics_url, "etcd_server_is_leader"), 1.0);
@@ -314,10 +360,7 @@ async fn health_is_false_without_a_leader_and_grpc_health_not_serving() {
         HEALTHY,
         Duration::from_secs(10),
     );
-    assert_eq!(
-        grpc_health(&cluster.endpoint(me)).await,
-        ServingStatus::Serving
-    );
+    wait_grpc_health(&cluster.endpoint(me), ServingStatus::Serving).await;
     for &i in &others {
         cluster.kill(i);
     }
@@ -334,11 +377,7 @@ async fn health_is_false_without_a_leader_and_grpc_health_not_serving() {
     let a = get(&format!("{base}/readyz?exclude=linearizable_read"));
     assert_eq!(a.status, 200);
     assert_eq!(metric(&base, "etcd_server_has_leader"), 0.0);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while grpc_health(&cluster.endpoint(me)).await != ServingStatus::NotServing {
-        assert!(Instant::now() < deadline, "gRPC health still SERVING");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_grpc_health(&cluster.endpoint(me), ServingStatus::NotServing).await;
     cluster.restart(others[0]);
     cluster.wait_for_leader(Duration::from_secs(20)).await;
     wait_for(
@@ -347,8 +386,6 @@ async fn health_is_false_without_a_leader_and_grpc_health_not_serving() {
         HEALTHY,
         Duration::from_secs(20),
     );
-    assert_eq!(
-        grpc_health(&cluster.endpoint(me)).await,
-        ServingStatus::Serving
-    );
+    // The reporter follows the leader within 100 ms.
+    wait_grpc_health(&cluster.endpoint(me), ServingStatus::Serving).await;
 }
