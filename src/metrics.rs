@@ -21,6 +21,8 @@ pub static REGISTRY: LazyLock<Registry> = LazyLock::new(|| {
     let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
         Box::new(HAS_LEADER.clone()),
         Box::new(IS_LEADER.clone()),
+        Box::new(IS_LEARNER.clone()),
+        Box::new(SERVER_ID.clone()),
         Box::new(LEADER_CHANGES.clone()),
         Box::new(PROPOSALS_COMMITTED.clone()),
         Box::new(PROPOSALS_APPLIED.clone()),
@@ -89,6 +91,28 @@ pub static IS_LEADER: LazyLock<IntGauge> = LazyLock::new(|| {
         "is_leader",
         "Whether or not this member is a leader. 1 if is, 0 otherwise.",
     )
+});
+/// `etcd_server_is_learner`: 1 while this member is a learner, else 0.
+pub static IS_LEARNER: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "etcd",
+        "server",
+        "is_learner",
+        "Whether or not this member is a learner. 1 if is, 0 otherwise.",
+    )
+});
+/// `etcd_server_id{server_id}`: 1 for this member's ID in hexadecimal.
+pub static SERVER_ID: LazyLock<GaugeVec> = LazyLock::new(|| {
+    GaugeVec::new(
+        Opts::new(
+            "id",
+            "Server or member ID in hexadecimal format. 1 for 'server_id' label with current ID.",
+        )
+        .namespace("etcd")
+        .subsystem("server"),
+        &["server_id"],
+    )
+    .expect("valid metric")
 });
 /// `etcd_server_leader_changes_seen_total`: times this member saw a new leader (counted by the
 /// Raft thread as etcd's `raftNode` counts it: a ready whose leader is set and differs).
@@ -370,6 +394,10 @@ pub struct ServerState {
     pub has_leader: bool,
     /// Whether this member is the leader.
     pub is_leader: bool,
+    /// Whether this member is a learner.
+    pub is_learner: bool,
+    /// This member's ID.
+    pub member_id: u64,
     /// Raft commit index.
     pub committed: u64,
     /// Raft index applied.
@@ -395,6 +423,11 @@ pub struct ServerState {
 pub fn gather(state: &ServerState) -> Vec<u8> {
     HAS_LEADER.set(state.has_leader.into());
     IS_LEADER.set(state.is_leader.into());
+    IS_LEARNER.set(state.is_learner.into());
+    SERVER_ID.reset();
+    SERVER_ID
+        .with_label_values(&[format!("{:x}", state.member_id).as_str()])
+        .set(1.0);
     PROPOSALS_COMMITTED.set(state.committed as i64);
     PROPOSALS_APPLIED.set(state.applied as i64);
     PROPOSALS_PENDING.set(state.pending as i64);

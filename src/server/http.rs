@@ -287,9 +287,9 @@ fn code_name(code: &[u8]) -> &'static str {
 }
 
 /// `response` with a body that counts the call in `grpc_server_handled_total` when it ends:
-/// with the `grpc-status` of its trailers, or of its headers (a trailers-only response), or
-/// as `Canceled` when the body is dropped before its end (the client went away, as grpc-go
-/// reports a cancelled stream).
+/// with the `grpc-status` of its trailers, or of its headers (a trailers-only response, whose
+/// empty body hyper may drop unpolled), or as `Canceled` when the body is dropped before its
+/// end (the client went away, as grpc-go reports a cancelled stream).
 fn counted(response: Response<Body>, labels: GrpcLabels) -> Response<Body> {
     let header_code = response
         .headers()
@@ -328,7 +328,12 @@ impl CountedBody {
 
 impl Drop for CountedBody {
     fn drop(&mut self) {
-        self.count("Canceled");
+        // hyper does not poll a body that says it is over (a trailers-only answer).
+        let code = match self.header_code {
+            Some(code) if http_body::Body::is_end_stream(&self.inner) => code,
+            _ => "Canceled",
+        };
+        self.count(code);
     }
 }
 
@@ -671,6 +676,8 @@ async fn metrics_text(core: &Core) -> Vec<u8> {
     crate::metrics::gather(&ServerState {
         has_leader: leader != 0,
         is_leader: leader != 0 && leader == core.member.id,
+        is_learner: status.is_learner.load(Ordering::Relaxed),
+        member_id: core.member.id,
         committed: status.commit.load(Ordering::Relaxed),
         applied: core.applied.borrow().index,
         pending: core.pending.len() as u64,

@@ -174,6 +174,22 @@ async fn client_port_serves_etcds_http_endpoints_beside_grpc() {
         client.put(format!("k{i}"), "v", None).await.unwrap();
     }
     client.delete("k0", None).await.unwrap();
+    // A refused call is counted with its code (a trailers-only answer).
+    let future = etcd_client::GetOptions::new().with_revision(1_000_000);
+    assert!(client.get("k1", Some(future)).await.is_err());
+    assert_eq!(
+        metric(
+            &base,
+            r#"grpc_server_handled_total{grpc_code="OutOfRange",grpc_method="Range",grpc_service="etcdserverpb.KV",grpc_type="unary"}"#
+        ),
+        1.0
+    );
+    let id = client.status().await.unwrap().header().unwrap().member_id();
+    assert_eq!(
+        metric(&base, &format!("etcd_server_id{{server_id=\"{id:x}\"}}")),
+        1.0
+    );
+    assert_eq!(metric(&base, "etcd_server_is_learner"), 0.0);
     assert_eq!(metric(&base, "etcd_mvcc_put_total"), puts + 3.0);
     assert_eq!(metric(&base, handled), put_calls + 3.0);
     assert!(metric(&base, "etcd_mvcc_delete_total") >= 1.0);
