@@ -405,3 +405,19 @@ async fn health_is_false_without_a_leader_and_grpc_health_not_serving() {
     // The reporter follows the leader within 100 ms.
     wait_grpc_health(&cluster.endpoint(me), ServingStatus::Serving).await;
 }
+
+#[test]
+fn a_secure_metrics_url_needs_the_client_certificate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let url = format!("https://127.0.0.1:{}", free_port());
+    let err = match Server::try_start(&tmp.path().join("data"), &["--listen-metrics-urls", &url]) {
+        Ok(_) => panic!("started with an https metrics URL and no certificate"),
+        Err(e) => e,
+    };
+    assert!(
+        err.contains(
+            "client TLS key/cert (--cert-file, --key-file) must be provided for metrics secure url"
+        ),
+        "{err}"
+    );
+}
