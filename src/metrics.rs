@@ -44,6 +44,8 @@ pub static REGISTRY: LazyLock<Registry> = LazyLock::new(|| {
         Box::new(KEYS_TOTAL.clone()),
         Box::new(GRPC_STARTED.clone()),
         Box::new(GRPC_HANDLED.clone()),
+        Box::new(GRPC_MSG_RECEIVED.clone()),
+        Box::new(GRPC_MSG_SENT.clone()),
     ];
     for c in collectors {
         r.register(c).expect("metric names are unique");
@@ -358,6 +360,31 @@ pub static GRPC_HANDLED: LazyLock<IntCounterVec> = LazyLock::new(|| {
             "Total number of RPCs completed on the server, regardless of success or failure.",
         ),
         &["grpc_type", "grpc_service", "grpc_method", "grpc_code"],
+    )
+    .expect("valid metric")
+});
+
+/// `grpc_server_msg_received_total{grpc_type,grpc_service,grpc_method}`: gRPC request
+/// messages received (one per unary call, each message of a client stream).
+pub static GRPC_MSG_RECEIVED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    IntCounterVec::new(
+        Opts::new(
+            "grpc_server_msg_received_total",
+            "Total number of RPC stream messages received on the server.",
+        ),
+        &["grpc_type", "grpc_service", "grpc_method"],
+    )
+    .expect("valid metric")
+});
+/// `grpc_server_msg_sent_total{grpc_type,grpc_service,grpc_method}`: gRPC response messages
+/// sent (one per successful unary call, each message of a server stream).
+pub static GRPC_MSG_SENT: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    IntCounterVec::new(
+        Opts::new(
+            "grpc_server_msg_sent_total",
+            "Total number of gRPC stream messages sent by the server.",
+        ),
+        &["grpc_type", "grpc_service", "grpc_method"],
     )
     .expect("valid metric")
 });

@@ -5,8 +5,9 @@
 //! goes to the gRPC server, everything else (HTTP/1.1, or HTTP/2 without that content type) to
 //! the HTTP handlers. [`HttpLayer`] does the same in front of the tonic router, which is
 //! therefore built with `accept_http1(true)`. gRPC calls are counted on their way through
-//! (`grpc_server_started_total`, `grpc_server_handled_total`, as go-grpc-prometheus counts
-//! them), and `grpc.health.v1.Health` is answered here ([`HealthReporter`]).
+//! (`grpc_server_started_total`, `grpc_server_handled_total`, `grpc_server_msg_received_total`,
+//! `grpc_server_msg_sent_total`, and `grpc_server_handling_seconds` under `--metrics
+//! extensive`, as go-grpc-prometheus counts them), and `grpc.health.v1.Health` is answered here ([`HealthReporter`]).
 //!
 //! The HTTP endpoints (etcd `server/etcdhttp/health.go`, `metrics.go`, `base.go`):
 //!
@@ -42,7 +43,7 @@ use tonic_health::server::{HealthReporter, HealthService};
 use tonic_health::ServingStatus;
 
 use super::Core;
-use crate::metrics::{ServerState, GRPC_HANDLED, GRPC_STARTED};
+use crate::metrics::{ServerState, GRPC_HANDLED, GRPC_MSG_RECEIVED, GRPC_MSG_SENT, GRPC_STARTED};
 use crate::proto::etcdserverpb::{AlarmType, RangeRequest};
 
 /// The cluster version `/version` and `etcd_cluster_version` report (etcd's cluster version
@@ -134,9 +135,16 @@ where
         if crate::metrics::handling_time_enabled() {
             labels.started = Some(std::time::Instant::now());
         }
-        GRPC_STARTED
-            .with_label_values(&[labels.kind, &labels.service, &labels.method])
-            .inc();
+        let names = [labels.kind, labels.service.as_str(), labels.method.as_str()];
+        GRPC_STARTED.with_label_values(&names).inc();
+        let received = GRPC_MSG_RECEIVED.with_label_values(&names);
+        let req = req.map(|inner| {
+            Body::new(MessageCounter {
+                inner,
+                scanner: MessageScanner::default(),
+                counter: received,
+            })
+        });
         let call: BoxFuture<Result<Response<Body>, Infallible>> =
             if labels.service == HEALTH_SERVICE {
                 let mut health = self.layer.health.clone();
@@ -271,6 +279,8 @@ pub fn init_grpc_metrics() {
         for method in *methods {
             let kind = grpc_type(service, method);
             GRPC_STARTED.with_label_values(&[kind, service, method]);
+            GRPC_MSG_RECEIVED.with_label_values(&[kind, service, method]);
+            GRPC_MSG_SENT.with_label_values(&[kind, service, method]);
             for code in CODE_NAMES {
                 GRPC_HANDLED.with_label_values(&[kind, service, method, code]);
             }
@@ -295,17 +305,104 @@ fn counted(response: Response<Body>, labels: GrpcLabels) -> Response<Body> {
         .headers()
         .get("grpc-status")
         .map(|v| code_name(v.as_bytes()));
+    let sent = GRPC_MSG_SENT.with_label_values(&[labels.kind, &labels.service, &labels.method]);
     response.map(|inner| {
         Body::new(CountedBody {
-            inner,
+            inner: MessageCounter {
+                inner,
+                scanner: MessageScanner::default(),
+                counter: sent,
+            },
             labels: Some(labels),
             header_code,
         })
     })
 }
 
-struct CountedBody {
+/// Finds the ends of gRPC messages (a 5-byte prefix: compressed flag, big-endian length; then
+/// the message) in a body handed over in arbitrary pieces.
+#[derive(Debug, Default)]
+struct MessageScanner {
+    prefix: [u8; 5],
+    filled: usize,
+    /// Bytes of the current message still to come.
+    left: u64,
+}
+
+impl MessageScanner {
+    /// Feeds `bytes`; returns how many messages they completed.
+    fn feed(&mut self, mut bytes: &[u8]) -> u64 {
+        let mut done = 0;
+        while !bytes.is_empty() {
+            if self.left > 0 {
+                let n = (self.left.min(bytes.len() as u64)) as usize;
+                self.left -= n as u64;
+                bytes = &bytes[n..];
+                if self.left == 0 {
+                    done += 1;
+                }
+                continue;
+            }
+            let n = (5 - self.filled).min(bytes.len());
+            self.prefix[self.filled..self.filled + n].copy_from_slice(&bytes[..n]);
+            self.filled += n;
+            bytes = &bytes[n..];
+            if self.filled == 5 {
+                self.filled = 0;
+                let len = u32::from_be_bytes([
+                    self.prefix[1],
+                    self.prefix[2],
+                    self.prefix[3],
+                    self.prefix[4],
+                ]);
+                self.left = u64::from(len);
+                if self.left == 0 {
+                    done += 1;
+                }
+            }
+        }
+        done
+    }
+}
+
+/// A gRPC body whose messages are counted into `counter` as they pass (go-grpc-prometheus'
+/// `grpc_server_msg_received_total` / `grpc_server_msg_sent_total`).
+struct MessageCounter {
     inner: Body,
+    scanner: MessageScanner,
+    counter: prometheus::IntCounter,
+}
+
+impl http_body::Body for MessageCounter {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, tonic::Status>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                let this = &mut *self;
+                let n = this.scanner.feed(data);
+                this.counter.inc_by(n);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+struct CountedBody {
+    inner: MessageCounter,
     /// None once counted.
     labels: Option<GrpcLabels>,
     header_code: Option<&'static str>,
@@ -718,6 +815,21 @@ mod tests {
         assert_eq!(GrpcLabels::of("/etcdserverpb.KV/Put").kind, "unary");
         assert_eq!(code_name(b"1"), "Canceled");
         assert_eq!(code_name(b"99"), "Unknown");
+    }
+
+    #[test]
+    fn message_scanner_counts_messages_across_any_split() {
+        let mut body = Vec::new();
+        for len in [3u32, 0, 70000] {
+            body.push(0);
+            body.extend(len.to_be_bytes());
+            body.extend(std::iter::repeat_n(7, len as usize));
+        }
+        for split in [1, 2, 4, 5, 6, 1000, body.len()] {
+            let mut s = MessageScanner::default();
+            let n: u64 = body.chunks(split).map(|c| s.feed(c)).sum();
+            assert_eq!(n, 3, "split {split}");
+        }
     }
 
     #[test]

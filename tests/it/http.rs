@@ -169,6 +169,10 @@ async fn client_port_serves_etcds_http_endpoints_beside_grpc() {
     let puts = metric(&base, "etcd_mvcc_put_total");
     let handled = r#"grpc_server_handled_total{grpc_code="OK",grpc_method="Put",grpc_service="etcdserverpb.KV",grpc_type="unary"}"#;
     let put_calls = metric(&base, handled);
+    let labels = r#"{grpc_method="Put",grpc_service="etcdserverpb.KV",grpc_type="unary"}"#;
+    let received = format!("grpc_server_msg_received_total{labels}");
+    let sent = format!("grpc_server_msg_sent_total{labels}");
+    let (put_received, put_sent) = (metric(&base, &received), metric(&base, &sent));
     let mut client = server.client().await;
     for i in 0..3 {
         client.put(format!("k{i}"), "v", None).await.unwrap();
@@ -192,8 +196,28 @@ async fn client_port_serves_etcds_http_endpoints_beside_grpc() {
     assert_eq!(metric(&base, "etcd_server_is_learner"), 0.0);
     assert_eq!(metric(&base, "etcd_mvcc_put_total"), puts + 3.0);
     assert_eq!(metric(&base, handled), put_calls + 3.0);
+    assert_eq!(metric(&base, &received), put_received + 3.0);
+    assert_eq!(metric(&base, &sent), put_sent + 3.0);
+    // A watch stream: one request, then the created response and one per event.
+    let mut stream = client.watch("w", None).await.unwrap();
+    crate::watch::next_resp(&mut stream).await;
+    client.put("w", "1", None).await.unwrap();
+    client.put("w", "2", None).await.unwrap();
+    let mut events = 0;
+    while events < 2 {
+        events += crate::watch::next_resp(&mut stream).await.events().len();
+    }
+    let watch =
+        r#"{grpc_method="Watch",grpc_service="etcdserverpb.Watch",grpc_type="bidi_stream"}"#;
+    assert_eq!(
+        metric(&base, &format!("grpc_server_msg_received_total{watch}")),
+        1.0
+    );
+    assert!(metric(&base, &format!("grpc_server_msg_sent_total{watch}")) >= 2.0);
+    drop(stream);
     assert!(metric(&base, "etcd_mvcc_delete_total") >= 1.0);
-    assert_eq!(metric(&base, "etcd_debugging_mvcc_keys_total"), 2.0);
+    // k1, k2 and w.
+    assert_eq!(metric(&base, "etcd_debugging_mvcc_keys_total"), 3.0);
     assert_eq!(metric(&base, "etcd_server_has_leader"), 1.0);
     assert_eq!(metric(&base, "etcd_server_is_leader"), 1.0);
     assert_eq!(metric(&base, "etcd_server_leader_changes_seen_total"), 1.0);
@@ -220,13 +244,13 @@ async fn client_port_serves_etcds_http_endpoints_beside_grpc() {
         ),
         0.0
     );
-    // --metrics extensive: handling-time histograms.
+    // --metrics extensive: handling-time histograms (five Puts so far).
     assert_eq!(
         metric(
             &base,
             r#"grpc_server_handling_seconds_count{grpc_method="Put",grpc_service="etcdserverpb.KV",grpc_type="unary"}"#
         ),
-        3.0
+        5.0
     );
     assert!(
         metric(
