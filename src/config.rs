@@ -574,12 +574,14 @@ pub struct Config {
           default_value = "false", value_parser = parse_bool)]
     pub enable_pprof: bool,
 
-    /// Detail of exported metrics: `basic` or `extensive`.
+    /// Detail of exported metrics: `basic`, or `extensive` (adds the
+    /// `grpc_server_handling_seconds` histograms).
     #[arg(long, env = "ETCD_METRICS", default_value = "basic",
           value_parser = clap::builder::PossibleValuesParser::new(["basic", "extensive"]))]
     pub metrics: String,
 
-    /// Comma-separated URLs serving `/metrics` and `/health`.
+    /// Comma-separated URLs serving `/metrics`, `/health`, `/livez` and `/readyz` (see
+    /// `server::http`).
     #[arg(long, env = "ETCD_LISTEN_METRICS_URLS", value_parser = parse_urls)]
     pub listen_metrics_urls: Option<UrlList>,
 
@@ -850,7 +852,8 @@ const NO_V2_PROXY: &str = "the v2 proxy is not provided (deprecated in etcd 3.5)
 const NO_DISCOVERY: &str = "discovery bootstrapping is not supported; use --initial-cluster";
 const NO_BBOLT: &str = "no bbolt backend (the shards are in memory or in RocksDB)";
 const NO_TRACING: &str = "no OpenTelemetry distributed tracing";
-const NO_HTTP: &str = "no HTTP endpoints (gateway, /health, /metrics) are served yet";
+const NO_HTTP: &str =
+    "the HTTP endpoints are /health, /livez, /readyz, /version and /metrics only (no grpc-gateway)";
 const NO_CORRUPT_CHECK: &str = "no compaction hash check yet";
 
 /// Every accepted flag that has no effect, with its reason. A flag the user sets (on the
@@ -902,8 +905,6 @@ pub const IGNORED: &[IgnoredFlag] = &[
         "compaction runs per shard, not in bbolt batches",
     ),
     ignored("enable-pprof", "no pprof: it profiles the Go runtime"),
-    ignored("metrics", NO_HTTP),
-    ignored("listen-metrics-urls", NO_HTTP),
     ignored("enable-grpc-gateway", NO_HTTP),
     ignored("listen-client-http-urls", NO_HTTP),
     ignored("cors", NO_HTTP),

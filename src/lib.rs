@@ -41,6 +41,7 @@ pub mod consensus;
 pub mod error;
 pub mod lease;
 pub mod logging;
+pub mod metrics;
 pub mod mvcc;
 pub mod net;
 pub mod proto;

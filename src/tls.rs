@@ -759,7 +759,8 @@ fn check_urls(urls: &[url::Url], info: &TlsInfo, what: &str) -> anyhow::Result<b
 /// `<data-dir>/fixtures/{client,peer}`, loads and checks the files, and installs the peer
 /// dialing configuration.
 ///
-/// Errors: an `https://` URL without certificate and key; unreadable or malformed files;
+/// Errors: an `https://` URL (client, peer or metrics) without certificate and key;
+/// unreadable or malformed files;
 /// versions or suites that cannot work.
 pub fn setup(cfg: &Config, data_dir: &Path) -> anyhow::Result<MemberTls> {
     let common = TlsCommon::from_config(cfg).map_err(anyhow::Error::msg)?;
@@ -780,7 +781,21 @@ pub fn setup(cfg: &Config, data_dir: &Path) -> anyhow::Result<MemberTls> {
         years,
         "peer",
     )?;
-    let client_acceptor = if check_urls(&cfg.listen_client_urls, &client, "client")? {
+    // etcd `createMetricsListener`: an `https://` or `unixs://` metrics URL uses the client
+    // TLS settings, which it then requires.
+    let metrics_tls = cfg
+        .listen_metrics_urls
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .any(crate::net::is_tls);
+    if metrics_tls && client.is_empty() {
+        anyhow::bail!(
+            "client TLS key/cert (--cert-file, --key-file) must be provided for metrics secure url"
+        );
+    }
+    let client_acceptor = if check_urls(&cfg.listen_client_urls, &client, "client")? || metrics_tls
+    {
         tracing::info!(cert = ?client.cert_file, trusted_ca = ?client.trusted_ca_file,
             client_cert_auth = client.client_cert_auth, crl = ?client.crl_file, "starting with client TLS");
         Some(server_config(&client, &common).context("client TLS")?)

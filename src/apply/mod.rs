@@ -663,6 +663,11 @@ impl Dispatcher {
             Some(Proposed::Alarm(a)) => Outcome::Done(self.apply_alarm(&a)),
             Some(Proposed::Put(p)) => self.apply_put(p),
             Some(Proposed::DeleteRange(d)) => {
+                crate::metrics::TxnOps {
+                    deletes: 1,
+                    ..Default::default()
+                }
+                .record();
                 let rev = self.revision + 1;
                 let (deleted, prev_kvs) = self.delete(&d, rev, 0);
                 if deleted > 0 {
@@ -687,6 +692,11 @@ impl Dispatcher {
         if let Err(e) = self.check_put(&p) {
             return Outcome::Done(Err(e));
         }
+        crate::metrics::TxnOps {
+            puts: 1,
+            ..Default::default()
+        }
+        .record();
         let rev = self.revision + 1;
         self.revision = rev;
         let prev = self.put(p, rev, 0);
@@ -853,8 +863,12 @@ impl Dispatcher {
             rev,
             sub: 0,
             wrote: false,
+            ops: Default::default(),
         };
         let mut resp = self.exec_txn(txn, &path, &mut 0, &mut exec);
+        // etcd evaluates each compare with a Range on the txn (`applyCompare`).
+        exec.ops.ranges += compares_on_path(txn, &path, &mut 0);
+        exec.ops.record();
         if exec.wrote {
             self.revision = rev;
         }
@@ -951,9 +965,11 @@ impl Dispatcher {
         for op in ops {
             let response = match &op.request {
                 Some(OpRequest::RequestRange(r)) => {
+                    exec.ops.ranges += 1;
                     OpResponse::ResponseRange(self.txn_range(r, exec))
                 }
                 Some(OpRequest::RequestPut(p)) => {
+                    exec.ops.puts += 1;
                     let prev = self.put(p.clone(), exec.rev, exec.sub);
                     exec.sub += 1;
                     exec.wrote = true;
@@ -963,6 +979,7 @@ impl Dispatcher {
                     })
                 }
                 Some(OpRequest::RequestDeleteRange(d)) => {
+                    exec.ops.deletes += 1;
                     let (deleted, prev_kvs) = self.delete(d, exec.rev, exec.sub);
                     if deleted > 0 {
                         exec.sub += 1;
@@ -1139,6 +1156,20 @@ fn proposals(data: &[u8]) -> impl Iterator<Item = Decoded> + '_ {
     })
 }
 
+/// The compares a txn evaluated along `path` (see `Dispatcher::txn_path`), nested ones
+/// included.
+fn compares_on_path(txn: &TxnRequest, path: &[bool], at: &mut usize) -> u64 {
+    let ok = path[*at];
+    *at += 1;
+    let mut n = txn.compare.len() as u64;
+    for op in if ok { &txn.success } else { &txn.failure } {
+        if let Some(OpRequest::RequestTxn(nested)) = &op.request {
+            n += compares_on_path(nested, path, at);
+        }
+    }
+    n
+}
+
 /// Whether every op of `t`, in both branches, is a Range (etcd `isTxnReadonly`: a nested txn
 /// is not read-only).
 pub fn txn_read_only(t: &TxnRequest) -> bool {
@@ -1166,6 +1197,8 @@ struct TxnExec {
     rev: i64,
     sub: u32,
     wrote: bool,
+    /// The mvcc operations executed, for the metrics (compares are counted by the caller).
+    ops: crate::metrics::TxnOps,
 }
 
 impl TxnExec {

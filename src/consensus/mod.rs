@@ -1176,7 +1176,11 @@ impl RaftNode {
     fn publish_status(&self) {
         let r = &self.raw.raft;
         self.status.term.store(r.term, Ordering::Relaxed);
-        self.status.leader.store(r.leader_id, Ordering::Relaxed);
+        // etcd `raftNode.start`: a ready whose leader is set and differs is a leader change.
+        let before = self.status.leader.swap(r.leader_id, Ordering::Relaxed);
+        if r.leader_id != 0 && r.leader_id != before {
+            crate::metrics::LEADER_CHANGES.inc();
+        }
         self.status
             .commit
             .store(r.raft_log.committed, Ordering::Relaxed);

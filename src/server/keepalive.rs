@@ -26,6 +26,9 @@ const MAX_PING_STRIKES: u32 = 2;
 const PING_WITHOUT_STREAM_MIN: Duration = Duration::from_secs(2 * 60 * 60);
 /// The client connection preface, "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" (RFC 9113 section 3.4).
 const CLIENT_PREFACE_BYTES: usize = 24;
+/// That preface: a connection that starts otherwise is HTTP/1 (`/health`, `/metrics` on the
+/// client port), which has no pings to police.
+const CLIENT_PREFACE: &[u8; CLIENT_PREFACE_BYTES] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 const FRAME_DATA: u8 = 0x0;
 const FRAME_HEADERS: u8 = 0x1;
@@ -197,6 +200,8 @@ pub struct PingGuard<S> {
     goaway: Option<Vec<u8>>,
     /// GOAWAY sent: reads end and writes fail, so the HTTP/2 server drops the connection.
     closed: bool,
+    /// Bytes of the client preface seen so far.
+    preface_seen: usize,
 }
 
 impl<S> PingGuard<S> {
@@ -209,6 +214,7 @@ impl<S> PingGuard<S> {
             from_server: FrameScanner::new(0),
             goaway: None,
             closed: false,
+            preface_seen: 0,
         }
     }
 }
@@ -237,6 +243,19 @@ impl<S: AsyncRead + Unpin> AsyncRead for PingGuard<S> {
         }
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let (Poll::Ready(Ok(())), true) = (&polled, this.policy.is_some()) {
+            for &b in &buf.filled()[before..] {
+                if this.preface_seen == CLIENT_PREFACE_BYTES {
+                    break;
+                }
+                if b != CLIENT_PREFACE[this.preface_seen] {
+                    // Not HTTP/2: pass everything through untouched.
+                    this.policy = None;
+                    return polled;
+                }
+                this.preface_seen += 1;
+            }
+        }
         if let (Poll::Ready(Ok(())), Some(policy)) = (&polled, this.policy.as_mut()) {
             let now = Instant::now();
             let mut over = false;
@@ -446,6 +465,25 @@ mod tests {
         assert!(!p.client_frame(ping, at(200)), "strike 1");
         assert!(!p.client_frame(ping, at(300)), "strike 2");
         assert!(p.client_frame(ping, at(400)), "strike 3");
+    }
+
+    #[tokio::test]
+    async fn http1_connections_pass_untouched() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let mut guarded = PingGuard::new(server, Duration::from_secs(5));
+        let mut client = client;
+        // Bytes that, read as HTTP/2 frames after a preface, would be a run of PINGs.
+        let mut request = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+        for _ in 0..4 {
+            request.extend(frame(FRAME_PING, 0, 0, 8));
+        }
+        client.write_all(&request).await.unwrap();
+        let mut got = vec![0; request.len()];
+        guarded.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, request);
+        assert!(guarded.policy.is_none() && guarded.goaway.is_none());
+        guarded.write_all(b"HTTP/1.1 200 OK\r\n").await.unwrap();
     }
 
     #[test]

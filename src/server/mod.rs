@@ -10,6 +10,7 @@ pub mod codec;
 pub mod compactor;
 mod corrupt;
 pub mod gate;
+pub mod http;
 pub mod keepalive;
 mod kv;
 mod lease;
@@ -148,9 +149,14 @@ impl Core {
                 .map_err(|_| EtcdError::Stopped)?;
             rx.await.map_err(|_| EtcdError::Stopped)?
         };
-        tokio::time::timeout(self.request_timeout, work)
+        let result = tokio::time::timeout(self.request_timeout, work)
             .await
-            .map_err(|_| EtcdError::Timeout)?
+            .unwrap_or(Err(EtcdError::Timeout));
+        // etcd counts proposals that time out or cannot be proposed, not apply errors.
+        if matches!(result, Err(EtcdError::Timeout | EtcdError::Stopped)) {
+            crate::metrics::PROPOSALS_FAILED.inc();
+        }
+        result
     }
 
     /// The front end's quota check for a request that grows the backend (Put, a Txn with a
@@ -253,6 +259,7 @@ impl Core {
         if rev < state.compact_revision {
             return Err(EtcdError::Compacted);
         }
+        crate::metrics::MVCC_RANGE.inc();
         let req = Arc::new(req);
         let parts = self.shards.read_range(req.clone(), rev).await?;
         let merged = merge(&req, parts);
@@ -516,6 +523,8 @@ async fn bind_all(urls: &[url::Url], what: &str) -> anyhow::Result<Vec<crate::ne
 fn client_server_builder(cfg: &Config) -> tonic::transport::Server {
     let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
     tonic::transport::Server::builder()
+        // HTTP/1.1 for the HTTP endpoints (`http::HttpLayer`).
+        .accept_http1(true)
         .max_concurrent_streams(cfg.max_concurrent_streams)
         .http2_keepalive_interval(nonzero(cfg.grpc_keepalive_interval))
         .http2_keepalive_timeout(nonzero(cfg.grpc_keepalive_timeout))
@@ -696,6 +705,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     // Everything that can fail on bad input (ports, snapshots, the WAL) is checked before the
     // shards start: a failing start-up then leaves no storage engine half-open behind it.
     let listeners = bind_all(&cfg.listen_client_urls, "client").await?;
+    let metrics_urls = cfg.listen_metrics_urls.as_deref().unwrap_or_default();
+    let metrics_listeners = bind_all(metrics_urls, "metrics").await?;
     let peer_listeners = bind_all(&cfg.listen_peer_urls, "peer").await?;
     let RecoveredLog {
         snapshot: snap,
@@ -896,10 +907,22 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         corrupt::initial_check(&core, committed_at_start).await?;
     }
     let max_recv = cfg.max_request_bytes + defaults::GRPC_OVERHEAD_BYTES;
+    // HTTP on the client port (and the metrics URLs), and grpc.health.v1.Health.
+    let (health, _) = tonic_health::server::health_reporter();
+    tokio::spawn(http::run_health_reporter(core.clone(), health.clone()));
+    http::init_grpc_metrics();
+    if cfg.metrics == "extensive" {
+        crate::metrics::enable_handling_time();
+    }
     for (listener, url) in listeners.into_iter().zip(cfg.listen_client_urls.iter()) {
         let addr = listener.address();
         tracing::info!(address = %addr, scheme = url.scheme(), "serving client requests on {addr}");
         let router = client_server_builder(&cfg)
+            .layer(http::HttpLayer::new(
+                core.clone(),
+                &health,
+                http::Endpoints::Client,
+            ))
             .layer(gate::GateLayer::new(core.node.status.clone()))
             .add_service(
                 KvServer::new(kv::KvService::new(core.clone())).max_decoding_message_size(max_recv),
@@ -941,6 +964,26 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             url,
             tls.client.as_ref(),
             cfg.grpc_keepalive_min_time
+        );
+    }
+    for (listener, url) in metrics_listeners.into_iter().zip(metrics_urls.iter()) {
+        let addr = listener.address();
+        tracing::info!(address = %addr, "serving metrics on {addr}");
+        let router = tonic::transport::Server::builder()
+            .accept_http1(true)
+            .layer(http::HttpLayer::new(
+                core.clone(),
+                &health,
+                http::Endpoints::Metrics,
+            ))
+            .add_routes(tonic::service::Routes::default());
+        serve!(
+            servers,
+            router,
+            listener,
+            url,
+            tls.client.as_ref(),
+            Duration::ZERO
         );
     }
     // As etcd, a member is ready once it is part of a cluster with a leader (a lone member

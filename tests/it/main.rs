@@ -12,6 +12,7 @@ mod etcdctl;
 mod flags;
 mod force_new;
 mod harness;
+mod http;
 mod kv;
 mod lease;
 mod loadgen;

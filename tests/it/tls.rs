@@ -853,6 +853,18 @@ async fn kubeadm_static_pod_command_line_starts_unchanged() {
     }
     let log = server.log();
     assert!(log.contains("starting with client TLS") && log.contains("starting with peer TLS"));
+    // kubeadm's liveness and startup probes.
+    for (probe, want) in [
+        ("/health?exclude=NOSPACE&serializable=true", "200"),
+        ("/health?serializable=false", "200"),
+    ] {
+        let out = std::process::Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+            .arg(format!("http://127.0.0.1:{metrics_port}{probe}"))
+            .output()
+            .expect("curl is installed");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), want, "{probe}");
+    }
 }
 
 /// Go (and so etcd) accepts a client that presents a trusted CA certificate itself, a chain of
