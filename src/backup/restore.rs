@@ -17,7 +17,7 @@
 //! matters: the identity exists) and serves the snapshot's keys at their revisions; the
 //! members' Raft logs continue from the snapshot and they elect a leader among themselves.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Parser;
@@ -115,7 +115,6 @@ pub fn restore(args: &RestoreArgs) -> anyhow::Result<()> {
         })?
         .clone();
     let ids: Vec<u64> = members.iter().map(|m| m.id).collect();
-    let cluster = cluster_id(&ids);
 
     let file = std::fs::read(&args.file)
         .with_context(|| format!("cannot read {}", args.file.display()))?;
@@ -123,50 +122,194 @@ pub fn restore(args: &RestoreArgs) -> anyhow::Result<()> {
     let imported = read_db(db).with_context(|| format!("{}", args.file.display()))?;
 
     let index = members.len() as u64;
+    let (revision, keys) = (imported.state.revision, imported.state.keys.len());
+    write_member(
+        &data_dir.join("member"),
+        &wal_dir,
+        &me,
+        &members,
+        imported.state,
+        index,
+        1,
+    )?;
+    println!(
+        "restored snapshot {} (revision {revision}, {keys} keys) into {}: member {:x}, cluster {:x}",
+        args.file.display(),
+        data_dir.display(),
+        me.id,
+        cluster_id(&ids)
+    );
+    Ok(())
+}
+
+/// Writes a member directory whose state machine is `state` at Raft index `index`, term
+/// `term`: the identity of `me` in the cluster `members`, a complete MetaStore snapshot, and
+/// a WAL holding only the hard state (term, commit = `index`), the way a member looks after
+/// installing a leader's snapshot.
+///
+/// Errors: a file cannot be written.
+fn write_member(
+    member_dir: &Path,
+    wal_dir: &Path,
+    me: &MemberRecord,
+    members: &[MemberRecord],
+    state: StateSnapshot,
+    index: u64,
+    term: u64,
+) -> anyhow::Result<()> {
+    let ids: Vec<u64> = members.iter().map(|m| m.id).collect();
     let snap = StateSnapshot {
         index,
-        term: 1,
-        voters: ids.clone(),
-        learners: Vec::new(),
-        members: members.clone(),
+        term,
+        voters: members
+            .iter()
+            .filter(|m| !m.is_learner)
+            .map(|m| m.id)
+            .collect(),
+        learners: members
+            .iter()
+            .filter(|m| m.is_learner)
+            .map(|m| m.id)
+            .collect(),
+        members: members.to_vec(),
         removed: Vec::new(),
         complete: true,
-        ..imported.state
+        ..state
     };
-
-    let member_dir = data_dir.join("member");
-    std::fs::create_dir_all(&member_dir)
+    std::fs::create_dir_all(member_dir)
         .with_context(|| format!("cannot create {}", member_dir.display()))?;
     #[cfg(unix)]
-    {
+    if let Some(data_dir) = member_dir.parent() {
         use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o700));
+        let _ = std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700));
     }
-    Member::load_or_create(
-        &member_dir,
-        &me.name,
-        me.peer_urls.clone(),
-        Vec::new(),
-        (me.id, cluster),
-    )?;
     Snapshotter::new(member_dir.join("snap"))?.save(&snap)?;
-    let (mut wal, _) = Wal::open(&wal_dir, index, true)?;
+    let (mut wal, _) = Wal::open(wal_dir, index, true)?;
     let hs = raft::prelude::HardState {
-        term: 1,
+        term,
         commit: index,
         ..Default::default()
     };
     wal.append(&[], Some(&hs));
     wal.sync()?;
-    println!(
-        "restored snapshot {} (revision {}, {} keys) into {}: member {:x}, cluster {:x}",
-        args.file.display(),
-        snap.revision,
-        snap.keys.len(),
-        data_dir.display(),
-        me.id,
-        cluster
-    );
+    // Last: the identity marks the directory as a member's.
+    Member::load_or_create(
+        member_dir,
+        &me.name,
+        me.peer_urls.clone(),
+        Vec::new(),
+        (me.id, cluster_id(&ids)),
+    )?;
+    Ok(())
+}
+
+/// Whether `member_dir` holds an etcd member (etcd's backend `snap/db`) that MetaStore has not
+/// taken over yet (no MetaStore identity), such as one `etcdctl snapshot restore` wrote.
+pub fn is_etcd_member_dir(member_dir: &Path) -> bool {
+    !Member::exists(member_dir) && member_dir.join("snap").join("db").is_file()
+}
+
+/// Takes over an etcd data directory at start-up, so that MetaStore can start where etcd
+/// stopped, or from `etcdctl snapshot restore`'s output: the backend database
+/// `member/snap/db` becomes MetaStore's first snapshot (keys and history, leases, auth
+/// store, alarms) at its `consistent_index`, and etcd's files are moved aside to
+/// `member.etcd` (and an outside `--wal-dir` to `<wal-dir>.etcd`), kept, not read again.
+///
+/// Membership: the database's `members` bucket when it lists this member (by name or peer
+/// URLs); otherwise (etcd 3.4's `snapshot restore` empties it) `--initial-cluster` and
+/// `--initial-cluster-token`, with etcd's member IDs, as `snapshot restore` computed them.
+///
+/// Entries etcd had in its WAL past the database's consistent index are not replayed (etcd's
+/// WAL is not read): stop etcd cleanly first, as for any backup.
+///
+/// Errors: the database cannot be read or decoded; the membership does not include this
+/// member; files cannot be moved or written.
+pub fn adopt_etcd_data_dir(cfg: &crate::config::Config) -> anyhow::Result<()> {
+    let data_dir = cfg.data_dir();
+    let member_dir = data_dir.join("member");
+    let db_path = member_dir.join("snap").join("db");
+    let db = std::fs::read(&db_path).with_context(|| format!("cannot read {}", db_path.display()))?;
+    let imported = read_db(&db).with_context(|| format!("{}", db_path.display()))?;
+    drop(db);
+
+    let peer_urls: Vec<String> = {
+        let mut v: Vec<String> = cfg
+            .initial_advertise_peer_urls
+            .iter()
+            .map(crate::server::member::url_string)
+            .collect();
+        v.sort();
+        v
+    };
+    let same_urls = |m: &MemberRecord| {
+        let mut u = m.peer_urls.clone();
+        u.sort();
+        u == peer_urls
+    };
+    let members = if imported
+        .members
+        .iter()
+        .any(|m| m.name == cfg.name || same_urls(m))
+    {
+        imported.members.clone()
+    } else {
+        let mut members: Vec<MemberRecord> = cfg
+            .initial_members()?
+            .into_iter()
+            .map(|(name, urls)| {
+                let urls: Vec<String> = urls
+                    .iter()
+                    .map(crate::server::member::url_string)
+                    .collect();
+                MemberRecord {
+                    id: member_id(&urls, &cfg.initial_cluster_token),
+                    name,
+                    peer_urls: urls,
+                    ..Default::default()
+                }
+            })
+            .collect();
+        members.sort_by_key(|m| m.id);
+        members
+    };
+    let me = members
+        .iter()
+        .find(|m| m.name == cfg.name)
+        .or_else(|| members.iter().find(|m| same_urls(m)))
+        .with_context(|| {
+            format!(
+                "etcd data directory {}: member {:?} is not in its cluster",
+                data_dir.display(),
+                cfg.name
+            )
+        })?
+        .clone();
+
+    let aside = |path: &Path| -> anyhow::Result<PathBuf> {
+        let mut to = PathBuf::from(format!("{}.etcd", path.display()));
+        let mut n = 1;
+        while to.exists() {
+            to = PathBuf::from(format!("{}.etcd.{n}", path.display()));
+            n += 1;
+        }
+        std::fs::rename(path, &to)
+            .with_context(|| format!("cannot move {} to {}", path.display(), to.display()))?;
+        Ok(to)
+    };
+    let wal_dir = cfg.wal_dir();
+    if !wal_dir.starts_with(&member_dir) && wal_dir.exists() {
+        aside(&wal_dir)?;
+    }
+    let kept = aside(&member_dir)?;
+    // etcd 3.4's restore leaves the consistent index at the member count (its bootstrap
+    // entries); etcd 3.5 also records the term.
+    let index = imported.state.index.max(members.len() as u64).max(1);
+    let term = imported.state.term.max(1);
+    let (revision, keys) = (imported.state.revision, imported.state.keys.len());
+    write_member(&member_dir, &wal_dir, &me, &members, imported.state, index, term)?;
+    tracing::warn!(etcd_files = %kept.display(), index, revision, keys,
+        member_id = %format!("{:x}", me.id),
+        "took over an etcd data directory: started from its backend database");
     Ok(())
 }
 

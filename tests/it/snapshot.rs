@@ -291,3 +291,89 @@ fn metastore_snapshot_restored_with_etcdctl_runs_under_etcd() {
     let etcd = Etcd::start_in(dir, &data, "e", peer);
     check_history(&etcd.endpoint, &[], &lease, rev);
 }
+
+#[test]
+fn metastore_starts_on_an_etcdctl_restored_data_dir() {
+    // etcd's e2e TestIssue6361: `etcdctl snapshot restore`, then the server on its output.
+    let server = Server::start();
+    let (lease, rev) = write_history(&server.endpoint, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("s.db");
+    ok_stdout(&save(&server.endpoint, &file, None));
+    drop(server);
+
+    let peer = free_port();
+    let purl = format!("http://127.0.0.1:{peer}");
+    let data = dir.path().join("etcd-data");
+    let out = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["snapshot", "restore"])
+        .arg(&file)
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--name", "m"])
+        .args(["--initial-cluster", &format!("m={purl}")])
+        .args(["--initial-cluster-token", "tok"])
+        .args(["--initial-advertise-peer-urls", &purl])
+        .output()
+        .expect("etcdctl");
+    assert!(out.status.success(), "{out:?}");
+    let restored = Server::try_start(
+        &data,
+        &[
+            "--name",
+            "m",
+            "--listen-peer-urls",
+            &purl,
+            "--initial-advertise-peer-urls",
+            &purl,
+            "--initial-cluster",
+            &format!("m={purl}"),
+            "--initial-cluster-token",
+            "tok",
+        ],
+    )
+    .expect("starts on the etcd data dir");
+    check_history(&restored.endpoint, &[], &lease, rev);
+    // etcd's IDs: the member ID is the one etcdctl restore computed.
+    let members = json(&restored.etcdctl(&["member", "list", "-w", "json"]));
+    let status = json(&restored.etcdctl(&["endpoint", "status", "-w", "json"]));
+    assert_eq!(
+        members["members"][0]["ID"], status[0]["Status"]["header"]["member_id"],
+        "{members} {status}"
+    );
+    assert!(data.join("member.etcd").join("snap").join("db").exists());
+}
+
+#[test]
+fn metastore_takes_over_a_stopped_etcd_data_dir() {
+    if !etcd_installed() {
+        eprintln!("skipped: /usr/bin/etcd is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("etcd-data");
+    let peer = free_port();
+    let etcd = Etcd::start_in(tempfile::tempdir().unwrap(), &data, "e", peer);
+    let (lease, rev) = write_history(&etcd.endpoint, &[]);
+    // etcd commits its backend every 100 ms.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    drop(etcd);
+
+    let purl = format!("http://127.0.0.1:{peer}");
+    let ms = Server::try_start(
+        &data,
+        &[
+            "--name",
+            "e",
+            "--listen-peer-urls",
+            &purl,
+            "--initial-advertise-peer-urls",
+            &purl,
+            "--initial-cluster",
+            &format!("e={purl}"),
+        ],
+    )
+    .expect("starts on the etcd data dir");
+    check_history(&ms.endpoint, &[], &lease, rev);
+}
