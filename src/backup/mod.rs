@@ -351,6 +351,9 @@ pub struct EtcdDb {
     pub total_keys: u64,
 }
 
+/// A bucket entry: key and value.
+type Entry<'a> = (&'a [u8], &'a [u8]);
+
 /// Reads an etcd backend database (bbolt bytes, without the trailing digest).
 ///
 /// Revision: the newest main revision in `key`, or the compaction revision when that is
@@ -362,7 +365,7 @@ pub struct EtcdDb {
 pub fn read_db(db: &[u8]) -> Result<EtcdDb, BackupError> {
     let file = bolt::Db::open(db).map_err(format_err)?;
     let mut out = EtcdDb::default();
-    let entries = |name: &str| -> Result<Vec<(&[u8], &[u8])>, BackupError> {
+    let entries = |name: &str| -> Result<Vec<Entry<'_>>, BackupError> {
         let mut v = Vec::new();
         if let Some(b) = file.bucket(name.as_bytes()).map_err(format_err)? {
             file.for_each(b, &mut |k, val| {
@@ -579,7 +582,10 @@ mod tests {
         let k = revision_key(5, 1, true);
         assert_eq!(k.len(), 18);
         assert_eq!(parse_revision_key(&k), Some((5, 1, true)));
-        assert_eq!(parse_revision_key(&revision_key(9, 0, false)), Some((9, 0, false)));
+        assert_eq!(
+            parse_revision_key(&revision_key(9, 0, false)),
+            Some((9, 0, false))
+        );
         assert_eq!(parse_revision_key(b"short"), None);
     }
 

@@ -228,7 +228,8 @@ pub fn adopt_etcd_data_dir(cfg: &crate::config::Config) -> anyhow::Result<()> {
     let data_dir = cfg.data_dir();
     let member_dir = data_dir.join("member");
     let db_path = member_dir.join("snap").join("db");
-    let db = std::fs::read(&db_path).with_context(|| format!("cannot read {}", db_path.display()))?;
+    let db =
+        std::fs::read(&db_path).with_context(|| format!("cannot read {}", db_path.display()))?;
     let imported = read_db(&db).with_context(|| format!("{}", db_path.display()))?;
     drop(db);
 
@@ -257,10 +258,8 @@ pub fn adopt_etcd_data_dir(cfg: &crate::config::Config) -> anyhow::Result<()> {
             .initial_members()?
             .into_iter()
             .map(|(name, urls)| {
-                let urls: Vec<String> = urls
-                    .iter()
-                    .map(crate::server::member::url_string)
-                    .collect();
+                let urls: Vec<String> =
+                    urls.iter().map(crate::server::member::url_string).collect();
                 MemberRecord {
                     id: member_id(&urls, &cfg.initial_cluster_token),
                     name,
@@ -306,7 +305,15 @@ pub fn adopt_etcd_data_dir(cfg: &crate::config::Config) -> anyhow::Result<()> {
     let index = imported.state.index.max(members.len() as u64).max(1);
     let term = imported.state.term.max(1);
     let (revision, keys) = (imported.state.revision, imported.state.keys.len());
-    write_member(&member_dir, &wal_dir, &me, &members, imported.state, index, term)?;
+    write_member(
+        &member_dir,
+        &wal_dir,
+        &me,
+        &members,
+        imported.state,
+        index,
+        term,
+    )?;
     tracing::warn!(etcd_files = %kept.display(), index, revision, keys,
         member_id = %format!("{:x}", me.id),
         "took over an etcd data directory: started from its backend database");

@@ -974,7 +974,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     cluster::publish_attributes(core.clone()).await;
     // etcd logs this once the cluster version is known (MetaStore's is fixed); etcd's e2e
     // TestIssue6361 waits for it from a joining member.
-    tracing::info!(cluster_version = "3.5", "enabled capabilities for version 3.5");
+    tracing::info!(
+        cluster_version = "3.5",
+        "enabled capabilities for version 3.5"
+    );
     if cfg.auto_promote_learners {
         tokio::spawn(cluster::auto_promote_learners(core.clone()));
     }

@@ -91,7 +91,11 @@ fn write_history(endpoint: &str, user: &[&str]) -> (String, i64) {
         ctl(&["put", &format!("k{i}"), &format!("v{i}")]);
     }
     let lease = ctl(&["lease", "grant", "600"]);
-    let lease = lease.split_whitespace().nth(1).expect("lease ID").to_string();
+    let lease = lease
+        .split_whitespace()
+        .nth(1)
+        .expect("lease ID")
+        .to_string();
     ctl(&["put", "leased", "y", &format!("--lease={lease}")]);
     ctl(&["compact", "3"]);
     let all: Vec<&str> = user
@@ -111,9 +115,9 @@ fn check_history(endpoint: &str, user: &[&str], lease: &str, rev: i64) {
         let all: Vec<&str> = user.iter().chain(args).copied().collect();
         json(&etcdctl(endpoint, &all, None))
     };
-    let foo = get(&["get", "foo", "-w", "json"]);
-    assert_eq!(foo["header"]["revision"].as_i64(), Some(rev), "{foo}");
-    let kv = &foo["kvs"][0];
+    let got = get(&["get", "foo", "-w", "json"]);
+    assert_eq!(got["header"]["revision"].as_i64(), Some(rev), "{got}");
+    let kv = &got["kvs"][0];
     assert_eq!(kv["value"], "YmFyMg=="); // bar2
     assert_eq!(kv["create_revision"], 2);
     assert_eq!(kv["mod_revision"], 3);
@@ -123,7 +127,11 @@ fn check_history(endpoint: &str, user: &[&str], lease: &str, rev: i64) {
     assert_eq!(at3["kvs"][0]["value"], "YmFyMg==");
     let gone = get(&["get", "gone", "--rev=4", "-w", "json"]);
     assert_eq!(gone["kvs"][0]["value"], "eA==", "{gone}"); // x
-    let all: Vec<&str> = user.iter().chain(&["get", "foo", "--rev=2"]).copied().collect();
+    let all: Vec<&str> = user
+        .iter()
+        .chain(&["get", "foo", "--rev=2"])
+        .copied()
+        .collect();
     let old = etcdctl(endpoint, &all, None);
     assert!(
         String::from_utf8_lossy(&old.stderr).contains("compacted"),
@@ -165,7 +173,11 @@ fn snapshot_is_root_only_with_auth() {
         ok_stdout(&server.etcdctl(&args));
     }
     let dir = tempfile::tempdir().unwrap();
-    let denied = save(&server.endpoint, &dir.path().join("a.db"), Some("alice:alicepw"));
+    let denied = save(
+        &server.endpoint,
+        &dir.path().join("a.db"),
+        Some("alice:alicepw"),
+    );
     assert!(!denied.status.success());
     assert!(
         String::from_utf8_lossy(&denied.stderr).contains("permission denied"),
@@ -257,7 +269,10 @@ fn restore_etcd_snapshot_into_metastore() {
         "{denied:?}"
     );
     let anonymous = restored.etcdctl(&["get", "foo"]);
-    assert!(!anonymous.status.success(), "auth is enabled: {anonymous:?}");
+    assert!(
+        !anonymous.status.success(),
+        "auth is enabled: {anonymous:?}"
+    );
 }
 
 #[test]
