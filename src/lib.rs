@@ -32,10 +32,12 @@
 //! * [`net`]: client and peer sockets (TCP or Unix, plain or TLS) and peer dialing.
 //! * [`tls`]: certificates, verification and TLS settings for both ports.
 //! * [`proto`]: generated etcd and MetaStore protos.
+//! * [`backup`]: etcd-format snapshot files (Maintenance.Snapshot, `metastore snapshot restore`).
 #![warn(missing_docs)]
 
 pub mod apply;
 pub mod auth;
+pub mod backup;
 pub mod config;
 pub mod consensus;
 pub mod error;

@@ -1,8 +1,19 @@
-//! The `metastore` binary: parses etcd-style flags and runs one member.
+//! The `metastore` binary: parses etcd-style flags and runs one member; `metastore snapshot
+//! restore ...` builds a data directory from an etcd-format snapshot file instead.
 
 fn main() {
     // Fault-injection hooks (the `fail` crate), configured with FAILPOINTS; inert otherwise.
     let _failpoints = fail::FailScenario::setup();
+    // `metastore snapshot restore ...` (etcdctl's snapshot restore); every other command line
+    // is etcd's server flags.
+    let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if raw.get(1).is_some_and(|a| a == "snapshot") {
+        if let Err(e) = metastore::backup::restore::main(raw[1..].to_vec()) {
+            eprintln!("metastore: error: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let args = match metastore::config::args_with_config_file(std::env::args_os().collect()) {
         Ok(args) => args,
         Err(e) => {

@@ -1,6 +1,6 @@
 //! Code generated at build time from `proto/` by tonic/prost.
 //!
-//! The etcd packages keep etcd's names (`etcdserverpb`, `mvccpb`, `authpb`, `v3lockpb`,
+//! The etcd packages keep etcd's names (`etcdserverpb`, `mvccpb`, `authpb`, `leasepb`, `v3lockpb`,
 //! `v3electionpb`) so that the wire names match etcd 3.5 exactly. `metastorepb` is our own:
 //! the Raft log payload, the snapshot image and the peer service.
 #![allow(missing_docs, clippy::all, clippy::pedantic)]
@@ -10,6 +10,9 @@ pub mod mvccpb {
 }
 pub mod authpb {
     tonic::include_proto!("authpb");
+}
+pub mod leasepb {
+    tonic::include_proto!("leasepb");
 }
 pub mod etcdserverpb {
     tonic::include_proto!("etcdserverpb");

@@ -54,7 +54,9 @@ use raft::prelude::{
 use raft::{RawNode, ReadOnlyOption, SnapshotStatus, StateRole};
 use tokio::sync::{oneshot, watch};
 
-use crate::apply::{ApplyMsg, ApplyResponse, CommittedEntry, Pending, SnapshotTaken};
+use crate::apply::{
+    ApplyMsg, ApplyResponse, CommittedEntry, Pending, SnapshotImage, SnapshotTaken,
+};
 use crate::error::EtcdError;
 use crate::proto::metastorepb::{
     membership_change::Kind, MemberRecord, MembershipChange, StateSnapshot,
@@ -162,6 +164,27 @@ pub struct NodeHandle {
     pub status: Arc<NodeStatus>,
     /// The membership table as of the last conf change handed to the state machine.
     pub membership: watch::Receiver<Arc<Membership>>,
+    /// The apply dispatcher's inbox, for [`NodeHandle::state_image`]. Weak: only the Raft
+    /// node's sender keeps the dispatcher running, so shutdown still ends it.
+    images: flume::WeakSender<ApplyMsg>,
+}
+
+impl NodeHandle {
+    /// A complete image of the state machine at one applied index (every key's retained
+    /// history, leases, membership, alarms and the auth store), built by the apply dispatcher
+    /// between two batches of entries, as for a follower's snapshot (Raft paper section 7).
+    /// Used by `Maintenance.Snapshot`.
+    ///
+    /// Errors: [`EtcdError::Stopped`] when the member is shutting down.
+    pub async fn state_image(&self) -> Result<SnapshotImage, EtcdError> {
+        let tx = self.images.upgrade().ok_or(EtcdError::Stopped)?;
+        let (reply, rx) = flume::bounded(1);
+        tx.send_async(ApplyMsg::Image(reply))
+            .await
+            .map_err(|_| EtcdError::Stopped)?;
+        drop(tx);
+        rx.recv_async().await.map_err(|_| EtcdError::Stopped)
+    }
 }
 
 /// Raft settings derived from the member configuration.
@@ -610,6 +633,7 @@ impl RaftNode {
                 &mut recovered,
             )?;
         }
+        let images = committed.downgrade();
         let storage = RaftStorage::new(committed.clone());
         let snap_index = match snap {
             Some(s) => {
@@ -711,6 +735,7 @@ impl RaftNode {
                 tx,
                 status,
                 membership: membership_rx,
+                images,
             },
         ))
     }

@@ -1,6 +1,6 @@
 //! `etcdserverpb.Maintenance`: Status, Alarm (replicated through Raft, see
-//! [`crate::apply::alarms`]), Defragment, Hash, HashKV and MoveLeader. Snapshot and Downgrade
-//! answer Unimplemented.
+//! [`crate::apply::alarms`]), Defragment, Hash, HashKV, MoveLeader and Snapshot (an
+//! etcd-format bbolt file, see [`crate::backup`]). Downgrade answers Unimplemented.
 
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -19,6 +19,7 @@ use crate::proto::etcdserverpb::{
     SnapshotResponse, StatusRequest, StatusResponse,
 };
 use crate::proto::metastorepb::proposal::Request as Proposed;
+use crate::proto::metastorepb::StateSnapshot;
 
 /// The etcd version MetaStore's API matches; clients (Kubernetes among them) parse it to turn
 /// features on, so it names the etcd API level, not MetaStore's own version.
@@ -145,6 +146,19 @@ impl Maintenance for MaintenanceService {
 
     type SnapshotStream = SnapshotStream;
 
+    /// Streams this member's state as an etcd snapshot file (see [`crate::backup`]): a bbolt
+    /// database with etcd's buckets, consistent at one applied Raft index (the image the
+    /// dispatcher builds for a lagging follower), in `blob`s of 32 KiB with `remaining_bytes`
+    /// counting down to 0, then a last message with the 32-byte sha256 of the database and
+    /// `remaining_bytes` 0 (etcd `v3rpc/maintenance.go` `Snapshot`). `etcdctl snapshot save`
+    /// writes it to a file; `snapshot status` and `snapshot restore` (etcdctl's or
+    /// `metastore snapshot restore`) read it. The database is built in a temporary file under
+    /// `<data-dir>/member/snap`, removed once read.
+    ///
+    /// Errors: "etcdserver: permission denied" for a user other than root while auth is
+    /// enabled (etcd 3.5 `isAdminPermitted`); "etcdserver: server stopped" while shutting
+    /// down; Unknown with the cause when the file cannot be written (etcd `togRPCError` of
+    /// the backend's error).
     async fn snapshot(
         &self,
         request: Request<SnapshotRequest>,
@@ -152,7 +166,39 @@ impl Maintenance for MaintenanceService {
         // Root only while auth is enabled (etcd 3.5 `isAdminPermitted`).
         let caller = self.core.caller_of(&request).await?;
         self.core.check_admin(caller.as_ref())?;
-        unsupported("snapshot")
+        let image = self.core.node.state_image().await?;
+        let snap = <StateSnapshot as prost::Message>::decode(image.data.as_ref())
+            .map_err(|e| Status::internal(format!("etcdserver: snapshot image: {e}")))?;
+        let revision = snap.revision;
+        let dir = self.core.cfg.data_dir().join("member").join("snap");
+        let file = tokio::task::spawn_blocking(move || crate::backup::snapshot_file(&snap, &dir))
+            .await
+            .map_err(|e| Status::unknown(e.to_string()))?
+            .map_err(|e| Status::unknown(e.to_string()))?;
+        tracing::info!(
+            index = image.index,
+            bytes = file.len(),
+            "sending database snapshot to client"
+        );
+        let file = bytes::Bytes::from(file);
+        let db_len = file.len() - crate::backup::SHA256_LEN;
+        let mut messages = Vec::new();
+        let mut sent = 0;
+        while sent < db_len {
+            let n = crate::backup::SEND_CHUNK.min(db_len - sent);
+            messages.push(Ok(SnapshotResponse {
+                header: self.core.header(revision),
+                remaining_bytes: (db_len - sent - n) as u64,
+                blob: file.slice(sent..sent + n).to_vec(),
+            }));
+            sent += n;
+        }
+        messages.push(Ok(SnapshotResponse {
+            header: self.core.header(revision),
+            remaining_bytes: 0,
+            blob: file.slice(db_len..).to_vec(),
+        }));
+        Ok(Response::new(Box::pin(tokio_stream::iter(messages))))
     }
 
     /// Hands leadership to `target_id` (Raft thesis section 3.10, leadership transfer) and

@@ -685,6 +685,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         })
         .collect();
     initial.sort_by_key(|m| m.id);
+    // An etcd member's data directory (etcd stopped, or `etcdctl snapshot restore`): take it
+    // over from its backend database (see `backup::restore::adopt_etcd_data_dir`).
+    if crate::backup::restore::is_etcd_member_dir(&member_dir) {
+        crate::backup::restore::adopt_etcd_data_dir(&cfg)?;
+    }
     let first_boot = !Member::exists(&member_dir);
     let (id, cluster_id, seed_peers) = if first_boot {
         first_boot_identity(&cfg, &initial, &peer_urls).await?
@@ -1010,6 +1015,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     // URLs are in the membership table: a client that lists members right after every member
     // said so sees each one's client URLs (etcd's e2e `memberToRemove` relies on it).
     cluster::publish_attributes(core.clone()).await;
+    // etcd logs this once the cluster version is known (MetaStore's is fixed); etcd's e2e
+    // TestIssue6361 waits for it from a joining member.
+    tracing::info!(
+        cluster_version = "3.5",
+        "enabled capabilities for version 3.5"
+    );
     if cfg.auto_promote_learners {
         tokio::spawn(cluster::auto_promote_learners(core.clone()));
     }

@@ -399,12 +399,20 @@ impl Etcd {
     /// Starts etcd and waits until `etcdctl endpoint health` succeeds.
     pub fn start() -> Etcd {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let (client, peer) = (free_port(), free_port());
+        let data = tmp.path().join("data");
+        Etcd::start_in(tmp, &data, "ref", free_port())
+    }
+
+    /// Starts etcd as member `name` with peer URL `http://127.0.0.1:<peer>` on `data_dir`
+    /// (which may already hold a member, such as one `etcdctl snapshot restore` wrote), keeping
+    /// `tmp` until it stops, and waits until `etcdctl endpoint health` succeeds.
+    pub fn start_in(tmp: tempfile::TempDir, data_dir: &Path, name: &str, peer: u16) -> Etcd {
+        let client = free_port();
         let curl = format!("http://127.0.0.1:{client}");
         let purl = format!("http://127.0.0.1:{peer}");
         let child = Command::new("etcd")
-            .args(["--name", "ref", "--data-dir"])
-            .arg(tmp.path().join("data"))
+            .args(["--name", name, "--data-dir"])
+            .arg(data_dir)
             .args([
                 "--listen-client-urls",
                 &curl,
@@ -417,7 +425,7 @@ impl Etcd {
                 "--initial-advertise-peer-urls",
                 &purl,
             ])
-            .args(["--initial-cluster", &format!("ref={purl}")])
+            .args(["--initial-cluster", &format!("{name}={purl}")])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

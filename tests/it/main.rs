@@ -19,6 +19,7 @@ mod loadgen;
 mod recipes;
 mod rocksdb;
 mod smoke;
+mod snapshot;
 mod tls;
 mod txn;
 mod util;
