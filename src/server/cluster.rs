@@ -358,7 +358,11 @@ pub async fn publish_attributes(core: Arc<Core>) {
         client_urls: core.member.client_urls.clone(),
         is_learner: false,
     };
-    let retry = Duration::from_millis(core.cfg.election_timeout.max(100));
+    // Raft-rs turns a conf change proposed while another is unapplied into an empty entry:
+    // nothing answers it, so an attempt is given up after `2 * retry`. Retry as often as the
+    // election timeout, but at least every second: with a long election timeout (5 s) three
+    // members publishing at once would otherwise take 15 s per collision.
+    let retry = Duration::from_millis(core.cfg.election_timeout.clamp(100, 1000));
     loop {
         let published = core
             .node

@@ -229,11 +229,13 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # ------------------------------------------------------------ 4. run each test
-passed=0; failed=0; skipped=0
+passed=0; failed=0; skipped=0; retried=""
 [[ -n "$PASS_OUT" ]] && : >"$PASS_OUT"
 while IFS= read -r name; do
 	[[ -n "$name" ]] || continue
 	logf="$RUN_DIR/logs/$name.log"
+	attempt=1
+	while :; do
 	kill_strays
 	rm -rf "$RUN_DIR/tmp" && mkdir -p "$RUN_DIR/tmp"
 	t0=$(date +%s.%N)
@@ -255,6 +257,18 @@ while IFS= read -r name; do
 	else
 		status=FAIL
 	fi
+	# etcd's `testutil.AfterTest` fails a test whose own checks passed when one of the
+	# harness's pty readers is still running as it counts goroutines (a child process
+	# closing a moment late). Such a test runs once more; a second failure counts.
+	if [[ $status = FAIL && $attempt = 1 ]] && grep -q "^--- PASS: ${name} " "$logf" &&
+		grep -q "^Too many goroutines running after all test(s)" "$logf"; then
+		mv "$logf" "$logf.first"
+		attempt=2
+		retried="$retried $name"
+		continue
+	fi
+	break
+	done
 	case $status in
 	PASS) passed=$((passed + 1)); [[ -n "$PASS_OUT" ]] && echo "$name" >>"$PASS_OUT" ;;
 	SKIP) skipped=$((skipped + 1)) ;;
@@ -264,6 +278,7 @@ while IFS= read -r name; do
 done <<<"$SELECTED"
 
 [[ $skipped -gt 0 ]] && echo "e2e: $skipped skipped (counted neither passed nor failed)"
+[[ -n "$retried" ]] && echo "e2e: run again after etcd's goroutine-leak check alone failed them:$retried"
 echo "logs: $RUN_DIR/logs"
 echo "e2e: $passed passed, $failed failed"
 [[ $failed = 0 ]]
