@@ -68,6 +68,12 @@ async fn sigterm_ends_watches_and_loses_no_acknowledged_put() {
             .watch("k/", Some(WatchOptions::new().with_prefix()))
             .await
             .expect("watch");
+        // A keep-alive stream, renewed once: it too ends with "server stopped".
+        let lease = c.lease_grant(60, None).await.expect("grant").id();
+        let (mut keeper, mut keep_alives) = c.lease_keep_alive(lease).await.expect("keep-alive");
+        keeper.keep_alive().await.expect("renew");
+        let renewed = keep_alives.message().await.expect("renewal").expect("open");
+        assert_eq!(renewed.id(), lease);
         let written = Arc::new(Mutex::new(Vec::new()));
         let writers: Vec<_> = (0..2)
             .map(|w| {
@@ -106,6 +112,20 @@ async fn sigterm_ends_watches_and_loses_no_acknowledged_put() {
                 server.log()
             ),
         }
+        let keep_alive_end = tokio::time::timeout(Duration::from_secs(15), keep_alives.message())
+            .await
+            .expect("the keep-alive stream ends within 15 s of SIGTERM");
+        match keep_alive_end {
+            Err(etcd_client::Error::GRpcStatus(s)) => assert_eq!(
+                (s.code(), s.message()),
+                (tonic::Code::Unavailable, "etcdserver: server stopped"),
+                "cycle {cycle}: the keep-alive stream ended with another status"
+            ),
+            other => panic!(
+                "cycle {cycle}: the keep-alive stream ended with {other:?}, not \"etcdserver: \
+                 server stopped\""
+            ),
+        }
         let status = server.wait_status(Duration::from_secs(20));
         assert!(
             status.is_some_and(|s| s.success()),
@@ -123,7 +143,14 @@ async fn sigterm_ends_watches_and_loses_no_acknowledged_put() {
         assert!(events > 0, "cycle {cycle}: the watcher saw no event");
         let log = server.log();
         assert!(log.contains("received SIGTERM"), "{log}");
-        assert!(log.contains("stopped"), "{log}");
+        for step in [
+            "stopping: no new client requests",
+            "stopping: client requests in flight answered",
+            "raft thread stopped",
+            "stopped",
+        ] {
+            assert!(log.contains(step), "cycle {cycle}: no {step:?} in the log\n{log}");
+        }
         acked.extend(written);
     }
     assert!(acked.len() > CYCLES, "only {} puts acknowledged", acked.len());
