@@ -750,7 +750,8 @@ impl RaftNode {
         ))
     }
 
-    /// Runs until every [`NodeHandle`] is dropped or [`NodeMsg::Stop`] arrives. A WAL failure is fatal: nothing can be
+    /// Runs until every [`NodeHandle`] is dropped or [`NodeMsg::Stop`] arrives (then after the
+    /// round under way, its WAL writes done). A WAL failure is fatal: nothing can be
     /// acknowledged without it, so the process stops rather than serving stale promises.
     pub fn run(mut self) {
         let mut next_tick = Instant::now() + self.tick;

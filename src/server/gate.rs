@@ -208,13 +208,7 @@ mod tests {
         let mut headers = http::HeaderMap::new();
         headers.insert(REQUIRE_LEADER_KEY, "true".parse().unwrap());
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<(), tonic::Status>>(1);
-        end_stream_without_leader(
-            &headers,
-            status.clone(),
-            election,
-            tx,
-            Default::default(),
-        );
+        end_stream_without_leader(&headers, status.clone(), election, tx, Default::default());
         tokio::time::sleep(election * 5).await;
         assert!(
             rx.try_recv().is_err(),

@@ -549,7 +549,9 @@ macro_rules! serve {
             (crate::net::Listener::Tcp(l), Some(acceptor)) => {
                 let incoming = crate::net::tls_incoming(l, acceptor)
                     .map(move |c| keepalive::guard(c, min_ping));
-                $servers.spawn($router.serve_with_incoming_shutdown(incoming, $stop.clone().cancelled_owned()));
+                $servers.spawn(
+                    $router.serve_with_incoming_shutdown(incoming, $stop.clone().cancelled_owned()),
+                );
             }
             (crate::net::Listener::Tcp(l), None) => {
                 // Without TCP_NODELAY, Nagle plus the client's delayed ACK add ~40 ms to small
@@ -557,17 +559,23 @@ macro_rules! serve {
                 let incoming = tonic::transport::server::TcpIncoming::from(l)
                     .with_nodelay(Some(true))
                     .map(move |c| keepalive::guard(c, min_ping));
-                $servers.spawn($router.serve_with_incoming_shutdown(incoming, $stop.clone().cancelled_owned()));
+                $servers.spawn(
+                    $router.serve_with_incoming_shutdown(incoming, $stop.clone().cancelled_owned()),
+                );
             }
             (crate::net::Listener::Unix(l, _), Some(acceptor)) => {
                 let incoming = crate::net::tls_incoming(l, acceptor)
                     .map(move |c| keepalive::guard(c, min_ping));
-                $servers.spawn($router.serve_with_incoming_shutdown(incoming, $stop.clone().cancelled_owned()));
+                $servers.spawn(
+                    $router.serve_with_incoming_shutdown(incoming, $stop.clone().cancelled_owned()),
+                );
             }
             (crate::net::Listener::Unix(l, _), None) => {
                 let incoming = tokio_stream::wrappers::UnixListenerStream::new(l)
                     .map(move |c| keepalive::guard(c, min_ping));
-                $servers.spawn($router.serve_with_incoming_shutdown(incoming, $stop.clone().cancelled_owned()));
+                $servers.spawn(
+                    $router.serve_with_incoming_shutdown(incoming, $stop.clone().cancelled_owned()),
+                );
             }
         }
     };
@@ -1148,7 +1156,10 @@ async fn stop(
             let _ = thread.join();
             tracing::info!(thread = name, "stopping: thread finished");
         } else {
-            tracing::warn!(thread = name, "stopping: thread still busy; leaving it to the exit");
+            tracing::warn!(
+                thread = name,
+                "stopping: thread still busy; leaving it to the exit"
+            );
         }
     }
     tracing::info!("stopped");
@@ -1172,7 +1183,13 @@ async fn transfer_leadership(core: &Arc<Core>) {
         return;
     }
     let (tx, rx) = tokio::sync::oneshot::channel();
-    if core.node.tx.send_async(NodeMsg::Progress(tx)).await.is_err() {
+    if core
+        .node
+        .tx
+        .send_async(NodeMsg::Progress(tx))
+        .await
+        .is_err()
+    {
         return;
     }
     let progress = rx.await.unwrap_or_default();
@@ -1182,7 +1199,9 @@ async fn transfer_leadership(core: &Arc<Core>) {
         .max_by_key(|p| (p.matched, p.connected_for))
         .map(|p| p.id);
     let Some(target) = target else {
-        tracing::warn!("stopping: leader, but no other voter is reachable; not transferring leadership");
+        tracing::warn!(
+            "stopping: leader, but no other voter is reachable; not transferring leadership"
+        );
         return;
     };
     tracing::info!(
@@ -1212,7 +1231,13 @@ async fn transfer_leadership(core: &Arc<Core>) {
             return;
         }
         if asked.is_none_or(|at| at.elapsed() >= election) {
-            if core.node.tx.send_async(NodeMsg::TransferLeader(target)).await.is_err() {
+            if core
+                .node
+                .tx
+                .send_async(NodeMsg::TransferLeader(target))
+                .await
+                .is_err()
+            {
                 return;
             }
             asked = Some(tokio::time::Instant::now());

@@ -15,7 +15,10 @@ use crate::harness::Server;
 /// Every key under `prefix`.
 async fn keys_under(c: &mut etcd_client::Client, prefix: &str) -> BTreeSet<String> {
     let r = c
-        .get(prefix, Some(GetOptions::new().with_prefix().with_keys_only()))
+        .get(
+            prefix,
+            Some(GetOptions::new().with_prefix().with_keys_only()),
+        )
         .await
         .expect("get");
     r.kvs()
@@ -76,14 +79,7 @@ async fn sigterm_ends_watches_and_loses_no_acknowledged_put() {
         assert_eq!(renewed.id(), lease);
         let written = Arc::new(Mutex::new(Vec::new()));
         let writers: Vec<_> = (0..2)
-            .map(|w| {
-                tokio::spawn(write_until_error(
-                    c.clone(),
-                    cycle,
-                    w,
-                    written.clone(),
-                ))
-            })
+            .map(|w| tokio::spawn(write_until_error(c.clone(), cycle, w, written.clone())))
             .collect();
         tokio::time::sleep(Duration::from_millis(300)).await;
         server.terminate();
@@ -149,11 +145,18 @@ async fn sigterm_ends_watches_and_loses_no_acknowledged_put() {
             "raft thread stopped",
             "stopped",
         ] {
-            assert!(log.contains(step), "cycle {cycle}: no {step:?} in the log\n{log}");
+            assert!(
+                log.contains(step),
+                "cycle {cycle}: no {step:?} in the log\n{log}"
+            );
         }
         acked.extend(written);
     }
-    assert!(acked.len() > CYCLES, "only {} puts acknowledged", acked.len());
+    assert!(
+        acked.len() > CYCLES,
+        "only {} puts acknowledged",
+        acked.len()
+    );
 }
 
 /// SIGTERM to the leader of three members: it hands leadership to another voter before it
