@@ -47,4 +47,7 @@ fn main() {
         eprintln!("metastore: error: {e:#}");
         std::process::exit(1);
     }
+    // After a graceful stop: tasks still running (peer connections, lease clock) are dropped,
+    // and the exit does not wait long for blocking work still under way.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
 }

@@ -107,6 +107,13 @@ pub enum NodeMsg {
     /// Advance the election clock by this many ticks at once (etcd's `advanceTicks`, for
     /// `--initial-election-tick-advance`; see [`initial_tick_advance`]).
     AdvanceTicks(usize),
+    /// Stop the Raft thread once the loop round under way is done: whatever Raft handed over
+    /// in that round (its `Ready`) is written to the WAL and sent on first, so the thread
+    /// never stops in the middle of a WAL write. The sender is dropped once the thread has
+    /// left its loop (the WAL is closed and the apply dispatcher's inbox with it); proposals
+    /// still queued behind this message are not processed (their callers see "server
+    /// stopped"). Sent by the member's graceful stop (etcd `EtcdServer.Stop`/`HardStop`).
+    Stop(oneshot::Sender<()>),
     /// How sending a snapshot to member `to` ended (raft-rs `report_snapshot`).
     SnapshotSent {
         /// The follower.
@@ -260,6 +267,8 @@ pub struct RaftNode {
     election: Duration,
     next_read_ctx: u64,
     max_learners: usize,
+    /// Set by [`NodeMsg::Stop`]: the loop ends after the current round.
+    stop: Option<oneshot::Sender<()>>,
 }
 
 /// A ReadIndex context: unique cluster-wide, because the leader merges requests by context.
@@ -722,6 +731,7 @@ impl RaftNode {
             batch: Vec::new(),
             batch_ids: Vec::new(),
             read_waiters: Vec::new(),
+            stop: None,
             reads_in_flight: HashMap::new(),
             contact: HashMap::new(),
             election: Duration::from_millis(cfg.election_ms),
@@ -740,7 +750,8 @@ impl RaftNode {
         ))
     }
 
-    /// Runs until every [`NodeHandle`] is dropped. A WAL failure is fatal: nothing can be
+    /// Runs until every [`NodeHandle`] is dropped or [`NodeMsg::Stop`] arrives (then after the
+    /// round under way, its WAL writes done). A WAL failure is fatal: nothing can be
     /// acknowledged without it, so the process stops rather than serving stale promises.
     pub fn run(mut self) {
         let mut next_tick = Instant::now() + self.tick;
@@ -749,8 +760,11 @@ impl RaftNode {
             match self.inbox.recv_deadline(next_tick) {
                 Ok(msg) => {
                     self.on_msg(msg);
-                    // Whatever queued up meanwhile joins this batch.
-                    while let Ok(msg) = self.inbox.try_recv() {
+                    // Whatever queued up meanwhile joins this batch (up to a stop request).
+                    while self.stop.is_none() {
+                        let Ok(msg) = self.inbox.try_recv() else {
+                            break;
+                        };
                         self.on_msg(msg);
                     }
                 }
@@ -777,6 +791,10 @@ impl RaftNode {
                 self.raw.store().release_image();
             }
             self.publish_status();
+            if self.stop.is_some() {
+                tracing::info!("raft thread stopped");
+                break;
+            }
         }
     }
 
@@ -836,6 +854,7 @@ impl RaftNode {
             }
             NodeMsg::RemovedByPeer => self.status.removed.store(true, Ordering::Relaxed),
             NodeMsg::TransferLeader(id) => self.raw.transfer_leader(id),
+            NodeMsg::Stop(reply) => self.stop = Some(reply),
             NodeMsg::Progress(reply) => {
                 let _ = reply.send(self.progress());
             }

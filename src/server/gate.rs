@@ -47,12 +47,14 @@ pub async fn leader_lost(status: Arc<NodeStatus>, election_timeout: std::time::D
 }
 
 /// For a stream opened with `hasleader` (per `headers`): ends it through `tx` with "etcdserver:
-/// no leader" once [`leader_lost`] says so, unless the stream has ended first.
+/// no leader" once [`leader_lost`] says so, unless the stream has ended first or the member
+/// begins to stop (`stopping` cancelled: the stream task then sends "server stopped").
 pub fn end_stream_without_leader<T: Send + 'static>(
     headers: &http::HeaderMap,
     status: Arc<NodeStatus>,
     election_timeout: std::time::Duration,
     tx: tokio::sync::mpsc::Sender<Result<T, tonic::Status>>,
+    stopping: tokio_util::sync::CancellationToken,
 ) {
     if !requires_leader(headers) {
         return;
@@ -63,6 +65,9 @@ pub fn end_stream_without_leader<T: Send + 'static>(
                 let _ = tx.send(Err(EtcdError::NoLeader.into())).await;
             }
             _ = tx.closed() => {}
+            // The member is stopping: the stream's own task sends "server stopped"; this
+            // sender must go so that the stream can end after it.
+            _ = stopping.cancelled() => {}
         }
     });
 }
@@ -203,7 +208,7 @@ mod tests {
         let mut headers = http::HeaderMap::new();
         headers.insert(REQUIRE_LEADER_KEY, "true".parse().unwrap());
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<(), tonic::Status>>(1);
-        end_stream_without_leader(&headers, status.clone(), election, tx);
+        end_stream_without_leader(&headers, status.clone(), election, tx, Default::default());
         tokio::time::sleep(election * 5).await;
         assert!(
             rx.try_recv().is_err(),

@@ -97,10 +97,24 @@ impl Lease for LeaseService {
             self.core.node.status.clone(),
             Duration::from_millis(self.core.cfg.election_timeout),
             tx.clone(),
+            self.core.stopping.clone(),
         );
         let core = self.core.clone();
         tokio::spawn(async move {
-            while let Ok(Some(req)) = inbound.message().await {
+            loop {
+                // A stopping member ends the stream with "etcdserver: server stopped", as
+                // etcd's `LeaseKeepAlive` does (`ErrGRPCStopped`).
+                let req = tokio::select! {
+                    biased;
+                    _ = core.stopping.cancelled() => {
+                        let _ = tx.send(Err(EtcdError::Stopped.into())).await;
+                        break;
+                    }
+                    msg = inbound.message() => match msg {
+                        Ok(Some(req)) => req,
+                        _ => break,
+                    },
+                };
                 // One response per request; an unknown lease answers TTL 0 (etcd). A follower
                 // renews on the leader; without a leader the stream ends with the error.
                 let resp = match core.renew_lease(req.id).await {

@@ -88,6 +88,11 @@ pub struct Core {
     >,
     /// This core itself, for tasks that outlive a borrowed `&Core` (lock cleanup).
     this: std::sync::Weak<Core>,
+    /// Cancelled when the member begins to stop (the first SIGTERM/SIGINT, or its removal
+    /// from the cluster; see [`stop`]): the client listeners stop accepting, and every open
+    /// Watch and LeaseKeepAlive stream ends with "etcdserver: server stopped"
+    /// ([`EtcdError::Stopped`]), as etcd's `EtcdServer.Stop` ends its streams.
+    pub stopping: tokio_util::sync::CancellationToken,
     request_timeout: Duration,
 }
 
@@ -533,9 +538,10 @@ fn client_server_builder(cfg: &Config) -> tonic::transport::Server {
 /// Serves `$router` on `$listener` into `$servers`: TCP or a Unix socket, with TLS for an
 /// `https://` or `unixs://` URL, each connection under the `$min_ping` keepalive policy
 /// ([`keepalive::PingGuard`]; zero for none). A macro because the client and peer routers have
-/// different layer types.
+/// different layer types. Once the `$stop` token is cancelled, the listener stops accepting
+/// and each connection is closed gracefully (HTTP/2 GOAWAY) once its requests are answered.
 macro_rules! serve {
-    ($servers:expr, $router:expr, $listener:expr, $url:expr, $tls:expr, $min_ping:expr) => {
+    ($servers:expr, $router:expr, $listener:expr, $url:expr, $tls:expr, $min_ping:expr, $stop:expr) => {
         use tokio_stream::StreamExt as _;
         let tls = $tls.filter(|_| crate::net::is_tls($url)).cloned();
         let min_ping: Duration = $min_ping;
@@ -543,7 +549,9 @@ macro_rules! serve {
             (crate::net::Listener::Tcp(l), Some(acceptor)) => {
                 let incoming = crate::net::tls_incoming(l, acceptor)
                     .map(move |c| keepalive::guard(c, min_ping));
-                $servers.spawn($router.serve_with_incoming(incoming));
+                $servers.spawn(
+                    $router.serve_with_incoming_shutdown(incoming, $stop.clone().cancelled_owned()),
+                );
             }
             (crate::net::Listener::Tcp(l), None) => {
                 // Without TCP_NODELAY, Nagle plus the client's delayed ACK add ~40 ms to small
@@ -551,17 +559,23 @@ macro_rules! serve {
                 let incoming = tonic::transport::server::TcpIncoming::from(l)
                     .with_nodelay(Some(true))
                     .map(move |c| keepalive::guard(c, min_ping));
-                $servers.spawn($router.serve_with_incoming(incoming));
+                $servers.spawn(
+                    $router.serve_with_incoming_shutdown(incoming, $stop.clone().cancelled_owned()),
+                );
             }
             (crate::net::Listener::Unix(l, _), Some(acceptor)) => {
                 let incoming = crate::net::tls_incoming(l, acceptor)
                     .map(move |c| keepalive::guard(c, min_ping));
-                $servers.spawn($router.serve_with_incoming(incoming));
+                $servers.spawn(
+                    $router.serve_with_incoming_shutdown(incoming, $stop.clone().cancelled_owned()),
+                );
             }
             (crate::net::Listener::Unix(l, _), None) => {
                 let incoming = tokio_stream::wrappers::UnixListenerStream::new(l)
                     .map(move |c| keepalive::guard(c, min_ping));
-                $servers.spawn($router.serve_with_incoming(incoming));
+                $servers.spawn(
+                    $router.serve_with_incoming_shutdown(incoming, $stop.clone().cancelled_owned()),
+                );
             }
         }
     };
@@ -845,10 +859,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         alarms.clone(),
         auth.clone(),
     );
-    std::thread::Builder::new()
+    let apply_thread = std::thread::Builder::new()
         .name("apply".into())
         .spawn(move || dispatcher.run(committed_rx))?;
-    std::thread::Builder::new()
+    let raft_thread = std::thread::Builder::new()
         .name("raft".into())
         .spawn(move || node.run())?;
 
@@ -864,6 +878,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         auth,
         raising_nospace: Default::default(),
         leader_peer: Default::default(),
+        stopping: tokio_util::sync::CancellationToken::new(),
         cfg: cfg.clone(),
         member,
         node: handle,
@@ -874,6 +889,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     });
 
     let mut servers = tokio::task::JoinSet::new();
+    // The peer listeners serve until the process exits: a stopping leader still needs them
+    // to hand over leadership.
+    let peer_stop = tokio_util::sync::CancellationToken::new();
     for (listener, url) in peer_listeners.into_iter().zip(cfg.listen_peer_urls.iter()) {
         let addr = listener.address();
         tracing::info!(address = %addr, "serving peer traffic on {addr}");
@@ -890,7 +908,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             listener,
             url,
             tls.peer.as_ref(),
-            Duration::ZERO
+            Duration::ZERO,
+            peer_stop
         );
     }
     tokio::spawn(adjust_ticks(
@@ -919,6 +938,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     if cfg.metrics == "extensive" {
         crate::metrics::enable_handling_time();
     }
+    // Client and metrics listeners: drained on stop (see [`stop`]).
+    let mut client_servers = tokio::task::JoinSet::new();
     for (listener, url) in listeners.into_iter().zip(cfg.listen_client_urls.iter()) {
         let addr = listener.address();
         tracing::info!(address = %addr, scheme = url.scheme(), "serving client requests on {addr}");
@@ -963,12 +984,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 .max_decoding_message_size(max_recv),
             );
         serve!(
-            servers,
+            client_servers,
             router,
             listener,
             url,
             tls.client.as_ref(),
-            cfg.grpc_keepalive_min_time
+            cfg.grpc_keepalive_min_time,
+            core.stopping
         );
     }
     for (listener, url) in metrics_listeners.into_iter().zip(metrics_urls.iter()) {
@@ -983,12 +1005,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             ))
             .add_routes(tonic::service::Routes::default());
         serve!(
-            servers,
+            client_servers,
             router,
             listener,
             url,
             tls.client.as_ref(),
-            Duration::ZERO
+            Duration::ZERO,
+            core.stopping
         );
     }
     // As etcd, a member is ready once it is part of a cluster with a leader (a lone member
@@ -1034,8 +1057,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     };
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("received SIGINT, stopping"),
-        _ = term.recv() => tracing::info!("received SIGTERM, stopping"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("received SIGINT, stopping gracefully"),
+        _ = term.recv() => tracing::info!("received SIGTERM, stopping gracefully"),
         _ = removed => {
             // As etcd: answer what is in flight for a moment, then stop for good.
             tracing::warn!("the member has been permanently removed from the cluster; stopping in 1 s");
@@ -1045,7 +1068,180 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             r??;
             anyhow::bail!("a listener stopped");
         }
+        Some(r) = client_servers.join_next() => {
+            r??;
+            anyhow::bail!("a listener stopped");
+        }
     }
-    // Every acknowledged write is already fsynced; nothing else needs flushing.
+    // A second signal while draining: stop at once.
+    tokio::spawn(async move {
+        let signal = tokio::select! {
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        };
+        tracing::warn!(signal, "second signal while stopping; exiting at once");
+        std::process::exit(1);
+    });
+    stop(&core, client_servers, raft_thread, apply_thread).await;
+    drop(servers);
+    // The shards' queues stay open until the process exits, as they did before the Raft and
+    // apply threads could stop: the last queue sender going away (the runtime dropping the
+    // tasks that hold `core`) would have the shard threads close RocksDB while the process
+    // exits, which aborts. Everything acknowledged is in the fsynced WAL, and the shards are
+    // idle once the apply thread has finished.
+    std::mem::forget(shards);
     Ok(())
+}
+
+/// How long [`stop`] lets the client connections finish their requests (etcd's `stopServers`
+/// gives gRPC's `GracefulStop` the request timeout before `Stop`); requests still unanswered
+/// then are cut.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long [`stop`] waits for the Raft and apply threads to finish what they hold.
+const THREADS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A graceful stop, in etcd's order (embed `Etcd.Close`, then `EtcdServer.Stop`, which is
+/// `TransferLeadership` followed by `HardStop`; `server/etcdserver/server.go`):
+///
+/// 1. [`Core::stopping`] is cancelled: the client and metrics listeners stop accepting, their
+///    connections are told to go away (HTTP/2 GOAWAY), and every open Watch and
+///    LeaseKeepAlive stream ends with "etcdserver: server stopped".
+/// 2. Requests in flight are answered: the client servers are waited for, at most
+///    [`DRAIN_TIMEOUT`], then aborted.
+/// 3. A leader with other voters hands leadership over ([`transfer_leadership`]) so that the
+///    cluster does not wait an election timeout for a new one.
+/// 4. The Raft thread is asked to stop ([`NodeMsg::Stop`]) after the round it is in (its WAL
+///    writes done); the apply thread then ends once it has applied what it was handed. Both
+///    are waited for, at most [`THREADS_TIMEOUT`] each.
+///
+/// Every step is logged. Every acknowledged write was fsynced before its answer, so nothing
+/// needs flushing. The shard threads (and the peer listeners) are left to the process exit,
+/// as before: other tasks still hold the shard set.
+async fn stop(
+    core: &Arc<Core>,
+    mut client_servers: tokio::task::JoinSet<Result<(), tonic::transport::Error>>,
+    raft_thread: std::thread::JoinHandle<()>,
+    apply_thread: std::thread::JoinHandle<()>,
+) {
+    tracing::info!("stopping: no new client requests; ending watch and keep-alive streams");
+    core.stopping.cancel();
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while client_servers.join_next().await.is_some() {}
+    })
+    .await;
+    match drained {
+        Ok(()) => tracing::info!("stopping: client requests in flight answered"),
+        Err(_) => {
+            tracing::warn!(
+                timeout = ?DRAIN_TIMEOUT,
+                "stopping: client requests still in flight; cutting them"
+            );
+            client_servers.abort_all();
+        }
+    }
+    transfer_leadership(core).await;
+    tracing::info!("stopping: stopping the raft thread");
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if core.node.tx.send_async(NodeMsg::Stop(tx)).await.is_ok() {
+        let _ = tokio::time::timeout(THREADS_TIMEOUT, rx).await;
+    }
+    // Polled rather than joined on the blocking pool: the runtime's exit would wait for a
+    // blocking join of a thread that does not finish.
+    for (name, thread) in [("raft", raft_thread), ("apply", apply_thread)] {
+        let deadline = tokio::time::Instant::now() + THREADS_TIMEOUT;
+        while !thread.is_finished() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if thread.is_finished() {
+            let _ = thread.join();
+            tracing::info!(thread = name, "stopping: thread finished");
+        } else {
+            tracing::warn!(
+                thread = name,
+                "stopping: thread still busy; leaving it to the exit"
+            );
+        }
+    }
+    tracing::info!("stopped");
+}
+
+/// etcd's `EtcdServer.TransferLeadership` on stop (`server/etcdserver/server.go`): when this
+/// member leads and the cluster has other voters, hands leadership to the most caught-up voter
+/// the leader hears from (highest matched index, then the longest connected; etcd picks the
+/// longest connected) and waits until another member leads, at most two election timeouts
+/// (raft-rs abandons a transfer after one; it is asked once more). Nothing to do otherwise.
+/// A transfer that does not land is logged, and the member stops anyway: the others then
+/// elect a leader after an election timeout, as on a crash.
+async fn transfer_leadership(core: &Arc<Core>) {
+    let me = core.member.id;
+    let status = &core.node.status;
+    if status.leader.load(Ordering::Relaxed) != me {
+        return;
+    }
+    let voters = core.node.membership.borrow().voters();
+    if !voters.iter().any(|&v| v != me) {
+        return;
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if core
+        .node
+        .tx
+        .send_async(NodeMsg::Progress(tx))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let progress = rx.await.unwrap_or_default();
+    let target = progress
+        .iter()
+        .filter(|p| p.id != me && voters.contains(&p.id) && p.connected_for.is_some())
+        .max_by_key(|p| (p.matched, p.connected_for))
+        .map(|p| p.id);
+    let Some(target) = target else {
+        tracing::warn!(
+            "stopping: leader, but no other voter is reachable; not transferring leadership"
+        );
+        return;
+    };
+    tracing::info!(
+        from = %format!("{me:x}"),
+        to = %format!("{target:x}"),
+        "stopping: leader; transferring leadership"
+    );
+    let election = Duration::from_millis(core.cfg.election_timeout.max(1));
+    let tick = Duration::from_millis(core.cfg.heartbeat_interval.max(1));
+    let deadline = tokio::time::Instant::now() + 2 * election;
+    let mut asked: Option<tokio::time::Instant> = None;
+    loop {
+        let leader = status.leader.load(Ordering::Relaxed);
+        if leader != me && leader != 0 {
+            tracing::info!(
+                from = %format!("{me:x}"),
+                to = %format!("{leader:x}"),
+                "stopping: transferred leadership"
+            );
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                to = %format!("{target:x}"),
+                "stopping: leadership transfer did not finish in time; stopping anyway"
+            );
+            return;
+        }
+        if asked.is_none_or(|at| at.elapsed() >= election) {
+            if core
+                .node
+                .tx
+                .send_async(NodeMsg::TransferLeader(target))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            asked = Some(tokio::time::Instant::now());
+        }
+        tokio::time::sleep(tick).await;
+    }
 }

@@ -74,6 +74,7 @@ impl Watch for WatchService {
             self.core.node.status.clone(),
             Duration::from_millis(self.core.cfg.election_timeout),
             tx.clone(),
+            self.core.stopping.clone(),
         );
         let stream = StreamState {
             core: self.core.clone(),
@@ -131,6 +132,13 @@ impl StreamState {
             let behind = self.any_behind();
             tokio::select! {
                 biased;
+                // etcd ends its watch streams with "etcdserver: server stopped" when the
+                // member stops (`ErrGRPCStopped`); the client sees it rather than a transport
+                // error and may go to another member.
+                _ = self.core.stopping.cancelled() => {
+                    let _ = self.tx.send(Err(EtcdError::Stopped.into())).await;
+                    return;
+                }
                 msg = inbound.message() => match msg {
                     Ok(Some(req)) => {
                         if self.handle(req).await.is_err() {

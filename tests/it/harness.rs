@@ -323,6 +323,28 @@ impl Server {
         false
     }
 
+    /// Sends SIGTERM: the server stops gracefully (etcd's `Stop`).
+    pub fn terminate(&self) {
+        // SAFETY: kill(2) on the pid of a child this struct still owns (not yet reaped).
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        assert_eq!(rc, 0, "kill -TERM {}", self.child.id());
+    }
+
+    /// Waits (up to `timeout`) for the process to exit; its exit status, or `None` if it is
+    /// still running.
+    pub fn wait_status(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGKILLs the server and waits for it to die.
     pub fn kill(mut self) {
         self.stop();

@@ -18,6 +18,7 @@ mod lease;
 mod loadgen;
 mod recipes;
 mod rocksdb;
+mod shutdown;
 mod smoke;
 mod snapshot;
 mod tls;
