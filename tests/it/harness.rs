@@ -294,6 +294,22 @@ impl Server {
         self.log.lock().unwrap().clone()
     }
 
+    /// Waits up to `timeout` for the server to log a line containing
+    /// `needle`; whether it did. The server logs on its own schedule, so a
+    /// line about something a client just saw may come a moment later.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if self.log.lock().unwrap().contains(needle) {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// A connected `etcd-client` client.
     pub async fn client(&self) -> etcd_client::Client {
         etcd_client::Client::connect([self.endpoint.as_str()], None)

@@ -204,7 +204,7 @@ async fn client_tls_serves_etcd_client_and_etcdctl_and_refuses_plain_text() {
     ));
     assert_eq!(got.trim(), "v2");
     assert!(
-        server.log().contains("rejected connection"),
+        server.wait_log("rejected connection", Duration::from_secs(10)),
         "{}",
         server.log()
     );
@@ -602,9 +602,10 @@ async fn peer_cert_allowed_cn_and_hostname_restrict_peer_clients() {
         "CN peer2 is not"
     );
     assert!(
-        server
-            .log()
-            .contains("client certificate authentication failed"),
+        server.wait_log(
+            "client certificate authentication failed",
+            Duration::from_secs(10)
+        ),
         "{}",
         server.log()
     );
