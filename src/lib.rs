@@ -49,4 +49,5 @@ pub mod net;
 pub mod proto;
 pub mod server;
 pub mod shard;
+pub mod state_machine;
 pub mod tls;

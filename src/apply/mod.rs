@@ -29,15 +29,12 @@
 //! shards it touches; the others keep draining their queues.
 
 pub mod alarms;
-pub mod pending;
 
 use std::sync::Arc;
 
 use tokio::sync::{oneshot, watch};
 
 use crate::auth::SharedAuth;
-use crate::consensus::snapshot::Snapshotter;
-use crate::consensus::Membership;
 use crate::error::EtcdError;
 use crate::lease::{LeaseTable, MAX_LEASE_TTL};
 use crate::mvcc::range::merge;
@@ -56,18 +53,11 @@ use crate::proto::metastorepb::{
 };
 use crate::shard::{shard_for, ApplyCmd, BarrierState, ShardSet};
 use alarms::{Guarded, SharedAlarms};
-pub use pending::{Pending, PendingGuard};
-
-/// What clients may read: published after every shard has applied through `index`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct AppliedState {
-    /// Raft index applied on every shard.
-    pub index: u64,
-    /// The store revision at `index`: reads at this revision see every write up to `index`.
-    pub revision: i64,
-    /// Reads below this revision fail with ErrCompacted.
-    pub compact_revision: i64,
-}
+use crate::state_machine::snapshot::Snapshotter;
+use crate::state_machine::{
+    AppliedState, ApplyMsg, ApplyResponse, ApplyResult, CommittedEntry, Membership, Pending,
+    SnapshotImage, SnapshotTaken, StateMachine,
+};
 
 /// Where the dispatcher starts: the state machine at Raft index `index`, from a snapshot
 /// (memory engine) or from what the shards' durable engines recovered (RocksDB).
@@ -104,87 +94,6 @@ pub struct StartState {
     /// applied again even where the shards already hold the entry, since only the log and
     /// snapshots record the table.
     pub alarm_index: u64,
-}
-
-/// What the Raft node hands the dispatcher, in log order.
-pub enum ApplyMsg {
-    /// Committed entries.
-    Entries(Vec<CommittedEntry>),
-    /// A leader's snapshot this member's Raft log has been reset to (already saved to disk):
-    /// replace the whole state machine with it.
-    Restore(Arc<StateSnapshot>),
-    /// Build a complete image of the state machine at the applied index, for a follower the
-    /// leader's log no longer reaches (Raft paper section 7).
-    Image(flume::Sender<SnapshotImage>),
-}
-
-/// A complete image of the state machine, ready to ship to a follower.
-#[derive(Clone)]
-pub struct SnapshotImage {
-    /// Raft index it reflects.
-    pub index: u64,
-    /// Term of that entry.
-    pub term: u64,
-    /// The membership at `index` (the snapshot's Raft configuration).
-    pub membership: Arc<Membership>,
-    /// The encoded `metastorepb.StateSnapshot`, `complete` set.
-    pub data: bytes::Bytes,
-}
-
-/// The result of an applied write request, before the front end adds member and term to the
-/// header.
-#[derive(Debug, Clone)]
-pub enum ApplyResponse {
-    /// A Put.
-    Put(PutResponse),
-    /// A DeleteRange.
-    DeleteRange(DeleteRangeResponse),
-    /// A Txn.
-    Txn(TxnResponse),
-    /// A Compaction.
-    Compaction(CompactionResponse),
-    /// A LeaseGrant.
-    LeaseGrant(LeaseGrantResponse),
-    /// A LeaseRevoke (or an expiry).
-    LeaseRevoke(LeaseRevokeResponse),
-    /// A LeaseCheckpoint.
-    LeaseCheckpoint(LeaseCheckpointResponse),
-    /// A membership change: the members after it, sorted by ID.
-    Members(Vec<crate::proto::metastorepb::MemberRecord>),
-    /// An alarm request (GET, ACTIVATE or DEACTIVATE).
-    Alarm(AlarmResponse),
-    /// An auth store change or Authenticate; `revision` is the store (KV) revision.
-    Auth {
-        /// What it returned.
-        applied: crate::auth::AuthApplied,
-        /// The KV revision, for the response header.
-        revision: i64,
-    },
-}
-
-/// An applied request's outcome.
-pub type ApplyResult = Result<ApplyResponse, EtcdError>;
-
-/// A committed Raft entry handed to the dispatcher.
-#[derive(Debug, Clone)]
-pub struct CommittedEntry {
-    /// Raft index.
-    pub index: u64,
-    /// Raft term.
-    pub term: u64,
-    /// Length-delimited `metastorepb.Proposal`s; empty for leader no-ops and conf changes.
-    pub data: Vec<u8>,
-    /// For a conf change: the membership table after it (snapshots record it).
-    pub membership: Option<Arc<Membership>>,
-}
-
-/// Sent back to the Raft node after a snapshot, so it can release the log before `index`.
-#[derive(Debug, Clone, Copy)]
-pub struct SnapshotTaken {
-    /// Raft index the snapshot covers.
-    pub index: u64,
-    /// Term of that entry.
-    pub term: u64,
 }
 
 /// When and where to snapshot (`--snapshot-count`).
@@ -301,41 +210,14 @@ impl Dispatcher {
         d
     }
 
-    /// Applies what the Raft node sends until it drops its sender.
+    /// Applies what the Raft node sends until it drops its sender (see
+    /// [`crate::state_machine::run`]); a snapshot [`StartState::restore`] named is installed
+    /// first.
     pub fn run(mut self, inbox: flume::Receiver<ApplyMsg>) {
         if let Some(snap) = self.restore_first.take() {
             self.restore(&snap);
         }
-        let mut next = None;
-        loop {
-            let msg = match next.take() {
-                Some(msg) => msg,
-                None => match inbox.recv() {
-                    Ok(msg) => msg,
-                    Err(_) => return,
-                },
-            };
-            match msg {
-                ApplyMsg::Entries(mut entries) => {
-                    // Coalesce whatever else is ready: one barrier for all of it.
-                    while entries.len() < 4096 {
-                        match inbox.try_recv() {
-                            Ok(ApplyMsg::Entries(more)) => entries.extend(more),
-                            Ok(other) => {
-                                next = Some(other);
-                                break;
-                            }
-                            Err(_) => break,
-                        }
-                    }
-                    self.apply_entries(entries);
-                }
-                ApplyMsg::Restore(snap) => self.restore(&snap),
-                ApplyMsg::Image(reply) => {
-                    let _ = reply.send(self.image());
-                }
-            }
-        }
+        crate::state_machine::run(&mut self, inbox);
     }
 
     /// Replaces the whole state machine with a complete snapshot: every shard is emptied and
@@ -431,8 +313,15 @@ impl Dispatcher {
         for entry in entries {
             // Raft replays conf changes after the snapshot on every start; the table follows
             // them even where the shards already hold the entry.
-            if let Some(m) = &entry.membership {
-                self.membership = m.clone();
+            if let Some(cc) = &entry.conf_change {
+                self.membership = cc.membership.clone();
+                if cc.origin == self.pending.member_id() && entry.index > self.applied_index {
+                    let result = cc
+                        .result
+                        .clone()
+                        .map(|()| ApplyResponse::Members(cc.membership.list()));
+                    outcomes.push((cc.proposal, Outcome::Done(result)));
+                }
             }
             if entry.index <= self.applied_index {
                 // Already in the shards; but the alarm table is only in the log and snapshots.
@@ -1091,6 +980,31 @@ impl Dispatcher {
             // The WAL still holds everything; retry at the next batch.
             Err(e) => tracing::error!(error = %e, "snapshot failed"),
         }
+    }
+}
+
+impl StateMachine for Dispatcher {
+    fn apply(&mut self, entries: Vec<CommittedEntry>) {
+        self.apply_entries(entries);
+    }
+
+    fn build_snapshot(&mut self) -> SnapshotImage {
+        self.image()
+    }
+
+    fn install_snapshot(&mut self, snapshot: &StateSnapshot) {
+        self.restore(snapshot);
+    }
+
+    fn drop_proposals(&mut self, ids: Vec<u64>, error: EtcdError) {
+        for id in ids {
+            self.pending.complete(id, Err(error.clone()));
+        }
+    }
+
+    fn applied(&self) -> AppliedState {
+        // What readers see: published after the shards' barrier, not the index mid-batch.
+        *self.applied_tx.borrow()
     }
 }
 

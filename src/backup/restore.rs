@@ -23,7 +23,7 @@ use anyhow::Context;
 use clap::Parser;
 
 use crate::backup::{read_db, split_checked};
-use crate::consensus::snapshot::Snapshotter;
+use crate::state_machine::snapshot::Snapshotter;
 use crate::consensus::wal::Wal;
 use crate::proto::metastorepb::{MemberRecord, StateSnapshot};
 use crate::server::member::{cluster_id, member_id, Member};

@@ -33,8 +33,6 @@
 //! with it (Raft paper section 7).
 
 mod logger;
-pub mod membership;
-pub mod snapshot;
 mod storage;
 pub mod transport;
 pub mod wal;
@@ -54,15 +52,13 @@ use raft::prelude::{
 use raft::{RawNode, ReadOnlyOption, SnapshotStatus, StateRole};
 use tokio::sync::{oneshot, watch};
 
-use crate::apply::{
-    ApplyMsg, ApplyResponse, CommittedEntry, Pending, SnapshotImage, SnapshotTaken,
-};
+use crate::state_machine::membership::{self, Membership};
+use crate::state_machine::snapshot::{self, BrokenSnapshot, Snapshotter};
+use crate::state_machine::{ApplyMsg, CommittedEntry, ConfChangeApplied, SnapshotImage, SnapshotTaken};
 use crate::error::EtcdError;
 use crate::proto::metastorepb::{
     membership_change::Kind, MemberRecord, MembershipChange, StateSnapshot,
 };
-pub use membership::Membership;
-use snapshot::{BrokenSnapshot, Snapshotter};
 use storage::RaftStorage;
 use transport::Transport;
 use wal::{Recovered, Wal, WalError};
@@ -77,7 +73,7 @@ const READ_RETRY: Duration = Duration::from_millis(500);
 pub enum NodeMsg {
     /// Append a client write to the next batch.
     Propose {
-        /// Proposal ID (see [`crate::apply::Pending`]).
+        /// Proposal ID (see [`crate::state_machine::Pending`]).
         id: u64,
         /// The encoded `metastorepb.Proposal`.
         data: Vec<u8>,
@@ -251,7 +247,6 @@ pub struct RaftNode {
     snapshots: flume::Receiver<SnapshotTaken>,
     committed: flume::Sender<ApplyMsg>,
     snapshotter: snapshot::Snapshotter,
-    pending: Arc<Pending>,
     status: Arc<NodeStatus>,
     membership: Arc<Membership>,
     membership_tx: watch::Sender<Arc<Membership>>,
@@ -596,7 +591,6 @@ impl RaftNode {
         mut wal: Wal,
         mut recovered: Recovered,
         transport: impl FnOnce(flume::Sender<NodeMsg>) -> Transport,
-        pending: Arc<Pending>,
         committed: flume::Sender<ApplyMsg>,
         snapshots: flume::Receiver<SnapshotTaken>,
     ) -> anyhow::Result<(RaftNode, NodeHandle)> {
@@ -721,7 +715,6 @@ impl RaftNode {
             committed,
             snapshotter: snapshot::Snapshotter::new(cfg.snap_dir.clone())?
                 .with_keep(cfg.max_snapshots),
-            pending,
             status: status.clone(),
             membership,
             membership_tx,
@@ -836,7 +829,7 @@ impl RaftNode {
                 cc.context = change.encode_to_vec().into();
                 if let Err(e) = self.raw.propose_conf_change(Vec::new(), cc) {
                     tracing::debug!(error = %e, "membership change dropped");
-                    self.pending.complete(id, Err(EtcdError::NoLeader));
+                    self.drop_proposals(vec![id]);
                 }
             }
             NodeMsg::Step(m) => {
@@ -932,10 +925,15 @@ impl RaftNode {
         let ids = std::mem::take(&mut self.batch_ids);
         if let Err(e) = self.raw.propose(Vec::new(), data) {
             tracing::debug!(error = %e, "proposal dropped");
-            for id in ids {
-                self.pending.complete(id, Err(EtcdError::NoLeader));
-            }
+            self.drop_proposals(ids);
         }
+    }
+
+    /// Proposals raft-rs refused (no leader known): the state machine answers their waiters
+    /// with "etcdserver: no leader", after whatever it was handed before.
+    fn drop_proposals(&self, ids: Vec<u64>) {
+        let error = EtcdError::NoLeader;
+        let _ = self.committed.send(ApplyMsg::Dropped { ids, error });
     }
 
     fn flush_reads(&mut self) {
@@ -1109,7 +1107,7 @@ impl RaftNode {
         }
         let mut out = Vec::with_capacity(entries.len());
         for e in entries {
-            let mut membership = None;
+            let mut conf_change = None;
             let data = match e.get_entry_type() {
                 EntryType::EntryNormal => e.data.to_vec(),
                 EntryType::EntryConfChange => {
@@ -1123,8 +1121,7 @@ impl RaftNode {
                 EntryType::EntryConfChangeV2 => {
                     let mut cc = ConfChangeV2::default();
                     if cc.merge_from_bytes(&e.data).is_ok() {
-                        self.apply_membership_change(&cc);
-                        membership = Some(self.membership.clone());
+                        conf_change = Some(self.apply_membership_change(&cc));
                     }
                     Vec::new()
                 }
@@ -1133,7 +1130,7 @@ impl RaftNode {
                 index: e.index,
                 term: e.term,
                 data,
-                membership,
+                conf_change,
             });
         }
         // The dispatcher gone means shutdown; nothing left to apply.
@@ -1173,13 +1170,18 @@ impl RaftNode {
     }
 
     /// Applies a committed membership change to the table and, if the table accepts it, to
-    /// Raft; answers the proposer when it is this member.
-    fn apply_membership_change(&mut self, cc: &ConfChangeV2) {
+    /// Raft; what it did goes to the state machine, which answers the proposer.
+    fn apply_membership_change(&mut self, cc: &ConfChangeV2) -> ConfChangeApplied {
         let Ok(change) = MembershipChange::decode(cc.context.as_ref()) else {
             // Not written by MetaStore: Raft's side only.
             let result = self.raw.apply_conf_change(cc);
             self.conf_changed(result);
-            return;
+            return ConfChangeApplied {
+                membership: self.membership.clone(),
+                origin: 0,
+                proposal: 0,
+                result: Ok(()),
+            };
         };
         let mut table = (*self.membership).clone();
         let result = table.apply(&change, self.max_learners);
@@ -1204,9 +1206,11 @@ impl RaftNode {
                 self.status.removed.store(true, Ordering::Relaxed);
             }
         }
-        if change.origin == self.id {
-            let reply = result.map(|_| ApplyResponse::Members(self.membership.list()));
-            self.pending.complete(change.proposal, reply);
+        ConfChangeApplied {
+            membership: self.membership.clone(),
+            origin: change.origin,
+            proposal: change.proposal,
+            result: result.map(|_| ()),
         }
     }
 

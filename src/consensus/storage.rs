@@ -14,7 +14,7 @@ use raft::prelude::{Entry, Snapshot};
 use raft::storage::{MemStorage, MemStorageCore, RaftState, Storage};
 use raft::{GetEntriesContext, StorageError};
 
-use crate::apply::{ApplyMsg, SnapshotImage};
+use crate::state_machine::{ApplyMsg, SnapshotImage};
 
 /// Where the image for followers stands.
 #[derive(Default)]
@@ -147,7 +147,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::consensus::Membership;
+    use crate::state_machine::Membership;
     use crate::proto::metastorepb::MemberRecord;
 
     fn member(id: u64) -> MemberRecord {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::Core;
-use crate::apply::ApplyResponse;
+use crate::state_machine::ApplyResponse;
 use crate::auth::AuthInfo;
 use crate::error::EtcdError;
 use crate::proto::authpb::permission::Type as PermType;

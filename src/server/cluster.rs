@@ -2,7 +2,7 @@
 //! errors (etcd `v3rpc/member.go`, `etcdserver/server.go`, `membership/cluster.go`).
 //!
 //! Every change is proposed as a Raft conf change and answered once it is applied in log
-//! order (see [`crate::consensus::membership`]). Checks that depend on live state (is the
+//! order (see [`crate::state_machine::membership`]). Checks that depend on live state (is the
 //! learner caught up, are enough members started) run on the member that receives the request,
 //! as in etcd; checks that depend on the table run again at apply time on every member.
 
@@ -13,7 +13,7 @@ use std::time::Duration;
 use tonic::{Request, Response, Status};
 
 use super::{member, Core};
-use crate::apply::ApplyResponse;
+use crate::state_machine::ApplyResponse;
 use crate::consensus::{NodeMsg, PeerProgress};
 use crate::error::EtcdError;
 use crate::proto::etcdserverpb::{
@@ -75,7 +75,7 @@ impl Core {
     /// Proposes a membership change and waits until it is applied; returns the members after
     /// it.
     ///
-    /// Errors: the table's (see [`crate::consensus::Membership::validate`]), "no leader", and
+    /// Errors: the table's (see [`crate::state_machine::Membership::validate`]), "no leader", and
     /// "request timed out" (also when another change was in flight and Raft dropped this one).
     pub async fn change_membership(
         &self,

@@ -5,7 +5,8 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::{validate, Core};
-use crate::apply::{txn_puts, ApplyResponse};
+use crate::apply::txn_puts;
+use crate::state_machine::ApplyResponse;
 use crate::proto::etcdserverpb::{
     kv_server::Kv, CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse,
     PutRequest, PutResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,

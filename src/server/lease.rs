@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::Core;
-use crate::apply::ApplyResponse;
+use crate::state_machine::ApplyResponse;
 use crate::error::EtcdError;
 use crate::lease::MAX_LEASE_TTL;
 use crate::proto::etcdserverpb::{

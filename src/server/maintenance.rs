@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::Core;
-use crate::apply::ApplyResponse;
+use crate::state_machine::ApplyResponse;
 use crate::consensus::NodeMsg;
 use crate::error::EtcdError;
 use crate::proto::etcdserverpb::{

@@ -31,9 +31,10 @@ use prost::Message;
 use tokio::sync::watch as state_watch;
 
 use crate::apply::alarms::SharedAlarms;
-use crate::apply::{AppliedState, ApplyResponse, Dispatcher, Pending, SnapshotPolicy, StartState};
+use crate::apply::{Dispatcher, SnapshotPolicy, StartState};
+use crate::state_machine::{AppliedState, ApplyResponse, Pending};
 use crate::config::{defaults, ClusterState, Config};
-use crate::consensus::snapshot::Snapshotter;
+use crate::state_machine::snapshot::Snapshotter;
 use crate::consensus::transport::{Faults, Transport, MAX_PEER_MESSAGE_BYTES};
 use crate::consensus::{
     election_ticks, initial_tick_advance, recover_log, NodeConfig, NodeHandle, NodeMsg, RaftNode,
@@ -829,7 +830,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         wal,
         recovered,
         transport,
-        pending.clone(),
         committed_tx,
         snap_rx,
     )?;

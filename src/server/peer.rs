@@ -13,7 +13,8 @@ use std::sync::atomic::Ordering;
 
 use super::Core;
 use crate::consensus::transport::Faults;
-use crate::consensus::{Membership, NodeMsg, PeerProgress};
+use crate::consensus::{NodeMsg, PeerProgress};
+use crate::state_machine::Membership;
 use crate::error::EtcdError;
 use crate::proto::etcdserverpb::{
     HashKvRequest, HashKvResponse, LeaseKeepAliveRequest, LeaseKeepAliveResponse,

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
 use super::Core;
-use crate::apply::ApplyResponse;
+use crate::state_machine::ApplyResponse;
 use crate::error::EtcdError;
 use crate::proto::etcdserverpb::{
     compare,
