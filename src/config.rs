@@ -6,8 +6,6 @@ use std::path::PathBuf;
 use clap::Parser;
 use url::Url;
 
-use crate::shard::EngineKind;
-
 /// etcd's defaults, shared by clap and by code that builds a `Config` by hand.
 pub mod defaults {
     /// `--name`.
@@ -1165,8 +1163,8 @@ impl Config {
     }
 
     /// RocksDB tuning from the `--rocksdb-*` flags.
-    pub fn rocks_options(&self) -> crate::mvcc::rocks::RocksOptions {
-        crate::mvcc::rocks::RocksOptions {
+    pub fn rocks_options(&self) -> RocksOptions {
+        RocksOptions {
             block_cache_bytes: self.rocksdb_block_cache_bytes,
             write_buffer_bytes: self.rocksdb_write_buffer_bytes,
             compression: self.rocksdb_compression == Compression::Lz4,
@@ -1233,7 +1231,6 @@ impl Config {
         if self.max_request_bytes == 0 {
             return Err(ConfigError::Zero("--max-request-bytes"));
         }
-        crate::tls::validate(self).map_err(ConfigError::Tls)?;
         let members = self.initial_members()?;
         if self.initial_cluster.is_some() {
             let (_, urls) = members
@@ -1258,6 +1255,39 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+/// Which storage engine shards use (`--storage-engine`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum EngineKind {
+    /// Everything in memory; rebuilt from snapshot plus WAL on restart.
+    Memory,
+    /// RocksDB on disk, one database per shard; restarts resume from the applied index.
+    Rocksdb,
+}
+
+/// RocksDB tuning, per shard (`--rocksdb-*` flags).
+#[derive(Clone, Debug)]
+pub struct RocksOptions {
+    /// Block cache size, bytes.
+    pub block_cache_bytes: usize,
+    /// Memtable (write buffer) size, bytes.
+    pub write_buffer_bytes: usize,
+    /// Compress SST blocks with LZ4.
+    pub compression: bool,
+    /// Bloom filter bits per key (0 = no filter).
+    pub bloom_bits_per_key: f64,
+}
+
+impl Default for RocksOptions {
+    fn default() -> Self {
+        RocksOptions {
+            block_cache_bytes: 64 << 20,
+            write_buffer_bytes: 64 << 20,
+            compression: true,
+            bloom_bits_per_key: 10.0,
+        }
     }
 }
 

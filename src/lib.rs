@@ -4,7 +4,7 @@
 //! client --gRPC--> server (front end) --writes--> consensus: batching proposer -> raft-rs RawNode
 //!                    |                                   -> WAL (crc32 records, one fsync per batch)
 //!                    |                                   | committed entries, in log order
-//!                    |                                   v
+//!                    |                                   v   (state_machine::ApplyMsg)
 //!                    |                      apply::Dispatcher: one revision per write, deterministic
 //!                    |                                   | flume apply queue, per shard
 //!                    +--reads (at an applied revision)-> shard 0 @core0 .. shard N @coreN
@@ -20,19 +20,26 @@
 //! then a scatter to the shards at that revision and a merge in key order.
 //!
 //! Modules:
-//! * [`config`]: flags and environment, etcd's names and defaults.
-//! * [`server`]: the gRPC services (KV, Watch, Lease, Lock, Election, Maintenance, Cluster),
-//!   one file each, and member start-up.
-//! * [`consensus`]: the Raft node thread, the WAL and snapshots.
-//! * [`apply`]: the dispatcher that turns committed entries into revisions and shard work.
+//! * [`config`]: flags and environment, etcd's names and defaults (imports no other module).
+//! * [`identity`]: member and cluster IDs, as etcd computes them.
+//! * [`server`]: the gRPC services (KV, Watch, Lease, Lock, Election, Maintenance, Cluster,
+//!   Auth), one file each, the HTTP endpoints, and member start-up.
+//! * [`consensus`]: the Raft node thread, the WAL and the peer transport.
+//! * [`state_machine`]: the boundary below consensus and apply (neither imports the other):
+//!   committed entries, apply messages, snapshot files, the membership table, proposal waiters
+//!   and the `StateMachine` trait.
+//! * [`apply`]: the dispatcher that turns committed entries into revisions and shard work (the
+//!   `StateMachine`).
 //! * [`lease`]: the replicated lease table and leader-local deadlines.
 //! * [`shard`]: shard executors (glommio, one per core) and their queues.
-//! * [`mvcc`]: key history, the engine trait, the memory engine, range merging.
+//! * [`mvcc`]: key history, the engine trait, the memory and RocksDB engines, range merging.
 //! * [`error`]: etcd's exact gRPC statuses.
 //! * [`net`]: client and peer sockets (TCP or Unix, plain or TLS) and peer dialing.
 //! * [`tls`]: certificates, verification and TLS settings for both ports.
 //! * [`proto`]: generated etcd and MetaStore protos.
 //! * [`backup`]: etcd-format snapshot files (Maintenance.Snapshot, `metastore snapshot restore`).
+//! * [`auth`]: users, roles, permissions and tokens (the replicated auth store).
+//! * [`logging`], [`metrics`]: etcd's log outputs; Prometheus metrics.
 #![warn(missing_docs)]
 
 pub mod apply;
@@ -41,6 +48,7 @@ pub mod backup;
 pub mod config;
 pub mod consensus;
 pub mod error;
+pub mod identity;
 pub mod lease;
 pub mod logging;
 pub mod metrics;

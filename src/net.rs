@@ -18,12 +18,8 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio_rustls::{server::TlsStream, TlsAcceptor, TlsConnector};
 use url::Url;
 
+pub use crate::tls::is_tls;
 use crate::tls::{go_tls_error, HANDSHAKE_TIMEOUT};
-
-/// Whether `url` is served and dialed over TLS: `https://` or `unixs://`.
-pub fn is_tls(url: &Url) -> bool {
-    matches!(url.scheme(), "https" | "unixs")
-}
 
 /// Whether `url` names a Unix domain socket: `unix://` or `unixs://`.
 pub fn is_unix(url: &Url) -> bool {

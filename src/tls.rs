@@ -222,7 +222,13 @@ impl TlsCommon {
     }
 }
 
-/// Checks the TLS flags without touching files (called from `Config::validate`).
+/// Whether `url` is served and dialed over TLS: `https://` or `unixs://`.
+pub fn is_tls(url: &url::Url) -> bool {
+    matches!(url.scheme(), "https" | "unixs")
+}
+
+/// Checks the TLS flags without touching files (called at start-up, after
+/// [`Config::validate`]).
 ///
 /// Errors: as [`TlsCommon::from_config`]; `--peer-cert-allowed-cn` together with
 /// `--peer-cert-allowed-hostname` (etcd allows one).
@@ -722,7 +728,7 @@ fn auto_tls(
 fn check_urls(urls: &[url::Url], info: &TlsInfo, what: &str) -> anyhow::Result<bool> {
     let mut https = false;
     for u in urls {
-        if crate::net::is_tls(u) {
+        if is_tls(u) {
             https = true;
             if info.is_empty() {
                 if what == "client" {
@@ -788,7 +794,7 @@ pub fn setup(cfg: &Config, data_dir: &Path) -> anyhow::Result<MemberTls> {
         .as_deref()
         .unwrap_or_default()
         .iter()
-        .any(crate::net::is_tls);
+        .any(is_tls);
     if metrics_tls && client.is_empty() {
         anyhow::bail!(
             "client TLS key/cert (--cert-file, --key-file) must be provided for metrics secure url"

@@ -112,6 +112,21 @@ fn consensus_and_apply_meet_only_in_state_machine() {
     assert!(!graph["apply"].contains("consensus"));
     assert!(graph["consensus"].contains("state_machine"));
     assert!(graph["apply"].contains("state_machine"));
+    // The boundary sits below both: it names only leaves.
+    let below: BTreeSet<String> = ["auth", "config", "error", "proto"]
+        .map(String::from)
+        .into();
+    assert!(
+        graph["state_machine"].is_subset(&below),
+        "{:?}",
+        graph["state_machine"]
+    );
+}
+
+#[test]
+fn config_is_a_leaf() {
+    let graph = module_graph(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"));
+    assert!(graph["config"].is_empty(), "{:?}", graph["config"]);
 }
 
 #[test]

@@ -52,12 +52,12 @@ use crate::proto::metastorepb::{
     proposal::Request as Proposed, KeyHistory, Proposal, StateSnapshot,
 };
 use crate::shard::{shard_for, ApplyCmd, BarrierState, ShardSet};
-use alarms::{Guarded, SharedAlarms};
 use crate::state_machine::snapshot::Snapshotter;
 use crate::state_machine::{
     AppliedState, ApplyMsg, ApplyResponse, ApplyResult, CommittedEntry, Membership, Pending,
     SnapshotImage, SnapshotTaken, StateMachine,
 };
+use alarms::{Guarded, SharedAlarms};
 
 /// Where the dispatcher starts: the state machine at Raft index `index`, from a snapshot
 /// (memory engine) or from what the shards' durable engines recovered (RocksDB).

@@ -23,10 +23,10 @@ use anyhow::Context;
 use clap::Parser;
 
 use crate::backup::{read_db, split_checked};
-use crate::state_machine::snapshot::Snapshotter;
 use crate::consensus::wal::Wal;
+use crate::identity::{cluster_id, member_id, Member};
 use crate::proto::metastorepb::{MemberRecord, StateSnapshot};
-use crate::server::member::{cluster_id, member_id, Member};
+use crate::state_machine::snapshot::Snapshotter;
 
 /// `metastore snapshot restore` flags (etcdctl's names and defaults).
 #[derive(Debug, Parser)]
@@ -237,7 +237,7 @@ pub fn adopt_etcd_data_dir(cfg: &crate::config::Config) -> anyhow::Result<()> {
         let mut v: Vec<String> = cfg
             .initial_advertise_peer_urls
             .iter()
-            .map(crate::server::member::url_string)
+            .map(crate::identity::url_string)
             .collect();
         v.sort();
         v
@@ -258,8 +258,7 @@ pub fn adopt_etcd_data_dir(cfg: &crate::config::Config) -> anyhow::Result<()> {
             .initial_members()?
             .into_iter()
             .map(|(name, urls)| {
-                let urls: Vec<String> =
-                    urls.iter().map(crate::server::member::url_string).collect();
+                let urls: Vec<String> = urls.iter().map(crate::identity::url_string).collect();
                 MemberRecord {
                     id: member_id(&urls, &cfg.initial_cluster_token),
                     name,
@@ -324,7 +323,7 @@ pub fn adopt_etcd_data_dir(cfg: &crate::config::Config) -> anyhow::Result<()> {
 fn initial_members(args: &RestoreArgs) -> anyhow::Result<Vec<MemberRecord>> {
     let normalize = |u: &str| -> anyhow::Result<String> {
         let url = url::Url::parse(u).with_context(|| format!("invalid URL {u:?}"))?;
-        Ok(crate::server::member::url_string(&url))
+        Ok(crate::identity::url_string(&url))
     };
     let mut members: Vec<MemberRecord> = Vec::new();
     for part in args.initial_cluster.split(',').filter(|p| !p.is_empty()) {

@@ -52,12 +52,14 @@ use raft::prelude::{
 use raft::{RawNode, ReadOnlyOption, SnapshotStatus, StateRole};
 use tokio::sync::{oneshot, watch};
 
-use crate::state_machine::membership::{self, Membership};
-use crate::state_machine::snapshot::{self, BrokenSnapshot, Snapshotter};
-use crate::state_machine::{ApplyMsg, CommittedEntry, ConfChangeApplied, SnapshotImage, SnapshotTaken};
 use crate::error::EtcdError;
 use crate::proto::metastorepb::{
     membership_change::Kind, MemberRecord, MembershipChange, StateSnapshot,
+};
+use crate::state_machine::membership::{self, Membership};
+use crate::state_machine::snapshot::{self, BrokenSnapshot, Snapshotter};
+use crate::state_machine::{
+    ApplyMsg, CommittedEntry, ConfChangeApplied, SnapshotImage, SnapshotTaken,
 };
 use storage::RaftStorage;
 use transport::Transport;

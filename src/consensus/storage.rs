@@ -147,8 +147,8 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::state_machine::Membership;
     use crate::proto::metastorepb::MemberRecord;
+    use crate::state_machine::Membership;
 
     fn member(id: u64) -> MemberRecord {
         MemberRecord {

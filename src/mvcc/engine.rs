@@ -1,4 +1,4 @@
-//! The storage engine trait that both engines (memory now, RocksDB next) implement.
+//! The storage engine trait that both engines (memory and RocksDB) implement.
 //!
 //! An engine stores *version records*: for each key, the ordered list of its versions, keyed
 //! by `mod_revision`. It knows nothing of etcd semantics; [`super::Store`] adds those. This is

@@ -40,29 +40,7 @@ use rocksdb::{
 use super::engine::{Engine, FlushState, Live, RecoveredState, VersionRecord};
 use crate::proto::metastorepb::LeaseRecord;
 
-/// RocksDB tuning, per shard (`--rocksdb-*` flags).
-#[derive(Clone, Debug)]
-pub struct RocksOptions {
-    /// Block cache size, bytes.
-    pub block_cache_bytes: usize,
-    /// Memtable (write buffer) size, bytes.
-    pub write_buffer_bytes: usize,
-    /// Compress SST blocks with LZ4.
-    pub compression: bool,
-    /// Bloom filter bits per key (0 = no filter).
-    pub bloom_bits_per_key: f64,
-}
-
-impl Default for RocksOptions {
-    fn default() -> Self {
-        RocksOptions {
-            block_cache_bytes: 64 << 20,
-            write_buffer_bytes: 64 << 20,
-            compression: true,
-            bloom_bits_per_key: 10.0,
-        }
-    }
-}
+pub use crate::config::RocksOptions;
 
 const DATA: u8 = b'k';
 const REVS: u8 = b'r';

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::Core;
-use crate::state_machine::ApplyResponse;
 use crate::auth::AuthInfo;
 use crate::error::EtcdError;
 use crate::proto::authpb::permission::Type as PermType;
@@ -30,6 +29,7 @@ use crate::proto::etcdserverpb::{
     AuthenticateResponse,
 };
 use crate::proto::metastorepb::{proposal::Request as Proposed, AuthenticateProposal};
+use crate::state_machine::ApplyResponse;
 
 /// gRPC metadata keys of the token (etcd `rpctypes.TokenFieldNameGRPC`, and
 /// `TokenFieldNameSwagger` which etcd 3.5 also reads).

@@ -12,16 +12,17 @@ use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
-use super::{member, Core};
-use crate::state_machine::ApplyResponse;
+use super::Core;
 use crate::consensus::{NodeMsg, PeerProgress};
 use crate::error::EtcdError;
+use crate::identity as member;
 use crate::proto::etcdserverpb::{
     cluster_server::Cluster, Member, MemberAddRequest, MemberAddResponse, MemberListRequest,
     MemberListResponse, MemberPromoteRequest, MemberPromoteResponse, MemberRemoveRequest,
     MemberRemoveResponse, MemberUpdateRequest, MemberUpdateResponse, ResponseHeader,
 };
 use crate::proto::metastorepb::{membership_change::Kind, MemberRecord, MembershipChange};
+use crate::state_machine::ApplyResponse;
 
 /// etcd's `readyPercent`: a learner may be promoted once its log matches 90% of the leader's.
 const LEARNER_READY_PERCENT: f64 = 0.9;

@@ -6,12 +6,12 @@ use tonic::{Request, Response, Status};
 
 use super::{validate, Core};
 use crate::apply::txn_puts;
-use crate::state_machine::ApplyResponse;
 use crate::proto::etcdserverpb::{
     kv_server::Kv, CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse,
     PutRequest, PutResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
 };
 use crate::proto::metastorepb::proposal::Request as Proposed;
+use crate::state_machine::ApplyResponse;
 
 /// The KV service.
 pub struct KvService {

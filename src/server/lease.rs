@@ -12,7 +12,6 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::Core;
-use crate::state_machine::ApplyResponse;
 use crate::error::EtcdError;
 use crate::lease::MAX_LEASE_TTL;
 use crate::proto::etcdserverpb::{
@@ -23,6 +22,7 @@ use crate::proto::etcdserverpb::{
 };
 use crate::proto::metastorepb::peer_client::PeerClient;
 use crate::proto::metastorepb::proposal::Request as Proposed;
+use crate::state_machine::ApplyResponse;
 
 /// How often the leader looks for expired leases.
 const EXPIRY_SCAN: Duration = Duration::from_millis(250);

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::Core;
-use crate::state_machine::ApplyResponse;
 use crate::consensus::NodeMsg;
 use crate::error::EtcdError;
 use crate::proto::etcdserverpb::{
@@ -20,6 +19,7 @@ use crate::proto::etcdserverpb::{
 };
 use crate::proto::metastorepb::proposal::Request as Proposed;
 use crate::proto::metastorepb::StateSnapshot;
+use crate::state_machine::ApplyResponse;
 
 /// The etcd version MetaStore's API matches; clients (Kubernetes among them) parse it to turn
 /// features on, so it names the etcd API level, not MetaStore's own version.

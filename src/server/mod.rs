@@ -1,6 +1,8 @@
 //! The gRPC front end and member start-up.
 //!
-//! One file per etcd service (`kv.rs`, `maintenance.rs`, `cluster.rs`). They share [`Core`]:
+//! One file per etcd service (`kv.rs`, `watch.rs`, `lease.rs`, `recipes.rs` for v3lock and
+//! v3election, `maintenance.rs`, `cluster.rs`, `auth.rs`) and the HTTP endpoints (`http.rs`).
+//! They share [`Core`]:
 //! writes are validated, proposed through the Raft node and answered once applied; reads go
 //! straight to the shards at a revision every shard has applied.
 
@@ -15,7 +17,6 @@ pub mod keepalive;
 mod kv;
 mod lease;
 mod maintenance;
-pub mod member;
 pub mod peer;
 mod recipes;
 pub mod validate;
@@ -32,15 +33,14 @@ use tokio::sync::watch as state_watch;
 
 use crate::apply::alarms::SharedAlarms;
 use crate::apply::{Dispatcher, SnapshotPolicy, StartState};
-use crate::state_machine::{AppliedState, ApplyResponse, Pending};
 use crate::config::{defaults, ClusterState, Config};
-use crate::state_machine::snapshot::Snapshotter;
 use crate::consensus::transport::{Faults, Transport, MAX_PEER_MESSAGE_BYTES};
 use crate::consensus::{
     election_ticks, initial_tick_advance, recover_log, NodeConfig, NodeHandle, NodeMsg, RaftNode,
     RecoveredLog, TickAdvance,
 };
 use crate::error::EtcdError;
+use crate::identity::{self as member, url_string, Member};
 use crate::lease::{min_ttl_secs, LeaseTable};
 use crate::mvcc::range::merge;
 use crate::proto::etcdserverpb::{
@@ -54,7 +54,8 @@ use crate::proto::metastorepb::{
 use crate::proto::v3electionpb::election_server::ElectionServer;
 use crate::proto::v3lockpb::lock_server::LockServer;
 use crate::shard::{ApplyCmd, EngineConfig, EngineKind, ShardSet, Shards};
-use member::{url_string, Member};
+use crate::state_machine::snapshot::Snapshotter;
+use crate::state_machine::{AppliedState, ApplyResponse, Pending};
 
 /// What every service needs: identity, the Raft node, the shards and the applied state.
 pub struct Core {
@@ -671,6 +672,7 @@ async fn adjust_ticks(
 /// Starts a member and serves until SIGINT/SIGTERM, or until it is removed from the cluster.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     cfg.validate()?;
+    crate::tls::validate(&cfg).map_err(crate::config::ConfigError::Tls)?;
     let auto_compaction =
         compactor::retention(&cfg.auto_compaction_mode, &cfg.auto_compaction_retention)
             .map_err(anyhow::Error::msg)?;

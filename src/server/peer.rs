@@ -14,7 +14,6 @@ use std::sync::atomic::Ordering;
 use super::Core;
 use crate::consensus::transport::Faults;
 use crate::consensus::{NodeMsg, PeerProgress};
-use crate::state_machine::Membership;
 use crate::error::EtcdError;
 use crate::proto::etcdserverpb::{
     HashKvRequest, HashKvResponse, LeaseKeepAliveRequest, LeaseKeepAliveResponse,
@@ -25,6 +24,7 @@ use crate::proto::metastorepb::{
     MembersResponse, ProgressRequest, ProgressResponse, RaftAck, RaftEnvelope, SnapshotAck,
     SnapshotChunk, StateSnapshot,
 };
+use crate::state_machine::Membership;
 
 /// The Peer service.
 pub struct PeerService {

@@ -10,7 +10,6 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
 use super::Core;
-use crate::state_machine::ApplyResponse;
 use crate::error::EtcdError;
 use crate::proto::etcdserverpb::{
     compare,
@@ -29,6 +28,7 @@ use crate::proto::v3electionpb::{
 use crate::proto::v3lockpb::{
     lock_server::Lock, LockRequest, LockResponse, UnlockRequest, UnlockResponse,
 };
+use crate::state_machine::ApplyResponse;
 
 /// `clientv3/concurrency.ErrElectionNotLeader`.
 const NOT_LEADER: &str = "election: not leader";

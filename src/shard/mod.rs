@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
+pub use crate::config::EngineKind;
 use crate::error::EtcdError;
 use crate::mvcc::engine::{Engine, Live, VersionRecord};
 use crate::mvcc::engine::{FlushState, RecoveredState};
@@ -30,15 +31,6 @@ use crate::proto::metastorepb::{KeyHistory, KeyVersion};
 /// The shard that owns `key` among `shards` shards: a pure hash, identical on every replica.
 pub fn shard_for(key: &[u8], shards: usize) -> usize {
     crc32fast::hash(key) as usize % shards
-}
-
-/// Which storage engine shards use (`--storage-engine`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum EngineKind {
-    /// Everything in memory; rebuilt from snapshot plus WAL on restart.
-    Memory,
-    /// RocksDB on disk, one database per shard; restarts resume from the applied index.
-    Rocksdb,
 }
 
 /// How each shard opens its engine.

@@ -151,7 +151,6 @@ pub struct SnapshotTaken {
     pub term: u64,
 }
 
-
 /// A replicated state machine driven by committed Raft entries (openraft's
 /// `RaftStateMachine`; Raft paper sections 5.3 and 7). Every replica applies the same entries
 /// in the same order and must end in the same state; [`run`] calls it from one thread.
