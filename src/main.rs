@@ -2,7 +2,9 @@
 //! restore ...` builds a data directory from an etcd-format snapshot file instead.
 
 fn main() {
-    // Fault-injection hooks (the `fail` crate), configured with FAILPOINTS; inert otherwise.
+    // Fault-injection hooks (the `fail` crate), configured with FAILPOINTS; only in test
+    // builds (`--features failpoints`).
+    #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
     // `metastore snapshot restore ...` (etcdctl's snapshot restore); every other command line
     // is etcd's server flags.

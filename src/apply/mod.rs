@@ -29,6 +29,7 @@
 //! shards it touches; the others keep draining their queues.
 
 pub mod alarms;
+pub mod txn;
 
 use std::sync::Arc;
 
@@ -37,16 +38,15 @@ use tokio::sync::{oneshot, watch};
 use crate::auth::SharedAuth;
 use crate::error::EtcdError;
 use crate::lease::{LeaseTable, MAX_LEASE_TTL};
-use crate::mvcc::range::merge;
+use crate::mvcc::range::{merge, MergedRange};
 use crate::mvcc::store::combine_compare;
 use crate::mvcc::{KeyRange, KeyValue};
 use crate::proto::etcdserverpb::{
-    alarm_request::AlarmAction, request_op::Request as OpRequest,
-    response_op::Response as OpResponse, AlarmMember, AlarmRequest, AlarmResponse, AlarmType,
-    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse,
-    LeaseCheckpointRequest, LeaseCheckpointResponse, LeaseGrantRequest, LeaseGrantResponse,
-    LeaseRevokeRequest, LeaseRevokeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse,
-    ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
+    alarm_request::AlarmAction, AlarmMember, AlarmRequest, AlarmResponse, AlarmType,
+    CompactionRequest, CompactionResponse, Compare, DeleteRangeResponse, LeaseCheckpointRequest,
+    LeaseCheckpointResponse, LeaseGrantRequest, LeaseGrantResponse, LeaseRevokeRequest,
+    LeaseRevokeResponse, PutRequest, PutResponse, RangeRequest, ResponseHeader, TxnRequest,
+    TxnResponse,
 };
 use crate::proto::metastorepb::{
     proposal::Request as Proposed, KeyHistory, Proposal, StateSnapshot,
@@ -512,8 +512,8 @@ impl Dispatcher {
             Proposed::Put(_) => Guarded::Put,
             Proposed::DeleteRange(_) => Guarded::DeleteRange,
             Proposed::Txn(t) => Guarded::Txn {
-                writes: !txn_read_only(t),
-                puts: txn_puts(t),
+                writes: !txn::txn_read_only(t),
+                puts: txn::txn_puts(t),
             },
             Proposed::Compaction(_) => Guarded::Compaction,
             Proposed::LeaseGrant(_) => Guarded::LeaseGrant,
@@ -558,7 +558,9 @@ impl Dispatcher {
                 }
                 .record();
                 let rev = self.revision + 1;
-                let (deleted, prev_kvs) = self.delete(&d, rev, 0);
+                let range = KeyRange::from_request(&d.key, &d.range_end);
+                let prev_kvs = self.delete_range(&range, rev, 0);
+                let deleted = prev_kvs.len() as i64;
                 if deleted > 0 {
                     self.revision = rev;
                 }
@@ -595,13 +597,7 @@ impl Dispatcher {
     /// etcd `checkRequestPut`: ignore_value/ignore_lease need an existing key; a lease must
     /// exist.
     fn check_put(&self, p: &PutRequest) -> Result<(), EtcdError> {
-        if (p.ignore_value || p.ignore_lease) && self.get_latest(&p.key).is_none() {
-            return Err(EtcdError::KeyNotFound);
-        }
-        if p.lease != 0 && !self.leases.contains(p.lease) {
-            return Err(EtcdError::LeaseNotFound);
-        }
-        Ok(())
+        txn::check_put(&ShardsView(self), p)
     }
 
     fn get_latest(&self, key: &[u8]) -> Option<KeyValue> {
@@ -638,11 +634,10 @@ impl Dispatcher {
         rx
     }
 
-    /// Deletes a range at `rev` on every shard it touches; returns the count and the deleted
-    /// key-values in key order.
-    fn delete(&self, d: &DeleteRangeRequest, rev: i64, sub: u32) -> (i64, Vec<KeyValue>) {
-        let range = KeyRange::from_request(&d.key, &d.range_end);
-        let touched = self.shards.shards_for(&range);
+    /// Deletes `range` at `rev` on every shard it touches; returns the deleted key-values in
+    /// key order.
+    fn delete_range(&self, range: &KeyRange, rev: i64, sub: u32) -> Vec<KeyValue> {
+        let touched = self.shards.shards_for(range);
         let parts = self.ask(touched, |reply| ApplyCmd::Delete {
             range: range.clone(),
             rev,
@@ -651,7 +646,48 @@ impl Dispatcher {
         });
         let mut deleted: Vec<KeyValue> = parts.into_iter().flatten().collect();
         deleted.sort_unstable_by(|a, b| a.key.cmp(&b.key));
-        (deleted.len() as i64, deleted)
+        deleted
+    }
+
+    /// Whether every compare holds at the current revision (etcd `applyCompares`): each is
+    /// sent to the shards its key range touches, all at once, and their answers combined.
+    fn compares_hold(&self, compares: &[Compare]) -> bool {
+        let n = self.shards.len();
+        // Per shard: the compares that name its keys, and where each one's answer goes.
+        let mut per_shard: Vec<(Vec<usize>, Vec<_>)> = vec![(Vec::new(), Vec::new()); n];
+        for (i, c) in compares.iter().enumerate() {
+            for s in self
+                .shards
+                .shards_for(&KeyRange::from_request(&c.key, &c.range_end))
+            {
+                per_shard[s].0.push(i);
+                per_shard[s].1.push(c.clone());
+            }
+        }
+        let waits: Vec<_> = per_shard
+            .into_iter()
+            .enumerate()
+            .filter(|(_, (idx, _))| !idx.is_empty())
+            .map(|(s, (idx, cmps))| {
+                let (reply, rx) = oneshot::channel();
+                let _ = self.shards.get(s).apply.send(ApplyCmd::Compare {
+                    cmps,
+                    rev: self.revision,
+                    reply,
+                });
+                (idx, rx)
+            })
+            .collect();
+        let mut evals = vec![Vec::new(); compares.len()];
+        for (idx, rx) in waits {
+            for (i, e) in idx.into_iter().zip(wait(rx)) {
+                evals[i].push(e);
+            }
+        }
+        compares
+            .iter()
+            .zip(evals)
+            .all(|(c, e)| combine_compare(c, e))
     }
 
     fn apply_compaction(&mut self, c: &CompactionRequest) -> ApplyResult {
@@ -743,186 +779,12 @@ impl Dispatcher {
     }
 
     fn apply_txn(&mut self, txn: &TxnRequest) -> Result<TxnResponse, EtcdError> {
-        // etcd `compareToPath`: every compare, nested ones included, sees the pre-txn state.
-        let mut path = Vec::new();
-        self.txn_path(txn, &mut path);
-        self.check_txn(txn, &path, &mut 0)?;
-        let rev = self.revision + 1;
-        let mut exec = TxnExec {
-            rev,
-            sub: 0,
-            wrote: false,
-            ops: Default::default(),
-        };
-        let mut resp = self.exec_txn(txn, &path, &mut 0, &mut exec);
-        // etcd evaluates each compare with a Range on the txn (`applyCompare`).
-        exec.ops.ranges += compares_on_path(txn, &path, &mut 0);
-        exec.ops.record();
-        if exec.wrote {
-            self.revision = rev;
+        let out = txn::apply(&ShardsView(self), txn)?;
+        out.ops.record();
+        if out.wrote {
+            self.revision += 1;
         }
-        resp.header = header(self.revision);
-        Ok(resp)
-    }
-
-    fn txn_path(&self, txn: &TxnRequest, path: &mut Vec<bool>) {
-        let ok = self.eval_compares(txn);
-        path.push(ok);
-        for op in if ok { &txn.success } else { &txn.failure } {
-            if let Some(OpRequest::RequestTxn(nested)) = &op.request {
-                self.txn_path(nested, path);
-            }
-        }
-    }
-
-    fn eval_compares(&self, txn: &TxnRequest) -> bool {
-        if txn.compare.is_empty() {
-            return true;
-        }
-        let n = self.shards.len();
-        // Per shard: the compares that name its keys, and where each one's answer goes.
-        let mut per_shard: Vec<(Vec<usize>, Vec<_>)> = vec![(Vec::new(), Vec::new()); n];
-        for (i, c) in txn.compare.iter().enumerate() {
-            for s in self
-                .shards
-                .shards_for(&KeyRange::from_request(&c.key, &c.range_end))
-            {
-                per_shard[s].0.push(i);
-                per_shard[s].1.push(c.clone());
-            }
-        }
-        let waits: Vec<_> = per_shard
-            .into_iter()
-            .enumerate()
-            .filter(|(_, (idx, _))| !idx.is_empty())
-            .map(|(s, (idx, cmps))| {
-                let (reply, rx) = oneshot::channel();
-                let _ = self.shards.get(s).apply.send(ApplyCmd::Compare {
-                    cmps,
-                    rev: self.revision,
-                    reply,
-                });
-                (idx, rx)
-            })
-            .collect();
-        let mut evals = vec![Vec::new(); txn.compare.len()];
-        for (idx, rx) in waits {
-            for (i, e) in idx.into_iter().zip(wait(rx)) {
-                evals[i].push(e);
-            }
-        }
-        txn.compare
-            .iter()
-            .zip(evals)
-            .all(|(c, e)| combine_compare(c, e))
-    }
-
-    /// etcd `checkRequests` over the path the txn takes: puts (key and lease), then ranges
-    /// (revision bounds). Nothing is written if any fails.
-    fn check_txn(&self, txn: &TxnRequest, path: &[bool], at: &mut usize) -> Result<(), EtcdError> {
-        let ok = path[*at];
-        *at += 1;
-        for op in if ok { &txn.success } else { &txn.failure } {
-            match &op.request {
-                Some(OpRequest::RequestPut(p)) => self.check_put(p)?,
-                Some(OpRequest::RequestRange(r)) if r.revision != 0 => {
-                    if r.revision > self.revision {
-                        return Err(EtcdError::FutureRev);
-                    }
-                    if r.revision < self.compact_revision {
-                        return Err(EtcdError::Compacted);
-                    }
-                }
-                Some(OpRequest::RequestTxn(nested)) => self.check_txn(nested, path, at)?,
-                _ => {}
-            }
-        }
-        Ok(())
-    }
-
-    fn exec_txn(
-        &self,
-        txn: &TxnRequest,
-        path: &[bool],
-        at: &mut usize,
-        exec: &mut TxnExec,
-    ) -> TxnResponse {
-        let ok = path[*at];
-        *at += 1;
-        let ops = if ok { &txn.success } else { &txn.failure };
-        let mut responses = Vec::with_capacity(ops.len());
-        for op in ops {
-            let response = match &op.request {
-                Some(OpRequest::RequestRange(r)) => {
-                    exec.ops.ranges += 1;
-                    OpResponse::ResponseRange(self.txn_range(r, exec))
-                }
-                Some(OpRequest::RequestPut(p)) => {
-                    exec.ops.puts += 1;
-                    let prev = self.put(p.clone(), exec.rev, exec.sub);
-                    exec.sub += 1;
-                    exec.wrote = true;
-                    OpResponse::ResponsePut(PutResponse {
-                        header: header(exec.rev),
-                        prev_kv: prev.and_then(wait),
-                    })
-                }
-                Some(OpRequest::RequestDeleteRange(d)) => {
-                    exec.ops.deletes += 1;
-                    let (deleted, prev_kvs) = self.delete(d, exec.rev, exec.sub);
-                    if deleted > 0 {
-                        exec.sub += 1;
-                        exec.wrote = true;
-                    }
-                    OpResponse::ResponseDeleteRange(DeleteRangeResponse {
-                        header: header(exec.current(self.revision)),
-                        deleted,
-                        prev_kvs: if d.prev_kv { prev_kvs } else { Vec::new() },
-                    })
-                }
-                Some(OpRequest::RequestTxn(nested)) => {
-                    let mut r = self.exec_txn(nested, path, at, exec);
-                    r.header = header(exec.current(self.revision));
-                    OpResponse::ResponseTxn(r)
-                }
-                // Rejected by validation before proposing; nothing to do.
-                None => continue,
-            };
-            responses.push(ResponseOp {
-                response: Some(response),
-            });
-        }
-        TxnResponse {
-            header: None,
-            succeeded: ok,
-            responses,
-        }
-    }
-
-    /// A range inside a txn: it sees the txn's earlier writes.
-    fn txn_range(&self, r: &RangeRequest, exec: &TxnExec) -> RangeResponse {
-        let req = Arc::new(r.clone());
-        let rev = if r.revision > 0 {
-            r.revision
-        } else {
-            crate::mvcc::LATEST
-        };
-        let range = KeyRange::from_request(&r.key, &r.range_end);
-        let touched = self.shards.shards_for(&range);
-        let parts = self.ask(touched, |reply| ApplyCmd::Range {
-            req: req.clone(),
-            rev,
-            reply,
-        });
-        // Revision bounds were checked before executing, so shards cannot fail here.
-        let parts = parts.into_iter().filter_map(Result::ok).collect();
-        let merged = merge(r, parts);
-        RangeResponse {
-            header: header(exec.current(self.revision)),
-            kvs: merged.kvs,
-            more: merged.more,
-            count: merged.count,
-        }
+        Ok(out.response)
     }
 
     fn snapshot(&mut self) {
@@ -1008,6 +870,55 @@ impl StateMachine for Dispatcher {
     }
 }
 
+/// The dispatcher's shards as a txn sees them ([`txn::ShardView`]): every call goes to the
+/// owning shards' apply queues and waits for their answers, so it sees every earlier write.
+struct ShardsView<'a>(&'a Dispatcher);
+
+impl txn::ShardView for ShardsView<'_> {
+    fn revision(&self) -> i64 {
+        self.0.revision
+    }
+
+    fn compact_revision(&self) -> i64 {
+        self.0.compact_revision
+    }
+
+    fn compares_hold(&self, compares: &[Compare]) -> bool {
+        self.0.compares_hold(compares)
+    }
+
+    fn latest(&self, key: &[u8]) -> Option<KeyValue> {
+        self.0.get_latest(key)
+    }
+
+    fn lease_granted(&self, id: i64) -> bool {
+        self.0.leases.contains(id)
+    }
+
+    fn range(&self, r: &RangeRequest, rev: i64) -> MergedRange {
+        let d = self.0;
+        let req = Arc::new(r.clone());
+        let touched = d
+            .shards
+            .shards_for(&KeyRange::from_request(&r.key, &r.range_end));
+        let parts = d.ask(touched, |reply| ApplyCmd::Range {
+            req: req.clone(),
+            rev,
+            reply,
+        });
+        // Revision bounds were checked before executing, so shards cannot fail here.
+        merge(r, parts.into_iter().filter_map(Result::ok).collect())
+    }
+
+    fn put(&self, p: PutRequest, rev: i64, sub: u32) -> Option<KeyValue> {
+        self.0.put(p, rev, sub).and_then(wait)
+    }
+
+    fn delete(&self, range: &KeyRange, rev: i64, sub: u32) -> Vec<KeyValue> {
+        self.0.delete_range(range, rev, sub)
+    }
+}
+
 /// One proposal of a Raft entry, as [`proposals`] splits them.
 #[derive(Debug)]
 enum Decoded {
@@ -1068,62 +979,6 @@ fn proposals(data: &[u8]) -> impl Iterator<Item = Decoded> + '_ {
             }
         })
     })
-}
-
-/// The compares a txn evaluated along `path` (see `Dispatcher::txn_path`), nested ones
-/// included.
-fn compares_on_path(txn: &TxnRequest, path: &[bool], at: &mut usize) -> u64 {
-    let ok = path[*at];
-    *at += 1;
-    let mut n = txn.compare.len() as u64;
-    for op in if ok { &txn.success } else { &txn.failure } {
-        if let Some(OpRequest::RequestTxn(nested)) = &op.request {
-            n += compares_on_path(nested, path, at);
-        }
-    }
-    n
-}
-
-/// Whether every op of `t`, in both branches, is a Range (etcd `isTxnReadonly`: a nested txn
-/// is not read-only).
-pub fn txn_read_only(t: &TxnRequest) -> bool {
-    t.success
-        .iter()
-        .chain(&t.failure)
-        .all(|op| matches!(op.request, Some(OpRequest::RequestRange(_)) | None))
-}
-
-/// Whether `t` holds a put in either branch, nested txns included: the txns a NOSPACE alarm
-/// refuses (etcd's quota `Cost` is positive).
-pub fn txn_puts(t: &TxnRequest) -> bool {
-    t.success
-        .iter()
-        .chain(&t.failure)
-        .any(|op| match &op.request {
-            Some(OpRequest::RequestPut(_)) => true,
-            Some(OpRequest::RequestTxn(n)) => txn_puts(n),
-            _ => false,
-        })
-}
-
-/// Progress of one txn's execution.
-struct TxnExec {
-    rev: i64,
-    sub: u32,
-    wrote: bool,
-    /// The mvcc operations executed, for the metrics (compares are counted by the caller).
-    ops: crate::metrics::TxnOps,
-}
-
-impl TxnExec {
-    /// The revision a response inside the txn reports: the txn's own once it has written.
-    fn current(&self, before: i64) -> i64 {
-        if self.wrote {
-            self.rev
-        } else {
-            before
-        }
-    }
 }
 
 #[cfg(test)]

@@ -17,7 +17,6 @@
 //! appends to other members, and to the same member, go on meanwhile.
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -40,40 +39,59 @@ pub const MAX_PEER_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// Snapshot data per chunk on the `Peer/Snapshot` stream, bytes.
 pub const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
 
-/// Peer links cut on purpose, for fault-injection tests: `METASTORE_TEST_FAULTS=<file>` names
-/// a file of member IDs (hex, one per line). Traffic to and from those members is dropped in
-/// both directions, as a network partition would. The file is re-read every 100 ms; without
-/// the variable nothing is ever blocked.
+/// Peer links cut on purpose, for fault-injection tests: traffic to and from the blocked
+/// members is dropped in both directions, as a network partition would. Empty (nothing ever
+/// blocked) unless a test installs a set: in process with [`Faults::block`], or, in a binary
+/// built with the `failpoints` feature, through `METASTORE_TEST_FAULTS=<file>`, a file of
+/// member IDs (hex, one per line) re-read every 100 ms. Release builds have no file hook.
 #[derive(Clone, Default)]
 pub struct Faults(Arc<RwLock<HashSet<u64>>>);
 
 impl Faults {
-    /// Reads `METASTORE_TEST_FAULTS` and, when set, keeps the blocked set up to date on
-    /// `runtime`.
+    /// The fault set for this process: empty, and kept up to date from
+    /// `METASTORE_TEST_FAULTS` on `runtime` when the binary has the `failpoints` feature.
     pub fn from_env(runtime: &tokio::runtime::Handle) -> Faults {
         let faults = Faults::default();
-        if let Some(path) = std::env::var_os("METASTORE_TEST_FAULTS") {
-            let path = PathBuf::from(path);
-            let set = faults.0.clone();
-            runtime.spawn(async move {
-                let mut every = tokio::time::interval(Duration::from_millis(100));
-                loop {
-                    every.tick().await;
-                    let text = std::fs::read_to_string(&path).unwrap_or_default();
-                    let blocked: HashSet<u64> = text
-                        .lines()
-                        .filter_map(|l| u64::from_str_radix(l.trim(), 16).ok())
-                        .collect();
-                    let mut current = set.write().unwrap();
-                    if *current != blocked {
-                        tracing::warn!(blocked = ?blocked.iter().map(|id| format!("{id:x}")).collect::<Vec<_>>(),
-                            "test fault hook: peer links cut");
-                        *current = blocked;
-                    }
-                }
-            });
+        let Some(path) = std::env::var_os("METASTORE_TEST_FAULTS") else {
+            return faults;
+        };
+        #[cfg(feature = "failpoints")]
+        faults.follow_file(std::path::PathBuf::from(path), runtime);
+        #[cfg(not(feature = "failpoints"))]
+        {
+            let _ = (path, runtime);
+            tracing::warn!(
+                "METASTORE_TEST_FAULTS ignored: this binary was built without the failpoints feature"
+            );
         }
         faults
+    }
+
+    #[cfg(feature = "failpoints")]
+    fn follow_file(&self, path: std::path::PathBuf, runtime: &tokio::runtime::Handle) {
+        let faults = self.clone();
+        runtime.spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                every.tick().await;
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                let blocked: HashSet<u64> = text
+                    .lines()
+                    .filter_map(|l| u64::from_str_radix(l.trim(), 16).ok())
+                    .collect();
+                faults.block(blocked);
+            }
+        });
+    }
+
+    /// Cuts traffic with exactly the members in `blocked` (empty: heals every link).
+    pub fn block(&self, blocked: HashSet<u64>) {
+        let mut current = self.0.write().unwrap();
+        if *current != blocked {
+            tracing::warn!(blocked = ?blocked.iter().map(|id| format!("{id:x}")).collect::<Vec<_>>(),
+                "test fault hook: peer links cut");
+            *current = blocked;
+        }
     }
 
     /// Whether traffic with member `id` is cut.

@@ -643,6 +643,8 @@ const PURGE_STEP: usize = 1024;
 /// replays those (it announces each with [`ApplyCmd::Entry`]), writes are skipped and answered
 /// from history, so no entry is applied twice and none is skipped.
 struct Replay {
+    /// This shard's number (read by the crash-test hook only).
+    #[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
     shard: usize,
     durable_index: u64,
     entry_index: u64,
@@ -758,8 +760,10 @@ fn handle_apply(store: &mut Store, replay: &mut Replay, size: &ShardSize, cmd: A
         ApplyCmd::Purge { rev } => store.purge(rev), // normally handled in steps by run_shard
         ApplyCmd::Entry { index } => replay.entry_index = index,
         ApplyCmd::Barrier { state, reply } => {
-            // Crash-test hook: FAILPOINTS="shard-before-flush=return(N)" kills the process
-            // just before shard N persists a barrier, after the other shards may have.
+            // Crash-test hook (test builds only): FAILPOINTS="shard-before-flush=return(N)"
+            // kills the process just before shard N persists a barrier, after the other
+            // shards may have.
+            #[cfg(feature = "failpoints")]
             if fail::eval("shard-before-flush", |arg| arg) == Some(Some(replay.shard.to_string())) {
                 std::thread::sleep(std::time::Duration::from_millis(50));
                 std::process::abort();
