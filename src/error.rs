@@ -1,9 +1,23 @@
-//! The one place where failures become etcd's gRPC statuses.
+//! The one place where failures become etcd's gRPC statuses, and where the errors that stop
+//! a member are defined.
 //!
-//! Messages are copied from etcd's `api/v3rpc/rpctypes/error.go`: clients (Go clientv3,
-//! etcdctl, Kubernetes) match on the exact text, so it is part of the API.
+//! Two kinds of failure, kept apart (as openraft splits `StorageError`/`Fatal` from the
+//! per-call API errors):
+//! * [`EtcdError`]: a *request* failed; the member goes on serving. It maps to etcd's exact
+//!   gRPC status. Messages are copied from etcd's `api/v3rpc/rpctypes/error.go`: clients (Go
+//!   clientv3, etcdctl, Kubernetes) match on the exact text, so it is part of the API.
+//! * [`FatalError`] (with [`StorageError`] for the storage engines): the *member* cannot go on
+//!   (damaged data, a failed write or fsync). It is never sent to a client; it travels up a
+//!   [`FatalTx`] to `server::run`, which stops the member and returns it, so the process
+//!   exits with a failure status.
+
+use std::path::PathBuf;
 
 use tonic::{Code, Status};
+
+use crate::consensus::snapshot::SnapshotError;
+use crate::consensus::wal::WalError;
+use crate::mvcc::rocks::RocksError;
 
 /// A request failure as etcd reports it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -222,6 +236,128 @@ impl From<EtcdError> for Status {
     fn from(e: EtcdError) -> Status {
         Status::new(e.code(), e.to_string())
     }
+}
+
+/// A storage engine failure: the shard that hit it can no longer serve its data whole.
+///
+/// Returned by every [`crate::mvcc::engine::Engine`] method that touches storage. The memory
+/// engine never fails; RocksDB maps its errors here instead of panicking. Small on purpose
+/// (the success path of every engine call carries it): building one allocates only on failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// An engine read or write failed: a corrupt block (RocksDB verifies block checksums on
+    /// every read; its message names the `.sst` file), a full disk, an I/O error. Serving on
+    /// would answer with partial data or let memory and disk disagree, so it is fatal.
+    #[error("rocksdb {op} failed in {}: {error}", path.display())]
+    Engine {
+        /// What failed: "read" or "write".
+        op: &'static str,
+        /// The shard's database directory.
+        path: PathBuf,
+        /// RocksDB's reason (in the message, so not also a `source()`).
+        error: rocksdb::Error,
+    },
+    /// A shard's engine cannot be opened: RocksDB refused it, its database is missing from an
+    /// initialised data directory, or it belongs to another shard (see [`RocksError`]).
+    #[error(transparent)]
+    Open(#[from] RocksError),
+    /// A storage I/O error outside the engine proper (creating a shard directory, say);
+    /// `context` names the file or directory.
+    #[error("{context}: {error}")]
+    Io {
+        /// The file or directory, and what was being done.
+        context: String,
+        /// The cause (in the message, so not also a `source()`).
+        error: std::io::Error,
+    },
+    /// A RocksDB checkpoint (the on-disk copy behind a Raft snapshot) could not be written.
+    /// Not fatal: the snapshot is retried later.
+    #[error("{0}")]
+    Checkpoint(rocksdb::Error),
+    /// The engine keeps nothing on disk and so cannot write a checkpoint (the memory engine).
+    #[error("the {0} engine has no on-disk checkpoints")]
+    NoCheckpoint(&'static str),
+}
+
+impl StorageError {
+    /// Logs the error as the condition that stops the member, at error level and, in case
+    /// logging is filtered or off, on stderr too (for an engine failure: "fatal: rocksdb read
+    /// failed", with the database directory and RocksDB's message, which names the file).
+    pub fn log_fatal(&self) {
+        match self {
+            StorageError::Engine { op, path, error } => {
+                tracing::error!(path = %path.display(), error = %error, "fatal: rocksdb {op} failed");
+            }
+            other => tracing::error!(error = %other, "fatal: storage failed"),
+        }
+        eprintln!("metastore: fatal: {self}");
+    }
+}
+
+/// A condition that stops the member: it must not serve again (etcd panics on these, through
+/// `lg.Panic`/`lg.Fatal` in its raft node and backend).
+///
+/// Raised on the Raft thread or a shard thread and sent up a [`FatalTx`]; `server::run`
+/// receives it, stops the member without a leader transfer, and returns it, so the process
+/// exits with status 1. Never mapped to a gRPC status: clients in flight see the member stop.
+///
+/// Each message includes its cause's, so none has a `source()` (printing the chain would
+/// repeat it).
+#[derive(Debug, thiserror::Error)]
+pub enum FatalError {
+    /// A shard's storage engine failed (see [`StorageError`]).
+    #[error("{0}")]
+    Storage(StorageError),
+    /// The Raft log cannot be persisted: a WAL write or fsync failed ([`WalError::Io`]) or a
+    /// record is damaged ([`WalError::Corrupt`], [`WalError::Gap`]). Nothing can be
+    /// acknowledged without the log.
+    #[error("cannot persist the Raft log: {0}")]
+    RaftLog(WalError),
+    /// A snapshot the leader sent does not decode (the peer service checked it already). Raft
+    /// has moved its log past it; going on would diverge.
+    #[error("the leader's snapshot at index {index} does not decode")]
+    SnapshotUndecodable {
+        /// The snapshot's Raft index.
+        index: u64,
+    },
+    /// The leader's snapshot could not be saved before the log was reset to it.
+    #[error("cannot save the leader's snapshot: {0}")]
+    SnapshotSave(SnapshotError),
+}
+
+impl From<WalError> for FatalError {
+    fn from(e: WalError) -> FatalError {
+        FatalError::RaftLog(e)
+    }
+}
+
+/// The sending end of the fatal-error channel: the Raft thread and every shard hold a clone and
+/// [`FatalTx::report`] what stops them. `server::run` holds the receiver ([`FatalRx`]).
+#[derive(Clone, Debug)]
+pub struct FatalTx(tokio::sync::mpsc::UnboundedSender<FatalError>);
+
+/// The receiving end of the fatal-error channel (see [`FatalTx`]).
+pub type FatalRx = tokio::sync::mpsc::UnboundedReceiver<FatalError>;
+
+impl FatalTx {
+    /// A new fatal-error channel.
+    pub fn channel() -> (FatalTx, FatalRx) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        (FatalTx(tx), rx)
+    }
+
+    /// Sends `error` to whoever runs the member. Never blocks (callable from any thread); a
+    /// receiver already gone (the member is stopping) drops it.
+    pub fn report(&self, error: FatalError) {
+        let _ = self.0.send(error);
+    }
+}
+
+/// What every service answers when the apply dispatcher replies with a result of the wrong
+/// kind for the request (a broken invariant, not a client error): `Internal` with
+/// "etcdserver: unexpected apply result for {what}". The same in every service.
+pub fn unexpected_apply_result(what: &str) -> Status {
+    Status::internal(format!("etcdserver: unexpected apply result for {what}"))
 }
 
 #[cfg(test)]
