@@ -188,6 +188,11 @@ pub enum EtcdError {
     /// InvalidArgument); clients authenticate again and retry.
     #[error("etcdserver: revision of auth store is old")]
     AuthOldRevision,
+    /// The apply dispatcher answered a proposal with a result of another kind: a broken
+    /// invariant, not a client error (Internal). Every service maps it alike (see
+    /// [`unexpected_apply_result`]); `Some(what)` names the request ("for put").
+    #[error("etcdserver: unexpected apply result{}", .0.map_or(String::new(), |w| format!(" for {w}")))]
+    UnexpectedApplyResult(Option<&'static str>),
     /// The RPC exists in etcd but this member does not serve it yet (Unimplemented).
     #[error("etcdserver: {0} is not supported by this member yet")]
     Unsupported(&'static str),
@@ -219,7 +224,7 @@ impl EtcdError {
             Corrupt => Code::DataLoss,
             NoLeader | LeaderChanged | Stopped | Timeout | Unhealthy => Code::Unavailable,
             LeaderTransferTimeout => Code::Unknown,
-            UndecodableProposal => Code::Internal,
+            UndecodableProposal | UnexpectedApplyResult(_) => Code::Internal,
             UserEmpty | RoleEmpty | AuthFailed | PermissionNotGiven | InvalidAuthMgmt
             | AuthOldRevision => Code::InvalidArgument,
             RootUserNotExist | RootRoleNotExist | UserAlreadyExist | UserNotFound
@@ -354,12 +359,12 @@ impl FatalTx {
 }
 
 /// What every service answers when the apply dispatcher replies with a result of the wrong
-/// kind for the request (a broken invariant, not a client error): `Internal` with
-/// "etcdserver: unexpected apply result for {what}". The same in every service.
-pub fn unexpected_apply_result(what: &str) -> Status {
-    Status::internal(format!("etcdserver: unexpected apply result for {what}"))
+/// kind for the request `what` (a broken invariant, not a client error):
+/// [`EtcdError::UnexpectedApplyResult`], "etcdserver: unexpected apply result for {what}"
+/// (Internal). The same in every service.
+pub fn unexpected_apply_result(what: &'static str) -> EtcdError {
+    EtcdError::UnexpectedApplyResult(Some(what))
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -385,5 +390,15 @@ mod tests {
             (s.code(), s.message()),
             (Code::DataLoss, "etcdserver: corrupt cluster")
         );
+        let s = Status::from(unexpected_apply_result("put"));
+        assert_eq!(
+            (s.code(), s.message()),
+            (
+                Code::Internal,
+                "etcdserver: unexpected apply result for put"
+            )
+        );
+        let s = Status::from(EtcdError::UnexpectedApplyResult(None));
+        assert_eq!(s.message(), "etcdserver: unexpected apply result");
     }
 }
