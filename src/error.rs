@@ -1,7 +1,12 @@
 //! The one place where failures become etcd's gRPC statuses.
 //!
-//! Messages are copied from etcd's `api/v3rpc/rpctypes/error.go`: clients (Go clientv3,
-//! etcdctl, Kubernetes) match on the exact text, so it is part of the API.
+//! Two kinds of failure are kept apart (as openraft splits `StorageError`/`Fatal` from the
+//! per-call API errors):
+//! * [`EtcdError`], here: a *request* failed; the member goes on serving. It maps to etcd's
+//!   exact gRPC status. Messages are copied from etcd's `api/v3rpc/rpctypes/error.go`: clients
+//!   (Go clientv3, etcdctl, Kubernetes) match on the exact text, so it is part of the API.
+//! * [`crate::fatal::FatalError`]: the *member* cannot go on (damaged data, a failed write or
+//!   fsync). It is never sent to a client.
 
 use tonic::{Code, Status};
 
@@ -174,6 +179,11 @@ pub enum EtcdError {
     /// InvalidArgument); clients authenticate again and retry.
     #[error("etcdserver: revision of auth store is old")]
     AuthOldRevision,
+    /// The apply dispatcher answered a proposal with a result of another kind: a broken
+    /// invariant, not a client error (Internal). Every service maps it alike (see
+    /// [`unexpected_apply_result`]); `Some(what)` names the request ("for put").
+    #[error("etcdserver: unexpected apply result{}", .0.map_or(String::new(), |w| format!(" for {w}")))]
+    UnexpectedApplyResult(Option<&'static str>),
     /// The RPC exists in etcd but this member does not serve it yet (Unimplemented).
     #[error("etcdserver: {0} is not supported by this member yet")]
     Unsupported(&'static str),
@@ -205,7 +215,7 @@ impl EtcdError {
             Corrupt => Code::DataLoss,
             NoLeader | LeaderChanged | Stopped | Timeout | Unhealthy => Code::Unavailable,
             LeaderTransferTimeout => Code::Unknown,
-            UndecodableProposal => Code::Internal,
+            UndecodableProposal | UnexpectedApplyResult(_) => Code::Internal,
             UserEmpty | RoleEmpty | AuthFailed | PermissionNotGiven | InvalidAuthMgmt
             | AuthOldRevision => Code::InvalidArgument,
             RootUserNotExist | RootRoleNotExist | UserAlreadyExist | UserNotFound
@@ -224,6 +234,13 @@ impl From<EtcdError> for Status {
     }
 }
 
+/// What every service answers when the apply dispatcher replies with a result of the wrong
+/// kind for the request `what` (a broken invariant, not a client error):
+/// [`EtcdError::UnexpectedApplyResult`], "etcdserver: unexpected apply result for {what}"
+/// (Internal). The same in every service.
+pub fn unexpected_apply_result(what: &'static str) -> EtcdError {
+    EtcdError::UnexpectedApplyResult(Some(what))
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,5 +266,15 @@ mod tests {
             (s.code(), s.message()),
             (Code::DataLoss, "etcdserver: corrupt cluster")
         );
+        let s = Status::from(unexpected_apply_result("put"));
+        assert_eq!(
+            (s.code(), s.message()),
+            (
+                Code::Internal,
+                "etcdserver: unexpected apply result for put"
+            )
+        );
+        let s = Status::from(EtcdError::UnexpectedApplyResult(None));
+        assert_eq!(s.message(), "etcdserver: unexpected apply result");
     }
 }

@@ -33,7 +33,8 @@
 //! * [`lease`]: the replicated lease table and leader-local deadlines.
 //! * [`shard`]: shard executors (glommio, one per core) and their queues.
 //! * [`mvcc`]: key history, the engine trait, the memory and RocksDB engines, range merging.
-//! * [`error`]: etcd's exact gRPC statuses.
+//! * [`error`]: etcd's exact gRPC statuses (per-request failures).
+//! * [`fatal`]: the errors that stop a member, and the channel that carries them up.
 //! * [`net`]: client and peer sockets (TCP or Unix, plain or TLS) and peer dialing.
 //! * [`tls`]: certificates, verification and TLS settings for both ports.
 //! * [`proto`]: generated etcd and MetaStore protos.
@@ -48,6 +49,7 @@ pub mod backup;
 pub mod config;
 pub mod consensus;
 pub mod error;
+pub mod fatal;
 pub mod identity;
 pub mod lease;
 pub mod logging;

@@ -97,13 +97,15 @@ fn value(size: usize) -> Vec<u8> {
 
 /// What a shard's apply barrier does: persist the appended records with the applied state.
 fn flush(store: &mut Store, rev: i64) {
-    store.flush(&FlushState {
-        applied_index: rev as u64,
-        applied_term: 1,
-        revision: rev,
-        compact_revision: store.compact_revision(),
-        lease_changes: &[],
-    });
+    store
+        .flush(&FlushState {
+            applied_index: rev as u64,
+            applied_term: 1,
+            revision: rev,
+            compact_revision: store.compact_revision(),
+            lease_changes: &[],
+        })
+        .expect("flush");
 }
 
 fn put(store: &mut Store, key: &[u8], value: &[u8], rev: i64) {
@@ -114,7 +116,7 @@ fn put(store: &mut Store, key: &[u8], value: &[u8], rev: i64) {
         ignore_value: false,
         ignore_lease: false,
     };
-    black_box(store.put(args, rev, 0));
+    black_box(store.put(args, rev, 0).expect("put"));
 }
 
 fn bench_put(c: &mut Criterion) {
@@ -189,7 +191,10 @@ fn bench_range(c: &mut Criterion) {
                     ..Default::default()
                 })
                 .collect();
-            let first = store.range(&singles[0], rev).expect("range");
+            let first = store
+                .range(&singles[0], rev)
+                .expect("storage")
+                .expect("range");
             assert_eq!((first.count, first.kvs[0].value.len()), (1, size));
             let mut group = c.benchmark_group("mvcc_range_single");
             group.throughput(Throughput::Elements(1));
@@ -198,7 +203,12 @@ fn bench_range(c: &mut Criterion) {
                 b.iter(|| {
                     // A stride prime to KEYS visits every key.
                     i = (i + 7919) % KEYS;
-                    black_box(store.range(&singles[i], rev).expect("range"))
+                    black_box(
+                        store
+                            .range(&singles[i], rev)
+                            .expect("storage")
+                            .expect("range"),
+                    )
                 });
             });
             group.finish();
@@ -210,7 +220,10 @@ fn bench_range(c: &mut Criterion) {
                     ..Default::default()
                 })
                 .collect();
-            let first = store.range(&spans[0], rev).expect("range");
+            let first = store
+                .range(&spans[0], rev)
+                .expect("storage")
+                .expect("range");
             assert_eq!(
                 (first.count, first.kvs.len()),
                 (RANGE_KEYS as i64, RANGE_KEYS)
@@ -221,7 +234,12 @@ fn bench_range(c: &mut Criterion) {
             group.bench_function(BenchmarkId::new(kind.name(), size), |b| {
                 b.iter(|| {
                     i = (i + 7919) % spans.len();
-                    black_box(store.range(&spans[i], rev).expect("range"))
+                    black_box(
+                        store
+                            .range(&spans[i], rev)
+                            .expect("storage")
+                            .expect("range"),
+                    )
                 });
             });
             group.finish();

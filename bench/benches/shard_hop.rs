@@ -186,7 +186,8 @@ fn bench_read(c: &mut Criterion) {
         create: true,
     };
     // Started before this thread is pinned: threads inherit the affinity of their parent.
-    let shards = Shards::spawn(1, &engine).expect("start the shard");
+    let shards =
+        Shards::spawn(1, &engine, metastore::error::FatalTx::channel().0).expect("start the shard");
     let shard_cpu = pinned_cpu_of_thread("shard-0");
     let _pinned = pin_away_from(shard_cpu);
     let rt = runtime();
@@ -305,7 +306,8 @@ fn bench_echo(c: &mut Criterion) {
         member_id: 0,
         create: true,
     };
-    let shards = Shards::spawn(1, &engine).expect("start a shard");
+    let shards =
+        Shards::spawn(1, &engine, metastore::error::FatalTx::channel().0).expect("start a shard");
     let shard_cpu = pinned_cpu_of_thread("shard-0");
     shards.join();
     let (tx, rx) = flume::unbounded::<Echo>();

@@ -813,7 +813,10 @@ impl Dispatcher {
                     rx
                 })
                 .collect();
-            let failed: Vec<String> = waits.into_iter().filter_map(|rx| wait(rx).err()).collect();
+            let failed: Vec<String> = waits
+                .into_iter()
+                .filter_map(|rx| wait(rx).err().map(|e| e.to_string()))
+                .collect();
             if !failed.is_empty() {
                 // The WAL still holds everything; retry at the next batch.
                 tracing::error!(errors = ?failed, "checkpoint failed");

@@ -314,16 +314,16 @@ mod tests {
             let store = self.store.borrow();
             compares
                 .iter()
-                .all(|c| combine_compare(c, [store.compare(c, self.revision)]))
+                .all(|c| combine_compare(c, [store.compare(c, self.revision).unwrap()]))
         }
         fn latest(&self, key: &[u8]) -> Option<KeyValue> {
-            self.store.borrow().get(key, self.revision)
+            self.store.borrow().get(key, self.revision).unwrap()
         }
         fn lease_granted(&self, id: i64) -> bool {
             self.leases.contains(&id)
         }
         fn range(&self, r: &RangeRequest, rev: i64) -> MergedRange {
-            let part = self.store.borrow().range(r, rev).unwrap();
+            let part = self.store.borrow().range(r, rev).unwrap().unwrap();
             merge(r, vec![part])
         }
         fn put(&self, p: PutRequest, rev: i64, sub: u32) -> Option<KeyValue> {
@@ -335,10 +335,10 @@ mod tests {
                 ignore_lease: p.ignore_lease,
             };
             let prev = self.store.borrow_mut().put(args, rev, sub);
-            prev.filter(|_| p.prev_kv)
+            prev.unwrap().filter(|_| p.prev_kv)
         }
         fn delete(&self, range: &KeyRange, rev: i64, sub: u32) -> Vec<KeyValue> {
-            self.store.borrow_mut().delete_range(range, rev, sub)
+            self.store.borrow_mut().delete_range(range, rev, sub).unwrap()
         }
     }
 

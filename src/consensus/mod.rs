@@ -57,6 +57,7 @@ use crate::proto::metastorepb::{
     membership_change::Kind, MemberRecord, MembershipChange, StateSnapshot,
 };
 use crate::state_machine::membership::{self, Membership};
+use crate::state_machine::snapshot::SnapshotError;
 use crate::state_machine::snapshot::{self, BrokenSnapshot, Snapshotter};
 use crate::state_machine::{
     ApplyMsg, CommittedEntry, ConfChangeApplied, SnapshotImage, SnapshotTaken,
@@ -70,6 +71,33 @@ pub const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// A follower's ReadIndex that got no answer is sent again after this long (etcd's
 /// `readIndexRetryTime`): the leader drops it while it has not committed in its term.
 const READ_RETRY: Duration = Duration::from_millis(500);
+
+/// What stops the Raft node thread ([`crate::consensus::RaftNode::run`]); the member stops
+/// with it (see [`crate::fatal::FatalError`]).
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The Raft log cannot be persisted: a WAL write or fsync failed ([`WalError::Io`]) or a
+    /// record is damaged ([`WalError::Corrupt`], [`WalError::Gap`]). Nothing can be
+    /// acknowledged without the log.
+    #[error("cannot persist the Raft log: {0}")]
+    RaftLog(WalError),
+    /// A snapshot the leader sent does not decode (the peer service checked it already). Raft
+    /// has moved its log past it; going on would diverge.
+    #[error("the leader's snapshot at index {index} does not decode")]
+    SnapshotUndecodable {
+        /// The snapshot's Raft index.
+        index: u64,
+    },
+    /// The leader's snapshot could not be saved before the log was reset to it.
+    #[error("cannot save the leader's snapshot: {0}")]
+    SnapshotSave(SnapshotError),
+}
+
+impl From<WalError> for NodeError {
+    fn from(e: WalError) -> NodeError {
+        NodeError::RaftLog(e)
+    }
+}
 
 /// Messages to the Raft node thread.
 pub enum NodeMsg {
@@ -747,8 +775,13 @@ impl RaftNode {
 
     /// Runs until every [`NodeHandle`] is dropped or [`NodeMsg::Stop`] arrives (then after the
     /// round under way, its WAL writes done). A WAL failure is fatal: nothing can be
-    /// acknowledged without it, so the process stops rather than serving stale promises.
-    pub fn run(mut self) {
+    /// acknowledged without it, so the loop ends at once and returns it (as does a leader's
+    /// snapshot that cannot be decoded or saved); the caller reports it and the member stops
+    /// rather than serving stale promises.
+    ///
+    /// Errors: [`NodeError::RaftLog`], [`NodeError::SnapshotUndecodable`],
+    /// [`NodeError::SnapshotSave`].
+    pub fn run(mut self) -> Result<(), NodeError> {
         let mut next_tick = Instant::now() + self.tick;
         loop {
             self.campaign_if_alone();
@@ -776,11 +809,11 @@ impl RaftNode {
             while let Ok(s) = self.snapshots.try_recv() {
                 self.compact_log(s);
             }
-            self.ready_or_exit();
+            self.ready()?;
             if !self.read_waiters.is_empty() {
                 // Held reads may now go: the leader's first entry may have just committed.
                 self.flush_reads();
-                self.ready_or_exit();
+                self.ready()?;
             }
             if self.raw.raft.state != StateRole::Leader {
                 self.raw.store().release_image();
@@ -791,6 +824,7 @@ impl RaftNode {
                 break;
             }
         }
+        Ok(())
     }
 
     /// A member that is the only voter need not wait out an election timeout.
@@ -808,11 +842,13 @@ impl RaftNode {
         }
     }
 
-    fn ready_or_exit(&mut self) {
-        if let Err(e) = self.on_ready() {
-            tracing::error!(error = %e, "fatal: cannot persist the Raft log");
-            std::process::exit(1);
-        }
+    /// [`Self::on_ready`], logging a WAL failure as the fatal error it is.
+    fn ready(&mut self) -> Result<(), NodeError> {
+        self.on_ready().inspect_err(|e| {
+            if let NodeError::RaftLog(e) = e {
+                tracing::error!(error = %e, "fatal: cannot persist the Raft log");
+            }
+        })
     }
 
     fn on_msg(&mut self, msg: NodeMsg) {
@@ -1039,7 +1075,7 @@ impl RaftNode {
         }
     }
 
-    fn on_ready(&mut self) -> Result<(), wal::WalError> {
+    fn on_ready(&mut self) -> Result<(), NodeError> {
         if !self.raw.has_ready() {
             return Ok(());
         }
@@ -1047,7 +1083,7 @@ impl RaftNode {
         // A leader's messages go out before its own fsync (Raft thesis 10.2.1).
         self.send(ready.take_messages());
         if !ready.snapshot().is_empty() {
-            self.install_snapshot(ready.snapshot().clone());
+            self.install_snapshot(ready.snapshot().clone())?;
         }
         let committed = ready.take_committed_entries();
         self.handle_committed(committed);
@@ -1142,26 +1178,25 @@ impl RaftNode {
     /// A leader's snapshot: the log is reset to it, it is saved durably before anything after
     /// it is (a restart then resumes from it even if the shards had not finished loading it),
     /// and the dispatcher replaces the state machine with it, ahead of any entry after it. A
-    /// snapshot that cannot be decoded (the peer service checked it already) or saved stops the
-    /// process, as a WAL failure does: Raft has moved its log past it, and going on would
-    /// diverge.
-    fn install_snapshot(&mut self, snap: Snapshot) {
+    /// snapshot that cannot be decoded (the peer service checked it already) or saved is fatal,
+    /// as a WAL failure is: Raft has moved its log past it, and going on would diverge.
+    fn install_snapshot(&mut self, snap: Snapshot) -> Result<(), NodeError> {
         let meta = snap.get_metadata();
         let (index, term) = (meta.index, meta.term);
         let image = match StateSnapshot::decode(snap.data.as_ref()) {
             Ok(image) if image.complete && image.index == index => image,
             _ => {
                 tracing::error!(index, "fatal: the leader's snapshot does not decode");
-                std::process::exit(1);
+                return Err(NodeError::SnapshotUndecodable { index });
             }
         };
         if let Err(e) = self.raw.mut_store().wl().apply_snapshot(snap) {
             tracing::error!(error = %e, "leader's snapshot older than the log; ignored");
-            return;
+            return Ok(());
         }
         if let Err(e) = self.snapshotter.save(&image) {
             tracing::error!(error = %e, "fatal: cannot save the leader's snapshot");
-            std::process::exit(1);
+            return Err(NodeError::SnapshotSave(e));
         }
         tracing::info!(index, term, "log reset to the leader's snapshot");
         self.membership = Arc::new(Membership::from_records(&image.members, &image.removed));
@@ -1169,6 +1204,7 @@ impl RaftNode {
         self.transport.set_peers(&self.membership);
         let _ = self.committed.send(ApplyMsg::Restore(Arc::new(image)));
         self.release_wal(index);
+        Ok(())
     }
 
     /// Applies a committed membership change to the table and, if the table accepts it, to

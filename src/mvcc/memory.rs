@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::ops::Bound;
 
+use super::engine::StorageError;
 use super::engine::{Engine, VersionRecord};
 
 /// Fixed per-record overhead counted by [`Engine::size_bytes`] (revision, sub, lease...), bytes.
@@ -43,12 +44,13 @@ impl Engine for MemoryEngine {
         "memory"
     }
 
-    fn clear(&mut self) {
+    fn clear(&mut self) -> Result<(), StorageError> {
         *self = MemoryEngine::default();
+        Ok(())
     }
 
-    fn version_at(&self, key: &[u8], rev: i64) -> Option<VersionRecord> {
-        self.keys.get(key).and_then(|h| newest_at(h, rev)).cloned()
+    fn version_at(&self, key: &[u8], rev: i64) -> Result<Option<VersionRecord>, StorageError> {
+        Ok(self.keys.get(key).and_then(|h| newest_at(h, rev)).cloned())
     }
 
     fn scan_at(
@@ -57,20 +59,21 @@ impl Engine for MemoryEngine {
         end: Option<&[u8]>,
         rev: i64,
         visit: &mut dyn FnMut(&[u8], &VersionRecord) -> bool,
-    ) {
+    ) -> Result<(), StorageError> {
         if let Some(end) = end {
             if end <= start {
-                return;
+                return Ok(());
             }
         }
         let upper = end.map_or(Bound::Unbounded, Bound::Excluded);
         for (key, history) in self.keys.range::<[u8], _>((Bound::Included(start), upper)) {
             if let Some(record) = newest_at(history, rev) {
                 if !visit(key, record) {
-                    return;
+                    return Ok(());
                 }
             }
         }
+        Ok(())
     }
 
     fn append(&mut self, key: &[u8], record: VersionRecord) {
@@ -90,7 +93,7 @@ impl Engine for MemoryEngine {
         }
     }
 
-    fn compact(&mut self, rev: i64) {
+    fn compact(&mut self, rev: i64) -> Result<(), StorageError> {
         let mut freed = 0;
         self.keys.retain(|key, history| {
             let n = history.partition_point(|r| r.mod_revision <= rev);
@@ -111,15 +114,22 @@ impl Engine for MemoryEngine {
         self.bytes -= freed;
         let below = self.changes.partition_point(|c| c.0 < rev);
         self.changes.drain(..below);
+        Ok(())
     }
 
-    fn changes(&self, from: i64, to: i64, visit: &mut dyn FnMut(i64, u32, &[u8]) -> bool) {
+    fn changes(
+        &self,
+        from: i64,
+        to: i64,
+        visit: &mut dyn FnMut(i64, u32, &[u8]) -> bool,
+    ) -> Result<(), StorageError> {
         let start = self.changes.partition_point(|c| c.0 < from);
         for (rev, sub, key) in self.changes.range(start..) {
             if *rev > to || !visit(*rev, *sub, key) {
-                return;
+                break;
             }
         }
+        Ok(())
     }
 
     fn set_lease(&mut self, lease: i64, key: &[u8], attached: bool) {
@@ -133,16 +143,18 @@ impl Engine for MemoryEngine {
         }
     }
 
-    fn lease_keys(&self, lease: i64) -> Vec<Vec<u8>> {
-        self.leases
+    fn lease_keys(&self, lease: i64) -> Result<Vec<Vec<u8>>, StorageError> {
+        Ok(self
+            .leases
             .get(&lease)
-            .map_or_else(Vec::new, |k| k.iter().cloned().collect())
+            .map_or_else(Vec::new, |k| k.iter().cloned().collect()))
     }
 
-    fn export(&self, visit: &mut dyn FnMut(&[u8], &[VersionRecord])) {
+    fn export(&self, visit: &mut dyn FnMut(&[u8], &[VersionRecord])) -> Result<(), StorageError> {
         for (k, h) in &self.keys {
             visit(k, h);
         }
+        Ok(())
     }
 
     fn import(&mut self, key: Vec<u8>, history: Vec<VersionRecord>) {

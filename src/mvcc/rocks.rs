@@ -26,8 +26,9 @@
 //! the rest. Either way replay restarts exactly after the applied index on disk.
 //!
 //! Damaged data is never served as missing data: every read checks RocksDB's status (block
-//! checksums are verified on every read), and a failed read or write stops the process through
-//! [`fatal_storage_error`], naming the database and RocksDB's message (which names the SST file).
+//! checksums are verified on every read), and a failed read or write is a
+//! [`StorageError::Engine`] naming the database and RocksDB's message (which names the SST
+//! file): the shard stops and the member with it (see [`crate::fatal::FatalError`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -37,6 +38,7 @@ use rocksdb::{
     DB,
 };
 
+use super::engine::StorageError;
 use super::engine::{Engine, FlushState, Live, RecoveredState, VersionRecord};
 use crate::proto::metastorepb::LeaseRecord;
 
@@ -130,21 +132,6 @@ pub enum RocksError {
         /// The identity this member expected.
         expected: ShardIdentity,
     },
-}
-
-/// Stops the process on a storage error that leaves a shard unable to serve its data whole: a
-/// failed read (a corrupt SST block: RocksDB's message names the `.sst` file) or a failed
-/// write. Serving on would answer with partial data or let memory and disk disagree, so the
-/// member stops, as etcd does on a damaged backend. The message goes to the log at error level
-/// and, in case logging is filtered or off, to stderr too; `path` is the shard's database
-/// directory and `what` the operation that failed.
-pub fn fatal_storage_error(path: &Path, what: &str, error: &dyn std::fmt::Display) -> ! {
-    tracing::error!(path = %path.display(), error = %error, "fatal: rocksdb {what} failed");
-    eprintln!(
-        "metastore: fatal: rocksdb {what} failed in {}: {error}",
-        path.display()
-    );
-    std::process::exit(1);
 }
 
 /// Read options for every read: block checksums verified (RocksDB's default, made explicit
@@ -359,9 +346,14 @@ impl RocksEngine {
         })
     }
 
-    /// Stops the process: see [`fatal_storage_error`].
-    fn fatal(&self, what: &str, error: &rocksdb::Error) -> ! {
-        fatal_storage_error(&self.path, what, error)
+    /// Maps RocksDB's error for `op` ("read", "write") to [`StorageError::Engine`], naming
+    /// this database. Clones the path only when there is an error.
+    fn failed(&self, op: &'static str) -> impl Fn(rocksdb::Error) -> StorageError + '_ {
+        move |error| StorageError::Engine {
+            op,
+            path: self.path.clone(),
+            error,
+        }
     }
 
     /// A database read (the overlay aside), checksums verified.
@@ -369,8 +361,8 @@ impl RocksEngine {
         self.db.get_opt(key, &read_opts())
     }
 
-    fn db_get(&self, key: &[u8]) -> Option<Vec<u8>> {
-        self.get(key).unwrap_or_else(|e| self.fatal("read", &e))
+    fn db_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        self.get(key).map_err(self.failed("read"))
     }
 
     /// The iterator's current key, or `None` at the end of the data. An iterator also stops
@@ -385,15 +377,19 @@ impl RocksEngine {
 
     /// Every (key, value) with `start <= key < end`, the overlay merged over the database
     /// (an overlay entry wins over the same database key; an overlay `None` hides it).
-    /// A failed read stops the process (see [`fatal_storage_error`]).
-    fn scan_raw(&self, start: &[u8], end: &[u8], visit: &mut dyn FnMut(&[u8], &[u8]) -> bool) {
-        if let Err(e) = self.try_scan_raw(start, end, visit) {
-            self.fatal("read", &e)
-        }
+    /// A failed read (a corrupt block, say) is a [`StorageError::Engine`]; the visitor may have
+    /// seen part of the range by then.
+    fn scan_raw(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StorageError> {
+        self.try_scan_raw(start, end, visit)
+            .map_err(self.failed("read"))
     }
 
-    /// [`Self::scan_raw`], returning RocksDB's error (a corrupt block, say) instead of
-    /// stopping. The visitor may have seen part of the range by then.
+    /// [`Self::scan_raw`], returning RocksDB's own error.
     fn try_scan_raw(
         &self,
         start: &[u8],
@@ -433,14 +429,13 @@ impl RocksEngine {
         }
     }
 
-    /// The greatest data record of `key` at or below `rev`. A failed read stops the process
-    /// (see [`fatal_storage_error`]).
-    fn newest_at(&self, key: &[u8], rev: i64) -> Option<VersionRecord> {
-        self.try_newest_at(key, rev)
-            .unwrap_or_else(|e| self.fatal("read", &e))
+    /// The greatest data record of `key` at or below `rev`; a failed read is a
+    /// [`StorageError::Engine`].
+    fn newest_at(&self, key: &[u8], rev: i64) -> Result<Option<VersionRecord>, StorageError> {
+        self.try_newest_at(key, rev).map_err(self.failed("read"))
     }
 
-    /// [`Self::newest_at`], returning RocksDB's error instead of stopping.
+    /// [`Self::newest_at`], returning RocksDB's own error.
     fn try_newest_at(&self, key: &[u8], rev: i64) -> Result<Option<VersionRecord>, rocksdb::Error> {
         let prefix = data_prefix(key);
         let target = data_key(key, rev, u32::MAX);
@@ -469,11 +464,10 @@ impl RocksEngine {
         Ok(decode_data_key(&k).map(|(_, rev, sub)| decode_record(rev, sub, &v)))
     }
 
-    fn write(&self, batch: WriteBatch) {
-        // A failed write would leave memory and disk disagreeing: stop rather than serve that.
-        if let Err(e) = self.db.write(batch) {
-            self.fatal("write", &e)
-        }
+    fn write(&self, batch: WriteBatch) -> Result<(), StorageError> {
+        // A failed write would leave memory and disk disagreeing: the shard stops rather than
+        // serve that.
+        self.db.write(batch).map_err(self.failed("write"))
     }
 }
 
@@ -482,7 +476,7 @@ impl Engine for RocksEngine {
         "rocksdb"
     }
 
-    fn version_at(&self, key: &[u8], rev: i64) -> Option<VersionRecord> {
+    fn version_at(&self, key: &[u8], rev: i64) -> Result<Option<VersionRecord>, StorageError> {
         self.newest_at(key, rev)
     }
 
@@ -492,9 +486,9 @@ impl Engine for RocksEngine {
         end: Option<&[u8]>,
         rev: i64,
         visit: &mut dyn FnMut(&[u8], &VersionRecord) -> bool,
-    ) {
+    ) -> Result<(), StorageError> {
         if end.is_some_and(|e| e <= start) {
-            return;
+            return Ok(());
         }
         let lo = data_prefix(start);
         let hi = match end {
@@ -508,11 +502,11 @@ impl Engine for RocksEngine {
             self.scan_raw(&cursor, &hi, &mut |k, _| {
                 next_key = decode_data_key(k).map(|(key, _, _)| key);
                 false
-            });
-            let Some(key) = next_key else { return };
-            if let Some(record) = self.newest_at(&key, rev) {
+            })?;
+            let Some(key) = next_key else { return Ok(()) };
+            if let Some(record) = self.newest_at(&key, rev)? {
                 if !visit(&key, &record) {
-                    return;
+                    return Ok(());
                 }
             }
             cursor = prefix_end(&data_prefix(&key));
@@ -530,14 +524,19 @@ impl Engine for RocksEngine {
         );
     }
 
-    fn changes(&self, from: i64, to: i64, visit: &mut dyn FnMut(i64, u32, &[u8]) -> bool) {
+    fn changes(
+        &self,
+        from: i64,
+        to: i64,
+        visit: &mut dyn FnMut(i64, u32, &[u8]) -> bool,
+    ) -> Result<(), StorageError> {
         let start = rev_key(from.max(0), 0, &[]);
         let end = rev_key(to.saturating_add(1), 0, &[]);
         self.scan_raw(&start, &end, &mut |k, _| {
             let rev = u64::from_be_bytes(k[1..9].try_into().unwrap()) as i64;
             let sub = u32::from_be_bytes(k[9..13].try_into().unwrap());
             visit(rev, sub, &k[13..])
-        });
+        })
     }
 
     fn set_lease(&mut self, lease: i64, key: &[u8], attached: bool) {
@@ -545,22 +544,23 @@ impl Engine for RocksEngine {
             .insert(lease_key(lease, key), attached.then(Vec::new));
     }
 
-    fn lease_keys(&self, lease: i64) -> Vec<Vec<u8>> {
+    fn lease_keys(&self, lease: i64) -> Result<Vec<Vec<u8>>, StorageError> {
         let start = lease_key(lease, &[]);
         let end = prefix_end(&start);
         let mut keys = Vec::new();
         self.scan_raw(&start, &end, &mut |k, _| {
             keys.push(k[9..].to_vec());
             true
-        });
-        keys
+        })?;
+        Ok(keys)
     }
 
-    fn compact(&mut self, rev: i64) {
-        while !self.compact_some(rev, usize::MAX) {}
+    fn compact(&mut self, rev: i64) -> Result<(), StorageError> {
+        while !self.compact_some(rev, usize::MAX)? {}
+        Ok(())
     }
 
-    fn compact_some(&mut self, rev: i64, budget: usize) -> bool {
+    fn compact_some(&mut self, rev: i64, budget: usize) -> Result<bool, StorageError> {
         // Walk the revision index below `rev`: each change is superseded (or a compacted
         // tombstone) unless it is its key's newest record at or below `rev` and live. Every
         // visited change leaves the index, so the next step starts where this one stopped.
@@ -569,10 +569,10 @@ impl Engine for RocksEngine {
         self.changes(0, rev - 1, &mut |r, sub, key| {
             stale.push((r, sub, key.to_vec()));
             stale.len() < budget
-        });
+        })?;
         let done = stale.len() < budget;
         for (r, sub, key) in stale {
-            let newest = self.newest_at(&key, rev);
+            let newest = self.newest_at(&key, rev)?;
             let keep =
                 newest.is_some_and(|n| n.mod_revision == r && n.sub == sub && n.live.is_some());
             if !keep {
@@ -582,11 +582,11 @@ impl Engine for RocksEngine {
             batch.delete(rev_key(r, sub, &key));
             self.overlay.remove(&rev_key(r, sub, &key));
         }
-        self.write(batch);
-        done
+        self.write(batch)?;
+        Ok(done)
     }
 
-    fn export(&self, visit: &mut dyn FnMut(&[u8], &[VersionRecord])) {
+    fn export(&self, visit: &mut dyn FnMut(&[u8], &[VersionRecord])) -> Result<(), StorageError> {
         let mut current: Option<(Vec<u8>, Vec<VersionRecord>)> = None;
         self.scan_raw(&[DATA], &[DATA + 1], &mut |k, v| {
             if let Some((key, rev, sub)) = decode_data_key(k) {
@@ -600,10 +600,11 @@ impl Engine for RocksEngine {
                     .push(decode_record(rev, sub, v));
             }
             true
-        });
+        })?;
         if let Some((k, h)) = current {
             visit(&k, &h);
         }
+        Ok(())
     }
 
     fn import(&mut self, key: Vec<u8>, history: Vec<VersionRecord>) {
@@ -617,16 +618,16 @@ impl Engine for RocksEngine {
         }
     }
 
-    fn clear(&mut self) {
+    fn clear(&mut self) -> Result<(), StorageError> {
         self.overlay.clear();
         let mut batch = WriteBatch::default();
         // Every key this engine writes starts with a byte below 0xff (see the prefixes above),
         // except the shard's identity, which stays: the shard is still the same shard.
         batch.delete_range(Vec::<u8>::new(), vec![0xffu8]);
-        self.write(batch);
+        self.write(batch)
     }
 
-    fn flush(&mut self, state: &FlushState<'_>) {
+    fn flush(&mut self, state: &FlushState<'_>) -> Result<(), StorageError> {
         let mut batch = WriteBatch::default();
         for (k, v) in std::mem::take(&mut self.overlay) {
             match v {
@@ -650,11 +651,13 @@ impl Engine for RocksEngine {
                 None => batch.delete(key),
             }
         }
-        self.write(batch);
+        self.write(batch)
     }
 
-    fn recover(&self) -> Option<RecoveredState> {
-        let meta = self.db_get(META_STATE)?;
+    fn recover(&self) -> Result<Option<RecoveredState>, StorageError> {
+        let Some(meta) = self.db_get(META_STATE)? else {
+            return Ok(None);
+        };
         let word = |i: usize| u64::from_be_bytes(meta[i * 8..i * 8 + 8].try_into().unwrap());
         let mut leases = Vec::new();
         self.scan_raw(META_LEASE, &prefix_end(META_LEASE), &mut |k, v| {
@@ -667,14 +670,14 @@ impl Engine for RocksEngine {
                 remaining_ttl,
             });
             true
-        });
-        Some(RecoveredState {
+        })?;
+        Ok(Some(RecoveredState {
             applied_index: word(0),
             applied_term: word(1),
             revision: word(2) as i64,
             compact_revision: word(3) as i64,
             leases,
-        })
+        }))
     }
 
     fn size_bytes(&self) -> u64 {
@@ -694,9 +697,10 @@ impl Engine for RocksEngine {
         self.db.compact_range::<&[u8], &[u8]>(None, None);
     }
 
-    fn checkpoint(&self, dir: &Path) -> Result<(), String> {
-        let cp = rocksdb::checkpoint::Checkpoint::new(&self.db).map_err(|e| e.to_string())?;
-        cp.create_checkpoint(dir).map_err(|e| e.to_string())
+    fn checkpoint(&self, dir: &Path) -> Result<(), StorageError> {
+        let cp =
+            rocksdb::checkpoint::Checkpoint::new(&self.db).map_err(StorageError::Checkpoint)?;
+        cp.create_checkpoint(dir).map_err(StorageError::Checkpoint)
     }
 }
 
@@ -730,7 +734,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let mut e = RocksEngine::open(dir.path(), &RocksOptions::default()).unwrap();
-            assert!(e.recover().is_none());
+            assert!(e.recover().unwrap().is_none());
             let live = Live {
                 value: b"v".to_vec(),
                 create_revision: 2,
@@ -758,7 +762,8 @@ mod tests {
                 revision: 2,
                 compact_revision: 0,
                 lease_changes: &changes,
-            });
+            })
+            .unwrap();
             // Appended after the flush and never flushed: lost with the process.
             e.append(
                 b"k",
@@ -770,7 +775,7 @@ mod tests {
             );
         }
         let e = RocksEngine::open(dir.path(), &RocksOptions::default()).unwrap();
-        let state = e.recover().unwrap();
+        let state = e.recover().unwrap().unwrap();
         assert_eq!(
             (state.applied_index, state.applied_term, state.revision),
             (7, 2, 2)
@@ -783,8 +788,8 @@ mod tests {
                 remaining_ttl: 0
             }]
         );
-        assert_eq!(e.version_at(b"k", 10).unwrap().mod_revision, 2);
-        assert_eq!(e.lease_keys(9), vec![b"k".to_vec()]);
+        assert_eq!(e.version_at(b"k", 10).unwrap().unwrap().mod_revision, 2);
+        assert_eq!(e.lease_keys(9).unwrap(), vec![b"k".to_vec()]);
     }
 
     fn live(value: Vec<u8>, rev: i64) -> VersionRecord {
@@ -807,7 +812,8 @@ mod tests {
             revision: index as i64,
             compact_revision: 0,
             lease_changes: &[],
-        });
+        })
+        .unwrap();
     }
 
     /// Regression (issue 11): an iterator that stops on a corrupt block was taken as the end
@@ -896,10 +902,13 @@ mod tests {
             e.append(b"k", live(b"v".to_vec(), 2));
             flush_at(&mut e, 3);
             // Installing a leader's snapshot empties the shard; it is still the same shard.
-            e.clear();
+            e.clear().unwrap();
         }
         let e = RocksEngine::open_shard(&dir, &opts, identity(0), false).unwrap();
-        assert!(e.recover().is_none(), "clear removed the applied state");
+        assert!(
+            e.recover().unwrap().is_none(),
+            "clear removed the applied state"
+        );
         drop(e);
         let err = RocksEngine::open_shard(&dir, &opts, identity(1), false)
             .err()

@@ -4,6 +4,7 @@
 //! A `Store` holds one shard's part of the keyspace. Revisions are never chosen here: the apply
 //! dispatcher assigns them in log order and passes them in, which keeps every replica identical.
 
+use super::engine::StorageError;
 use super::engine::{Engine, FlushState, Live, RecoveredState, VersionRecord};
 use super::range::{passes_filters, pushdown_limit, KeyRange, PartialRange, RangeEnd};
 use crate::error::EtcdError;
@@ -90,18 +91,24 @@ impl Store {
     }
 
     /// The live key-value of `key` at `rev` ([`super::LATEST`] for the newest).
-    pub fn get(&self, key: &[u8], rev: i64) -> Option<KeyValue> {
-        self.engine
-            .version_at(key, rev)
-            .and_then(|r| to_kv(key, &r))
+    pub fn get(&self, key: &[u8], rev: i64) -> Result<Option<KeyValue>, StorageError> {
+        Ok(self
+            .engine
+            .version_at(key, rev)?
+            .and_then(|r| to_kv(key, &r)))
     }
 
-    fn visit_live(&self, range: &KeyRange, rev: i64, visit: &mut dyn FnMut(KeyValue) -> bool) {
+    fn visit_live(
+        &self,
+        range: &KeyRange,
+        rev: i64,
+        visit: &mut dyn FnMut(KeyValue) -> bool,
+    ) -> Result<(), StorageError> {
         if let Some(key) = range.single_key() {
-            if let Some(kv) = self.get(key, rev) {
+            if let Some(kv) = self.get(key, rev)? {
                 visit(kv);
             }
-            return;
+            return Ok(());
         }
         self.engine.scan_at(
             &range.start,
@@ -111,15 +118,20 @@ impl Store {
                 Some(kv) => visit(kv),
                 None => true,
             },
-        );
+        )
     }
 
     /// Writes `key` at revision `rev` and returns the previous live key-value.
     ///
     /// `ignore_value` / `ignore_lease` keep the previous value / lease; the caller has checked
     /// that the key exists (etcd answers ErrKeyNotFound otherwise, before writing anything).
-    pub fn put(&mut self, put: PutArgs<'_>, rev: i64, sub: u32) -> Option<KeyValue> {
-        let prev = self.get(put.key, super::LATEST);
+    pub fn put(
+        &mut self,
+        put: PutArgs<'_>,
+        rev: i64,
+        sub: u32,
+    ) -> Result<Option<KeyValue>, StorageError> {
+        let prev = self.get(put.key, super::LATEST)?;
         let (create_revision, version) = match &prev {
             Some(p) => (p.create_revision, p.version + 1),
             None => (rev, 1),
@@ -153,7 +165,7 @@ impl Store {
                 self.engine.set_lease(lease, put.key, true);
             }
         }
-        prev
+        Ok(prev)
     }
 
     fn detach(&mut self, lease: i64, key: &[u8]) {
@@ -164,20 +176,25 @@ impl Store {
     }
 
     /// Live keys of this shard attached to `lease`, in key order.
-    pub fn lease_keys(&self, lease: i64) -> Vec<Vec<u8>> {
+    pub fn lease_keys(&self, lease: i64) -> Result<Vec<Vec<u8>>, StorageError> {
         self.engine.lease_keys(lease)
     }
 
     /// Deletes every key of this shard attached to `lease` at revision `rev` (a lease revoke or
     /// expiry). Returns the deleted key-values in key order.
-    pub fn revoke_lease(&mut self, lease: i64, rev: i64, sub: u32) -> Vec<KeyValue> {
-        let keys = self.lease_keys(lease);
-        let deleted: Vec<KeyValue> = keys
-            .iter()
-            .filter_map(|k| self.get(k, super::LATEST))
-            .collect();
+    pub fn revoke_lease(
+        &mut self,
+        lease: i64,
+        rev: i64,
+        sub: u32,
+    ) -> Result<Vec<KeyValue>, StorageError> {
+        let keys = self.lease_keys(lease)?;
+        let mut deleted = Vec::with_capacity(keys.len());
+        for k in &keys {
+            deleted.extend(self.get(k, super::LATEST)?);
+        }
         self.tombstone(&deleted, rev, sub);
-        deleted
+        Ok(deleted)
     }
 
     fn tombstone(&mut self, deleted: &[KeyValue], rev: i64, sub: u32) {
@@ -196,22 +213,32 @@ impl Store {
 
     /// Deletes every live key in `range` at revision `rev`, leaving tombstones. Returns the
     /// deleted key-values in key order.
-    pub fn delete_range(&mut self, range: &KeyRange, rev: i64, sub: u32) -> Vec<KeyValue> {
+    pub fn delete_range(
+        &mut self,
+        range: &KeyRange,
+        rev: i64,
+        sub: u32,
+    ) -> Result<Vec<KeyValue>, StorageError> {
         let mut deleted = Vec::new();
         self.visit_live(range, super::LATEST, &mut |kv| {
             deleted.push(kv);
             true
-        });
+        })?;
         self.tombstone(&deleted, rev, sub);
-        deleted
+        Ok(deleted)
     }
 
     /// This shard's part of a range read at revision `rev`.
     ///
-    /// Errors: ErrCompacted when `rev` is below the compaction revision.
-    pub fn range(&self, req: &RangeRequest, rev: i64) -> Result<PartialRange, EtcdError> {
+    /// Errors: the answer is ErrCompacted when `rev` is below the compaction revision; the
+    /// outer error is the engine's (fatal to the shard).
+    pub fn range(
+        &self,
+        req: &RangeRequest,
+        rev: i64,
+    ) -> Result<Result<PartialRange, EtcdError>, StorageError> {
         if rev < self.compact_revision {
-            return Err(EtcdError::Compacted);
+            return Ok(Err(EtcdError::Compacted));
         }
         let range = KeyRange::from_request(&req.key, &req.range_end);
         let limit = pushdown_limit(req);
@@ -226,13 +253,13 @@ impl Store {
                 out.kvs.push(kv);
             }
             true
-        });
-        Ok(out)
+        })?;
+        Ok(Ok(out))
     }
 
     /// Evaluates one txn compare against this shard's keys at revision `rev` (the revision
     /// before the txn: reading it explicitly keeps a replayed entry's answer unchanged).
-    pub fn compare(&self, cmp: &Compare, rev: i64) -> CompareEval {
+    pub fn compare(&self, cmp: &Compare, rev: i64) -> Result<CompareEval, StorageError> {
         let range = KeyRange::from_request(&cmp.key, &cmp.range_end);
         let mut eval = CompareEval {
             any_key: false,
@@ -242,8 +269,8 @@ impl Store {
             eval.any_key = true;
             eval.all_hold &= compare_kv(cmp, &kv);
             eval.all_hold
-        });
-        eval
+        })?;
+        Ok(eval)
     }
 
     /// Compacts logically at `rev` (etcd `Compact`): reads below it fail from now on. The
@@ -255,62 +282,74 @@ impl Store {
     }
 
     /// Physically removes history that reads at revisions `>= rev` cannot see.
-    pub fn purge(&mut self, rev: i64) {
-        self.engine.compact(rev.min(self.compact_revision));
+    pub fn purge(&mut self, rev: i64) -> Result<(), StorageError> {
+        self.engine.compact(rev.min(self.compact_revision))
     }
 
     /// One bounded step of [`Store::purge`]; `true` once done.
-    pub fn purge_some(&mut self, rev: i64, budget: usize) -> bool {
+    pub fn purge_some(&mut self, rev: i64, budget: usize) -> Result<bool, StorageError> {
         self.engine
             .compact_some(rev.min(self.compact_revision), budget)
     }
 
     /// What a put at `rev` returned, for a shard replaying an entry it had already applied:
     /// the key's previous live version.
-    pub fn replayed_put(&self, key: &[u8], rev: i64) -> Option<KeyValue> {
+    pub fn replayed_put(&self, key: &[u8], rev: i64) -> Result<Option<KeyValue>, StorageError> {
         self.get(key, rev - 1)
     }
 
     /// What a delete at `rev` deleted, for a shard replaying an entry it had already applied:
     /// the keys in `range` live just before `rev` and tombstoned at `rev`.
-    pub fn replayed_delete(&self, range: &KeyRange, rev: i64) -> Vec<KeyValue> {
-        let mut deleted = Vec::new();
+    pub fn replayed_delete(
+        &self,
+        range: &KeyRange,
+        rev: i64,
+    ) -> Result<Vec<KeyValue>, StorageError> {
+        let mut live = Vec::new();
         self.visit_live(range, rev - 1, &mut |kv| {
+            live.push(kv);
+            true
+        })?;
+        let mut deleted = Vec::new();
+        for kv in live {
             if self
                 .engine
-                .version_at(&kv.key, rev)
+                .version_at(&kv.key, rev)?
                 .is_some_and(|r| r.mod_revision == rev && r.live.is_none())
             {
                 deleted.push(kv);
             }
-            true
-        });
-        deleted
+        }
+        Ok(deleted)
     }
 
     /// What a lease revoke at `rev` deleted, for a shard replaying an entry it had already
     /// applied.
-    pub fn replayed_revoke(&self, lease: i64, rev: i64) -> Vec<KeyValue> {
-        let mut deleted = Vec::new();
+    pub fn replayed_revoke(&self, lease: i64, rev: i64) -> Result<Vec<KeyValue>, StorageError> {
+        let mut changed = Vec::new();
         self.engine.changes(rev, rev, &mut |_, _, key| {
+            changed.push(key.to_vec());
+            true
+        })?;
+        let mut deleted = Vec::new();
+        for key in changed {
             let tombstone = self
                 .engine
-                .version_at(key, rev)
+                .version_at(&key, rev)?
                 .is_some_and(|r| r.live.is_none());
             if let Some(prev) = self
-                .get(key, rev - 1)
+                .get(&key, rev - 1)?
                 .filter(|p| tombstone && p.lease == lease)
             {
                 deleted.push(prev);
             }
-            true
-        });
+        }
         deleted.sort_by(|a, b| a.key.cmp(&b.key));
-        deleted
+        Ok(deleted)
     }
 
     /// The applied state a durable engine recovered (see [`Engine::recover`]).
-    pub fn recover(&self) -> Option<RecoveredState> {
+    pub fn recover(&self) -> Result<Option<RecoveredState>, StorageError> {
         self.engine.recover()
     }
 
@@ -325,14 +364,15 @@ impl Store {
     }
 
     /// Writes an on-disk checkpoint (see [`Engine::checkpoint`]).
-    pub fn checkpoint(&self, dir: &std::path::Path) -> Result<(), String> {
+    pub fn checkpoint(&self, dir: &std::path::Path) -> Result<(), StorageError> {
         self.engine.checkpoint(dir)
     }
 
     /// Empties the store (see [`Engine::clear`]) before a snapshot is installed.
-    pub fn reset(&mut self) {
-        self.engine.clear();
+    pub fn reset(&mut self) -> Result<(), StorageError> {
+        self.engine.clear()?;
         self.compact_revision = 0;
+        Ok(())
     }
 
     /// Restores the compaction revision from a snapshot.
@@ -341,13 +381,16 @@ impl Store {
     }
 
     /// Makes appended records durable with the applied state (see [`Engine::flush`]).
-    pub fn flush(&mut self, state: &FlushState<'_>) {
-        self.engine.flush(state);
+    pub fn flush(&mut self, state: &FlushState<'_>) -> Result<(), StorageError> {
+        self.engine.flush(state)
     }
 
     /// Visits every key with its retained history.
-    pub fn export(&self, visit: &mut dyn FnMut(&[u8], &[VersionRecord])) {
-        self.engine.export(visit);
+    pub fn export(
+        &self,
+        visit: &mut dyn FnMut(&[u8], &[VersionRecord]),
+    ) -> Result<(), StorageError> {
+        self.engine.export(visit)
     }
 
     /// Inserts a key's history from a snapshot.
@@ -363,7 +406,8 @@ impl Store {
     /// Events for keys in `range` with revisions in `[from, to]`, at most about `limit` of
     /// them (cut only between revisions). `prev_kv` adds each key's previous live version.
     ///
-    /// Errors: ErrCompacted when `from` is below the compaction revision.
+    /// Errors: the answer is ErrCompacted when `from` is below the compaction revision; the
+    /// outer error is the engine's (fatal to the shard).
     pub fn events(
         &self,
         range: &KeyRange,
@@ -371,33 +415,49 @@ impl Store {
         to: i64,
         limit: usize,
         prev_kv: bool,
-    ) -> Result<EventBatch, EtcdError> {
+    ) -> Result<Result<EventBatch, EtcdError>, StorageError> {
         if from < self.compact_revision {
-            return Err(EtcdError::Compacted);
+            return Ok(Err(EtcdError::Compacted));
         }
         let mut batch = EventBatch {
             events: Vec::new(),
             through: to,
         };
         let mut cut_at = None;
+        let mut failed = None;
         self.engine.changes(from, to, &mut |rev, sub, key| {
             if batch.events.len() >= limit && batch.events.last().is_some_and(|e| e.rev < rev) {
                 cut_at = Some(rev - 1);
                 return false;
             }
             if range.contains(key) {
-                batch.events.push(self.event(rev, sub, key, prev_kv));
+                match self.event(rev, sub, key, prev_kv) {
+                    Ok(event) => batch.events.push(event),
+                    Err(e) => {
+                        failed = Some(e);
+                        return false;
+                    }
+                }
             }
             true
-        });
+        })?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
         if let Some(through) = cut_at {
             batch.through = through;
         }
-        Ok(batch)
+        Ok(Ok(batch))
     }
 
-    fn event(&self, rev: i64, sub: u32, key: &[u8], prev_kv: bool) -> EventRecord {
-        let record = self.engine.version_at(key, rev);
+    fn event(
+        &self,
+        rev: i64,
+        sub: u32,
+        key: &[u8],
+        prev_kv: bool,
+    ) -> Result<EventRecord, StorageError> {
+        let record = self.engine.version_at(key, rev)?;
         let (kind, kv) = match record.as_ref().and_then(|r| to_kv(key, r)) {
             Some(kv) => (EventType::Put, kv),
             None => {
@@ -410,11 +470,11 @@ impl Store {
             }
         };
         let prev = if prev_kv {
-            self.get(key, rev - 1)
+            self.get(key, rev - 1)?
         } else {
             None
         };
-        EventRecord {
+        Ok(EventRecord {
             rev,
             sub,
             event: Event {
@@ -422,7 +482,7 @@ impl Store {
                 kv: Some(kv),
                 prev_kv: prev,
             },
-        }
+        })
     }
 }
 
@@ -513,7 +573,7 @@ pub mod conformance {
             ignore_value: false,
             ignore_lease: false,
         };
-        s.put(args, rev, 0)
+        s.put(args, rev, 0).unwrap()
     }
 
     fn keys(p: &PartialRange) -> Vec<String> {
@@ -555,7 +615,7 @@ pub mod conformance {
     fn reset_empties_everything(mut s: Store) {
         let leased = leased_put(b"b", 9);
         put(&mut s, "a", "1", 2);
-        s.put(leased, 3, 0);
+        s.put(leased, 3, 0).unwrap();
         s.compact(2);
         s.flush(&crate::mvcc::engine::FlushState {
             applied_index: 7,
@@ -563,32 +623,42 @@ pub mod conformance {
             revision: 3,
             compact_revision: 2,
             lease_changes: &[],
-        });
+        })
+        .unwrap();
         put(&mut s, "c", "1", 4);
-        s.reset();
+        s.reset().unwrap();
         let all = KeyRange::from_request(b"\0", b"\0");
-        assert!(s.get(b"a", crate::mvcc::LATEST).is_none());
-        assert!(s.get(b"c", crate::mvcc::LATEST).is_none());
-        assert!(s.lease_keys(9).is_empty());
+        assert!(s.get(b"a", crate::mvcc::LATEST).unwrap().is_none());
+        assert!(s.get(b"c", crate::mvcc::LATEST).unwrap().is_none());
+        assert!(s.lease_keys(9).unwrap().is_empty());
         assert_eq!(s.compact_revision(), 0);
-        assert!(s.events(&all, 1, 10, 100, false).unwrap().events.is_empty());
-        assert!(s.recover().is_none(), "the applied state goes too");
+        assert!(s
+            .events(&all, 1, 10, 100, false)
+            .unwrap()
+            .unwrap()
+            .events
+            .is_empty());
+        assert!(s.recover().unwrap().is_none(), "the applied state goes too");
         // The store takes writes again from scratch.
         put(&mut s, "a", "2", 2);
-        assert_eq!(s.get(b"a", crate::mvcc::LATEST).unwrap().version, 1);
+        assert_eq!(
+            s.get(b"a", crate::mvcc::LATEST).unwrap().unwrap().version,
+            1
+        );
     }
 
     fn events_and_lease_index(make: &dyn Fn() -> Box<dyn Engine>) {
         let mut s = Store::new(make());
         let leased = leased_put(b"b", 7);
         put(&mut s, "a", "1", 2);
-        s.put(leased, 3, 0);
+        s.put(leased, 3, 0).unwrap();
         put(&mut s, "a", "2", 4);
-        s.delete_range(&KeyRange::from_request(b"a", b""), 5, 0);
-        assert_eq!(s.lease_keys(7), vec![b"b".to_vec()]);
+        s.delete_range(&KeyRange::from_request(b"a", b""), 5, 0)
+            .unwrap();
+        assert_eq!(s.lease_keys(7).unwrap(), vec![b"b".to_vec()]);
 
         let all = KeyRange::from_request(b"\0", b"\0");
-        let batch = s.events(&all, 2, 5, 100, true).unwrap();
+        let batch = s.events(&all, 2, 5, 100, true).unwrap().unwrap();
         let seen: Vec<(i64, i32)> = batch
             .events
             .iter()
@@ -601,40 +671,57 @@ pub mod conformance {
         assert_eq!(batch.through, 5);
 
         // A limit cuts between revisions only.
-        let cut = s.events(&all, 2, 5, 2, false).unwrap();
+        let cut = s.events(&all, 2, 5, 2, false).unwrap().unwrap();
         assert_eq!((cut.events.len(), cut.through), (2, 3));
 
-        let revoked = s.revoke_lease(7, 6, 0);
+        let revoked = s.revoke_lease(7, 6, 0).unwrap();
         assert_eq!(revoked.len(), 1);
-        assert!(s.lease_keys(7).is_empty());
+        assert!(s.lease_keys(7).unwrap().is_empty());
         s.compact(4);
         assert!(matches!(
-            s.events(&all, 3, 6, 100, false),
+            s.events(&all, 3, 6, 100, false).unwrap(),
             Err(EtcdError::Compacted)
         ));
-        assert_eq!(s.events(&all, 4, 6, 100, false).unwrap().events.len(), 3);
+        assert_eq!(
+            s.events(&all, 4, 6, 100, false)
+                .unwrap()
+                .unwrap()
+                .events
+                .len(),
+            3
+        );
 
         // The revision index and lease index come back from an export/import.
         let mut t = Store::new(make());
         let leased = leased_put(b"c", 8);
-        s.put(leased, 7, 0);
-        s.export(&mut |k, h| t.import(k.to_vec(), h.to_vec()));
+        s.put(leased, 7, 0).unwrap();
+        s.export(&mut |k, h| t.import(k.to_vec(), h.to_vec()))
+            .unwrap();
         t.finish_import();
-        assert_eq!(t.lease_keys(8), vec![b"c".to_vec()]);
-        assert_eq!(t.events(&all, 6, 7, 100, false).unwrap().events.len(), 2);
+        assert_eq!(t.lease_keys(8).unwrap(), vec![b"c".to_vec()]);
+        assert_eq!(
+            t.events(&all, 6, 7, 100, false)
+                .unwrap()
+                .unwrap()
+                .events
+                .len(),
+            2
+        );
     }
 
     fn versions_and_tombstones(mut s: Store) {
         assert!(put(&mut s, "a", "1", 2).is_none());
         let prev = put(&mut s, "a", "2", 3).expect("prev kv");
         assert_eq!((prev.value.as_slice(), prev.mod_revision), (&b"1"[..], 2));
-        let kv = s.get(b"a", crate::mvcc::LATEST).unwrap();
+        let kv = s.get(b"a", crate::mvcc::LATEST).unwrap().unwrap();
         assert_eq!((kv.create_revision, kv.mod_revision, kv.version), (2, 3, 2));
-        let deleted = s.delete_range(&KeyRange::from_request(b"a", b""), 4, 0);
+        let deleted = s
+            .delete_range(&KeyRange::from_request(b"a", b""), 4, 0)
+            .unwrap();
         assert_eq!(deleted.len(), 1);
-        assert!(s.get(b"a", crate::mvcc::LATEST).is_none());
+        assert!(s.get(b"a", crate::mvcc::LATEST).unwrap().is_none());
         put(&mut s, "a", "3", 5);
-        let kv = s.get(b"a", crate::mvcc::LATEST).unwrap();
+        let kv = s.get(b"a", crate::mvcc::LATEST).unwrap().unwrap();
         assert_eq!(
             (kv.create_revision, kv.version),
             (5, 1),
@@ -645,26 +732,30 @@ pub mod conformance {
     fn historical_reads_and_compaction(mut s: Store) {
         put(&mut s, "k", "v2", 2);
         put(&mut s, "k", "v3", 3);
-        s.delete_range(&KeyRange::from_request(b"k", b""), 4, 0);
+        s.delete_range(&KeyRange::from_request(b"k", b""), 4, 0)
+            .unwrap();
         put(&mut s, "j", "v5", 5);
-        assert_eq!(s.get(b"k", 2).unwrap().value, b"v2");
-        assert_eq!(s.get(b"k", 3).unwrap().value, b"v3");
-        assert!(s.get(b"k", 4).is_none());
-        assert!(s.get(b"j", 4).is_none());
+        assert_eq!(s.get(b"k", 2).unwrap().unwrap().value, b"v2");
+        assert_eq!(s.get(b"k", 3).unwrap().unwrap().value, b"v3");
+        assert!(s.get(b"k", 4).unwrap().is_none());
+        assert!(s.get(b"j", 4).unwrap().is_none());
         s.compact(3);
         assert!(matches!(
-            s.range(&range("k", ""), 2),
+            s.range(&range("k", ""), 2).unwrap(),
             Err(EtcdError::Compacted)
         ));
         assert_eq!(
-            s.get(b"k", 3).unwrap().value,
+            s.get(b"k", 3).unwrap().unwrap().value,
             b"v3",
             "the newest version <= compact rev stays"
         );
         s.compact(4);
-        s.purge(4);
-        assert!(s.get(b"k", 4).is_none());
-        let all = s.range(&range("\0", "\0"), crate::mvcc::LATEST).unwrap();
+        s.purge(4).unwrap();
+        assert!(s.get(b"k", 4).unwrap().is_none());
+        let all = s
+            .range(&range("\0", "\0"), crate::mvcc::LATEST)
+            .unwrap()
+            .unwrap();
         assert_eq!(keys(&all), vec!["j"]);
     }
 
@@ -680,6 +771,7 @@ pub mod conformance {
                 },
                 crate::mvcc::LATEST,
             )
+            .unwrap()
             .unwrap();
         assert_eq!(
             (keys(&r), r.count),
@@ -693,6 +785,7 @@ pub mod conformance {
                 },
                 crate::mvcc::LATEST,
             )
+            .unwrap()
             .unwrap();
         assert_eq!((keys(&r), r.count), (vec!["c".to_string(), "d".into()], 4));
         let r = s
@@ -703,9 +796,13 @@ pub mod conformance {
                 },
                 crate::mvcc::LATEST,
             )
+            .unwrap()
             .unwrap();
         assert_eq!((r.kvs.len(), r.count), (0, 3));
-        let r = s.range(&range("b", "a"), crate::mvcc::LATEST).unwrap();
+        let r = s
+            .range(&range("b", "a"), crate::mvcc::LATEST)
+            .unwrap()
+            .unwrap();
         assert_eq!(r.count, 0, "an inverted range is empty");
     }
 
@@ -714,9 +811,10 @@ pub mod conformance {
         put(&mut a, "x", "1", 2);
         put(&mut a, "x", "2", 3);
         let mut b = Store::new(make());
-        a.export(&mut |k, h| b.import(k.to_vec(), h.to_vec()));
-        assert_eq!(b.get(b"x", 2).unwrap().value, b"1");
-        assert_eq!(b.get(b"x", 3).unwrap().value, b"2");
+        a.export(&mut |k, h| b.import(k.to_vec(), h.to_vec()))
+            .unwrap();
+        assert_eq!(b.get(b"x", 2).unwrap().unwrap().value, b"1");
+        assert_eq!(b.get(b"x", 3).unwrap().unwrap().value, b"2");
         assert_eq!(a.size_bytes(), b.size_bytes());
     }
 }

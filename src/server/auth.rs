@@ -172,7 +172,7 @@ impl Core {
     ) -> Result<i64, Status> {
         match self.propose_as(request, caller).await? {
             ApplyResponse::Auth { revision, .. } => Ok(revision),
-            _ => Err(Status::internal("etcdserver: unexpected apply result")),
+            _ => Err(EtcdError::UnexpectedApplyResult(None).into()),
         }
     }
 }
@@ -356,7 +356,7 @@ impl Auth for AuthService {
             });
             let (applied, revision) = match self.core.propose(proposal).await? {
                 ApplyResponse::Auth { applied, revision } => (applied, revision),
-                _ => return Err(Status::internal("etcdserver: unexpected apply result")),
+                _ => return Err(EtcdError::UnexpectedApplyResult(None).into()),
             };
             if checked != self.core.auth.read(|a| a.revision()) {
                 continue;

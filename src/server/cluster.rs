@@ -95,7 +95,7 @@ impl Core {
             .await?
         {
             ApplyResponse::Members(members) => Ok(members),
-            _ => Err(EtcdError::Stopped),
+            _ => Err(crate::error::unexpected_apply_result("a membership change")),
         }
     }
 

@@ -33,8 +33,8 @@ impl KvService {
     }
 }
 
-fn unexpected(what: &str) -> Status {
-    Status::internal(format!("etcdserver: unexpected apply result for {what}"))
+fn unexpected(what: &'static str) -> Status {
+    crate::error::unexpected_apply_result(what).into()
 }
 
 #[tonic::async_trait]

@@ -42,7 +42,7 @@ impl LeaseService {
 }
 
 fn unexpected() -> Status {
-    Status::internal("etcdserver: unexpected apply result for a lease request")
+    crate::error::unexpected_apply_result("a lease request").into()
 }
 
 type KeepAliveStream =
@@ -324,7 +324,7 @@ impl Core {
                 r.header = self.header(r.header.map_or(0, |h| h.revision));
                 Ok(r)
             }
-            _ => Err(EtcdError::Stopped),
+            _ => Err(crate::error::unexpected_apply_result("a lease request")),
         }
     }
 

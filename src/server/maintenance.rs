@@ -67,9 +67,7 @@ impl Maintenance for MaintenanceService {
                 r.header = self.core.header(r.header.map_or(0, |h| h.revision));
                 Ok(Response::new(r))
             }
-            _ => Err(Status::internal(
-                "etcdserver: unexpected apply result for alarm",
-            )),
+            _ => Err(crate::error::unexpected_apply_result("alarm").into()),
         }
     }
 

@@ -738,7 +738,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     } = recover_log(&snapshotter, &cfg.wal_dir(), !cfg.unsafe_no_fsync)?;
     wal.set_max_segments(cfg.max_wals);
     let engine = engine_config(&cfg, &member_dir, member.id)?;
-    let shards = Shards::spawn(cfg.shard_count(), &engine)?;
+    // Fatal errors (a shard's engine failing, the Raft log that cannot be written) come here
+    // and stop the member (see the end of this function).
+    let (fatal_tx, mut fatal_rx) = crate::fatal::FatalTx::channel();
+    let shards = Shards::spawn(cfg.shard_count(), &engine, fatal_tx.clone())?;
     let snapshot_index = snap.as_ref().map_or(0, |s| s.index);
     let log_last_index = recovered.entries.last().map_or(snapshot_index, |e| e.index);
     let start = match record_shard_count(&engine, cfg.shard_count()) {
@@ -864,9 +867,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let apply_thread = std::thread::Builder::new()
         .name("apply".into())
         .spawn(move || dispatcher.run(committed_rx))?;
+    let raft_fatal = fatal_tx.clone();
     let raft_thread = std::thread::Builder::new()
         .name("raft".into())
-        .spawn(move || node.run())?;
+        .spawn(move || {
+            if let Err(e) = node.run() {
+                raft_fatal.report(crate::fatal::FatalError::Raft(e));
+            }
+        })?;
 
     let core = Arc::new_cyclic(|this| Core {
         this: this.clone(),
@@ -1016,75 +1024,94 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             core.stopping
         );
     }
-    // As etcd, a member is ready once it is part of a cluster with a leader (a lone member
-    // elects itself at once). Client listeners already answer meanwhile, with "no leader".
-    let mut waited = 0u64;
-    while core.node.status.leader.load(Ordering::Relaxed) == 0 {
-        if waited.is_multiple_of(5000) && waited > 0 {
-            tracing::info!(waited_ms = waited, "waiting for a Raft leader");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        waited += 10;
-    }
-    // Lease deadlines are right before the first client asks: replay done, then promotion.
-    let promoted = core.promote_leases().await;
-    tokio::spawn(lease::run_lease_clock(core.clone(), promoted));
-    if let Some(retention) = auto_compaction {
-        tokio::spawn(compactor::run(core.clone(), retention));
-    }
-    if !cfg.experimental_corrupt_check_time.is_zero() {
-        let every = cfg.experimental_corrupt_check_time;
-        tokio::spawn(corrupt::run_periodic_check(core.clone(), every));
-    }
-    // As etcd (`publish` closes `readych`), a member is ready only once its name and client
-    // URLs are in the membership table: a client that lists members right after every member
-    // said so sees each one's client URLs (etcd's e2e `memberToRemove` relies on it).
-    cluster::publish_attributes(core.clone()).await;
-    // etcd logs this once the cluster version is known (MetaStore's is fixed); etcd's e2e
-    // TestIssue6361 waits for it from a joining member.
-    tracing::info!(
-        cluster_version = "3.5",
-        "enabled capabilities for version 3.5"
-    );
-    if cfg.auto_promote_learners {
-        tokio::spawn(cluster::auto_promote_learners(core.clone()));
-    }
-    tracing::info!("ready to serve client requests");
-
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let removed = async {
-        let mut every = tokio::time::interval(Duration::from_millis(100));
-        while !core.node.status.removed.load(Ordering::Relaxed) {
-            every.tick().await;
+    // Everything from here until a stop is asked for races the fatal-error channel: a member
+    // that hit one never serves again, whether it was still starting or already serving.
+    let serve = async {
+        // As etcd, a member is ready once it is part of a cluster with a leader (a lone member
+        // elects itself at once). Client listeners already answer meanwhile, with "no leader".
+        let mut waited = 0u64;
+        while core.node.status.leader.load(Ordering::Relaxed) == 0 {
+            if waited.is_multiple_of(5000) && waited > 0 {
+                tracing::info!(waited_ms = waited, "waiting for a Raft leader");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            waited += 10;
+        }
+        // Lease deadlines are right before the first client asks: replay done, then promotion.
+        let promoted = core.promote_leases().await;
+        tokio::spawn(lease::run_lease_clock(core.clone(), promoted));
+        if let Some(retention) = auto_compaction {
+            tokio::spawn(compactor::run(core.clone(), retention));
+        }
+        if !cfg.experimental_corrupt_check_time.is_zero() {
+            let every = cfg.experimental_corrupt_check_time;
+            tokio::spawn(corrupt::run_periodic_check(core.clone(), every));
+        }
+        // As etcd (`publish` closes `readych`), a member is ready only once its name and client
+        // URLs are in the membership table: a client that lists members right after every member
+        // said so sees each one's client URLs (etcd's e2e `memberToRemove` relies on it).
+        cluster::publish_attributes(core.clone()).await;
+        // etcd logs this once the cluster version is known (MetaStore's is fixed); etcd's e2e
+        // TestIssue6361 waits for it from a joining member.
+        tracing::info!(
+            cluster_version = "3.5",
+            "enabled capabilities for version 3.5"
+        );
+        if cfg.auto_promote_learners {
+            tokio::spawn(cluster::auto_promote_learners(core.clone()));
+        }
+        tracing::info!("ready to serve client requests");
+
+        let removed = async {
+            let mut every = tokio::time::interval(Duration::from_millis(100));
+            while !core.node.status.removed.load(Ordering::Relaxed) {
+                every.tick().await;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("received SIGINT, stopping gracefully"),
+            _ = term.recv() => tracing::info!("received SIGTERM, stopping gracefully"),
+            _ = removed => {
+                // As etcd: answer what is in flight for a moment, then stop for good.
+                tracing::warn!("the member has been permanently removed from the cluster; stopping in 1 s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Some(r) = servers.join_next() => {
+                r??;
+                anyhow::bail!("a listener stopped");
+            }
+            Some(r) = client_servers.join_next() => {
+                r??;
+                anyhow::bail!("a listener stopped");
+            }
+        }
+        anyhow::Ok(())
+    };
+    let fatal = tokio::select! {
+        served = serve => {
+            served?;
+            None
+        }
+        Some(e) = fatal_rx.recv() => {
+            tracing::error!(error = %e, "fatal error; stopping the member");
+            Some(e)
         }
     };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("received SIGINT, stopping gracefully"),
-        _ = term.recv() => tracing::info!("received SIGTERM, stopping gracefully"),
-        _ = removed => {
-            // As etcd: answer what is in flight for a moment, then stop for good.
-            tracing::warn!("the member has been permanently removed from the cluster; stopping in 1 s");
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-        Some(r) = servers.join_next() => {
-            r??;
-            anyhow::bail!("a listener stopped");
-        }
-        Some(r) = client_servers.join_next() => {
-            r??;
-            anyhow::bail!("a listener stopped");
-        }
-    }
-    // A second signal while draining: stop at once.
-    tokio::spawn(async move {
+    // A second signal while draining: stop at once (run returns, and the process exits 1).
+    let second_signal = async {
         let signal = tokio::select! {
             _ = tokio::signal::ctrl_c() => "SIGINT",
             _ = term.recv() => "SIGTERM",
         };
         tracing::warn!(signal, "second signal while stopping; exiting at once");
-        std::process::exit(1);
-    });
-    stop(&core, client_servers, raft_thread, apply_thread).await;
+    };
+    // After a fatal error no leader transfer: this member's log or state can no longer be
+    // trusted to hand over, and the Raft thread may be gone.
+    tokio::select! {
+        _ = stop(&core, client_servers, raft_thread, apply_thread, fatal.is_none()) => {}
+        _ = second_signal => anyhow::bail!("second signal while stopping"),
+    }
     drop(servers);
     // The shards' queues stay open until the process exits, as they did before the Raft and
     // apply threads could stop: the last queue sender going away (the runtime dropping the
@@ -1092,7 +1119,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     // exits, which aborts. Everything acknowledged is in the fsynced WAL, and the shards are
     // idle once the apply thread has finished.
     std::mem::forget(shards);
-    Ok(())
+    match fatal {
+        // Printed by main as "metastore: error: {e}"; the process exits 1.
+        Some(e) => Err(anyhow::Error::msg(e.to_string())),
+        None => Ok(()),
+    }
 }
 
 /// How long [`stop`] lets the client connections finish their requests (etcd's `stopServers`
@@ -1111,7 +1142,8 @@ const THREADS_TIMEOUT: Duration = Duration::from_secs(5);
 /// 2. Requests in flight are answered: the client servers are waited for, at most
 ///    [`DRAIN_TIMEOUT`], then aborted.
 /// 3. A leader with other voters hands leadership over ([`transfer_leadership`]) so that the
-///    cluster does not wait an election timeout for a new one.
+///    cluster does not wait an election timeout for a new one; skipped when `transfer` is
+///    false (a stop on a fatal error).
 /// 4. The Raft thread is asked to stop ([`NodeMsg::Stop`]) after the round it is in (its WAL
 ///    writes done); the apply thread then ends once it has applied what it was handed. Both
 ///    are waited for, at most [`THREADS_TIMEOUT`] each.
@@ -1124,6 +1156,7 @@ async fn stop(
     mut client_servers: tokio::task::JoinSet<Result<(), tonic::transport::Error>>,
     raft_thread: std::thread::JoinHandle<()>,
     apply_thread: std::thread::JoinHandle<()>,
+    transfer: bool,
 ) {
     tracing::info!("stopping: no new client requests; ending watch and keep-alive streams");
     core.stopping.cancel();
@@ -1141,7 +1174,9 @@ async fn stop(
             client_servers.abort_all();
         }
     }
-    transfer_leadership(core).await;
+    if transfer {
+        transfer_leadership(core).await;
+    }
     tracing::info!("stopping: stopping the raft thread");
     let (tx, rx) = tokio::sync::oneshot::channel();
     if core.node.tx.send_async(NodeMsg::Stop(tx)).await.is_ok() {

@@ -78,7 +78,7 @@ impl Core {
                 r.header = self.header(r.header.map_or(0, |h| h.revision));
                 Ok(r)
             }
-            _ => Err(EtcdError::Stopped),
+            _ => Err(crate::error::unexpected_apply_result("txn")),
         }
     }
 
@@ -273,9 +273,7 @@ impl Lock for LockService {
             ApplyResponse::DeleteRange(r) => Ok(Response::new(UnlockResponse {
                 header: self.core.header(r.header.map_or(0, |h| h.revision)),
             })),
-            _ => Err(Status::internal(
-                "etcdserver: unexpected apply result for unlock",
-            )),
+            _ => Err(crate::error::unexpected_apply_result("unlock").into()),
         }
     }
 }

@@ -17,6 +17,8 @@ use tokio::sync::oneshot;
 
 pub use crate::config::EngineKind;
 use crate::error::EtcdError;
+use crate::fatal::{FatalError, FatalTx};
+use crate::mvcc::engine::StorageError;
 use crate::mvcc::engine::{Engine, Live, VersionRecord};
 use crate::mvcc::engine::{FlushState, RecoveredState};
 use crate::mvcc::memory::MemoryEngine;
@@ -50,23 +52,28 @@ pub struct EngineConfig {
 }
 
 impl EngineConfig {
-    fn open(&self, shard: usize, shards: usize) -> Result<Box<dyn Engine>, String> {
+    fn open(&self, shard: usize, shards: usize) -> Result<Box<dyn Engine>, StorageError> {
         match self.kind {
             EngineKind::Memory => Ok(Box::new(MemoryEngine::new())),
             EngineKind::Rocksdb => {
                 let dir = self.dir.join(shard.to_string());
                 if self.create {
-                    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                    std::fs::create_dir_all(&dir).map_err(|error| StorageError::Io {
+                        context: dir.display().to_string(),
+                        error,
+                    })?;
                 }
                 let identity = ShardIdentity {
                     member_id: self.member_id,
                     shard: shard as u64,
                     shards: shards as u64,
                 };
-                Ok(Box::new(
-                    RocksEngine::open_shard(&dir, &self.rocks, identity, self.create)
-                        .map_err(|e| e.to_string())?,
-                ))
+                Ok(Box::new(RocksEngine::open_shard(
+                    &dir,
+                    &self.rocks,
+                    identity,
+                    self.create,
+                )?))
             }
         }
     }
@@ -173,8 +180,8 @@ pub enum ApplyCmd {
     Checkpoint {
         /// Target directory (must not exist).
         dir: std::path::PathBuf,
-        /// Receives the outcome.
-        reply: oneshot::Sender<Result<(), String>>,
+        /// Receives the outcome (a failed checkpoint is not fatal: it is retried).
+        reply: oneshot::Sender<Result<(), StorageError>>,
     },
     /// Dump every key's history (for a snapshot).
     Export {
@@ -532,9 +539,12 @@ impl Shards {
     /// [`shard_cpus`]), so `taskset`, systemd's `CPUAffinity=` and cgroup cpusets decide where
     /// shards run and the placement is the same on every start.
     ///
+    /// A shard whose engine fails later (a corrupt block, a failed write) stops serving and
+    /// sends the [`StorageError`] up `fatal`, as a [`FatalError::Storage`].
+    ///
     /// Errors: a shard whose engine cannot be opened (for RocksDB: the path and RocksDB's
     /// reason).
-    pub fn spawn(count: usize, engine: &EngineConfig) -> anyhow::Result<Shards> {
+    pub fn spawn(count: usize, engine: &EngineConfig, fatal: FatalTx) -> anyhow::Result<Shards> {
         let cpus = shard_cpus()?;
         let mut handles = Vec::with_capacity(count);
         let sizes: Arc<[ShardSize]> = (0..count).map(|_| ShardSize::default()).collect();
@@ -549,13 +559,14 @@ impl Shards {
             let (opened_tx, opened_rx) = std::sync::mpsc::channel();
             let config = engine.clone();
             let sizes = sizes.clone();
+            let fatal = fatal.clone();
             let thread = glommio::LocalExecutorBuilder::new(placement)
                 .name(&format!("shard-{i}"))
                 .spawn(move || async move {
                     match config.open(i, count) {
                         Ok(engine) => {
                             let _ = opened_tx.send(Ok(()));
-                            run_shard(i, engine, sizes, apply_rx, read_rx).await;
+                            run_shard(i, engine, sizes, apply_rx, read_rx, fatal).await;
                         }
                         Err(e) => {
                             let _ = opened_tx.send(Err(e));
@@ -598,22 +609,48 @@ impl Shards {
     }
 }
 
+/// Serves a shard's queues until they close, or until its engine fails: then the shard stops
+/// serving at once (its read task too: commands already queued are dropped unanswered, which
+/// requesters see as "server stopped"), logs the error and sends it up `fatal`.
 async fn run_shard(
     shard: usize,
     engine: Box<dyn Engine>,
     sizes: Arc<[ShardSize]>,
     apply_rx: flume::Receiver<ApplyCmd>,
     read_rx: flume::Receiver<ReadCmd>,
+    fatal: FatalTx,
 ) {
+    // Set once either task hits a storage error: neither serves anything after it.
+    let failed = Rc::new(std::cell::Cell::new(false));
+    let fail = {
+        let failed = failed.clone();
+        move |e: StorageError| {
+            if !failed.replace(true) {
+                e.log_fatal();
+                fatal.report(FatalError::Storage(e));
+            }
+        }
+    };
     let store = Store::new(engine);
-    let durable_index = store.recover().map_or(0, |r| r.applied_index);
+    let durable_index = match store.recover() {
+        Ok(state) => state.map_or(0, |r| r.applied_index),
+        Err(e) => return fail(e),
+    };
     sizes[shard].set(&store);
     let store = Rc::new(RefCell::new(store));
     let reader = store.clone();
     let reader_sizes = sizes.clone();
+    let reader_fail = fail.clone();
+    let reader_failed = failed.clone();
     glommio::spawn_local(async move {
         while let Ok(cmd) = read_rx.recv_async().await {
-            handle_read(&reader.borrow(), &reader_sizes[shard], cmd);
+            if reader_failed.get() {
+                break;
+            }
+            if let Err(e) = handle_read(&reader.borrow(), &reader_sizes[shard], cmd) {
+                reader_fail(e);
+                break;
+            }
             glommio::yield_if_needed().await;
         }
     })
@@ -624,14 +661,28 @@ async fn run_shard(
         entry_index: u64::MAX,
     };
     while let Ok(cmd) = apply_rx.recv_async().await {
+        if failed.get() {
+            return;
+        }
         if let ApplyCmd::Purge { rev } = cmd {
             // Purging a large history is long: do it in steps and let reads run in between.
-            while !store.borrow_mut().purge_some(rev, PURGE_STEP) {
+            loop {
+                match store.borrow_mut().purge_some(rev, PURGE_STEP) {
+                    Ok(true) => break,
+                    Ok(false) => {}
+                    Err(e) => return fail(e),
+                }
                 glommio::executor().yield_now().await;
+                if failed.get() {
+                    return;
+                }
             }
             continue;
         }
-        handle_apply(&mut store.borrow_mut(), &mut replay, &sizes[shard], cmd);
+        let done = handle_apply(&mut store.borrow_mut(), &mut replay, &sizes[shard], cmd);
+        if let Err(e) = done {
+            return fail(e);
+        }
         glommio::yield_if_needed().await;
     }
 }
@@ -656,10 +707,11 @@ impl Replay {
     }
 }
 
-fn handle_read(store: &Store, size: &ShardSize, cmd: ReadCmd) {
+/// Serves one read. A storage error is returned (and the reply dropped unanswered).
+fn handle_read(store: &Store, size: &ShardSize, cmd: ReadCmd) -> Result<(), StorageError> {
     match cmd {
         ReadCmd::Range { req, rev, reply } => {
-            let _ = reply.send(store.range(&req, rev));
+            let _ = reply.send(store.range(&req, rev)?);
         }
         ReadCmd::Events {
             range,
@@ -669,10 +721,10 @@ fn handle_read(store: &Store, size: &ShardSize, cmd: ReadCmd) {
             prev_kv,
             reply,
         } => {
-            let _ = reply.send(store.events(&range, from, to, limit, prev_kv));
+            let _ = reply.send(store.events(&range, from, to, limit, prev_kv)?);
         }
         ReadCmd::LeaseKeys { lease, reply } => {
-            let _ = reply.send(store.lease_keys(lease));
+            let _ = reply.send(store.lease_keys(lease)?);
         }
         ReadCmd::HashKv {
             rev,
@@ -682,7 +734,7 @@ fn handle_read(store: &Store, size: &ShardSize, cmd: ReadCmd) {
             let mut sum = 0u32;
             store.export(&mut |k, h| {
                 sum = sum.wrapping_add(crate::mvcc::kv_hash(k, h, rev, compact_revision))
-            });
+            })?;
             let _ = reply.send(sum);
         }
         ReadCmd::Defragment { reply } => {
@@ -691,10 +743,17 @@ fn handle_read(store: &Store, size: &ShardSize, cmd: ReadCmd) {
             let _ = reply.send(());
         }
     }
+    Ok(())
 }
 
-// Replies are best-effort: a dropped receiver means the requester gave up.
-fn handle_apply(store: &mut Store, replay: &mut Replay, size: &ShardSize, cmd: ApplyCmd) {
+// Replies are best-effort: a dropped receiver means the requester gave up. A storage error is
+// returned (and the reply dropped unanswered).
+fn handle_apply(
+    store: &mut Store,
+    replay: &mut Replay,
+    size: &ShardSize,
+    cmd: ApplyCmd,
+) -> Result<(), StorageError> {
     match cmd {
         ApplyCmd::Put {
             req,
@@ -710,19 +769,19 @@ fn handle_apply(store: &mut Store, replay: &mut Replay, size: &ShardSize, cmd: A
                 ignore_lease: req.ignore_lease,
             };
             let prev = if replay.skipping() {
-                store.replayed_put(&req.key, rev)
+                store.replayed_put(&req.key, rev)?
             } else {
-                store.put(args, rev, sub)
+                store.put(args, rev, sub)?
             };
             if let Some(reply) = reply {
                 let _ = reply.send(prev);
             }
         }
         ApplyCmd::LeaseKeys { lease, reply } => {
-            let _ = reply.send(store.lease_keys(lease));
+            let _ = reply.send(store.lease_keys(lease)?);
         }
         ApplyCmd::Get { key, rev, reply } => {
-            let _ = reply.send(store.get(&key, rev));
+            let _ = reply.send(store.get(&key, rev)?);
         }
         ApplyCmd::Delete {
             range,
@@ -731,17 +790,21 @@ fn handle_apply(store: &mut Store, replay: &mut Replay, size: &ShardSize, cmd: A
             reply,
         } => {
             let deleted = if replay.skipping() {
-                store.replayed_delete(&range, rev)
+                store.replayed_delete(&range, rev)?
             } else {
-                store.delete_range(&range, rev, sub)
+                store.delete_range(&range, rev, sub)?
             };
             let _ = reply.send(deleted);
         }
         ApplyCmd::Compare { cmps, rev, reply } => {
-            let _ = reply.send(cmps.iter().map(|c| store.compare(c, rev)).collect());
+            let evals = cmps
+                .iter()
+                .map(|c| store.compare(c, rev))
+                .collect::<Result<_, _>>()?;
+            let _ = reply.send(evals);
         }
         ApplyCmd::Range { req, rev, reply } => {
-            let _ = reply.send(store.range(&req, rev));
+            let _ = reply.send(store.range(&req, rev)?);
         }
         ApplyCmd::RevokeLease {
             lease,
@@ -750,14 +813,14 @@ fn handle_apply(store: &mut Store, replay: &mut Replay, size: &ShardSize, cmd: A
             reply,
         } => {
             let deleted = if replay.skipping() {
-                store.replayed_revoke(lease, rev)
+                store.replayed_revoke(lease, rev)?
             } else {
-                store.revoke_lease(lease, rev, sub)
+                store.revoke_lease(lease, rev, sub)?
             };
             let _ = reply.send(deleted);
         }
         ApplyCmd::Compact { rev } => store.compact(rev),
-        ApplyCmd::Purge { rev } => store.purge(rev), // normally handled in steps by run_shard
+        ApplyCmd::Purge { rev } => store.purge(rev)?, // normally handled in steps by run_shard
         ApplyCmd::Entry { index } => replay.entry_index = index,
         ApplyCmd::Barrier { state, reply } => {
             // Crash-test hook (test builds only): FAILPOINTS="shard-before-flush=return(N)"
@@ -777,25 +840,25 @@ fn handle_apply(store: &mut Store, replay: &mut Replay, size: &ShardSize, cmd: A
                     revision: state.revision,
                     compact_revision: state.compact_revision,
                     lease_changes: &state.lease_changes,
-                });
+                })?;
             }
             replay.entry_index = u64::MAX;
             size.set(store);
             let _ = reply.send(());
         }
         ApplyCmd::Recover { reply } => {
-            let _ = reply.send(store.recover());
+            let _ = reply.send(store.recover()?);
         }
         ApplyCmd::Checkpoint { dir, reply } => {
             let _ = reply.send(store.checkpoint(&dir));
         }
         ApplyCmd::Export { reply } => {
             let mut keys = Vec::new();
-            store.export(&mut |k, h| keys.push(history_to_proto(k, h)));
+            store.export(&mut |k, h| keys.push(history_to_proto(k, h)))?;
             let _ = reply.send(keys);
         }
         ApplyCmd::Reset => {
-            store.reset();
+            store.reset()?;
             replay.durable_index = 0;
             replay.entry_index = u64::MAX;
             size.set(store);
@@ -812,6 +875,7 @@ fn handle_apply(store: &mut Store, replay: &mut Replay, size: &ShardSize, cmd: A
             store.set_compact_revision(compact_revision);
         }
     }
+    Ok(())
 }
 
 /// Encodes a key's history for a snapshot.

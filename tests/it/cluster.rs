@@ -890,7 +890,7 @@ async fn initial_corrupt_check_refuses_a_member_whose_data_differs() {
     {
         let dir = cluster.data_dir(2).join("member/shards/0");
         let mut engine = RocksEngine::open(&dir, &RocksOptions::default()).unwrap();
-        let state = engine.recover().expect("an applied state");
+        let state = engine.recover().unwrap().expect("an applied state");
         engine.append(
             b"cc/00",
             VersionRecord {
@@ -904,13 +904,15 @@ async fn initial_corrupt_check_refuses_a_member_whose_data_differs() {
                 }),
             },
         );
-        engine.flush(&FlushState {
-            applied_index: state.applied_index,
-            applied_term: state.applied_term,
-            revision: state.revision,
-            compact_revision: state.compact_revision,
-            lease_changes: &[],
-        });
+        engine
+            .flush(&FlushState {
+                applied_index: state.applied_index,
+                applied_term: state.applied_term,
+                revision: state.revision,
+                compact_revision: state.compact_revision,
+                lease_changes: &[],
+            })
+            .unwrap();
     }
     let refused = match cluster.try_restart(2) {
         Ok(()) => panic!(
