@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 use etcd_client::{AlarmAction, AlarmOptions, AlarmType, Client, LeaseGrantOptions};
 
 use crate::cluster::CLUSTER_LOCK;
-use crate::cluster_harness::Cluster;
-use crate::harness::{etcdctl, ok_stdout};
+use crate::harness::{etcdctl, ok_stdout, Cluster};
 
 /// `etcdctl alarm list` against member `i` alone.
 fn alarm_list(cluster: &Cluster, i: usize) -> String {

@@ -9,8 +9,7 @@ use etcd_client::{
 use tonic::Code;
 
 use crate::cluster::CLUSTER_LOCK;
-use crate::cluster_harness::Cluster;
-use crate::harness::{ok_stdout, Server};
+use crate::harness::{ok_stdout, Cluster, Server};
 use crate::util::grpc_err;
 
 const FAST: &[&str] = &["--bcrypt-cost", "4"];

@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 use etcd_client::{Client, GetOptions};
 use tokio::sync::Mutex;
 
-use crate::cluster_harness::Cluster;
-use crate::harness::{etcdctl, ok_stdout};
+use crate::harness::{etcdctl, ok_stdout, Cluster};
 
 /// One cluster at a time.
 pub static CLUSTER_LOCK: Mutex<()> = Mutex::const_new(());

@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 use etcd_client::{Client, GetOptions, PutOptions};
 
 use crate::cluster::CLUSTER_LOCK;
-use crate::cluster_harness::Cluster;
-use crate::harness::{etcdctl, ok_stdout, Server};
+use crate::harness::{etcdctl, ok_stdout, Cluster, Server};
 
 /// Waits until `log()` contains `needle`; panics with the log after `timeout`.
 fn wait_for_log(what: &str, log: impl Fn() -> String, needle: &str, timeout: Duration) {

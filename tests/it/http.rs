@@ -11,8 +11,7 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 use crate::cluster::CLUSTER_LOCK;
-use crate::cluster_harness::Cluster;
-use crate::harness::{free_port, Server};
+use crate::harness::{free_port, Cluster, Server};
 
 /// One curl answer: status code, headers (lower-cased names) and body.
 struct Answer {

@@ -840,7 +840,10 @@ async fn periodic_auto_compaction() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    assert!(server.wait_log("finished auto-compaction", std::time::Duration::from_secs(10)));
+    assert!(server.wait_log(
+        "finished auto-compaction",
+        std::time::Duration::from_secs(10)
+    ));
     // Compaction drops history only: the latest values stay.
     let got = c
         .get("auto/", Some(GetOptions::new().with_prefix()))

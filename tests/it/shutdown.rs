@@ -9,8 +9,7 @@ use std::time::Duration;
 use etcd_client::{GetOptions, WatchOptions};
 
 use crate::cluster::CLUSTER_LOCK;
-use crate::cluster_harness::Cluster;
-use crate::harness::Server;
+use crate::harness::{Cluster, Server};
 
 /// Every key under `prefix`.
 async fn keys_under(c: &mut etcd_client::Client, prefix: &str) -> BTreeSet<String> {

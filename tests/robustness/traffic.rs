@@ -27,7 +27,7 @@ use etcd_client::{
 };
 use tokio::time::{sleep, timeout};
 
-use crate::cluster::{signal, Cluster, ELECTION_MS};
+use crate::harness::{signal, Cluster, ELECTION_MS};
 use crate::linearizability::{check, Operation, Verdict, INFINITY};
 use crate::model::{Cond, Request, Response, State};
 use crate::watch::{validate_all, Event, Kv, KvHistory, Session, WatchResp};
@@ -415,7 +415,7 @@ async fn read_history(cluster: &Cluster, last: i64) -> Vec<(i64, BTreeMap<String
     let mut tasks = tokio::task::JoinSet::new();
     for r in 0..READERS {
         let mut c = cluster
-            .client(r as usize % cluster.len())
+            .try_client(r as usize % cluster.len())
             .await
             .expect("connect");
         tasks.spawn(async move {
@@ -542,7 +542,11 @@ pub fn lost_writes(ops: &[Operation], history: &KvHistory) -> Vec<String> {
 
 /// Runs the profile on `engine` for `run_for` and checks everything; returns the summary.
 pub async fn run(engine: &str, run_for: Duration) -> Summary {
-    let mut cluster = Cluster::start(3, &["--storage-engine", engine]).await;
+    // The server's own shard count (one per CPU), not the harness's test default of one.
+    let shards = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .to_string();
+    let mut cluster = Cluster::start(3, &["--storage-engine", engine, "--shards", &shards]).await;
     let endpoints = cluster.endpoints();
     let start = Instant::now();
     let stop_clients = Arc::new(AtomicBool::new(false));
@@ -609,7 +613,7 @@ pub async fn run(engine: &str, run_for: Duration) -> Summary {
         tries += 1;
         let leader = cluster.wait_for_leader(Duration::from_secs(60)).await;
         let read = async {
-            let mut c = cluster.client(leader).await?;
+            let mut c = cluster.try_client(leader).await?;
             c.get(PREFIX, Some(GetOptions::new().with_prefix())).await
         };
         match timeout(Duration::from_secs(5), read).await {
