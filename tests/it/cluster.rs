@@ -9,6 +9,7 @@ use etcd_client::{Client, GetOptions};
 use tokio::sync::Mutex;
 
 use crate::harness::{etcdctl, ok_stdout, Cluster};
+use crate::util::{put_rev, Rev};
 
 /// One cluster at a time.
 pub static CLUSTER_LOCK: Mutex<()> = Mutex::const_new(());
@@ -331,23 +332,17 @@ async fn follower_reads_see_the_latest_write_and_never_go_back() {
     let mut on_follower = cluster.client(follower).await;
     let mut last_serializable = 0;
     for n in 0..50 {
-        let rev = on_leader
-            .put("counter", n.to_string(), None)
-            .await
-            .unwrap()
-            .header()
-            .unwrap()
-            .revision();
+        let rev = put_rev(&mut on_leader, "counter", n.to_string()).await;
         // Linearizable (the default): ReadIndex through the leader, then wait to apply.
         let got = on_follower.get("counter", None).await.unwrap();
         assert_eq!(got.kvs()[0].value_str().unwrap(), n.to_string());
-        assert!(got.header().unwrap().revision() >= rev);
+        assert!(got.rev() >= rev);
         // Serializable: local, may lag, but one member never goes back in time.
         let local = on_follower
             .get("counter", Some(GetOptions::new().with_serializable()))
             .await
             .unwrap();
-        let seen = local.header().unwrap().revision();
+        let seen = local.rev();
         assert!(
             seen >= last_serializable,
             "went back from {last_serializable} to {seen}"
@@ -664,13 +659,7 @@ async fn members_whose_log_was_compacted_away_catch_up_through_a_snapshot() {
             .unwrap();
     }
     c.delete("k0", None).await.unwrap();
-    let rev = c
-        .put("mark", "1", None)
-        .await
-        .unwrap()
-        .header()
-        .unwrap()
-        .revision();
+    let rev = put_rev(&mut c, "mark", "1").await;
     c.compact(rev - 10, None).await.unwrap();
     // With a voter down, membership changes are refused (etcd's strict reconfiguration
     // check) as soon as the leader notices; until then this add fails at apply time instead,

@@ -11,6 +11,7 @@ use std::time::Duration;
 use etcd_client::{Client, GetOptions};
 
 use crate::harness::Server;
+use crate::util::Rev;
 
 const ROCKS: [&str; 2] = ["--storage-engine", "rocksdb"];
 
@@ -133,13 +134,7 @@ async fn sigkill_under_write_load_then_resume_from_applied_index() {
     // Let the load run until a few hundred writes are acknowledged, then kill mid-stream.
     let mut c = server.client().await;
     for _ in 0..200 {
-        let rev = c
-            .get("ctr/0", None)
-            .await
-            .unwrap()
-            .header()
-            .unwrap()
-            .revision();
+        let rev = c.get("ctr/0", None).await.unwrap().rev();
         if rev > 400 {
             break;
         }
@@ -219,7 +214,7 @@ async fn quota_raises_nospace_until_compacted_and_disarmed() {
     let mut refused = None;
     for _ in 0..200 {
         match c.put("quota", value.clone(), None).await {
-            Ok(r) => last = r.header().unwrap().revision(),
+            Ok(r) => last = r.rev(),
             Err(e) => {
                 refused = Some(e.to_string());
                 break;
