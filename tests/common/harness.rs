@@ -646,9 +646,10 @@ impl Cluster {
     /// Waits until every running member in `among` reports the same leader and term, and that
     /// leader is one of them; returns the leader's index.
     pub async fn wait_for_leader_among(&self, among: &[usize], timeout: Duration) -> usize {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let mut seen = Vec::new();
+        let mut seen = Vec::new();
+        let mut found = None;
+        wait_until_async(timeout, async || {
+            seen.clear();
             for &i in among {
                 seen.push(self.status(i).await);
             }
@@ -656,20 +657,19 @@ impl Cluster {
                 let agreed = seen
                     .iter()
                     .all(|s| matches!(s, Some((l, t, _)) if *l == leader && *t == term));
-                let index = among.iter().copied().find(|i| self.ids[*i] == leader);
                 if agreed && leader != 0 {
-                    if let Some(i) = index {
-                        return i;
-                    }
+                    found = among.iter().copied().find(|i| self.ids[*i] == leader);
                 }
             }
-            assert!(
-                Instant::now() < deadline,
+            found.is_some()
+        })
+        .await;
+        found.unwrap_or_else(|| {
+            panic!(
                 "no agreed leader among {among:?} within {timeout:?}: {seen:?}\n{}",
                 self.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            )
+        })
     }
 
     /// [`Cluster::wait_for_leader_among`] over every running member.
@@ -740,9 +740,10 @@ impl Cluster {
     /// after `timeout`). Wait for something a user can see instead, as
     /// `auth_works_across_members_restarts_and_snapshots` does.
     pub async fn wait_converged(&self, timeout: Duration) -> i64 {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let mut hashes = Vec::new();
+        let mut hashes = Vec::new();
+        let mut converged = None;
+        wait_until_async(timeout, async || {
+            hashes.clear();
             for i in self.live() {
                 let mut c = self.client(i).await;
                 let h = match c.hash_kv(0).await {
@@ -753,16 +754,13 @@ impl Cluster {
             }
             if let Some((rev, _)) = hashes[0] {
                 if hashes.iter().all(|h| *h == hashes[0]) {
-                    return rev.unwrap_or(0);
+                    converged = Some(rev.unwrap_or(0));
                 }
             }
-            assert!(
-                Instant::now() < deadline,
-                "members did not converge: {hashes:?}\n{}",
-                self.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            converged.is_some()
+        })
+        .await;
+        converged.unwrap_or_else(|| panic!("members did not converge: {hashes:?}\n{}", self.logs()))
     }
 
     /// Registers a new member (not started) that joins with `--initial-cluster-state

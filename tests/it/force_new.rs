@@ -8,23 +8,13 @@ use std::time::{Duration, Instant};
 use etcd_client::{Client, GetOptions, PutOptions};
 
 use crate::cluster::CLUSTER_LOCK;
-use crate::harness::{etcdctl, ok_stdout, Cluster, Server};
+use crate::harness::{etcdctl, ok_stdout, wait_until, Cluster, Server};
 use crate::util::Rev;
 
 /// Waits until `log()` contains `needle`; panics with the log after `timeout`.
 fn wait_for_log(what: &str, log: impl Fn() -> String, needle: &str, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let text = log();
-        if text.contains(needle) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what} never logged {needle:?}:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let logged = wait_until(timeout, || log().contains(needle));
+    assert!(logged, "{what} never logged {needle:?}:\n{}", log());
 }
 
 /// Member IDs in member `i`'s MemberList.

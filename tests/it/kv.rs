@@ -6,7 +6,7 @@ use etcd_client::{
 };
 use tonic::Code;
 
-use crate::harness::Server;
+use crate::harness::{wait_until_async, Server};
 use crate::util::{grpc_err, keys, put_rev, strs, values, Rev, COMPACTED, FUTURE_REV};
 
 #[tokio::test]
@@ -765,8 +765,7 @@ async fn periodic_auto_compaction() {
     for i in 1..=5 {
         put_rev(&mut c, &format!("auto/{i}"), "v").await;
     }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
+    let compacted = wait_until_async(std::time::Duration::from_secs(20), async || {
         match c
             .get("auto/1", Some(GetOptions::new().with_revision(2)))
             .await
@@ -776,16 +775,17 @@ async fn periodic_auto_compaction() {
                     grpc_err::<()>(Err(e)),
                     (Code::OutOfRange, COMPACTED.to_string())
                 );
-                break;
+                true
             }
-            Ok(_) => assert!(
-                std::time::Instant::now() < deadline,
-                "no auto-compaction after 20 s:\n{}",
-                server.log()
-            ),
+            Ok(_) => false,
         }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    })
+    .await;
+    assert!(
+        compacted,
+        "no auto-compaction after 20 s:\n{}",
+        server.log()
+    );
     assert!(server.wait_log(
         "finished auto-compaction",
         std::time::Duration::from_secs(10)

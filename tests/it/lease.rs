@@ -9,7 +9,7 @@ use etcd_client::{
 };
 use tonic::Code;
 
-use crate::harness::{ok_stdout, Server};
+use crate::harness::{ok_stdout, wait_until_async, Server};
 use crate::util::{grpc_err, keys, put_rev, strs, Rev};
 use crate::watch::{connect, del_ev, ev, fence, next_resp, open, WAIT};
 
@@ -338,19 +338,15 @@ async fn keep_alive_holds_a_lease() {
     assert_eq!(ttl_of(&mut c, l).await.0, -1);
 }
 
-/// Waits (at most 10 s, polling every 100 ms: lease expiry is about time) until `key` is gone.
+/// Waits (at most 10 s) until `key` is gone; how long that took.
 async fn wait_gone(c: &mut Client, key: &str) -> Duration {
     let start = Instant::now();
-    loop {
-        if c.get(key, None).await.unwrap().kvs().is_empty() {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "{key} still present after 10 s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let gone = wait_until_async(Duration::from_secs(10), async || {
+        c.get(key, None).await.unwrap().kvs().is_empty()
+    })
+    .await;
+    assert!(gone, "{key} still present after 10 s");
+    start.elapsed()
 }
 
 #[tokio::test]

@@ -80,6 +80,7 @@ async fn sigterm_ends_watches_and_loses_no_acknowledged_put() {
         let writers: Vec<_> = (0..2)
             .map(|w| tokio::spawn(write_until_error(c.clone(), cycle, w, written.clone())))
             .collect();
+        // Not waiting for a state: the writers run a moment, so that SIGTERM lands mid-load.
         tokio::time::sleep(Duration::from_millis(300)).await;
         server.terminate();
         // The watch delivers events until the member stops, then etcd's error.
