@@ -432,11 +432,14 @@ async fn grpc_keepalive_min_time_sends_away_clients_that_ping_too_often() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::try_start(dir.path(), &[]).expect("starts");
     let _eager = pinging_client(&server, Duration::from_millis(100)).await;
+    // Async: the pinging client runs on this (current-thread) runtime, which a blocking
+    // Server::wait_log would stall.
+    let sent_away = wait_until_async(Duration::from_secs(20), async || {
+        server.log().contains("Got too many pings from the client")
+    })
+    .await;
     assert!(
-        server.wait_log(
-            "Got too many pings from the client",
-            Duration::from_secs(20)
-        ),
+        sent_away,
         "no GOAWAY for 10 pings a second:\n{}",
         server.log()
     );
