@@ -5,8 +5,8 @@
 //! other and added to. Also: `etcdctl`, a reference [`Etcd`], and [`wait_until`] /
 //! [`wait_until_async`] for waiting on a condition with a deadline.
 //!
-//! Both test targets include this file: `tests/it` (`mod harness;` in its `main.rs`) and
-//! `tests/robustness`, each as `#[path = "../common/harness.rs"] mod harness;`.
+//! Both test targets include this file, `tests/it` and `tests/robustness`, each from its
+//! `main.rs` as `#[path = "../common/harness.rs"] mod harness;`.
 
 // Each target uses a different part of the harness.
 #![allow(dead_code)]
