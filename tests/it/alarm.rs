@@ -4,13 +4,12 @@
 //! (`--experimental-corrupt-check-time`) raises CORRUPT for a member whose data diverged.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use etcd_client::{AlarmAction, AlarmOptions, AlarmType, Client, LeaseGrantOptions};
 
 use crate::cluster::CLUSTER_LOCK;
-use crate::cluster_harness::Cluster;
-use crate::harness::{etcdctl, ok_stdout};
+use crate::harness::{etcdctl, ok_stdout, wait_until, Cluster};
 
 /// `etcdctl alarm list` against member `i` alone.
 fn alarm_list(cluster: &Cluster, i: usize) -> String {
@@ -20,23 +19,20 @@ fn alarm_list(cluster: &Cluster, i: usize) -> String {
 /// Waits until `etcdctl alarm list` on every running member prints `want` (the whole output,
 /// trimmed); panics with what each printed otherwise.
 fn wait_alarm_lists(cluster: &Cluster, want: &str, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let seen: Vec<String> = cluster
+    let mut seen: Vec<String> = Vec::new();
+    let all = wait_until(timeout, || {
+        seen = cluster
             .live()
             .into_iter()
             .map(|i| alarm_list(cluster, i).trim().to_string())
             .collect();
-        if seen.iter().all(|s| s == want) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "alarm lists {seen:?}, want {want:?} on every member\n{}",
-            cluster.logs()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        seen.iter().all(|s| s == want)
+    });
+    assert!(
+        all,
+        "alarm lists {seen:?}, want {want:?} on every member\n{}",
+        cluster.logs()
+    );
 }
 
 async fn clients(cluster: &Cluster) -> Vec<Client> {
@@ -188,7 +184,8 @@ async fn alarm_corrupt_is_raised_by_the_periodic_check_for_a_member_whose_data_d
             .unwrap();
     }
     cluster.wait_converged(Duration::from_secs(20)).await;
-    // Healthy members: a few checks pass without an alarm.
+    // Healthy members: a few checks pass without an alarm. The sleep is the point: it lets
+    // several periodic checks run (there is nothing to wait for when none raises an alarm).
     tokio::time::sleep(Duration::from_secs(3)).await;
     wait_alarm_lists(&cluster, "", Duration::from_secs(1));
 

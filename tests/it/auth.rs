@@ -9,8 +9,7 @@ use etcd_client::{
 use tonic::Code;
 
 use crate::cluster::CLUSTER_LOCK;
-use crate::cluster_harness::Cluster;
-use crate::harness::{ok_stdout, Server};
+use crate::harness::{ok_stdout, wait_until_async, Cluster, Server};
 use crate::util::grpc_err;
 
 const FAST: &[&str] = &["--bcrypt-cost", "4"];
@@ -335,6 +334,7 @@ async fn tokens_expire_and_go_with_their_user() {
     assert!(token.split('.').next().unwrap().len() == 16, "{token}");
     let raw = RawKv::connect(&s.endpoint).await;
     assert!(raw.get(&token, "a1").await.is_ok());
+    // Time is the subject: let the 1 s --auth-token-ttl pass.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(
         raw.get(&token, "a1").await.unwrap_err(),
@@ -440,6 +440,7 @@ async fn jwt_tokens_are_signed_and_verified() {
         .token()
         .to_string();
     assert!(raw.get(&token, "a1").await.is_ok());
+    // Time is the subject: let the JWT's 2 s ttl pass.
     tokio::time::sleep(Duration::from_millis(3100)).await;
     assert_eq!(
         raw.get(&token, "a1").await.unwrap_err().1,
@@ -549,14 +550,17 @@ async fn auth_works_across_members_restarts_and_snapshots() {
     }
     cl.restart(2);
     // (HashKV is root-only now: wait for the user to appear on member 2 instead.)
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let mut late = loop {
+    let mut late = None;
+    let mut err = None;
+    wait_until_async(Duration::from_secs(20), async || {
         match as_user(&cl.endpoint(2), "late", "latepw").await {
-            Ok(c) => break c,
-            Err(e) => assert!(std::time::Instant::now() < deadline, "{e:?}"),
+            Ok(c) => late = Some(c),
+            Err(e) => err = Some(e),
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+        late.is_some()
+    })
+    .await;
+    let mut late = late.unwrap_or_else(|| panic!("{err:?}"));
     assert_eq!(late.get("a1", None).await.unwrap().kvs().len(), 1);
     // Restart every member: the store is rebuilt from snapshots and the WAL.
     for i in 0..3 {

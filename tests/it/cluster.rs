@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use etcd_client::{Client, GetOptions};
 use tokio::sync::Mutex;
 
-use crate::cluster_harness::Cluster;
-use crate::harness::{etcdctl, ok_stdout};
+use crate::harness::{etcdctl, ok_stdout, wait_until, wait_until_async, Cluster};
+use crate::util::{put_rev, Rev};
 
 /// One cluster at a time.
 pub static CLUSTER_LOCK: Mutex<()> = Mutex::const_new(());
@@ -24,31 +24,33 @@ async fn put_anywhere(
     deadline: Instant,
 ) -> Option<usize> {
     let mut i = start;
-    while Instant::now() < deadline {
-        let c = &mut clients[i % clients.len()];
+    let left = deadline.saturating_duration_since(Instant::now());
+    let n = clients.len();
+    let put = wait_until_async(left, async || {
+        let c = &mut clients[i % n];
         let attempt = tokio::time::timeout(Duration::from_secs(3), c.put(key, value, None)).await;
-        if let Ok(Ok(_)) = attempt {
-            return Some(i % clients.len());
+        if matches!(attempt, Ok(Ok(_))) {
+            return true;
         }
         i += 1;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    None
+        false
+    })
+    .await;
+    put.then_some(i % n)
 }
 
 /// Runs etcdctl with `args` against `endpoints`, again while it fails with "etcdserver:
 /// unhealthy cluster": etcd refuses membership changes until every voter has been connected to
 /// the leader for 5 s, as right after start-up or a restart.
 fn etcdctl_when_healthy(endpoints: &str, args: &[&str]) -> std::process::Output {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let out = etcdctl(endpoints, args, None);
-        let unhealthy = String::from_utf8_lossy(&out.stderr).contains("unhealthy cluster");
-        if !unhealthy || Instant::now() > deadline {
-            return out;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let mut out = None;
+    wait_until(Duration::from_secs(20), || {
+        let o = etcdctl(endpoints, args, None);
+        let unhealthy = String::from_utf8_lossy(&o.stderr).contains("unhealthy cluster");
+        out = Some(o);
+        !unhealthy
+    });
+    out.expect("etcdctl ran")
 }
 
 /// Reads an etcd-client stream (anything with `message()`) until it ends, for at most 10 s;
@@ -113,19 +115,14 @@ async fn three_members_come_up_with_etcds_flags() {
 
     // Members publish their client URLs once a leader exists (names come from
     // --initial-cluster).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let list = loop {
-        let list = ok_stdout(&etcdctl(&endpoints, &["member", "list"], None));
-        let published = |l: &str| l.contains(", started, m") && !l.contains(", , ");
-        if list.lines().count() == 3 && list.lines().all(published) {
-            break list;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "members never all started: {list}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let mut list = String::new();
+    let published = |l: &str| l.contains(", started, m") && !l.contains(", , ");
+    let started = wait_until_async(Duration::from_secs(10), async || {
+        list = ok_stdout(&etcdctl(&endpoints, &["member", "list"], None));
+        list.lines().count() == 3 && list.lines().all(published)
+    })
+    .await;
+    assert!(started, "members never all started: {list}");
     for (i, spec) in cluster.specs.iter().enumerate() {
         let line = list
             .lines()
@@ -332,23 +329,17 @@ async fn follower_reads_see_the_latest_write_and_never_go_back() {
     let mut on_follower = cluster.client(follower).await;
     let mut last_serializable = 0;
     for n in 0..50 {
-        let rev = on_leader
-            .put("counter", n.to_string(), None)
-            .await
-            .unwrap()
-            .header()
-            .unwrap()
-            .revision();
+        let rev = put_rev(&mut on_leader, "counter", n.to_string()).await;
         // Linearizable (the default): ReadIndex through the leader, then wait to apply.
         let got = on_follower.get("counter", None).await.unwrap();
         assert_eq!(got.kvs()[0].value_str().unwrap(), n.to_string());
-        assert!(got.header().unwrap().revision() >= rev);
+        assert!(got.rev() >= rev);
         // Serializable: local, may lag, but one member never goes back in time.
         let local = on_follower
             .get("counter", Some(GetOptions::new().with_serializable()))
             .await
             .unwrap();
-        let seen = local.header().unwrap().revision();
+        let seen = local.rev();
         assert!(
             seen >= last_serializable,
             "went back from {last_serializable} to {seen}"
@@ -424,17 +415,18 @@ async fn members_are_added_promoted_and_removed_with_etcdctl() {
 
     // Promote it (etcd refuses while it lags; it has caught up by now).
     let id = format!("{:x}", cluster.ids[new]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let mut err = String::new();
+    let promoted = wait_until_async(Duration::from_secs(10), async || {
         let out = etcdctl(&endpoints, &["member", "promote", &id], None);
-        if out.status.success() {
-            break;
-        }
-        let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(err.contains("in sync with leader"), "{err}");
-        assert!(Instant::now() < deadline, "promote never succeeded: {err}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            out.status.success() || err.contains("in sync with leader"),
+            "{err}"
+        );
+        out.status.success()
+    })
+    .await;
+    assert!(promoted, "promote never succeeded: {err}");
     let again = etcdctl(&endpoints, &["member", "promote", &id], None);
     assert!(
         String::from_utf8_lossy(&again.stderr).contains("can only promote a learner member"),
@@ -547,6 +539,7 @@ async fn keep_alives_sent_to_a_follower_keep_the_lease_alive_on_the_leader() {
             .unwrap()
             .expect("a keep-alive response");
         assert_eq!(r.ttl(), 2);
+        // Pacing, not waiting for a state: a renewal every 500 ms for 5 s on a 2 s lease.
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     // Five seconds on a 2 s lease: only the leader's clock expires leases, so the follower's
@@ -558,11 +551,11 @@ async fn keep_alives_sent_to_a_follower_keep_the_lease_alive_on_the_leader() {
 
     // Stop renewing: the leader revokes it and every member sees the key go.
     drop(keeper);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while on_follower.get("owned", None).await.unwrap().count() == 1 {
-        assert!(Instant::now() < deadline, "the lease never expired");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let expired = wait_until_async(Duration::from_secs(10), async || {
+        on_follower.get("owned", None).await.unwrap().count() == 0
+    })
+    .await;
+    assert!(expired, "the lease never expired");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -574,43 +567,36 @@ async fn a_caught_up_learner_is_promoted_automatically_when_asked() {
     let new = cluster.add_spec(&["--auto-promote-learners"]);
     let peer_url = cluster.specs[new].peer_url();
     let mut cc = cluster.client(0).await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let added = loop {
+    // Refused as "unhealthy cluster" until every voter has been connected for 5 s.
+    let mut added = None;
+    wait_until_async(Duration::from_secs(20), async || {
         let r = cc
             .member_add(
                 [peer_url.as_str()],
                 Some(etcd_client::MemberAddOptions::new().with_is_learner()),
             )
             .await;
-        match r {
-            Err(etcd_client::Error::GRpcStatus(s))
-                if s.message() == "etcdserver: unhealthy cluster" && Instant::now() < deadline =>
-            {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            r => break r.expect("member add"),
-        }
-    };
+        let unhealthy = matches!(&r, Err(etcd_client::Error::GRpcStatus(s))
+            if s.message() == "etcdserver: unhealthy cluster");
+        added = Some(r);
+        !unhealthy
+    })
+    .await;
+    let added = added.expect("member add ran").expect("member add");
     assert!(added.member().unwrap().is_learner());
     cluster.start_added(new).await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    let id = cluster.ids[new];
+    let promoted = wait_until_async(Duration::from_secs(20), async || {
         let list = cc.member_list().await.unwrap();
         let me = list
             .members()
             .iter()
-            .find(|m| m.id() == cluster.ids[new])
+            .find(|m| m.id() == id)
             .expect("listed");
-        if !me.is_learner() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "never promoted\n{}",
-            cluster.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        !me.is_learner()
+    })
+    .await;
+    assert!(promoted, "never promoted\n{}", cluster.logs());
     let mut on_new = cluster.client(new).await;
     assert_eq!(on_new.get("before", None).await.unwrap().count(), 1);
 }
@@ -619,21 +605,20 @@ async fn a_caught_up_learner_is_promoted_automatically_when_asked() {
 /// answer too), and returns its value.
 async fn wait_for_key(cluster: &Cluster, i: usize, key: &str, timeout: Duration) -> String {
     let mut c = cluster.client(i).await;
-    let deadline = Instant::now() + timeout;
-    loop {
+    let mut value = None;
+    wait_until_async(timeout, async || {
         let r = c
             .get(key, Some(GetOptions::new().with_serializable()))
             .await;
-        if let Some(kv) = r.ok().and_then(|r| r.kvs().first().cloned()) {
-            return kv.value_str().unwrap().to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "member {i} never saw {key}\n{}",
-            cluster.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        value = r.ok().and_then(|r| {
+            r.kvs()
+                .first()
+                .map(|kv| kv.value_str().unwrap().to_string())
+        });
+        value.is_some()
+    })
+    .await;
+    value.unwrap_or_else(|| panic!("member {i} never saw {key}\n{}", cluster.logs()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -665,33 +650,25 @@ async fn members_whose_log_was_compacted_away_catch_up_through_a_snapshot() {
             .unwrap();
     }
     c.delete("k0", None).await.unwrap();
-    let rev = c
-        .put("mark", "1", None)
-        .await
-        .unwrap()
-        .header()
-        .unwrap()
-        .revision();
+    let rev = put_rev(&mut c, "mark", "1").await;
     c.compact(rev - 10, None).await.unwrap();
     // With a voter down, membership changes are refused (etcd's strict reconfiguration
     // check) as soon as the leader notices; until then this add fails at apply time instead,
     // on its duplicate peer URL, and changes nothing.
     let live = cluster.endpoint(leader);
     let taken = format!("--peer-urls={}", cluster.specs[leader].peer_url());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let refused = wait_until_async(Duration::from_secs(10), async || {
         let out = etcdctl(&live, &["member", "add", "dup", "--learner", &taken], None);
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        if err.contains("etcdserver: unhealthy cluster") {
-            break;
-        }
-        assert!(err.contains("Peer URLs already exists"), "{err}");
+        let unhealthy = err.contains("etcdserver: unhealthy cluster");
         assert!(
-            Instant::now() < deadline,
-            "a member add passed with a voter down"
+            unhealthy || err.contains("Peer URLs already exists"),
+            "{err}"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        unhealthy
+    })
+    .await;
+    assert!(refused, "a member add passed with a voter down");
     // Big enough that the snapshot goes in several chunks.
     let blob = "x".repeat(256 * 1024);
     for n in 0..12 {
@@ -786,25 +763,29 @@ async fn members_whose_log_was_compacted_away_catch_up_through_a_snapshot() {
 
     // Promoted once in sync; then every member agrees, and writes go on through it.
     let id = format!("{:x}", cluster.ids[new]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !etcdctl(&voters, &["member", "promote", &id], None)
-        .status
-        .success()
-    {
-        assert!(Instant::now() < deadline, "promote never succeeded");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let promoted = wait_until_async(Duration::from_secs(10), async || {
+        etcdctl(&voters, &["member", "promote", &id], None)
+            .status
+            .success()
+    })
+    .await;
+    assert!(promoted, "promote never succeeded");
     // The promotion is committed once etcdctl returns; the new member applies it a moment
     // later, and refuses writes as a learner until then.
     let mut via_new = cluster.client(new).await;
-    let applied_by = Instant::now() + Duration::from_secs(10);
-    while let Err(e) = via_new.put("after-join", "ok", None).await {
-        assert!(
-            Instant::now() < applied_by && e.to_string().contains("not supported for learner"),
-            "{e}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let mut err = String::new();
+    let written = wait_until_async(Duration::from_secs(10), async || {
+        match via_new.put("after-join", "ok", None).await {
+            Ok(_) => true,
+            Err(e) => {
+                err = e.to_string();
+                assert!(err.contains("not supported for learner"), "{err}");
+                false
+            }
+        }
+    })
+    .await;
+    assert!(written, "the promoted member still refuses writes: {err}");
     cluster.wait_converged(Duration::from_secs(20)).await;
 }
 
@@ -849,6 +830,7 @@ async fn repeated_elections_do_not_keep_a_lease_alive() {
         if lc.move_leader(target).await.is_ok() {
             elections += 1;
         }
+        // Pacing, not waiting for a state: one leadership move every 2 s (see above).
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     assert!(elections >= 3, "only {elections} leadership changes");

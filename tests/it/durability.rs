@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use etcd_client::GetOptions;
 
 use crate::harness::Server;
-use crate::util::keys;
+use crate::util::{get_value, keys, put_rev, Rev};
 
 /// The WAL segments of a data directory, oldest first (names sort by sequence number).
 fn wal_segments(data_dir: &Path) -> Vec<PathBuf> {
@@ -37,7 +37,7 @@ async fn dump(c: &mut etcd_client::Client, prefix: &str) -> (BTreeMap<String, St
             )
         })
         .collect();
-    (map, r.header().unwrap().revision())
+    (map, r.rev())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -82,15 +82,7 @@ async fn sigkill_after_acknowledged_concurrent_writes() {
         .iter()
         .all(|kv| kv.version() == 1 && kv.create_revision() == kv.mod_revision()));
     // And the server keeps counting from there.
-    assert_eq!(
-        c.put("after", "x", None)
-            .await
-            .unwrap()
-            .header()
-            .unwrap()
-            .revision(),
-        502
-    );
+    assert_eq!(put_rev(&mut c, "after", "x").await, 502);
 }
 
 #[tokio::test]
@@ -161,15 +153,7 @@ async fn snapshot_then_wal_replay() {
         .unwrap();
     assert_eq!(deleted.kvs()[0].value(), b"v15");
     assert_eq!(c.get("s/0015", None).await.unwrap().count(), 0);
-    assert_eq!(
-        c.put("after", "x", None)
-            .await
-            .unwrap()
-            .header()
-            .unwrap()
-            .revision(),
-        1022
-    );
+    assert_eq!(put_rev(&mut c, "after", "x").await, 1022);
 
     // And again, now that the restarted server has written on top of the restored state.
     server.kill();
@@ -217,18 +201,12 @@ async fn torn_wal_tail_is_truncated() {
     assert!(got.len() == 49 || got.len() == 50, "{:?}", got.keys());
     assert_eq!(rev, got.len() as i64 + 1);
     // The truncated log accepts new writes, and they survive another restart.
-    let next = c
-        .put("after", "x", None)
-        .await
-        .unwrap()
-        .header()
-        .unwrap()
-        .revision();
+    let next = put_rev(&mut c, "after", "x").await;
     assert_eq!(next, rev + 1);
     server.kill();
     let server = Server::try_start(dir.path(), &[]).unwrap();
     let mut c = server.client().await;
-    assert_eq!(c.get("after", None).await.unwrap().kvs()[0].value(), b"x");
+    assert_eq!(get_value(&mut c, "after").await.as_deref(), Some("x"));
     let (again, rev2) = dump(&mut c, "k").await;
     assert_eq!(again, got);
     assert_eq!(rev2, next);
@@ -287,42 +265,10 @@ async fn restart_keeps_revision_and_history() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::try_start(dir.path(), &[]).unwrap();
     let mut c = server.client().await;
-    assert_eq!(
-        c.put("h", "v1", None)
-            .await
-            .unwrap()
-            .header()
-            .unwrap()
-            .revision(),
-        2
-    );
-    assert_eq!(
-        c.put("h", "v2", None)
-            .await
-            .unwrap()
-            .header()
-            .unwrap()
-            .revision(),
-        3
-    );
-    assert_eq!(
-        c.put("g", "x", None)
-            .await
-            .unwrap()
-            .header()
-            .unwrap()
-            .revision(),
-        4
-    );
-    assert_eq!(
-        c.delete("g", None)
-            .await
-            .unwrap()
-            .header()
-            .unwrap()
-            .revision(),
-        5
-    );
+    assert_eq!(put_rev(&mut c, "h", "v1").await, 2);
+    assert_eq!(put_rev(&mut c, "h", "v2").await, 3);
+    assert_eq!(put_rev(&mut c, "g", "x").await, 4);
+    assert_eq!(c.delete("g", None).await.unwrap().rev(), 5);
     c.compact(3, None).await.unwrap();
     let member_id = c
         .get("h", None)
@@ -336,7 +282,7 @@ async fn restart_keeps_revision_and_history() {
     let server = Server::try_start(dir.path(), &[]).unwrap();
     let mut c = server.client().await;
     let r = c.get("h", None).await.unwrap();
-    assert_eq!(r.header().unwrap().revision(), 5);
+    assert_eq!(r.rev(), 5);
     assert_eq!(
         r.header().unwrap().member_id(),
         member_id,
@@ -367,15 +313,7 @@ async fn restart_keeps_revision_and_history() {
         e,
         (tonic::Code::OutOfRange, crate::util::COMPACTED.to_string())
     );
-    assert_eq!(
-        c.put("h", "v3", None)
-            .await
-            .unwrap()
-            .header()
-            .unwrap()
-            .revision(),
-        6
-    );
+    assert_eq!(put_rev(&mut c, "h", "v3").await, 6);
 }
 
 /// File offset of the last record in a WAL segment (walking the length fields; a record is
@@ -395,13 +333,7 @@ fn last_record_offset(bytes: &[u8]) -> usize {
 async fn put_keys(c: &mut etcd_client::Client, n: usize) -> i64 {
     let mut rev = 0;
     for i in 0..n {
-        rev = c
-            .put(format!("k{i:02}"), format!("v{i}"), None)
-            .await
-            .unwrap()
-            .header()
-            .unwrap()
-            .revision();
+        rev = put_rev(c, format!("k{i:02}"), format!("v{i}")).await;
     }
     rev
 }
@@ -417,7 +349,7 @@ async fn check_keys(server: &Server, n: usize, rev: i64) {
     assert_eq!(got, want);
     assert_eq!(read_rev, rev);
     let next = c.put("after", "x", None).await.unwrap();
-    assert_eq!(next.header().unwrap().revision(), rev + 1);
+    assert_eq!(next.rev(), rev + 1);
 }
 
 #[tokio::test]
@@ -494,7 +426,7 @@ async fn zeroed_wal_tail_followed_by_garbage_is_a_torn_write() {
     // What was written after the truncation survives a restart too.
     let server = Server::try_start(dir.path(), &[]).unwrap();
     let mut c = server.client().await;
-    assert_eq!(c.get("after", None).await.unwrap().kvs()[0].value(), b"x");
+    assert_eq!(get_value(&mut c, "after").await.as_deref(), Some("x"));
 }
 
 /// The `.snap` files of a data directory, oldest first.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::CommandFactory;
 use metastore::config::{Config, IGNORED};
 
-use crate::harness::{free_port, Server};
+use crate::harness::{free_port, wait_until_async, Server};
 
 /// Every flag of etcd 3.5's and etcd 3.4.23's `etcd --help` (plus 3.5 patch-release
 /// and 3.6 additions kubeadm and etcd's e2e suite pass), without the dashes.
@@ -333,11 +333,13 @@ async fn working_flags() {
     );
     let snaps = data.join("member").join("snap");
     // Snapshots are taken by the apply thread: give it a moment after the last put.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while files_with_ext(&snaps, "snap") < 2 && std::time::Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    wait_until_async(Duration::from_secs(10), async || {
+        files_with_ext(&snaps, "snap") >= 2
+    })
+    .await;
+    // Not waiting for a state: a moment more, in which a purge that failed would let a
+    // third file stay.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(files_with_ext(&snaps, "snap"), 2, "--max-snapshots=2");
     let logged = std::fs::read_to_string(&log_file).unwrap();
     assert!(
@@ -356,11 +358,13 @@ async fn default_max_snapshots_is_five() {
         c.put(format!("k{i}"), "v", None).await.unwrap();
     }
     let snaps = dir.path().join("member").join("snap");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while files_with_ext(&snaps, "snap") < 5 && std::time::Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    wait_until_async(Duration::from_secs(10), async || {
+        files_with_ext(&snaps, "snap") >= 5
+    })
+    .await;
+    // Not waiting for a state: a moment more, in which a purge that failed would let a
+    // sixth file stay.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(files_with_ext(&snaps, "snap"), 5);
 }
 
@@ -428,15 +432,17 @@ async fn grpc_keepalive_min_time_sends_away_clients_that_ping_too_often() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::try_start(dir.path(), &[]).expect("starts");
     let _eager = pinging_client(&server, Duration::from_millis(100)).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !server.log().contains("Got too many pings from the client") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no GOAWAY for 10 pings a second:\n{}",
-            server.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // Async: the pinging client runs on this (current-thread) runtime, which a blocking
+    // Server::wait_log would stall.
+    let sent_away = wait_until_async(Duration::from_secs(20), async || {
+        server.log().contains("Got too many pings from the client")
+    })
+    .await;
+    assert!(
+        sent_away,
+        "no GOAWAY for 10 pings a second:\n{}",
+        server.log()
+    );
     put_get(&server).await;
 
     // Off: the same client pings on, unanswered by any GOAWAY, until well past the point
@@ -445,6 +451,7 @@ async fn grpc_keepalive_min_time_sends_away_clients_that_ping_too_often() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::try_start(dir.path(), &["--grpc-keepalive-min-time=0"]).expect("starts");
     let channel = pinging_client(&server, Duration::from_millis(100)).await;
+    // Time is the subject: 2 s of pings, far past the policy's limit.
     tokio::time::sleep(Duration::from_secs(2)).await;
     use metastore::proto::etcdserverpb::{kv_client::KvClient, RangeRequest};
     KvClient::new(channel)

@@ -8,23 +8,13 @@ use std::time::{Duration, Instant};
 use etcd_client::{Client, GetOptions, PutOptions};
 
 use crate::cluster::CLUSTER_LOCK;
-use crate::cluster_harness::Cluster;
-use crate::harness::{etcdctl, ok_stdout, Server};
+use crate::harness::{etcdctl, ok_stdout, wait_until, Cluster, Server};
+use crate::util::Rev;
 
 /// Waits until `log()` contains `needle`; panics with the log after `timeout`.
 fn wait_for_log(what: &str, log: impl Fn() -> String, needle: &str, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let text = log();
-        if text.contains(needle) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what} never logged {needle:?}:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let logged = wait_until(timeout, || log().contains(needle));
+    assert!(logged, "{what} never logged {needle:?}:\n{}", log());
 }
 
 /// Member IDs in member `i`'s MemberList.
@@ -49,7 +39,7 @@ async fn keys(c: &mut Client) -> (Vec<(String, String)>, i64) {
             )
         })
         .collect();
-    (kvs, resp.header().unwrap().revision())
+    (kvs, resp.rev())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -111,7 +101,7 @@ async fn force_new_cluster_restarts_a_member_alone_with_all_its_data() {
     let ttl = c.lease_time_to_live(lease, None).await.unwrap();
     assert!(ttl.ttl() > 0, "the lease survives: {ttl:?}");
     let put = c.put("k/new", "after", None).await.unwrap();
-    assert_eq!(put.header().unwrap().revision(), revision + 1);
+    assert_eq!(put.rev(), revision + 1);
 
     // The new configuration is in the log: a restart without the flag keeps it.
     cluster.kill(survivor);

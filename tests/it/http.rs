@@ -3,7 +3,7 @@
 //! `--listen-metrics-urls` listener; `grpc.health.v1.Health`.
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use etcd_client::{AlarmAction, AlarmOptions, AlarmType};
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -11,8 +11,7 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 use crate::cluster::CLUSTER_LOCK;
-use crate::cluster_harness::Cluster;
-use crate::harness::{free_port, Server};
+use crate::harness::{free_port, wait_until, wait_until_async, Cluster, Server};
 
 /// One curl answer: status code, headers (lower-cased names) and body.
 struct Answer {
@@ -59,20 +58,18 @@ fn metric(base: &str, name: &str) -> f64 {
 
 /// Polls `url` until it answers `status` with `body`; panics with the last answer otherwise.
 fn wait_for(url: &str, status: u16, body: &str, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    loop {
+    let mut last = None;
+    let answered = wait_until(timeout, || {
         let a = get(url);
-        if a.status == status && a.body == body {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{url}: {} {:?}, want {status} {body:?}",
-            a.status,
-            a.body
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        let ok = a.status == status && a.body == body;
+        last = Some((a.status, a.body));
+        ok
+    });
+    let (got, got_body) = last.expect("asked at least once");
+    assert!(
+        answered,
+        "{url}: {got} {got_body:?}, want {status} {body:?}"
+    );
 }
 
 async fn grpc_health(endpoint: &str) -> ServingStatus {
@@ -94,18 +91,13 @@ async fn grpc_health(endpoint: &str) -> ServingStatus {
 
 /// Polls `grpc.health.v1.Health/Check` on `endpoint` until it answers `want` (5 s at most).
 async fn wait_grpc_health(endpoint: &str, want: ServingStatus) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let got = grpc_health(endpoint).await;
-        if got == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "gRPC health {got:?}, want {want:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let mut got = None;
+    let answered = wait_until_async(Duration::from_secs(5), async || {
+        got = Some(grpc_health(endpoint).await);
+        got == Some(want)
+    })
+    .await;
+    assert!(answered, "gRPC health {got:?}, want {want:?}");
 }
 
 const HEALTHY: &str = r#"{"health":"true","reason":""}"#;

@@ -6,8 +6,8 @@ use etcd_client::{
 };
 use tonic::Code;
 
-use crate::harness::Server;
-use crate::util::{grpc_err, keys, put_rev, strs, values, COMPACTED, FUTURE_REV};
+use crate::harness::{wait_until_async, Server};
+use crate::util::{grpc_err, keys, put_rev, strs, values, Rev, COMPACTED, FUTURE_REV};
 
 #[tokio::test]
 async fn headers_and_revision_counting() {
@@ -53,15 +53,12 @@ async fn headers_and_revision_counting() {
         .delete("nothing/", Some(DeleteOptions::new().with_prefix()))
         .await
         .unwrap();
-    assert_eq!((del.deleted(), del.header().unwrap().revision()), (0, 4));
-    assert_eq!(
-        c.get("a", None).await.unwrap().header().unwrap().revision(),
-        4
-    );
+    assert_eq!((del.deleted(), del.rev()), (0, 4));
+    assert_eq!(c.get("a", None).await.unwrap().rev(), 4);
 
     assert_eq!(put_rev(&mut c, "c", "4").await, 5);
     let del = c.delete("a", None).await.unwrap();
-    assert_eq!((del.deleted(), del.header().unwrap().revision()), (1, 6));
+    assert_eq!((del.deleted(), del.rev()), (1, 6));
     assert_eq!(put_rev(&mut c, "d", "5").await, 7);
 }
 
@@ -95,15 +92,12 @@ async fn linearizable_read_right_after_start() {
     let server = Server::start();
     let mut c = server.client().await;
     let r = c.get("anything", None).await.unwrap();
-    assert_eq!(
-        (r.count(), r.kvs().len(), r.header().unwrap().revision()),
-        (0, 0, 1)
-    );
+    assert_eq!((r.count(), r.kvs().len(), r.rev()), (0, 0, 1));
     let r = c
         .get("anything", Some(GetOptions::new().with_prefix()))
         .await
         .unwrap();
-    assert_eq!((r.count(), r.header().unwrap().revision()), (0, 1));
+    assert_eq!((r.count(), r.rev()), (0, 1));
 }
 
 #[tokio::test]
@@ -118,10 +112,7 @@ async fn range_key_selection() {
         .unwrap();
     assert_eq!(keys(r.kvs()), strs(&["k1", "k2", "k3"]));
     assert_eq!(values(r.kvs()), strs(&["c", "a", "b"]));
-    assert_eq!(
-        (r.count(), r.more(), r.header().unwrap().revision()),
-        (3, false, 9)
-    );
+    assert_eq!((r.count(), r.more(), r.rev()), (3, false, 9));
     let kv = &r.kvs()[1];
     assert_eq!(
         (
@@ -175,10 +166,7 @@ async fn range_key_selection() {
     assert_eq!((r.kvs().len(), r.count(), r.more()), (0, 0, false));
     // A single missing key.
     let r = c.get("k", None).await.unwrap();
-    assert_eq!(
-        (r.kvs().len(), r.count(), r.header().unwrap().revision()),
-        (0, 0, 9)
-    );
+    assert_eq!((r.kvs().len(), r.count(), r.rev()), (0, 0, 9));
 
     // Limit: `more` when cut, `count` is the whole range.
     let r = c
@@ -252,7 +240,7 @@ async fn range_key_selection() {
         .await
         .unwrap();
     assert_eq!(keys(r.kvs()), strs(&["k1", "k2", "k3"]));
-    assert_eq!((r.count(), r.header().unwrap().revision()), (3, 9));
+    assert_eq!((r.count(), r.rev()), (3, 9));
 }
 
 #[tokio::test]
@@ -387,7 +375,7 @@ async fn put_options() {
         .put("p", "v2", Some(PutOptions::new().with_prev_key()))
         .await
         .unwrap();
-    assert_eq!(r.header().unwrap().revision(), 3);
+    assert_eq!(r.rev(), 3);
     let prev = r.prev_key().expect("prev_kv");
     assert_eq!((prev.key(), prev.value()), (&b"p"[..], &b"v1"[..]));
     assert_eq!(
@@ -397,21 +385,21 @@ async fn put_options() {
     // Without prev_kv: none.
     let r = c.put("p2", "x", None).await.unwrap();
     assert!(r.prev_key().is_none());
-    assert_eq!(r.header().unwrap().revision(), 4);
+    assert_eq!(r.rev(), 4);
     // prev_kv on a new key: none.
     let r = c
         .put("new", "n", Some(PutOptions::new().with_prev_key()))
         .await
         .unwrap();
     assert!(r.prev_key().is_none(), "{:?}", r.prev_key());
-    assert_eq!(r.header().unwrap().revision(), 5);
+    assert_eq!(r.rev(), 5);
 
     // ignore_value keeps the value but is a write.
     let r = c
         .put("p", "", Some(PutOptions::new().with_ignore_value()))
         .await
         .unwrap();
-    assert_eq!(r.header().unwrap().revision(), 6);
+    assert_eq!(r.rev(), 6);
     let kv = c.get("p", None).await.unwrap().kvs()[0].clone();
     assert_eq!(
         (
@@ -448,7 +436,7 @@ async fn put_options() {
         .put("p", "v3", Some(PutOptions::new().with_ignore_lease()))
         .await
         .unwrap();
-    assert_eq!(r.header().unwrap().revision(), 7);
+    assert_eq!(r.rev(), 7);
     let kv = c.get("p", None).await.unwrap().kvs()[0].clone();
     assert_eq!((kv.value(), kv.version(), kv.lease()), (&b"v3"[..], 4, 0));
     assert_eq!(
@@ -518,7 +506,7 @@ async fn delete_range() {
         .delete("d/1", Some(DeleteOptions::new().with_prev_key()))
         .await
         .unwrap();
-    assert_eq!((r.deleted(), r.header().unwrap().revision()), (1, 6));
+    assert_eq!((r.deleted(), r.rev()), (1, 6));
     assert_eq!(keys(r.prev_kvs()), strs(&["d/1"]));
     assert_eq!(values(r.prev_kvs()), strs(&["val-d/1"]));
     assert_eq!(r.prev_kvs()[0].mod_revision(), 2);
@@ -531,7 +519,7 @@ async fn delete_range() {
         )
         .await
         .unwrap();
-    assert_eq!((r.deleted(), r.header().unwrap().revision()), (2, 7));
+    assert_eq!((r.deleted(), r.rev()), (2, 7));
     assert_eq!(keys(r.prev_kvs()), strs(&["d/2", "d/3"]));
     assert_eq!(values(r.prev_kvs()), strs(&["val-d/2", "val-d/3"]));
 
@@ -542,34 +530,20 @@ async fn delete_range() {
         )
         .await
         .unwrap();
-    assert_eq!(
-        (
-            r.deleted(),
-            r.header().unwrap().revision(),
-            r.prev_kvs().len()
-        ),
-        (0, 7, 0)
-    );
+    assert_eq!((r.deleted(), r.rev(), r.prev_kvs().len()), (0, 7, 0));
 
     // An explicit range, without prev_kv.
     let r = c
         .delete("a", Some(DeleteOptions::new().with_range("f")))
         .await
         .unwrap();
-    assert_eq!(
-        (
-            r.deleted(),
-            r.header().unwrap().revision(),
-            r.prev_kvs().len()
-        ),
-        (1, 8, 0)
-    );
+    assert_eq!((r.deleted(), r.rev(), r.prev_kvs().len()), (1, 8, 0));
 
     let all = c
         .get("\0", Some(GetOptions::new().with_all_keys()))
         .await
         .unwrap();
-    assert_eq!((all.count(), all.header().unwrap().revision()), (0, 8));
+    assert_eq!((all.count(), all.rev()), (0, 8));
 
     // Delete everything.
     for k in ["x1", "x2", "y"] {
@@ -579,7 +553,7 @@ async fn delete_range() {
         .delete("\0", Some(DeleteOptions::new().with_all_keys()))
         .await
         .unwrap();
-    assert_eq!((r.deleted(), r.header().unwrap().revision()), (3, 12));
+    assert_eq!((r.deleted(), r.rev()), (3, 12));
     assert_eq!(put_rev(&mut c, "e", "again").await, 13);
 }
 
@@ -602,15 +576,7 @@ async fn mvcc_versions_and_history() {
         (2, 3, 2)
     );
 
-    assert_eq!(
-        c.delete("m", None)
-            .await
-            .unwrap()
-            .header()
-            .unwrap()
-            .revision(),
-        4
-    );
+    assert_eq!(c.delete("m", None).await.unwrap().rev(), 4);
     assert_eq!(c.get("m", None).await.unwrap().count(), 0);
 
     // Re-created: a new life with version 1.
@@ -635,7 +601,7 @@ async fn mvcc_versions_and_history() {
         (5, Some(("v3", 5, 5, 1))),
     ] {
         let r = c.get("m", Some(at(rev))).await.unwrap();
-        assert_eq!(r.header().unwrap().revision(), 5, "at {rev}");
+        assert_eq!(r.rev(), 5, "at {rev}");
         match want {
             Some((v, create, modr, ver)) => {
                 assert_eq!(r.count(), 1, "at {rev}");
@@ -661,15 +627,7 @@ async fn mvcc_versions_and_history() {
     // Ranges at old revisions.
     assert_eq!(put_rev(&mut c, "h/a", "1").await, 6);
     assert_eq!(put_rev(&mut c, "h/b", "2").await, 7);
-    assert_eq!(
-        c.delete("h/a", None)
-            .await
-            .unwrap()
-            .header()
-            .unwrap()
-            .revision(),
-        8
-    );
+    assert_eq!(c.delete("h/a", None).await.unwrap().rev(), 8);
     assert_eq!(put_rev(&mut c, "h/b", "3").await, 9);
     let hist = |rev| GetOptions::new().with_prefix().with_revision(rev);
     let r = c.get("h/", Some(hist(5))).await.unwrap();
@@ -715,11 +673,7 @@ async fn compaction() {
     let at = |rev| Some(GetOptions::new().with_revision(rev));
 
     let r = c.compact(4, None).await.unwrap();
-    assert_eq!(
-        r.header().unwrap().revision(),
-        6,
-        "compaction does not consume a revision"
-    );
+    assert_eq!(r.rev(), 6, "compaction does not consume a revision");
 
     assert_eq!(
         grpc_err(c.get("c", at(3)).await),
@@ -767,7 +721,7 @@ async fn compaction() {
         .compact(5, Some(CompactionOptions::new().with_physical()))
         .await
         .unwrap();
-    assert_eq!(r.header().unwrap().revision(), 6);
+    assert_eq!(r.rev(), 6);
     assert_eq!(
         grpc_err(c.get("c", at(4)).await),
         (Code::OutOfRange, COMPACTED.to_string())
@@ -788,15 +742,7 @@ async fn compaction() {
     );
     // A key deleted before the compaction revision is gone from every readable revision.
     assert_eq!(put_rev(&mut c, "gone", "x").await, 8);
-    assert_eq!(
-        c.delete("gone", None)
-            .await
-            .unwrap()
-            .header()
-            .unwrap()
-            .revision(),
-        9
-    );
+    assert_eq!(c.delete("gone", None).await.unwrap().rev(), 9);
     c.compact(9, None).await.unwrap();
     assert_eq!(c.get("gone", at(9)).await.unwrap().count(), 0);
     assert_eq!(
@@ -819,8 +765,7 @@ async fn periodic_auto_compaction() {
     for i in 1..=5 {
         put_rev(&mut c, &format!("auto/{i}"), "v").await;
     }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
+    let compacted = wait_until_async(std::time::Duration::from_secs(20), async || {
         match c
             .get("auto/1", Some(GetOptions::new().with_revision(2)))
             .await
@@ -830,16 +775,17 @@ async fn periodic_auto_compaction() {
                     grpc_err::<()>(Err(e)),
                     (Code::OutOfRange, COMPACTED.to_string())
                 );
-                break;
+                true
             }
-            Ok(_) => assert!(
-                std::time::Instant::now() < deadline,
-                "no auto-compaction after 20 s:\n{}",
-                server.log()
-            ),
+            Ok(_) => false,
         }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    })
+    .await;
+    assert!(
+        compacted,
+        "no auto-compaction after 20 s:\n{}",
+        server.log()
+    );
     assert!(server.wait_log(
         "finished auto-compaction",
         std::time::Duration::from_secs(10)
@@ -899,11 +845,7 @@ async fn request_errors() {
     );
     // Just under the limit is fine.
     let r = c.put("ok", vec![b'y'; 1_500_000], None).await.unwrap();
-    assert_eq!(
-        r.header().unwrap().revision(),
-        2,
-        "the failures consumed no revision"
-    );
+    assert_eq!(r.rev(), 2, "the failures consumed no revision");
     let got = c.get("ok", None).await.unwrap();
     assert_eq!(got.kvs()[0].value().len(), 1_500_000);
     assert_eq!(c.get("big", None).await.unwrap().count(), 0);
@@ -963,7 +905,7 @@ async fn cross_shard_ranges() {
             .put(format!("cs/{i:03}"), format!("v{i}"), None)
             .await
             .unwrap();
-        assert_eq!(r.header().unwrap().revision(), n as i64 + 2);
+        assert_eq!(r.rev(), n as i64 + 2);
     }
     c.put("ct", "outside", None).await.unwrap();
     c.put("cr", "outside", None).await.unwrap();
@@ -976,10 +918,7 @@ async fn cross_shard_ranges() {
         values(r.kvs()),
         (0..200).map(|i| format!("v{i}")).collect::<Vec<_>>()
     );
-    assert_eq!(
-        (r.count(), r.more(), r.header().unwrap().revision()),
-        (200, false, 203)
-    );
+    assert_eq!((r.count(), r.more(), r.rev()), (200, false, 203));
 
     let r = c.get("cs/", Some(prefix().with_limit(10))).await.unwrap();
     assert_eq!(keys(r.kvs()), all[..10].to_vec());
@@ -1052,7 +991,7 @@ async fn cross_shard_ranges() {
         .delete("cs/", Some(DeleteOptions::new().with_prefix()))
         .await
         .unwrap();
-    assert_eq!((r.deleted(), r.header().unwrap().revision()), (200, 204));
+    assert_eq!((r.deleted(), r.rev()), (200, 204));
     let r = c
         .get("cs/", Some(prefix().with_revision(203)))
         .await
@@ -1071,14 +1010,8 @@ async fn maintenance_hash_follows_the_kv_state() {
     let first = c.hash().await.expect("Hash is served");
     let again = c.hash().await.unwrap();
     assert_eq!(first.hash(), again.hash(), "no write, same hash");
-    let rev = c
-        .put("hash/a", "2", None)
-        .await
-        .unwrap()
-        .header()
-        .unwrap()
-        .revision();
+    let rev = put_rev(&mut c, "hash/a", "2").await;
     let after = c.hash().await.unwrap();
     assert_ne!(first.hash(), after.hash(), "a write changes the hash");
-    assert_eq!(after.header().unwrap().revision(), rev);
+    assert_eq!(after.rev(), rev);
 }

@@ -9,8 +9,8 @@ use etcd_client::{
 };
 use tonic::Code;
 
-use crate::harness::{ok_stdout, Server};
-use crate::util::{grpc_err, keys, strs};
+use crate::harness::{ok_stdout, wait_until_async, Server};
+use crate::util::{grpc_err, keys, put_rev, strs, Rev};
 use crate::watch::{connect, del_ev, ev, fence, next_resp, open, WAIT};
 
 const NOT_FOUND: &str = "etcdserver: requested lease not found";
@@ -25,9 +25,7 @@ async fn put_with(c: &mut Client, k: &str, v: &str, lease: i64) -> i64 {
     c.put(k, v, Some(PutOptions::new().with_lease(lease)))
         .await
         .unwrap()
-        .header()
-        .unwrap()
-        .revision()
+        .rev()
 }
 
 async fn lease_ids(c: &mut Client) -> BTreeSet<i64> {
@@ -60,11 +58,7 @@ async fn case_grant_validation(ep: &str) {
     let r = c.lease_grant(5, None).await.unwrap();
     assert_eq!((r.ttl(), r.error()), (5, ""));
     assert!(r.id() > 0, "server-chosen ID {}", r.id());
-    assert_eq!(
-        r.header().unwrap().revision(),
-        1,
-        "a grant is not a KV write"
-    );
+    assert_eq!(r.rev(), 1, "a grant is not a KV write");
     let auto = r.id();
 
     let r = c
@@ -133,24 +127,8 @@ async fn case_attach_and_revoke(ep: &str) {
         assert_eq!(put_with(&mut c, k, "v", l).await, i as i64 + 2);
     }
     // Overwriting without a lease detaches the key.
-    assert_eq!(
-        c.put("a/4", "free", None)
-            .await
-            .unwrap()
-            .header()
-            .unwrap()
-            .revision(),
-        6
-    );
-    assert_eq!(
-        c.put("b", "free", None)
-            .await
-            .unwrap()
-            .header()
-            .unwrap()
-            .revision(),
-        7
-    );
+    assert_eq!(put_rev(&mut c, "a/4", "free").await, 6);
+    assert_eq!(put_rev(&mut c, "b", "free").await, 7);
     let got = c
         .get("a/", Some(GetOptions::new().with_prefix()))
         .await
@@ -175,11 +153,7 @@ async fn case_attach_and_revoke(ep: &str) {
 
     let (mut ws, id) = open(&mut c, "a/", Some(WatchOptions::new().with_prefix())).await;
     let r = c.lease_revoke(l).await.unwrap();
-    assert_eq!(
-        r.header().unwrap().revision(),
-        8,
-        "one revision for the whole revoke"
-    );
+    assert_eq!(r.rev(), 8, "one revision for the whole revoke");
     let resp = next_resp(&mut ws).await;
     assert_eq!(resp.watch_id(), id);
     assert_eq!(
@@ -220,15 +194,7 @@ async fn case_attach_and_revoke(ep: &str) {
         (Code::NotFound, NOT_FOUND.to_string())
     );
     // None of the failures wrote anything.
-    assert_eq!(
-        c.get("a/9", None)
-            .await
-            .unwrap()
-            .header()
-            .unwrap()
-            .revision(),
-        8
-    );
+    assert_eq!(c.get("a/9", None).await.unwrap().rev(), 8);
 }
 
 #[tokio::test]
@@ -372,19 +338,15 @@ async fn keep_alive_holds_a_lease() {
     assert_eq!(ttl_of(&mut c, l).await.0, -1);
 }
 
-/// Waits (at most 10 s, polling every 100 ms: lease expiry is about time) until `key` is gone.
+/// Waits (at most 10 s) until `key` is gone; how long that took.
 async fn wait_gone(c: &mut Client, key: &str) -> Duration {
     let start = Instant::now();
-    loop {
-        if c.get(key, None).await.unwrap().kvs().is_empty() {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "{key} still present after 10 s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let gone = wait_until_async(Duration::from_secs(10), async || {
+        c.get(key, None).await.unwrap().kvs().is_empty()
+    })
+    .await;
+    assert!(gone, "{key} still present after 10 s");
+    start.elapsed()
 }
 
 #[tokio::test]
@@ -413,7 +375,7 @@ async fn leases_survive_restart() {
     assert_eq!(lease_ids(&mut c).await, BTreeSet::from([long]));
     // And the restarted member still revokes and grants.
     let r = c.lease_revoke(long).await.unwrap();
-    assert!(r.header().unwrap().revision() > 3);
+    assert!(r.rev() > 3);
     assert!(c
         .get("r/", Some(GetOptions::new().with_prefix()))
         .await

@@ -9,6 +9,7 @@ use metastore_loadgen::report::Report;
 use tokio::sync::watch;
 
 use crate::harness::{Etcd, Server};
+use crate::util::Rev;
 
 /// Runs loadgen with `args` (global flags and a subcommand) against `endpoint`.
 async fn loadgen(endpoint: &str, args: &str) -> Report {
@@ -65,14 +66,14 @@ async fn every_subcommand(endpoint: &str) {
     }
 
     // txn-put: 30 txns of 4 puts, one revision each.
-    let before = c.get("x", None).await.unwrap().header().unwrap().revision();
+    let before = c.get("x", None).await.unwrap().rev();
     let r = loadgen(
         endpoint,
         "--clients 3 --total 30 txn-put --txn-ops 4 --key-space-size 100000 --key-size 10",
     )
     .await;
     assert_clean(&r, 30);
-    let after = c.get("x", None).await.unwrap().header().unwrap().revision();
+    let after = c.get("x", None).await.unwrap().rev();
     assert_eq!(after - before, 30);
 
     // txn-mixed: every txn is a read or a write.
@@ -200,7 +201,7 @@ async fn stop_returns_a_partial_report_and_samples() {
     // Stop once the server has applied 20 of the puts (Ctrl-C does the same in the binary).
     let mut c = s.client().await;
     loop {
-        let rev = c.get("x", None).await.unwrap().header().unwrap().revision();
+        let rev = c.get("x", None).await.unwrap().rev();
         if rev > 20 {
             break;
         }

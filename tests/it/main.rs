@@ -5,12 +5,12 @@ mod alarm;
 mod auth;
 mod check_perf;
 mod cluster;
-mod cluster_harness;
 mod disk_full;
 mod durability;
 mod etcdctl;
 mod flags;
 mod force_new;
+#[path = "../common/harness.rs"]
 mod harness;
 mod http;
 mod kv;

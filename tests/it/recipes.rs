@@ -12,7 +12,7 @@ use etcd_client::{
 use tokio::time::timeout;
 
 use crate::harness::Server;
-use crate::util::keys;
+use crate::util::{keys, Rev};
 use crate::watch::{connect, open, read_events, Ctl, WAIT};
 
 /// How long a call that must stay blocked is given to (wrongly) complete.
@@ -55,10 +55,7 @@ async fn case_lock_blocks_until_unlock(ep: &str) {
     let got = c1.get(k1.as_str(), None).await.unwrap();
     let kv = &got.kvs()[0];
     assert_eq!((kv.lease(), kv.value()), (l1, &b""[..]));
-    assert_eq!(
-        (kv.create_revision(), r.header().unwrap().revision()),
-        (2, 2)
-    );
+    assert_eq!((kv.create_revision(), r.rev()), (2, 2));
 
     let (mut ws, id) = open(&mut c1, "m/", Some(WatchOptions::new().with_prefix())).await;
     let mut waiter = {
@@ -72,7 +69,7 @@ async fn case_lock_blocks_until_unlock(ep: &str) {
     );
 
     let unlocked = c1.unlock(k1.as_bytes()).await.unwrap();
-    assert_eq!(unlocked.header().unwrap().revision(), 4);
+    assert_eq!(unlocked.rev(), 4);
     let r = timeout(WAIT, &mut waiter)
         .await
         .expect("the waiter did not get the lock after unlock")
@@ -82,11 +79,7 @@ async fn case_lock_blocks_until_unlock(ep: &str) {
     // etcd's Mutex.Lock keeps the header of its last wait read, taken once every earlier key
     // was gone: the waiter learns a revision at or after the release (here the unlock's),
     // not the older revision that created its own key (3).
-    assert_eq!(
-        r.header().unwrap().revision(),
-        4,
-        "lock response header revision of a waiter"
-    );
+    assert_eq!(r.rev(), 4, "lock response header revision of a waiter");
     let got = c2
         .get("m/", Some(GetOptions::new().with_prefix()))
         .await
@@ -233,7 +226,7 @@ async fn case_election(ep: &str) {
         (leader1.name(), leader1.key(), leader1.lease()),
         (&b"e"[..], k1.as_bytes(), l1)
     );
-    assert_eq!(leader1.rev(), r.header().unwrap().revision());
+    assert_eq!(leader1.rev(), r.rev());
     assert_eq!(leader_of(&mut c3, "e").await, (k1.clone(), "v1".into()));
 
     let mut obs = c3.observe("e").await.unwrap();

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use etcd_client::{Client, GetOptions};
 
-use crate::harness::Server;
+use crate::harness::{wait_until_async, Server};
+use crate::util::Rev;
 
 const ROCKS: [&str; 2] = ["--storage-engine", "rocksdb"];
 
@@ -132,19 +133,11 @@ async fn sigkill_under_write_load_then_resume_from_applied_index() {
     let load = tokio::spawn(counter_load(server.endpoint.clone(), 4, stop.clone()));
     // Let the load run until a few hundred writes are acknowledged, then kill mid-stream.
     let mut c = server.client().await;
-    for _ in 0..200 {
-        let rev = c
-            .get("ctr/0", None)
-            .await
-            .unwrap()
-            .header()
-            .unwrap()
-            .revision();
-        if rev > 400 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // (At most 5 s: the kill comes then in any case.)
+    wait_until_async(Duration::from_secs(5), async || {
+        c.get("ctr/0", None).await.unwrap().rev() > 400
+    })
+    .await;
     server.kill();
     let acked = load.await.unwrap();
     assert!(acked.iter().sum::<u64>() > 100);
@@ -219,7 +212,7 @@ async fn quota_raises_nospace_until_compacted_and_disarmed() {
     let mut refused = None;
     for _ in 0..200 {
         match c.put("quota", value.clone(), None).await {
-            Ok(r) => last = r.header().unwrap().revision(),
+            Ok(r) => last = r.rev(),
             Err(e) => {
                 refused = Some(e.to_string());
                 break;

@@ -9,8 +9,7 @@ use std::time::Duration;
 use etcd_client::{GetOptions, WatchOptions};
 
 use crate::cluster::CLUSTER_LOCK;
-use crate::cluster_harness::Cluster;
-use crate::harness::Server;
+use crate::harness::{Cluster, Server};
 
 /// Every key under `prefix`.
 async fn keys_under(c: &mut etcd_client::Client, prefix: &str) -> BTreeSet<String> {
@@ -81,6 +80,7 @@ async fn sigterm_ends_watches_and_loses_no_acknowledged_put() {
         let writers: Vec<_> = (0..2)
             .map(|w| tokio::spawn(write_until_error(c.clone(), cycle, w, written.clone())))
             .collect();
+        // Not waiting for a state: the writers run a moment, so that SIGTERM lands mid-load.
         tokio::time::sleep(Duration::from_millis(300)).await;
         server.terminate();
         // The watch delivers events until the member stops, then etcd's error.

@@ -371,7 +371,8 @@ fn metastore_takes_over_a_stopped_etcd_data_dir() {
     let peer = free_port();
     let etcd = Etcd::start_in(tempfile::tempdir().unwrap(), &data, "e", peer);
     let (lease, rev) = write_history(&etcd.endpoint, &[]);
-    // etcd commits its backend every 100 ms.
+    // etcd commits its backend every 100 ms; nothing a client sees says it has, so this
+    // sleep stays (a generous margin over the interval).
     std::thread::sleep(std::time::Duration::from_millis(1500));
     drop(etcd);
 

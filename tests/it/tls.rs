@@ -12,6 +12,7 @@ use rcgen::{
 };
 
 use crate::harness::{etcdctl, free_port, ok_stdout, Server};
+use crate::util::get_value;
 
 /// A test CA: its certificate (PEM) and what signs with it.
 struct Ca {
@@ -955,7 +956,7 @@ async fn certificate_common_name_is_the_user_when_auth_is_on() {
     c.user_grant_role("client", "reader").await.unwrap();
     c.auth_enable().await.unwrap();
 
-    assert_eq!(c.get("a", None).await.unwrap().kvs()[0].value(), b"1");
+    assert_eq!(get_value(&mut c, "a").await.as_deref(), Some("1"));
     let e = c.put("a", "2", None).await.unwrap_err().to_string();
     assert!(e.contains("etcdserver: permission denied"), "{e}");
     // A certificate whose CN is no user.

@@ -10,7 +10,7 @@ use etcd_client::{
 use tonic::Code;
 
 use crate::harness::Server;
-use crate::util::{grpc_err, keys, put_rev, strs, values};
+use crate::util::{grpc_err, keys, put_rev, strs, values, Rev};
 
 /// Whether `cmp` holds, by running a txn with empty branches (which writes nothing).
 async fn holds(c: &mut Client, cmp: Compare) -> bool {
@@ -18,7 +18,7 @@ async fn holds(c: &mut Client, cmp: Compare) -> bool {
 }
 
 fn rev(r: &TxnResponse) -> i64 {
-    r.header().unwrap().revision()
+    r.rev()
 }
 
 #[tokio::test]
@@ -126,7 +126,7 @@ async fn branches() {
     let ops = r.op_responses();
     assert_eq!(ops.len(), 2);
     match &ops[0] {
-        TxnOpResponse::Put(p) => assert_eq!(p.header().unwrap().revision(), 3),
+        TxnOpResponse::Put(p) => assert_eq!(p.rev(), 3),
         other => panic!("expected a put response, got {other:?}"),
     }
     match &ops[1] {
@@ -143,7 +143,7 @@ async fn branches() {
     let ops = r.op_responses();
     assert_eq!(ops.len(), 1);
     assert!(
-        matches!(&ops[0], TxnOpResponse::Put(p) if p.header().unwrap().revision() == 4),
+        matches!(&ops[0], TxnOpResponse::Put(p) if p.rev() == 4),
         "{ops:?}"
     );
 
@@ -225,7 +225,7 @@ async fn one_revision_per_txn() {
     assert_eq!(rev(&r), 3);
     for op in r.op_responses() {
         match op {
-            TxnOpResponse::Put(p) => assert_eq!(p.header().unwrap().revision(), 3),
+            TxnOpResponse::Put(p) => assert_eq!(p.rev(), 3),
             other => panic!("expected put responses, got {other:?}"),
         }
     }
@@ -368,7 +368,7 @@ async fn nested_txn() {
     let nops = nested.op_responses();
     assert_eq!(nops.len(), 2);
     assert!(
-        matches!(&nops[0], TxnOpResponse::Put(p) if p.header().unwrap().revision() == 3),
+        matches!(&nops[0], TxnOpResponse::Put(p) if p.rev() == 3),
         "{nops:?}"
     );
     match &nops[1] {
@@ -691,7 +691,7 @@ async fn cross_shard_txn_is_atomic() {
                     );
                     // Round r was written at revision r + 2.
                     assert_eq!(format!("round-{}", m - 2).as_bytes(), v.as_slice());
-                    assert!(r.header().unwrap().revision() >= m);
+                    assert!(r.rev() >= m);
                 }
                 reads += 1;
                 if finished {

@@ -37,12 +37,51 @@ pub const COMPACTED: &str = "etcdserver: mvcc: required revision has been compac
 /// The message etcd gives for a read or compaction above the current revision.
 pub const FUTURE_REV: &str = "etcdserver: mvcc: required revision is a future revision";
 
+/// The revision in a response's header: `r.rev()` for
+/// `r.header().unwrap().revision()`.
+pub trait Rev {
+    /// The header's revision; panics if the response has no header.
+    fn rev(&self) -> i64;
+}
+
+macro_rules! impl_rev {
+    ($($t:ty),* $(,)?) => {
+        $(impl Rev for $t {
+            fn rev(&self) -> i64 {
+                self.header().expect("response header").revision()
+            }
+        })*
+    };
+}
+
+impl_rev!(
+    etcd_client::PutResponse,
+    etcd_client::GetResponse,
+    etcd_client::DeleteResponse,
+    etcd_client::TxnResponse,
+    etcd_client::WatchResponse,
+    etcd_client::CompactionResponse,
+    etcd_client::LeaseGrantResponse,
+    etcd_client::LeaseRevokeResponse,
+    etcd_client::LockResponse,
+    etcd_client::UnlockResponse,
+    etcd_client::CampaignResponse,
+    etcd_client::ProclaimResponse,
+    etcd_client::ResignResponse,
+    etcd_client::LeaderResponse,
+    etcd_client::HashResponse,
+    etcd_client::HashKvResponse,
+);
+
 /// Puts `k = v` and returns the revision the put got.
-pub async fn put_rev(c: &mut Client, k: &str, v: &str) -> i64 {
-    c.put(k, v, None)
-        .await
-        .unwrap()
-        .header()
-        .unwrap()
-        .revision()
+pub async fn put_rev(c: &mut Client, k: impl AsRef<[u8]>, v: impl AsRef<[u8]>) -> i64 {
+    c.put(k.as_ref(), v.as_ref(), None).await.unwrap().rev()
+}
+
+/// The value of `k` as a string, or `None` if it is absent.
+pub async fn get_value(c: &mut Client, k: impl AsRef<[u8]>) -> Option<String> {
+    let r = c.get(k.as_ref(), None).await.unwrap();
+    r.kvs()
+        .first()
+        .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
 }

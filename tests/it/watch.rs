@@ -19,7 +19,7 @@ use tokio::process::{Child, ChildStdin, ChildStdout};
 use tokio::time::timeout;
 
 use crate::harness::Server;
-use crate::util::put_rev;
+use crate::util::{put_rev, Rev};
 
 /// How long any single expected response may take.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -80,7 +80,7 @@ pub async fn fence(ws: &mut WatchStream) -> i64 {
         (-1, 0, false, false),
         "expected the progress response and nothing before it, got {r:?}"
     );
-    r.header().expect("progress header").revision()
+    r.rev()
 }
 
 /// An event as (type, key, value, create_revision, mod_revision, version).
@@ -128,7 +128,7 @@ fn prev(e: &Event) -> Option<(String, i64, i64, i64)> {
 async fn del(c: &mut Client, k: &str) -> i64 {
     let r = c.delete(k, None).await.unwrap();
     assert_eq!(r.deleted(), 1, "delete {k}");
-    r.header().unwrap().revision()
+    r.rev()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -139,7 +139,7 @@ async fn case_put_then_delete(ep: &str) {
     let created = next_resp(&mut ws).await;
     assert!(created.created() && !created.canceled(), "{created:?}");
     assert_eq!(created.watch_id(), 0, "the first auto watch ID is 0");
-    assert_eq!(created.header().unwrap().revision(), 1);
+    assert_eq!(created.rev(), 1);
     assert!(created.events().is_empty());
 
     assert_eq!(put_rev(&mut c, "k", "v1").await, 2);
@@ -495,7 +495,7 @@ async fn case_progress_request(ep: &str) {
         (-1, false, false, 0),
         "{r:?}"
     );
-    assert_eq!(r.header().unwrap().revision(), 4);
+    assert_eq!(r.rev(), 4);
     assert_eq!(r.compact_revision(), 0);
 }
 
@@ -540,7 +540,7 @@ async fn progress_notify_on_idle_watcher() {
             (id, 0, false, false),
             "{r:?}"
         );
-        let rev = r.header().unwrap().revision();
+        let rev = r.rev();
         seen.push(rev);
         if rev == 3 {
             break;
@@ -555,14 +555,7 @@ async fn progress_notify_on_idle_watcher() {
     );
     // And they keep coming while idle.
     let r = next_resp(&mut ws).await;
-    assert_eq!(
-        (
-            r.watch_id(),
-            r.events().len(),
-            r.header().unwrap().revision()
-        ),
-        (id, 0, 3)
-    );
+    assert_eq!((r.watch_id(), r.events().len(), r.rev()), (id, 0, 3));
 }
 
 /// One txn putting 3 keys (on different shards) and then one putting and deleting: each txn's
@@ -587,7 +580,7 @@ async fn txn_events_are_atomic() {
         TxnOp::put("u", "outside", None),
     ]);
     let r = c.txn(txn).await.unwrap();
-    assert_eq!(r.header().unwrap().revision(), 2);
+    assert_eq!(r.rev(), 2);
     let resp = next_resp(&mut ws).await;
     assert_eq!(resp.watch_id(), id);
     assert_eq!(
@@ -609,7 +602,7 @@ async fn txn_events_are_atomic() {
         ]);
     let r = c.txn(txn).await.unwrap();
     assert!(r.succeeded());
-    assert_eq!(r.header().unwrap().revision(), 3);
+    assert_eq!(r.rev(), 3);
     let resp = next_resp(&mut ws).await;
     assert_eq!(
         resp.events().iter().map(ev).collect::<Vec<_>>(),
@@ -624,7 +617,7 @@ async fn txn_events_are_atomic() {
         .delete("t/", Some(DeleteOptions::new().with_prefix()))
         .await
         .unwrap();
-    assert_eq!((r.deleted(), r.header().unwrap().revision()), (3, 4));
+    assert_eq!((r.deleted(), r.rev()), (3, 4));
     let resp = next_resp(&mut ws).await;
     assert_eq!(
         resp.events().iter().map(ev).collect::<Vec<_>>(),
@@ -665,14 +658,7 @@ async fn slow_consumer_does_not_block_others() {
         for &i in chunk {
             let mut c = writer.clone();
             let v = value.clone();
-            pending.push(async move {
-                c.put(format!("s/{i:04}"), v, None)
-                    .await
-                    .unwrap()
-                    .header()
-                    .unwrap()
-                    .revision()
-            });
+            pending.push(async move { put_rev(&mut c, format!("s/{i:04}"), v).await });
         }
         futures_join(std::mem::take(&mut pending)).await;
     }
@@ -1023,7 +1009,7 @@ async fn large_revision_is_fragmented_on_request() {
         assert!(r
             .events
             .iter()
-            .all(|e| e.kv.as_ref().unwrap().mod_revision == deleted.header().unwrap().revision()));
+            .all(|e| e.kv.as_ref().unwrap().mod_revision == deleted.rev()));
         if !r.fragment {
             break;
         }

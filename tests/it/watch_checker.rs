@@ -21,6 +21,7 @@ use tokio::sync::watch as signal;
 use tokio::time::timeout;
 
 use crate::harness::Server;
+use crate::util::Rev;
 use crate::watch::{fence, next_resp};
 
 /// Deterministic 64-bit LCG (Knuth's MMIX constants).
@@ -90,7 +91,7 @@ async fn random_op(c: &mut Client, rng: &mut Lcg, tag: &str) -> Write {
     if roll < 40 {
         let r = c.put(c_key(rng), tag, None).await.unwrap();
         return Write {
-            rev: r.header().unwrap().revision(),
+            rev: r.rev(),
             changed: true,
             changed_c: true,
         };
@@ -99,7 +100,7 @@ async fn random_op(c: &mut Client, rng: &mut Lcg, tag: &str) -> Write {
         let r = c.delete(c_key(rng), None).await.unwrap();
         let changed = r.deleted() > 0;
         return Write {
-            rev: r.header().unwrap().revision(),
+            rev: r.rev(),
             changed,
             changed_c: changed,
         };
@@ -112,7 +113,7 @@ async fn random_op(c: &mut Client, rng: &mut Lcg, tag: &str) -> Write {
             .unwrap();
         let changed = r.deleted() > 0;
         return Write {
-            rev: r.header().unwrap().revision(),
+            rev: r.rev(),
             changed,
             changed_c: changed,
         };
@@ -143,7 +144,7 @@ async fn random_op(c: &mut Client, rng: &mut Lcg, tag: &str) -> Write {
             changed_c |= effective && k.starts_with("c/");
         }
         return Write {
-            rev: r.header().unwrap().revision(),
+            rev: r.rev(),
             changed,
             changed_c,
         };
@@ -153,7 +154,7 @@ async fn random_op(c: &mut Client, rng: &mut Lcg, tag: &str) -> Write {
         .await
         .unwrap();
     Write {
-        rev: r.header().unwrap().revision(),
+        rev: r.rev(),
         changed: true,
         changed_c: false,
     }
@@ -235,7 +236,7 @@ async fn watch_checker_random_workload() {
             c_key(&mut rng)
         };
         let r = c.put(k.as_str(), format!("pre-{i}"), None).await.unwrap();
-        let rev = r.header().unwrap().revision();
+        let rev = r.rev();
         assert_eq!(rev, i + 2);
         writes.push(Write {
             rev,
@@ -266,7 +267,7 @@ async fn watch_checker_random_workload() {
         let created = next_resp(&mut ws).await;
         assert!(created.created() && !created.canceled(), "{created:?}");
         let id = created.watch_id();
-        let s = start.unwrap_or(created.header().unwrap().revision() + 1);
+        let s = start.unwrap_or(created.rev() + 1);
         let rx = target_rx.clone();
         followers.push((s, prev_kv, wc, tokio::spawn(follow(ws, id, rx))));
     }
@@ -294,13 +295,7 @@ async fn watch_checker_random_workload() {
     }
 
     // Every revision belongs to exactly one acknowledged changing write.
-    let final_rev = c
-        .get("c/", None)
-        .await
-        .unwrap()
-        .header()
-        .unwrap()
-        .revision();
+    let final_rev = c.get("c/", None).await.unwrap().rev();
     let mut changing: Vec<i64> = writes.iter().filter(|w| w.changed).map(|w| w.rev).collect();
     changing.sort();
     assert_eq!(changing, (2..=final_rev).collect::<Vec<_>>());

@@ -3,7 +3,8 @@
 //! recorded history (Lowe's algorithm as porcupine implements it), watch validators and a
 //! lost-write check. See `tests/robustness/README.md`.
 
-mod cluster;
+#[path = "../common/harness.rs"]
+mod harness;
 mod linearizability;
 mod model;
 mod traffic;

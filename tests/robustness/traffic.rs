@@ -27,7 +27,7 @@ use etcd_client::{
 };
 use tokio::time::{sleep, timeout};
 
-use crate::cluster::{signal, Cluster, ELECTION_MS};
+use crate::harness::{signal, wait_until_async, Cluster, ELECTION_MS};
 use crate::linearizability::{check, Operation, Verdict, INFINITY};
 use crate::model::{Cond, Request, Response, State};
 use crate::watch::{validate_all, Event, Kv, KvHistory, Session, WatchResp};
@@ -170,6 +170,7 @@ async fn client_loop(
                 {
                     Ok(Ok(c)) => client.insert(c),
                     _ => {
+                        // A retry pause: the members may be down or stopped.
                         sleep(Duration::from_millis(200)).await;
                         continue;
                     }
@@ -258,6 +259,7 @@ async fn watch_loop(
         let mut stream = match timeout(REQUEST_TIMEOUT, opened).await {
             Ok(Ok(s)) => s,
             _ => {
+                // A retry pause: the members may be down or stopped.
                 sleep(Duration::from_millis(200)).await;
                 continue;
             }
@@ -415,7 +417,7 @@ async fn read_history(cluster: &Cluster, last: i64) -> Vec<(i64, BTreeMap<String
     let mut tasks = tokio::task::JoinSet::new();
     for r in 0..READERS {
         let mut c = cluster
-            .client(r as usize % cluster.len())
+            .try_client(r as usize % cluster.len())
             .await
             .expect("connect");
         tasks.spawn(async move {
@@ -542,7 +544,11 @@ pub fn lost_writes(ops: &[Operation], history: &KvHistory) -> Vec<String> {
 
 /// Runs the profile on `engine` for `run_for` and checks everything; returns the summary.
 pub async fn run(engine: &str, run_for: Duration) -> Summary {
-    let mut cluster = Cluster::start(3, &["--storage-engine", engine]).await;
+    // The server's own shard count (one per CPU), not the harness's test default of one.
+    let shards = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .to_string();
+    let mut cluster = Cluster::start(3, &["--storage-engine", engine, "--shards", &shards]).await;
     let endpoints = cluster.endpoints();
     let start = Instant::now();
     let stop_clients = Arc::new(AtomicBool::new(false));
@@ -593,9 +599,8 @@ pub async fn run(engine: &str, run_for: Duration) -> Summary {
             summary.stops += 1;
         }
     }
-    while Instant::now() < deadline {
-        sleep(Duration::from_millis(100)).await;
-    }
+    // Traffic runs on until the end of the run (time is the subject).
+    tokio::time::sleep_until(deadline.into()).await;
     stop_clients.store(true, Ordering::Relaxed);
     let mut ops = Vec::new();
     for c in clients {
@@ -609,7 +614,7 @@ pub async fn run(engine: &str, run_for: Duration) -> Summary {
         tries += 1;
         let leader = cluster.wait_for_leader(Duration::from_secs(60)).await;
         let read = async {
-            let mut c = cluster.client(leader).await?;
+            let mut c = cluster.try_client(leader).await?;
             c.get(PREFIX, Some(GetOptions::new().with_prefix())).await
         };
         match timeout(Duration::from_secs(5), read).await {
@@ -619,12 +624,11 @@ pub async fn run(engine: &str, run_for: Duration) -> Summary {
         }
     };
     // Watchers must catch up to it (ask for progress notifications; conditions, not sleeps).
-    let wait = Instant::now();
-    while reached.iter().any(|r| r.load(Ordering::Relaxed) < last)
-        && wait.elapsed() < Duration::from_secs(60)
-    {
-        sleep(Duration::from_millis(100)).await;
-    }
+    // (One that never does is reported by the validators below.)
+    wait_until_async(Duration::from_secs(60), async || {
+        reached.iter().all(|r| r.load(Ordering::Relaxed) >= last)
+    })
+    .await;
     stop_watchers.store(true, Ordering::Relaxed);
     let mut watched = Vec::new();
     for w in watchers {
