@@ -338,7 +338,10 @@ mod tests {
             prev.unwrap().filter(|_| p.prev_kv)
         }
         fn delete(&self, range: &KeyRange, rev: i64, sub: u32) -> Vec<KeyValue> {
-            self.store.borrow_mut().delete_range(range, rev, sub).unwrap()
+            self.store
+                .borrow_mut()
+                .delete_range(range, rev, sub)
+                .unwrap()
         }
     }
 
