@@ -56,6 +56,7 @@ pub mod logging;
 pub mod metrics;
 pub mod mvcc;
 pub mod net;
+pub mod node;
 pub mod proto;
 pub mod server;
 pub mod shard;

@@ -45,7 +45,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    if let Err(e) = runtime.block_on(metastore::server::run(cfg)) {
+    if let Err(e) = runtime.block_on(metastore::node::run(cfg)) {
         eprintln!("metastore: error: {e:#}");
         std::process::exit(1);
     }

@@ -142,7 +142,7 @@ fn bench_put(c: &mut Criterion) {
                         if rev % PURGE_EVERY == 0 {
                             timed += start.elapsed();
                             fx.store.compact(rev);
-                            fx.store.purge(rev);
+                            fx.store.purge(rev).expect("purge");
                             flush(&mut fx.store, rev);
                             start = Instant::now();
                         }
@@ -154,6 +154,7 @@ fn bench_put(c: &mut Criterion) {
             let last = fx
                 .store
                 .get(&keys[rev as usize % KEYS], metastore::mvcc::LATEST)
+                .expect("the engine reads")
                 .expect("the last put is readable");
             assert_eq!((last.mod_revision, last.value.len()), (rev, size));
         }

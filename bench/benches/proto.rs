@@ -72,6 +72,7 @@ fn proposal(size: usize) -> Proposal {
         id: 123_456_789,
         origin: 0x1234_5678_9abc_def0,
         request: Some(proposal::Request::Put(put_request(size))),
+        auth: None,
     }
 }
 

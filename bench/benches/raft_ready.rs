@@ -25,7 +25,7 @@
 //! * `raft_node_thread/<proposals>/<payload bytes>`: the real `RaftNode` (public API:
 //!   `RaftNode::new` + `RaftNode::run` on its own thread, as the server starts it) with its WAL
 //!   in a temporary directory and fsync OFF (`--unsafe-no-fsync`), so that what is measured is
-//!   the node's loop and the two thread hops (proposal in through `NodeHandle`, committed
+//!   the node's loop and the two thread hops (proposal in through `RaftHandle`, committed
 //!   entries out through the dispatcher's channel), not the disk. One iteration sends 1 or 64
 //!   proposals and waits until all of them come out committed (the node folds whatever queued
 //!   up into as few entries as it can, exactly as in production).
@@ -38,15 +38,14 @@
 mod common;
 
 use std::hint::black_box;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use metastore::apply::{ApplyMsg, CommittedEntry, Pending, SnapshotTaken};
 use metastore::consensus::transport::{Faults, Transport};
 use metastore::consensus::wal::Wal;
 use metastore::consensus::{NodeConfig, NodeMsg, RaftNode};
 use metastore::proto::metastorepb::MemberRecord;
+use metastore::state_machine::{ApplyMsg, CommittedEntry, SnapshotTaken};
 use raft::prelude::{ConfState, Entry, EntryType};
 use raft::storage::MemStorage;
 use raft::{RawNode, StateRole};
@@ -142,7 +141,7 @@ fn hand_out(entries: Vec<Entry>, out: &mut Vec<CommittedEntry>) {
             index: e.index,
             term: e.term,
             data,
-            membership: None,
+            conf_change: None,
         });
     }
 }
@@ -264,6 +263,10 @@ fn start_node() -> Node {
         catch_up_entries: 5000,
         request_timeout: Duration::from_secs(7),
         snap_dir: dir.path().join("snap"),
+        max_snapshots: 5,
+        pre_vote: true,
+        max_learners: 1,
+        force_new_cluster: false,
     };
     // A single member has no peers: its transport never spawns a task on this runtime.
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -277,12 +280,11 @@ fn start_node() -> Node {
         wal,
         recovered,
         transport,
-        Arc::new(Pending::new(1)),
         committed_tx,
         snapshots_rx,
     )
     .expect("raft node");
-    let thread = std::thread::spawn(move || node.run());
+    let thread = std::thread::spawn(move || node.run().expect("raft node runs"));
     // The node elects itself and commits its leader no-op (an entry without data).
     let first = entries(
         committed

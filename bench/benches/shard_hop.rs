@@ -187,7 +187,7 @@ fn bench_read(c: &mut Criterion) {
     };
     // Started before this thread is pinned: threads inherit the affinity of their parent.
     let shards =
-        Shards::spawn(1, &engine, metastore::error::FatalTx::channel().0).expect("start the shard");
+        Shards::spawn(1, &engine, metastore::fatal::FatalTx::channel().0).expect("start the shard");
     let shard_cpu = pinned_cpu_of_thread("shard-0");
     let _pinned = pin_away_from(shard_cpu);
     let rt = runtime();
@@ -211,7 +211,7 @@ fn bench_read(c: &mut Criterion) {
                 ignore_value: false,
                 ignore_lease: false,
             };
-            direct.put(args, rev, 0);
+            direct.put(args, rev, 0).expect("direct write");
             let cmd = ApplyCmd::Put {
                 req,
                 rev,
@@ -244,7 +244,10 @@ fn bench_read(c: &mut Criterion) {
         let parts = rt
             .block_on(shards.set.read_range(reqs[7].clone(), rev))
             .expect("shard read");
-        let here = direct.range(&reqs[7], rev).expect("direct read");
+        let here = direct
+            .range(&reqs[7], rev)
+            .expect("the engine reads")
+            .expect("direct read");
         assert_eq!(parts.len(), 1);
         assert_eq!(parts[0].kvs, here.kvs);
         assert_eq!((here.count, here.kvs[0].value.len()), (1, size));
@@ -307,7 +310,7 @@ fn bench_echo(c: &mut Criterion) {
         create: true,
     };
     let shards =
-        Shards::spawn(1, &engine, metastore::error::FatalTx::channel().0).expect("start a shard");
+        Shards::spawn(1, &engine, metastore::fatal::FatalTx::channel().0).expect("start a shard");
     let shard_cpu = pinned_cpu_of_thread("shard-0");
     shards.join();
     let (tx, rx) = flume::unbounded::<Echo>();

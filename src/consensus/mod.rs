@@ -186,23 +186,47 @@ pub struct NodeStatus {
     pub is_learner: AtomicBool,
     /// Whether this member has been removed from the cluster (it must stop).
     pub removed: AtomicBool,
+    /// `leader` and `removed` as they change, for waiting on them (see
+    /// [`NodeStatus::subscribe`]).
+    changes: watch::Sender<(u64, bool)>,
+}
+
+impl NodeStatus {
+    /// Follows the known leader's member ID (0: none) and whether this member has been removed,
+    /// as the Raft thread publishes them.
+    pub fn subscribe(&self) -> watch::Receiver<(u64, bool)> {
+        self.changes.subscribe()
+    }
+
+    /// Publishes `leader` and `removed` to subscribers when they changed.
+    fn publish_changes(&self) {
+        let now = (
+            self.leader.load(Ordering::Relaxed),
+            self.removed.load(Ordering::Relaxed),
+        );
+        self.changes.send_if_modified(|seen| {
+            let changed = *seen != now;
+            *seen = now;
+            changed
+        });
+    }
 }
 
 /// How to reach the Raft node thread.
 #[derive(Clone)]
-pub struct NodeHandle {
+pub struct RaftHandle {
     /// The node's inbox.
     pub tx: flume::Sender<NodeMsg>,
     /// Its progress.
     pub status: Arc<NodeStatus>,
     /// The membership table as of the last conf change handed to the state machine.
     pub membership: watch::Receiver<Arc<Membership>>,
-    /// The apply dispatcher's inbox, for [`NodeHandle::state_image`]. Weak: only the Raft
+    /// The apply dispatcher's inbox, for [`RaftHandle::state_image`]. Weak: only the Raft
     /// node's sender keeps the dispatcher running, so shutdown still ends it.
     images: flume::WeakSender<ApplyMsg>,
 }
 
-impl NodeHandle {
+impl RaftHandle {
     /// A complete image of the state machine at one applied index (every key's retained
     /// history, leases, membership, alarms and the auth store), built by the apply dispatcher
     /// between two batches of entries, as for a follower's snapshot (Raft paper section 7).
@@ -623,7 +647,7 @@ impl RaftNode {
         transport: impl FnOnce(flume::Sender<NodeMsg>) -> Transport,
         committed: flume::Sender<ApplyMsg>,
         snapshots: flume::Receiver<SnapshotTaken>,
-    ) -> anyhow::Result<(RaftNode, NodeHandle)> {
+    ) -> anyhow::Result<(RaftNode, RaftHandle)> {
         let fresh =
             snap.is_none() && recovered.entries.is_empty() && recovered.hard_state.is_none();
         if fresh && !cfg.bootstrap.is_empty() {
@@ -764,7 +788,7 @@ impl RaftNode {
         node.publish_status();
         Ok((
             node,
-            NodeHandle {
+            RaftHandle {
                 tx,
                 status,
                 membership: membership_rx,
@@ -773,7 +797,7 @@ impl RaftNode {
         ))
     }
 
-    /// Runs until every [`NodeHandle`] is dropped or [`NodeMsg::Stop`] arrives (then after the
+    /// Runs until every [`RaftHandle`] is dropped or [`NodeMsg::Stop`] arrives (then after the
     /// round under way, its WAL writes done). A WAL failure is fatal: nothing can be
     /// acknowledged without it, so the loop ends at once and returns it (as does a leader's
     /// snapshot that cannot be decoded or saved); the caller reports it and the member stops
@@ -883,7 +907,11 @@ impl RaftNode {
                     self.raw.tick();
                 }
             }
-            NodeMsg::RemovedByPeer => self.status.removed.store(true, Ordering::Relaxed),
+            NodeMsg::RemovedByPeer => {
+                self.status.removed.store(true, Ordering::Relaxed);
+                self.status.publish_changes();
+                self.status.publish_changes();
+            }
             NodeMsg::TransferLeader(id) => self.raw.transfer_leader(id),
             NodeMsg::Stop(reply) => self.stop = Some(reply),
             NodeMsg::Progress(reply) => {
@@ -1242,6 +1270,7 @@ impl RaftNode {
             if change.kind() == Kind::Remove && id == self.id {
                 tracing::warn!("this member has been permanently removed from the cluster");
                 self.status.removed.store(true, Ordering::Relaxed);
+                self.status.publish_changes();
             }
         }
         ConfChangeApplied {
@@ -1266,6 +1295,9 @@ impl RaftNode {
         let before = self.status.leader.swap(r.leader_id, Ordering::Relaxed);
         if r.leader_id != 0 && r.leader_id != before {
             crate::metrics::LEADER_CHANGES.inc();
+        }
+        if r.leader_id != before {
+            self.status.publish_changes();
         }
         self.status
             .commit

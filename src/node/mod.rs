@@ -1,0 +1,712 @@
+//! One member's life: [`Node::start`] recovers it and starts its threads and listeners,
+//! [`NodeHandle::ready`] waits until it serves, and [`NodeHandle::shutdown`] stops it in
+//! etcd's order. [`run`] is all three, with SIGTERM/SIGINT and fatal errors deciding when.
+//!
+//! ```text
+//!  thread          owns                                   joined to the others by
+//!  raft            raft-rs RawNode, WAL, membership        NodeMsg inbox (flume) <- services,
+//!                  table, peer transport                   peer service, this module
+//!  apply           the Dispatcher (state machine):         ApplyMsg (flume, log order) <- raft;
+//!                  revisions, leases, alarms, auth         SnapshotTaken -> raft
+//!  shard 0..N      one glommio executor per CPU, each      ApplyCmd queues (flume, FIFO) <-
+//!                  an mvcc::Store over its engine          apply; read queues <- services
+//!  tokio runtime   gRPC services, HTTP, peer service,      AppliedState (watch) <- apply;
+//!                  lease clock, compactor, this module     fatal errors (FatalTx) <- raft, shards
+//! ```
+
+mod listeners;
+mod recovery;
+mod shutdown;
+mod ticks;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+
+use crate::apply::alarms::SharedAlarms;
+use crate::apply::{Dispatcher, SnapshotPolicy, StartState};
+use crate::config::{defaults, ClusterState, Config};
+use crate::consensus::transport::{Faults, Transport, MAX_PEER_MESSAGE_BYTES};
+use crate::consensus::{election_ticks, recover_log, NodeConfig, RaftNode, RecoveredLog};
+use crate::fatal::{FatalError, FatalRx, FatalTx};
+use crate::identity::{self as member, url_string, Member};
+use crate::lease::{min_ttl_secs, LeaseTable};
+use crate::proto::etcdserverpb::{
+    auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer,
+    lease_server::LeaseServer, maintenance_server::MaintenanceServer, watch_server::WatchServer,
+};
+use crate::proto::metastorepb::{peer_server::PeerServer, MemberRecord};
+use crate::proto::v3electionpb::election_server::ElectionServer;
+use crate::proto::v3lockpb::lock_server::LockServer;
+use crate::server::{
+    auth, cluster, compactor, corrupt, gate, http, kv, lease, maintenance, peer, recipes, watch,
+    Core, CoreParts,
+};
+use crate::shard::Shards;
+use crate::state_machine::snapshot::Snapshotter;
+use crate::state_machine::{AppliedState, Pending};
+use crate::tls::MemberTls;
+use listeners::{bind_all, client_server_builder, serve};
+use shutdown::Worker;
+
+/// The servers one listener kind runs (each ends when its listener stops).
+type Servers = JoinSet<Result<(), tonic::transport::Error>>;
+
+/// Starts members (see [`Node::start`]).
+pub struct Node;
+
+/// A started member: its services, threads and listeners. Dropping it without
+/// [`NodeHandle::shutdown`] leaves its threads to the process exit.
+pub struct NodeHandle {
+    core: Arc<Core>,
+    cfg: Arc<Config>,
+    /// Kept open until the process exits (see [`NodeHandle::shutdown`]).
+    shards: Shards,
+    raft: Worker,
+    apply: Worker,
+    /// Peer listeners: they serve until the process exits, since a stopping leader still needs
+    /// them to hand over leadership.
+    peer_servers: Servers,
+    /// Client and metrics listeners: drained on stop.
+    client_servers: Servers,
+    fatal: FatalRx,
+    auto_compaction: Option<compactor::Retention>,
+    /// The data directory's lock, held while the member runs.
+    _lock: std::fs::File,
+}
+
+/// Why a member stopped serving.
+#[derive(Debug)]
+pub enum StopReason {
+    /// SIGINT or SIGTERM ("SIGINT"/"SIGTERM").
+    Signal(&'static str),
+    /// The member was removed from the cluster.
+    Removed,
+    /// A condition the member cannot go on after (see [`FatalError`]).
+    Fatal(FatalError),
+}
+
+impl Node {
+    /// Recovers the member `cfg` describes (data directory, identity, snapshot, WAL, shards)
+    /// and starts it: the Raft and apply threads, the shards, and every listener. Clients are
+    /// answered from here on ("no leader" until there is one); [`NodeHandle::ready`] waits
+    /// until the member serves.
+    ///
+    /// Errors: invalid flags; a data directory in use, unreadable or damaged; ports that
+    /// cannot be bound; a cluster that cannot be joined; `--experimental-initial-corrupt-check`
+    /// finding this member's data different from its peers'. Nothing is left running.
+    pub async fn start(cfg: Config) -> anyhow::Result<NodeHandle> {
+        cfg.validate()?;
+        crate::tls::validate(&cfg).map_err(crate::config::ConfigError::Tls)?;
+        let auto_compaction =
+            compactor::retention(&cfg.auto_compaction_mode, &cfg.auto_compaction_retention)
+                .map_err(anyhow::Error::msg)?;
+        let cfg = Arc::new(cfg);
+        let data_dir = cfg.data_dir();
+        let lock = recovery::prepare_data_dir(&data_dir)?;
+        // Before anything dials a peer (a joining member asks the cluster for its members).
+        let tls = crate::tls::setup(&cfg, &data_dir)?;
+        let (member, initial, seed_peers) = identify(&cfg).await?;
+        let mut handle = launch(cfg, member, initial, seed_peers, tls, lock).await?;
+        handle.auto_compaction = auto_compaction;
+        Ok(handle)
+    }
+}
+
+/// This member's identity (created on its first boot), the `--initial-cluster` members, and,
+/// for a member joining an existing cluster, that cluster's members.
+async fn identify(cfg: &Config) -> anyhow::Result<(Member, Vec<MemberRecord>, Vec<MemberRecord>)> {
+    let member_dir = cfg.data_dir().join("member");
+    let peer_urls: Vec<String> = cfg
+        .initial_advertise_peer_urls
+        .iter()
+        .map(url_string)
+        .collect();
+    let mut initial: Vec<MemberRecord> = cfg
+        .initial_members()?
+        .into_iter()
+        .map(|(name, urls)| {
+            let urls: Vec<String> = urls.iter().map(url_string).collect();
+            MemberRecord {
+                id: member::member_id(&urls, &cfg.initial_cluster_token),
+                name,
+                peer_urls: urls,
+                client_urls: Vec::new(),
+                is_learner: false,
+            }
+        })
+        .collect();
+    initial.sort_by_key(|m| m.id);
+    // An etcd member's data directory (etcd stopped, or `etcdctl snapshot restore`): take it
+    // over from its backend database (see `backup::restore::adopt_etcd_data_dir`).
+    if crate::backup::restore::is_etcd_member_dir(&member_dir) {
+        crate::backup::restore::adopt_etcd_data_dir(cfg)?;
+    }
+    let first_boot = !Member::exists(&member_dir);
+    let (id, cluster_id, seed_peers) = if first_boot {
+        recovery::first_boot_identity(cfg, &initial, &peer_urls).await?
+    } else {
+        (0, 0, Vec::new())
+    };
+    let member = Member::load_or_create(
+        &member_dir,
+        &cfg.name,
+        peer_urls,
+        cfg.advertise_client_urls.iter().map(url_string).collect(),
+        (id, cluster_id),
+    )?;
+    tracing::info!(name = %member.name, member_id = %format!("{:x}", member.id),
+        cluster_id = %format!("{:x}", member.cluster_id), data_dir = %cfg.data_dir().display(),
+        "starting member");
+    Ok((member, initial, seed_peers))
+}
+
+/// Client and metrics listeners, bound before anything else starts (see [`launch`]).
+struct Bound {
+    client: Vec<crate::net::Listener>,
+    metrics: Vec<crate::net::Listener>,
+}
+
+/// Recovers the state machine and the Raft log, starts the shards and the Raft and apply
+/// threads, and serves every listener.
+async fn launch(
+    cfg: Arc<Config>,
+    member: Member,
+    initial: Vec<MemberRecord>,
+    seed_peers: Vec<MemberRecord>,
+    tls: MemberTls,
+    lock: std::fs::File,
+) -> anyhow::Result<NodeHandle> {
+    let member_dir = cfg.data_dir().join("member");
+    let snapshotter = Snapshotter::new(member_dir.join("snap"))?.with_keep(cfg.max_snapshots);
+    // Everything that can fail on bad input (ports, snapshots, the WAL) is checked before the
+    // shards start: a failing start-up then leaves no storage engine half-open behind it.
+    let metrics_urls = cfg.listen_metrics_urls.as_deref().unwrap_or_default();
+    let bound = Bound {
+        client: bind_all(&cfg.listen_client_urls, "client").await?,
+        metrics: bind_all(metrics_urls, "metrics").await?,
+    };
+    let peer_listeners = bind_all(&cfg.listen_peer_urls, "peer").await?;
+    let log = recover_log(&snapshotter, &cfg.wal_dir(), !cfg.unsafe_no_fsync)?;
+    let engine = recovery::engine_config(&cfg, &member_dir, member.id)?;
+    // Fatal errors (a shard's engine failing, the Raft log that cannot be written) come to
+    // the handle and stop the member (see `run`).
+    let (fatal_tx, fatal_rx) = FatalTx::channel();
+    let shards = Shards::spawn(cfg.shard_count(), &engine, fatal_tx.clone())?;
+    let start = match recovery::resume(&shards, &engine, &snapshotter, &log).await {
+        Ok(start) => start,
+        Err(e) => {
+            // Close the shards' databases before the process exits with the error.
+            shards.join();
+            return Err(e);
+        }
+    };
+    tracing::info!(index = start.index, revision = start.revision, replay_until = start.replay_until,
+        engine = ?engine.kind, "recovered state machine");
+    tracing::info!(entries = log.recovered.entries.len(), "replaying WAL");
+    // What this member knew to be committed when it stopped: the state machine (and with it
+    // the membership table) is whole once it has applied that far.
+    let committed_at_start = log.recovered.hard_state.as_ref().map_or(0, |h| h.commit);
+    let started = start_threads(
+        &cfg,
+        &member,
+        initial,
+        seed_peers,
+        log,
+        start,
+        snapshotter,
+        &shards,
+        fatal_tx,
+    )?;
+    let Started {
+        core,
+        raft,
+        apply,
+        faults,
+        start_index,
+    } = started;
+    let peer_servers = serve_peers(&cfg, &core, peer_listeners, &tls, &faults);
+    tokio::spawn(ticks::adjust_ticks(
+        core.node.clone(),
+        core.member.id,
+        cfg.initial_election_tick_advance,
+        election_ticks(cfg.election_timeout, cfg.heartbeat_interval),
+        faults,
+    ));
+    let mut handle = NodeHandle {
+        core,
+        cfg,
+        shards,
+        raft,
+        apply,
+        peer_servers,
+        client_servers: JoinSet::new(),
+        fatal: fatal_rx,
+        auto_compaction: None,
+        _lock: lock,
+    };
+    // A snapshot still being loaded into the shards: clients wait until it is all there.
+    let _ = handle
+        .core
+        .applied
+        .clone()
+        .wait_for(|a| a.index >= start_index)
+        .await;
+    // As etcd, the check runs once this member's state machine holds what it recovered, and
+    // before any client is served.
+    if handle.cfg.experimental_initial_corrupt_check {
+        if let Err(e) = corrupt::initial_check(&handle.core, committed_at_start).await {
+            handle.shutdown(false).await;
+            return Err(e);
+        }
+    }
+    handle.client_servers = serve_clients(&handle.cfg, &handle.core, bound, &tls);
+    Ok(handle)
+}
+
+/// What [`start_threads`] started.
+struct Started {
+    core: Arc<Core>,
+    raft: Worker,
+    apply: Worker,
+    faults: Faults,
+    /// The index the state machine starts from: clients wait until it is applied.
+    start_index: u64,
+}
+
+/// Builds the Raft node and the apply dispatcher from what was recovered, starts their
+/// threads, and the services' shared state.
+#[allow(clippy::too_many_arguments)]
+fn start_threads(
+    cfg: &Arc<Config>,
+    member: &Member,
+    initial: Vec<MemberRecord>,
+    seed_peers: Vec<MemberRecord>,
+    log: RecoveredLog,
+    start: StartState,
+    snapshotter: Snapshotter,
+    shards: &Shards,
+    fatal: FatalTx,
+) -> anyhow::Result<Started> {
+    let pending = Arc::new(Pending::new(member.id));
+    let (applied_tx, applied_rx) = tokio::sync::watch::channel(AppliedState::default());
+    let (snap_tx, snap_rx) = flume::unbounded();
+    let (committed_tx, committed_rx) = flume::bounded(1024);
+    let node_cfg = NodeConfig {
+        id: member.id,
+        this_member: MemberRecord {
+            id: member.id,
+            name: member.name.clone(),
+            peer_urls: member.peer_urls.clone(),
+            client_urls: member.client_urls.clone(),
+            is_learner: false,
+        },
+        bootstrap: if cfg.initial_cluster_state == ClusterState::New {
+            initial
+        } else {
+            Vec::new()
+        },
+        seed_peers,
+        heartbeat_ms: cfg.heartbeat_interval,
+        election_ms: cfg.election_timeout,
+        lease_reads: cfg.leader_lease_reads,
+        catch_up_entries: cfg.experimental_snapshot_catchup_entries,
+        request_timeout: Duration::from_millis(5000 + 2 * cfg.election_timeout),
+        snap_dir: cfg.data_dir().join("member").join("snap"),
+        max_snapshots: cfg.max_snapshots,
+        pre_vote: cfg.pre_vote,
+        max_learners: cfg.experimental_max_learners,
+        force_new_cluster: cfg.force_new_cluster,
+    };
+    let faults = Faults::from_env(&tokio::runtime::Handle::current());
+    let transport = {
+        let (id, cluster_id, faults) = (member.id, member.cluster_id, faults.clone());
+        move |node| {
+            Transport::new(
+                id,
+                cluster_id,
+                tokio::runtime::Handle::current(),
+                faults,
+                node,
+            )
+        }
+    };
+    let RecoveredLog {
+        snapshot,
+        mut wal,
+        recovered,
+        ..
+    } = log;
+    wal.set_max_segments(cfg.max_wals);
+    let (node, raft_handle) = RaftNode::new(
+        &node_cfg,
+        snapshot.as_ref(),
+        start.index,
+        wal,
+        recovered,
+        transport,
+        committed_tx,
+        snap_rx,
+    )?;
+    let start = StartState {
+        membership: raft_handle.membership.borrow().clone(),
+        ..start
+    };
+    let leases = LeaseTable::default();
+    let alarms = SharedAlarms::default();
+    let auth = crate::auth::SharedAuth::new(crate::auth::token::Tokens::from_flag(
+        &cfg.auth_token,
+        Duration::from_secs(cfg.auth_token_ttl),
+    )?);
+    let dispatcher = Dispatcher::new(
+        shards.set.clone(),
+        &start,
+        pending.clone(),
+        applied_tx,
+        SnapshotPolicy {
+            snapshotter,
+            count: cfg.snapshot_count,
+            notify: snap_tx,
+        },
+        leases.clone(),
+        min_ttl_secs(cfg.election_timeout),
+        alarms.clone(),
+        auth.clone(),
+    );
+    let apply = Worker::spawn("apply", move || dispatcher.run(committed_rx))?;
+    let raft = Worker::spawn("raft", move || {
+        if let Err(e) = node.run() {
+            fatal.report(FatalError::Raft(e));
+        }
+    })?;
+    let core = Core::new(CoreParts {
+        cfg: cfg.clone(),
+        member: member.clone(),
+        node: raft_handle,
+        shards: shards.set.clone(),
+        applied: applied_rx,
+        leases,
+        pending,
+        alarms,
+        auth,
+    });
+    Ok(Started {
+        core,
+        raft,
+        apply,
+        faults,
+        start_index: start.index,
+    })
+}
+
+/// Serves the peer service on every peer listener.
+fn serve_peers(
+    cfg: &Config,
+    core: &Arc<Core>,
+    listeners: Vec<crate::net::Listener>,
+    tls: &MemberTls,
+    faults: &Faults,
+) -> Servers {
+    let mut servers = JoinSet::new();
+    // Never cancelled: the peer listeners serve until the process exits.
+    let never = tokio_util::sync::CancellationToken::new();
+    for (listener, url) in listeners.into_iter().zip(cfg.listen_peer_urls.iter()) {
+        let addr = listener.address();
+        tracing::info!(address = %addr, "serving peer traffic on {addr}");
+        let service = peer::PeerService::new(core.clone(), faults.clone());
+        let router = tonic::transport::Server::builder().add_service(
+            PeerServer::new(service)
+                .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES),
+        );
+        // The peer port is ours alone: no ping policy.
+        serve!(
+            servers,
+            router,
+            listener,
+            url,
+            tls.peer.as_ref(),
+            Duration::ZERO,
+            never
+        );
+    }
+    servers
+}
+
+/// Serves the gRPC services and HTTP endpoints on every client listener, and the HTTP
+/// endpoints on every metrics listener. They stop accepting once [`Core::stopping`] is
+/// cancelled.
+fn serve_clients(cfg: &Config, core: &Arc<Core>, bound: Bound, tls: &MemberTls) -> Servers {
+    let max_recv = cfg.max_request_bytes + defaults::GRPC_OVERHEAD_BYTES;
+    // HTTP on the client port (and the metrics URLs), and grpc.health.v1.Health.
+    let (health, _) = tonic_health::server::health_reporter();
+    tokio::spawn(http::run_health_reporter(core.clone(), health.clone()));
+    http::init_grpc_metrics();
+    if cfg.metrics == "extensive" {
+        crate::metrics::enable_handling_time();
+    }
+    let mut servers = JoinSet::new();
+    for (listener, url) in bound.client.into_iter().zip(cfg.listen_client_urls.iter()) {
+        let addr = listener.address();
+        tracing::info!(address = %addr, scheme = url.scheme(), "serving client requests on {addr}");
+        let c = core;
+        let router = client_server_builder(cfg)
+            .layer(http::HttpLayer::new(
+                c.clone(),
+                &health,
+                http::Endpoints::Client,
+            ))
+            .layer(gate::GateLayer::new(c.node.status.clone()))
+            .add_service(
+                KvServer::new(kv::KvService::new(c.clone())).max_decoding_message_size(max_recv),
+            )
+            .add_service(
+                MaintenanceServer::new(maintenance::MaintenanceService::new(c.clone()))
+                    .max_decoding_message_size(max_recv),
+            )
+            .add_service(
+                LockServer::new(recipes::LockService::new(c.clone()))
+                    .max_decoding_message_size(max_recv),
+            )
+            .add_service(
+                ElectionServer::new(recipes::ElectionService::new(c.clone()))
+                    .max_decoding_message_size(max_recv),
+            )
+            .add_service(
+                LeaseServer::new(lease::LeaseService::new(c.clone()))
+                    .max_decoding_message_size(max_recv),
+            )
+            .add_service(
+                WatchServer::new(watch::WatchService::new(c.clone()))
+                    .max_decoding_message_size(max_recv),
+            )
+            .add_service(
+                ClusterServer::new(cluster::ClusterService::new(c.clone()))
+                    .max_decoding_message_size(max_recv),
+            )
+            .add_service(
+                AuthServer::new(auth::AuthService::new(c.clone()))
+                    .max_decoding_message_size(max_recv),
+            );
+        serve!(
+            servers,
+            router,
+            listener,
+            url,
+            tls.client.as_ref(),
+            cfg.grpc_keepalive_min_time,
+            core.stopping
+        );
+    }
+    let metrics_urls = cfg.listen_metrics_urls.as_deref().unwrap_or_default();
+    for (listener, url) in bound.metrics.into_iter().zip(metrics_urls.iter()) {
+        let addr = listener.address();
+        tracing::info!(address = %addr, "serving metrics on {addr}");
+        let router = tonic::transport::Server::builder()
+            .accept_http1(true)
+            .layer(http::HttpLayer::new(
+                core.clone(),
+                &health,
+                http::Endpoints::Metrics,
+            ))
+            .add_routes(tonic::service::Routes::default());
+        serve!(
+            servers,
+            router,
+            listener,
+            url,
+            tls.client.as_ref(),
+            Duration::ZERO,
+            core.stopping
+        );
+    }
+    servers
+}
+
+impl NodeHandle {
+    /// The services' shared state.
+    pub fn core(&self) -> &Arc<Core> {
+        &self.core
+    }
+
+    /// Waits until the member serves, as etcd's `readych`: it is part of a cluster with a
+    /// leader (a lone member elects itself at once), its lease deadlines are set, and its name
+    /// and client URLs are in the membership table. Starts the lease clock, the auto
+    /// compactor, the periodic corruption check and learner promotion on the way. Logs "ready
+    /// to serve client requests".
+    pub async fn ready(&self) {
+        become_ready(&self.core, &self.cfg, self.auto_compaction).await;
+    }
+
+    /// Gets ready ([`NodeHandle::ready`]) and serves until something stops the member:
+    /// `stop_asked` completing (the signals, in [`run`]), its removal from the cluster, or a
+    /// fatal error (which may come while it is still getting ready).
+    ///
+    /// Errors: a listener that stopped on its own.
+    pub async fn serve(
+        &mut self,
+        stop_asked: impl std::future::Future<Output = StopReason>,
+    ) -> anyhow::Result<StopReason> {
+        let mut changes = self.core.node.status.subscribe();
+        let (core, cfg, auto_compaction) =
+            (self.core.clone(), self.cfg.clone(), self.auto_compaction);
+        let serving = async {
+            become_ready(&core, &cfg, auto_compaction).await;
+            tokio::select! {
+                reason = stop_asked => Ok(reason),
+                _ = changes.wait_for(|(_, removed)| *removed) => {
+                    // As etcd: answer what is in flight for a moment, then stop for good.
+                    tracing::warn!("the member has been permanently removed from the cluster; stopping in 1 s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    Ok(StopReason::Removed)
+                }
+            }
+        };
+        let listener_died = async {
+            let r = tokio::select! {
+                Some(r) = self.peer_servers.join_next() => r,
+                Some(r) = self.client_servers.join_next() => r,
+            };
+            r??;
+            anyhow::bail!("a listener stopped")
+        };
+        tokio::select! {
+            reason = serving => reason,
+            e = listener_died => e,
+            Some(e) = self.fatal.recv() => {
+                tracing::error!(error = %e, "fatal error; stopping the member");
+                Ok(StopReason::Fatal(e))
+            }
+        }
+    }
+
+    /// A graceful stop, in etcd's order (embed `Etcd.Close`, then `EtcdServer.Stop`, which is
+    /// `TransferLeadership` followed by `HardStop`; `server/etcdserver/server.go`):
+    ///
+    /// 1. [`Core::stopping`] is cancelled: the client and metrics listeners stop accepting,
+    ///    their connections are told to go away (HTTP/2 GOAWAY), and every open Watch and
+    ///    LeaseKeepAlive stream ends with "etcdserver: server stopped".
+    /// 2. Requests in flight are answered: the client servers are waited for, at most 5 s,
+    ///    then aborted.
+    /// 3. When `transfer` is set, a leader with other voters hands leadership over so that the
+    ///    cluster does not wait an election timeout for a new one (not after a fatal error:
+    ///    this member's log or state can no longer be trusted to hand over).
+    /// 4. The Raft thread is asked to stop after the round it is in (its WAL writes done);
+    ///    the apply thread then ends once it has applied what it was handed. Both are waited
+    ///    for, at most 5 s each.
+    ///
+    /// Every step is logged. Every acknowledged write was fsynced before its answer, so nothing
+    /// needs flushing. The shard threads keep their queues open until the process exits, as
+    /// do the peer listeners: the last queue sender going away (the runtime dropping tasks
+    /// that hold the core) would have the shard threads close RocksDB while the process exits,
+    /// which aborts; the shards are idle once the apply thread has finished.
+    pub async fn shutdown(mut self, transfer: bool) {
+        tracing::info!("stopping: no new client requests; ending watch and keep-alive streams");
+        self.core.stopping.cancel();
+        let servers = &mut self.client_servers;
+        let drained = tokio::time::timeout(shutdown::DRAIN_TIMEOUT, async {
+            while servers.join_next().await.is_some() {}
+        })
+        .await;
+        match drained {
+            Ok(()) => tracing::info!("stopping: client requests in flight answered"),
+            Err(_) => {
+                tracing::warn!(
+                    timeout = ?shutdown::DRAIN_TIMEOUT,
+                    "stopping: client requests still in flight; cutting them"
+                );
+                self.client_servers.abort_all();
+            }
+        }
+        if transfer {
+            shutdown::transfer_leadership(&self.core).await;
+        }
+        shutdown::stop_raft(&self.core).await;
+        self.raft.join(shutdown::THREADS_TIMEOUT).await;
+        self.apply.join(shutdown::THREADS_TIMEOUT).await;
+        tracing::info!("stopped");
+        std::mem::forget(self.shards);
+    }
+}
+
+/// See [`NodeHandle::ready`].
+async fn become_ready(
+    core: &Arc<Core>,
+    cfg: &Config,
+    auto_compaction: Option<compactor::Retention>,
+) {
+    let mut changes = core.node.status.subscribe();
+    let leader = async { changes.wait_for(|(leader, _)| *leader != 0).await.is_ok() };
+    tokio::pin!(leader);
+    let mut waited = 0;
+    // Client listeners already answer meanwhile, with "no leader".
+    while tokio::time::timeout(Duration::from_secs(5), &mut leader)
+        .await
+        .is_err()
+    {
+        waited += 5;
+        tracing::info!(waited_ms = waited * 1000, "waiting for a Raft leader");
+    }
+    // Lease deadlines are right before the first client asks: replay done, then promotion.
+    let promoted = core.promote_leases().await;
+    tokio::spawn(lease::run_lease_clock(core.clone(), promoted));
+    if let Some(retention) = auto_compaction {
+        tokio::spawn(compactor::run(core.clone(), retention));
+    }
+    if !cfg.experimental_corrupt_check_time.is_zero() {
+        let every = cfg.experimental_corrupt_check_time;
+        tokio::spawn(corrupt::run_periodic_check(core.clone(), every));
+    }
+    // As etcd (`publish` closes `readych`), a member is ready only once its name and client
+    // URLs are in the membership table: a client that lists members right after every
+    // member said so sees each one's client URLs (etcd's e2e `memberToRemove` relies on it).
+    cluster::publish_attributes(core.clone()).await;
+    // etcd logs this once the cluster version is known (MetaStore's is fixed); etcd's e2e
+    // TestIssue6361 waits for it from a joining member.
+    tracing::info!(
+        cluster_version = "3.5",
+        "enabled capabilities for version 3.5"
+    );
+    if cfg.auto_promote_learners {
+        tokio::spawn(cluster::auto_promote_learners(core.clone()));
+    }
+    tracing::info!("ready to serve client requests");
+}
+
+/// Starts a member and serves until SIGINT/SIGTERM, its removal from the cluster, or a fatal
+/// error, then stops it ([`NodeHandle::shutdown`]). A second signal while stopping ends it at
+/// once.
+///
+/// Errors: those of [`Node::start`]; a listener that stopped; a fatal error (the process
+/// should exit non-zero); a second signal.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut node = Node::start(cfg).await?;
+    let signal = async {
+        let signal = tokio::select! {
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        };
+        tracing::info!("received {signal}, stopping gracefully");
+        StopReason::Signal(signal)
+    };
+    let reason = node.serve(signal).await?;
+    let second_signal = async {
+        let signal = tokio::select! {
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        };
+        tracing::warn!(signal, "second signal while stopping; exiting at once");
+    };
+    let transfer = !matches!(reason, StopReason::Fatal(_));
+    tokio::select! {
+        _ = node.shutdown(transfer) => {}
+        _ = second_signal => anyhow::bail!("second signal while stopping"),
+    }
+    match reason {
+        // Printed by main as "metastore: error: {e}"; the process exits 1.
+        StopReason::Fatal(e) => Err(anyhow::Error::msg(e.to_string())),
+        StopReason::Signal(_) | StopReason::Removed => Ok(()),
+    }
+}
