@@ -63,7 +63,7 @@ use crate::state_machine::{
     ApplyMsg, CommittedEntry, ConfChangeApplied, SnapshotImage, SnapshotTaken,
 };
 use storage::RaftStorage;
-use transport::Transport;
+use transport::PeerTransport;
 use wal::{Recovered, Wal, WalError};
 
 /// Upper bound on one proposal batch (one Raft entry), bytes.
@@ -186,29 +186,47 @@ pub struct NodeStatus {
     pub is_learner: AtomicBool,
     /// Whether this member has been removed from the cluster (it must stop).
     pub removed: AtomicBool,
-    /// `leader` and `removed` as they change, for waiting on them (see
+    /// Term, leader and removal as they change, for waiting on them (see
     /// [`NodeStatus::subscribe`]).
-    changes: watch::Sender<(u64, bool)>,
+    changes: watch::Sender<Leadership>,
+}
+
+/// Who leads in which term, as one member sees it, and whether it has been removed: published
+/// together, so a reader never pairs one term's leader with another term.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Leadership {
+    /// Current term.
+    pub term: u64,
+    /// The known leader's member ID in `term` (0: none).
+    pub leader: u64,
+    /// Whether this member has been removed from the cluster.
+    pub removed: bool,
 }
 
 impl NodeStatus {
-    /// Follows the known leader's member ID (0: none) and whether this member has been removed,
-    /// as the Raft thread publishes them.
-    pub fn subscribe(&self) -> watch::Receiver<(u64, bool)> {
+    /// Follows [`Leadership`] as the Raft thread publishes it (on every change of term or
+    /// leader, and on removal).
+    pub fn subscribe(&self) -> watch::Receiver<Leadership> {
         self.changes.subscribe()
     }
 
-    /// Publishes `leader` and `removed` to subscribers when they changed.
-    fn publish_changes(&self) {
-        let now = (
-            self.leader.load(Ordering::Relaxed),
-            self.removed.load(Ordering::Relaxed),
-        );
+    /// Publishes `now` to subscribers when it changed.
+    fn publish_changes(&self, now: Leadership) {
         self.changes.send_if_modified(|seen| {
             let changed = *seen != now;
             *seen = now;
             changed
         });
+    }
+
+    /// Marks this member removed, for the atomics' readers and subscribers.
+    fn set_removed(&self) {
+        self.removed.store(true, Ordering::Relaxed);
+        let now = Leadership {
+            removed: true,
+            ..*self.changes.borrow()
+        };
+        self.publish_changes(now);
     }
 }
 
@@ -296,7 +314,7 @@ pub struct RaftNode {
     id: u64,
     raw: RawNode<RaftStorage>,
     wal: Wal,
-    transport: Transport,
+    transport: Box<dyn PeerTransport>,
     inbox: flume::Receiver<NodeMsg>,
     snapshots: flume::Receiver<SnapshotTaken>,
     committed: flume::Sender<ApplyMsg>,
@@ -638,13 +656,13 @@ impl RaftNode {
     ///
     /// `applied` is the index the state machine already holds (at least the snapshot's).
     #[allow(clippy::too_many_arguments)]
-    pub fn new(
+    pub fn new<T: PeerTransport + 'static>(
         cfg: &NodeConfig,
         snap: Option<&StateSnapshot>,
         applied: u64,
         mut wal: Wal,
         mut recovered: Recovered,
-        transport: impl FnOnce(flume::Sender<NodeMsg>) -> Transport,
+        transport: impl FnOnce(flume::Sender<NodeMsg>) -> T,
         committed: flume::Sender<ApplyMsg>,
         snapshots: flume::Receiver<SnapshotTaken>,
     ) -> anyhow::Result<(RaftNode, RaftHandle)> {
@@ -763,7 +781,7 @@ impl RaftNode {
             id: cfg.id,
             raw,
             wal,
-            transport,
+            transport: Box::new(transport),
             inbox,
             snapshots,
             committed,
@@ -907,11 +925,7 @@ impl RaftNode {
                     self.raw.tick();
                 }
             }
-            NodeMsg::RemovedByPeer => {
-                self.status.removed.store(true, Ordering::Relaxed);
-                self.status.publish_changes();
-                self.status.publish_changes();
-            }
+            NodeMsg::RemovedByPeer => self.status.set_removed(),
             NodeMsg::TransferLeader(id) => self.raw.transfer_leader(id),
             NodeMsg::Stop(reply) => self.stop = Some(reply),
             NodeMsg::Progress(reply) => {
@@ -1269,8 +1283,7 @@ impl RaftNode {
             self.transport.set_peers(&self.membership);
             if change.kind() == Kind::Remove && id == self.id {
                 tracing::warn!("this member has been permanently removed from the cluster");
-                self.status.removed.store(true, Ordering::Relaxed);
-                self.status.publish_changes();
+                self.status.set_removed();
             }
         }
         ConfChangeApplied {
@@ -1290,14 +1303,18 @@ impl RaftNode {
 
     fn publish_status(&self) {
         let r = &self.raw.raft;
-        self.status.term.store(r.term, Ordering::Relaxed);
+        let term_before = self.status.term.swap(r.term, Ordering::Relaxed);
         // etcd `raftNode.start`: a ready whose leader is set and differs is a leader change.
         let before = self.status.leader.swap(r.leader_id, Ordering::Relaxed);
         if r.leader_id != 0 && r.leader_id != before {
             crate::metrics::LEADER_CHANGES.inc();
         }
-        if r.leader_id != before {
-            self.status.publish_changes();
+        if r.leader_id != before || r.term != term_before {
+            self.status.publish_changes(Leadership {
+                term: r.term,
+                leader: r.leader_id,
+                removed: self.status.removed.load(Ordering::Relaxed),
+            });
         }
         self.status
             .commit

@@ -118,7 +118,32 @@ impl Drop for PeerLink {
     }
 }
 
-/// The sending side of the peer transport, owned by the Raft thread.
+/// How the Raft thread reaches the other members: [`Transport`] over gRPC in a running
+/// member; tests install an in-process network instead (see `tests/consensus/`). Both calls
+/// come from the Raft thread and must not block it.
+pub trait PeerTransport: Send {
+    /// Follows the membership table: a link per other member, rebuilt when its peer URLs
+    /// change, dropped when it leaves.
+    fn set_peers(&mut self, membership: &Membership);
+
+    /// Hands messages to their members without waiting. Returns the members whose messages
+    /// could not be queued: Raft should treat them as unreachable (raft-rs
+    /// `report_unreachable`). How a `MsgSnapshot` went is reported to the Raft node as
+    /// [`NodeMsg::SnapshotSent`].
+    fn send(&mut self, messages: Vec<Message>) -> Vec<(u64, MessageType)>;
+}
+
+impl PeerTransport for Transport {
+    fn set_peers(&mut self, membership: &Membership) {
+        Transport::set_peers(self, membership);
+    }
+
+    fn send(&mut self, messages: Vec<Message>) -> Vec<(u64, MessageType)> {
+        Transport::send(self, messages)
+    }
+}
+
+/// The sending side of the peer transport over gRPC, owned by the Raft thread.
 pub struct Transport {
     self_id: u64,
     cluster_id: u64,

@@ -555,7 +555,7 @@ impl NodeHandle {
             become_ready(&core, &cfg, auto_compaction).await;
             tokio::select! {
                 reason = stop_asked => Ok(reason),
-                _ = changes.wait_for(|(_, removed)| *removed) => {
+                _ = changes.wait_for(|l| l.removed) => {
                     // As etcd: answer what is in flight for a moment, then stop for good.
                     tracing::warn!("the member has been permanently removed from the cluster; stopping in 1 s");
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -637,7 +637,7 @@ async fn become_ready(
     auto_compaction: Option<compactor::Retention>,
 ) {
     let mut changes = core.node.status.subscribe();
-    let leader = async { changes.wait_for(|(leader, _)| *leader != 0).await.is_ok() };
+    let leader = async { changes.wait_for(|l| l.leader != 0).await.is_ok() };
     tokio::pin!(leader);
     let mut waited = 0;
     // Client listeners already answer meanwhile, with "no leader".

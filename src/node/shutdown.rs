@@ -130,12 +130,12 @@ pub(super) async fn transfer_leadership(core: &Arc<Core>) {
             return;
         }
         let wait = election.min(deadline - tokio::time::Instant::now());
-        let other = |(leader, _): &(u64, bool)| *leader != me && *leader != 0;
+        let other = |l: &crate::consensus::Leadership| l.leader != me && l.leader != 0;
         match tokio::time::timeout(wait, changes.wait_for(other)).await {
             Ok(Ok(now)) => {
                 tracing::info!(
                     from = %format!("{me:x}"),
-                    to = %format!("{:x}", now.0),
+                    to = %format!("{:x}", now.leader),
                     "stopping: transferred leadership"
                 );
                 return;
