@@ -227,12 +227,26 @@ impl Peer for PeerService {
     }
 }
 
+/// Why a call to a peer's Peer service failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// The peer URL cannot be dialed (its error and causes, unchanged).
+    #[error(transparent)]
+    Connect(#[from] crate::net::ConnectError),
+    /// The call failed (the peer's status, or the transport's).
+    #[error(transparent)]
+    Call(#[from] Status),
+    /// [`fetch_members`]: no peer URL answered; the text lists each URL's error.
+    #[error("cannot fetch cluster info from peer urls: {0}")]
+    NoClusterInfo(String),
+}
+
 /// A Peer client for one peer URL: `connect` bounds the dial, `request` each call.
 pub(crate) async fn peer_client(
     url: &str,
     connect: Duration,
     request: Duration,
-) -> anyhow::Result<PeerClient<tonic::transport::Channel>> {
+) -> Result<PeerClient<tonic::transport::Channel>, PeerError> {
     let channel = crate::net::connect_peer(url, |endpoint| {
         endpoint.connect_timeout(connect).timeout(request)
     })
@@ -244,23 +258,20 @@ pub(crate) async fn peer_client(
 /// each peer URL in turn (etcd `GetClusterFromRemotePeers`).
 ///
 /// Errors: no peer answered.
-pub async fn fetch_members(peer_urls: &[String]) -> anyhow::Result<(u64, Vec<MemberRecord>)> {
+pub async fn fetch_members(peer_urls: &[String]) -> Result<(u64, Vec<MemberRecord>), PeerError> {
     let mut errors = Vec::new();
     for url in peer_urls {
         let attempt = async {
             let mut client =
                 peer_client(url, Duration::from_secs(2), Duration::from_secs(5)).await?;
-            anyhow::Ok(client.members(MembersRequest {}).await?.into_inner())
+            Ok::<_, PeerError>(client.members(MembersRequest {}).await?.into_inner())
         };
         match attempt.await {
             Ok(r) => return Ok((r.cluster_id, r.members)),
             Err(e) => errors.push(format!("{url}: {e}")),
         }
     }
-    anyhow::bail!(
-        "cannot fetch cluster info from peer urls: {}",
-        errors.join("; ")
-    )
+    Err(PeerError::NoClusterInfo(errors.join("; ")))
 }
 
 /// The leader's view of every member's progress and contact, asked over the peer port at
@@ -272,7 +283,7 @@ pub async fn fetch_progress(peer_urls: &[String]) -> Result<Vec<PeerProgress>, E
         let attempt = async {
             let mut client =
                 peer_client(url, Duration::from_secs(1), Duration::from_secs(2)).await?;
-            anyhow::Ok(client.progress(ProgressRequest {}).await?.into_inner())
+            Ok::<_, PeerError>(client.progress(ProgressRequest {}).await?.into_inner())
         };
         if let Ok(r) = attempt.await {
             return Ok(r
