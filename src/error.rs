@@ -187,6 +187,78 @@ pub enum EtcdError {
     /// The RPC exists in etcd but this member does not serve it yet (Unimplemented).
     #[error("etcdserver: {0} is not supported by this member yet")]
     Unsupported(&'static str),
+    /// bcrypt failed to hash a password for UserAdd or UserChangePassword (Internal).
+    #[error("etcdserver: cannot hash the password: {0}")]
+    PasswordHash(String),
+    /// The blocking task hashing a password panicked or was cancelled (Internal).
+    #[error("etcdserver: hashing failed")]
+    HashingFailed,
+    /// A JWT could not be signed for Authenticate (Internal); the text is the signer's.
+    #[error("etcdserver: {0}")]
+    TokenSign(String),
+    /// Snapshot: the state image taken from Raft does not decode (Internal).
+    #[error("etcdserver: snapshot image: {0}")]
+    SnapshotImage(String),
+    /// An error etcd leaves unmapped: grpc-go sends its text as it is, with code Unknown.
+    #[error("{0}")]
+    Unknown(String),
+    /// `clientv3/concurrency.ErrSessionExpired`: a Lock or Campaign lease is gone (Unknown,
+    /// as the v3lock/v3election servers leave it unmapped).
+    #[error("session: session is expired")]
+    SessionExpired,
+    /// `clientv3/concurrency.ErrElectionNotLeader`: the leader key named is not held (Unknown).
+    #[error("election: not leader")]
+    ElectionNotLeader,
+    /// `clientv3/concurrency.ErrElectionNoLeader`: the election has no leader (Unknown).
+    #[error("election: no leader")]
+    ElectionNoLeader,
+    /// `v3election.ErrMissingLeaderKey`: Proclaim or Resign without a leader key (Unknown).
+    #[error("\"leader\" field must be provided")]
+    MissingLeaderKey,
+    /// A request message above the gRPC limit, in grpc-go's words (ResourceExhausted);
+    /// `found` and `limit` are byte counts as tonic reported them.
+    #[error("grpc: received message larger than max ({found} vs. {limit})")]
+    MessageTooLarge {
+        /// The message's size, bytes.
+        found: String,
+        /// The limit, bytes.
+        limit: String,
+    },
+    /// Peer traffic addressed to another member (FailedPrecondition).
+    #[error("etcdserver: message for member {to:x} reached member {member:x}")]
+    MisdirectedPeerMessage {
+        /// The member the message is for.
+        to: u64,
+        /// The member it reached.
+        member: u64,
+    },
+    /// A Raft message from a peer that does not decode (InvalidArgument).
+    #[error("undecodable raft message")]
+    UndecodableRaftMessage,
+    /// A snapshot stream from a peer without any chunk (InvalidArgument).
+    #[error("empty snapshot stream")]
+    EmptySnapshotStream,
+    /// A snapshot stream whose first chunk is not a MsgSnapshot (InvalidArgument).
+    #[error("the first chunk is not a raft snapshot")]
+    NotASnapshot,
+    /// The test fault hook cut the link to the sending peer (Unavailable).
+    #[error("link cut by the test fault hook")]
+    LinkCut,
+    /// A snapshot stream with more bytes than its first chunk announced (InvalidArgument).
+    #[error("snapshot longer than announced")]
+    SnapshotTooLong,
+    /// A snapshot stream that ended before the announced size (InvalidArgument).
+    #[error("snapshot cut short: {got} of {total} bytes")]
+    SnapshotCutShort {
+        /// Bytes received.
+        got: usize,
+        /// Bytes announced.
+        total: usize,
+    },
+    /// A received snapshot whose data is not a complete state image at the snapshot's index
+    /// (InvalidArgument).
+    #[error("snapshot data is not a complete state image at its index")]
+    SnapshotIncomplete,
 }
 
 impl EtcdError {
@@ -224,6 +296,18 @@ impl EtcdError {
             PermissionDenied => Code::PermissionDenied,
             InvalidAuthToken => Code::Unauthenticated,
             Unsupported(_) => Code::Unimplemented,
+            PasswordHash(_) | HashingFailed | TokenSign(_) | SnapshotImage(_) => Code::Internal,
+            Unknown(_) | SessionExpired | ElectionNotLeader | ElectionNoLeader
+            | MissingLeaderKey => Code::Unknown,
+            MessageTooLarge { .. } => Code::ResourceExhausted,
+            MisdirectedPeerMessage { .. } => Code::FailedPrecondition,
+            UndecodableRaftMessage
+            | EmptySnapshotStream
+            | NotASnapshot
+            | SnapshotTooLong
+            | SnapshotCutShort { .. }
+            | SnapshotIncomplete => Code::InvalidArgument,
+            LinkCut => Code::Unavailable,
         }
     }
 }
@@ -276,5 +360,53 @@ mod tests {
         );
         let s = Status::from(EtcdError::UnexpectedApplyResult(None));
         assert_eq!(s.message(), "etcdserver: unexpected apply result");
+    }
+
+    #[test]
+    fn member_and_recipe_statuses_keep_their_text() {
+        let s = Status::from(EtcdError::MisdirectedPeerMessage {
+            to: 0x1a,
+            member: 0xff,
+        });
+        assert_eq!(
+            (s.code(), s.message()),
+            (
+                Code::FailedPrecondition,
+                "etcdserver: message for member 1a reached member ff"
+            )
+        );
+        let s = Status::from(EtcdError::SnapshotCutShort { got: 3, total: 10 });
+        assert_eq!(
+            (s.code(), s.message()),
+            (Code::InvalidArgument, "snapshot cut short: 3 of 10 bytes")
+        );
+        let s = Status::from(EtcdError::MissingLeaderKey);
+        assert_eq!(
+            (s.code(), s.message()),
+            (Code::Unknown, "\"leader\" field must be provided")
+        );
+        let s = Status::from(EtcdError::SessionExpired);
+        assert_eq!(
+            (s.code(), s.message()),
+            (Code::Unknown, "session: session is expired")
+        );
+        let s = Status::from(EtcdError::MessageTooLarge {
+            found: "3000017".into(),
+            limit: "2097152".into(),
+        });
+        assert_eq!(
+            (s.code(), s.message()),
+            (
+                Code::ResourceExhausted,
+                "grpc: received message larger than max (3000017 vs. 2097152)"
+            )
+        );
+        let s = Status::from(EtcdError::PasswordHash("cost".into()));
+        assert_eq!(
+            (s.code(), s.message()),
+            (Code::Internal, "etcdserver: cannot hash the password: cost")
+        );
+        let s = Status::from(EtcdError::LinkCut);
+        assert_eq!(s.code(), Code::Unavailable);
     }
 }

@@ -10,7 +10,10 @@ fn main() {
     // is etcd's server flags.
     let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if raw.get(1).is_some_and(|a| a == "snapshot") {
-        if let Err(e) = metastore::backup::restore::main(raw[1..].to_vec()) {
+        // Through anyhow so that `{:#}` prints the cause chain ("cannot read FILE: reason").
+        if let Err(e) =
+            metastore::backup::restore::main(raw[1..].to_vec()).map_err(anyhow::Error::from)
+        {
             eprintln!("metastore: error: {e:#}");
             std::process::exit(1);
         }

@@ -230,9 +230,20 @@ fn peer_parts(url: &str) -> Result<(tonic::transport::Endpoint, PeerConnector), 
 pub async fn connect_peer(
     url: &str,
     f: impl FnOnce(tonic::transport::Endpoint) -> tonic::transport::Endpoint,
-) -> anyhow::Result<tonic::transport::Channel> {
-    let (endpoint, connector) = peer_parts(url).map_err(anyhow::Error::msg)?;
+) -> Result<tonic::transport::Channel, ConnectError> {
+    let (endpoint, connector) = peer_parts(url).map_err(ConnectError::Url)?;
     Ok(f(endpoint).connect_with_connector(connector).await?)
+}
+
+/// Why [`connect_peer`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// A malformed URL, or a TLS URL while no peer TLS is configured; the text names the URL.
+    #[error("{0}")]
+    Url(String),
+    /// The dial or the TLS handshake failed (the transport error and its causes, unchanged).
+    #[error(transparent)]
+    Dial(#[from] tonic::transport::Error),
 }
 
 /// As [`connect_peer`], dialing on first use.

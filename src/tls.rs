@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use anyhow::Context;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -258,35 +257,154 @@ pub fn validate(cfg: &Config) -> Result<(), String> {
     Ok(())
 }
 
-fn load_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+/// Why TLS cannot be set up ([`setup`] and the functions it calls). Each variant's text is
+/// the outermost message; the cause, when there is one, is its `source`, printed after it by
+/// `{:#}` as "message: cause".
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// `--tls-min-version`, `--tls-max-version` or `--cipher-suites` that cannot work.
+    #[error("{0}")]
+    Common(String),
+    /// A certificate file that cannot be read or parsed.
+    #[error("cannot read certificates from {}", path.display())]
+    ReadCerts {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        error: rustls::pki_types::pem::Error,
+    },
+    /// A certificate file without any certificate.
+    #[error("no certificate in {}", .0.display())]
+    NoCertificate(PathBuf),
+    /// A key file that cannot be read or parsed.
+    #[error("cannot read a private key from {}", path.display())]
+    ReadKey {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        error: rustls::pki_types::pem::Error,
+    },
+    /// A CA file with a certificate rustls refuses as a trust root.
+    #[error("bad CA certificate in {}", path.display())]
+    BadCa {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        error: rustls::Error,
+    },
+    /// A CRL file that cannot be read.
+    #[error("cannot read {}", path.display())]
+    ReadCrl {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        error: std::io::Error,
+    },
+    /// A CRL file with a malformed PEM block.
+    #[error("bad CRL in {}", path.display())]
+    BadCrl {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        error: rustls::pki_types::pem::Error,
+    },
+    /// A port with TLS but without certificate and key files.
+    #[error("KeyFile and CertFile are not presented")]
+    NotPresented,
+    /// `--client-cert-auth` (or the peer one) without a trusted CA file.
+    #[error("client certificate authentication needs a trusted CA file")]
+    NoTrustedCa,
+    /// The client certificate verifier cannot be built (for example from the CRLs).
+    #[error("client certificate verifier")]
+    Verifier(#[source] rustls::server::VerifierBuilderError),
+    /// The key file's key is not the certificate's.
+    #[error("certificate and key do not match")]
+    KeyMismatch(#[source] rustls::Error),
+    /// rustls refused the configuration (protocol versions).
+    #[error(transparent)]
+    Rustls(#[from] rustls::Error),
+    /// Auto-TLS: the certificate directory cannot be created.
+    #[error("cannot create {}", path.display())]
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        error: std::io::Error,
+    },
+    /// Auto-TLS: the self-signed certificate cannot be made.
+    #[error(transparent)]
+    SelfCert(#[from] rcgen::Error),
+    /// Auto-TLS: the certificate or key file cannot be written.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// An `https://` client URL without certificate and key.
+    #[error("TLS key/cert (--cert-file, --key-file) must be provided for client url {0} with HTTPS scheme")]
+    ClientUrlWithoutCert(url::Url),
+    /// An `https://` peer URL without certificate and key; the text names its host.
+    #[error("cannot listen on TLS for {0}: KeyFile and CertFile are not presented")]
+    PeerUrlWithoutCert(String),
+    /// An `https://` metrics URL without client certificate and key.
+    #[error(
+        "client TLS key/cert (--cert-file, --key-file) must be provided for metrics secure url"
+    )]
+    MetricsUrlWithoutCert,
+    /// The client port's TLS cannot be set up (the cause).
+    #[error("client TLS")]
+    Client(#[source] Box<TlsError>),
+    /// The peer port's TLS, or the peer dialing configuration, cannot be set up (the cause).
+    #[error("peer TLS")]
+    Peer(#[source] Box<TlsError>),
+}
+
+fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .with_context(|| format!("cannot read certificates from {}", path.display()))?;
-    anyhow::ensure!(!certs.is_empty(), "no certificate in {}", path.display());
+        .map_err(|error| TlsError::ReadCerts {
+            path: path.to_path_buf(),
+            error,
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate(path.to_path_buf()));
+    }
     Ok(certs)
 }
 
-fn load_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
-    PrivateKeyDer::from_pem_file(path)
-        .with_context(|| format!("cannot read a private key from {}", path.display()))
+fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|error| TlsError::ReadKey {
+        path: path.to_path_buf(),
+        error,
+    })
 }
 
-fn load_roots(path: &Path) -> anyhow::Result<Arc<RootCertStore>> {
+fn load_roots(path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
     let mut roots = RootCertStore::empty();
     for cert in load_certs(path)? {
-        roots
-            .add(cert)
-            .with_context(|| format!("bad CA certificate in {}", path.display()))?;
+        roots.add(cert).map_err(|error| TlsError::BadCa {
+            path: path.to_path_buf(),
+            error,
+        })?;
     }
     Ok(Arc::new(roots))
 }
 
 /// A CRL file in PEM or DER, as Go's `x509.ParseCRL` takes either.
-fn load_crls(path: &Path) -> anyhow::Result<Vec<CertificateRevocationListDer<'static>>> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    let bytes = std::fs::read(path).map_err(|error| TlsError::ReadCrl {
+        path: path.to_path_buf(),
+        error,
+    })?;
     let pem: Vec<_> = CertificateRevocationListDer::pem_slice_iter(&bytes)
         .collect::<Result<_, _>>()
-        .with_context(|| format!("bad CRL in {}", path.display()))?;
+        .map_err(|error| TlsError::BadCrl {
+            path: path.to_path_buf(),
+            error,
+        })?;
     Ok(if pem.is_empty() {
         vec![CertificateRevocationListDer::from(bytes)]
     } else {
@@ -297,9 +415,9 @@ fn load_crls(path: &Path) -> anyhow::Result<Vec<CertificateRevocationListDer<'st
 /// Server side: the TLS acceptor for a port.
 ///
 /// Errors: unreadable or malformed files; a key not matching the certificate.
-pub fn server_config(info: &TlsInfo, common: &TlsCommon) -> anyhow::Result<TlsAcceptor> {
+pub fn server_config(info: &TlsInfo, common: &TlsCommon) -> Result<TlsAcceptor, TlsError> {
     let (Some(cert), Some(key)) = (&info.cert_file, &info.key_file) else {
-        anyhow::bail!("KeyFile and CertFile are not presented");
+        return Err(TlsError::NotPresented);
     };
     let builder = rustls::ServerConfig::builder_with_provider(common.provider.clone())
         .with_protocol_versions(&common.versions)?;
@@ -317,7 +435,7 @@ pub fn server_config(info: &TlsInfo, common: &TlsCommon) -> anyhow::Result<TlsAc
                     .only_check_end_entity_revocation()
                     .allow_unknown_revocation_status();
             }
-            let verifier = verifier.build().context("client certificate verifier")?;
+            let verifier = verifier.build().map_err(TlsError::Verifier)?;
             builder.with_client_cert_verifier(Arc::new(Restricted {
                 inner: verifier,
                 trusted_roots: load_certs(ca)?,
@@ -325,14 +443,12 @@ pub fn server_config(info: &TlsInfo, common: &TlsCommon) -> anyhow::Result<TlsAc
                 allowed_hostname: info.allowed_hostname.clone(),
             }))
         }
-        (None, true) => {
-            anyhow::bail!("client certificate authentication needs a trusted CA file")
-        }
+        (None, true) => return Err(TlsError::NoTrustedCa),
         (_, false) => builder.with_no_client_auth(),
     };
     let mut config = builder
         .with_single_cert(load_certs(cert)?, load_key(key)?)
-        .context("certificate and key do not match")?;
+        .map_err(TlsError::KeyMismatch)?;
     // gRPC clients (grpc-go ≥ 1.67 enforces it) negotiate HTTP/2 through ALPN.
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
@@ -345,7 +461,7 @@ pub fn server_config(info: &TlsInfo, common: &TlsCommon) -> anyhow::Result<TlsAc
 pub fn client_config(
     info: &TlsInfo,
     common: &TlsCommon,
-) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let builder = rustls::ClientConfig::builder_with_provider(common.provider.clone())
         .with_protocol_versions(&common.versions)?;
     let builder = if info.insecure_skip_verify {
@@ -370,7 +486,7 @@ pub fn client_config(
     let mut config = match identity {
         (Some(cert), Some(key)) => builder
             .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
-            .context("certificate and key do not match")?,
+            .map_err(TlsError::KeyMismatch)?,
         _ => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![b"h2".to_vec()];
@@ -516,13 +632,16 @@ impl ServerCertVerifier for SkipServerVerification {
 /// URLs' hosts) for `years`.
 ///
 /// Errors: the directory or files cannot be written.
-pub fn self_cert(dir: &Path, hosts: &[String], years: u32) -> anyhow::Result<(PathBuf, PathBuf)> {
+pub fn self_cert(dir: &Path, hosts: &[String], years: u32) -> Result<(PathBuf, PathBuf), TlsError> {
     let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
     if cert_path.exists() && key_path.exists() {
         tracing::info!(path = %cert_path.display(), "using the existing self-signed certificate");
         return Ok((cert_path, key_path));
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::create_dir_all(dir).map_err(|error| TlsError::CreateDir {
+        path: dir.to_path_buf(),
+        error,
+    })?;
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
     for host in hosts {
         let san = match host.parse::<std::net::IpAddr>() {
@@ -703,7 +822,7 @@ fn auto_tls(
     urls: &[url::Url],
     years: u32,
     what: &str,
-) -> anyhow::Result<TlsInfo> {
+) -> Result<TlsInfo, TlsError> {
     if !enabled {
         return Ok(info);
     }
@@ -725,19 +844,18 @@ fn auto_tls(
 }
 
 /// Checks one port's URLs against its TLS info, with etcd's warnings and errors.
-fn check_urls(urls: &[url::Url], info: &TlsInfo, what: &str) -> anyhow::Result<bool> {
+fn check_urls(urls: &[url::Url], info: &TlsInfo, what: &str) -> Result<bool, TlsError> {
     let mut https = false;
     for u in urls {
         if is_tls(u) {
             https = true;
             if info.is_empty() {
                 if what == "client" {
-                    anyhow::bail!("TLS key/cert (--cert-file, --key-file) must be provided for client url {u} with HTTPS scheme");
+                    return Err(TlsError::ClientUrlWithoutCert(u.clone()));
                 }
-                anyhow::bail!(
-                    "cannot listen on TLS for {}: KeyFile and CertFile are not presented",
-                    u.host_str().unwrap_or_default()
-                );
+                return Err(TlsError::PeerUrlWithoutCert(
+                    u.host_str().unwrap_or_default().to_string(),
+                ));
             }
             continue;
         }
@@ -768,8 +886,8 @@ fn check_urls(urls: &[url::Url], info: &TlsInfo, what: &str) -> anyhow::Result<b
 /// Errors: an `https://` URL (client, peer or metrics) without certificate and key;
 /// unreadable or malformed files;
 /// versions or suites that cannot work.
-pub fn setup(cfg: &Config, data_dir: &Path) -> anyhow::Result<MemberTls> {
-    let common = TlsCommon::from_config(cfg).map_err(anyhow::Error::msg)?;
+pub fn setup(cfg: &Config, data_dir: &Path) -> Result<MemberTls, TlsError> {
+    let common = TlsCommon::from_config(cfg).map_err(TlsError::Common)?;
     let years = cfg.self_signed_cert_validity;
     let client = auto_tls(
         TlsInfo::client(cfg),
@@ -796,27 +914,25 @@ pub fn setup(cfg: &Config, data_dir: &Path) -> anyhow::Result<MemberTls> {
         .iter()
         .any(is_tls);
     if metrics_tls && client.is_empty() {
-        anyhow::bail!(
-            "client TLS key/cert (--cert-file, --key-file) must be provided for metrics secure url"
-        );
+        return Err(TlsError::MetricsUrlWithoutCert);
     }
     let client_acceptor = if check_urls(&cfg.listen_client_urls, &client, "client")? || metrics_tls
     {
         tracing::info!(cert = ?client.cert_file, trusted_ca = ?client.trusted_ca_file,
             client_cert_auth = client.client_cert_auth, crl = ?client.crl_file, "starting with client TLS");
-        Some(server_config(&client, &common).context("client TLS")?)
+        Some(server_config(&client, &common).map_err(|e| TlsError::Client(Box::new(e)))?)
     } else {
         None
     };
     let peer_acceptor = if check_urls(&cfg.listen_peer_urls, &peer, "peer")? {
         tracing::info!(cert = ?peer.cert_file, trusted_ca = ?peer.trusted_ca_file,
             client_cert_auth = peer.client_cert_auth, crl = ?peer.crl_file, "starting with peer TLS");
-        Some(server_config(&peer, &common).context("peer TLS")?)
+        Some(server_config(&peer, &common).map_err(|e| TlsError::Peer(Box::new(e)))?)
     } else {
         None
     };
     if !peer.is_empty() {
-        set_peer_client(client_config(&peer, &common).context("peer TLS")?);
+        set_peer_client(client_config(&peer, &common).map_err(|e| TlsError::Peer(Box::new(e)))?);
     }
     Ok(MemberTls {
         client: client_acceptor,

@@ -157,11 +157,20 @@ fn header(revision: i64) -> Option<ResponseHeader> {
 }
 
 /// Waits for a shard's reply. Shards outlive the dispatcher (they stop only once it has
-/// dropped their queues), so a missing reply is a broken invariant, not a request error.
+/// dropped their queues) unless one fails: its engine hit a [`crate::mvcc::engine::StorageError`],
+/// it sent it up the fatal channel and stopped, and the member is stopping. Then the reply
+/// never comes, and the dispatcher leaves its loop: this unwinds with [`ShardStopped`] to
+/// [`Dispatcher::run`], which returns (no panic message: `resume_unwind` skips the hook). The
+/// answered path costs nothing more.
 fn wait<T>(rx: oneshot::Receiver<T>) -> T {
-    rx.blocking_recv()
-        .expect("shard stopped while the dispatcher was running")
+    match rx.blocking_recv() {
+        Ok(reply) => reply,
+        Err(_) => std::panic::resume_unwind(Box::new(ShardStopped)),
+    }
 }
+
+/// The unwind payload of [`wait`] when a shard stopped without answering.
+struct ShardStopped;
 
 impl Dispatcher {
     /// A dispatcher at `start` (or empty), publishing to `applied_tx`. Grants below
@@ -213,11 +222,22 @@ impl Dispatcher {
     /// Applies what the Raft node sends until it drops its sender (see
     /// [`crate::state_machine::run`]); a snapshot [`StartState::restore`] named is installed
     /// first.
+    ///
+    /// Returns when the Raft node drops `inbox`, or when a shard stopped because its engine
+    /// failed (the member is then stopping through the fatal channel; see [`wait`]).
     pub fn run(mut self, inbox: flume::Receiver<ApplyMsg>) {
-        if let Some(snap) = self.restore_first.take() {
-            self.restore(&snap);
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            if let Some(snap) = self.restore_first.take() {
+                self.restore(&snap);
+            }
+            crate::state_machine::run(&mut self, inbox);
+        }));
+        if let Err(payload) = ran {
+            if !payload.is::<ShardStopped>() {
+                std::panic::resume_unwind(payload);
+            }
+            tracing::warn!("a shard stopped (its engine failed): the apply dispatcher stops");
         }
-        crate::state_machine::run(&mut self, inbox);
     }
 
     /// Replaces the whole state machine with a complete snapshot: every shard is emptied and
@@ -1042,6 +1062,17 @@ mod tests {
             got[1]
         );
         assert!(matches!(&got[2], Decoded::Proposal(p) if p.id == 3));
+    }
+
+    #[test]
+    fn a_stopped_shard_unwinds_the_dispatcher_without_a_panic() {
+        let (tx, rx) = oneshot::channel::<u32>();
+        tx.send(5).unwrap();
+        assert_eq!(wait(rx), 5);
+        let (tx, rx) = oneshot::channel::<u32>();
+        drop(tx);
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| wait(rx)));
+        assert!(ran.unwrap_err().is::<ShardStopped>());
     }
 
     #[test]

@@ -84,12 +84,63 @@ fn go_duration(s: &str) -> Option<Duration> {
     Some(total)
 }
 
+/// Why `--auth-token` cannot be used ([`Tokens::from_flag`]) or a JWT cannot be signed
+/// ([`Tokens::sign`]).
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// An option without `=`.
+    #[error("malformed --auth-token option {0:?}")]
+    MalformedOption(String),
+    /// `jwt` without `sign-method=`.
+    #[error("--auth-token jwt needs sign-method")]
+    NoSignMethod,
+    /// A `sign-method` jsonwebtoken does not know.
+    #[error("invalid sign-method {0:?}")]
+    InvalidSignMethod(String),
+    /// A `ttl` that is not a Go duration.
+    #[error("invalid jwt ttl {0:?}")]
+    InvalidTtl(String),
+    /// A key file that cannot be read: the option (`priv-key`, `pub-key`), the path, why.
+    #[error("cannot read jwt {option} file {path}: {error}")]
+    ReadKey {
+        /// The option naming the file.
+        option: String,
+        /// The file.
+        path: String,
+        /// Why it cannot be read.
+        error: std::io::Error,
+    },
+    /// A sign method that needs a key option (`priv-key` or `pub-key`) given without it.
+    #[error("jwt {method} needs {option}")]
+    MissingKey {
+        /// The sign method.
+        method: String,
+        /// The missing option.
+        option: &'static str,
+    },
+    /// A malformed key, or signing failed (jsonwebtoken's error and its causes).
+    #[error(transparent)]
+    Jwt(#[from] jsonwebtoken::errors::Error),
+    /// An option `jwt` does not take.
+    #[error("unknown --auth-token jwt option {0:?}")]
+    UnknownOption(String),
+    /// A token type other than `simple` or `jwt`.
+    #[error("unknown --auth-token type {0:?} (simple or jwt)")]
+    UnknownType(String),
+    /// [`Tokens::sign`] on simple tokens.
+    #[error("not a JWT provider")]
+    NotJwt,
+    /// [`Tokens::sign`] on a member given only the public key.
+    #[error("no jwt priv-key: this member cannot sign tokens")]
+    NoPrivateKey,
+}
+
 impl Tokens {
     /// The provider `--auth-token` names; `ttl` is `--auth-token-ttl` (simple tokens).
     ///
     /// Errors: an unknown type, a JWT option missing or unknown, an unreadable or malformed
     /// key file.
-    pub fn from_flag(spec: &str, ttl: Duration) -> anyhow::Result<Tokens> {
+    pub fn from_flag(spec: &str, ttl: Duration) -> Result<Tokens, TokenError> {
         let mut parts = spec.split(',');
         match parts.next().unwrap_or("") {
             "" | "simple" => Ok(Tokens::Simple {
@@ -101,41 +152,45 @@ impl Tokens {
                 for p in parts {
                     let (k, v) = p
                         .split_once('=')
-                        .ok_or_else(|| anyhow::anyhow!("malformed --auth-token option {p:?}"))?;
+                        .ok_or_else(|| TokenError::MalformedOption(p.to_string()))?;
                     opts.insert(k.to_string(), v.to_string());
                 }
-                let method = opts
-                    .get("sign-method")
-                    .ok_or_else(|| anyhow::anyhow!("--auth-token jwt needs sign-method"))?;
+                let method = opts.get("sign-method").ok_or(TokenError::NoSignMethod)?;
                 let alg: Algorithm = method
                     .parse()
-                    .map_err(|_| anyhow::anyhow!("invalid sign-method {method:?}"))?;
+                    .map_err(|_| TokenError::InvalidSignMethod(method.clone()))?;
                 let ttl = match opts.get("ttl") {
-                    Some(t) => {
-                        go_duration(t).ok_or_else(|| anyhow::anyhow!("invalid jwt ttl {t:?}"))?
-                    }
+                    Some(t) => go_duration(t).ok_or_else(|| TokenError::InvalidTtl(t.clone()))?,
                     None => DEFAULT_JWT_TTL,
                 };
-                let read = |k: &str| -> anyhow::Result<Option<Vec<u8>>> {
+                let read = |k: &str| -> Result<Option<Vec<u8>>, TokenError> {
                     match opts.get(k) {
-                        Some(path) => Ok(Some(std::fs::read(path).map_err(|e| {
-                            anyhow::anyhow!("cannot read jwt {k} file {path}: {e}")
+                        Some(path) => Ok(Some(std::fs::read(path).map_err(|error| {
+                            TokenError::ReadKey {
+                                option: k.to_string(),
+                                path: path.clone(),
+                                error,
+                            }
                         })?)),
                         None => Ok(None),
                     }
                 };
                 let (sign, verify) = match alg {
                     Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => {
-                        let key = read("priv-key")?
-                            .ok_or_else(|| anyhow::anyhow!("jwt {method} needs priv-key"))?;
+                        let key = read("priv-key")?.ok_or_else(|| TokenError::MissingKey {
+                            method: method.clone(),
+                            option: "priv-key",
+                        })?;
                         (
                             Some(EncodingKey::from_secret(&key)),
                             DecodingKey::from_secret(&key),
                         )
                     }
                     _ => {
-                        let public = read("pub-key")?
-                            .ok_or_else(|| anyhow::anyhow!("jwt {method} needs pub-key"))?;
+                        let public = read("pub-key")?.ok_or_else(|| TokenError::MissingKey {
+                            method: method.clone(),
+                            option: "pub-key",
+                        })?;
                         let private = read("priv-key")?;
                         let (sign, verify) = match alg {
                             Algorithm::ES256 | Algorithm::ES384 => (
@@ -155,10 +210,9 @@ impl Tokens {
                     }
                 };
                 for k in opts.keys() {
-                    anyhow::ensure!(
-                        ["pub-key", "priv-key", "sign-method", "ttl"].contains(&k.as_str()),
-                        "unknown --auth-token jwt option {k:?}"
-                    );
+                    if !["pub-key", "priv-key", "sign-method", "ttl"].contains(&k.as_str()) {
+                        return Err(TokenError::UnknownOption(k.clone()));
+                    }
                 }
                 Ok(Tokens::Jwt(Box::new(Jwt {
                     alg,
@@ -167,7 +221,7 @@ impl Tokens {
                     ttl,
                 })))
             }
-            other => anyhow::bail!("unknown --auth-token type {other:?} (simple or jwt)"),
+            other => Err(TokenError::UnknownType(other.to_string())),
         }
     }
 
@@ -202,14 +256,11 @@ impl Tokens {
     /// A JWT for `user` at auth revision `revision` (JWT only; the proposing member).
     ///
     /// Errors: no private key configured, or signing failed.
-    pub fn sign(&self, user: &str, revision: u64) -> anyhow::Result<String> {
+    pub fn sign(&self, user: &str, revision: u64) -> Result<String, TokenError> {
         let Tokens::Jwt(j) = self else {
-            anyhow::bail!("not a JWT provider");
+            return Err(TokenError::NotJwt);
         };
-        let key = j
-            .sign
-            .as_ref()
-            .ok_or_else(|| anyhow::anyhow!("no jwt priv-key: this member cannot sign tokens"))?;
+        let key = j.sign.as_ref().ok_or(TokenError::NoPrivateKey)?;
         let exp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()

@@ -19,14 +19,114 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use clap::Parser;
 
-use crate::backup::{read_db, split_checked};
-use crate::consensus::wal::Wal;
-use crate::identity::{cluster_id, member_id, Member};
+use crate::backup::{read_db, split_checked, BackupError};
+use crate::config::ConfigError;
+use crate::consensus::wal::{Wal, WalError};
+use crate::identity::{cluster_id, member_id, Member, MemberError};
 use crate::proto::metastorepb::{MemberRecord, StateSnapshot};
-use crate::state_machine::snapshot::Snapshotter;
+use crate::state_machine::snapshot::{SnapshotError, Snapshotter};
+
+/// Why `metastore snapshot restore` ([`restore`]) or the take-over of an etcd data directory
+/// ([`adopt_etcd_data_dir`]) failed. A variant that wraps a cause prints as its own text;
+/// `{:#}` adds ": cause".
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// `metastore snapshot` with a subcommand other than `restore`.
+    #[error(
+        "unknown snapshot subcommand {0:?}; usage: metastore snapshot restore FILE \
+         --data-dir DIR --name NAME --initial-cluster NAME=URL,... \
+         --initial-cluster-token TOKEN --initial-advertise-peer-urls URL"
+    )]
+    UnknownSubcommand(String),
+    /// The data directory exists already (etcdctl's message; the path as text).
+    #[error("data-dir {0:?} exists")]
+    DataDirExists(String),
+    /// `--name` is not in `--initial-cluster`.
+    #[error("couldn't find local name {0:?} in the initial cluster configuration")]
+    LocalNameNotFound(String),
+    /// The snapshot file (or the etcd database) cannot be read.
+    #[error("cannot read {}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The snapshot file fails its hash check.
+    #[error(transparent)]
+    Hash(#[from] BackupError),
+    /// The file is not an etcd backend database, or it cannot be decoded (named by its path).
+    #[error("{}", path.display())]
+    Database {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: BackupError,
+    },
+    /// The member directory cannot be created.
+    #[error("cannot create {}", path.display())]
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The snapshot cannot be written.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// The WAL cannot be written.
+    #[error(transparent)]
+    Wal(#[from] WalError),
+    /// The member identity cannot be written.
+    #[error(transparent)]
+    Member(#[from] MemberError),
+    /// `--initial-cluster` does not parse (taking over an etcd directory).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The etcd data directory's membership does not include this member.
+    #[error("etcd data directory {}: member {name:?} is not in its cluster", dir.display())]
+    NotInCluster {
+        /// The data directory.
+        dir: PathBuf,
+        /// `--name`.
+        name: String,
+    },
+    /// etcd's files cannot be moved aside.
+    #[error("cannot move {} to {}", from.display(), to.display())]
+    MoveAside {
+        /// The file or directory.
+        from: PathBuf,
+        /// Where it was to go.
+        to: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A peer URL that does not parse.
+    #[error("invalid URL {url:?}")]
+    InvalidUrl {
+        /// The URL as given.
+        url: String,
+        /// Why.
+        source: url::ParseError,
+    },
+    /// An `--initial-cluster` entry without `=`.
+    #[error("--initial-cluster: {0:?} is not name=url")]
+    NotNameUrl(String),
+    /// This member's `--initial-cluster` URLs differ from `--initial-advertise-peer-urls`.
+    #[error(
+        "--initial-cluster has {name}={cluster} but --initial-advertise-peer-urls is {advertised}"
+    )]
+    AdvertiseMismatch {
+        /// `--name`.
+        name: String,
+        /// Its URLs in `--initial-cluster`, comma-separated.
+        cluster: String,
+        /// `--initial-advertise-peer-urls`, comma-separated.
+        advertised: String,
+    },
+}
 
 /// `metastore snapshot restore` flags (etcdctl's names and defaults).
 #[derive(Debug, Parser)]
@@ -65,7 +165,7 @@ pub struct RestoreArgs {
 /// first). Only `restore` exists.
 ///
 /// Errors: unknown subcommand or bad flags (clap's message), and those of [`restore`].
-pub fn main(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
+pub fn main(args: Vec<std::ffi::OsString>) -> Result<(), RestoreError> {
     let sub = args.get(1).and_then(|a| a.to_str()).unwrap_or("");
     match sub {
         "restore" => {
@@ -75,11 +175,7 @@ pub fn main(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
             };
             restore(&parsed)
         }
-        _ => anyhow::bail!(
-            "unknown snapshot subcommand {sub:?}; usage: metastore snapshot restore FILE \
-             --data-dir DIR --name NAME --initial-cluster NAME=URL,... \
-             --initial-cluster-token TOKEN --initial-advertise-peer-urls URL"
-        ),
+        _ => Err(RestoreError::UnknownSubcommand(sub.to_string())),
     }
 }
 
@@ -89,16 +185,14 @@ pub fn main(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
 /// read, fails its hash check ("expected sha256 ..., got ..." / "snapshot missing hash but
 /// --skip-hash-check=false") or is not an etcd backend database; `--initial-cluster` does not
 /// parse or lacks `--name`; writing the directory fails.
-pub fn restore(args: &RestoreArgs) -> anyhow::Result<()> {
+pub fn restore(args: &RestoreArgs) -> Result<(), RestoreError> {
     let data_dir = args
         .data_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("{}.etcd", args.name)));
-    anyhow::ensure!(
-        !data_dir.exists(),
-        "data-dir {:?} exists",
-        data_dir.display().to_string()
-    );
+    if data_dir.exists() {
+        return Err(RestoreError::DataDirExists(data_dir.display().to_string()));
+    }
     let wal_dir = args
         .wal_dir
         .clone()
@@ -107,19 +201,19 @@ pub fn restore(args: &RestoreArgs) -> anyhow::Result<()> {
     let me = members
         .iter()
         .find(|m| m.name == args.name)
-        .with_context(|| {
-            format!(
-                "couldn't find local name {:?} in the initial cluster configuration",
-                args.name
-            )
-        })?
+        .ok_or_else(|| RestoreError::LocalNameNotFound(args.name.clone()))?
         .clone();
     let ids: Vec<u64> = members.iter().map(|m| m.id).collect();
 
-    let file = std::fs::read(&args.file)
-        .with_context(|| format!("cannot read {}", args.file.display()))?;
+    let file = std::fs::read(&args.file).map_err(|source| RestoreError::Read {
+        path: args.file.clone(),
+        source,
+    })?;
     let db = split_checked(&file, args.skip_hash_check)?;
-    let imported = read_db(db).with_context(|| format!("{}", args.file.display()))?;
+    let imported = read_db(db).map_err(|source| RestoreError::Database {
+        path: args.file.clone(),
+        source,
+    })?;
 
     let index = members.len() as u64;
     let (revision, keys) = (imported.state.revision, imported.state.keys.len());
@@ -156,7 +250,7 @@ fn write_member(
     state: StateSnapshot,
     index: u64,
     term: u64,
-) -> anyhow::Result<()> {
+) -> Result<(), RestoreError> {
     let ids: Vec<u64> = members.iter().map(|m| m.id).collect();
     let snap = StateSnapshot {
         index,
@@ -176,8 +270,10 @@ fn write_member(
         complete: true,
         ..state
     };
-    std::fs::create_dir_all(member_dir)
-        .with_context(|| format!("cannot create {}", member_dir.display()))?;
+    std::fs::create_dir_all(member_dir).map_err(|source| RestoreError::CreateDir {
+        path: member_dir.to_path_buf(),
+        source,
+    })?;
     #[cfg(unix)]
     if let Some(data_dir) = member_dir.parent() {
         use std::os::unix::fs::PermissionsExt;
@@ -224,13 +320,18 @@ pub fn is_etcd_member_dir(member_dir: &Path) -> bool {
 ///
 /// Errors: the database cannot be read or decoded; the membership does not include this
 /// member; files cannot be moved or written.
-pub fn adopt_etcd_data_dir(cfg: &crate::config::Config) -> anyhow::Result<()> {
+pub fn adopt_etcd_data_dir(cfg: &crate::config::Config) -> Result<(), RestoreError> {
     let data_dir = cfg.data_dir();
     let member_dir = data_dir.join("member");
     let db_path = member_dir.join("snap").join("db");
-    let db =
-        std::fs::read(&db_path).with_context(|| format!("cannot read {}", db_path.display()))?;
-    let imported = read_db(&db).with_context(|| format!("{}", db_path.display()))?;
+    let db = std::fs::read(&db_path).map_err(|source| RestoreError::Read {
+        path: db_path.clone(),
+        source,
+    })?;
+    let imported = read_db(&db).map_err(|source| RestoreError::Database {
+        path: db_path.clone(),
+        source,
+    })?;
     drop(db);
 
     let peer_urls: Vec<String> = {
@@ -274,25 +375,27 @@ pub fn adopt_etcd_data_dir(cfg: &crate::config::Config) -> anyhow::Result<()> {
         .iter()
         .find(|m| m.name == cfg.name)
         .or_else(|| members.iter().find(|m| same_urls(m)))
-        .with_context(|| {
-            format!(
-                "etcd data directory {}: member {:?} is not in its cluster",
-                data_dir.display(),
-                cfg.name
-            )
+        .ok_or_else(|| RestoreError::NotInCluster {
+            dir: data_dir.clone(),
+            name: cfg.name.clone(),
         })?
         .clone();
 
-    let aside = |path: &Path| -> anyhow::Result<PathBuf> {
+    let aside = |path: &Path| -> Result<PathBuf, RestoreError> {
         let mut to = PathBuf::from(format!("{}.etcd", path.display()));
         let mut n = 1;
         while to.exists() {
             to = PathBuf::from(format!("{}.etcd.{n}", path.display()));
             n += 1;
         }
-        std::fs::rename(path, &to)
-            .with_context(|| format!("cannot move {} to {}", path.display(), to.display()))?;
-        Ok(to)
+        match std::fs::rename(path, &to) {
+            Ok(()) => Ok(to),
+            Err(source) => Err(RestoreError::MoveAside {
+                from: path.to_path_buf(),
+                to,
+                source,
+            }),
+        }
     };
     let wal_dir = cfg.wal_dir();
     if !wal_dir.starts_with(&member_dir) && wal_dir.exists() {
@@ -320,16 +423,19 @@ pub fn adopt_etcd_data_dir(cfg: &crate::config::Config) -> anyhow::Result<()> {
 }
 
 /// `--initial-cluster` as member records with etcd's IDs (sorted by ID).
-fn initial_members(args: &RestoreArgs) -> anyhow::Result<Vec<MemberRecord>> {
-    let normalize = |u: &str| -> anyhow::Result<String> {
-        let url = url::Url::parse(u).with_context(|| format!("invalid URL {u:?}"))?;
+fn initial_members(args: &RestoreArgs) -> Result<Vec<MemberRecord>, RestoreError> {
+    let normalize = |u: &str| -> Result<String, RestoreError> {
+        let url = url::Url::parse(u).map_err(|source| RestoreError::InvalidUrl {
+            url: u.to_string(),
+            source,
+        })?;
         Ok(crate::identity::url_string(&url))
     };
     let mut members: Vec<MemberRecord> = Vec::new();
     for part in args.initial_cluster.split(',').filter(|p| !p.is_empty()) {
         let (name, url) = part
             .split_once('=')
-            .with_context(|| format!("--initial-cluster: {part:?} is not name=url"))?;
+            .ok_or_else(|| RestoreError::NotNameUrl(part.to_string()))?;
         let url = normalize(url)?;
         match members.iter_mut().find(|m| m.name == name) {
             Some(m) => m.peer_urls.push(url),
@@ -350,18 +456,18 @@ fn initial_members(args: &RestoreArgs) -> anyhow::Result<Vec<MemberRecord>> {
         .split(',')
         .filter(|u| !u.is_empty())
         .map(normalize)
-        .collect::<anyhow::Result<Vec<_>>>()?;
+        .collect::<Result<Vec<_>, _>>()?;
     advertised.sort();
     if let Some(me) = members.iter().find(|m| m.name == args.name) {
         let mut mine = me.peer_urls.clone();
         mine.sort();
-        anyhow::ensure!(
-            mine == advertised,
-            "--initial-cluster has {}={} but --initial-advertise-peer-urls is {}",
-            args.name,
-            mine.join(","),
-            advertised.join(",")
-        );
+        if mine != advertised {
+            return Err(RestoreError::AdvertiseMismatch {
+                name: args.name.clone(),
+                cluster: mine.join(","),
+                advertised: advertised.join(","),
+            });
+        }
     }
     Ok(members)
 }

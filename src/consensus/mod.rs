@@ -413,7 +413,7 @@ pub fn recover_log(
     snapshotter: &Snapshotter,
     wal_dir: &Path,
     fsync: bool,
-) -> anyhow::Result<RecoveredLog> {
+) -> Result<RecoveredLog, StartError> {
     let loaded = snapshotter.load_newest_available()?;
     let index = loaded.snapshot.as_ref().map_or(0, |s| s.index);
     let Some(newest_broken) = loaded.broken.first() else {
@@ -429,13 +429,10 @@ pub fn recover_log(
         0 => "no older snapshot".to_string(),
         i => format!("the older snapshot is at index {i}"),
     };
-    let refuse = |why: String| {
-        anyhow::anyhow!(
-            "snapshot {} is corrupt (crc mismatch or undecodable) and cannot be skipped: \
-             {older}, and {why}; restore this member's data directory from a backup, or remove \
-             the member and add it back with an empty data directory",
-            newest_broken.path.display()
-        )
+    let refuse = |why: String| StartError::BrokenSnapshot {
+        path: newest_broken.path.clone(),
+        older: older.clone(),
+        why,
     };
     let missing = |b: &BrokenSnapshot| {
         refuse(format!(
@@ -472,6 +469,43 @@ pub fn recover_log(
         wal,
         recovered,
     })
+}
+
+/// Why the Raft log cannot be recovered ([`recover_log`]) or the Raft node cannot start
+/// ([`RaftNode::new`]).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The snapshot directory cannot be read or written.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// The WAL cannot be read or written, or is corrupt.
+    #[error(transparent)]
+    Wal(#[from] WalError),
+    /// raft-rs refused the configuration or the recovered log.
+    #[error(transparent)]
+    Raft(#[from] raft::Error),
+    /// The newest snapshot is damaged and the WAL cannot stand in for it: `older` describes
+    /// the snapshot that would be used instead, `why` what the WAL lacks.
+    #[error(
+        "snapshot {} is corrupt (crc mismatch or undecodable) and cannot be skipped: \
+         {older}, and {why}; restore this member's data directory from a backup, or remove \
+         the member and add it back with an empty data directory",
+        path.display()
+    )]
+    BrokenSnapshot {
+        /// The damaged snapshot file.
+        path: PathBuf,
+        /// "no older snapshot", or the older snapshot's index.
+        older: String,
+        /// What the WAL lacks, or why it cannot be used.
+        why: String,
+    },
+    /// `--force-new-cluster` on the data of a member removed from the cluster.
+    #[error(
+        "--force-new-cluster: member {0:x} was removed from the cluster; its data cannot start a \
+         new one (etcd: membership: ID removed)"
+    )]
+    RemovedMember(u64),
 }
 
 /// The commit index a restart starts from: the recorded one, but at least what the snapshot
@@ -566,7 +600,7 @@ pub fn force_new_cluster(
     applied: u64,
     wal: &mut Wal,
     recovered: &mut Recovered,
-) -> anyhow::Result<()> {
+) -> Result<(), StartError> {
     let last = recovered.entries.last().map_or(snap_index, |e| e.index);
     let commit = start_commit(recovered.hard_state.as_ref(), snap_index, applied, last);
     let keep = recovered
@@ -585,12 +619,9 @@ pub fn force_new_cluster(
         recovered.entries.truncate(keep);
     }
     let table = replay_membership(table.clone(), &recovered.entries, cfg.max_learners);
-    anyhow::ensure!(
-        !table.removed.contains(&cfg.id),
-        "--force-new-cluster: member {:x} was removed from the cluster; its data cannot start a \
-         new one (etcd: membership: ID removed)",
-        cfg.id
-    );
+    if table.removed.contains(&cfg.id) {
+        return Err(StartError::RemovedMember(cfg.id));
+    }
     let mut hs = recovered.hard_state.clone().unwrap_or_default();
     hs.term = hs
         .term
@@ -665,7 +696,7 @@ impl RaftNode {
         transport: impl FnOnce(flume::Sender<NodeMsg>) -> T,
         committed: flume::Sender<ApplyMsg>,
         snapshots: flume::Receiver<SnapshotTaken>,
-    ) -> anyhow::Result<(RaftNode, RaftHandle)> {
+    ) -> Result<(RaftNode, RaftHandle), StartError> {
         let fresh =
             snap.is_none() && recovered.entries.is_empty() && recovered.hard_state.is_none();
         if fresh && !cfg.bootstrap.is_empty() {

@@ -327,7 +327,7 @@ async fn connect(urls: &[String], timeout: Duration) -> Result<tonic::transport:
         match channel {
             Ok(channel) => return Ok(channel),
             Err(e) => {
-                last = crate::tls::go_tls_error(e.as_ref());
+                last = crate::tls::go_tls_error(&e);
                 tracing::debug!(url, error = %last, "cannot connect to peer");
             }
         }

@@ -258,7 +258,7 @@ async fn launch(
     if handle.cfg.experimental_initial_corrupt_check {
         if let Err(e) = corrupt::initial_check(&handle.core, committed_at_start).await {
             handle.shutdown(false).await;
-            return Err(e);
+            return Err(e.into());
         }
     }
     handle.client_servers = serve_clients(&handle.cfg, &handle.core, bound, &tls);

@@ -161,7 +161,7 @@ impl Core {
 
     fn bcrypt(&self, password: &str) -> Result<String, Status> {
         bcrypt::hash(password, self.cfg.bcrypt_cost)
-            .map_err(|e| Status::internal(format!("etcdserver: cannot hash the password: {e}")))
+            .map_err(|e| EtcdError::PasswordHash(e.to_string()).into())
     }
 
     /// Proposes an auth change for `caller`.
@@ -368,7 +368,7 @@ impl Auth for AuthService {
                     .auth
                     .tokens
                     .sign(&applied.user, applied.auth_revision)
-                    .map_err(|e| Status::internal(format!("etcdserver: {e}")))?
+                    .map_err(|e| EtcdError::TokenSign(e.to_string()))?
             };
             return Ok(Response::new(AuthenticateResponse {
                 header: self.core.header(revision),
@@ -397,7 +397,7 @@ impl Auth for AuthService {
             let password = std::mem::take(&mut req.password);
             req.hashed_password = tokio::task::spawn_blocking(move || core.bcrypt(&password))
                 .await
-                .map_err(|_| Status::internal("etcdserver: hashing failed"))??;
+                .map_err(|_| EtcdError::HashingFailed)??;
         }
         req.password.clear();
         let rev = self
@@ -423,7 +423,7 @@ impl Auth for AuthService {
             let password = std::mem::take(&mut req.password);
             req.hashed_password = tokio::task::spawn_blocking(move || core.bcrypt(&password))
                 .await
-                .map_err(|_| Status::internal("etcdserver: hashing failed"))??;
+                .map_err(|_| EtcdError::HashingFailed)??;
         }
         req.password.clear();
         let rev = self

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::peer::peer_client;
+use super::peer::{peer_client, PeerError};
 use super::Core;
 use crate::error::EtcdError;
 use crate::proto::etcdserverpb::{AlarmType, HashKvRequest, HashKvResponse};
@@ -99,7 +99,7 @@ fn mismatches(hash: u32, compact_revision: i64, peers: &[(u64, PeerHash)]) -> us
 ///
 /// Errors: "<member ID> found data inconsistency with peers" (etcd's message) when a peer with
 /// the same compaction revision has a different hash; the member then does not start.
-pub async fn initial_check(core: &Core, committed: u64) -> anyhow::Result<()> {
+pub async fn initial_check(core: &Core, committed: u64) -> Result<(), CheckError> {
     // The Raft node updates the membership table as it hands entries over (even those durable
     // shards already hold), and only then counts them as applied; the shards publish their
     // own progress. Both must reach `committed`.
@@ -126,7 +126,9 @@ pub async fn initial_check(core: &Core, committed: u64) -> anyhow::Result<()> {
         "starting initial corruption check");
     let peers = peer_hashes(core, local.hash_revision).await;
     let bad = mismatches(local.hash, local.compact_revision, &peers);
-    anyhow::ensure!(bad == 0, "{me:x} found data inconsistency with peers");
+    if bad != 0 {
+        return Err(CheckError::Inconsistent(me));
+    }
     tracing::info!(
         member = %format!("{me:x}"),
         peers = peers.len(),
@@ -285,6 +287,18 @@ async fn periodic_check(core: &Core) -> Result<(), EtcdError> {
     Ok(())
 }
 
+/// Why the start-up corruption check ([`initial_check`]) stops the member.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// This member's own hash cannot be computed.
+    #[error(transparent)]
+    Hash(#[from] EtcdError),
+    /// A peer with the same compaction revision has a different hash (etcd's message; the
+    /// member is this one).
+    #[error("{0:x} found data inconsistency with peers")]
+    Inconsistent(u64),
+}
+
 /// A peer's HashKV at `revision`, asked of each of its peer URLs in turn.
 async fn peer_hash(urls: &[String], revision: i64) -> PeerHash {
     let mut errors = Vec::new();
@@ -296,7 +310,7 @@ async fn peer_hash(urls: &[String], revision: i64) -> PeerHash {
                 .hash_kv(HashKvRequest { revision })
                 .await?
                 .into_inner();
-            anyhow::Ok(resp)
+            Ok::<_, PeerError>(resp)
         };
         match attempt.await {
             Ok(r) => {

@@ -188,9 +188,10 @@ fn grpc_size_status(headers: &mut http::HeaderMap) {
     let [found, limit] = numbers[..] else {
         return;
     };
-    let status = tonic::Status::resource_exhausted(format!(
-        "grpc: received message larger than max ({found} vs. {limit})"
-    ));
+    let status = tonic::Status::from(EtcdError::MessageTooLarge {
+        found: found.to_string(),
+        limit: limit.to_string(),
+    });
     headers.remove("grpc-message");
     headers.remove("grpc-status");
     let _ = status.add_header(headers);

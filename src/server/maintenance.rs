@@ -166,13 +166,13 @@ impl Maintenance for MaintenanceService {
         self.core.check_admin(caller.as_ref())?;
         let image = self.core.node.state_image().await?;
         let snap = <StateSnapshot as prost::Message>::decode(image.data.as_ref())
-            .map_err(|e| Status::internal(format!("etcdserver: snapshot image: {e}")))?;
+            .map_err(|e| EtcdError::SnapshotImage(e.to_string()))?;
         let revision = snap.revision;
         let dir = self.core.cfg.data_dir().join("member").join("snap");
         let file = tokio::task::spawn_blocking(move || crate::backup::snapshot_file(&snap, &dir))
             .await
-            .map_err(|e| Status::unknown(e.to_string()))?
-            .map_err(|e| Status::unknown(e.to_string()))?;
+            .map_err(|e| EtcdError::Unknown(e.to_string()))?
+            .map_err(|e| EtcdError::Unknown(e.to_string()))?;
         tracing::info!(
             index = image.index,
             bytes = file.len(),

@@ -56,10 +56,11 @@ impl PeerService {
             return Err(EtcdError::ClusterIdMismatch.into());
         }
         if to != self.member_id {
-            return Err(Status::failed_precondition(format!(
-                "etcdserver: message for member {to:x} reached member {:x}",
-                self.member_id
-            )));
+            return Err(EtcdError::MisdirectedPeerMessage {
+                to,
+                member: self.member_id,
+            }
+            .into());
         }
         if self.membership.borrow().removed.contains(&from) {
             return Err(EtcdError::MemberRemoved.into());
@@ -95,7 +96,7 @@ impl Peer for PeerService {
             for bytes in envelope.messages {
                 let mut m = Message::default();
                 if m.merge_from_bytes(&bytes).is_err() {
-                    return Err(Status::invalid_argument("undecodable raft message"));
+                    return Err(EtcdError::UndecodableRaftMessage.into());
                 }
                 if self.node.try_send(NodeMsg::Step(m)).is_err() && self.node.is_disconnected() {
                     return Err(EtcdError::Stopped.into());
@@ -114,7 +115,7 @@ impl Peer for PeerService {
     ) -> Result<Response<SnapshotAck>, Status> {
         let mut inbound = request.into_inner();
         let Some(first) = inbound.message().await? else {
-            return Err(Status::invalid_argument("empty snapshot stream"));
+            return Err(EtcdError::EmptySnapshotStream.into());
         };
         self.check_sender(first.cluster_id, first.from, first.to)?;
         let from = first.from;
@@ -122,37 +123,32 @@ impl Peer for PeerService {
         if m.merge_from_bytes(&first.message).is_err()
             || m.get_msg_type() != raft::prelude::MessageType::MsgSnapshot
         {
-            return Err(Status::invalid_argument(
-                "the first chunk is not a raft snapshot",
-            ));
+            return Err(EtcdError::NotASnapshot.into());
         }
         let total = first.total_bytes as usize;
         let mut data = first.data;
         data.reserve(total.saturating_sub(data.len()));
         while let Some(chunk) = inbound.message().await? {
             if self.faults.blocks(from) {
-                return Err(Status::unavailable("link cut by the test fault hook"));
+                return Err(EtcdError::LinkCut.into());
             }
             data.extend_from_slice(&chunk.data);
             if data.len() > total {
-                return Err(Status::invalid_argument("snapshot longer than announced"));
+                return Err(EtcdError::SnapshotTooLong.into());
             }
         }
         if data.len() != total || self.faults.blocks(from) {
-            return Err(Status::invalid_argument(format!(
-                "snapshot cut short: {} of {total} bytes",
-                data.len()
-            )));
+            return Err(EtcdError::SnapshotCutShort {
+                got: data.len(),
+                total,
+            }
+            .into());
         }
         let index = m.get_snapshot().get_metadata().index;
         // Checked here, where a bad one can be refused: once stepped, Raft resets the log to it.
         match <StateSnapshot as prost::Message>::decode(data.as_slice()) {
             Ok(s) if s.complete && s.index == index => {}
-            _ => {
-                return Err(Status::invalid_argument(
-                    "snapshot data is not a complete state image at its index",
-                ))
-            }
+            _ => return Err(EtcdError::SnapshotIncomplete.into()),
         }
         tracing::info!(peer = %format!("{from:x}"), bytes = total, index, "received snapshot");
         m.mut_snapshot().data = data.into();
@@ -231,12 +227,26 @@ impl Peer for PeerService {
     }
 }
 
+/// Why a call to a peer's Peer service failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// The peer URL cannot be dialed (its error and causes, unchanged).
+    #[error(transparent)]
+    Connect(#[from] crate::net::ConnectError),
+    /// The call failed (the peer's status, or the transport's).
+    #[error(transparent)]
+    Call(#[from] Status),
+    /// [`fetch_members`]: no peer URL answered; the text lists each URL's error.
+    #[error("cannot fetch cluster info from peer urls: {0}")]
+    NoClusterInfo(String),
+}
+
 /// A Peer client for one peer URL: `connect` bounds the dial, `request` each call.
 pub(crate) async fn peer_client(
     url: &str,
     connect: Duration,
     request: Duration,
-) -> anyhow::Result<PeerClient<tonic::transport::Channel>> {
+) -> Result<PeerClient<tonic::transport::Channel>, PeerError> {
     let channel = crate::net::connect_peer(url, |endpoint| {
         endpoint.connect_timeout(connect).timeout(request)
     })
@@ -248,23 +258,20 @@ pub(crate) async fn peer_client(
 /// each peer URL in turn (etcd `GetClusterFromRemotePeers`).
 ///
 /// Errors: no peer answered.
-pub async fn fetch_members(peer_urls: &[String]) -> anyhow::Result<(u64, Vec<MemberRecord>)> {
+pub async fn fetch_members(peer_urls: &[String]) -> Result<(u64, Vec<MemberRecord>), PeerError> {
     let mut errors = Vec::new();
     for url in peer_urls {
         let attempt = async {
             let mut client =
                 peer_client(url, Duration::from_secs(2), Duration::from_secs(5)).await?;
-            anyhow::Ok(client.members(MembersRequest {}).await?.into_inner())
+            Ok::<_, PeerError>(client.members(MembersRequest {}).await?.into_inner())
         };
         match attempt.await {
             Ok(r) => return Ok((r.cluster_id, r.members)),
             Err(e) => errors.push(format!("{url}: {e}")),
         }
     }
-    anyhow::bail!(
-        "cannot fetch cluster info from peer urls: {}",
-        errors.join("; ")
-    )
+    Err(PeerError::NoClusterInfo(errors.join("; ")))
 }
 
 /// The leader's view of every member's progress and contact, asked over the peer port at
@@ -276,7 +283,7 @@ pub async fn fetch_progress(peer_urls: &[String]) -> Result<Vec<PeerProgress>, E
         let attempt = async {
             let mut client =
                 peer_client(url, Duration::from_secs(1), Duration::from_secs(2)).await?;
-            anyhow::Ok(client.progress(ProgressRequest {}).await?.into_inner())
+            Ok::<_, PeerError>(client.progress(ProgressRequest {}).await?.into_inner())
         };
         if let Ok(r) = attempt.await {
             return Ok(r

@@ -30,17 +30,9 @@ use crate::proto::v3lockpb::{
 };
 use crate::state_machine::ApplyResponse;
 
-/// `clientv3/concurrency.ErrElectionNotLeader`.
-const NOT_LEADER: &str = "election: not leader";
-/// `clientv3/concurrency.ErrElectionNoLeader`.
-const NO_LEADER: &str = "election: no leader";
-/// `v3election.ErrMissingLeaderKey`.
-const MISSING_LEADER: &str = "\"leader\" field must be provided";
 /// TTL of the session lease etcd creates when a Lock or Campaign names no lease, seconds
 /// (`concurrency.defaultSessionTTL`).
 const SESSION_TTL: i64 = 60;
-/// `clientv3/concurrency.ErrSessionExpired`.
-const SESSION_EXPIRED: &str = "session: session is expired";
 
 /// The `range_end` of every key that starts with `prefix`, in etcd's encoding: `"\0"` (every
 /// key from `prefix` on) when no finite end exists.
@@ -178,7 +170,7 @@ impl Core {
                     Some(OpResp::ResponseRange(r)) => r.kvs.into_iter().next(),
                     _ => None,
                 })
-                .ok_or_else(|| Status::unknown(SESSION_EXPIRED))?;
+                .ok_or_else(|| Status::from(EtcdError::SessionExpired))?;
             // Our key already existed: it stays ours to keep (it predates this call).
             guard.key = None;
             (kv.create_revision, kv)
@@ -192,7 +184,7 @@ impl Core {
         self.wait_deletes(prefix, create_rev - 1).await?;
         let (mine, revision) = self.first_created(&key, 0, false).await?;
         if mine.is_none() {
-            return Err(Status::unknown(SESSION_EXPIRED));
+            return Err(Status::from(EtcdError::SessionExpired));
         }
         guard.key = None;
         Ok((key, create_rev, self.header(revision), kv))
@@ -328,7 +320,9 @@ impl Election for ElectionService {
         request: Request<ProclaimRequest>,
     ) -> Result<Response<ProclaimResponse>, Status> {
         let req = request.into_inner();
-        let leader = req.leader.ok_or_else(|| Status::unknown(MISSING_LEADER))?;
+        let leader = req
+            .leader
+            .ok_or_else(|| Status::from(EtcdError::MissingLeaderKey))?;
         let header = self.proclaim_value(&leader, req.value).await?;
         Ok(Response::new(ProclaimResponse { header }))
     }
@@ -338,7 +332,7 @@ impl Election for ElectionService {
         request: Request<LeaderRequest>,
     ) -> Result<Response<LeaderResponse>, Status> {
         let (kv, revision) = self.leader_kv(&request.into_inner().name).await?;
-        let kv = kv.ok_or_else(|| Status::unknown(NO_LEADER))?;
+        let kv = kv.ok_or_else(|| Status::from(EtcdError::ElectionNoLeader))?;
         Ok(Response::new(LeaderResponse {
             header: self.core.header(revision),
             kv: Some(kv),
@@ -398,7 +392,7 @@ impl Election for ElectionService {
         let leader = request
             .into_inner()
             .leader
-            .ok_or_else(|| Status::unknown(MISSING_LEADER))?;
+            .ok_or_else(|| Status::from(EtcdError::MissingLeaderKey))?;
         let delete = op(Op::RequestDeleteRange(DeleteRangeRequest {
             key: leader.key.clone(),
             ..Default::default()
@@ -434,7 +428,7 @@ impl ElectionService {
         };
         let resp = self.core.txn(txn).await?;
         if !resp.succeeded {
-            return Err(Status::unknown(NOT_LEADER));
+            return Err(Status::from(EtcdError::ElectionNotLeader));
         }
         Ok(resp.header)
     }

@@ -481,9 +481,9 @@ pub struct Shards {
 /// outside its cpuset.
 ///
 /// Errors: the online CPUs cannot be listed.
-pub fn shard_cpus() -> anyhow::Result<Vec<usize>> {
+pub fn shard_cpus() -> Result<Vec<usize>, SpawnError> {
     let mut online: Vec<usize> = glommio::CpuSet::online()
-        .map_err(|e| anyhow::anyhow!("cannot list online CPUs: {e}"))?
+        .map_err(|e| SpawnError::OnlineCpus(e.to_string()))?
         .into_iter()
         .map(|l| l.cpu)
         .collect();
@@ -511,6 +511,34 @@ pub fn shard_cpus() -> anyhow::Result<Vec<usize>> {
         }
         None => online,
     })
+}
+
+/// Why [`Shards::spawn`] (or [`shard_cpus`]) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// glommio could not list the online CPUs (its reason).
+    #[error("cannot list online CPUs: {0}")]
+    OnlineCpus(String),
+    /// A shard's executor could not be built (for example RLIMIT_MEMLOCK too low for glommio's
+    /// io_uring rings); `reason` is glommio's, or the executor thread's panic.
+    #[error("cannot start shard {shard}: {reason}")]
+    Executor {
+        /// The shard.
+        shard: usize,
+        /// Why, in glommio's words.
+        reason: String,
+    },
+    /// A shard's executor thread ended without reporting whether its engine opened.
+    #[error("shard {0} stopped while opening its engine")]
+    StoppedWhileOpening(usize),
+    /// A shard's engine could not be opened (for RocksDB: the path and RocksDB's reason).
+    #[error("shard {shard} cannot open its storage: {error}")]
+    Open {
+        /// The shard.
+        shard: usize,
+        /// The engine's error.
+        error: StorageError,
+    },
 }
 
 /// Parses a kernel CPU list such as `0-3,8,10-11` into sorted CPU numbers; `None` if malformed.
@@ -544,7 +572,11 @@ impl Shards {
     ///
     /// Errors: a shard whose engine cannot be opened (for RocksDB: the path and RocksDB's
     /// reason).
-    pub fn spawn(count: usize, engine: &EngineConfig, fatal: FatalTx) -> anyhow::Result<Shards> {
+    pub fn spawn(
+        count: usize,
+        engine: &EngineConfig,
+        fatal: FatalTx,
+    ) -> Result<Shards, SpawnError> {
         let cpus = shard_cpus()?;
         let mut handles = Vec::with_capacity(count);
         let sizes: Arc<[ShardSize]> = (0..count).map(|_| ShardSize::default()).collect();
@@ -573,18 +605,26 @@ impl Shards {
                         }
                     }
                 })
-                .map_err(|e| anyhow::anyhow!("cannot start shard {i}: {e}"))?;
+                .map_err(|e| SpawnError::Executor {
+                    shard: i,
+                    reason: e.to_string(),
+                })?;
             let opened = match opened_rx.recv() {
                 Ok(opened) => opened,
                 // The executor thread ended before opening the engine: glommio could not build
                 // the executor (for example RLIMIT_MEMLOCK too low for its io_uring rings).
                 // Its join result carries the reason.
                 Err(_) => match thread.join() {
-                    Err(e) => anyhow::bail!("cannot start shard {i}: {e}"),
-                    Ok(()) => anyhow::bail!("shard {i} stopped while opening its engine"),
+                    Err(e) => {
+                        return Err(SpawnError::Executor {
+                            shard: i,
+                            reason: e.to_string(),
+                        })
+                    }
+                    Ok(()) => return Err(SpawnError::StoppedWhileOpening(i)),
                 },
             };
-            opened.map_err(|e| anyhow::anyhow!("shard {i} cannot open its storage: {e}"))?;
+            opened.map_err(|error| SpawnError::Open { shard: i, error })?;
             handles.push(ShardHandle {
                 apply: apply_tx,
                 read: read_tx,
