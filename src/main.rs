@@ -49,7 +49,8 @@ fn main() {
         .build()
         .expect("tokio runtime");
     if let Err(e) = runtime.block_on(metastore::node::run(cfg)) {
-        eprintln!("metastore: error: {e:#}");
+        // anyhow prints the error with its causes: "what failed: why".
+        eprintln!("metastore: error: {:#}", anyhow::Error::from(e));
         std::process::exit(1);
     }
     // After a graceful stop: tasks still running (peer connections, lease clock) are dropped,

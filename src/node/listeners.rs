@@ -3,8 +3,7 @@
 
 use std::time::Duration;
 
-use anyhow::Context;
-
+use super::NodeError;
 use crate::config::Config;
 
 /// Binds every URL of one flag (`what` names it in errors: "client", "peer", "metrics").
@@ -12,13 +11,18 @@ use crate::config::Config;
 /// Errors: "cannot listen on {what} URL {url}" with the cause.
 pub(super) async fn bind_all(
     urls: &[url::Url],
-    what: &str,
-) -> anyhow::Result<Vec<crate::net::Listener>> {
+    what: &'static str,
+) -> Result<Vec<crate::net::Listener>, NodeError> {
     let mut listeners = Vec::new();
     for url in urls {
-        let listener = crate::net::Listener::bind(url)
-            .await
-            .with_context(|| format!("cannot listen on {what} URL {url}"))?;
+        let listener =
+            crate::net::Listener::bind(url)
+                .await
+                .map_err(|source| NodeError::Listen {
+                    what,
+                    url: url.clone(),
+                    source,
+                })?;
         listeners.push(listener);
     }
     Ok(listeners)

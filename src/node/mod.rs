@@ -14,6 +14,7 @@
 //!                  lease clock, compactor, this module     fatal errors (FatalTx) <- raft, shards
 //! ```
 
+mod error;
 mod listeners;
 mod recovery;
 mod shutdown;
@@ -47,6 +48,7 @@ use crate::shard::Shards;
 use crate::state_machine::snapshot::Snapshotter;
 use crate::state_machine::{AppliedState, Pending};
 use crate::tls::MemberTls;
+pub use error::NodeError;
 use listeners::{bind_all, client_server_builder, serve};
 use shutdown::Worker;
 
@@ -96,12 +98,12 @@ impl Node {
     /// Errors: invalid flags; a data directory in use, unreadable or damaged; ports that
     /// cannot be bound; a cluster that cannot be joined; `--experimental-initial-corrupt-check`
     /// finding this member's data different from its peers'. Nothing is left running.
-    pub async fn start(cfg: Config) -> anyhow::Result<NodeHandle> {
+    pub async fn start(cfg: Config) -> Result<NodeHandle, NodeError> {
         cfg.validate()?;
         crate::tls::validate(&cfg).map_err(crate::config::ConfigError::Tls)?;
         let auto_compaction =
             compactor::retention(&cfg.auto_compaction_mode, &cfg.auto_compaction_retention)
-                .map_err(anyhow::Error::msg)?;
+                .map_err(NodeError::AutoCompaction)?;
         let cfg = Arc::new(cfg);
         let data_dir = cfg.data_dir();
         let lock = recovery::prepare_data_dir(&data_dir)?;
@@ -116,7 +118,9 @@ impl Node {
 
 /// This member's identity (created on its first boot), the `--initial-cluster` members, and,
 /// for a member joining an existing cluster, that cluster's members.
-async fn identify(cfg: &Config) -> anyhow::Result<(Member, Vec<MemberRecord>, Vec<MemberRecord>)> {
+async fn identify(
+    cfg: &Config,
+) -> Result<(Member, Vec<MemberRecord>, Vec<MemberRecord>), NodeError> {
     let member_dir = cfg.data_dir().join("member");
     let peer_urls: Vec<String> = cfg
         .initial_advertise_peer_urls
@@ -177,7 +181,7 @@ async fn launch(
     seed_peers: Vec<MemberRecord>,
     tls: MemberTls,
     lock: std::fs::File,
-) -> anyhow::Result<NodeHandle> {
+) -> Result<NodeHandle, NodeError> {
     let member_dir = cfg.data_dir().join("member");
     let snapshotter = Snapshotter::new(member_dir.join("snap"))?.with_keep(cfg.max_snapshots);
     // Everything that can fail on bad input (ports, snapshots, the WAL) is checked before the
@@ -288,7 +292,7 @@ fn start_threads(
     snapshotter: Snapshotter,
     shards: &Shards,
     fatal: FatalTx,
-) -> anyhow::Result<Started> {
+) -> Result<Started, NodeError> {
     let pending = Arc::new(Pending::new(member.id));
     let (applied_tx, applied_rx) = tokio::sync::watch::channel(AppliedState::default());
     let (snap_tx, snap_rx) = flume::unbounded();
@@ -374,12 +378,15 @@ fn start_threads(
         alarms.clone(),
         auth.clone(),
     );
-    let apply = Worker::spawn("apply", move || dispatcher.run(committed_rx))?;
+    let os = |context| move |source| NodeError::Os { context, source };
+    let apply = Worker::spawn("apply", move || dispatcher.run(committed_rx))
+        .map_err(os("cannot start the apply thread"))?;
     let raft = Worker::spawn("raft", move || {
         if let Err(e) = node.run() {
             fatal.report(FatalError::Raft(e));
         }
-    })?;
+    })
+    .map_err(os("cannot start the raft thread"))?;
     let core = Core::new(CoreParts {
         cfg: cfg.clone(),
         member: member.clone(),
@@ -547,7 +554,7 @@ impl NodeHandle {
     pub async fn serve(
         &mut self,
         stop_asked: impl std::future::Future<Output = StopReason>,
-    ) -> anyhow::Result<StopReason> {
+    ) -> Result<StopReason, NodeError> {
         let mut changes = self.core.node.status.subscribe();
         let (core, cfg, auto_compaction) =
             (self.core.clone(), self.cfg.clone(), self.auto_compaction);
@@ -568,8 +575,12 @@ impl NodeHandle {
                 Some(r) = self.peer_servers.join_next() => r,
                 Some(r) = self.client_servers.join_next() => r,
             };
-            r??;
-            anyhow::bail!("a listener stopped")
+            let cause: Option<Box<dyn std::error::Error + Send + Sync>> = match r {
+                Err(e) => Some(Box::new(e)),
+                Ok(Err(e)) => Some(Box::new(e)),
+                Ok(Ok(())) => None,
+            };
+            Err(NodeError::ListenerStopped(cause))
         };
         tokio::select! {
             reason = serving => reason,
@@ -680,8 +691,12 @@ async fn become_ready(
 ///
 /// Errors: those of [`Node::start`]; a listener that stopped; a fatal error (the process
 /// should exit non-zero); a second signal.
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+pub async fn run(cfg: Config) -> Result<(), NodeError> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|source| NodeError::Os {
+            context: "cannot handle SIGTERM",
+            source,
+        })?;
     let mut node = Node::start(cfg).await?;
     let signal = async {
         let signal = tokio::select! {
@@ -702,11 +717,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let transfer = !matches!(reason, StopReason::Fatal(_));
     tokio::select! {
         _ = node.shutdown(transfer) => {}
-        _ = second_signal => anyhow::bail!("second signal while stopping"),
+        _ = second_signal => return Err(NodeError::SecondSignal),
     }
     match reason {
         // Printed by main as "metastore: error: {e}"; the process exits 1.
-        StopReason::Fatal(e) => Err(anyhow::Error::msg(e.to_string())),
+        StopReason::Fatal(e) => Err(NodeError::Fatal(e)),
         StopReason::Signal(_) | StopReason::Removed => Ok(()),
     }
 }

@@ -4,8 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::Context;
-
+use super::NodeError;
 use crate::apply::StartState;
 use crate::config::{ClusterState, Config};
 use crate::consensus::RecoveredLog;
@@ -18,18 +17,22 @@ use crate::state_machine::snapshot::Snapshotter;
 /// Creates `<dir>/member` and locks it for this process.
 ///
 /// Errors: the directory cannot be created or written, or another process holds the lock.
-pub(super) fn prepare_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
+pub(super) fn prepare_data_dir(dir: &Path) -> Result<std::fs::File, NodeError> {
     let member_dir = dir.join("member");
-    std::fs::create_dir_all(&member_dir)
-        .with_context(|| format!("cannot access data directory {}", dir.display()))?;
+    std::fs::create_dir_all(&member_dir).map_err(NodeError::io(format!(
+        "cannot access data directory {}",
+        dir.display()
+    )))?;
     let lock_path = member_dir.join("lock");
-    let lock = std::fs::File::create(&lock_path)
-        .with_context(|| format!("cannot write to data directory {}", dir.display()))?;
+    let lock = std::fs::File::create(&lock_path).map_err(NodeError::io(format!(
+        "cannot write to data directory {}",
+        dir.display()
+    )))?;
     lock.try_lock().map_err(|_| {
-        anyhow::anyhow!(
+        NodeError::DataDir(format!(
             "data directory {} is in use by another process",
             dir.display()
-        )
+        ))
     })?;
     Ok(lock)
 }
@@ -42,30 +45,33 @@ pub(super) fn engine_config(
     cfg: &Config,
     member_dir: &Path,
     member_id: u64,
-) -> anyhow::Result<EngineConfig> {
+) -> Result<EngineConfig, NodeError> {
     let dir = member_dir.join("shards");
     let mut create = false;
     if cfg.storage_engine == EngineKind::Rocksdb {
         std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
+            .map_err(NodeError::io(format!("cannot create {}", dir.display())))?;
         crate::mvcc::ballast::prepare(&dir);
         let count_file = dir.join("count");
         let count = cfg.shard_count();
         match std::fs::read_to_string(&count_file) {
             Ok(text) => {
-                let existing: usize = text
-                    .trim()
-                    .parse()
-                    .with_context(|| format!("malformed {}", count_file.display()))?;
-                anyhow::ensure!(
-                    existing == count,
-                    "the RocksDB data in {} was written with --shards {existing}; start with --shards {existing}",
-                    dir.display()
-                );
+                let existing: usize = text.trim().parse().map_err(|e| {
+                    NodeError::DataDir(format!("malformed {}: {e}", count_file.display()))
+                })?;
+                if existing != count {
+                    return Err(NodeError::DataDir(format!(
+                        "the RocksDB data in {} was written with --shards {existing}; start with --shards {existing}",
+                        dir.display()
+                    )));
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => create = true,
             Err(e) => {
-                return Err(e).with_context(|| format!("cannot read {}", count_file.display()))
+                return Err(NodeError::io(format!(
+                    "cannot read {}",
+                    count_file.display()
+                ))(e))
             }
         }
     }
@@ -82,13 +88,15 @@ pub(super) fn engine_config(
 /// exists (so a start-up that stops before that simply initialises again).
 ///
 /// Errors: the count file cannot be written.
-pub(super) fn record_shard_count(engine: &EngineConfig, count: usize) -> anyhow::Result<()> {
+pub(super) fn record_shard_count(engine: &EngineConfig, count: usize) -> Result<(), NodeError> {
     if engine.kind != EngineKind::Rocksdb || !engine.create {
         return Ok(());
     }
     let count_file = engine.dir.join("count");
-    std::fs::write(&count_file, count.to_string())
-        .with_context(|| format!("cannot write {}", count_file.display()))
+    std::fs::write(&count_file, count.to_string()).map_err(NodeError::io(format!(
+        "cannot write {}",
+        count_file.display()
+    )))
 }
 
 /// Where the state machine resumes. Memory engine: the snapshot (the dispatcher loads its
@@ -108,7 +116,7 @@ pub(super) async fn recover_start(
     engine: &EngineConfig,
     snap: Option<&StateSnapshot>,
     log_last_index: u64,
-) -> anyhow::Result<StartState> {
+) -> Result<StartState, NodeError> {
     let snapshot_index = snap.map_or(0, |s| s.index);
     let from_snapshot = |s: &StateSnapshot| StartState {
         index: s.index,
@@ -154,27 +162,27 @@ pub(super) async fn recover_start(
     }
     for (shard, &index) in applied.iter().enumerate() {
         let dir = engine.dir.join(shard.to_string());
-        anyhow::ensure!(
-            index >= snapshot_index,
-            "shard directory {} has applied Raft entries only up to index {index}, but the log \
+        if index < snapshot_index {
+            return Err(NodeError::DataDir(format!(            "shard directory {} has applied Raft entries only up to index {index}, but the log \
              starts after the snapshot at index {snapshot_index}: the entries it lacks are gone \
              (its data is stale or was replaced); restore the data directory from a backup, or \
              remove this member and add it again with an empty data directory",
-            dir.display()
-        );
+            dir.display())));
+        }
         // One entry of slack: the WAL truncates a torn final record at start-up, and if that
         // record was an entry the shards had applied (a disk that lost part of an fsynced
         // write), they are one entry ahead. That entry was committed, so nothing is lost by
         // skipping the entry the log gets at its index again: in a cluster the leader sends
         // the same committed entry, and a lone member's next entry is its new term's empty
         // one. Further ahead, the shard holds writes the log never had.
-        anyhow::ensure!(
-            index <= log_last_index + 1,
-            "shard directory {} has applied Raft entries up to index {index}, past the last \
+        if index > log_last_index + 1 {
+            return Err(NodeError::DataDir(format!(
+                "shard directory {} has applied Raft entries up to index {index}, past the last \
              index {log_last_index} of the WAL and snapshot: it holds writes the log does not \
              know (it belongs to another data directory, or the WAL lost entries)",
-            dir.display()
-        );
+                dir.display()
+            )));
+        }
     }
     // The alarm table is only in snapshots and the log: it starts from the snapshot the WAL
     // follows, whatever the shards hold, and the dispatcher replays the alarm requests after it.
@@ -220,7 +228,7 @@ pub(super) async fn first_boot_identity(
     cfg: &Config,
     initial: &[MemberRecord],
     peer_urls: &[String],
-) -> anyhow::Result<(u64, u64, Vec<MemberRecord>)> {
+) -> Result<(u64, u64, Vec<MemberRecord>), NodeError> {
     if cfg.initial_cluster_state == ClusterState::New {
         let me = initial
             .iter()
@@ -244,13 +252,13 @@ pub(super) async fn first_boot_identity(
     });
     match me {
         Some(m) => Ok((m.id, cluster_id, members.clone())),
-        None => anyhow::bail!(
+        None => Err(NodeError::Join(format!(
             "cannot join the cluster: no member has peer URLs {}; add this member first \
              (etcdctl member add {} --peer-urls={})",
             mine.join(","),
             cfg.name,
             mine.join(",")
-        ),
+        ))),
     }
 }
 
@@ -265,7 +273,7 @@ pub(super) async fn resume(
     engine: &EngineConfig,
     snapshotter: &Snapshotter,
     log: &RecoveredLog,
-) -> anyhow::Result<StartState> {
+) -> Result<StartState, NodeError> {
     let snap = log.snapshot.as_ref();
     let snapshot_index = snap.map_or(0, |s| s.index);
     let log_last_index = log
@@ -279,13 +287,12 @@ pub(super) async fn resume(
         // Durable shards resume from their own applied index, and the WAL only reaches back to
         // the older snapshot: shards below it (emptied by an interrupted install of a leader's
         // snapshot, say) would skip entries nobody can replay.
-        anyhow::ensure!(
-            start.restore.is_some() || start.index >= snapshot_index,
-            "snapshot {} is corrupt and cannot be skipped: the shards hold only up to index {}, \
+        if start.restore.is_none() && start.index < snapshot_index {
+            return Err(NodeError::DataDir(format!(            "snapshot {} is corrupt and cannot be skipped: the shards hold only up to index {}, \
              below the older snapshot at index {snapshot_index} the WAL starts from",
             newest.path.display(),
-            start.index
-        );
+            start.index)));
+        }
         for b in &log.broken {
             snapshotter.mark_broken(b)?;
         }
