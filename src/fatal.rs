@@ -10,7 +10,7 @@ use crate::mvcc::engine::StorageError;
 /// A condition that stops the member: it must not serve again (etcd panics on these, through
 /// `lg.Panic`/`lg.Fatal` in its raft node and backend).
 ///
-/// Raised on the Raft thread or a shard thread and sent up a [`FatalTx`]; `server::run`
+/// Raised on the Raft thread or a shard thread and sent up a [`FatalTx`]; [`crate::node::NodeHandle`]
 /// receives it, stops the member without a leader transfer, and returns it, so the process
 /// exits with status 1. Never mapped to a gRPC status: clients in flight see the member stop.
 ///
@@ -27,7 +27,7 @@ pub enum FatalError {
 }
 
 /// The sending end of the fatal-error channel: the Raft thread and every shard hold a clone and
-/// [`FatalTx::report`] what stops them. `server::run` holds the receiver ([`FatalRx`]).
+/// [`FatalTx::report`] what stops them. [`crate::node::NodeHandle`] holds the receiver ([`FatalRx`]).
 #[derive(Clone, Debug)]
 pub struct FatalTx(tokio::sync::mpsc::UnboundedSender<FatalError>);
 

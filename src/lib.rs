@@ -22,9 +22,12 @@
 //! Modules:
 //! * [`config`]: flags and environment, etcd's names and defaults (imports no other module).
 //! * [`identity`]: member and cluster IDs, as etcd computes them.
+//! * [`node`]: one member's life: start-up and recovery, its threads and listeners, and the
+//!   graceful stop (`Node::start`, `NodeHandle::shutdown`); the thread map is in its doc.
 //! * [`server`]: the gRPC services (KV, Watch, Lease, Lock, Election, Maintenance, Cluster,
-//!   Auth), one file each, the HTTP endpoints, and member start-up.
-//! * [`consensus`]: the Raft node thread, the WAL and the peer transport.
+//!   Auth), one file each, the HTTP endpoints, and the state they share (`Core`).
+//! * [`consensus`]: the Raft node thread, the WAL and the peer transport (`PeerTransport`;
+//!   `tests/consensus` runs three nodes over an in-memory one).
 //! * [`state_machine`]: the boundary below consensus and apply (neither imports the other):
 //!   committed entries, apply messages, snapshot files, the membership table, proposal waiters
 //!   and the `StateMachine` trait.

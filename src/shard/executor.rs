@@ -1,0 +1,283 @@
+//! A shard's executor: the loop on its glommio thread that drains the apply and read queues
+//! into its store, flushes at barriers and purges compacted history in steps.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use super::{history_from_proto, history_to_proto, ApplyCmd, ReadCmd, ShardSize};
+use crate::fatal::{FatalError, FatalTx};
+use crate::mvcc::engine::Engine;
+use crate::mvcc::engine::FlushState;
+use crate::mvcc::engine::StorageError;
+use crate::mvcc::store::PutArgs;
+use crate::mvcc::Store;
+
+/// Serves a shard's queues until they close, or until its engine fails: then the shard stops
+/// serving at once (its read task too: commands already queued are dropped unanswered, which
+/// requesters see as "server stopped"), logs the error and sends it up `fatal`.
+pub(super) async fn run_shard(
+    shard: usize,
+    engine: Box<dyn Engine>,
+    sizes: Arc<[ShardSize]>,
+    apply_rx: flume::Receiver<ApplyCmd>,
+    read_rx: flume::Receiver<ReadCmd>,
+    fatal: FatalTx,
+) {
+    // Set once either task hits a storage error: neither serves anything after it.
+    let failed = Rc::new(std::cell::Cell::new(false));
+    let fail = {
+        let failed = failed.clone();
+        move |e: StorageError| {
+            if !failed.replace(true) {
+                e.log_fatal();
+                fatal.report(FatalError::Storage(e));
+            }
+        }
+    };
+    let store = Store::new(engine);
+    let durable_index = match store.recover() {
+        Ok(state) => state.map_or(0, |r| r.applied_index),
+        Err(e) => return fail(e),
+    };
+    sizes[shard].set(&store);
+    let store = Rc::new(RefCell::new(store));
+    let reader = store.clone();
+    let reader_sizes = sizes.clone();
+    let reader_fail = fail.clone();
+    let reader_failed = failed.clone();
+    glommio::spawn_local(async move {
+        while let Ok(cmd) = read_rx.recv_async().await {
+            if reader_failed.get() {
+                break;
+            }
+            if let Err(e) = handle_read(&reader.borrow(), &reader_sizes[shard], cmd) {
+                reader_fail(e);
+                break;
+            }
+            glommio::yield_if_needed().await;
+        }
+    })
+    .detach();
+    let mut replay = Replay {
+        shard,
+        durable_index,
+        entry_index: u64::MAX,
+    };
+    while let Ok(cmd) = apply_rx.recv_async().await {
+        if failed.get() {
+            return;
+        }
+        if let ApplyCmd::Purge { rev } = cmd {
+            // Purging a large history is long: do it in steps and let reads run in between.
+            loop {
+                match store.borrow_mut().purge_some(rev, PURGE_STEP) {
+                    Ok(true) => break,
+                    Ok(false) => {}
+                    Err(e) => return fail(e),
+                }
+                glommio::executor().yield_now().await;
+                if failed.get() {
+                    return;
+                }
+            }
+            continue;
+        }
+        let done = handle_apply(&mut store.borrow_mut(), &mut replay, &sizes[shard], cmd);
+        if let Err(e) = done {
+            return fail(e);
+        }
+        glommio::yield_if_needed().await;
+    }
+}
+
+/// Changes purged per step before a shard lets other tasks (reads) run.
+const PURGE_STEP: usize = 1024;
+
+/// Which entries this shard had already made durable before a restart. While the dispatcher
+/// replays those (it announces each with [`ApplyCmd::Entry`]), writes are skipped and answered
+/// from history, so no entry is applied twice and none is skipped.
+struct Replay {
+    /// This shard's number (read by the crash-test hook only).
+    #[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
+    shard: usize,
+    durable_index: u64,
+    entry_index: u64,
+}
+
+impl Replay {
+    fn skipping(&self) -> bool {
+        self.entry_index <= self.durable_index
+    }
+}
+
+/// Serves one read. A storage error is returned (and the reply dropped unanswered).
+fn handle_read(store: &Store, size: &ShardSize, cmd: ReadCmd) -> Result<(), StorageError> {
+    match cmd {
+        ReadCmd::Range { req, rev, reply } => {
+            let _ = reply.send(store.range(&req, rev)?);
+        }
+        ReadCmd::Events {
+            range,
+            from,
+            to,
+            limit,
+            prev_kv,
+            reply,
+        } => {
+            let _ = reply.send(store.events(&range, from, to, limit, prev_kv)?);
+        }
+        ReadCmd::LeaseKeys { lease, reply } => {
+            let _ = reply.send(store.lease_keys(lease)?);
+        }
+        ReadCmd::HashKv {
+            rev,
+            compact_revision,
+            reply,
+        } => {
+            let mut sum = 0u32;
+            store.export(&mut |k, h| {
+                sum = sum.wrapping_add(crate::mvcc::kv_hash(k, h, rev, compact_revision))
+            })?;
+            let _ = reply.send(sum);
+        }
+        ReadCmd::Defragment { reply } => {
+            store.defragment();
+            size.set(store);
+            let _ = reply.send(());
+        }
+    }
+    Ok(())
+}
+
+// Replies are best-effort: a dropped receiver means the requester gave up. A storage error is
+// returned (and the reply dropped unanswered).
+fn handle_apply(
+    store: &mut Store,
+    replay: &mut Replay,
+    size: &ShardSize,
+    cmd: ApplyCmd,
+) -> Result<(), StorageError> {
+    match cmd {
+        ApplyCmd::Put {
+            req,
+            rev,
+            sub,
+            reply,
+        } => {
+            let args = PutArgs {
+                key: &req.key,
+                value: &req.value,
+                lease: req.lease,
+                ignore_value: req.ignore_value,
+                ignore_lease: req.ignore_lease,
+            };
+            let prev = if replay.skipping() {
+                store.replayed_put(&req.key, rev)?
+            } else {
+                store.put(args, rev, sub)?
+            };
+            if let Some(reply) = reply {
+                let _ = reply.send(prev);
+            }
+        }
+        ApplyCmd::LeaseKeys { lease, reply } => {
+            let _ = reply.send(store.lease_keys(lease)?);
+        }
+        ApplyCmd::Get { key, rev, reply } => {
+            let _ = reply.send(store.get(&key, rev)?);
+        }
+        ApplyCmd::Delete {
+            range,
+            rev,
+            sub,
+            reply,
+        } => {
+            let deleted = if replay.skipping() {
+                store.replayed_delete(&range, rev)?
+            } else {
+                store.delete_range(&range, rev, sub)?
+            };
+            let _ = reply.send(deleted);
+        }
+        ApplyCmd::Compare { cmps, rev, reply } => {
+            let evals = cmps
+                .iter()
+                .map(|c| store.compare(c, rev))
+                .collect::<Result<_, _>>()?;
+            let _ = reply.send(evals);
+        }
+        ApplyCmd::Range { req, rev, reply } => {
+            let _ = reply.send(store.range(&req, rev)?);
+        }
+        ApplyCmd::RevokeLease {
+            lease,
+            rev,
+            sub,
+            reply,
+        } => {
+            let deleted = if replay.skipping() {
+                store.replayed_revoke(lease, rev)?
+            } else {
+                store.revoke_lease(lease, rev, sub)?
+            };
+            let _ = reply.send(deleted);
+        }
+        ApplyCmd::Compact { rev } => store.compact(rev),
+        ApplyCmd::Purge { rev } => store.purge(rev)?, // normally handled in steps by run_shard
+        ApplyCmd::Entry { index } => replay.entry_index = index,
+        ApplyCmd::Barrier { state, reply } => {
+            // Crash-test hook (test builds only): FAILPOINTS="shard-before-flush=return(N)"
+            // kills the process just before shard N persists a barrier, after the other
+            // shards may have.
+            #[cfg(feature = "failpoints")]
+            if fail::eval("shard-before-flush", |arg| arg) == Some(Some(replay.shard.to_string())) {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                std::process::abort();
+            }
+            // Replaying entries this shard already holds: its data is ahead of this barrier,
+            // so the state on disk (which describes that data) must not move back.
+            if state.applied_index > replay.durable_index {
+                store.flush(&FlushState {
+                    applied_index: state.applied_index,
+                    applied_term: state.applied_term,
+                    revision: state.revision,
+                    compact_revision: state.compact_revision,
+                    lease_changes: &state.lease_changes,
+                })?;
+            }
+            replay.entry_index = u64::MAX;
+            size.set(store);
+            let _ = reply.send(());
+        }
+        ApplyCmd::Recover { reply } => {
+            let _ = reply.send(store.recover()?);
+        }
+        ApplyCmd::Checkpoint { dir, reply } => {
+            let _ = reply.send(store.checkpoint(&dir));
+        }
+        ApplyCmd::Export { reply } => {
+            let mut keys = Vec::new();
+            store.export(&mut |k, h| keys.push(history_to_proto(k, h)))?;
+            let _ = reply.send(keys);
+        }
+        ApplyCmd::Reset => {
+            store.reset()?;
+            replay.durable_index = 0;
+            replay.entry_index = u64::MAX;
+            size.set(store);
+        }
+        ApplyCmd::Import {
+            keys,
+            compact_revision,
+        } => {
+            for kh in keys {
+                let (key, history) = history_from_proto(kh);
+                store.import(key, history);
+            }
+            store.finish_import();
+            store.set_compact_revision(compact_revision);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,249 @@
+//! What the dispatcher and the front end ask a shard: the commands on its apply queue (in log
+//! order) and its read queue, and the snapshot form of a key's history.
+
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+
+use crate::error::EtcdError;
+use crate::mvcc::engine::RecoveredState;
+use crate::mvcc::engine::StorageError;
+use crate::mvcc::engine::{Live, VersionRecord};
+use crate::mvcc::range::PartialRange;
+use crate::mvcc::store::{CompareEval, EventBatch};
+use crate::mvcc::{KeyRange, KeyValue};
+use crate::proto::etcdserverpb::{Compare, PutRequest, RangeRequest};
+use crate::proto::metastorepb::LeaseRecord;
+use crate::proto::metastorepb::{KeyHistory, KeyVersion};
+
+/// Work for a shard, in log order, from the apply dispatcher.
+pub enum ApplyCmd {
+    /// The keys attached to `lease` on this shard (auth checks of lease revokes).
+    LeaseKeys {
+        /// The lease.
+        lease: i64,
+        /// Gets the keys.
+        reply: oneshot::Sender<Vec<Vec<u8>>>,
+    },
+    /// Write one key at `rev`; replies with the previous key-value when asked.
+    Put {
+        /// The client's put.
+        req: PutRequest,
+        /// Revision assigned by the dispatcher.
+        rev: i64,
+        /// Order within the revision.
+        sub: u32,
+        /// Receives the previous key-value.
+        reply: Option<oneshot::Sender<Option<KeyValue>>>,
+    },
+    /// Read one key at revision `rev` (the revision before the entry being applied).
+    Get {
+        /// Key to read.
+        key: Vec<u8>,
+        /// Read revision.
+        rev: i64,
+        /// Receives the live key-value, if any.
+        reply: oneshot::Sender<Option<KeyValue>>,
+    },
+    /// Delete this shard's keys in a range at `rev`; replies with what was deleted.
+    Delete {
+        /// Keys to delete.
+        range: KeyRange,
+        /// Revision assigned by the dispatcher.
+        rev: i64,
+        /// Order within the revision.
+        sub: u32,
+        /// Receives the deleted key-values, in key order.
+        reply: oneshot::Sender<Vec<KeyValue>>,
+    },
+    /// Evaluate txn compares at revision `rev` (the revision before the txn).
+    Compare {
+        /// Compares naming keys of this shard.
+        cmps: Vec<Compare>,
+        /// Read revision.
+        rev: i64,
+        /// One evaluation per compare.
+        reply: oneshot::Sender<Vec<CompareEval>>,
+    },
+    /// A range read inside a txn, at `rev` ([`crate::mvcc::LATEST`] for the newest).
+    Range {
+        /// The request.
+        req: Arc<RangeRequest>,
+        /// Read revision.
+        rev: i64,
+        /// This shard's part.
+        reply: oneshot::Sender<Result<PartialRange, EtcdError>>,
+    },
+    /// Delete this shard's keys attached to `lease` at `rev` (revoke or expiry).
+    RevokeLease {
+        /// The lease.
+        lease: i64,
+        /// Revision assigned by the dispatcher.
+        rev: i64,
+        /// Order within the revision.
+        sub: u32,
+        /// Receives the deleted key-values, in key order.
+        reply: oneshot::Sender<Vec<KeyValue>>,
+    },
+    /// Compact logically at `rev`: reads below it fail.
+    Compact {
+        /// Compaction revision.
+        rev: i64,
+    },
+    /// Remove history below `rev` (sent once every shard has durably recorded the compaction).
+    Purge {
+        /// Compaction revision.
+        rev: i64,
+    },
+    /// The commands that follow belong to Raft entry `index` (sent only while replaying the
+    /// entries some shard had already made durable before a restart).
+    Entry {
+        /// Raft index.
+        index: u64,
+    },
+    /// Everything before this is applied: flush the engine with the applied state.
+    Barrier {
+        /// The applied state to persist with the data.
+        state: BarrierState,
+        /// Answered once the flush is done.
+        reply: oneshot::Sender<()>,
+    },
+    /// The applied state found on disk, if the engine is durable.
+    Recover {
+        /// Receives it.
+        reply: oneshot::Sender<Option<RecoveredState>>,
+    },
+    /// Write an on-disk checkpoint of the flushed state into `dir`.
+    Checkpoint {
+        /// Target directory (must not exist).
+        dir: std::path::PathBuf,
+        /// Receives the outcome (a failed checkpoint is not fatal: it is retried).
+        reply: oneshot::Sender<Result<(), StorageError>>,
+    },
+    /// Dump every key's history (for a snapshot).
+    Export {
+        /// Receives the histories in key order.
+        reply: oneshot::Sender<Vec<KeyHistory>>,
+    },
+    /// Empty the shard before a leader's snapshot is imported: its data, its stored applied
+    /// state, and what it remembered of entries made durable before a restart.
+    Reset,
+    /// Load key histories from a snapshot.
+    Import {
+        /// Histories of keys this shard owns.
+        keys: Vec<KeyHistory>,
+        /// Compaction revision of the snapshot.
+        compact_revision: i64,
+    },
+}
+
+/// The applied state a barrier persists (owned form of [`FlushState`]).
+#[derive(Clone, Debug)]
+pub struct BarrierState {
+    /// Raft index applied.
+    pub applied_index: u64,
+    /// Term of that entry.
+    pub applied_term: u64,
+    /// Store revision at that index.
+    pub revision: i64,
+    /// Compaction revision at that index.
+    pub compact_revision: i64,
+    /// Leases granted or revoked since the previous barrier.
+    pub lease_changes: Arc<Vec<(i64, Option<LeaseRecord>)>>,
+}
+
+/// Reads from the gRPC front end.
+pub enum ReadCmd {
+    /// Watch events for keys in `range` with revisions in `[from, to]` (both applied).
+    Events {
+        /// Watched keys.
+        range: KeyRange,
+        /// First revision.
+        from: i64,
+        /// Last revision, at most the applied revision.
+        to: i64,
+        /// Soft cap on events (cut between revisions).
+        limit: usize,
+        /// Include each key's previous version.
+        prev_kv: bool,
+        /// This shard's events.
+        reply: oneshot::Sender<Result<EventBatch, EtcdError>>,
+    },
+    /// Reclaim space (Defragment: a memtable flush and a full manual compaction in RocksDB).
+    Defragment {
+        /// Answered once done.
+        reply: oneshot::Sender<()>,
+    },
+    /// Keys of this shard attached to a lease.
+    LeaseKeys {
+        /// The lease.
+        lease: i64,
+        /// Its keys.
+        reply: oneshot::Sender<Vec<Vec<u8>>>,
+    },
+    /// Sum of [`crate::mvcc::kv_hash`] over this shard's keys (etcd HashKV).
+    HashKv {
+        /// Hash versions up to this revision.
+        rev: i64,
+        /// The compaction revision in force.
+        compact_revision: i64,
+        /// Receives the shard's sum.
+        reply: oneshot::Sender<u32>,
+    },
+    /// This shard's part of a range at `rev`.
+    Range {
+        /// The request.
+        req: Arc<RangeRequest>,
+        /// A revision every shard has applied.
+        rev: i64,
+        /// This shard's part.
+        reply: oneshot::Sender<Result<PartialRange, EtcdError>>,
+    },
+}
+
+/// Encodes a key's history for a snapshot.
+pub fn history_to_proto(key: &[u8], history: &[VersionRecord]) -> KeyHistory {
+    let versions = history
+        .iter()
+        .map(|r| match &r.live {
+            Some(l) => KeyVersion {
+                mod_revision: r.mod_revision,
+                sub: r.sub,
+                tombstone: false,
+                value: l.value.clone(),
+                create_revision: l.create_revision,
+                version: l.version,
+                lease: l.lease,
+            },
+            None => KeyVersion {
+                mod_revision: r.mod_revision,
+                sub: r.sub,
+                tombstone: true,
+                ..Default::default()
+            },
+        })
+        .collect();
+    KeyHistory {
+        key: key.to_vec(),
+        versions,
+    }
+}
+
+/// Decodes a key's history from a snapshot.
+pub fn history_from_proto(kh: KeyHistory) -> (Vec<u8>, Vec<VersionRecord>) {
+    let history = kh
+        .versions
+        .into_iter()
+        .map(|v| VersionRecord {
+            mod_revision: v.mod_revision,
+            sub: v.sub,
+            live: (!v.tombstone).then_some(Live {
+                value: v.value,
+                create_revision: v.create_revision,
+                version: v.version,
+                lease: v.lease,
+            }),
+        })
+        .collect();
+    (kh.key, history)
+}
