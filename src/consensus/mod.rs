@@ -189,6 +189,9 @@ pub struct NodeStatus {
     /// Term, leader and removal as they change, for waiting on them (see
     /// [`NodeStatus::subscribe`]).
     changes: watch::Sender<Leadership>,
+    /// Set once the Raft node has handed the state machine every entry it knew to be
+    /// committed when it started (see [`NodeStatus::replayed`]).
+    replayed: watch::Sender<bool>,
 }
 
 /// Who leads in which term, as one member sees it, and whether it has been removed: published
@@ -208,6 +211,14 @@ impl NodeStatus {
     /// leader, and on removal).
     pub fn subscribe(&self) -> watch::Receiver<Leadership> {
         self.changes.subscribe()
+    }
+
+    /// Becomes true once the Raft node has handed over, in log order, every entry it knew to be
+    /// committed when it started (its commit index at start-up, bootstrap and
+    /// `--force-new-cluster` entries included): the membership table is then the one this
+    /// member stopped with.
+    pub fn replayed(&self) -> watch::Receiver<bool> {
+        self.replayed.subscribe()
     }
 
     /// Publishes `now` to subscribers when it changed.
@@ -320,6 +331,9 @@ pub struct RaftNode {
     committed: flume::Sender<ApplyMsg>,
     snapshotter: snapshot::Snapshotter,
     status: Arc<NodeStatus>,
+    /// The commit index at start-up, until the entries up to it have been handed over (see
+    /// [`NodeStatus::replayed`]).
+    replay_target: Option<u64>,
     membership: Arc<Membership>,
     membership_tx: watch::Sender<Arc<Membership>>,
     tick: Duration,
@@ -798,6 +812,7 @@ impl RaftNode {
         };
         config.validate()?;
         let raw = RawNode::new(&config, storage, &logger::raft_logger())?;
+        let committed_at_start = raw.raft.raft_log.committed;
         let (tx, inbox) = flume::bounded(16 * 1024);
         let status = Arc::new(NodeStatus::default());
         let membership = Arc::new(membership);
@@ -808,7 +823,7 @@ impl RaftNode {
         } else {
             transport.set_peers(&membership);
         }
-        let node = RaftNode {
+        let mut node = RaftNode {
             id: cfg.id,
             raw,
             wal,
@@ -819,6 +834,7 @@ impl RaftNode {
             snapshotter: snapshot::Snapshotter::new(cfg.snap_dir.clone())?
                 .with_keep(cfg.max_snapshots),
             status: status.clone(),
+            replay_target: Some(committed_at_start),
             membership,
             membership_tx,
             tick: Duration::from_millis(cfg.heartbeat_ms.max(1)),
@@ -1332,8 +1348,12 @@ impl RaftNode {
         }
     }
 
-    fn publish_status(&self) {
+    fn publish_status(&mut self) {
         let r = &self.raw.raft;
+        if self.replay_target.is_some_and(|t| r.raft_log.applied >= t) {
+            self.replay_target = None;
+            self.status.replayed.send_replace(true);
+        }
         let term_before = self.status.term.swap(r.term, Ordering::Relaxed);
         // etcd `raftNode.start`: a ready whose leader is set and differs is a leader change.
         let before = self.status.leader.swap(r.leader_id, Ordering::Relaxed);

@@ -1,6 +1,5 @@
 //! `--initial-election-tick-advance`: how soon a starting member may campaign.
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crate::consensus::transport::Faults;
@@ -28,15 +27,14 @@ pub(super) async fn adjust_ticks(
     election_ticks: usize,
     faults: Faults,
 ) {
-    // The commit index the Raft node started with (bootstrap and --force-new-cluster entries
-    // included): the membership table is whole once Raft has handed over that much.
-    let committed_at_start = node.status.commit.load(Ordering::Relaxed);
-    let deadline = tokio::time::Instant::now() + TICK_ADVANCE_WAIT;
-    while node.status.applied.load(Ordering::Relaxed) < committed_at_start {
-        if tokio::time::Instant::now() >= deadline {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    // The membership table is whole once the Raft node has handed over what it knew to be
+    // committed at start-up (bootstrap and --force-new-cluster entries included).
+    let mut replayed = node.status.replayed();
+    if !matches!(
+        tokio::time::timeout(TICK_ADVANCE_WAIT, replayed.wait_for(|r| *r)).await,
+        Ok(Ok(_))
+    ) {
+        return;
     }
     let membership = node.membership.borrow().clone();
     if membership.members.is_empty() {

@@ -101,23 +101,23 @@ fn mismatches(hash: u32, compact_revision: i64, peers: &[(u64, PeerHash)]) -> us
 /// the same compaction revision has a different hash; the member then does not start.
 pub async fn initial_check(core: &Core, committed: u64) -> Result<(), CheckError> {
     // The Raft node updates the membership table as it hands entries over (even those durable
-    // shards already hold), and only then counts them as applied; the shards publish their
-    // own progress. Both must reach `committed`.
-    let deadline = tokio::time::Instant::now() + core.request_timeout;
-    let caught_up = || {
-        core.node.status.applied.load(Ordering::Relaxed) >= committed
-            && core.applied.borrow().index >= committed
+    // shards already hold), and the state machine publishes its own progress once every shard
+    // has them. Both must reach `committed`.
+    let mut replayed = core.node.status.replayed();
+    let mut applied = core.applied.clone();
+    let caught_up = async {
+        let _ = replayed.wait_for(|r| *r).await;
+        let _ = applied.wait_for(|a| a.index >= committed).await;
     };
-    while !caught_up() {
-        if tokio::time::Instant::now() >= deadline {
-            tracing::warn!(
-                committed,
-                applied = core.applied.borrow().index,
-                "initial corruption check: the log is still replaying; checking what is applied"
-            );
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    if tokio::time::timeout(core.request_timeout, caught_up)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            committed,
+            applied = core.applied.borrow().index,
+            "initial corruption check: the log is still replaying; checking what is applied"
+        );
     }
     let local = core.hash_kv(0).await?;
     let me = core.member.id;

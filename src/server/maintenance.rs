@@ -222,25 +222,27 @@ impl Maintenance for MaintenanceService {
         if target == self.core.member.id {
             return Ok(Response::new(MoveLeaderResponse { header: None }));
         }
-        let tick = std::time::Duration::from_millis(self.core.cfg.heartbeat_interval.max(1));
         let deadline = tokio::time::Instant::now() + self.core.request_timeout;
         // raft-rs abandons a transfer after an election timeout; ask again until it lands.
-        let retry = std::time::Duration::from_millis(self.core.cfg.election_timeout);
-        let mut asked: Option<tokio::time::Instant> = None;
-        while status.leader.load(Ordering::Relaxed) != target {
-            if tokio::time::Instant::now() >= deadline {
+        let retry = std::time::Duration::from_millis(self.core.cfg.election_timeout.max(1));
+        let mut changes = status.subscribe();
+        loop {
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
                 return Err(EtcdError::LeaderTransferTimeout.into());
             }
-            if asked.is_none_or(|at| at.elapsed() >= retry) {
-                self.core
-                    .node
-                    .tx
-                    .send_async(NodeMsg::TransferLeader(target))
-                    .await
-                    .map_err(|_| EtcdError::Stopped)?;
-                asked = Some(tokio::time::Instant::now());
+            self.core
+                .node
+                .tx
+                .send_async(NodeMsg::TransferLeader(target))
+                .await
+                .map_err(|_| EtcdError::Stopped)?;
+            let landed = changes.wait_for(|l| l.leader == target);
+            match tokio::time::timeout(retry.min(deadline - now), landed).await {
+                Ok(Ok(_)) => break,
+                Ok(Err(_)) => return Err(EtcdError::Stopped.into()),
+                Err(_) => {}
             }
-            tokio::time::sleep(tick).await;
         }
         Ok(Response::new(MoveLeaderResponse { header: None }))
     }
