@@ -38,13 +38,14 @@
 mod common;
 
 use std::hint::black_box;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use metastore::consensus::transport::{Faults, Transport};
 use metastore::consensus::wal::Wal;
 use metastore::consensus::{NodeConfig, NodeMsg, RaftNode};
-use metastore::proto::metastorepb::MemberRecord;
+use metastore::proto::metastorepb::{MemberRecord, StateSnapshot};
 use metastore::state_machine::{ApplyMsg, CommittedEntry, SnapshotTaken};
 use raft::prelude::{ConfState, Entry, EntryType};
 use raft::storage::MemStorage;
@@ -342,7 +343,17 @@ fn bench_node_thread(c: &mut Criterion) {
                     since_compaction += proposals * (size + ENTRY_OVERHEAD);
                     if since_compaction >= COMPACT_BYTES {
                         let (index, term) = last;
-                        let _ = node.snapshots.send(SnapshotTaken { index, term });
+                        // The node saves the (empty) snapshot, then releases the log.
+                        let snapshot = Arc::new(StateSnapshot {
+                            index,
+                            term,
+                            ..Default::default()
+                        });
+                        let _ = node.snapshots.send(SnapshotTaken {
+                            index,
+                            term,
+                            snapshot,
+                        });
                         since_compaction = 0;
                     }
                 });

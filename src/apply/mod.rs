@@ -52,7 +52,6 @@ use crate::proto::metastorepb::{
     proposal::Request as Proposed, KeyHistory, Proposal, StateSnapshot,
 };
 use crate::shard::{shard_for, ApplyCmd, BarrierState, ShardSet};
-use crate::state_machine::snapshot::Snapshotter;
 use crate::state_machine::{
     AppliedState, ApplyMsg, ApplyResponse, ApplyResult, CommittedEntry, Membership, Pending,
     SnapshotImage, SnapshotTaken, StateMachine,
@@ -98,11 +97,12 @@ pub struct StartState {
 
 /// When and where to snapshot (`--snapshot-count`).
 pub struct SnapshotPolicy {
-    /// Where snapshots go.
-    pub snapshotter: Snapshotter,
+    /// The snapshot directory, where durable shards put their checkpoints (see
+    /// [`crate::state_machine::snapshot::checkpoint_dir`]).
+    pub snap_dir: std::path::PathBuf,
     /// Applied entries between snapshots.
     pub count: u64,
-    /// Told about each snapshot taken.
+    /// Where snapshots go: the Raft node, which saves them and releases the log.
     pub notify: flume::Sender<SnapshotTaken>,
 }
 
@@ -807,19 +807,16 @@ impl Dispatcher {
         Ok(out.response)
     }
 
+    /// Takes a snapshot at the applied index and hands it to the Raft node. Durable engines
+    /// snapshot as on-disk checkpoints (flushed SST files, one directory per shard); the
+    /// memory engine as an image of every key's history.
     fn snapshot(&mut self) {
-        // Durable engines snapshot as on-disk checkpoints (flushed SST files); the memory
-        // engine as an image of every key's history.
         let snap = if self.durable {
-            let dir = self
-                .snapshots
-                .snapshotter
-                .checkpoint_dir(self.applied_term, self.applied_index);
-            // RocksDB creates each shard's checkpoint directory itself, inside this one.
-            if let Err(e) = std::fs::create_dir_all(&dir) {
-                tracing::error!(dir = %dir.display(), error = %e, "cannot create checkpoint directory");
-                return;
-            }
+            let dir = crate::state_machine::snapshot::checkpoint_dir(
+                &self.snapshots.snap_dir,
+                self.applied_term,
+                self.applied_index,
+            );
             let waits: Vec<_> = self
                 .shards
                 .iter()
@@ -846,25 +843,14 @@ impl Dispatcher {
         } else {
             self.state_snapshot(self.export_keys(), true)
         };
-        match self.snapshots.snapshotter.save(&snap) {
-            Ok(()) => {
-                self.last_snapshot_index = self.applied_index;
-                self.snapshots
-                    .snapshotter
-                    .remove_checkpoints_before(snap.term, snap.index);
-                tracing::info!(
-                    index = snap.index,
-                    revision = snap.revision,
-                    "saved snapshot"
-                );
-                let _ = self.snapshots.notify.send(SnapshotTaken {
-                    index: snap.index,
-                    term: snap.term,
-                });
-            }
-            // The WAL still holds everything; retry at the next batch.
-            Err(e) => tracing::error!(error = %e, "snapshot failed"),
-        }
+        // The Raft node writes the file and releases the log; until then the WAL holds
+        // everything, so nothing is lost if that fails.
+        self.last_snapshot_index = self.applied_index;
+        let _ = self.snapshots.notify.send(SnapshotTaken {
+            index: snap.index,
+            term: snap.term,
+            snapshot: Arc::new(snap),
+        });
     }
 }
 

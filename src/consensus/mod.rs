@@ -140,6 +140,12 @@ pub enum NodeMsg {
     /// still queued behind this message are not processed (their callers see "server
     /// stopped"). Sent by the member's graceful stop (etcd `EtcdServer.Stop`/`HardStop`).
     Stop(oneshot::Sender<()>),
+    /// A snapshot the state machine took has been saved ([`RaftNode`]'s snapshot thread):
+    /// the log before it can go.
+    SnapshotSaved {
+        /// Raft index it covers.
+        index: u64,
+    },
     /// How sending a snapshot to member `to` ended (raft-rs `report_snapshot`).
     SnapshotSent {
         /// The follower.
@@ -330,6 +336,12 @@ pub struct RaftNode {
     snapshots: flume::Receiver<SnapshotTaken>,
     committed: flume::Sender<ApplyMsg>,
     snapshotter: snapshot::Snapshotter,
+    /// The thread writing the state machine's latest snapshot, if any (see
+    /// [`RaftNode::save_snapshot`]).
+    saving: Option<std::thread::JoinHandle<()>>,
+    /// This node's own inbox, for the snapshot thread's report; weak, so that the node still
+    /// stops when every other sender is gone.
+    own_inbox: flume::WeakSender<NodeMsg>,
     status: Arc<NodeStatus>,
     /// The commit index at start-up, until the entries up to it have been handed over (see
     /// [`NodeStatus::replayed`]).
@@ -833,6 +845,8 @@ impl RaftNode {
             committed,
             snapshotter: snapshot::Snapshotter::new(cfg.snap_dir.clone())?
                 .with_keep(cfg.max_snapshots),
+            saving: None,
+            own_inbox: tx.downgrade(),
             status: status.clone(),
             replay_target: Some(committed_at_start),
             membership,
@@ -896,7 +910,7 @@ impl RaftNode {
                 next_tick = Instant::now() + self.tick;
             }
             while let Ok(s) = self.snapshots.try_recv() {
-                self.compact_log(s);
+                self.save_snapshot(s);
             }
             self.ready()?;
             if !self.read_waiters.is_empty() {
@@ -912,6 +926,11 @@ impl RaftNode {
                 tracing::info!("raft thread stopped");
                 break;
             }
+        }
+        // A snapshot being written finishes before the thread ends (its file is written to a
+        // temporary name and renamed, so even a crash leaves no half snapshot).
+        if let Some(saving) = self.saving.take() {
+            let _ = saving.join();
         }
         Ok(())
     }
@@ -973,6 +992,7 @@ impl RaftNode {
                 }
             }
             NodeMsg::RemovedByPeer => self.status.set_removed(),
+            NodeMsg::SnapshotSaved { index } => self.compact_log(index),
             NodeMsg::TransferLeader(id) => self.raw.transfer_leader(id),
             NodeMsg::Stop(reply) => self.stop = Some(reply),
             NodeMsg::Progress(reply) => {
@@ -1129,11 +1149,44 @@ impl RaftNode {
         }
     }
 
-    fn compact_log(&mut self, s: SnapshotTaken) {
+    /// Saves a snapshot the state machine took, on a thread of its own (a complete image can
+    /// be large; the Raft loop must keep ticking), then releases the log before it
+    /// ([`NodeMsg::SnapshotSaved`]). One at a time: snapshots come every `--snapshot-count`
+    /// entries, so the previous one has long been written. A snapshot that cannot be saved is
+    /// logged and the log kept: the WAL still holds everything.
+    fn save_snapshot(&mut self, s: SnapshotTaken) {
+        if let Some(previous) = self.saving.take() {
+            let _ = previous.join();
+        }
+        let snapshotter = self.snapshotter.clone();
+        let own_inbox = self.own_inbox.clone();
+        let save = move || match snapshotter.save(&s.snapshot) {
+            Ok(()) => {
+                snapshotter.remove_checkpoints_before(s.term, s.index);
+                tracing::info!(
+                    index = s.index,
+                    revision = s.snapshot.revision,
+                    "saved snapshot"
+                );
+                if let Some(inbox) = own_inbox.upgrade() {
+                    let _ = inbox.send(NodeMsg::SnapshotSaved { index: s.index });
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "snapshot failed"),
+        };
+        match std::thread::Builder::new()
+            .name("snapshot".into())
+            .spawn(save)
+        {
+            Ok(thread) => self.saving = Some(thread),
+            Err(e) => tracing::error!(error = %e, "snapshot failed: cannot start its thread"),
+        }
+    }
+
+    fn compact_log(&mut self, index: u64) {
         // Keep a window of entries behind the snapshot in memory so that a follower a little
         // behind catches up from the log rather than needing the whole snapshot.
-        let upto = s
-            .index
+        let upto = index
             .saturating_sub(self.catch_up_entries)
             .min(self.raw.raft.raft_log.applied);
         if upto > raft::Storage::first_index(self.raw.store()).unwrap_or(1) {
@@ -1141,7 +1194,7 @@ impl RaftNode {
                 tracing::warn!(error = %e, "log compaction skipped");
             }
         }
-        self.release_wal(s.index);
+        self.release_wal(index);
     }
 
     /// Releases the WAL after a snapshot at `index`, but only up to the oldest snapshot still

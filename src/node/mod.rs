@@ -213,15 +213,7 @@ async fn launch(
     // the membership table) is whole once it has applied that far.
     let committed_at_start = log.recovered.hard_state.as_ref().map_or(0, |h| h.commit);
     let started = start_threads(
-        &cfg,
-        &member,
-        initial,
-        seed_peers,
-        log,
-        start,
-        snapshotter,
-        &shards,
-        fatal_tx,
+        &cfg, &member, initial, seed_peers, log, start, &shards, fatal_tx,
     )?;
     let Started {
         core,
@@ -289,7 +281,6 @@ fn start_threads(
     seed_peers: Vec<MemberRecord>,
     log: RecoveredLog,
     start: StartState,
-    snapshotter: Snapshotter,
     shards: &Shards,
     fatal: FatalTx,
 ) -> Result<Started, NodeError> {
@@ -369,7 +360,7 @@ fn start_threads(
         pending.clone(),
         applied_tx,
         SnapshotPolicy {
-            snapshotter,
+            snap_dir: cfg.data_dir().join("member").join("snap"),
             count: cfg.snapshot_count,
             notify: snap_tx,
         },

@@ -254,7 +254,16 @@ fn handle_apply(
             let _ = reply.send(store.recover()?);
         }
         ApplyCmd::Checkpoint { dir, reply } => {
-            let _ = reply.send(store.checkpoint(&dir));
+            // The snapshot's checkpoint directory holds one per shard; RocksDB creates the
+            // shard's own, inside it, and needs it to exist.
+            let parent = dir.parent().map(std::path::Path::to_path_buf);
+            let made = parent.map_or(Ok(()), |p| {
+                std::fs::create_dir_all(&p).map_err(|error| StorageError::Io {
+                    context: format!("cannot create checkpoint directory {}", p.display()),
+                    error,
+                })
+            });
+            let _ = reply.send(made.and_then(|()| store.checkpoint(&dir)));
         }
         ApplyCmd::Export { reply } => {
             let mut keys = Vec::new();

@@ -142,13 +142,17 @@ pub struct ConfChangeApplied {
     pub result: Result<(), EtcdError>,
 }
 
-/// Sent back to the Raft node after a snapshot, so it can release the log before `index`.
-#[derive(Debug, Clone, Copy)]
+/// A snapshot the state machine took at its applied index, handed to the Raft node, which
+/// alone writes snapshot files: it saves this one, then releases the log before `index`.
+#[derive(Debug, Clone)]
 pub struct SnapshotTaken {
     /// Raft index the snapshot covers.
     pub index: u64,
     /// Term of that entry.
     pub term: u64,
+    /// The snapshot: a complete image (memory engine), or the state beside the shards'
+    /// on-disk checkpoints in [`snapshot::checkpoint_dir`] (durable engines).
+    pub snapshot: Arc<StateSnapshot>,
 }
 
 /// A replicated state machine driven by committed Raft entries (openraft's

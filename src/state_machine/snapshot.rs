@@ -72,7 +72,15 @@ fn parse_name(path: &Path) -> Option<(u64, u64)> {
     ))
 }
 
-/// Saves and loads snapshots in one directory.
+/// Where the durable engines' checkpoints for the snapshot at (`term`, `index`) go, in the
+/// snapshot directory `snap_dir`: one subdirectory per shard, which the shard creates.
+pub fn checkpoint_dir(snap_dir: &Path, term: u64, index: u64) -> PathBuf {
+    snap_dir.join(format!("{term:016x}-{index:016x}.ckpt"))
+}
+
+/// Saves and loads snapshots in one directory. Owned by the Raft node, the one writer of
+/// snapshot files (start-up reads them, and renames damaged ones, before it starts).
+#[derive(Clone)]
 pub struct Snapshotter {
     dir: PathBuf,
     /// Snapshot files kept (0 = unlimited).
@@ -142,7 +150,7 @@ impl Snapshotter {
     /// Where the durable engines' checkpoints for the snapshot at (`term`, `index`) go: one
     /// subdirectory per shard.
     pub fn checkpoint_dir(&self, term: u64, index: u64) -> PathBuf {
-        self.dir.join(format!("{term:016x}-{index:016x}.ckpt"))
+        checkpoint_dir(&self.dir, term, index)
     }
 
     /// Removes checkpoint directories older than the snapshot at (`term`, `index`).
