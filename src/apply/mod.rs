@@ -12,6 +12,8 @@
 //!        |   Txn ................ compares (nested ones too) against the shards' state, then
 //!        |                        the chosen branch's ops in order; one revision if any op wrote
 //!        |   Compaction ......... checked against (compact revision, revision), then all shards
+//!        |   Lease grant/checkpoint  the lease table; revoke deletes the attached keys, one
+//!        |                        revision if any key was deleted
 //!        v
 //!  shard apply queues (flume, FIFO) ── Barrier on every shard ── publish AppliedState ── reply
 //! ```
@@ -27,8 +29,18 @@
 //! has passed the barrier that follows R. A reader therefore sees all of R or none of it. While
 //! the dispatcher works on a txn it sends nothing else, so the txn is a barrier only on the
 //! shards it touches; the others keep draining their queues.
+//!
+//! **Where etcd's rules live.** The dispatcher keeps ordering, revisions, barriers, publishing
+//! and the waiters. What a request may do and what it writes are pure functions over small
+//! views of the shards, unit-tested in memory: [`txn`] (txn paths, put checks), [`lease`]
+//! (grant, revoke, checkpoint, attaching a lease), [`compaction`] (which revisions may be
+//! compacted).
 
 pub mod alarms;
+pub mod compaction;
+pub mod lease;
+#[cfg(test)]
+mod test_view;
 pub mod txn;
 
 use std::sync::Arc;
@@ -37,7 +49,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::auth::SharedAuth;
 use crate::error::EtcdError;
-use crate::lease::{LeaseTable, MAX_LEASE_TTL};
+use crate::lease::LeaseTable;
 use crate::mvcc::range::{merge, MergedRange};
 use crate::mvcc::store::combine_compare;
 use crate::mvcc::{KeyRange, KeyValue};
@@ -710,16 +722,10 @@ impl Dispatcher {
             .all(|(c, e)| combine_compare(c, e))
     }
 
+    /// A compaction: etcd's rule ([`compaction::compact`]) marks every shard; the dispatcher
+    /// records the compaction revision and orders the purge after the next barrier.
     fn apply_compaction(&mut self, c: &CompactionRequest) -> ApplyResult {
-        if c.revision <= self.compact_revision {
-            return Err(EtcdError::Compacted);
-        }
-        if c.revision > self.revision {
-            return Err(EtcdError::FutureRev);
-        }
-        for s in self.shards.iter() {
-            let _ = s.apply.send(ApplyCmd::Compact { rev: c.revision });
-        }
+        compaction::compact(&ShardsView(self), c.revision)?;
         self.purge_pending = Some(c.revision);
         self.compact_revision = c.revision;
         // The reply goes out after the barrier, when every shard refuses reads below the
@@ -730,68 +736,37 @@ impl Dispatcher {
         }))
     }
 
+    /// A grant: etcd's rule ([`lease::grant`]); the record is persisted at the next barrier.
     fn apply_lease_grant(&mut self, g: &LeaseGrantRequest) -> ApplyResult {
-        if g.ttl > MAX_LEASE_TTL {
-            return Err(EtcdError::LeaseTtlTooLarge);
-        }
-        // etcd lessor.Grant: any ID but 0 (NoLease; the front end mints one for it), negative
-        // ones included.
-        if g.id == 0 || self.leases.contains(g.id) {
-            return Err(EtcdError::LeaseExists);
-        }
-        let ttl = g.ttl.max(self.min_lease_ttl);
-        self.leases.grant(g.id, ttl);
-        let record = crate::proto::metastorepb::LeaseRecord {
-            id: g.id,
-            ttl,
-            remaining_ttl: 0,
-        };
-        self.lease_changes.push((g.id, Some(record)));
+        let record = lease::grant(&self.leases, self.min_lease_ttl, g)?;
+        self.lease_changes.push((record.id, Some(record)));
         Ok(ApplyResponse::LeaseGrant(LeaseGrantResponse {
             header: header(self.revision),
-            id: g.id,
-            ttl,
+            id: record.id,
+            ttl: record.ttl,
             error: String::new(),
         }))
     }
 
-    /// A revoke (client or expiry): every attached key is deleted at one revision, a delete
-    /// event each, on whichever shards hold them.
+    /// A revoke (client or expiry): etcd's rule ([`lease::revoke`]) deletes every attached key
+    /// at one revision, a delete event each, on whichever shards hold them; the revision moves
+    /// if any key was deleted.
     fn apply_lease_revoke(&mut self, r: &LeaseRevokeRequest) -> ApplyResult {
-        if !self.leases.revoke(r.id) {
-            return Err(EtcdError::LeaseNotFound);
-        }
+        let out = lease::revoke(&self.leases, &ShardsView(self), r.id)?;
         self.lease_changes.push((r.id, None));
-        let rev = self.revision + 1;
-        let lease = r.id;
-        let deleted: usize = self
-            .ask(0..self.shards.len(), |reply| ApplyCmd::RevokeLease {
-                lease,
-                rev,
-                sub: 0,
-                reply,
-            })
-            .iter()
-            .map(Vec::len)
-            .sum();
-        if deleted > 0 {
-            self.revision = rev;
+        if out.wrote() {
+            self.revision += 1;
         }
         Ok(ApplyResponse::LeaseRevoke(LeaseRevokeResponse {
             header: header(self.revision),
         }))
     }
 
+    /// Checkpoints: etcd's rule ([`lease::checkpoint`]); the records are persisted at the next
+    /// barrier.
     fn apply_lease_checkpoint(&mut self, c: &LeaseCheckpointRequest) -> ApplyResult {
-        for cp in &c.checkpoints {
-            if let Some(ttl) = self.leases.checkpoint(cp.id, cp.remaining_ttl) {
-                let record = crate::proto::metastorepb::LeaseRecord {
-                    id: cp.id,
-                    ttl,
-                    remaining_ttl: cp.remaining_ttl,
-                };
-                self.lease_changes.push((cp.id, Some(record)));
-            }
+        for record in lease::checkpoint(&self.leases, c) {
+            self.lease_changes.push((record.id, Some(record)));
         }
         Ok(ApplyResponse::LeaseCheckpoint(LeaseCheckpointResponse {
             header: header(self.revision),
@@ -879,8 +854,9 @@ impl StateMachine for Dispatcher {
     }
 }
 
-/// The dispatcher's shards as a txn sees them ([`txn::ShardView`]): every call goes to the
-/// owning shards' apply queues and waits for their answers, so it sees every earlier write.
+/// The dispatcher's shards as etcd's rules see them ([`txn::ShardView`], [`lease::LeaseView`],
+/// [`compaction::CompactView`]): every call goes to the owning shards' apply queues and waits
+/// for their answers, so it sees every earlier write.
 struct ShardsView<'a>(&'a Dispatcher);
 
 impl txn::ShardView for ShardsView<'_> {
@@ -925,6 +901,29 @@ impl txn::ShardView for ShardsView<'_> {
 
     fn delete(&self, range: &KeyRange, rev: i64, sub: u32) -> Vec<KeyValue> {
         self.0.delete_range(range, rev, sub)
+    }
+}
+
+impl lease::LeaseView for ShardsView<'_> {
+    fn revoke_keys(&self, lease: i64, rev: i64, sub: u32) -> Vec<KeyValue> {
+        let d = self.0;
+        d.ask(0..d.shards.len(), |reply| ApplyCmd::RevokeLease {
+            lease,
+            rev,
+            sub,
+            reply,
+        })
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+}
+
+impl compaction::CompactView for ShardsView<'_> {
+    fn compact(&self, rev: i64) {
+        for s in self.0.shards.iter() {
+            let _ = s.apply.send(ApplyCmd::Compact { rev });
+        }
     }
 }
 

@@ -51,15 +51,12 @@ pub struct TxnOutcome {
 }
 
 /// etcd's `checkPut`: `ignore_value`/`ignore_lease` need the key (`ErrKeyNotFound`), and a
-/// lease must be granted (`ErrLeaseNotFound`).
+/// lease must be granted (`ErrLeaseNotFound`, [`super::lease::check_attach`]).
 pub fn check_put(view: &impl ShardView, p: &PutRequest) -> Result<(), EtcdError> {
     if (p.ignore_value || p.ignore_lease) && view.latest(&p.key).is_none() {
         return Err(EtcdError::KeyNotFound);
     }
-    if p.lease != 0 && !view.lease_granted(p.lease) {
-        return Err(EtcdError::LeaseNotFound);
-    }
-    Ok(())
+    super::lease::check_attach(view, p.lease)
 }
 
 /// Applies `txn` at `view.revision() + 1`. Errors (nothing written): `ErrKeyNotFound` and
@@ -264,86 +261,12 @@ pub fn txn_puts(t: &TxnRequest) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use std::cell::RefCell;
-    use std::collections::HashSet;
-
+    use super::super::test_view::Memory;
     use super::*;
-    use crate::mvcc::memory::MemoryEngine;
-    use crate::mvcc::range::merge;
-    use crate::mvcc::store::{combine_compare, PutArgs};
-    use crate::mvcc::Store;
     use crate::proto::etcdserverpb::{
         compare::{CompareResult, CompareTarget, TargetUnion},
         DeleteRangeRequest, RequestOp,
     };
-
-    /// One in-memory store as the whole keyspace.
-    struct Memory {
-        store: RefCell<Store>,
-        revision: i64,
-        leases: HashSet<i64>,
-    }
-
-    impl Memory {
-        fn new() -> Self {
-            Memory {
-                store: RefCell::new(Store::new(Box::new(MemoryEngine::new()))),
-                revision: 1,
-                leases: HashSet::new(),
-            }
-        }
-
-        /// Applies `txn` as the dispatcher does: the revision moves if it wrote.
-        fn txn(&mut self, txn: &TxnRequest) -> Result<TxnOutcome, EtcdError> {
-            let out = apply(&*self, txn)?;
-            if out.wrote {
-                self.revision += 1;
-            }
-            Ok(out)
-        }
-    }
-
-    impl ShardView for Memory {
-        fn revision(&self) -> i64 {
-            self.revision
-        }
-        fn compact_revision(&self) -> i64 {
-            self.store.borrow().compact_revision()
-        }
-        fn compares_hold(&self, compares: &[Compare]) -> bool {
-            let store = self.store.borrow();
-            compares
-                .iter()
-                .all(|c| combine_compare(c, [store.compare(c, self.revision).unwrap()]))
-        }
-        fn latest(&self, key: &[u8]) -> Option<KeyValue> {
-            self.store.borrow().get(key, self.revision).unwrap()
-        }
-        fn lease_granted(&self, id: i64) -> bool {
-            self.leases.contains(&id)
-        }
-        fn range(&self, r: &RangeRequest, rev: i64) -> MergedRange {
-            let part = self.store.borrow().range(r, rev).unwrap().unwrap();
-            merge(r, vec![part])
-        }
-        fn put(&self, p: PutRequest, rev: i64, sub: u32) -> Option<KeyValue> {
-            let args = PutArgs {
-                key: &p.key,
-                value: &p.value,
-                lease: p.lease,
-                ignore_value: p.ignore_value,
-                ignore_lease: p.ignore_lease,
-            };
-            let prev = self.store.borrow_mut().put(args, rev, sub);
-            prev.unwrap().filter(|_| p.prev_kv)
-        }
-        fn delete(&self, range: &KeyRange, rev: i64, sub: u32) -> Vec<KeyValue> {
-            self.store
-                .borrow_mut()
-                .delete_range(range, rev, sub)
-                .unwrap()
-        }
-    }
 
     fn put(key: &str, value: &str) -> RequestOp {
         RequestOp {
@@ -509,14 +432,14 @@ mod tests {
 
     #[test]
     fn put_checks_follow_etcd() {
-        let mut m = Memory::new();
+        let m = Memory::new();
         let ignore = PutRequest {
             key: "x".into(),
             ignore_value: true,
             ..Default::default()
         };
         assert_eq!(check_put(&m, &ignore), Err(EtcdError::KeyNotFound));
-        m.leases.insert(5);
+        m.leases.grant(5, 10);
         let leased = PutRequest {
             key: "x".into(),
             lease: 5,
