@@ -25,7 +25,8 @@
 //! * [`node`]: one member's life: start-up and recovery, its threads and listeners, and the
 //!   graceful stop (`Node::start`, `NodeHandle::shutdown`); the thread map is in its doc.
 //! * [`server`]: the gRPC services (KV, Watch, Lease, Lock, Election, Maintenance, Cluster,
-//!   Auth), one file each, the HTTP endpoints, and the state they share (`Core`).
+//!   Auth), one file each, the HTTP endpoints, and the narrow handles each service keeps (a
+//!   proposer, a reader, access checks, leases, membership; made once in `server::Core`).
 //! * [`consensus`]: the Raft node thread, the WAL and the peer transport (`PeerTransport`;
 //!   `tests/consensus` runs three nodes over an in-memory one).
 //! * [`state_machine`]: the boundary below consensus and apply (neither imports the other):

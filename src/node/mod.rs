@@ -245,8 +245,8 @@ async fn launch(
     // A snapshot still being loaded into the shards: clients wait until it is all there.
     let _ = handle
         .core
-        .applied
-        .clone()
+        .reader
+        .applied_changes()
         .wait_for(|a| a.index >= start_index)
         .await;
     // As etcd, the check runs once this member's state machine holds what it recovered, and
@@ -412,7 +412,7 @@ fn serve_peers(
     for (listener, url) in listeners.into_iter().zip(cfg.listen_peer_urls.iter()) {
         let addr = listener.address();
         tracing::info!(address = %addr, "serving peer traffic on {addr}");
-        let service = peer::PeerService::new(core.clone(), faults.clone());
+        let service = peer::PeerService::new(core, faults.clone());
         let router = tonic::transport::Server::builder().add_service(
             PeerServer::new(service)
                 .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
@@ -432,6 +432,30 @@ fn serve_peers(
     servers
 }
 
+/// etcd's eight client services over `core`'s handles, each refusing requests larger than
+/// `max_recv` bytes (etcd `--max-request-bytes` plus gRPC's overhead).
+fn client_services(core: &Core, max_recv: usize) -> tonic::service::Routes {
+    /// Registers a service with the request size limit.
+    macro_rules! limited {
+        ($routes:expr, $server:ident, $service:expr) => {
+            $routes.add_service($server::new($service).max_decoding_message_size(max_recv))
+        };
+    }
+    let routes = tonic::service::Routes::default();
+    let routes = limited!(routes, KvServer, kv::KvService::new(core));
+    let routes = limited!(
+        routes,
+        MaintenanceServer,
+        maintenance::MaintenanceService::new(core)
+    );
+    let routes = limited!(routes, LockServer, recipes::LockService::new(core));
+    let routes = limited!(routes, ElectionServer, recipes::ElectionService::new(core));
+    let routes = limited!(routes, LeaseServer, lease::LeaseService::new(core));
+    let routes = limited!(routes, WatchServer, watch::WatchService::new(core));
+    let routes = limited!(routes, ClusterServer, cluster::ClusterService::new(core));
+    limited!(routes, AuthServer, auth::AuthService::new(core))
+}
+
 /// Serves the gRPC services and HTTP endpoints on every client listener, and the HTTP
 /// endpoints on every metrics listener. They stop accepting once [`Core::stopping`] is
 /// cancelled.
@@ -448,45 +472,14 @@ fn serve_clients(cfg: &Config, core: &Arc<Core>, bound: Bound, tls: &MemberTls) 
     for (listener, url) in bound.client.into_iter().zip(cfg.listen_client_urls.iter()) {
         let addr = listener.address();
         tracing::info!(address = %addr, scheme = url.scheme(), "serving client requests on {addr}");
-        let c = core;
         let router = client_server_builder(cfg)
             .layer(http::HttpLayer::new(
-                c.clone(),
+                core.clone(),
                 &health,
                 http::Endpoints::Client,
             ))
-            .layer(gate::GateLayer::new(c.node.status.clone()))
-            .add_service(
-                KvServer::new(kv::KvService::new(c.clone())).max_decoding_message_size(max_recv),
-            )
-            .add_service(
-                MaintenanceServer::new(maintenance::MaintenanceService::new(c.clone()))
-                    .max_decoding_message_size(max_recv),
-            )
-            .add_service(
-                LockServer::new(recipes::LockService::new(c.clone()))
-                    .max_decoding_message_size(max_recv),
-            )
-            .add_service(
-                ElectionServer::new(recipes::ElectionService::new(c.clone()))
-                    .max_decoding_message_size(max_recv),
-            )
-            .add_service(
-                LeaseServer::new(lease::LeaseService::new(c.clone()))
-                    .max_decoding_message_size(max_recv),
-            )
-            .add_service(
-                WatchServer::new(watch::WatchService::new(c.clone()))
-                    .max_decoding_message_size(max_recv),
-            )
-            .add_service(
-                ClusterServer::new(cluster::ClusterService::new(c.clone()))
-                    .max_decoding_message_size(max_recv),
-            )
-            .add_service(
-                AuthServer::new(auth::AuthService::new(c.clone()))
-                    .max_decoding_message_size(max_recv),
-            );
+            .layer(gate::GateLayer::new(core.node.status.clone()))
+            .add_routes(client_services(core, max_recv));
         serve!(
             servers,
             router,
@@ -651,7 +644,7 @@ async fn become_ready(
         tracing::info!(waited_ms = waited * 1000, "waiting for a Raft leader");
     }
     // Lease deadlines are right before the first client asks: replay done, then promotion.
-    let promoted = core.promote_leases().await;
+    let promoted = core.leases.promote().await;
     tokio::spawn(lease::run_lease_clock(core.clone(), promoted));
     if let Some(retention) = auto_compaction {
         tokio::spawn(compactor::run(core.clone(), retention));

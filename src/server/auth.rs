@@ -1,18 +1,20 @@
 //! `etcdserverpb.Auth` and the front end's side of authentication (etcd 3.5
 //! `server/etcdserver/v3_server.go`, `server/auth/store.go`).
 //!
-//! Every client RPC finds its caller with [`Core::caller`]: the token in the `token` gRPC
+//! Every client RPC finds its caller with [`Access::caller`]: the token in the `token` gRPC
 //! metadata (or `authorization`, as etcd 3.5 also reads), else, with `--client-cert-auth` on
 //! TLS, the Common Name of the client certificate. Writes carry the caller in their proposal
-//! ([`Core::propose_as`]) and are checked as they are applied, on every member
+//! ([`Proposer::propose_as`]) and are checked as they are applied, on every member
 //! ([`crate::auth::AuthStore::refusal`]); reads and watches are checked here.
 
-use std::sync::Arc;
+use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
-use super::Core;
+use super::{Core, Proposer, Reader};
 use crate::auth::AuthInfo;
+use crate::auth::SharedAuth;
+use crate::config::Config;
 use crate::error::EtcdError;
 use crate::proto::authpb::permission::Type as PermType;
 use crate::proto::etcdserverpb::{
@@ -81,7 +83,41 @@ fn common_name(der: &[u8]) -> Option<String> {
     (!cn.is_empty()).then_some(cn)
 }
 
-impl Core {
+/// Who makes a request, and what they may do: the replicated auth store and this member's
+/// tokens, as the services check them.
+#[derive(Clone)]
+pub struct Access {
+    store: SharedAuth,
+    /// To wait for a simple token's Authenticate entry to be applied here.
+    reader: Reader,
+    client_cert_auth: bool,
+    bcrypt_cost: u32,
+    request_timeout: Duration,
+}
+
+impl Access {
+    /// The gate over `store`, with `cfg`'s `--client-cert-auth` and `--bcrypt-cost`; a token
+    /// made on another member is waited for at most `request_timeout`.
+    pub fn new(
+        store: SharedAuth,
+        reader: Reader,
+        cfg: &Config,
+        request_timeout: Duration,
+    ) -> Access {
+        Access {
+            store,
+            reader,
+            client_cert_auth: cfg.client_cert_auth,
+            bcrypt_cost: cfg.bcrypt_cost,
+            request_timeout,
+        }
+    }
+
+    /// The replicated auth store, as the dispatcher last applied it, and this member's tokens.
+    pub fn store(&self) -> &SharedAuth {
+        &self.store
+    }
+
     /// Who makes a request (etcd `AuthInfoFromCtx`, then `AuthInfoFromTLS` with
     /// `--client-cert-auth`): `None` without a token or certificate user.
     ///
@@ -89,23 +125,23 @@ impl Core {
     /// expired, revoked, or of a deleted user); for a simple token made on another member,
     /// the member first waits until it has applied the token's Authenticate entry.
     pub async fn caller(&self, creds: &Credentials) -> Result<Option<AuthInfo>, EtcdError> {
-        let tokens = &self.auth.tokens;
+        let tokens = &self.store.tokens;
         if let Some(token) = &creds.token {
             if let Some(index) = tokens.simple_index(token) {
-                if self.applied.borrow().index < index {
-                    let mut applied = self.applied.clone();
+                if self.reader.applied().index < index {
+                    let mut applied = self.reader.applied_changes();
                     let wait = applied.wait_for(|a| a.index >= index);
                     let _ = tokio::time::timeout(self.request_timeout, wait).await;
                 }
             }
-            let current = self.auth.read(|a| a.revision());
+            let current = self.store.read(|a| a.revision());
             return match tokens.lookup(token, current) {
                 Some((user, revision)) => Ok(Some(AuthInfo { user, revision })),
                 None => Err(EtcdError::InvalidAuthToken),
             };
         }
-        if self.cfg.client_cert_auth {
-            let (enabled, revision) = self.auth.read(|a| (a.enabled(), a.revision()));
+        if self.client_cert_auth {
+            let (enabled, revision) = self.store.read(|a| (a.enabled(), a.revision()));
             let cn = creds
                 .certs
                 .as_ref()
@@ -118,27 +154,16 @@ impl Core {
         Ok(None)
     }
 
-    /// [`Core::caller`] of a request.
+    /// [`Access::caller`] of a request.
     pub async fn caller_of<T>(&self, request: &Request<T>) -> Result<Option<AuthInfo>, EtcdError> {
         self.caller(&Credentials::of(request)).await
-    }
-
-    /// Proposes a client's write made by `caller` (checked against the auth store as it is
-    /// applied) and waits until it is applied; see [`Core::propose`].
-    pub async fn propose_as(
-        &self,
-        request: Proposed,
-        caller: Option<&AuthInfo>,
-    ) -> Result<ApplyResponse, EtcdError> {
-        self.propose_with(request, Some(AuthInfo::header(caller)))
-            .await
     }
 
     /// etcd `IsAdminPermitted` for `caller`, now. Errors: "user name is empty", "user name
     /// not found", "permission denied".
     pub fn check_admin(&self, caller: Option<&AuthInfo>) -> Result<(), EtcdError> {
         let user = caller.map_or("", |c| c.user.as_str());
-        self.auth.read(|a| a.check_admin(user))
+        self.store.read(|a| a.check_admin(user))
     }
 
     /// etcd `IsRangePermitted` for `caller`, now. Errors: "user name is empty", "revision of
@@ -150,47 +175,49 @@ impl Core {
         range_end: &[u8],
     ) -> Result<(), EtcdError> {
         let (user, rev) = caller.map_or(("", 0), |c| (c.user.as_str(), c.revision));
-        self.auth
+        self.store
             .read(|a| a.check(user, rev, key, range_end, PermType::Read))
     }
 
     /// Whether auth is enabled.
-    pub fn auth_enabled(&self) -> bool {
-        self.auth.read(|a| a.enabled())
+    pub fn enabled(&self) -> bool {
+        self.store.read(|a| a.enabled())
+    }
+
+    /// Whether the auth store has changed since `caller` was identified (etcd checks again
+    /// after a read: "revision of auth store is old").
+    pub fn changed_since(&self, caller: &AuthInfo) -> bool {
+        caller.revision != 0
+            && self.enabled()
+            && caller.revision != self.store.read(|a| a.revision())
     }
 
     fn bcrypt(&self, password: &str) -> Result<String, Status> {
-        bcrypt::hash(password, self.cfg.bcrypt_cost)
+        bcrypt::hash(password, self.bcrypt_cost)
             .map_err(|e| EtcdError::PasswordHash(e.to_string()).into())
-    }
-
-    /// Proposes an auth change for `caller`.
-    async fn auth_change(
-        &self,
-        request: Proposed,
-        caller: Option<&AuthInfo>,
-    ) -> Result<i64, Status> {
-        match self.propose_as(request, caller).await? {
-            ApplyResponse::Auth { revision, .. } => Ok(revision),
-            _ => Err(EtcdError::UnexpectedApplyResult(None).into()),
-        }
     }
 }
 
 /// The Auth service.
 pub struct AuthService {
-    core: Arc<Core>,
+    access: Access,
+    proposer: Proposer,
+    reader: Reader,
 }
 
 impl AuthService {
-    /// Serves Auth over `core`.
-    pub fn new(core: Arc<Core>) -> Self {
-        AuthService { core }
+    /// Serves Auth with `core`'s handles.
+    pub fn new(core: &Core) -> Self {
+        AuthService {
+            access: core.access.clone(),
+            proposer: core.proposer.clone(),
+            reader: core.reader.clone(),
+        }
     }
 
     /// The caller of `request`.
     async fn who<T>(&self, request: &Request<T>) -> Result<Option<AuthInfo>, Status> {
-        Ok(self.core.caller_of(request).await?)
+        Ok(self.access.caller_of(request).await?)
     }
 
     /// Proposes an auth change; the response header at the applied KV revision.
@@ -200,8 +227,20 @@ impl AuthService {
         proposal: Proposed,
     ) -> Result<Option<crate::proto::etcdserverpb::ResponseHeader>, Status> {
         let caller = self.who(request).await?;
-        let rev = self.core.auth_change(proposal, caller.as_ref()).await?;
-        Ok(self.core.header(rev))
+        let rev = self.auth_change(proposal, caller.as_ref()).await?;
+        Ok(self.reader.header(rev))
+    }
+
+    /// Proposes an auth change for `caller`; the KV revision it applied at.
+    async fn auth_change(
+        &self,
+        request: Proposed,
+        caller: Option<&AuthInfo>,
+    ) -> Result<i64, Status> {
+        match self.proposer.propose_as(request, caller).await? {
+            ApplyResponse::Auth { revision, .. } => Ok(revision),
+            _ => Err(EtcdError::UnexpectedApplyResult(None).into()),
+        }
     }
 
     /// A linearizable view of the auth store for a read RPC, after the admin check (etcd
@@ -209,8 +248,8 @@ impl AuthService {
     async fn read_header(
         &self,
     ) -> Result<Option<crate::proto::etcdserverpb::ResponseHeader>, Status> {
-        let state = self.core.linearizable_state().await?;
-        Ok(self.core.header(state.revision))
+        let state = self.reader.linearizable_state().await?;
+        Ok(self.reader.header(state.revision))
     }
 }
 
@@ -307,7 +346,7 @@ impl Auth for AuthService {
     ) -> Result<Response<AuthStatusResponse>, Status> {
         self.who(&request).await?;
         let header = self.read_header().await?;
-        let (enabled, auth_revision) = self.core.auth.read(|a| (a.enabled(), a.revision()));
+        let (enabled, auth_revision) = self.access.store().read(|a| (a.enabled(), a.revision()));
         Ok(Response::new(AuthStatusResponse {
             header,
             enabled,
@@ -327,7 +366,7 @@ impl Auth for AuthService {
     ) -> Result<Response<AuthenticateResponse>, Status> {
         let req = request.into_inner();
         loop {
-            let (checked, hash) = self.core.auth.read(|a| {
+            let (checked, hash) = self.access.store().read(|a| {
                 if !a.enabled() {
                     return Err(EtcdError::AuthNotEnabled);
                 }
@@ -352,26 +391,26 @@ impl Auth for AuthService {
             }
             let proposal = Proposed::Authenticate(AuthenticateProposal {
                 name: req.name.clone(),
-                simple_token: self.core.auth.tokens.prefix(),
+                simple_token: self.access.store().tokens.prefix(),
             });
-            let (applied, revision) = match self.core.propose(proposal).await? {
+            let (applied, revision) = match self.proposer.propose(proposal).await? {
                 ApplyResponse::Auth { applied, revision } => (applied, revision),
                 _ => return Err(EtcdError::UnexpectedApplyResult(None).into()),
             };
-            if checked != self.core.auth.read(|a| a.revision()) {
+            if checked != self.access.store().read(|a| a.revision()) {
                 continue;
             }
-            let token = if self.core.auth.tokens.is_simple() {
+            let token = if self.access.store().tokens.is_simple() {
                 applied.token
             } else {
-                self.core
-                    .auth
+                self.access
+                    .store()
                     .tokens
                     .sign(&applied.user, applied.auth_revision)
                     .map_err(|e| EtcdError::TokenSign(e.to_string()))?
             };
             return Ok(Response::new(AuthenticateResponse {
-                header: self.core.header(revision),
+                header: self.reader.header(revision),
                 token,
             }));
         }
@@ -390,22 +429,21 @@ impl Auth for AuthService {
             return Err(EtcdError::UserEmpty.into());
         }
         // Fail fast before the (slow) hash; apply checks again.
-        self.core.check_admin(caller.as_ref())?;
+        self.access.check_admin(caller.as_ref())?;
         let no_password = req.options.is_some_and(|o| o.no_password);
         if !no_password && req.hashed_password.is_empty() {
-            let core = self.core.clone();
+            let access = self.access.clone();
             let password = std::mem::take(&mut req.password);
-            req.hashed_password = tokio::task::spawn_blocking(move || core.bcrypt(&password))
+            req.hashed_password = tokio::task::spawn_blocking(move || access.bcrypt(&password))
                 .await
                 .map_err(|_| EtcdError::HashingFailed)??;
         }
         req.password.clear();
         let rev = self
-            .core
             .auth_change(Proposed::AuthUserAdd(req), caller.as_ref())
             .await?;
         Ok(Response::new(AuthUserAddResponse {
-            header: self.core.header(rev),
+            header: self.reader.header(rev),
         }))
     }
 
@@ -417,21 +455,20 @@ impl Auth for AuthService {
     ) -> Result<Response<AuthUserChangePasswordResponse>, Status> {
         let caller = self.who(&request).await?;
         let mut req = request.into_inner();
-        self.core.check_admin(caller.as_ref())?;
+        self.access.check_admin(caller.as_ref())?;
         if req.hashed_password.is_empty() {
-            let core = self.core.clone();
+            let access = self.access.clone();
             let password = std::mem::take(&mut req.password);
-            req.hashed_password = tokio::task::spawn_blocking(move || core.bcrypt(&password))
+            req.hashed_password = tokio::task::spawn_blocking(move || access.bcrypt(&password))
                 .await
                 .map_err(|_| EtcdError::HashingFailed)??;
         }
         req.password.clear();
         let rev = self
-            .core
             .auth_change(Proposed::AuthUserChangePassword(req), caller.as_ref())
             .await?;
         Ok(Response::new(AuthUserChangePasswordResponse {
-            header: self.core.header(rev),
+            header: self.reader.header(rev),
         }))
     }
 
@@ -444,12 +481,12 @@ impl Auth for AuthService {
         let caller = self.who(&request).await?;
         let header = self.read_header().await?;
         let name = &request.get_ref().name;
-        if let Err(e) = self.core.check_admin(caller.as_ref()) {
+        if let Err(e) = self.access.check_admin(caller.as_ref()) {
             if caller.as_ref().map(|c| &c.user) != Some(name) {
                 return Err(e.into());
             }
         }
-        let roles = self.core.auth.read(|a| a.user_get(name))?;
+        let roles = self.access.store().read(|a| a.user_get(name))?;
         Ok(Response::new(AuthUserGetResponse { header, roles }))
     }
 
@@ -460,8 +497,8 @@ impl Auth for AuthService {
     ) -> Result<Response<AuthUserListResponse>, Status> {
         let caller = self.who(&request).await?;
         let header = self.read_header().await?;
-        self.core.check_admin(caller.as_ref())?;
-        let users = self.core.auth.read(|a| a.user_list());
+        self.access.check_admin(caller.as_ref())?;
+        let users = self.access.store().read(|a| a.user_list());
         Ok(Response::new(AuthUserListResponse { header, users }))
     }
 
@@ -474,13 +511,13 @@ impl Auth for AuthService {
         let caller = self.who(&request).await?;
         let header = self.read_header().await?;
         let role = &request.get_ref().role;
-        if let Err(e) = self.core.check_admin(caller.as_ref()) {
+        if let Err(e) = self.access.check_admin(caller.as_ref()) {
             let user = caller.as_ref().map_or("", |c| c.user.as_str());
-            if !self.core.auth.read(|a| a.has_role(user, role)) {
+            if !self.access.store().read(|a| a.has_role(user, role)) {
                 return Err(e.into());
             }
         }
-        let perm = self.core.auth.read(|a| a.role_get(role))?;
+        let perm = self.access.store().read(|a| a.role_get(role))?;
         Ok(Response::new(AuthRoleGetResponse { header, perm }))
     }
 
@@ -491,8 +528,8 @@ impl Auth for AuthService {
     ) -> Result<Response<AuthRoleListResponse>, Status> {
         let caller = self.who(&request).await?;
         let header = self.read_header().await?;
-        self.core.check_admin(caller.as_ref())?;
-        let roles = self.core.auth.read(|a| a.role_list());
+        self.access.check_admin(caller.as_ref())?;
+        let roles = self.access.store().read(|a| a.role_list());
         Ok(Response::new(AuthRoleListResponse { header, roles }))
     }
 }

@@ -12,8 +12,10 @@ use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
-use super::Core;
-use crate::consensus::{NodeMsg, PeerProgress};
+use tonic::transport::Channel;
+
+use super::{Access, Core, Proposer, Reader};
+use crate::consensus::{NodeMsg, NodeStatus, PeerProgress, RaftHandle};
 use crate::error::EtcdError;
 use crate::identity as member;
 use crate::proto::etcdserverpb::{
@@ -21,8 +23,10 @@ use crate::proto::etcdserverpb::{
     MemberListResponse, MemberPromoteRequest, MemberPromoteResponse, MemberRemoveRequest,
     MemberRemoveResponse, MemberUpdateRequest, MemberUpdateResponse, ResponseHeader,
 };
+use crate::proto::metastorepb::peer_client::PeerClient;
 use crate::proto::metastorepb::{membership_change::Kind, MemberRecord, MembershipChange};
 use crate::state_machine::ApplyResponse;
+use crate::state_machine::Membership;
 
 /// etcd's `readyPercent`: a learner may be promoted once its log matches 90% of the leader's.
 const LEARNER_READY_PERCENT: f64 = 0.9;
@@ -32,14 +36,37 @@ const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The Cluster service.
 pub struct ClusterService {
-    core: Arc<Core>,
+    access: Access,
+    members: Members,
+    reader: Reader,
 }
 
 impl ClusterService {
-    /// Serves Cluster over `core`.
-    pub fn new(core: Arc<Core>) -> Self {
-        ClusterService { core }
+    /// Serves Cluster with `core`'s handles.
+    pub fn new(core: &Core) -> Self {
+        ClusterService {
+            access: core.access.clone(),
+            members: core.members.clone(),
+            reader: core.reader.clone(),
+        }
     }
+}
+
+/// The membership table, changes to it, and the way to the leader (for what only the leader
+/// can answer).
+#[derive(Clone)]
+pub struct Members(Arc<MembersState>);
+
+struct MembersState {
+    me: crate::identity::Member,
+    node: RaftHandle,
+    proposer: Proposer,
+    reader: Reader,
+    /// `--strict-reconfig-check`.
+    strict_reconfig_check: bool,
+    request_timeout: Duration,
+    /// A Peer client to the current leader, for requests only the leader answers.
+    leader_peer: tokio::sync::Mutex<Option<(u64, PeerClient<Channel>)>>,
 }
 
 fn to_member(m: &MemberRecord) -> Member {
@@ -72,7 +99,48 @@ fn check_peer_urls(urls: &[String]) -> Result<Vec<String>, EtcdError> {
     Ok(out)
 }
 
-impl Core {
+impl Members {
+    /// The membership handle of member `me`: `node`'s table and status, changes proposed
+    /// through `proposer`; `strict_reconfig_check` is etcd's `--strict-reconfig-check`.
+    pub fn new(
+        me: crate::identity::Member,
+        node: RaftHandle,
+        proposer: Proposer,
+        reader: Reader,
+        strict_reconfig_check: bool,
+        request_timeout: Duration,
+    ) -> Members {
+        Members(Arc::new(MembersState {
+            me,
+            node,
+            proposer,
+            reader,
+            strict_reconfig_check,
+            request_timeout,
+            leader_peer: Default::default(),
+        }))
+    }
+
+    /// This member.
+    pub fn me(&self) -> &crate::identity::Member {
+        &self.0.me
+    }
+
+    /// The membership table as last applied.
+    pub fn table(&self) -> Arc<Membership> {
+        self.0.node.membership.borrow().clone()
+    }
+
+    /// The Raft node's term, leader and removal.
+    pub fn status(&self) -> &NodeStatus {
+        &self.0.node.status
+    }
+
+    /// Whether this member leads now.
+    pub fn is_leader(&self) -> bool {
+        self.status().leader.load(Ordering::Relaxed) == self.0.me.id
+    }
+
     /// Proposes a membership change and waits until it is applied; returns the members after
     /// it.
     ///
@@ -83,14 +151,16 @@ impl Core {
         kind: Kind,
         member: MemberRecord,
     ) -> Result<Vec<MemberRecord>, EtcdError> {
-        let id = self.next_proposal.fetch_add(1, Ordering::Relaxed);
+        let id = self.0.proposer.next_id();
         let change = MembershipChange {
             kind: kind as i32,
-            origin: self.member.id,
+            origin: self.0.me.id,
             proposal: id,
             member: Some(member),
         };
         match self
+            .0
+            .proposer
             .submit(id, NodeMsg::ChangeMembership { id, change })
             .await?
         {
@@ -100,10 +170,10 @@ impl Core {
     }
 
     /// The header and member list every Cluster response carries.
-    fn members_reply(&self, members: &[MemberRecord]) -> (Option<ResponseHeader>, Vec<Member>) {
-        let revision = self.applied.borrow().revision;
+    pub fn members_reply(&self, members: &[MemberRecord]) -> (Option<ResponseHeader>, Vec<Member>) {
+        let revision = self.0.reader.applied().revision;
         (
-            self.header(revision),
+            self.0.reader.header(revision),
             members.iter().map(to_member).collect(),
         )
     }
@@ -111,11 +181,15 @@ impl Core {
     /// etcd `IsReadyToAddVotingMember` / `IsReadyToRemoveVotingMember` /
     /// `IsReadyToPromoteMember`: the voters after the change that have started (published
     /// their name) must still form a quorum of the voters after it.
-    fn check_started_quorum(&self, adding: usize, removing: Option<u64>) -> Result<(), EtcdError> {
-        if !self.cfg.strict_reconfig_check {
+    pub fn check_started_quorum(
+        &self,
+        adding: usize,
+        removing: Option<u64>,
+    ) -> Result<(), EtcdError> {
+        if !self.0.strict_reconfig_check {
             return Ok(());
         }
-        let table = self.node.membership.borrow().clone();
+        let table = self.table();
         let voters: Vec<&MemberRecord> = table
             .members
             .values()
@@ -135,7 +209,7 @@ impl Core {
 
     /// etcd `isLearnerReady`, asked of the leader: a learner whose log matches less than 90%
     /// of the leader's cannot be promoted yet.
-    async fn check_learner_ready(&self, id: u64) -> Result<(), EtcdError> {
+    pub async fn check_learner_ready(&self, id: u64) -> Result<(), EtcdError> {
         let (leader, progress) = self.leader_progress().await?;
         learner_ready(&progress, leader, id)
     }
@@ -146,11 +220,11 @@ impl Core {
     ///
     /// Errors: "etcdserver: unhealthy cluster".
     async fn check_all_voters_connected(&self) -> Result<(), EtcdError> {
-        if !self.cfg.strict_reconfig_check {
+        if !self.0.strict_reconfig_check {
             return Ok(());
         }
         let (_, progress) = self.leader_progress().await?;
-        let voters = self.node.membership.borrow().voters();
+        let voters = self.table().voters();
         if connected_voters(&progress, &voters) < voters.len() {
             return Err(EtcdError::Unhealthy);
         }
@@ -162,7 +236,7 @@ impl Core {
     ///
     /// Errors: "etcdserver: unhealthy cluster".
     async fn check_removal_keeps_quorum(&self, id: u64) -> Result<(), EtcdError> {
-        if !self.cfg.strict_reconfig_check {
+        if !self.0.strict_reconfig_check {
             return Ok(());
         }
         let (leader, progress) = self.leader_progress().await?;
@@ -173,7 +247,7 @@ impl Core {
         if id != leader && down {
             return Ok(());
         }
-        let voters = self.node.membership.borrow().voters();
+        let voters = self.table().voters();
         let active = connected_voters(&progress, &voters);
         if active.saturating_sub(1) < 1 + (voters.len().saturating_sub(1)) / 2 {
             return Err(EtcdError::Unhealthy);
@@ -186,13 +260,14 @@ impl Core {
     ///
     /// Errors: "no leader"; "leader changed" when the leader cannot be reached.
     async fn leader_progress(&self) -> Result<(u64, Vec<PeerProgress>), EtcdError> {
-        let leader = self.node.status.leader.load(Ordering::Relaxed);
+        let leader = self.status().leader.load(Ordering::Relaxed);
         if leader == 0 {
             return Err(EtcdError::NoLeader);
         }
-        let progress = if leader == self.member.id {
+        let progress = if leader == self.0.me.id {
             let (reply, rx) = tokio::sync::oneshot::channel();
-            self.node
+            self.0
+                .node
                 .tx
                 .send_async(NodeMsg::Progress(reply))
                 .await
@@ -200,9 +275,7 @@ impl Core {
             rx.await.map_err(|_| EtcdError::Stopped)?
         } else {
             let urls = self
-                .node
-                .membership
-                .borrow()
+                .table()
                 .members
                 .get(&leader)
                 .map(|m| m.peer_urls.clone())
@@ -214,6 +287,45 @@ impl Core {
             return Err(EtcdError::LeaderChanged);
         }
         Ok((leader, progress))
+    }
+
+    /// A Peer client to the leader, or `None` when this member leads.
+    ///
+    /// Errors: "no leader"; "leader changed" when the leader's peer URL is unknown.
+    pub async fn remote_leader(&self) -> Result<Option<PeerClient<Channel>>, EtcdError> {
+        let leader = self.status().leader.load(Ordering::Relaxed);
+        if leader == 0 {
+            return Err(EtcdError::NoLeader);
+        }
+        if leader == self.0.me.id {
+            return Ok(None);
+        }
+        self.leader_peer(leader).await.map(Some)
+    }
+
+    /// A Peer client to `leader`'s peer URL, reused while the leader stays the same.
+    async fn leader_peer(&self, leader: u64) -> Result<PeerClient<Channel>, EtcdError> {
+        let mut cached = self.0.leader_peer.lock().await;
+        if let Some((id, client)) = cached.as_ref() {
+            if *id == leader {
+                return Ok(client.clone());
+            }
+        }
+        let url = self
+            .table()
+            .members
+            .get(&leader)
+            .and_then(|m| m.peer_urls.first().cloned())
+            .ok_or(EtcdError::LeaderChanged)?;
+        let channel = crate::net::connect_peer_lazy(&url, |endpoint| {
+            endpoint
+                .connect_timeout(Duration::from_secs(1))
+                .timeout(self.0.request_timeout)
+        })
+        .map_err(|_| EtcdError::LeaderChanged)?;
+        let client = PeerClient::new(channel);
+        *cached = Some((leader, client.clone()));
+        Ok(client)
     }
 }
 
@@ -245,14 +357,14 @@ impl Cluster for ClusterService {
         request: Request<MemberAddRequest>,
     ) -> Result<Response<MemberAddResponse>, Status> {
         // Root only while auth is enabled (etcd 3.5 `isAdminPermitted`).
-        let caller = self.core.caller_of(&request).await?;
-        self.core.check_admin(caller.as_ref())?;
+        let caller = self.access.caller_of(&request).await?;
+        self.access.check_admin(caller.as_ref())?;
         let req = request.into_inner();
         let peer_urls = check_peer_urls(&req.peer_ur_ls)?;
         if !req.is_learner {
-            self.core.check_started_quorum(1, None)?;
+            self.members.check_started_quorum(1, None)?;
         }
-        self.core.check_all_voters_connected().await?;
+        self.members.check_all_voters_connected().await?;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
@@ -265,10 +377,10 @@ impl Cluster for ClusterService {
             is_learner: req.is_learner,
         };
         let members = self
-            .core
+            .members
             .change_membership(Kind::Add, record.clone())
             .await?;
-        let (header, members) = self.core.members_reply(&members);
+        let (header, members) = self.members.members_reply(&members);
         Ok(Response::new(MemberAddResponse {
             header,
             member: Some(to_member(&record)),
@@ -281,20 +393,20 @@ impl Cluster for ClusterService {
         request: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveResponse>, Status> {
         // Root only while auth is enabled (etcd 3.5 `isAdminPermitted`).
-        let caller = self.core.caller_of(&request).await?;
-        self.core.check_admin(caller.as_ref())?;
+        let caller = self.access.caller_of(&request).await?;
+        self.access.check_admin(caller.as_ref())?;
         let id = request.into_inner().id;
-        let is_voter = self.core.node.membership.borrow().is_voter(id);
+        let is_voter = self.members.table().is_voter(id);
         if is_voter {
-            self.core.check_started_quorum(0, Some(id))?;
-            self.core.check_removal_keeps_quorum(id).await?;
+            self.members.check_started_quorum(0, Some(id))?;
+            self.members.check_removal_keeps_quorum(id).await?;
         }
         let record = MemberRecord {
             id,
             ..Default::default()
         };
-        let members = self.core.change_membership(Kind::Remove, record).await?;
-        let (header, members) = self.core.members_reply(&members);
+        let members = self.members.change_membership(Kind::Remove, record).await?;
+        let (header, members) = self.members.members_reply(&members);
         Ok(Response::new(MemberRemoveResponse { header, members }))
     }
 
@@ -303,16 +415,16 @@ impl Cluster for ClusterService {
         request: Request<MemberUpdateRequest>,
     ) -> Result<Response<MemberUpdateResponse>, Status> {
         // Root only while auth is enabled (etcd 3.5 `isAdminPermitted`).
-        let caller = self.core.caller_of(&request).await?;
-        self.core.check_admin(caller.as_ref())?;
+        let caller = self.access.caller_of(&request).await?;
+        self.access.check_admin(caller.as_ref())?;
         let req = request.into_inner();
         let record = MemberRecord {
             id: req.id,
             peer_urls: check_peer_urls(&req.peer_ur_ls)?,
             ..Default::default()
         };
-        let members = self.core.change_membership(Kind::Update, record).await?;
-        let (header, members) = self.core.members_reply(&members);
+        let members = self.members.change_membership(Kind::Update, record).await?;
+        let (header, members) = self.members.members_reply(&members);
         Ok(Response::new(MemberUpdateResponse { header, members }))
     }
 
@@ -321,10 +433,10 @@ impl Cluster for ClusterService {
         request: Request<MemberListRequest>,
     ) -> Result<Response<MemberListResponse>, Status> {
         if request.into_inner().linearizable {
-            self.core.linearizable_state().await?;
+            self.reader.linearizable_state().await?;
         }
-        let members = self.core.node.membership.borrow().list();
-        let (header, members) = self.core.members_reply(&members);
+        let members = self.members.table().list();
+        let (header, members) = self.members.members_reply(&members);
         Ok(Response::new(MemberListResponse { header, members }))
     }
 
@@ -333,17 +445,20 @@ impl Cluster for ClusterService {
         request: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
         // Root only while auth is enabled (etcd 3.5 `isAdminPermitted`).
-        let caller = self.core.caller_of(&request).await?;
-        self.core.check_admin(caller.as_ref())?;
+        let caller = self.access.caller_of(&request).await?;
+        self.access.check_admin(caller.as_ref())?;
         let id = request.into_inner().id;
-        self.core.check_learner_ready(id).await?;
-        self.core.check_started_quorum(1, None)?;
+        self.members.check_learner_ready(id).await?;
+        self.members.check_started_quorum(1, None)?;
         let record = MemberRecord {
             id,
             ..Default::default()
         };
-        let members = self.core.change_membership(Kind::Promote, record).await?;
-        let (header, members) = self.core.members_reply(&members);
+        let members = self
+            .members
+            .change_membership(Kind::Promote, record)
+            .await?;
+        let (header, members) = self.members.members_reply(&members);
         Ok(Response::new(MemberPromoteResponse { header, members }))
     }
 }
@@ -352,6 +467,7 @@ impl Cluster for ClusterService {
 /// known (etcd `publishV3`), retrying until the table shows them. Until then MemberList shows
 /// the member with an empty name and no client URLs, as etcd does for an unstarted member.
 pub async fn publish_attributes(core: Arc<Core>) {
+    let members = &core.members;
     let me = MemberRecord {
         id: core.member.id,
         name: core.member.name.clone(),
@@ -365,10 +481,8 @@ pub async fn publish_attributes(core: Arc<Core>) {
     // members publishing at once would otherwise take 15 s per collision.
     let retry = Duration::from_millis(core.cfg.election_timeout.clamp(100, 1000));
     loop {
-        let published = core
-            .node
-            .membership
-            .borrow()
+        let published = members
+            .table()
             .members
             .get(&me.id)
             .map(|m| m.name == me.name && m.client_urls == me.client_urls);
@@ -379,7 +493,7 @@ pub async fn publish_attributes(core: Arc<Core>) {
             Some(false) if core.node.status.leader.load(Ordering::Relaxed) != 0 => {
                 // Raft drops a conf change proposed while another is unapplied (other members
                 // publishing at the same moment): do not wait the full request timeout for it.
-                let attempt = core.change_membership(Kind::Attributes, me.clone());
+                let attempt = members.change_membership(Kind::Attributes, me.clone());
                 match tokio::time::timeout(2 * retry, attempt)
                     .await
                     .unwrap_or(Err(EtcdError::Timeout))
@@ -405,15 +519,16 @@ pub async fn publish_attributes(core: Arc<Core>) {
 /// checking once per election timeout.
 pub async fn auto_promote_learners(core: Arc<Core>) {
     let every = Duration::from_millis(core.cfg.election_timeout.max(100));
+    let members = &core.members;
     loop {
         tokio::time::sleep(every).await;
-        if core.node.status.leader.load(Ordering::Relaxed) != core.member.id {
+        if !members.is_leader() {
             continue;
         }
-        let learners = core.node.membership.borrow().learners();
+        let learners = members.table().learners();
         for id in learners {
-            if core.check_learner_ready(id).await.is_err()
-                || core.check_started_quorum(1, None).is_err()
+            if members.check_learner_ready(id).await.is_err()
+                || members.check_started_quorum(1, None).is_err()
             {
                 continue;
             }
@@ -421,7 +536,7 @@ pub async fn auto_promote_learners(core: Arc<Core>) {
                 id,
                 ..Default::default()
             };
-            match core.change_membership(Kind::Promote, record).await {
+            match members.change_membership(Kind::Promote, record).await {
                 Ok(_) => {
                     tracing::info!(member = %format!("{id:x}"), "promoted a caught-up learner")
                 }

@@ -143,7 +143,7 @@ impl Compactor {
 /// Runs auto-compaction for this member until the process ends: ticks on the leader propose a
 /// Compact, exactly as a client's would be.
 pub async fn run(core: Arc<Core>, retention: Retention) {
-    let revision = || core.applied.borrow().revision;
+    let revision = || core.reader.applied().revision;
     let mut compactor = Compactor::new(retention, Instant::now(), revision());
     tracing::info!(?retention, "auto-compaction enabled");
     loop {
@@ -157,7 +157,7 @@ pub async fn run(core: Arc<Core>, retention: Retention) {
             revision: at,
             physical: false,
         });
-        match core.propose(request).await {
+        match core.proposer.propose(request).await {
             Ok(_) | Err(EtcdError::Compacted) => {
                 compactor.compacted(Instant::now(), at);
                 tracing::info!(revision = at, "finished auto-compaction");

@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::peer::{peer_client, PeerError};
-use super::Core;
+use super::{Core, Reader};
 use crate::error::EtcdError;
 use crate::proto::etcdserverpb::{AlarmType, HashKvRequest, HashKvResponse};
 
-impl Core {
+impl Reader {
     /// A digest of the MVCC history up to `revision` (0: the current revision), comparable
     /// across members to check that they converged (see [`crate::mvcc::kv_hash`]). The same
     /// answer serves Maintenance.HashKV and the peers' corruption checks.
@@ -21,7 +21,7 @@ impl Core {
     /// Errors: ErrFutureRev above the current revision, ErrCompacted below the compaction
     /// revision.
     pub async fn hash_kv(&self, revision: i64) -> Result<HashKvResponse, EtcdError> {
-        let state = *self.applied.borrow();
+        let state = self.applied();
         let rev = if revision <= 0 {
             state.revision
         } else {
@@ -33,7 +33,7 @@ impl Core {
         if rev < state.compact_revision {
             return Err(EtcdError::Compacted);
         }
-        let hash = self.shards.hash_kv(rev, state.compact_revision).await?;
+        let hash = self.shards().hash_kv(rev, state.compact_revision).await?;
         Ok(HashKvResponse {
             header: self.header(state.revision),
             hash,
@@ -104,22 +104,22 @@ pub async fn initial_check(core: &Core, committed: u64) -> Result<(), CheckError
     // shards already hold), and the state machine publishes its own progress once every shard
     // has them. Both must reach `committed`.
     let mut replayed = core.node.status.replayed();
-    let mut applied = core.applied.clone();
+    let mut applied = core.reader.applied_changes();
     let caught_up = async {
         let _ = replayed.wait_for(|r| *r).await;
         let _ = applied.wait_for(|a| a.index >= committed).await;
     };
-    if tokio::time::timeout(core.request_timeout, caught_up)
+    if tokio::time::timeout(core.request_timeout(), caught_up)
         .await
         .is_err()
     {
         tracing::warn!(
             committed,
-            applied = core.applied.borrow().index,
+            applied = core.reader.applied().index,
             "initial corruption check: the log is still replaying; checking what is applied"
         );
     }
-    let local = core.hash_kv(0).await?;
+    let local = core.reader.hash_kv(0).await?;
     let me = core.member.id;
     tracing::info!(member = %format!("{me:x}"), revision = local.hash_revision,
         hash = local.hash, compact_revision = local.compact_revision,
@@ -140,7 +140,7 @@ pub async fn initial_check(core: &Core, committed: u64) -> Result<(), CheckError
 /// Every other member's HashKV at `revision` (etcd `getPeerHashKVs`), learners included.
 async fn peer_hashes(core: &Core, revision: i64) -> Vec<(u64, PeerHash)> {
     let me = core.member.id;
-    let members = core.node.membership.borrow().list();
+    let members = core.members.table().list();
     let mut peers = Vec::new();
     for m in members.into_iter().filter(|m| m.id != me) {
         peers.push((m.id, peer_hash(&m.peer_urls, revision).await));
@@ -261,10 +261,10 @@ pub async fn run_periodic_check(core: Arc<Core>, every: Duration) {
 /// Errors: this member cannot hash, the linearizable read fails (no leader, timeout), or the
 /// alarm cannot be proposed.
 async fn periodic_check(core: &Core) -> Result<(), EtcdError> {
-    let first = LocalHash::from(&core.hash_kv(0).await?);
+    let first = LocalHash::from(&core.reader.hash_kv(0).await?);
     let peers = peer_hashes(core, first.revision).await;
-    core.linearizable_state().await?;
-    let second = LocalHash::from(&core.hash_kv(0).await?);
+    core.reader.linearizable_state().await?;
+    let second = LocalHash::from(&core.reader.hash_kv(0).await?);
     let checked = peers
         .iter()
         .filter(|(_, p)| matches!(p, PeerHash::Hash { .. }))
@@ -277,7 +277,7 @@ async fn periodic_check(core: &Core) -> Result<(), EtcdError> {
         });
         if !active {
             tracing::error!(member = %format!("{id:x}"), "data inconsistency found: raising a CORRUPT alarm");
-            core.raise_alarm(id, AlarmType::Corrupt).await?;
+            core.proposer.raise_alarm(id, AlarmType::Corrupt).await?;
         }
     }
     tracing::info!(

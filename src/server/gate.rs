@@ -6,7 +6,7 @@
 //!   watches). Streams opened so (Watch, LeaseKeepAlive) are also ended with that error once
 //!   the member has known no leader for [`NO_LEADER_CHECKS`] election timeouts in a row
 //!   ([`leader_lost`]);
-//! * a learner serves only Status, serializable Range (checked in [`super::Core::range`]) and
+//! * a learner serves only Status, serializable Range (checked in [`super::Reader::range`]) and
 //!   the Snapshot stream; everything else fails with "etcdserver: rpc not supported for
 //!   learner".
 

@@ -702,15 +702,16 @@ async fn health(core: &Core, excluded: &[String], serializable: bool) -> (bool, 
 
 /// etcd's `readCheck`: a keys-only Range of one key, serializable or linearizable.
 async fn read_check(core: &Core, serializable: bool) -> Result<(), crate::error::EtcdError> {
-    core.range(RangeRequest {
-        key: vec![0],
-        keys_only: true,
-        limit: 1,
-        serializable,
-        ..Default::default()
-    })
-    .await
-    .map(|_| ())
+    core.reader
+        .range(RangeRequest {
+            key: vec![0],
+            keys_only: true,
+            limit: 1,
+            serializable,
+            ..Default::default()
+        })
+        .await
+        .map(|_| ())
 }
 
 /// The `/livez` and `/readyz` checks (etcd 3.5.11 `installLivezEndpoints`,
@@ -798,10 +799,10 @@ async fn metrics_text(core: &Core) -> Vec<u8> {
         is_learner: status.is_learner.load(Ordering::Relaxed),
         member_id: core.member.id,
         committed: status.commit.load(Ordering::Relaxed),
-        applied: core.applied.borrow().index,
-        pending: core.pending.len() as u64,
-        db_size: core.shards.db_size(),
-        db_size_in_use: core.shards.db_size_in_use(),
+        applied: core.reader.applied().index,
+        pending: core.proposer.in_flight() as u64,
+        db_size: core.reader.shards().db_size(),
+        db_size_in_use: core.reader.shards().db_size_in_use(),
         quota: core.cfg.quota_bytes(),
         keys,
         server_version: super::maintenance::ETCD_API_VERSION.to_string(),
@@ -818,8 +819,13 @@ async fn count_keys(core: &Core) -> Option<u64> {
         serializable: true,
         ..Default::default()
     });
-    let rev = core.applied.borrow().revision;
-    let parts = core.shards.read_range(req.clone(), rev).await.ok()?;
+    let rev = core.reader.applied().revision;
+    let parts = core
+        .reader
+        .shards()
+        .read_range(req.clone(), rev)
+        .await
+        .ok()?;
     Some(crate::mvcc::range::merge(&req, parts).count.max(0) as u64)
 }
 

@@ -1,10 +1,8 @@
 //! `etcdserverpb.KV`: Range, Put, DeleteRange, Txn, Compact.
 
-use std::sync::Arc;
-
 use tonic::{Request, Response, Status};
 
-use super::{validate, Core};
+use super::{validate, Access, Core, Proposer, Reader};
 use crate::apply::txn::txn_puts;
 use crate::proto::etcdserverpb::{
     kv_server::Kv, CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse,
@@ -15,13 +13,22 @@ use crate::state_machine::ApplyResponse;
 
 /// The KV service.
 pub struct KvService {
-    core: Arc<Core>,
+    access: Access,
+    proposer: Proposer,
+    reader: Reader,
+    /// `--max-txn-ops`.
+    max_txn_ops: usize,
 }
 
 impl KvService {
-    /// Serves KV over `core`.
-    pub fn new(core: Arc<Core>) -> Self {
-        KvService { core }
+    /// Serves KV with `core`'s handles.
+    pub fn new(core: &Core) -> Self {
+        KvService {
+            access: core.access.clone(),
+            proposer: core.proposer.clone(),
+            reader: core.reader.clone(),
+            max_txn_ops: core.cfg.max_txn_ops,
+        }
     }
 
     async fn write(
@@ -29,7 +36,7 @@ impl KvService {
         req: Proposed,
         caller: Option<&crate::auth::AuthInfo>,
     ) -> Result<ApplyResponse, Status> {
-        Ok(self.core.propose_as(req, caller).await?)
+        Ok(self.proposer.propose_as(req, caller).await?)
     }
 }
 
@@ -45,30 +52,28 @@ impl Kv for KvService {
     ) -> Result<Response<RangeResponse>, Status> {
         // etcd `doSerialize`: the permission check, the read, then a check that the auth
         // store did not change meanwhile.
-        let caller = self.core.caller_of(&request).await?;
+        let caller = self.access.caller_of(&request).await?;
         let req = request.into_inner();
-        self.core
+        self.access
             .check_read(caller.as_ref(), &req.key, &req.range_end)?;
-        let resp = self.core.range(req).await?;
-        if let Some(c) = &caller {
-            if c.revision != 0
-                && self.core.auth_enabled()
-                && c.revision != self.core.auth.read(|a| a.revision())
-            {
-                return Err(crate::error::EtcdError::AuthOldRevision.into());
-            }
+        let resp = self.reader.range(req).await?;
+        if caller
+            .as_ref()
+            .is_some_and(|c| self.access.changed_since(c))
+        {
+            return Err(crate::error::EtcdError::AuthOldRevision.into());
         }
         Ok(Response::new(resp))
     }
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
-        let caller = self.core.caller_of(&request).await?;
+        let caller = self.access.caller_of(&request).await?;
         let req = request.into_inner();
         validate::check_put(&req)?;
-        self.core.check_quota()?;
+        self.proposer.check_quota()?;
         match self.write(Proposed::Put(req), caller.as_ref()).await? {
             ApplyResponse::Put(mut r) => {
-                r.header = self.core.header(r.header.map_or(0, |h| h.revision));
+                r.header = self.reader.header(r.header.map_or(0, |h| h.revision));
                 Ok(Response::new(r))
             }
             _ => Err(unexpected("put")),
@@ -79,7 +84,7 @@ impl Kv for KvService {
         &self,
         request: Request<DeleteRangeRequest>,
     ) -> Result<Response<DeleteRangeResponse>, Status> {
-        let caller = self.core.caller_of(&request).await?;
+        let caller = self.access.caller_of(&request).await?;
         let req = request.into_inner();
         validate::check_delete(&req)?;
         match self
@@ -87,7 +92,7 @@ impl Kv for KvService {
             .await?
         {
             ApplyResponse::DeleteRange(mut r) => {
-                r.header = self.core.header(r.header.map_or(0, |h| h.revision));
+                r.header = self.reader.header(r.header.map_or(0, |h| h.revision));
                 Ok(Response::new(r))
             }
             _ => Err(unexpected("delete")),
@@ -95,15 +100,15 @@ impl Kv for KvService {
     }
 
     async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
-        let caller = self.core.caller_of(&request).await?;
+        let caller = self.access.caller_of(&request).await?;
         let req = request.into_inner();
-        validate::check_txn(&req, self.core.cfg.max_txn_ops)?;
+        validate::check_txn(&req, self.max_txn_ops)?;
         if txn_puts(&req) {
-            self.core.check_quota()?;
+            self.proposer.check_quota()?;
         }
         match self.write(Proposed::Txn(req), caller.as_ref()).await? {
             ApplyResponse::Txn(mut r) => {
-                r.header = self.core.header(r.header.map_or(0, |h| h.revision));
+                r.header = self.reader.header(r.header.map_or(0, |h| h.revision));
                 Ok(Response::new(r))
             }
             _ => Err(unexpected("txn")),
@@ -114,13 +119,13 @@ impl Kv for KvService {
         &self,
         request: Request<CompactionRequest>,
     ) -> Result<Response<CompactionResponse>, Status> {
-        let caller = self.core.caller_of(&request).await?;
+        let caller = self.access.caller_of(&request).await?;
         match self
             .write(Proposed::Compaction(request.into_inner()), caller.as_ref())
             .await?
         {
             ApplyResponse::Compaction(mut r) => {
-                r.header = self.core.header(r.header.map_or(0, |h| h.revision));
+                r.header = self.reader.header(r.header.map_or(0, |h| h.revision));
                 Ok(Response::new(r))
             }
             _ => Err(unexpected("compaction")),

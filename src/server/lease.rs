@@ -4,15 +4,19 @@
 //! renew the leader's deadline directly, as etcd does.
 
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::Core;
+use tokio_util::sync::CancellationToken;
+
+use super::{Access, Core, Members, Proposer, Reader};
+use crate::consensus::NodeStatus;
 use crate::error::EtcdError;
+use crate::lease::LeaseTable;
 use crate::lease::MAX_LEASE_TTL;
 use crate::proto::etcdserverpb::{
     lease_server::Lease, LeaseCheckpoint, LeaseCheckpointRequest, LeaseGrantRequest,
@@ -20,7 +24,6 @@ use crate::proto::etcdserverpb::{
     LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse, LeaseStatus,
     LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
 };
-use crate::proto::metastorepb::peer_client::PeerClient;
 use crate::proto::metastorepb::proposal::Request as Proposed;
 use crate::state_machine::ApplyResponse;
 
@@ -31,14 +34,45 @@ const REVOKE_RETRY: Duration = Duration::from_secs(10);
 
 /// The Lease service.
 pub struct LeaseService {
-    core: Arc<Core>,
+    access: Access,
+    proposer: Proposer,
+    reader: Reader,
+    leases: Leases,
+    /// For keep-alive streams opened with `hasleader`.
+    status: Arc<NodeStatus>,
+    /// `--election-timeout`.
+    election_timeout: Duration,
+    /// Ends keep-alive streams when the member stops.
+    stopping: CancellationToken,
 }
 
 impl LeaseService {
-    /// Serves Lease over `core`.
-    pub fn new(core: Arc<Core>) -> Self {
-        LeaseService { core }
+    /// Serves Lease with `core`'s handles.
+    pub fn new(core: &Core) -> Self {
+        LeaseService {
+            access: core.access.clone(),
+            proposer: core.proposer.clone(),
+            reader: core.reader.clone(),
+            leases: core.leases.clone(),
+            status: core.node.status.clone(),
+            election_timeout: Duration::from_millis(core.cfg.election_timeout),
+            stopping: core.stopping.clone(),
+        }
     }
+}
+
+/// Lease grants, renewals, time-to-live and the deadlines behind them: the lease table (what
+/// the log granted, with this member's deadlines), the lease ID sequence, and the way to the
+/// leader, whose deadlines are the ones that count.
+#[derive(Clone)]
+pub struct Leases(Arc<LeasesState>);
+
+struct LeasesState {
+    table: LeaseTable,
+    next_seed: AtomicU64,
+    proposer: Proposer,
+    reader: Reader,
+    members: Members,
 }
 
 fn unexpected() -> Status {
@@ -58,11 +92,11 @@ impl Lease for LeaseService {
         if req.ttl > MAX_LEASE_TTL {
             return Err(EtcdError::LeaseTtlTooLarge.into());
         }
-        self.core.check_quota()?;
+        self.proposer.check_quota()?;
         if req.id == 0 {
-            req.id = self.core.new_lease_id();
+            req.id = self.leases.new_lease_id();
         }
-        Ok(Response::new(self.core.grant_lease(req).await?))
+        Ok(Response::new(self.leases.grant(req).await?))
     }
 
     async fn lease_revoke(
@@ -70,14 +104,14 @@ impl Lease for LeaseService {
         request: Request<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
         // etcd `checkLeasePuts`, at apply: WRITE on every key attached to the lease.
-        let caller = self.core.caller_of(&request).await?;
+        let caller = self.access.caller_of(&request).await?;
         match self
-            .core
+            .proposer
             .propose_as(Proposed::LeaseRevoke(request.into_inner()), caller.as_ref())
             .await?
         {
             ApplyResponse::LeaseRevoke(mut r) => {
-                r.header = self.core.header(r.header.map_or(0, |h| h.revision));
+                r.header = self.reader.header(r.header.map_or(0, |h| h.revision));
                 Ok(Response::new(r))
             }
             _ => Err(unexpected()),
@@ -94,19 +128,23 @@ impl Lease for LeaseService {
         let (tx, rx) = mpsc::channel(16);
         super::gate::end_stream_without_leader(
             &metadata.into_headers(),
-            self.core.node.status.clone(),
-            Duration::from_millis(self.core.cfg.election_timeout),
+            self.status.clone(),
+            self.election_timeout,
             tx.clone(),
-            self.core.stopping.clone(),
+            self.stopping.clone(),
         );
-        let core = self.core.clone();
+        let (leases, reader, stopping) = (
+            self.leases.clone(),
+            self.reader.clone(),
+            self.stopping.clone(),
+        );
         tokio::spawn(async move {
             loop {
                 // A stopping member ends the stream with "etcdserver: server stopped", as
                 // etcd's `LeaseKeepAlive` does (`ErrGRPCStopped`).
                 let req = tokio::select! {
                     biased;
-                    _ = core.stopping.cancelled() => {
+                    _ = stopping.cancelled() => {
                         let _ = tx.send(Err(EtcdError::Stopped.into())).await;
                         break;
                     }
@@ -117,11 +155,11 @@ impl Lease for LeaseService {
                 };
                 // One response per request; an unknown lease answers TTL 0 (etcd). A follower
                 // renews on the leader; without a leader the stream ends with the error.
-                let resp = match core.renew_lease(req.id).await {
+                let resp = match leases.renew(req.id).await {
                     Ok(ttl) => {
-                        let revision = core.applied.borrow().revision;
+                        let revision = reader.applied().revision;
                         Ok(LeaseKeepAliveResponse {
-                            header: core.header(revision),
+                            header: reader.header(revision),
                             id: req.id,
                             ttl,
                         })
@@ -143,13 +181,13 @@ impl Lease for LeaseService {
         &self,
         request: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
-        let caller = self.core.caller_of(&request).await?;
+        let caller = self.access.caller_of(&request).await?;
         let req = request.into_inner();
-        let resp = self.core.lease_time_to_live(req).await?;
+        let resp = self.leases.time_to_live(req).await?;
         // With keys, READ on each attached key while auth is enabled (etcd 3.5
         // `checkLeaseTimeToLive`): "etcdserver: permission denied" otherwise.
         for k in &resp.keys {
-            self.core.check_read(caller.as_ref(), k, &[])?;
+            self.access.check_read(caller.as_ref(), k, &[])?;
         }
         Ok(Response::new(resp))
     }
@@ -158,55 +196,77 @@ impl Lease for LeaseService {
         &self,
         _request: Request<LeaseLeasesRequest>,
     ) -> Result<Response<LeaseLeasesResponse>, Status> {
-        let state = self.core.linearizable_state().await?;
+        let state = self.reader.linearizable_state().await?;
         let leases = self
-            .core
             .leases
+            .table()
             .lock()
             .keys()
             .map(|id| LeaseStatus { id: *id })
             .collect();
         Ok(Response::new(LeaseLeasesResponse {
-            header: self.core.header(state.revision),
+            header: self.reader.header(state.revision),
             leases,
         }))
     }
 }
 
-impl Core {
+impl Leases {
+    /// The lease handle over `table`: lease IDs from the splitmix64 sequence seeded with
+    /// `seed`; grants and checkpoints through `proposer`; renewals on the leader found through
+    /// `members`.
+    pub fn new(
+        table: LeaseTable,
+        seed: u64,
+        proposer: Proposer,
+        reader: Reader,
+        members: Members,
+    ) -> Leases {
+        Leases(Arc::new(LeasesState {
+            table,
+            next_seed: AtomicU64::new(seed),
+            proposer,
+            reader,
+            members,
+        }))
+    }
+
+    /// Granted leases and this member's deadlines for them.
+    pub fn table(&self) -> &LeaseTable {
+        &self.0.table
+    }
+
     /// Renews lease `id` where it counts: on the leader, which alone runs the lease clock.
     /// Returns the granted TTL in seconds, or 0 for an unknown lease (etcd).
     ///
     /// Errors: "no leader"; "leader changed" when the leader cannot be reached.
-    pub async fn renew_lease(&self, id: i64) -> Result<i64, EtcdError> {
-        if let Some(mut peer) = self.remote_leader().await? {
+    pub async fn renew(&self, id: i64) -> Result<i64, EtcdError> {
+        if let Some(mut peer) = self.0.members.remote_leader().await? {
             let resp = peer
                 .lease_renew(LeaseKeepAliveRequest { id })
                 .await
                 .map_err(|_| EtcdError::LeaderChanged)?;
             return Ok(resp.into_inner().ttl);
         }
-        Ok(self.renew_lease_here(id))
+        Ok(self.renew_here(id))
     }
 
-    /// The leader's side of [`Core::renew_lease`].
-    pub fn renew_lease_here(&self, id: i64) -> i64 {
-        let Some((ttl, clear_checkpoint)) = self.leases.renew(id) else {
+    /// The leader's side of [`Leases::renew`].
+    pub fn renew_here(&self, id: i64) -> i64 {
+        let Some((ttl, clear_checkpoint)) = self.0.table.renew(id) else {
             return 0;
         };
         if clear_checkpoint {
             // A renewed lease starts over from its full TTL: the checkpointed remainder no
             // longer applies after a restart or leader change.
-            let core = self.this.upgrade();
+            let proposer = self.0.proposer.clone();
             let clear = LeaseCheckpointRequest {
                 checkpoints: vec![LeaseCheckpoint {
                     id,
                     remaining_ttl: 0,
                 }],
             };
-            if let Some(core) = core {
-                tokio::spawn(async move { core.propose(Proposed::LeaseCheckpoint(clear)).await });
-            }
+            tokio::spawn(async move { proposer.propose(Proposed::LeaseCheckpoint(clear)).await });
         }
         ttl
     }
@@ -214,40 +274,41 @@ impl Core {
     /// LeaseTimeToLive, answered by the leader (a follower's deadlines are not the ones that
     /// expire leases).
     ///
-    /// Errors: "no leader", "leader changed", and [`Core::linearizable_state`]'s.
-    pub async fn lease_time_to_live(
+    /// Errors: "no leader", "leader changed", and [`Reader::linearizable_state`]'s.
+    pub async fn time_to_live(
         &self,
         req: LeaseTimeToLiveRequest,
     ) -> Result<LeaseTimeToLiveResponse, EtcdError> {
-        if let Some(mut peer) = self.remote_leader().await? {
+        if let Some(mut peer) = self.0.members.remote_leader().await? {
             let resp = peer
                 .lease_time_to_live(req)
                 .await
                 .map_err(|_| EtcdError::LeaderChanged)?;
             return Ok(resp.into_inner());
         }
-        let state = self.linearizable_state().await?;
+        let state = self.0.reader.linearizable_state().await?;
         let found = self
-            .leases
+            .0
+            .table
             .lock()
             .get(&req.id)
             .map(|l| (l.remaining_secs(Instant::now()), l.ttl));
         let Some((ttl, granted_ttl)) = found else {
             // etcd answers an unknown lease with TTL -1 rather than an error.
             return Ok(LeaseTimeToLiveResponse {
-                header: self.header(state.revision),
+                header: self.0.reader.header(state.revision),
                 id: req.id,
                 ttl: -1,
                 ..Default::default()
             });
         };
         let keys = if req.keys {
-            self.shards.lease_keys(req.id).await?
+            self.0.reader.shards().lease_keys(req.id).await?
         } else {
             Vec::new()
         };
         Ok(LeaseTimeToLiveResponse {
-            header: self.header(state.revision),
+            header: self.0.reader.header(state.revision),
             id: req.id,
             ttl,
             granted_ttl,
@@ -255,57 +316,12 @@ impl Core {
         })
     }
 
-    /// A Peer client to the leader, or `None` when this member leads.
-    ///
-    /// Errors: "no leader".
-    async fn remote_leader(
-        &self,
-    ) -> Result<Option<PeerClient<tonic::transport::Channel>>, EtcdError> {
-        let leader = self.node.status.leader.load(Ordering::Relaxed);
-        if leader == 0 {
-            return Err(EtcdError::NoLeader);
-        }
-        if leader == self.member.id {
-            return Ok(None);
-        }
-        self.leader_peer(leader).await.map(Some)
-    }
-
-    /// A Peer client to `leader`'s peer URL, reused while the leader stays the same.
-    async fn leader_peer(
-        &self,
-        leader: u64,
-    ) -> Result<PeerClient<tonic::transport::Channel>, EtcdError> {
-        let mut cached = self.leader_peer.lock().await;
-        if let Some((id, client)) = cached.as_ref() {
-            if *id == leader {
-                return Ok(client.clone());
-            }
-        }
-        let url = self
-            .node
-            .membership
-            .borrow()
-            .members
-            .get(&leader)
-            .and_then(|m| m.peer_urls.first().cloned())
-            .ok_or(EtcdError::LeaderChanged)?;
-        let channel = crate::net::connect_peer_lazy(&url, |endpoint| {
-            endpoint
-                .connect_timeout(Duration::from_secs(1))
-                .timeout(self.request_timeout)
-        })
-        .map_err(|_| EtcdError::LeaderChanged)?;
-        let client = PeerClient::new(channel);
-        *cached = Some((leader, client.clone()));
-        Ok(client)
-    }
-
     /// A fresh positive lease ID (splitmix64 over a per-member sequence), as etcd picks one on
     /// the member that receives the grant.
     pub fn new_lease_id(&self) -> i64 {
         let mut z = self
-            .next_lease_seed
+            .0
+            .next_seed
             .fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -314,14 +330,11 @@ impl Core {
 
     /// Proposes a grant and returns the applied response.
     ///
-    /// Errors: "lease already exists", "too large lease TTL", and [`Core::propose`]'s.
-    pub async fn grant_lease(
-        &self,
-        req: LeaseGrantRequest,
-    ) -> Result<LeaseGrantResponse, EtcdError> {
-        match self.propose(Proposed::LeaseGrant(req)).await? {
+    /// Errors: "lease already exists", "too large lease TTL", and [`Proposer::propose`]'s.
+    pub async fn grant(&self, req: LeaseGrantRequest) -> Result<LeaseGrantResponse, EtcdError> {
+        match self.0.proposer.propose(Proposed::LeaseGrant(req)).await? {
             ApplyResponse::LeaseGrant(mut r) => {
-                r.header = self.header(r.header.map_or(0, |h| h.revision));
+                r.header = self.0.reader.header(r.header.map_or(0, |h| h.revision));
                 Ok(r)
             }
             _ => Err(crate::error::unexpected_apply_result("a lease request")),
@@ -331,14 +344,14 @@ impl Core {
     /// On becoming leader: once everything committed before this term is applied, restart
     /// every lease deadline from its checkpointed (or full) TTL. Returns the term promoted in,
     /// or `None` when this member is not a settled leader.
-    pub async fn promote_leases(&self) -> Option<u64> {
-        let status = &self.node.status;
-        if status.leader.load(Ordering::Relaxed) != self.member.id {
+    pub async fn promote(&self) -> Option<u64> {
+        let members = &self.0.members;
+        if !members.is_leader() {
             return None;
         }
-        let term = status.term.load(Ordering::Relaxed);
-        self.linearizable_state().await.ok()?;
-        self.leases.promote();
+        let term = members.status().term.load(Ordering::Relaxed);
+        self.0.reader.linearizable_state().await.ok()?;
+        self.0.table.promote();
         Some(term)
     }
 }
@@ -357,14 +370,13 @@ pub async fn run_lease_clock(core: Arc<Core>, promoted_term: Option<u64>) {
         .max(Duration::from_secs(1));
     loop {
         scan.tick().await;
-        let status = &core.node.status;
-        if status.leader.load(Ordering::Relaxed) != core.member.id {
+        if !core.members.is_leader() {
             promoted_term = 0;
             continue;
         }
-        let term = status.term.load(Ordering::Relaxed);
+        let term = core.node.status.term.load(Ordering::Relaxed);
         if promoted_term != term {
-            match core.promote_leases().await {
+            match core.leases.promote().await {
                 Some(t) => promoted_term = t,
                 None => continue,
             }
@@ -372,7 +384,7 @@ pub async fn run_lease_clock(core: Arc<Core>, promoted_term: Option<u64>) {
         }
         let now = Instant::now();
         let (expired, checkpoints) = {
-            let table = core.leases.lock();
+            let table = core.leases.table().lock();
             revoking.retain(|id, since| {
                 table.contains_key(id) && now.duration_since(*since) < REVOKE_RETRY
             });
@@ -401,9 +413,9 @@ pub async fn run_lease_clock(core: Arc<Core>, promoted_term: Option<u64>) {
         };
         for id in expired {
             revoking.insert(id, now);
-            let core = core.clone();
+            let proposer = core.proposer.clone();
             tokio::spawn(async move {
-                if let Err(e) = core
+                if let Err(e) = proposer
                     .propose(Proposed::LeaseRevoke(LeaseRevokeRequest { id }))
                     .await
                 {
@@ -414,9 +426,9 @@ pub async fn run_lease_clock(core: Arc<Core>, promoted_term: Option<u64>) {
         if now.duration_since(last_checkpoint) >= checkpoint_every {
             last_checkpoint = now;
             if !checkpoints.is_empty() {
-                let core = core.clone();
+                let proposer = core.proposer.clone();
                 tokio::spawn(async move {
-                    let _ = core
+                    let _ = proposer
                         .propose(Proposed::LeaseCheckpoint(LeaseCheckpointRequest {
                             checkpoints,
                         }))

@@ -2,14 +2,17 @@
 //! [`crate::apply::alarms`]), Defragment, Hash, HashKV, MoveLeader and Snapshot (an
 //! etcd-format bbolt file, see [`crate::backup`]). Downgrade answers Unimplemented.
 
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
-use super::Core;
+use super::{Access, Core, Members, Proposer, Reader};
+use crate::apply::alarms::SharedAlarms;
 use crate::consensus::NodeMsg;
+use crate::consensus::RaftHandle;
 use crate::error::EtcdError;
 use crate::proto::etcdserverpb::{
     maintenance_server::Maintenance, AlarmRequest, AlarmResponse, DefragmentRequest,
@@ -27,13 +30,35 @@ pub const ETCD_API_VERSION: &str = "3.5.0";
 
 /// The Maintenance service.
 pub struct MaintenanceService {
-    core: Arc<Core>,
+    access: Access,
+    proposer: Proposer,
+    reader: Reader,
+    members: Members,
+    /// The Raft node: its status, state images and leadership transfers.
+    node: RaftHandle,
+    alarms: SharedAlarms,
+    /// Where a snapshot file is built (`<data-dir>/member/snap`).
+    snap_dir: PathBuf,
+    /// `--election-timeout`.
+    election_timeout: Duration,
+    /// How long MoveLeader waits for the transfer.
+    request_timeout: Duration,
 }
 
 impl MaintenanceService {
-    /// Serves Maintenance over `core`.
-    pub fn new(core: Arc<Core>) -> Self {
-        MaintenanceService { core }
+    /// Serves Maintenance with `core`'s handles.
+    pub fn new(core: &Core) -> Self {
+        MaintenanceService {
+            access: core.access.clone(),
+            proposer: core.proposer.clone(),
+            reader: core.reader.clone(),
+            members: core.members.clone(),
+            node: core.node.clone(),
+            alarms: core.alarms.clone(),
+            snap_dir: core.cfg.data_dir().join("member").join("snap"),
+            election_timeout: Duration::from_millis(core.cfg.election_timeout.max(1)),
+            request_timeout: core.request_timeout(),
+        }
     }
 }
 
@@ -59,12 +84,12 @@ impl Maintenance for MaintenanceService {
         request: Request<AlarmRequest>,
     ) -> Result<Response<AlarmResponse>, Status> {
         match self
-            .core
+            .proposer
             .propose(Proposed::Alarm(request.into_inner()))
             .await?
         {
             ApplyResponse::Alarm(mut r) => {
-                r.header = self.core.header(r.header.map_or(0, |h| h.revision));
+                r.header = self.reader.header(r.header.map_or(0, |h| h.revision));
                 Ok(Response::new(r))
             }
             _ => Err(crate::error::unexpected_apply_result("alarm").into()),
@@ -75,25 +100,25 @@ impl Maintenance for MaintenanceService {
         &self,
         _request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
-        let state = *self.core.applied.borrow();
-        let status = &self.core.node.status;
+        let state = self.reader.applied();
+        let status = &self.node.status;
         let leader = status.leader.load(Ordering::Relaxed);
         let mut errors = Vec::new();
         if leader == 0 {
             errors.push(EtcdError::NoLeader.to_string());
         }
         // etcd: one entry per active alarm, every member's, in `AlarmMember`'s text form.
-        errors.extend(self.core.alarms.read(|t| t.status_errors()));
+        errors.extend(self.alarms.read(|t| t.status_errors()));
         Ok(Response::new(StatusResponse {
-            header: self.core.header(state.revision),
+            header: self.reader.header(state.revision),
             version: ETCD_API_VERSION.to_string(),
-            db_size: self.core.shards.db_size() as i64,
+            db_size: self.reader.shards().db_size() as i64,
             leader,
             raft_index: status.commit.load(Ordering::Relaxed),
             raft_term: status.term.load(Ordering::Relaxed),
             raft_applied_index: state.index,
             errors,
-            db_size_in_use: self.core.shards.db_size_in_use() as i64,
+            db_size_in_use: self.reader.shards().db_size_in_use() as i64,
             is_learner: status.is_learner.load(Ordering::Relaxed),
         }))
     }
@@ -103,12 +128,12 @@ impl Maintenance for MaintenanceService {
         request: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
         // Root only while auth is enabled (etcd 3.5 `isAdminPermitted`).
-        let caller = self.core.caller_of(&request).await?;
-        self.core.check_admin(caller.as_ref())?;
-        self.core.shards.defragment().await?;
-        let revision = self.core.applied.borrow().revision;
+        let caller = self.access.caller_of(&request).await?;
+        self.access.check_admin(caller.as_ref())?;
+        self.reader.shards().defragment().await?;
+        let revision = self.reader.applied().revision;
         Ok(Response::new(DefragmentResponse {
-            header: self.core.header(revision),
+            header: self.reader.header(revision),
         }))
     }
 
@@ -120,9 +145,9 @@ impl Maintenance for MaintenanceService {
     /// Errors: "permission denied" for a user other than root while auth is enabled (etcd
     /// `authMaintenanceServer.Hash`).
     async fn hash(&self, request: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
-        let caller = self.core.caller_of(&request).await?;
-        self.core.check_admin(caller.as_ref())?;
-        let kv = self.core.hash_kv(0).await?;
+        let caller = self.access.caller_of(&request).await?;
+        self.access.check_admin(caller.as_ref())?;
+        let kv = self.reader.hash_kv(0).await?;
         Ok(Response::new(HashResponse {
             header: kv.header,
             hash: kv.hash,
@@ -130,16 +155,16 @@ impl Maintenance for MaintenanceService {
     }
 
     /// A digest of the MVCC history up to `revision` (0: the current revision), comparable
-    /// across members to check that they converged (see [`Core::hash_kv`]).
+    /// across members to check that they converged (see [`Reader::hash_kv`]).
     async fn hash_kv(
         &self,
         request: Request<HashKvRequest>,
     ) -> Result<Response<HashKvResponse>, Status> {
         // Root only while auth is enabled (etcd 3.5 `isAdminPermitted`).
-        let caller = self.core.caller_of(&request).await?;
-        self.core.check_admin(caller.as_ref())?;
+        let caller = self.access.caller_of(&request).await?;
+        self.access.check_admin(caller.as_ref())?;
         let revision = request.into_inner().revision;
-        Ok(Response::new(self.core.hash_kv(revision).await?))
+        Ok(Response::new(self.reader.hash_kv(revision).await?))
     }
 
     type SnapshotStream = SnapshotStream;
@@ -162,13 +187,13 @@ impl Maintenance for MaintenanceService {
         request: Request<SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
         // Root only while auth is enabled (etcd 3.5 `isAdminPermitted`).
-        let caller = self.core.caller_of(&request).await?;
-        self.core.check_admin(caller.as_ref())?;
-        let image = self.core.node.state_image().await?;
+        let caller = self.access.caller_of(&request).await?;
+        self.access.check_admin(caller.as_ref())?;
+        let image = self.node.state_image().await?;
         let snap = <StateSnapshot as prost::Message>::decode(image.data.as_ref())
             .map_err(|e| EtcdError::SnapshotImage(e.to_string()))?;
         let revision = snap.revision;
-        let dir = self.core.cfg.data_dir().join("member").join("snap");
+        let dir = self.snap_dir.clone();
         let file = tokio::task::spawn_blocking(move || crate::backup::snapshot_file(&snap, &dir))
             .await
             .map_err(|e| EtcdError::Unknown(e.to_string()))?
@@ -185,14 +210,14 @@ impl Maintenance for MaintenanceService {
         while sent < db_len {
             let n = crate::backup::SEND_CHUNK.min(db_len - sent);
             messages.push(Ok(SnapshotResponse {
-                header: self.core.header(revision),
+                header: self.reader.header(revision),
                 remaining_bytes: (db_len - sent - n) as u64,
                 blob: file.slice(sent..sent + n).to_vec(),
             }));
             sent += n;
         }
         messages.push(Ok(SnapshotResponse {
-            header: self.core.header(revision),
+            header: self.reader.header(revision),
             remaining_bytes: 0,
             blob: file.slice(db_len..).to_vec(),
         }));
@@ -211,28 +236,27 @@ impl Maintenance for MaintenanceService {
     ) -> Result<Response<MoveLeaderResponse>, Status> {
         // No permission check: etcd's `authMaintenanceServer.MoveLeader` passes it through.
         let target = request.into_inner().target_id;
-        let status = &self.core.node.status;
-        if status.leader.load(Ordering::Relaxed) != self.core.member.id {
+        let status = &self.node.status;
+        if !self.members.is_leader() {
             return Err(EtcdError::NotLeader.into());
         }
-        let is_voter = self.core.node.membership.borrow().is_voter(target);
+        let is_voter = self.members.table().is_voter(target);
         if !is_voter {
             return Err(EtcdError::BadLeaderTransferee.into());
         }
-        if target == self.core.member.id {
+        if target == self.members.me().id {
             return Ok(Response::new(MoveLeaderResponse { header: None }));
         }
-        let deadline = tokio::time::Instant::now() + self.core.request_timeout;
+        let deadline = tokio::time::Instant::now() + self.request_timeout;
         // raft-rs abandons a transfer after an election timeout; ask again until it lands.
-        let retry = std::time::Duration::from_millis(self.core.cfg.election_timeout.max(1));
+        let retry = self.election_timeout;
         let mut changes = status.subscribe();
         loop {
             let now = tokio::time::Instant::now();
             if now >= deadline {
                 return Err(EtcdError::LeaderTransferTimeout.into());
             }
-            self.core
-                .node
+            self.node
                 .tx
                 .send_async(NodeMsg::TransferLeader(target))
                 .await

@@ -9,9 +9,7 @@ use raft::prelude::Message;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
-use std::sync::atomic::Ordering;
-
-use super::Core;
+use super::{Core, Leases, Members, Reader};
 use crate::consensus::transport::Faults;
 use crate::consensus::{NodeMsg, PeerProgress};
 use crate::error::EtcdError;
@@ -28,7 +26,9 @@ use crate::state_machine::Membership;
 
 /// The Peer service.
 pub struct PeerService {
-    core: Arc<Core>,
+    reader: Reader,
+    leases: Leases,
+    members: Members,
     member_id: u64,
     cluster_id: u64,
     node: flume::Sender<NodeMsg>,
@@ -39,14 +39,16 @@ pub struct PeerService {
 impl PeerService {
     /// Serves `core`'s member, stepping Raft messages into its Raft node. `faults` cuts links
     /// in tests.
-    pub fn new(core: Arc<Core>, faults: Faults) -> Self {
+    pub fn new(core: &Core, faults: Faults) -> Self {
         PeerService {
+            reader: core.reader.clone(),
+            leases: core.leases.clone(),
+            members: core.members.clone(),
             member_id: core.member.id,
             cluster_id: core.member.cluster_id,
             node: core.node.tx.clone(),
             membership: core.node.membership.clone(),
             faults,
-            core,
         }
     }
 
@@ -69,8 +71,7 @@ impl PeerService {
     }
 
     fn check_leader(&self) -> Result<(), Status> {
-        let leader = self.core.node.status.leader.load(Ordering::Relaxed);
-        if leader != self.member_id {
+        if !self.members.is_leader() {
             return Err(EtcdError::NotLeader.into());
         }
         Ok(())
@@ -190,10 +191,10 @@ impl Peer for PeerService {
     ) -> Result<Response<LeaseKeepAliveResponse>, Status> {
         self.check_leader()?;
         let id = request.into_inner().id;
-        let ttl = self.core.renew_lease_here(id);
-        let revision = self.core.applied.borrow().revision;
+        let ttl = self.leases.renew_here(id);
+        let revision = self.reader.applied().revision;
         Ok(Response::new(LeaseKeepAliveResponse {
-            header: self.core.header(revision),
+            header: self.reader.header(revision),
             id,
             ttl,
         }))
@@ -204,7 +205,7 @@ impl Peer for PeerService {
         request: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
         self.check_leader()?;
-        let resp = self.core.lease_time_to_live(request.into_inner()).await?;
+        let resp = self.leases.time_to_live(request.into_inner()).await?;
         Ok(Response::new(resp))
     }
 
@@ -213,7 +214,7 @@ impl Peer for PeerService {
         request: Request<HashKvRequest>,
     ) -> Result<Response<HashKvResponse>, Status> {
         let revision = request.into_inner().revision;
-        Ok(Response::new(self.core.hash_kv(revision).await?))
+        Ok(Response::new(self.reader.hash_kv(revision).await?))
     }
 
     async fn members(

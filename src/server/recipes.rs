@@ -4,12 +4,11 @@
 //! it is gone.
 
 use std::pin::Pin;
-use std::sync::Arc;
 
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
-use super::Core;
+use super::{Core, Leases, Proposer, Reader};
 use crate::error::EtcdError;
 use crate::proto::etcdserverpb::{
     compare,
@@ -63,11 +62,27 @@ fn get(key: &[u8]) -> RequestOp {
     }))
 }
 
-impl Core {
+/// What the recipes run on: writes, reads, and session leases.
+#[derive(Clone)]
+struct Recipes {
+    proposer: Proposer,
+    reader: Reader,
+    leases: Leases,
+}
+
+impl Recipes {
+    fn new(core: &Core) -> Recipes {
+        Recipes {
+            proposer: core.proposer.clone(),
+            reader: core.reader.clone(),
+            leases: core.leases.clone(),
+        }
+    }
+
     async fn txn(&self, txn: TxnRequest) -> Result<TxnResponse, EtcdError> {
-        match self.propose(Proposed::Txn(txn)).await? {
+        match self.proposer.propose(Proposed::Txn(txn)).await? {
             ApplyResponse::Txn(mut r) => {
-                r.header = self.header(r.header.map_or(0, |h| h.revision));
+                r.header = self.reader.header(r.header.map_or(0, |h| h.revision));
                 Ok(r)
             }
             _ => Err(crate::error::unexpected_apply_result("txn")),
@@ -95,7 +110,7 @@ impl Core {
             max_create_revision: max_create,
             ..Default::default()
         };
-        let resp = self.range(req).await?;
+        let resp = self.reader.range(req).await?;
         Ok((
             resp.kvs.into_iter().next(),
             resp.header.map_or(0, |h| h.revision),
@@ -105,7 +120,7 @@ impl Core {
     /// Waits until no key under `prefix` created at or before `max_create` remains
     /// (`concurrency.waitDeletes`). Woken by every applied batch, not by polling.
     async fn wait_deletes(&self, prefix: &[u8], max_create: i64) -> Result<(), EtcdError> {
-        let mut applied = self.applied.clone();
+        let mut applied = self.reader.applied_changes();
         loop {
             applied.borrow_and_update();
             if self
@@ -149,7 +164,7 @@ impl Core {
         let header = resp.header;
         let revision = header.as_ref().map_or(0, |h| h.revision);
         let mut guard = Release {
-            core: self.clone_arc(),
+            proposer: self.proposer.clone(),
             key: Some(key.clone()),
         };
         let (create_rev, kv) = if resp.succeeded {
@@ -187,7 +202,7 @@ impl Core {
             return Err(Status::from(EtcdError::SessionExpired));
         }
         guard.key = None;
-        Ok((key, create_rev, self.header(revision), kv))
+        Ok((key, create_rev, self.reader.header(revision), kv))
     }
 
     /// etcd's server-side recipes open a session with a fresh lease when the request names
@@ -195,29 +210,25 @@ impl Core {
     async fn session_lease(&self) -> Result<i64, EtcdError> {
         let grant = LeaseGrantRequest {
             ttl: SESSION_TTL,
-            id: self.new_lease_id(),
+            id: self.leases.new_lease_id(),
         };
-        Ok(self.grant_lease(grant).await?.id)
-    }
-
-    fn clone_arc(&self) -> Arc<Core> {
-        self.this.upgrade().expect("core is alive while serving")
+        Ok(self.leases.grant(grant).await?.id)
     }
 }
 
 /// Deletes a key this call created if the call ends early (client cancel, error), as
 /// `concurrency.Mutex.Lock` unlocks on failure.
 struct Release {
-    core: Arc<Core>,
+    proposer: Proposer,
     key: Option<Vec<u8>>,
 }
 
 impl Drop for Release {
     fn drop(&mut self) {
         if let Some(key) = self.key.take() {
-            let core = self.core.clone();
+            let proposer = self.proposer.clone();
             tokio::spawn(async move {
-                let _ = core
+                let _ = proposer
                     .propose(Proposed::DeleteRange(DeleteRangeRequest {
                         key,
                         ..Default::default()
@@ -230,13 +241,15 @@ impl Drop for Release {
 
 /// `v3lockpb.Lock`.
 pub struct LockService {
-    core: Arc<Core>,
+    recipes: Recipes,
 }
 
 impl LockService {
-    /// Serves Lock over `core`.
-    pub fn new(core: Arc<Core>) -> Self {
-        LockService { core }
+    /// Serves Lock with `core`'s handles.
+    pub fn new(core: &Core) -> Self {
+        LockService {
+            recipes: Recipes::new(core),
+        }
     }
 }
 
@@ -245,7 +258,7 @@ impl Lock for LockService {
     async fn lock(&self, request: Request<LockRequest>) -> Result<Response<LockResponse>, Status> {
         let req = request.into_inner();
         let prefix = [req.name.as_slice(), b"/"].concat();
-        let (key, _, header, _) = self.core.acquire(&prefix, req.lease, b"").await?;
+        let (key, _, header, _) = self.recipes.acquire(&prefix, req.lease, b"").await?;
         Ok(Response::new(LockResponse { header, key }))
     }
 
@@ -255,7 +268,8 @@ impl Lock for LockService {
     ) -> Result<Response<UnlockResponse>, Status> {
         let key = request.into_inner().key;
         match self
-            .core
+            .recipes
+            .proposer
             .propose(Proposed::DeleteRange(DeleteRangeRequest {
                 key,
                 ..Default::default()
@@ -263,7 +277,10 @@ impl Lock for LockService {
             .await?
         {
             ApplyResponse::DeleteRange(r) => Ok(Response::new(UnlockResponse {
-                header: self.core.header(r.header.map_or(0, |h| h.revision)),
+                header: self
+                    .recipes
+                    .reader
+                    .header(r.header.map_or(0, |h| h.revision)),
             })),
             _ => Err(crate::error::unexpected_apply_result("unlock").into()),
         }
@@ -272,18 +289,20 @@ impl Lock for LockService {
 
 /// `v3electionpb.Election`.
 pub struct ElectionService {
-    core: Arc<Core>,
+    recipes: Recipes,
 }
 
 impl ElectionService {
-    /// Serves Election over `core`.
-    pub fn new(core: Arc<Core>) -> Self {
-        ElectionService { core }
+    /// Serves Election with `core`'s handles.
+    pub fn new(core: &Core) -> Self {
+        ElectionService {
+            recipes: Recipes::new(core),
+        }
     }
 
     async fn leader_kv(&self, name: &[u8]) -> Result<(Option<KeyValue>, i64), EtcdError> {
         let prefix = [name, b"/"].concat();
-        self.core.first_created(&prefix, 0, false).await
+        self.recipes.first_created(&prefix, 0, false).await
     }
 }
 
@@ -298,7 +317,8 @@ impl Election for ElectionService {
     ) -> Result<Response<CampaignResponse>, Status> {
         let req = request.into_inner();
         let prefix = [req.name.as_slice(), b"/"].concat();
-        let (key, rev, mut header, kv) = self.core.acquire(&prefix, req.lease, &req.value).await?;
+        let (key, rev, mut header, kv) =
+            self.recipes.acquire(&prefix, req.lease, &req.value).await?;
         let leader = LeaderKey {
             name: req.name.clone(),
             key: key.clone(),
@@ -334,7 +354,7 @@ impl Election for ElectionService {
         let (kv, revision) = self.leader_kv(&request.into_inner().name).await?;
         let kv = kv.ok_or_else(|| Status::from(EtcdError::ElectionNoLeader))?;
         Ok(Response::new(LeaderResponse {
-            header: self.core.header(revision),
+            header: self.recipes.reader.header(revision),
             kv: Some(kv),
         }))
     }
@@ -347,10 +367,12 @@ impl Election for ElectionService {
     ) -> Result<Response<Self::ObserveStream>, Status> {
         let name = request.into_inner().name;
         let (tx, rx) = mpsc::channel(16);
-        let core = self.core.clone();
+        let recipes = self.recipes.clone();
         tokio::spawn(async move {
-            let svc = ElectionService { core: core.clone() };
-            let mut applied = core.applied.clone();
+            let svc = ElectionService {
+                recipes: recipes.clone(),
+            };
+            let mut applied = recipes.reader.applied_changes();
             let mut last: Option<(Vec<u8>, i64)> = None;
             loop {
                 applied.borrow_and_update();
@@ -360,7 +382,7 @@ impl Election for ElectionService {
                         if last.as_ref() != Some(&seen) {
                             last = Some(seen);
                             let resp = LeaderResponse {
-                                header: core.header(revision),
+                                header: recipes.reader.header(revision),
                                 kv: Some(kv),
                             };
                             if tx.send(Ok(resp)).await.is_err() {
@@ -402,7 +424,7 @@ impl Election for ElectionService {
             success: vec![delete],
             failure: vec![],
         };
-        let resp = self.core.txn(txn).await?;
+        let resp = self.recipes.txn(txn).await?;
         Ok(Response::new(ResignResponse {
             header: resp.header,
         }))
@@ -426,7 +448,7 @@ impl ElectionService {
             success: vec![put],
             failure: vec![],
         };
-        let resp = self.core.txn(txn).await?;
+        let resp = self.recipes.txn(txn).await?;
         if !resp.succeeded {
             return Err(Status::from(EtcdError::ElectionNotLeader));
         }

@@ -24,7 +24,10 @@ use prost::Message;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::Core;
+use tokio_util::sync::CancellationToken;
+
+use super::{Access, Core, Reader};
+use crate::consensus::NodeStatus;
 use crate::error::EtcdError;
 use crate::mvcc::{KeyRange, RangeEnd};
 use crate::proto::etcdserverpb::{
@@ -45,13 +48,39 @@ const EMPTY_RANGE: &str = "mvcc: watcher range is empty";
 
 /// The Watch service.
 pub struct WatchService {
-    core: Arc<Core>,
+    ctx: Arc<WatchContext>,
+}
+
+/// What every watch stream of the member reads.
+struct WatchContext {
+    reader: Reader,
+    access: Access,
+    /// For streams opened with `hasleader`.
+    status: Arc<NodeStatus>,
+    /// `--election-timeout`.
+    election_timeout: Duration,
+    /// Ends every stream when the member stops.
+    stopping: CancellationToken,
+    /// etcd's progress-notify interval.
+    progress_interval: Duration,
+    /// `--max-request-bytes`: a response is split (fragment) or cut past it (bytes).
+    max_request_bytes: usize,
 }
 
 impl WatchService {
-    /// Serves Watch over `core`.
-    pub fn new(core: Arc<Core>) -> Self {
-        WatchService { core }
+    /// Serves Watch with `core`'s handles.
+    pub fn new(core: &Core) -> Self {
+        WatchService {
+            ctx: Arc::new(WatchContext {
+                reader: core.reader.clone(),
+                access: core.access.clone(),
+                status: core.node.status.clone(),
+                election_timeout: Duration::from_millis(core.cfg.election_timeout),
+                stopping: core.stopping.clone(),
+                progress_interval: core.cfg.watch_progress_notify_interval(),
+                max_request_bytes: core.cfg.max_request_bytes,
+            }),
+        }
     }
 }
 
@@ -71,13 +100,13 @@ impl Watch for WatchService {
         let (tx, rx) = mpsc::channel(OUTBOUND_CAPACITY);
         super::gate::end_stream_without_leader(
             &metadata.into_headers(),
-            self.core.node.status.clone(),
-            Duration::from_millis(self.core.cfg.election_timeout),
+            self.ctx.status.clone(),
+            self.ctx.election_timeout,
             tx.clone(),
-            self.core.stopping.clone(),
+            self.ctx.stopping.clone(),
         );
         let stream = StreamState {
-            core: self.core.clone(),
+            ctx: self.ctx.clone(),
             tx,
             watchers: BTreeMap::new(),
             next_auto_id: 0,
@@ -110,7 +139,7 @@ struct Watcher {
 struct Gone;
 
 struct StreamState {
-    core: Arc<Core>,
+    ctx: Arc<WatchContext>,
     tx: mpsc::Sender<Result<WatchResponse, Status>>,
     watchers: BTreeMap<i64, Watcher>,
     next_auto_id: i64,
@@ -121,8 +150,8 @@ struct StreamState {
 
 impl StreamState {
     async fn run(mut self, mut inbound: Streaming<WatchRequest>) {
-        let mut applied = self.core.applied.clone();
-        let interval = self.core.cfg.watch_progress_notify_interval();
+        let mut applied = self.ctx.reader.applied_changes();
+        let interval = self.ctx.progress_interval;
         let mut progress =
             tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         loop {
@@ -135,7 +164,7 @@ impl StreamState {
                 // etcd ends its watch streams with "etcdserver: server stopped" when the
                 // member stops (`ErrGRPCStopped`); the client sees it rather than a transport
                 // error and may go to another member.
-                _ = self.core.stopping.cancelled() => {
+                _ = self.ctx.stopping.cancelled() => {
                     let _ = self.tx.send(Err(EtcdError::Stopped.into())).await;
                     return;
                 }
@@ -164,7 +193,7 @@ impl StreamState {
     }
 
     fn any_behind(&self) -> bool {
-        let revision = self.core.applied.borrow().revision;
+        let revision = self.ctx.reader.applied().revision;
         self.watchers.values().any(|w| w.next_rev <= revision)
     }
 
@@ -174,7 +203,7 @@ impl StreamState {
 
     fn response(&self, watch_id: i64, revision: i64) -> WatchResponse {
         WatchResponse {
-            header: self.core.header(revision),
+            header: self.ctx.reader.header(revision),
             watch_id,
             ..Default::default()
         }
@@ -184,14 +213,15 @@ impl StreamState {
         match req.request_union {
             Some(RequestUnion::CreateRequest(c)) => {
                 // etcd `isWatchPermitted`: READ on the key or range, as the stream's caller.
-                let reader = if self.core.auth_enabled() {
-                    let caller = self.core.caller(&self.creds).await.ok().flatten();
+                let reader = if self.ctx.access.enabled() {
+                    let caller = self.ctx.access.caller(&self.creds).await.ok().flatten();
                     let allowed = self
-                        .core
+                        .ctx
+                        .access
                         .check_read(caller.as_ref(), &c.key, &c.range_end)
                         .is_ok();
                     if !allowed {
-                        let revision = self.core.applied.borrow().revision;
+                        let revision = self.ctx.reader.applied().revision;
                         let resp = WatchResponse {
                             created: true,
                             canceled: true,
@@ -209,7 +239,7 @@ impl StreamState {
             }
             Some(RequestUnion::CancelRequest(c)) => {
                 if self.watchers.remove(&c.watch_id).is_some() {
-                    let revision = self.core.applied.borrow().revision;
+                    let revision = self.ctx.reader.applied().revision;
                     let resp = WatchResponse {
                         canceled: true,
                         ..self.response(c.watch_id, revision)
@@ -231,7 +261,7 @@ impl StreamState {
         c: WatchCreateRequest,
         reader: Option<(String, Vec<u8>, Vec<u8>)>,
     ) -> WatchResponse {
-        let revision = self.core.applied.borrow().revision;
+        let revision = self.ctx.reader.applied().revision;
         let key = if c.key.is_empty() { vec![0] } else { c.key };
         let range = KeyRange::from_request(&key, &c.range_end);
         let refuse = |reason: &str, id: i64| WatchResponse {
@@ -281,7 +311,7 @@ impl StreamState {
 
     /// Sends every watcher what it is owed, one bounded batch per watcher per pass.
     async fn catch_up(&mut self) -> Result<(), Gone> {
-        let state = *self.core.applied.borrow();
+        let state = self.ctx.reader.applied();
         let ids: Vec<i64> = self
             .watchers
             .iter()
@@ -293,7 +323,7 @@ impl StreamState {
                 continue;
             };
             if let Some((user, key, end)) = &w.reader {
-                let allowed = self.core.auth.read(|a| {
+                let allowed = self.ctx.access.store().read(|a| {
                     a.check(
                         user,
                         a.revision(),
@@ -317,8 +347,9 @@ impl StreamState {
             let fetched = if w.next_rev < state.compact_revision {
                 Err(EtcdError::Compacted)
             } else {
-                self.core
-                    .shards
+                self.ctx
+                    .reader
+                    .shards()
                     .events(&w.range, w.next_rev, state.revision, EVENT_BATCH, w.prev_kv)
                     .await
             };
@@ -344,7 +375,7 @@ impl StreamState {
                 }
                 Err(EtcdError::Compacted) => {
                     self.watchers.remove(&id);
-                    let compact_revision = self.core.applied.borrow().compact_revision;
+                    let compact_revision = self.ctx.reader.applied().compact_revision;
                     // etcd sets only compact_revision; the reason helps clients that read it.
                     let resp = WatchResponse {
                         canceled: true,
@@ -359,7 +390,7 @@ impl StreamState {
         }
         if self.progress_requested && !self.any_behind() {
             self.progress_requested = false;
-            let revision = self.core.applied.borrow().revision;
+            let revision = self.ctx.reader.applied().revision;
             self.send(self.response(-1, revision)).await?;
         }
         Ok(())
@@ -374,7 +405,7 @@ impl StreamState {
         events: Vec<Event>,
         fragment: bool,
     ) -> Result<(), Gone> {
-        let limit = self.core.cfg.max_request_bytes;
+        let limit = self.ctx.max_request_bytes;
         let whole = WatchResponse {
             events,
             ..self.response(id, revision)
@@ -407,7 +438,7 @@ impl StreamState {
 
     /// The periodic progress notification for synced watchers that asked for it.
     async fn progress_notify(&self) -> Result<(), Gone> {
-        let revision = self.core.applied.borrow().revision;
+        let revision = self.ctx.reader.applied().revision;
         for (id, w) in &self.watchers {
             if w.progress_notify && w.next_rev > revision {
                 self.send(self.response(*id, revision)).await?;
