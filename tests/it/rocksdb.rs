@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use etcd_client::{Client, GetOptions};
 
-use crate::harness::{wait_until_async, Server};
+use crate::harness::{wait_until, wait_until_async, Server};
 use crate::util::Rev;
 
 const ROCKS: [&str; 2] = ["--storage-engine", "rocksdb"];
@@ -294,16 +294,18 @@ async fn snapshots_are_rocksdb_checkpoints() {
         c.put(format!("cp/{i:03}"), "v", None).await.unwrap();
     }
     let snap_dir = dir.path().join("member").join("snap");
-    let checkpoints: Vec<_> = std::fs::read_dir(&snap_dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "ckpt"))
-        .collect();
-    assert_eq!(
-        checkpoints.len(),
-        1,
-        "older checkpoints are removed: {checkpoints:?}"
-    );
+    let list = || -> Vec<PathBuf> {
+        std::fs::read_dir(&snap_dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "ckpt"))
+            .collect()
+    };
+    // The Raft node saves a snapshot on a thread of its own and removes the older checkpoints
+    // only once the new snapshot file is durable, so for a moment two exist.
+    let single = wait_until(Duration::from_secs(10), || list().len() == 1);
+    let checkpoints = list();
+    assert!(single, "older checkpoints are removed: {checkpoints:?}");
     for shard in 0..2 {
         let current = checkpoints[0].join(shard.to_string()).join("CURRENT");
         assert!(
