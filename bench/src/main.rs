@@ -255,6 +255,21 @@ fn main() -> anyhow::Result<()> {
             args.only.is_empty() || args.only.iter().any(|o| w.name.starts_with(o.as_str()))
         })
         .collect();
+    let samples = run_rounds(&args, &bins, &plan)?;
+    let memory = if args.rss_keys > 0 {
+        measure_memories(&args, &bins)?
+    } else {
+        Vec::new()
+    };
+    let rows = median_rows(&plan, &samples);
+    write_outputs(&args, &rows, &samples, &memory)?;
+    eprintln!("wrote {}", args.out_dir.join("RESULTS.md").display());
+    Ok(())
+}
+
+/// Runs every workload of `plan` against each server, `args.rounds` times, and returns one
+/// sample per (round, server, workload), logging each to stderr as it completes.
+fn run_rounds(args: &Args, bins: &Binaries, plan: &[Workload]) -> anyhow::Result<Vec<Sample>> {
     let mut samples: Vec<Sample> = Vec::new();
     for round in 0..args.rounds {
         // Alternate which server goes first, so neither always runs on a warmer machine.
@@ -264,10 +279,10 @@ fn main() -> anyhow::Result<()> {
             [Kind::MetaStore, Kind::Etcd]
         };
         for kind in order {
-            let server = Server::start(kind, &bins)?;
-            for w in &plan {
+            let server = Server::start(kind, bins)?;
+            for w in plan {
                 let total = ((w.total as f64 * args.scale) as u64).max(1);
-                let report = run_loadgen(&bins, &server.endpoint, w, total)
+                let report = run_loadgen(bins, &server.endpoint, w, total)
                     .with_context(|| format!("{} on {}", w.name, kind.name()))?;
                 eprintln!(
                     "round {} {:>9} {:<34} {:>10.0} {}/s  p50 {:.2} ms  p99 {:.2} ms  errors {}",
@@ -289,38 +304,45 @@ fn main() -> anyhow::Result<()> {
             }
         }
     }
-    let mut memory = Vec::new();
-    if args.rss_keys > 0 {
-        // MetaStore with the flags under test and, unless those already choose an engine, with
-        // the RocksDB engine too: the two engines keep history in very different places.
-        let mut runs = vec![
-            (Kind::Etcd, bins.clone(), "etcd".to_string()),
-            (Kind::MetaStore, bins.clone(), "MetaStore".to_string()),
-        ];
-        if !args.metastore_args.contains("--storage-engine") {
-            let mut rocks = bins.clone();
-            rocks
-                .metastore_args
-                .extend(["--storage-engine".into(), "rocksdb".into()]);
-            runs.push((Kind::MetaStore, rocks, "MetaStore (rocksdb)".into()));
-        }
-        for (kind, bins, label) in runs {
-            let mut m = measure_memory(kind, &bins, args.rss_keys)?;
-            m.server = label;
-            eprintln!(
-                "{:>19} after {} keys: peak RSS {:.0} MiB, data dir {:.0} MiB",
-                m.server,
-                m.keys,
-                m.peak_rss as f64 / 1048576.0,
-                m.data_dir_bytes as f64 / 1048576.0
-            );
-            memory.push(m);
-        }
-    }
+    Ok(samples)
+}
 
-    // Medians per (workload, server).
+/// Peak RSS and data dir size of each server after loading `args.rss_keys` keys, logged to
+/// stderr as each completes.
+fn measure_memories(args: &Args, bins: &Binaries) -> anyhow::Result<Vec<Memory>> {
+    let mut memory = Vec::new();
+    // MetaStore with the flags under test and, unless those already choose an engine, with
+    // the RocksDB engine too: the two engines keep history in very different places.
+    let mut runs = vec![
+        (Kind::Etcd, bins.clone(), "etcd".to_string()),
+        (Kind::MetaStore, bins.clone(), "MetaStore".to_string()),
+    ];
+    if !args.metastore_args.contains("--storage-engine") {
+        let mut rocks = bins.clone();
+        rocks
+            .metastore_args
+            .extend(["--storage-engine".into(), "rocksdb".into()]);
+        runs.push((Kind::MetaStore, rocks, "MetaStore (rocksdb)".into()));
+    }
+    for (kind, bins, label) in runs {
+        let mut m = measure_memory(kind, &bins, args.rss_keys)?;
+        m.server = label;
+        eprintln!(
+            "{:>19} after {} keys: peak RSS {:.0} MiB, data dir {:.0} MiB",
+            m.server,
+            m.keys,
+            m.peak_rss as f64 / 1048576.0,
+            m.data_dir_bytes as f64 / 1048576.0
+        );
+        memory.push(m);
+    }
+    Ok(memory)
+}
+
+/// Medians per (workload, server): one chart row per workload of `plan`.
+fn median_rows(plan: &[Workload], samples: &[Sample]) -> Vec<charts::Row> {
     let mut rows = Vec::new();
-    for w in &plan {
+    for w in plan {
         let pick = |server: &str| -> Vec<&Sample> {
             samples
                 .iter()
@@ -328,60 +350,74 @@ fn main() -> anyhow::Result<()> {
                 .collect()
         };
         let (e, m) = (pick("etcd"), pick("MetaStore"));
-        // The CDF of the median round (by throughput) of each server.
-        let cdf_of = |v: &[&Sample]| -> Vec<(f64, f64)> {
-            let mut v = v.to_vec();
-            v.sort_by(|a, b| {
-                a.report
-                    .requests_per_sec
-                    .total_cmp(&b.report.requests_per_sec)
-            });
-            v.get(v.len() / 2)
-                .map(|s| s.report.cdf.clone())
-                .unwrap_or_default()
-        };
         rows.push(charts::Row {
             workload: w.name.to_string(),
             unit: w.unit,
             etcd: figures(&e),
             metastore: figures(&m),
-            etcd_cdf: cdf_of(&e),
-            metastore_cdf: cdf_of(&m),
+            etcd_cdf: median_round_cdf(&e),
+            metastore_cdf: median_round_cdf(&m),
         });
     }
-    std::fs::create_dir_all(&args.out_dir)?;
-    charts::throughput(&args.out_dir.join("throughput.svg"), &rows)?;
-    charts::cdfs(&args.out_dir.join("latency-cdf.svg"), &rows)?;
-    let meta = charts::Meta {
-        date: Command::new("date")
-            .arg("-u")
-            .arg("+%Y-%m-%d %H:%M UTC")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8(o.stdout).ok())
-            .unwrap_or_default()
-            .trim()
-            .to_string(),
+    rows
+}
+
+/// The CDF of the median round (by throughput) of each server.
+fn median_round_cdf(v: &[&Sample]) -> Vec<(f64, f64)> {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| {
+        a.report
+            .requests_per_sec
+            .total_cmp(&b.report.requests_per_sec)
+    });
+    v.get(v.len() / 2)
+        .map(|s| s.report.cdf.clone())
+        .unwrap_or_default()
+}
+
+/// Trimmed stdout of `program` run with `args`; empty when it cannot run.
+fn command_stdout(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// What RESULTS.md says about the run: date, machine, versions and settings.
+fn run_meta(args: &Args) -> charts::Meta {
+    charts::Meta {
+        date: command_stdout("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
         machine: machine(),
         etcd_version: version(&args.etcd, "--version"),
         metastore_version: format!(
             "{} {}",
             version(&args.metastore, "--version"),
-            Command::new("git")
-                .args(["rev-parse", "--short", "HEAD"])
-                .output()
-                .ok()
-                .and_then(|o| String::from_utf8(o.stdout).ok())
-                .unwrap_or_default()
-                .trim()
+            command_stdout("git", &["rev-parse", "--short", "HEAD"])
         ),
         metastore_args: args.metastore_args.clone(),
         rounds: args.rounds,
         scale: args.scale,
-    };
+    }
+}
+
+/// Writes the charts, RESULTS.md and results.json into `args.out_dir` (created if missing).
+fn write_outputs(
+    args: &Args,
+    rows: &[charts::Row],
+    samples: &[Sample],
+    memory: &[Memory],
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.out_dir)?;
+    charts::throughput(&args.out_dir.join("throughput.svg"), rows)?;
+    charts::cdfs(&args.out_dir.join("latency-cdf.svg"), rows)?;
+    let meta = run_meta(args);
     std::fs::write(
         args.out_dir.join("RESULTS.md"),
-        charts::markdown(&meta, &rows, &memory),
+        charts::markdown(&meta, rows, memory),
     )?;
     std::fs::write(
         args.out_dir.join("results.json"),
@@ -395,7 +431,6 @@ fn main() -> anyhow::Result<()> {
             "memory": memory,
         }))?,
     )?;
-    eprintln!("wrote {}", args.out_dir.join("RESULTS.md").display());
     Ok(())
 }
 

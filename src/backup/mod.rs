@@ -135,105 +135,19 @@ fn is_false(b: &bool) -> bool {
     !*b
 }
 
+/// One bucket's entries: key and value.
+type BucketEntries = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// The database's buckets and entries, in the order they are written.
-type Buckets = Vec<(&'static str, Vec<(Vec<u8>, Vec<u8>)>)>;
+type Buckets = Vec<(&'static str, BucketEntries)>;
 
 /// Lays out `snap` (a complete image) as etcd's backend buckets.
 fn buckets(snap: &StateSnapshot) -> Buckets {
-    let mut keys = Vec::new();
-    for kh in &snap.keys {
-        for v in &kh.versions {
-            let kv = if v.tombstone {
-                // etcd stores a tombstone's KeyValue with only the key.
-                KeyValue {
-                    key: kh.key.clone(),
-                    ..Default::default()
-                }
-            } else {
-                KeyValue {
-                    key: kh.key.clone(),
-                    create_revision: v.create_revision,
-                    mod_revision: v.mod_revision,
-                    version: v.version,
-                    value: v.value.clone(),
-                    lease: v.lease,
-                }
-            };
-            keys.push((
-                revision_key(v.mod_revision, i64::from(v.sub), v.tombstone),
-                kv.encode_to_vec(),
-            ));
-        }
-    }
-    keys.sort_unstable();
-
-    let mut meta = vec![
-        (
-            b"consistent_index".to_vec(),
-            snap.index.to_be_bytes().to_vec(),
-        ),
-        (b"term".to_vec(), snap.term.to_be_bytes().to_vec()),
-    ];
-    if snap.compact_revision > 0 {
-        let rev = revision_key(snap.compact_revision, 0, false);
-        meta.push((b"finishedCompactRev".to_vec(), rev.clone()));
-        meta.push((b"scheduledCompactRev".to_vec(), rev));
-    }
-
-    let lease = snap
-        .leases
-        .iter()
-        .map(|l| {
-            let rec = Lease {
-                id: l.id,
-                ttl: l.ttl,
-                remaining_ttl: l.remaining_ttl,
-            };
-            (l.id.to_be_bytes().to_vec(), rec.encode_to_vec())
-        })
-        .collect();
-
-    let auth_state = snap.auth.clone().unwrap_or_default();
-    let auth = vec![
-        (
-            b"authRevision".to_vec(),
-            auth_state.revision.to_be_bytes().to_vec(),
-        ),
-        (b"authEnabled".to_vec(), vec![u8::from(auth_state.enabled)]),
-    ];
-    let users = auth_state
-        .users
-        .iter()
-        .map(|u| (u.name.clone(), u.encode_to_vec()))
-        .collect();
-    let roles = auth_state
-        .roles
-        .iter()
-        .map(|r| (r.name.clone(), r.encode_to_vec()))
-        .collect();
-
-    let members = snap
-        .members
-        .iter()
-        .map(|m| {
-            let json = JsonMember {
-                id: m.id,
-                peer_urls: m.peer_urls.clone(),
-                is_learner: m.is_learner,
-                name: m.name.clone(),
-                client_urls: m.client_urls.clone(),
-            };
-            (
-                format!("{:x}", m.id).into_bytes(),
-                serde_json::to_vec(&json).expect("member JSON"),
-            )
-        })
-        .collect();
-    let removed = snap
-        .removed
-        .iter()
-        .map(|id| (format!("{id:x}").into_bytes(), b"removed".to_vec()))
-        .collect();
+    let keys = key_bucket(snap);
+    let meta = meta_bucket(snap);
+    let lease = lease_bucket(snap);
+    let (auth, users, roles) = auth_buckets(snap);
+    let (members, removed) = member_buckets(snap);
     let cluster = vec![(
         b"clusterVersion".to_vec(),
         CLUSTER_VERSION.as_bytes().to_vec(),
@@ -261,6 +175,123 @@ fn buckets(snap: &StateSnapshot) -> Buckets {
         entries.dedup_by(|a, b| a.0 == b.0);
     }
     out
+}
+
+/// The `key` bucket: every retained version of every key under its revision key, as etcd's
+/// MVCC store holds it, in revision order.
+fn key_bucket(snap: &StateSnapshot) -> BucketEntries {
+    let mut keys = Vec::new();
+    for kh in &snap.keys {
+        for v in &kh.versions {
+            let kv = if v.tombstone {
+                // etcd stores a tombstone's KeyValue with only the key.
+                KeyValue {
+                    key: kh.key.clone(),
+                    ..Default::default()
+                }
+            } else {
+                KeyValue {
+                    key: kh.key.clone(),
+                    create_revision: v.create_revision,
+                    mod_revision: v.mod_revision,
+                    version: v.version,
+                    value: v.value.clone(),
+                    lease: v.lease,
+                }
+            };
+            keys.push((
+                revision_key(v.mod_revision, i64::from(v.sub), v.tombstone),
+                kv.encode_to_vec(),
+            ));
+        }
+    }
+    keys.sort_unstable();
+    keys
+}
+
+/// The `meta` bucket: the applied index and term, and the compaction revision (as both the
+/// finished and the scheduled one) when there is one.
+fn meta_bucket(snap: &StateSnapshot) -> BucketEntries {
+    let mut meta = vec![
+        (
+            b"consistent_index".to_vec(),
+            snap.index.to_be_bytes().to_vec(),
+        ),
+        (b"term".to_vec(), snap.term.to_be_bytes().to_vec()),
+    ];
+    if snap.compact_revision > 0 {
+        let rev = revision_key(snap.compact_revision, 0, false);
+        meta.push((b"finishedCompactRev".to_vec(), rev.clone()));
+        meta.push((b"scheduledCompactRev".to_vec(), rev));
+    }
+    meta
+}
+
+/// The `lease` bucket: each lease under its big-endian ID, as a `leasepb.Lease`.
+fn lease_bucket(snap: &StateSnapshot) -> BucketEntries {
+    snap.leases
+        .iter()
+        .map(|l| {
+            let rec = Lease {
+                id: l.id,
+                ttl: l.ttl,
+                remaining_ttl: l.remaining_ttl,
+            };
+            (l.id.to_be_bytes().to_vec(), rec.encode_to_vec())
+        })
+        .collect()
+}
+
+/// The auth store's buckets: `auth` (revision and enabled flag), `authUsers` and
+/// `authRoles` (each record under its name).
+fn auth_buckets(snap: &StateSnapshot) -> (BucketEntries, BucketEntries, BucketEntries) {
+    let auth_state = snap.auth.clone().unwrap_or_default();
+    let auth = vec![
+        (
+            b"authRevision".to_vec(),
+            auth_state.revision.to_be_bytes().to_vec(),
+        ),
+        (b"authEnabled".to_vec(), vec![u8::from(auth_state.enabled)]),
+    ];
+    let users = auth_state
+        .users
+        .iter()
+        .map(|u| (u.name.clone(), u.encode_to_vec()))
+        .collect();
+    let roles = auth_state
+        .roles
+        .iter()
+        .map(|r| (r.name.clone(), r.encode_to_vec()))
+        .collect();
+    (auth, users, roles)
+}
+
+/// The `members` bucket (hex ID to etcd's JSON member record) and the `members_removed`
+/// bucket (hex ID to `removed`).
+fn member_buckets(snap: &StateSnapshot) -> (BucketEntries, BucketEntries) {
+    let members = snap
+        .members
+        .iter()
+        .map(|m| {
+            let json = JsonMember {
+                id: m.id,
+                peer_urls: m.peer_urls.clone(),
+                is_learner: m.is_learner,
+                name: m.name.clone(),
+                client_urls: m.client_urls.clone(),
+            };
+            (
+                format!("{:x}", m.id).into_bytes(),
+                serde_json::to_vec(&json).expect("member JSON"),
+            )
+        })
+        .collect();
+    let removed = snap
+        .removed
+        .iter()
+        .map(|id| (format!("{id:x}").into_bytes(), b"removed".to_vec()))
+        .collect();
+    (members, removed)
 }
 
 /// Writes `snap` (a complete image: every key's retained history) as an etcd backend
@@ -365,44 +396,75 @@ type Entry<'a> = (&'a [u8], &'a [u8]);
 pub fn read_db(db: &[u8]) -> Result<EtcdDb, BackupError> {
     let file = bolt::Db::open(db).map_err(format_err)?;
     let mut out = EtcdDb::default();
-    let entries = |name: &str| -> Result<Vec<Entry<'_>>, BackupError> {
-        let mut v = Vec::new();
-        if let Some(b) = file.bucket(name.as_bytes()).map_err(format_err)? {
-            file.for_each(b, &mut |k, val| {
-                v.push((k, val));
-                Ok(())
-            })
-            .map_err(format_err)?;
-        }
-        Ok(v)
-    };
-    let bad = |bucket: &str, e: &dyn std::fmt::Display| {
-        BackupError::Format(format!("bucket {bucket}: {e}"))
-    };
 
-    let meta = entries("meta")?;
-    let meta_u64 = |key: &[u8]| {
-        meta.iter()
-            .find(|(k, _)| *k == key)
-            .and_then(|(_, v)| Some(u64::from_be_bytes((*v).try_into().ok()?)))
-    };
-    let meta_rev = |key: &[u8]| {
-        meta.iter()
-            .find(|(k, _)| *k == key)
-            .and_then(|(_, v)| parse_revision_key(v))
-            .map_or(0, |(main, _, _)| main)
-    };
+    let meta = bucket_entries(&file, "meta")?;
     let state = &mut out.state;
-    state.index = meta_u64(b"consistent_index").unwrap_or(0);
-    state.term = meta_u64(b"term").unwrap_or(0);
-    state.compact_revision = meta_rev(b"finishedCompactRev").max(meta_rev(b"scheduledCompactRev"));
+    state.index = meta_u64(&meta, b"consistent_index").unwrap_or(0);
+    state.term = meta_u64(&meta, b"term").unwrap_or(0);
+    state.compact_revision =
+        meta_rev(&meta, b"finishedCompactRev").max(meta_rev(&meta, b"scheduledCompactRev"));
 
+    let (keys, revision) = read_keys(&bucket_entries(&file, "key")?)?;
+    state.revision = revision.max(state.compact_revision).max(1);
+    state.keys = keys;
+
+    state.leases = read_leases(&bucket_entries(&file, "lease")?)?;
+    state.auth = Some(read_auth(&file)?);
+
+    for (k, _) in bucket_entries(&file, "alarm")? {
+        state
+            .alarms
+            .push(AlarmMember::decode(k).map_err(|e| bad_entry("alarm", &e))?);
+    }
+
+    out.members = read_members(&bucket_entries(&file, "members")?)?;
+    out.total_keys = count_entries(&file)?;
+    Ok(out)
+}
+
+/// The entries of bucket `name` in key order; none when the database lacks the bucket.
+fn bucket_entries<'a>(file: &bolt::Db<'a>, name: &str) -> Result<Vec<Entry<'a>>, BackupError> {
+    let mut v = Vec::new();
+    if let Some(b) = file.bucket(name.as_bytes()).map_err(format_err)? {
+        file.for_each(b, &mut |k, val| {
+            v.push((k, val));
+            Ok(())
+        })
+        .map_err(format_err)?;
+    }
+    Ok(v)
+}
+
+/// A [`BackupError::Format`] for an entry of `bucket` that does not decode.
+fn bad_entry(bucket: &str, e: &dyn std::fmt::Display) -> BackupError {
+    BackupError::Format(format!("bucket {bucket}: {e}"))
+}
+
+/// The big-endian `u64` stored under `key` in the `meta` bucket, if any.
+fn meta_u64(meta: &[Entry<'_>], key: &[u8]) -> Option<u64> {
+    meta.iter()
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, v)| Some(u64::from_be_bytes((*v).try_into().ok()?)))
+}
+
+/// The main revision of the revision key stored under `key` in the `meta` bucket; 0 when
+/// absent or malformed.
+fn meta_rev(meta: &[Entry<'_>], key: &[u8]) -> i64 {
+    meta.iter()
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, v)| parse_revision_key(v))
+        .map_or(0, |(main, _, _)| main)
+}
+
+/// The key histories of the `key` bucket (each key's versions in revision order, keys in
+/// key order) and the newest main revision it holds (0 when empty).
+fn read_keys(entries: &[Entry<'_>]) -> Result<(Vec<KeyHistory>, i64), BackupError> {
     let mut histories: BTreeMap<Vec<u8>, Vec<KeyVersion>> = BTreeMap::new();
     let mut revision = 0;
-    for (k, v) in entries("key")? {
+    for &(k, v) in entries {
         let (main, sub, tombstone) =
-            parse_revision_key(k).ok_or_else(|| bad("key", &"malformed revision key"))?;
-        let kv = KeyValue::decode(v).map_err(|e| bad("key", &e))?;
+            parse_revision_key(k).ok_or_else(|| bad_entry("key", &"malformed revision key"))?;
+        let kv = KeyValue::decode(v).map_err(|e| bad_entry("key", &e))?;
         revision = revision.max(main);
         let version = if tombstone {
             KeyVersion {
@@ -424,60 +486,67 @@ pub fn read_db(db: &[u8]) -> Result<EtcdDb, BackupError> {
         };
         histories.entry(kv.key).or_default().push(version);
     }
-    state.revision = revision.max(state.compact_revision).max(1);
-    state.keys = histories
+    let keys = histories
         .into_iter()
         .map(|(key, mut versions)| {
             versions.sort_by_key(|v| (v.mod_revision, v.sub));
             KeyHistory { key, versions }
         })
         .collect();
+    Ok((keys, revision))
+}
 
-    for (_, v) in entries("lease")? {
-        let l = Lease::decode(v).map_err(|e| bad("lease", &e))?;
-        state.leases.push(LeaseRecord {
+/// The leases of the `lease` bucket, sorted by ID.
+fn read_leases(entries: &[Entry<'_>]) -> Result<Vec<LeaseRecord>, BackupError> {
+    let mut leases = Vec::new();
+    for &(_, v) in entries {
+        let l = Lease::decode(v).map_err(|e| bad_entry("lease", &e))?;
+        leases.push(LeaseRecord {
             id: l.id,
             ttl: l.ttl,
             remaining_ttl: l.remaining_ttl,
         });
     }
-    state.leases.sort_by_key(|l| l.id);
+    leases.sort_by_key(|l| l.id);
+    Ok(leases)
+}
 
-    let auth = entries("auth")?;
+/// The auth store from the `auth`, `authUsers` and `authRoles` buckets (read in that
+/// order); users and roles sorted by name, each role's permissions by key.
+fn read_auth(file: &bolt::Db<'_>) -> Result<AuthState, BackupError> {
+    let auth = bucket_entries(file, "auth")?;
     let mut auth_state = AuthState::default();
     for (k, v) in &auth {
         match *k {
             b"authEnabled" => auth_state.enabled = *v == [1u8],
             b"authRevision" => {
                 auth_state.revision =
-                    u64::from_be_bytes((*v).try_into().map_err(|e| bad("auth", &e))?)
+                    u64::from_be_bytes((*v).try_into().map_err(|e| bad_entry("auth", &e))?)
             }
             _ => {}
         }
     }
-    for (_, v) in entries("authUsers")? {
+    for (_, v) in bucket_entries(file, "authUsers")? {
         auth_state
             .users
-            .push(User::decode(v).map_err(|e| bad("authUsers", &e))?);
+            .push(User::decode(v).map_err(|e| bad_entry("authUsers", &e))?);
     }
-    for (_, v) in entries("authRoles")? {
-        let mut role = Role::decode(v).map_err(|e| bad("authRoles", &e))?;
+    for (_, v) in bucket_entries(file, "authRoles")? {
+        let mut role = Role::decode(v).map_err(|e| bad_entry("authRoles", &e))?;
         role.key_permission.sort_by(|a, b| a.key.cmp(&b.key));
         auth_state.roles.push(role);
     }
     auth_state.users.sort_by(|a, b| a.name.cmp(&b.name));
     auth_state.roles.sort_by(|a, b| a.name.cmp(&b.name));
-    state.auth = Some(auth_state);
+    Ok(auth_state)
+}
 
-    for (k, _) in entries("alarm")? {
-        state
-            .alarms
-            .push(AlarmMember::decode(k).map_err(|e| bad("alarm", &e))?);
-    }
-
-    for (_, v) in entries("members")? {
-        let m: JsonMember = serde_json::from_slice(v).map_err(|e| bad("members", &e))?;
-        out.members.push(MemberRecord {
+/// The members of the `members` bucket (etcd's JSON records), sorted by ID.
+fn read_members(entries: &[Entry<'_>]) -> Result<Vec<MemberRecord>, BackupError> {
+    let mut members = Vec::new();
+    for &(_, v) in entries {
+        let m: JsonMember = serde_json::from_slice(v).map_err(|e| bad_entry("members", &e))?;
+        members.push(MemberRecord {
             id: m.id,
             name: m.name,
             peer_urls: m.peer_urls,
@@ -485,8 +554,12 @@ pub fn read_db(db: &[u8]) -> Result<EtcdDb, BackupError> {
             is_learner: m.is_learner,
         });
     }
-    out.members.sort_by_key(|m| m.id);
+    members.sort_by_key(|m| m.id);
+    Ok(members)
+}
 
+/// Entries in all buckets of `file` (`etcdctl snapshot status`'s totalKey).
+fn count_entries(file: &bolt::Db<'_>) -> Result<u64, BackupError> {
     let mut total = 0u64;
     for name in file.bucket_names().map_err(format_err)? {
         if let Some(b) = file.bucket(name).map_err(format_err)? {
@@ -497,8 +570,7 @@ pub fn read_db(db: &[u8]) -> Result<EtcdDb, BackupError> {
             .map_err(format_err)?;
         }
     }
-    out.total_keys = total;
-    Ok(out)
+    Ok(total)
 }
 
 #[cfg(test)]

@@ -707,6 +707,134 @@ pub fn election_ticks(election_ms: u64, heartbeat_ms: u64) -> usize {
     (election_ms / heartbeat_ms.max(1)).max(2) as usize
 }
 
+/// On a new cluster's first boot (no snapshot, no log, no hard state, but `--initial-cluster`
+/// members), writes the bootstrap conf change entries and a hard state committing them to the
+/// WAL and makes them the recovered log, so this start and every later one replays them.
+/// Returns whether the data was fresh (nothing recovered), bootstrapped or not.
+fn bootstrap_if_fresh(
+    cfg: &NodeConfig,
+    snap: Option<&StateSnapshot>,
+    wal: &mut Wal,
+    recovered: &mut Recovered,
+) -> Result<bool, StartError> {
+    let fresh = snap.is_none() && recovered.entries.is_empty() && recovered.hard_state.is_none();
+    if fresh && !cfg.bootstrap.is_empty() {
+        let entries = bootstrap_entries(&cfg.bootstrap);
+        let hs = HardState {
+            term: 1,
+            commit: entries.len() as u64,
+            ..Default::default()
+        };
+        wal.append(&entries, Some(&hs));
+        wal.sync()?;
+        *recovered = Recovered {
+            entries,
+            hard_state: Some(hs),
+        };
+    }
+    Ok(fresh)
+}
+
+/// The membership table to start from (the snapshot's, empty without one) and whether the
+/// data predates membership in the log, in which case the table is this member alone.
+fn starting_membership(
+    cfg: &NodeConfig,
+    snap: Option<&StateSnapshot>,
+    recovered: &Recovered,
+) -> (Membership, bool) {
+    // Data written before membership went into the log has a snapshot without members,
+    // or a log that does not start with conf changes: that was always this member alone.
+    let legacy_alone = match snap {
+        Some(s) => s.members.is_empty(),
+        None => recovered
+            .entries
+            .first()
+            .is_some_and(|e| e.get_entry_type() != EntryType::EntryConfChangeV2),
+    };
+    let mut membership = match snap {
+        Some(s) => Membership::from_records(&s.members, &s.removed),
+        None => Membership::default(),
+    };
+    if legacy_alone {
+        membership = Membership::from_records(std::slice::from_ref(&cfg.this_member), &[]);
+    }
+    (membership, legacy_alone)
+}
+
+/// Loads Raft's in-memory storage with what recovery found: the snapshot's metadata (or, for
+/// legacy data without one, the configuration of this member alone), the recovered entries,
+/// and a hard state whose commit index covers what is already durable (see
+/// [`start_commit`]). Returns the snapshot's index (0 without one).
+fn restore_storage(
+    storage: &RaftStorage,
+    snap: Option<&StateSnapshot>,
+    membership: &Membership,
+    legacy_alone: bool,
+    applied: u64,
+    recovered: Recovered,
+) -> Result<u64, StartError> {
+    let snap_index = match snap {
+        Some(s) => {
+            let mut rs = Snapshot::default();
+            rs.mut_metadata().index = s.index;
+            rs.mut_metadata().term = s.term;
+            rs.mut_metadata().set_conf_state(membership.conf_state());
+            storage.wl().apply_snapshot(rs)?;
+            s.index
+        }
+        None => {
+            if legacy_alone {
+                storage.wl().set_conf_state(membership.conf_state());
+            }
+            0
+        }
+    };
+    storage.wl().append(&recovered.entries)?;
+    let last_index = recovered.entries.last().map_or(snap_index, |e| e.index);
+    if recovered.hard_state.is_some() || applied > snap_index {
+        // What the snapshot or the durable state machine holds was committed; the log
+        // cannot commit what it lacks.
+        let commit = start_commit(
+            recovered.hard_state.as_ref(),
+            snap_index,
+            applied,
+            last_index,
+        );
+        let mut hs = recovered.hard_state.unwrap_or_default();
+        hs.commit = commit;
+        hs.term = hs.term.max(storage.rl().hard_state().term);
+        if let Some(last) = recovered.entries.last() {
+            hs.term = hs.term.max(last.term);
+        }
+        storage.wl().set_hardstate(hs);
+    }
+    Ok(snap_index)
+}
+
+/// raft-rs's configuration for this member, replaying from `snap_index` (not yet validated).
+fn raft_config(cfg: &NodeConfig, snap_index: u64) -> raft::Config {
+    let election_tick = election_ticks(cfg.election_ms, cfg.heartbeat_ms);
+    raft::Config {
+        id: cfg.id,
+        election_tick,
+        heartbeat_tick: 1,
+        // Everything after the snapshot comes out of Ready again, so conf changes after it
+        // rebuild Raft's configuration and the membership table; the dispatcher skips the
+        // writes its shards already hold.
+        applied: snap_index,
+        max_size_per_msg: 1024 * 1024,
+        max_inflight_msgs: 256,
+        pre_vote: cfg.pre_vote,
+        check_quorum: true,
+        read_only_option: if cfg.lease_reads {
+            ReadOnlyOption::LeaseBased
+        } else {
+            ReadOnlyOption::Safe
+        },
+        ..Default::default()
+    }
+}
+
 impl RaftNode {
     /// Builds the node from what recovery found: the snapshot (if any) and the WAL records
     /// after it. A new cluster's first boot writes the bootstrap entries to the WAL first.
@@ -723,38 +851,8 @@ impl RaftNode {
         committed: flume::Sender<ApplyMsg>,
         snapshots: flume::Receiver<SnapshotTaken>,
     ) -> Result<(RaftNode, RaftHandle), StartError> {
-        let fresh =
-            snap.is_none() && recovered.entries.is_empty() && recovered.hard_state.is_none();
-        if fresh && !cfg.bootstrap.is_empty() {
-            let entries = bootstrap_entries(&cfg.bootstrap);
-            let hs = HardState {
-                term: 1,
-                commit: entries.len() as u64,
-                ..Default::default()
-            };
-            wal.append(&entries, Some(&hs));
-            wal.sync()?;
-            recovered = Recovered {
-                entries,
-                hard_state: Some(hs),
-            };
-        }
-        // Data written before membership went into the log has a snapshot without members,
-        // or a log that does not start with conf changes: that was always this member alone.
-        let legacy_alone = match snap {
-            Some(s) => s.members.is_empty(),
-            None => recovered
-                .entries
-                .first()
-                .is_some_and(|e| e.get_entry_type() != EntryType::EntryConfChangeV2),
-        };
-        let mut membership = match snap {
-            Some(s) => Membership::from_records(&s.members, &s.removed),
-            None => Membership::default(),
-        };
-        if legacy_alone {
-            membership = Membership::from_records(std::slice::from_ref(&cfg.this_member), &[]);
-        }
+        let fresh = bootstrap_if_fresh(cfg, snap, &mut wal, &mut recovered)?;
+        let (membership, legacy_alone) = starting_membership(cfg, snap, &recovered);
         if cfg.force_new_cluster && !fresh {
             force_new_cluster(
                 cfg,
@@ -767,61 +865,15 @@ impl RaftNode {
         }
         let images = committed.downgrade();
         let storage = RaftStorage::new(committed.clone());
-        let snap_index = match snap {
-            Some(s) => {
-                let mut rs = Snapshot::default();
-                rs.mut_metadata().index = s.index;
-                rs.mut_metadata().term = s.term;
-                rs.mut_metadata().set_conf_state(membership.conf_state());
-                storage.wl().apply_snapshot(rs)?;
-                s.index
-            }
-            None => {
-                if legacy_alone {
-                    storage.wl().set_conf_state(membership.conf_state());
-                }
-                0
-            }
-        };
-        storage.wl().append(&recovered.entries)?;
-        let last_index = recovered.entries.last().map_or(snap_index, |e| e.index);
-        if recovered.hard_state.is_some() || applied > snap_index {
-            // What the snapshot or the durable state machine holds was committed; the log
-            // cannot commit what it lacks.
-            let commit = start_commit(
-                recovered.hard_state.as_ref(),
-                snap_index,
-                applied,
-                last_index,
-            );
-            let mut hs = recovered.hard_state.unwrap_or_default();
-            hs.commit = commit;
-            hs.term = hs.term.max(storage.rl().hard_state().term);
-            if let Some(last) = recovered.entries.last() {
-                hs.term = hs.term.max(last.term);
-            }
-            storage.wl().set_hardstate(hs);
-        }
-        let election_tick = election_ticks(cfg.election_ms, cfg.heartbeat_ms);
-        let config = raft::Config {
-            id: cfg.id,
-            election_tick,
-            heartbeat_tick: 1,
-            // Everything after the snapshot comes out of Ready again, so conf changes after it
-            // rebuild Raft's configuration and the membership table; the dispatcher skips the
-            // writes its shards already hold.
-            applied: snap_index,
-            max_size_per_msg: 1024 * 1024,
-            max_inflight_msgs: 256,
-            pre_vote: cfg.pre_vote,
-            check_quorum: true,
-            read_only_option: if cfg.lease_reads {
-                ReadOnlyOption::LeaseBased
-            } else {
-                ReadOnlyOption::Safe
-            },
-            ..Default::default()
-        };
+        let snap_index = restore_storage(
+            &storage,
+            snap,
+            &membership,
+            legacy_alone,
+            applied,
+            recovered,
+        )?;
+        let config = raft_config(cfg, snap_index);
         config.validate()?;
         let raw = RawNode::new(&config, storage, &logger::raft_logger())?;
         let committed_at_start = raw.raft.raft_log.committed;
