@@ -18,6 +18,8 @@ pub struct Figures {
     pub p99: f64,
     /// Failed requests over all rounds.
     pub errors: u64,
+    /// Server CPU time (user + system, from `/proc/<pid>/stat`) per request, microseconds.
+    pub cpu_us: f64,
 }
 
 /// One workload's comparison.
@@ -325,6 +327,32 @@ pub fn markdown(meta: &Meta, rows: &[Row], memory: &[Memory]) -> String {
         "\nThe watch row counts delivered events per second at a fixed put rate, so its \
          throughput is set by the load; compare its latencies.\n"
     );
+    let _ = writeln!(s, "## Server CPU per request\n");
+    let _ = writeln!(
+        s,
+        "User + system CPU of the server process during the workload (`/proc/<pid>/stat`), \
+         divided by the requests it answered: the headline figure, since on a small machine \
+         the load generator's own CPU caps any throughput ratio. The ratio is etcd's over \
+         MetaStore's (above 1: MetaStore spends less).\n"
+    );
+    let _ = writeln!(
+        s,
+        "| workload | etcd CPU us/req | MetaStore CPU us/req | etcd / MetaStore |"
+    );
+    let _ = writeln!(s, "|---|---:|---:|---:|");
+    for r in rows {
+        let ratio = if r.metastore.cpu_us > 0.0 {
+            format!("{:.2}x", r.etcd.cpu_us / r.metastore.cpu_us)
+        } else {
+            "-".to_string()
+        };
+        let _ = writeln!(
+            s,
+            "| {} ({}) | {:.1} | {:.1} | {} |",
+            r.workload, r.unit, r.etcd.cpu_us, r.metastore.cpu_us, ratio
+        );
+    }
+    let _ = writeln!(s);
     let _ = writeln!(s, "![throughput](throughput.svg)\n");
     let _ = writeln!(s, "![latency CDFs](latency-cdf.svg)\n");
     if !memory.is_empty() {
@@ -377,6 +405,7 @@ mod tests {
             p50: p99 / 2.0,
             p99,
             errors: 0,
+            cpu_us: 100.0 / rps,
         };
         Row {
             workload: name.into(),

@@ -138,6 +138,8 @@ struct Sample {
     workload: &'static str,
     round: usize,
     report: LoadReport,
+    /// The server's CPU time (user + system) during the workload, seconds.
+    server_cpu_secs: f64,
 }
 
 fn run_loadgen(
@@ -177,8 +179,22 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// Server CPU microseconds per request: `cpu_secs` spread over `count` requests.
+fn cpu_us_per_request(cpu_secs: f64, count: u64) -> f64 {
+    if count == 0 {
+        return 0.0;
+    }
+    cpu_secs * 1e6 / count as f64
+}
+
 fn figures(samples: &[&Sample]) -> Figures {
     Figures {
+        cpu_us: median(
+            samples
+                .iter()
+                .map(|s| cpu_us_per_request(s.server_cpu_secs, s.report.count))
+                .collect(),
+        ),
         rps: median(samples.iter().map(|s| s.report.requests_per_sec).collect()),
         p50: median(samples.iter().map(|s| s.report.latency_ms["p50"]).collect()),
         p99: median(samples.iter().map(|s| s.report.latency_ms["p99"]).collect()),
@@ -282,10 +298,12 @@ fn run_rounds(args: &Args, bins: &Binaries, plan: &[Workload]) -> anyhow::Result
             let server = Server::start(kind, bins)?;
             for w in plan {
                 let total = ((w.total as f64 * args.scale) as u64).max(1);
+                let cpu_before = server.cpu_secs()?;
                 let report = run_loadgen(bins, &server.endpoint, w, total)
                     .with_context(|| format!("{} on {}", w.name, kind.name()))?;
+                let server_cpu_secs = server.cpu_secs()? - cpu_before;
                 eprintln!(
-                    "round {} {:>9} {:<34} {:>10.0} {}/s  p50 {:.2} ms  p99 {:.2} ms  errors {}",
+                    "round {} {:>9} {:<34} {:>10.0} {}/s  p50 {:.2} ms  p99 {:.2} ms  errors {}  server CPU {:.1} us/req",
                     round + 1,
                     kind.name(),
                     w.name,
@@ -293,13 +311,15 @@ fn run_rounds(args: &Args, bins: &Binaries, plan: &[Workload]) -> anyhow::Result
                     w.unit,
                     report.latency_ms["p50"],
                     report.latency_ms["p99"],
-                    report.errors
+                    report.errors,
+                    cpu_us_per_request(server_cpu_secs, report.count),
                 );
                 samples.push(Sample {
                     server: kind.name(),
                     workload: w.name,
                     round,
                     report,
+                    server_cpu_secs,
                 });
             }
         }
@@ -437,6 +457,12 @@ fn write_outputs(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_per_request_is_microseconds_per_answered_request() {
+        assert_eq!(cpu_us_per_request(2.0, 1_000_000), 2.0);
+        assert_eq!(cpu_us_per_request(0.5, 0), 0.0);
+    }
 
     #[test]
     fn median_of_odd_and_even_counts() {

@@ -146,6 +146,24 @@ impl Server {
         self._dir.path().join("data")
     }
 
+    /// CPU time the server process has used so far, user + system, seconds (`utime` and
+    /// `stime`, fields 14 and 15 of `/proc/<pid>/stat`, in clock ticks of 1/100 s: Linux's
+    /// `USER_HZ` is 100 on every architecture it exports to user space).
+    pub fn cpu_secs(&self) -> anyhow::Result<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
+        // The command name (field 2) is in parentheses and may hold spaces: count from after it.
+        let rest = stat.rsplit_once(')').context("malformed /proc stat")?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // `rest` starts at field 3 (state): utime is field 14, stime field 15.
+        let tick = |i: usize| -> anyhow::Result<f64> {
+            Ok(fields
+                .get(i - 3)
+                .context("short /proc stat")?
+                .parse::<u64>()? as f64)
+        };
+        Ok((tick(14)? + tick(15)?) / 100.0)
+    }
+
     /// Peak and current resident set size, bytes (`VmHWM`, `VmRSS` from /proc).
     pub fn rss(&self) -> anyhow::Result<(u64, u64)> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
