@@ -309,6 +309,13 @@ impl Server {
         self.log.lock().unwrap().clone()
     }
 
+    /// The last `n` lines the server logged.
+    pub fn log_tail(&self, n: usize) -> String {
+        let log = self.log();
+        let tail: Vec<&str> = log.lines().rev().take(n).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+
     /// Waits up to `timeout` for the server to log a line containing
     /// `needle`; whether it did. The server logs on its own schedule, so a
     /// line about something a client just saw may come a moment later.
@@ -361,16 +368,45 @@ impl Server {
 
     /// SIGKILLs the server and waits for it to die.
     pub fn kill(mut self) {
-        self.stop();
-    }
-
-    fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// Asks a running server to stop as an operator would: SIGCONT (in case a test paused
+    /// it), then SIGTERM, which runs `NodeHandle::shutdown`. Does not wait.
+    fn ask_to_stop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            signal(self.pid(), libc::SIGCONT);
+            signal(self.pid(), libc::SIGTERM);
+        }
+    }
+
+    /// Stops the server through its graceful shutdown and waits for it. A server still
+    /// running [`GRACEFUL_STOP`] after SIGTERM is killed, and the test fails: a shutdown that
+    /// hangs is a bug. A server that already exited (a test killed it, or it stopped itself)
+    /// is only reaped.
+    fn stop(&mut self) {
+        self.ask_to_stop();
+        if self.wait_status(GRACEFUL_STOP).is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            if !std::thread::panicking() {
+                panic!(
+                    "the server on {} did not stop within {GRACEFUL_STOP:?} of SIGTERM; log:\n{}",
+                    self.endpoint,
+                    self.log_tail(40)
+                );
+            }
+        }
+    }
 }
 
+/// How long a server may take to stop after SIGTERM when a test drops it: the drain (at most
+/// 5 s), a leader's hand-over (2 election timeouts) and the threads' joins, with margin.
+pub const GRACEFUL_STOP: Duration = Duration::from_secs(20);
+
 impl Drop for Server {
+    /// Stops the server gracefully (SIGTERM, as `systemctl stop` would); see [`Server::stop`].
     fn drop(&mut self) {
         self.stop();
     }
@@ -426,6 +462,16 @@ pub struct Cluster {
     /// rather than etcd's defaults and the harness's 2 shards.
     fast: bool,
     tmp: tempfile::TempDir,
+}
+
+impl Drop for Cluster {
+    /// Asks every running member to stop at once (each then waits in its own drop), so that
+    /// a stop does not wait for members that are still serving.
+    fn drop(&mut self) {
+        for s in self.servers.iter_mut().flatten() {
+            s.ask_to_stop();
+        }
+    }
 }
 
 impl Cluster {
