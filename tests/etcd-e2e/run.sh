@@ -164,6 +164,14 @@ ensure_source
 ensure_build
 if [[ $BUILD_ONLY = 1 ]]; then log "build ready: $WORK/e2e.test"; exit 0; fi
 
+# etcd's suite listens on fixed ports (20000 and up): two runs at once would take each
+# other's ports, so a second run waits for the first.
+exec 9>"$WORK/run.lock"
+if ! flock -n 9; then
+	log "another run holds $WORK/run.lock; waiting for it"
+	flock 9
+fi
+
 # ------------------------------------------------------------ 3. the selection
 ALL_TESTS="$("$WORK/e2e.test" -test.list '.*' | grep -E '^(Test|Example)')"
 read_list() { sed -e 's/#.*//' -e 's/[[:space:]]//g' "$1" | grep -v '^$' || true; }
