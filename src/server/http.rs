@@ -23,8 +23,9 @@
 //! * `GET /version`: `{"etcdserver":"3.5.0","etcdcluster":"3.5.0"}`;
 //! * `/metrics`: [`crate::metrics`] in the Prometheus text format.
 //!
-//! Other paths answer 404 `404 page not found` (Go's `http.NotFound`); the grpc-gateway
-//! (`/v3/...`) is not served.
+//! On a client URL, `/v3/...` and `/v3beta/...` are etcd's JSON gateway ([`super::gateway`]),
+//! whose calls go through this same layer to the gRPC services. Other paths answer 404 `404
+//! page not found` (Go's `http.NotFound`).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -66,15 +67,18 @@ pub struct HttpLayer {
     core: Arc<Core>,
     health: HealthServer<HealthService>,
     endpoints: Endpoints,
+    gateway: Arc<super::gateway::Gateway>,
 }
 
 impl HttpLayer {
     /// Serves `endpoints` over `core`; `grpc.health.v1.Health` answers from `health`.
     pub fn new(core: Arc<Core>, health: &HealthReporter, endpoints: Endpoints) -> Self {
+        let gateway = super::gateway::Gateway::new(core.cfg.max_concurrent_streams, &core.cfg.cors);
         HttpLayer {
             core,
             health: HealthServer::new(HealthService::from_health_reporter(health.clone())),
             endpoints,
+            gateway: Arc::new(gateway),
         }
     }
 }
@@ -114,6 +118,7 @@ fn is_grpc<B>(req: &Request<B>) -> bool {
 impl<S> tower_service::Service<Request<Body>> for Mux<S>
 where
     S: tower_service::Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
+    S: Clone + Send + 'static,
     S::Future: Send + 'static,
 {
     type Response = Response<Body>;
@@ -127,6 +132,16 @@ where
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         if self.layer.endpoints == Endpoints::Metrics || !is_grpc(&req) {
             let layer = self.layer.clone();
+            if layer.endpoints == Endpoints::Client
+                && super::gateway::is_gateway_path(req.uri().path())
+            {
+                // The gateway's gRPC calls come back through this layer.
+                let mut grpc = self.clone();
+                return Box::pin(async move {
+                    let call = Box::new(move |r| grpc.call(r));
+                    Ok(layer.gateway.serve(req, call).await)
+                });
+            }
             return Box::pin(
                 async move { Ok(serve_http(&layer.core, layer.endpoints, req).await) },
             );

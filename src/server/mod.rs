@@ -3,7 +3,7 @@
 //!
 //! One file per etcd service (`kv.rs`, `watch.rs`, `lease.rs`, `recipes.rs` for v3lock and
 //! v3election, `maintenance.rs`, `cluster.rs`, `auth.rs`, and `peer.rs` for the members' own
-//! service) and the HTTP endpoints (`http.rs`). Each service keeps only the narrow handles it
+//! service), the HTTP endpoints (`http.rs`) and etcd's JSON gateway (`gateway.rs`). Each service keeps only the narrow handles it
 //! needs ([`handles`]): a [`Proposer`] (writes are validated, proposed through the Raft node
 //! and answered once applied), a [`Reader`] (reads go straight to the shards at a revision
 //! every shard has applied), [`Access`] (callers and permissions), [`Leases`] and
@@ -15,6 +15,7 @@ pub mod codec;
 pub mod compactor;
 pub(crate) mod corrupt;
 pub mod gate;
+pub mod gateway;
 pub mod handles;
 pub mod http;
 pub mod keepalive;
