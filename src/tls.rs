@@ -449,8 +449,11 @@ pub fn server_config(info: &TlsInfo, common: &TlsCommon) -> Result<TlsAcceptor, 
     let mut config = builder
         .with_single_cert(load_certs(cert)?, load_key(key)?)
         .map_err(TlsError::KeyMismatch)?;
-    // gRPC clients (grpc-go ≥ 1.67 enforces it) negotiate HTTP/2 through ALPN.
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    // gRPC clients (grpc-go ≥ 1.67 enforces it) negotiate HTTP/2 through ALPN; HTTP/1.1-only
+    // clients (`curl --http1.1` on the JSON gateway and the HTTP endpoints) get HTTP/1.1, as
+    // from Go's `http.Server` (`NextProtos: ["h2", "http/1.1"]`). rustls picks the server's
+    // first protocol the client offers.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 

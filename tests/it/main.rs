@@ -10,6 +10,7 @@ mod durability;
 mod etcdctl;
 mod flags;
 mod force_new;
+mod gateway;
 #[path = "../common/harness.rs"]
 mod harness;
 mod http;
