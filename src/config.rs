@@ -851,7 +851,7 @@ const NO_DISCOVERY: &str = "discovery bootstrapping is not supported; use --init
 const NO_BBOLT: &str = "no bbolt backend (the shards are in memory or in RocksDB)";
 const NO_TRACING: &str = "no OpenTelemetry distributed tracing";
 const NO_HTTP: &str =
-    "the HTTP endpoints are /health, /livez, /readyz, /version and /metrics only (no grpc-gateway)";
+    "the JSON gateway and the HTTP endpoints are always served on the client URLs, to any origin and host (etcd's defaults)";
 const NO_CORRUPT_CHECK: &str = "no compaction hash check yet";
 
 /// Every accepted flag that has no effect, with its reason. A flag the user sets (on the

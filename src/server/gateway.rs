@@ -74,8 +74,6 @@ pub struct Gateway {
     /// The calls in flight at once (`--max-concurrent-streams`, as the HTTP/2 connection
     /// between etcd's gateway and its gRPC server allows).
     streams: Arc<Semaphore>,
-    /// `--cors`: the origins allowed, `*` for all.
-    cors: Vec<String>,
 }
 
 /// How a method's messages flow.
@@ -97,50 +95,30 @@ pub fn is_gateway_path(path: &str) -> bool {
 }
 
 impl Gateway {
-    /// A gateway that lets `max_streams` calls run at once (`--max-concurrent-streams`) and
-    /// answers CORS for the comma-separated origins in `cors` (`*` = all).
-    pub fn new(max_streams: u32, cors: &str) -> Gateway {
+    /// A gateway that lets `max_streams` calls run at once (`--max-concurrent-streams`).
+    pub fn new(max_streams: u32) -> Gateway {
         let permits = (max_streams as usize).clamp(1, Semaphore::MAX_PERMITS);
         Gateway {
             streams: Arc::new(Semaphore::new(permits)),
-            cors: cors
-                .split(',')
-                .map(|s| s.trim().to_string())
-                .filter(|s| !s.is_empty())
-                .collect(),
         }
     }
 
     /// Answers one gateway request (a path [`is_gateway_path`] accepts), making its gRPC call
-    /// through `grpc`; see the module docs for the answers.
+    /// through `grpc`; see the module docs for the answers. Every answer carries etcd's CORS
+    /// headers for any origin (`--cors` is `*` by default, and accepted but ignored here).
     pub async fn serve(&self, req: Request<Body>, grpc: GrpcCall) -> Response<Body> {
-        let origin = req.headers().get(header::ORIGIN).cloned();
         let mut response = self.route(req, grpc).await;
-        self.cors_headers(response.headers_mut(), origin);
+        let h = response.headers_mut();
+        h.insert(
+            "access-control-allow-methods",
+            HeaderValue::from_static("POST, GET, OPTIONS, PUT, DELETE"),
+        );
+        h.insert("access-control-allow-origin", HeaderValue::from_static("*"));
+        h.insert(
+            "access-control-allow-headers",
+            HeaderValue::from_static("accept, content-type, authorization"),
+        );
         response
-    }
-
-    /// etcd's `addCORSHeader`, for `*` or an allowed `Origin`.
-    fn cors_headers(&self, headers: &mut HeaderMap, origin: Option<HeaderValue>) {
-        let allowed = if self.cors.iter().any(|c| c == "*") {
-            Some(HeaderValue::from_static("*"))
-        } else {
-            origin.filter(|o| {
-                o.to_str()
-                    .is_ok_and(|o| self.cors.iter().any(|c| c.eq_ignore_ascii_case(o)))
-            })
-        };
-        if let Some(origin) = allowed {
-            headers.append(
-                "access-control-allow-methods",
-                HeaderValue::from_static("POST, GET, OPTIONS, PUT, DELETE"),
-            );
-            headers.append("access-control-allow-origin", origin);
-            headers.append(
-                "access-control-allow-headers",
-                HeaderValue::from_static("accept, content-type, authorization"),
-            );
-        }
     }
 
     async fn route(&self, req: Request<Body>, grpc: GrpcCall) -> Response<Body> {

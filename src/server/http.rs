@@ -73,7 +73,7 @@ pub struct HttpLayer {
 impl HttpLayer {
     /// Serves `endpoints` over `core`; `grpc.health.v1.Health` answers from `health`.
     pub fn new(core: Arc<Core>, health: &HealthReporter, endpoints: Endpoints) -> Self {
-        let gateway = super::gateway::Gateway::new(core.cfg.max_concurrent_streams, &core.cfg.cors);
+        let gateway = super::gateway::Gateway::new(core.cfg.max_concurrent_streams);
         HttpLayer {
             core,
             health: HealthServer::new(HealthService::from_health_reporter(health.clone())),
