@@ -223,7 +223,7 @@ impl Gateway {
                 pb::AuthRoleGrantPermissionRequest, pb::AuthRoleGrantPermissionResponse;
             "auth/role/revoke" => Unary "/etcdserverpb.Auth/RoleRevokePermission"
                 pb::AuthRoleRevokePermissionRequest, pb::AuthRoleRevokePermissionResponse;
-            "lock" => Unary "/v3lockpb.Lock/Lock" lpb::LockRequest, lpb::LockResponse;
+            "lock/lock" => Unary "/v3lockpb.Lock/Lock" lpb::LockRequest, lpb::LockResponse;
             "lock/unlock" => Unary "/v3lockpb.Lock/Unlock" lpb::UnlockRequest, lpb::UnlockResponse;
             "election/campaign" => Unary "/v3electionpb.Election/Campaign"
                 epb::CampaignRequest, epb::CampaignResponse;

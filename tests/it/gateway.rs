@@ -419,3 +419,51 @@ fn tls_over_http1_and_http2() {
         "{members}"
     );
 }
+
+#[test]
+fn lock_and_election_recipes() {
+    let server = Server::start();
+    let base = format!("http://{}", server.endpoint);
+    let lease = ok(&format!("{base}/v3/lease/grant"), r#"{"TTL":30}"#);
+    let id = lease["ID"].as_str().unwrap().to_string();
+    let lock = ok(
+        &format!("{base}/v3/lock/lock"),
+        &format!(r#"{{"name":"{}","lease":"{id}"}}"#, b64("lk")),
+    );
+    let key = lock["key"].as_str().expect("the lock's key").to_string();
+    ok(
+        &format!("{base}/v3/lock/unlock"),
+        &format!(r#"{{"key":"{key}"}}"#),
+    );
+
+    let campaign = ok(
+        &format!("{base}/v3/election/campaign"),
+        &format!(
+            r#"{{"name":"{}","value":"{}","lease":"{id}"}}"#,
+            b64("el"),
+            b64("v1")
+        ),
+    );
+    let leader = campaign["leader"].clone();
+    assert_eq!(leader["name"], b64("el"), "{campaign}");
+    let now = ok(
+        &format!("{base}/v3/election/leader"),
+        &format!(r#"{{"name":"{}"}}"#, b64("el")),
+    );
+    assert_eq!(now["kv"]["value"], b64("v1"), "{now}");
+    ok(
+        &format!("{base}/v3/election/proclaim"),
+        &json!({"leader": leader, "value": b64("v2")}).to_string(),
+    );
+    let lines = stream_lines(
+        &format!("{base}/v3/election/observe"),
+        &format!(r#"{{"name":"{}"}}"#, b64("el")),
+        2,
+    );
+    let first: Value = serde_json::from_str(&lines[0]).unwrap();
+    assert_eq!(first["result"]["kv"]["value"], b64("v2"), "{lines:?}");
+    ok(
+        &format!("{base}/v3/election/resign"),
+        &json!({ "leader": leader }).to_string(),
+    );
+}
