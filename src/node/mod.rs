@@ -1,6 +1,7 @@
 //! One member's life: [`Node::start`] recovers it and starts its threads and listeners,
 //! [`NodeHandle::ready`] waits until it serves, and [`NodeHandle::shutdown`] stops it in
-//! etcd's order. [`run`] is all three, with SIGTERM/SIGINT and fatal errors deciding when.
+//! etcd's order, ending with the shards' engines flushed and closed and their threads joined.
+//! [`run`] is all three, with SIGTERM/SIGINT and fatal errors deciding when.
 //!
 //! ```text
 //!  thread          owns                                   joined to the others by
@@ -9,7 +10,9 @@
 //!  apply           the Dispatcher (state machine):         ApplyMsg (flume, log order) <- raft;
 //!                  revisions, leases, alarms, auth         SnapshotTaken -> raft
 //!  shard 0..N      one glommio executor per CPU, each      ApplyCmd queues (flume, FIFO) <-
-//!                  an mvcc::Store over its engine          apply; read queues <- services
+//!                  an mvcc::Store over its engine          apply, and the Close that ends it
+//!                                                          <- this module; read queues <-
+//!                                                          services
 //!  tokio runtime   gRPC services, HTTP, peer service,      AppliedState (watch) <- apply;
 //!                  lease clock, compactor, this module     fatal errors (FatalTx) <- raft, shards
 //! ```
@@ -63,7 +66,7 @@ pub struct Node;
 pub struct NodeHandle {
     core: Arc<Core>,
     cfg: Arc<Config>,
-    /// Kept open until the process exits (see [`NodeHandle::shutdown`]).
+    /// Closed last by [`NodeHandle::shutdown`].
     shards: Shards,
     raft: Worker,
     apply: Worker,
@@ -202,7 +205,7 @@ async fn launch(
         Ok(start) => start,
         Err(e) => {
             // Close the shards' databases before the process exits with the error.
-            shards.join();
+            shutdown::close_shards(shards).await;
             return Err(e);
         }
     };
@@ -598,11 +601,17 @@ impl NodeHandle {
     ///    the apply thread then ends once it has applied what it was handed. Both are waited
     ///    for, at most 5 s each.
     ///
-    /// Every step is logged. Every acknowledged write was fsynced before its answer, so nothing
-    /// needs flushing. The shard threads keep their queues open until the process exits, as
-    /// do the peer listeners: the last queue sender going away (the runtime dropping tasks
-    /// that hold the core) would have the shard threads close RocksDB while the process exits,
-    /// which aborts; the shards are idle once the apply thread has finished.
+    /// 5. The shards, idle once the apply thread has finished, are closed: each syncs its
+    ///    engine's files (RocksDB: its WAL synced, its memtables flushed to SST files), closes
+    ///    its engine and ends its thread, which is joined; at most 10 s in all
+    ///    ([`Shards::close`]). Requests that still reach a shard afterwards (through the
+    ///    services' handles, which live on) are answered "server stopped".
+    ///
+    /// Every step is logged. Every acknowledged write was in the fsynced Raft WAL before its
+    /// answer, so the sync only spares the next start RocksDB's own log replay. Returns once
+    /// the engines are closed: a storage engine is never left to be torn down by the process
+    /// exit (RocksDB aborts the process when that happens). The peer listeners keep serving
+    /// until the process exits.
     pub async fn shutdown(mut self, transfer: bool) {
         tracing::info!("stopping: no new client requests; ending watch and keep-alive streams");
         self.core.stopping.cancel();
@@ -627,8 +636,9 @@ impl NodeHandle {
         shutdown::stop_raft(&self.core).await;
         self.raft.join(shutdown::THREADS_TIMEOUT).await;
         self.apply.join(shutdown::THREADS_TIMEOUT).await;
+        // After the apply thread: until it has finished, it may still send to the shards.
+        shutdown::close_shards(self.shards).await;
         tracing::info!("stopped");
-        std::mem::forget(self.shards);
     }
 }
 

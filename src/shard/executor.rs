@@ -1,5 +1,6 @@
 //! A shard's executor: the loop on its glommio thread that drains the apply and read queues
-//! into its store, flushes at barriers and purges compacted history in steps.
+//! into its store, flushes at barriers, purges compacted history in steps, and closes the
+//! store when the member stops.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -13,15 +14,48 @@ use crate::mvcc::engine::StorageError;
 use crate::mvcc::store::PutArgs;
 use crate::mvcc::Store;
 
-/// Serves a shard's queues until they close, or until its engine fails: then the shard stops
-/// serving at once (its read task too: commands already queued are dropped unanswered, which
-/// requesters see as "server stopped"), logs the error and sends it up `fatal`.
+/// The receiving ends of a shard's queues: [`run_shard`] serves them and hands them back when
+/// it leaves its loop, so that what still comes can be refused ([`Queues::refuse_all`]).
+pub(super) struct Queues {
+    /// The apply queue (dispatcher only, log order).
+    pub(super) apply: flume::Receiver<ApplyCmd>,
+    /// The read queue (front end).
+    pub(super) read: flume::Receiver<ReadCmd>,
+}
+
+impl Queues {
+    /// Drops every command that comes, so that its requester, waiting for the reply, gets
+    /// "server stopped", until every sender is gone. A command sent to a queue whose
+    /// receivers are all gone fails at once, but one that got in just before would wait for
+    /// its answer until the last sender went: a stopped shard keeps its queues drained instead.
+    pub(super) async fn refuse_all(self) {
+        let apply = async { while self.apply.recv_async().await.is_ok() {} };
+        let read = async { while self.read.recv_async().await.is_ok() {} };
+        tokio::join!(apply, read);
+    }
+}
+
+/// Serves a shard's queues (see [`serve`]) and hands them back once it stops serving.
 pub(super) async fn run_shard(
     shard: usize,
     engine: Box<dyn Engine>,
     sizes: Arc<[ShardSize]>,
-    apply_rx: flume::Receiver<ApplyCmd>,
-    read_rx: flume::Receiver<ReadCmd>,
+    queues: Queues,
+    fatal: FatalTx,
+) -> Queues {
+    serve(shard, engine, sizes, &queues, fatal).await;
+    queues
+}
+
+/// Serves a shard's queues until they close, until [`ApplyCmd::Close`] (the store closed,
+/// the closer answered), or until its engine fails: then the shard stops serving at once (its
+/// read task too: commands already queued are dropped unanswered, which requesters see as
+/// "server stopped"), logs the error and sends it up `fatal`.
+async fn serve(
+    shard: usize,
+    engine: Box<dyn Engine>,
+    sizes: Arc<[ShardSize]>,
+    queues: &Queues,
     fatal: FatalTx,
 ) {
     // Set once either task hits a storage error: neither serves anything after it.
@@ -42,53 +76,96 @@ pub(super) async fn run_shard(
     };
     sizes[shard].set(&store);
     let store = Rc::new(RefCell::new(store));
-    let reader = store.clone();
-    let reader_sizes = sizes.clone();
-    let reader_fail = fail.clone();
-    let reader_failed = failed.clone();
-    glommio::spawn_local(async move {
-        while let Ok(cmd) = read_rx.recv_async().await {
-            if reader_failed.get() {
-                break;
-            }
-            if let Err(e) = handle_read(&reader.borrow(), &reader_sizes[shard], cmd) {
-                reader_fail(e);
-                break;
-            }
-            glommio::yield_if_needed().await;
-        }
-    })
-    .detach();
+    // Cancelled when this returns (the task handle is dropped), or on close.
+    let reader = glommio::spawn_local(serve_reads(
+        store.clone(),
+        sizes.clone(),
+        shard,
+        queues.read.clone(),
+        failed.clone(),
+        fail.clone(),
+    ));
     let mut replay = Replay {
         shard,
         durable_index,
         entry_index: u64::MAX,
     };
-    while let Ok(cmd) = apply_rx.recv_async().await {
+    while let Ok(cmd) = queues.apply.recv_async().await {
         if failed.get() {
             return;
         }
-        if let ApplyCmd::Purge { rev } = cmd {
-            // Purging a large history is long: do it in steps and let reads run in between.
-            loop {
-                match store.borrow_mut().purge_some(rev, PURGE_STEP) {
-                    Ok(true) => break,
-                    Ok(false) => {}
-                    Err(e) => return fail(e),
+        match cmd {
+            ApplyCmd::Purge { rev } => {
+                if let Err(e) = purge_in_steps(&store, rev, &failed).await {
+                    return fail(e);
                 }
-                glommio::executor().yield_now().await;
                 if failed.get() {
                     return;
                 }
             }
-            continue;
+            ApplyCmd::Close { reply } => {
+                // The read task holds the store's other reference: it goes first.
+                reader.cancel().await;
+                match Rc::try_unwrap(store) {
+                    Ok(store) => {
+                        let _ = reply.send(store.into_inner().close());
+                    }
+                    // Cannot be: nothing else holds the store. The closer hears "stopped";
+                    // the engine closes with the last reference.
+                    Err(_) => tracing::error!(shard, "shard store still shared; not closed"),
+                }
+                return;
+            }
+            cmd => {
+                let done = handle_apply(&mut store.borrow_mut(), &mut replay, &sizes[shard], cmd);
+                if let Err(e) = done {
+                    return fail(e);
+                }
+                glommio::yield_if_needed().await;
+            }
         }
-        let done = handle_apply(&mut store.borrow_mut(), &mut replay, &sizes[shard], cmd);
-        if let Err(e) = done {
-            return fail(e);
+    }
+}
+
+/// The shard's read task: serves the read queue until it closes or either task hits a storage
+/// error (`failed`; this task's own goes to `fail`).
+async fn serve_reads(
+    store: Rc<RefCell<Store>>,
+    sizes: Arc<[ShardSize]>,
+    shard: usize,
+    read_rx: flume::Receiver<ReadCmd>,
+    failed: Rc<std::cell::Cell<bool>>,
+    fail: impl Fn(StorageError),
+) {
+    while let Ok(cmd) = read_rx.recv_async().await {
+        if failed.get() {
+            break;
+        }
+        if let Err(e) = handle_read(&store.borrow(), &sizes[shard], cmd) {
+            fail(e);
+            break;
         }
         glommio::yield_if_needed().await;
     }
+}
+
+/// Removes history below `rev` in steps of [`PURGE_STEP`] changes, letting reads run in
+/// between (purging a large history is long). Stops early, without error, once `failed` is
+/// set by the read task.
+///
+/// Errors: the engine's.
+async fn purge_in_steps(
+    store: &RefCell<Store>,
+    rev: i64,
+    failed: &std::cell::Cell<bool>,
+) -> Result<(), StorageError> {
+    while !store.borrow_mut().purge_some(rev, PURGE_STEP)? {
+        glommio::executor().yield_now().await;
+        if failed.get() {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// Changes purged per step before a shard lets other tasks (reads) run.
@@ -287,6 +364,9 @@ fn handle_apply(
             store.finish_import();
             store.set_compact_revision(compact_revision);
         }
+        // Handled by `serve`, which owns the store and closes it; here the closer would only
+        // hear "stopped".
+        ApplyCmd::Close { reply } => drop(reply),
     }
     Ok(())
 }
