@@ -6,13 +6,15 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use super::{history_from_proto, history_to_proto, ApplyCmd, ReadCmd, ShardSize};
+use super::{history_from_proto, history_to_proto, ApplyCmd, BarrierState, ReadCmd, ShardSize};
 use crate::fatal::{FatalError, FatalTx};
 use crate::mvcc::engine::Engine;
 use crate::mvcc::engine::FlushState;
 use crate::mvcc::engine::StorageError;
 use crate::mvcc::store::PutArgs;
-use crate::mvcc::Store;
+use crate::mvcc::{KeyRange, KeyValue, Store};
+use crate::proto::etcdserverpb::PutRequest;
+use crate::proto::metastorepb::KeyHistory;
 
 /// The receiving ends of a shard's queues: [`run_shard`] serves them and hands them back when
 /// it leaves its loop, so that what still comes can be refused ([`Queues::refuse_all`]).
@@ -227,8 +229,8 @@ fn handle_read(store: &Store, size: &ShardSize, cmd: ReadCmd) -> Result<(), Stor
     Ok(())
 }
 
-// Replies are best-effort: a dropped receiver means the requester gave up. A storage error is
-// returned (and the reply dropped unanswered).
+/// Applies one command from the apply queue. Replies are best-effort: a dropped receiver means
+/// the requester gave up. A storage error is returned (and the reply dropped unanswered).
 fn handle_apply(
     store: &mut Store,
     replay: &mut Replay,
@@ -242,18 +244,7 @@ fn handle_apply(
             sub,
             reply,
         } => {
-            let args = PutArgs {
-                key: &req.key,
-                value: &req.value,
-                lease: req.lease,
-                ignore_value: req.ignore_value,
-                ignore_lease: req.ignore_lease,
-            };
-            let prev = if replay.skipping() {
-                store.replayed_put(&req.key, rev)?
-            } else {
-                store.put(args, rev, sub)?
-            };
+            let prev = put(store, replay, &req, rev, sub)?;
             if let Some(reply) = reply {
                 let _ = reply.send(prev);
             }
@@ -270,12 +261,7 @@ fn handle_apply(
             sub,
             reply,
         } => {
-            let deleted = if replay.skipping() {
-                store.replayed_delete(&range, rev)?
-            } else {
-                store.delete_range(&range, rev, sub)?
-            };
-            let _ = reply.send(deleted);
+            let _ = reply.send(delete_range(store, replay, &range, rev, sub)?);
         }
         ApplyCmd::Compare { cmps, rev, reply } => {
             let evals = cmps
@@ -293,80 +279,155 @@ fn handle_apply(
             sub,
             reply,
         } => {
-            let deleted = if replay.skipping() {
-                store.replayed_revoke(lease, rev)?
-            } else {
-                store.revoke_lease(lease, rev, sub)?
-            };
-            let _ = reply.send(deleted);
+            let _ = reply.send(revoke_lease(store, replay, lease, rev, sub)?);
         }
         ApplyCmd::Compact { rev } => store.compact(rev),
-        ApplyCmd::Purge { rev } => store.purge(rev)?, // normally handled in steps by run_shard
+        ApplyCmd::Purge { rev } => store.purge(rev)?, // normally handled in steps by `serve`
         ApplyCmd::Entry { index } => replay.entry_index = index,
         ApplyCmd::Barrier { state, reply } => {
-            // Crash-test hook (test builds only): FAILPOINTS="shard-before-flush=return(N)"
-            // kills the process just before shard N persists a barrier, after the other
-            // shards may have.
-            #[cfg(feature = "failpoints")]
-            if fail::eval("shard-before-flush", |arg| arg) == Some(Some(replay.shard.to_string())) {
-                std::thread::sleep(std::time::Duration::from_millis(50));
-                std::process::abort();
-            }
-            // Replaying entries this shard already holds: its data is ahead of this barrier,
-            // so the state on disk (which describes that data) must not move back.
-            if state.applied_index > replay.durable_index {
-                store.flush(&FlushState {
-                    applied_index: state.applied_index,
-                    applied_term: state.applied_term,
-                    revision: state.revision,
-                    compact_revision: state.compact_revision,
-                    lease_changes: &state.lease_changes,
-                })?;
-            }
-            replay.entry_index = u64::MAX;
-            size.set(store);
+            barrier(store, replay, size, &state)?;
             let _ = reply.send(());
         }
         ApplyCmd::Recover { reply } => {
             let _ = reply.send(store.recover()?);
         }
         ApplyCmd::Checkpoint { dir, reply } => {
-            // The snapshot's checkpoint directory holds one per shard; RocksDB creates the
-            // shard's own, inside it, and needs it to exist.
-            let parent = dir.parent().map(std::path::Path::to_path_buf);
-            let made = parent.map_or(Ok(()), |p| {
-                std::fs::create_dir_all(&p).map_err(|error| StorageError::Io {
-                    context: format!("cannot create checkpoint directory {}", p.display()),
-                    error,
-                })
-            });
-            let _ = reply.send(made.and_then(|()| store.checkpoint(&dir)));
+            let _ = reply.send(checkpoint(store, &dir));
         }
         ApplyCmd::Export { reply } => {
             let mut keys = Vec::new();
             store.export(&mut |k, h| keys.push(history_to_proto(k, h)))?;
             let _ = reply.send(keys);
         }
-        ApplyCmd::Reset => {
-            store.reset()?;
-            replay.durable_index = 0;
-            replay.entry_index = u64::MAX;
-            size.set(store);
-        }
+        ApplyCmd::Reset => reset(store, replay, size)?,
         ApplyCmd::Import {
             keys,
             compact_revision,
-        } => {
-            for kh in keys {
-                let (key, history) = history_from_proto(kh);
-                store.import(key, history);
-            }
-            store.finish_import();
-            store.set_compact_revision(compact_revision);
-        }
+        } => import(store, keys, compact_revision),
         // Handled by `serve`, which owns the store and closes it; here the closer would only
         // hear "stopped".
         ApplyCmd::Close { reply } => drop(reply),
     }
     Ok(())
+}
+
+/// Writes a client's put at `rev`, or, while replaying an entry this shard already holds,
+/// only reads back what that put replaced. Returns the previous key-value.
+fn put(
+    store: &mut Store,
+    replay: &Replay,
+    req: &PutRequest,
+    rev: i64,
+    sub: u32,
+) -> Result<Option<KeyValue>, StorageError> {
+    if replay.skipping() {
+        return store.replayed_put(&req.key, rev);
+    }
+    let args = PutArgs {
+        key: &req.key,
+        value: &req.value,
+        lease: req.lease,
+        ignore_value: req.ignore_value,
+        ignore_lease: req.ignore_lease,
+    };
+    store.put(args, rev, sub)
+}
+
+/// Deletes this shard's keys in `range` at `rev`, or, while replaying an entry this shard
+/// already holds, only reads back what that delete removed. Returns the deleted key-values.
+fn delete_range(
+    store: &mut Store,
+    replay: &Replay,
+    range: &KeyRange,
+    rev: i64,
+    sub: u32,
+) -> Result<Vec<KeyValue>, StorageError> {
+    if replay.skipping() {
+        store.replayed_delete(range, rev)
+    } else {
+        store.delete_range(range, rev, sub)
+    }
+}
+
+/// Deletes this shard's keys attached to `lease` at `rev`, or, while replaying an entry this
+/// shard already holds, only reads back what that revoke removed. Returns the deleted
+/// key-values.
+fn revoke_lease(
+    store: &mut Store,
+    replay: &Replay,
+    lease: i64,
+    rev: i64,
+    sub: u32,
+) -> Result<Vec<KeyValue>, StorageError> {
+    if replay.skipping() {
+        store.replayed_revoke(lease, rev)
+    } else {
+        store.revoke_lease(lease, rev, sub)
+    }
+}
+
+/// Persists what was applied before the barrier together with `state`, unless the shard's
+/// data is already ahead of it (replaying entries it held before a restart: the state on
+/// disk, which describes that data, must not move back). Ends any replay and refreshes the
+/// shard's size.
+fn barrier(
+    store: &mut Store,
+    replay: &mut Replay,
+    size: &ShardSize,
+    state: &BarrierState,
+) -> Result<(), StorageError> {
+    // Crash-test hook (test builds only): FAILPOINTS="shard-before-flush=return(N)" kills the
+    // process just before shard N persists a barrier, after the other shards may have.
+    #[cfg(feature = "failpoints")]
+    if fail::eval("shard-before-flush", |arg| arg) == Some(Some(replay.shard.to_string())) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::process::abort();
+    }
+    if state.applied_index > replay.durable_index {
+        store.flush(&FlushState {
+            applied_index: state.applied_index,
+            applied_term: state.applied_term,
+            revision: state.revision,
+            compact_revision: state.compact_revision,
+            lease_changes: &state.lease_changes,
+        })?;
+    }
+    replay.entry_index = u64::MAX;
+    size.set(store);
+    Ok(())
+}
+
+/// Writes the shard's checkpoint into `dir`, creating the snapshot's checkpoint directory
+/// (its parent, which holds one per shard) first: RocksDB creates the shard's own inside it,
+/// and needs it to exist.
+///
+/// Errors: the directory that cannot be created, or the engine's checkpoint error.
+fn checkpoint(store: &Store, dir: &std::path::Path) -> Result<(), StorageError> {
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent).map_err(|error| StorageError::Io {
+            context: format!("cannot create checkpoint directory {}", parent.display()),
+            error,
+        })?;
+    }
+    store.checkpoint(dir)
+}
+
+/// Empties the shard before a leader's snapshot is imported: its data, its stored applied
+/// state, and what it remembered of entries made durable before a restart.
+fn reset(store: &mut Store, replay: &mut Replay, size: &ShardSize) -> Result<(), StorageError> {
+    store.reset()?;
+    replay.durable_index = 0;
+    replay.entry_index = u64::MAX;
+    size.set(store);
+    Ok(())
+}
+
+/// Loads key histories from a snapshot, with the snapshot's compaction revision.
+fn import(store: &mut Store, keys: Vec<KeyHistory>, compact_revision: i64) {
+    for kh in keys {
+        let (key, history) = history_from_proto(kh);
+        store.import(key, history);
+    }
+    store.finish_import();
+    store.set_compact_revision(compact_revision);
 }
