@@ -583,7 +583,10 @@ fn serve_clients(cfg: &Config, core: &Arc<Core>, bound: Bound, tls: &MemberTls) 
                 &health,
                 http::Endpoints::Client,
             ))
-            .layer(gate::GateLayer::new(core.node.status.clone()))
+            .layer(gate::GateLayer::new(
+                core.node.status.clone(),
+                core.in_flight.clone(),
+            ))
             .add_routes(client_services(core, max_recv));
         serve!(
             servers,
@@ -687,8 +690,9 @@ impl NodeHandle {
     /// 1. [`Core::stopping`] is cancelled: the client and metrics listeners stop accepting,
     ///    their connections are told to go away (HTTP/2 GOAWAY), and every open Watch and
     ///    LeaseKeepAlive stream ends with "etcdserver: server stopped".
-    /// 2. Requests in flight are answered: the client servers are waited for, at most 5 s,
-    ///    then aborted.
+    /// 2. Requests in flight are answered: the stop waits until none is left (or every
+    ///    client connection has closed), at most 5 s, then stops the listeners; a connection
+    ///    still open closes once its client acknowledges the GOAWAY, or at the exit.
     /// 3. When `transfer` is set, a leader with other voters hands leadership over so that the
     ///    cluster does not wait an election timeout for a new one (not after a fatal error:
     ///    this member's log or state can no longer be trusted to hand over).
@@ -711,20 +715,26 @@ impl NodeHandle {
         tracing::info!("stopping: no new client requests; ending watch and keep-alive streams");
         self.core.stopping.cancel();
         let servers = &mut self.client_servers;
+        let in_flight = self.core.in_flight.clone();
+        // What a stop waits for is the requests, not the connections: a connection closes only
+        // once its client acknowledges the GOAWAY, which an idle client may be slow to do.
         let drained = tokio::time::timeout(shutdown::DRAIN_TIMEOUT, async {
-            while servers.join_next().await.is_some() {}
+            tokio::select! {
+                _ = async { while servers.join_next().await.is_some() {} } => {}
+                _ = in_flight.idle() => {}
+            }
         })
         .await;
         match drained {
             Ok(()) => tracing::info!("stopping: client requests in flight answered"),
-            Err(_) => {
-                tracing::warn!(
-                    timeout = ?shutdown::DRAIN_TIMEOUT,
-                    "stopping: client requests still in flight; cutting them"
-                );
-                self.client_servers.abort_all();
-            }
+            Err(_) => tracing::warn!(
+                timeout = ?shutdown::DRAIN_TIMEOUT,
+                in_flight = self.core.in_flight.count(),
+                "stopping: client requests still in flight; cutting them"
+            ),
         }
+        // Stops the listeners; each open connection is still closed gracefully, on its own.
+        self.client_servers.abort_all();
         if transfer {
             shutdown::transfer_leadership(&self.core).await;
         }
