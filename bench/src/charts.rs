@@ -327,32 +327,7 @@ pub fn markdown(meta: &Meta, rows: &[Row], memory: &[Memory]) -> String {
         "\nThe watch row counts delivered events per second at a fixed put rate, so its \
          throughput is set by the load; compare its latencies.\n"
     );
-    let _ = writeln!(s, "## Server CPU per request\n");
-    let _ = writeln!(
-        s,
-        "User + system CPU of the server process during the workload (`/proc/<pid>/stat`), \
-         divided by the requests it answered: the headline figure, since on a small machine \
-         the load generator's own CPU caps any throughput ratio. The ratio is etcd's over \
-         MetaStore's (above 1: MetaStore spends less).\n"
-    );
-    let _ = writeln!(
-        s,
-        "| workload | etcd CPU us/req | MetaStore CPU us/req | etcd / MetaStore |"
-    );
-    let _ = writeln!(s, "|---|---:|---:|---:|");
-    for r in rows {
-        let ratio = if r.metastore.cpu_us > 0.0 {
-            format!("{:.2}x", r.etcd.cpu_us / r.metastore.cpu_us)
-        } else {
-            "-".to_string()
-        };
-        let _ = writeln!(
-            s,
-            "| {} ({}) | {:.1} | {:.1} | {} |",
-            r.workload, r.unit, r.etcd.cpu_us, r.metastore.cpu_us, ratio
-        );
-    }
-    let _ = writeln!(s);
+    cpu_table(&mut s, rows);
     let _ = writeln!(s, "![throughput](throughput.svg)\n");
     let _ = writeln!(s, "![latency CDFs](latency-cdf.svg)\n");
     if !memory.is_empty() {
@@ -393,6 +368,36 @@ pub fn markdown(meta: &Meta, rows: &[Row], memory: &[Memory]) -> String {
         "\nWhere the time goes, and what the shortfalls come from: bench/README.md."
     );
     s
+}
+
+/// The server-CPU-per-request table of RESULTS.md.
+fn cpu_table(s: &mut String, rows: &[Row]) {
+    let _ = writeln!(s, "## Server CPU per request\n");
+    let _ = writeln!(
+        s,
+        "User + system CPU of the server process during the workload (`/proc/<pid>/stat`), \
+         divided by the requests it answered: the headline figure, since on a small machine \
+         the load generator's own CPU caps any throughput ratio. The ratio is etcd's over \
+         MetaStore's (above 1: MetaStore spends less).\n"
+    );
+    let _ = writeln!(
+        s,
+        "| workload | etcd CPU us/req | MetaStore CPU us/req | etcd / MetaStore |"
+    );
+    let _ = writeln!(s, "|---|---:|---:|---:|");
+    for r in rows {
+        let ratio = if r.metastore.cpu_us > 0.0 {
+            format!("{:.2}x", r.etcd.cpu_us / r.metastore.cpu_us)
+        } else {
+            "-".to_string()
+        };
+        let _ = writeln!(
+            s,
+            "| {} ({}) | {:.1} | {:.1} | {} |",
+            r.workload, r.unit, r.etcd.cpu_us, r.metastore.cpu_us, ratio
+        );
+    }
+    let _ = writeln!(s);
 }
 
 #[cfg(test)]

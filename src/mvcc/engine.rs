@@ -144,6 +144,16 @@ pub trait Engine {
         Ok(())
     }
 
+    /// Before the engine is closed: moves everything earlier [`Engine::flush`]es handed to the
+    /// database into its files, so that a restart finds it without replaying the database's
+    /// own log (RocksDB syncs its WAL and flushes its memtables to SST files). Records appended
+    /// since the last flush stay unwritten: on disk without the applied state they reflect,
+    /// they would be applied twice after a restart, and the Raft WAL holds them anyway. The
+    /// memory engine keeps nothing on disk and ignores it.
+    fn sync_to_disk(&self) -> Result<(), StorageError> {
+        Ok(())
+    }
+
     /// The applied state of the last flush, for a durable engine that has one.
     fn recover(&self) -> Result<Option<RecoveredState>, StorageError> {
         Ok(None)
@@ -182,7 +192,7 @@ pub enum StorageError {
     /// would answer with partial data or let memory and disk disagree, so it is fatal.
     #[error("rocksdb {op} failed in {}: {error}", path.display())]
     Engine {
-        /// What failed: "read" or "write".
+        /// What failed: "read", "write", or "flush" (see [`Engine::sync_to_disk`]).
         op: &'static str,
         /// The shard's database directory.
         path: PathBuf,

@@ -654,6 +654,13 @@ impl Engine for RocksEngine {
         self.write(batch)
     }
 
+    fn sync_to_disk(&self) -> Result<(), StorageError> {
+        // The WAL first: should the memtable flush fail (a full disk), what the database
+        // accepted is still in a synced log.
+        self.db.flush_wal(true).map_err(self.failed("flush"))?;
+        self.db.flush().map_err(self.failed("flush"))
+    }
+
     fn recover(&self) -> Result<Option<RecoveredState>, StorageError> {
         let Some(meta) = self.db_get(META_STATE)? else {
             return Ok(None);

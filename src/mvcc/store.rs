@@ -385,6 +385,16 @@ impl Store {
         self.engine.flush(state)
     }
 
+    /// Closes the store: syncs its engine's files ([`Engine::sync_to_disk`]), then drops the
+    /// engine (for RocksDB, closes the database), whether the sync worked or not.
+    ///
+    /// Errors: the sync's (the engine is closed all the same).
+    pub fn close(self) -> Result<(), StorageError> {
+        let synced = self.engine.sync_to_disk();
+        drop(self);
+        synced
+    }
+
     /// Visits every key with its retained history.
     pub fn export(
         &self,

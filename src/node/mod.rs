@@ -1,6 +1,7 @@
 //! One member's life: [`Node::start`] recovers it and starts its threads and listeners,
 //! [`NodeHandle::ready`] waits until it serves, and [`NodeHandle::shutdown`] stops it in
-//! etcd's order. [`run`] is all three, with SIGTERM/SIGINT and fatal errors deciding when.
+//! etcd's order, ending with the shards' engines flushed and closed and their threads joined.
+//! [`run`] is all three, with SIGTERM/SIGINT and fatal errors deciding when.
 //!
 //! ```text
 //!  thread          owns                                   joined to the others by
@@ -9,7 +10,9 @@
 //!  apply           the Dispatcher (state machine):         ApplyMsg (flume, log order) <- raft;
 //!                  revisions, leases, alarms, auth         SnapshotTaken -> raft
 //!  shard 0..N      one glommio executor per CPU, each      ApplyCmd queues (flume, FIFO) <-
-//!                  an mvcc::Store over its engine          apply; read queues <- services
+//!                  an mvcc::Store over its engine          apply, and the Close that ends it
+//!                                                          <- this module; read queues <-
+//!                                                          services
 //!  tokio runtime   gRPC services, HTTP, peer service,      AppliedState (watch) <- apply;
 //!                  lease clock, compactor, this module     fatal errors (FatalTx) <- raft, shards
 //! ```
@@ -29,7 +32,9 @@ use crate::apply::alarms::SharedAlarms;
 use crate::apply::{Dispatcher, SnapshotPolicy, StartState};
 use crate::config::{defaults, ClusterState, Config};
 use crate::consensus::transport::{Faults, Transport, MAX_PEER_MESSAGE_BYTES};
-use crate::consensus::{election_ticks, recover_log, NodeConfig, RaftNode, RecoveredLog};
+use crate::consensus::{
+    election_ticks, recover_log, NodeConfig, NodeMsg, RaftHandle, RaftNode, RecoveredLog,
+};
 use crate::fatal::{FatalError, FatalRx, FatalTx};
 use crate::identity::{self as member, url_string, Member};
 use crate::lease::{min_ttl_secs, LeaseTable};
@@ -46,7 +51,7 @@ use crate::server::{
 };
 use crate::shard::Shards;
 use crate::state_machine::snapshot::Snapshotter;
-use crate::state_machine::{AppliedState, Pending};
+use crate::state_machine::{AppliedState, ApplyMsg, Pending, SnapshotTaken};
 use crate::tls::MemberTls;
 pub use error::NodeError;
 use listeners::{bind_all, client_server_builder, serve};
@@ -63,7 +68,7 @@ pub struct Node;
 pub struct NodeHandle {
     core: Arc<Core>,
     cfg: Arc<Config>,
-    /// Kept open until the process exits (see [`NodeHandle::shutdown`]).
+    /// Closed last by [`NodeHandle::shutdown`].
     shards: Shards,
     raft: Worker,
     apply: Worker,
@@ -202,7 +207,7 @@ async fn launch(
         Ok(start) => start,
         Err(e) => {
             // Close the shards' databases before the process exits with the error.
-            shards.join();
+            shutdown::close_shards(shards).await;
             return Err(e);
         }
     };
@@ -288,7 +293,61 @@ fn start_threads(
     let (applied_tx, applied_rx) = tokio::sync::watch::channel(AppliedState::default());
     let (snap_tx, snap_rx) = flume::unbounded();
     let (committed_tx, committed_rx) = flume::bounded(1024);
-    let node_cfg = NodeConfig {
+    let faults = Faults::from_env(&tokio::runtime::Handle::current());
+    let (node, raft_handle) = new_raft_node(
+        cfg,
+        &node_config(cfg, member, initial, seed_peers),
+        log,
+        start.index,
+        raft_transport(member, &faults),
+        committed_tx,
+        snap_rx,
+    )?;
+    let start = StartState {
+        membership: raft_handle.membership.borrow().clone(),
+        ..start
+    };
+    let tables = Tables::new(cfg)?;
+    let dispatcher = new_dispatcher(
+        cfg,
+        shards,
+        &start,
+        pending.clone(),
+        applied_tx,
+        snap_tx,
+        &tables,
+    );
+    let (apply, raft) = spawn_workers(dispatcher, committed_rx, node, fatal)?;
+    let core = Core::new(CoreParts {
+        cfg: cfg.clone(),
+        member: member.clone(),
+        node: raft_handle,
+        shards: shards.set.clone(),
+        applied: applied_rx,
+        leases: tables.leases,
+        pending,
+        alarms: tables.alarms,
+        auth: tables.auth,
+    });
+    Ok(Started {
+        core,
+        raft,
+        apply,
+        faults,
+        start_index: start.index,
+    })
+}
+
+/// The Raft node's settings, from the flags and this member's identity. `initial` (the
+/// `--initial-cluster` members) bootstraps only a new cluster; `seed_peers` are the members
+/// of the cluster a new member joins.
+fn node_config(
+    cfg: &Config,
+    member: &Member,
+    initial: Vec<MemberRecord>,
+    seed_peers: Vec<MemberRecord>,
+) -> NodeConfig {
+    NodeConfig {
         id: member.id,
         this_member: MemberRecord {
             id: member.id,
@@ -313,20 +372,42 @@ fn start_threads(
         pre_vote: cfg.pre_vote,
         max_learners: cfg.experimental_max_learners,
         force_new_cluster: cfg.force_new_cluster,
-    };
-    let faults = Faults::from_env(&tokio::runtime::Handle::current());
-    let transport = {
-        let (id, cluster_id, faults) = (member.id, member.cluster_id, faults.clone());
-        move |node| {
-            Transport::new(
-                id,
-                cluster_id,
-                tokio::runtime::Handle::current(),
-                faults,
-                node,
-            )
-        }
-    };
+    }
+}
+
+/// Makes the Raft node's peer transport, given the node's inbox: it runs on the current
+/// runtime, with the fault injection `faults` describes.
+fn raft_transport(
+    member: &Member,
+    faults: &Faults,
+) -> impl FnOnce(flume::Sender<NodeMsg>) -> Transport {
+    let (id, cluster_id, faults) = (member.id, member.cluster_id, faults.clone());
+    move |node| {
+        Transport::new(
+            id,
+            cluster_id,
+            tokio::runtime::Handle::current(),
+            faults,
+            node,
+        )
+    }
+}
+
+/// Builds the Raft node from the recovered log (its WAL keeping at most `--max-wals`
+/// segments), `applied` being the index the state machine starts from. It hands committed
+/// entries to `committed` and takes the dispatcher's snapshots from `snapshots`.
+///
+/// Errors: the Raft node's (a WAL that cannot be written, a log that does not fit the
+/// snapshot).
+fn new_raft_node(
+    cfg: &Config,
+    node_cfg: &NodeConfig,
+    log: RecoveredLog,
+    applied: u64,
+    transport: impl FnOnce(flume::Sender<NodeMsg>) -> Transport,
+    committed: flume::Sender<ApplyMsg>,
+    snapshots: flume::Receiver<SnapshotTaken>,
+) -> Result<(RaftNode, RaftHandle), NodeError> {
     let RecoveredLog {
         snapshot,
         mut wal,
@@ -334,43 +415,84 @@ fn start_threads(
         ..
     } = log;
     wal.set_max_segments(cfg.max_wals);
-    let (node, raft_handle) = RaftNode::new(
-        &node_cfg,
+    let built = RaftNode::new(
+        node_cfg,
         snapshot.as_ref(),
-        start.index,
+        applied,
         wal,
         recovered,
         transport,
-        committed_tx,
-        snap_rx,
+        committed,
+        snapshots,
     )?;
-    let start = StartState {
-        membership: raft_handle.membership.borrow().clone(),
-        ..start
-    };
-    let leases = LeaseTable::default();
-    let alarms = SharedAlarms::default();
-    let auth = crate::auth::SharedAuth::new(crate::auth::token::Tokens::from_flag(
-        &cfg.auth_token,
-        Duration::from_secs(cfg.auth_token_ttl),
-    )?);
-    let dispatcher = Dispatcher::new(
+    Ok(built)
+}
+
+/// The tables the dispatcher keeps and the services read: leases, alarms, and auth (with
+/// the token provider `--auth-token` names).
+struct Tables {
+    leases: LeaseTable,
+    alarms: SharedAlarms,
+    auth: crate::auth::SharedAuth,
+}
+
+impl Tables {
+    /// Empty tables (the dispatcher restores them from the start state).
+    ///
+    /// Errors: an `--auth-token` that does not name a usable token provider.
+    fn new(cfg: &Config) -> Result<Tables, NodeError> {
+        let auth = crate::auth::SharedAuth::new(crate::auth::token::Tokens::from_flag(
+            &cfg.auth_token,
+            Duration::from_secs(cfg.auth_token_ttl),
+        )?);
+        Ok(Tables {
+            leases: LeaseTable::default(),
+            alarms: SharedAlarms::default(),
+            auth,
+        })
+    }
+}
+
+/// The apply dispatcher over `shards`, from the start state, publishing what it applied on
+/// `applied_tx` and handing its snapshots (every `--snapshot-count` entries) to `snapshots`.
+fn new_dispatcher(
+    cfg: &Config,
+    shards: &Shards,
+    start: &StartState,
+    pending: Arc<Pending>,
+    applied_tx: tokio::sync::watch::Sender<AppliedState>,
+    snapshots: flume::Sender<SnapshotTaken>,
+    tables: &Tables,
+) -> Dispatcher {
+    Dispatcher::new(
         shards.set.clone(),
-        &start,
-        pending.clone(),
+        start,
+        pending,
         applied_tx,
         SnapshotPolicy {
             snap_dir: cfg.data_dir().join("member").join("snap"),
             count: cfg.snapshot_count,
-            notify: snap_tx,
+            notify: snapshots,
         },
-        leases.clone(),
+        tables.leases.clone(),
         min_ttl_secs(cfg.election_timeout),
-        alarms.clone(),
-        auth.clone(),
-    );
+        tables.alarms.clone(),
+        tables.auth.clone(),
+    )
+}
+
+/// Starts the apply thread (the dispatcher over `committed`) and the Raft thread, whose
+/// failure is reported on `fatal`.
+///
+/// Errors: the OS refuses a thread.
+fn spawn_workers(
+    dispatcher: Dispatcher,
+    committed: flume::Receiver<ApplyMsg>,
+    node: RaftNode,
+    fatal: FatalTx,
+) -> Result<(Worker, Worker), NodeError> {
     let os = |context| move |source| NodeError::Os { context, source };
-    let apply = Worker::spawn("apply", move || dispatcher.run(committed_rx))
+    let apply = Worker::spawn("apply", move || dispatcher.run(committed))
         .map_err(os("cannot start the apply thread"))?;
     let raft = Worker::spawn("raft", move || {
         if let Err(e) = node.run() {
@@ -378,24 +500,7 @@ fn start_threads(
         }
     })
     .map_err(os("cannot start the raft thread"))?;
-    let core = Core::new(CoreParts {
-        cfg: cfg.clone(),
-        member: member.clone(),
-        node: raft_handle,
-        shards: shards.set.clone(),
-        applied: applied_rx,
-        leases,
-        pending,
-        alarms,
-        auth,
-    });
-    Ok(Started {
-        core,
-        raft,
-        apply,
-        faults,
-        start_index: start.index,
-    })
+    Ok((apply, raft))
 }
 
 /// Serves the peer service on every peer listener.
@@ -478,7 +583,10 @@ fn serve_clients(cfg: &Config, core: &Arc<Core>, bound: Bound, tls: &MemberTls) 
                 &health,
                 http::Endpoints::Client,
             ))
-            .layer(gate::GateLayer::new(core.node.status.clone()))
+            .layer(gate::GateLayer::new(
+                core.node.status.clone(),
+                core.in_flight.clone(),
+            ))
             .add_routes(client_services(core, max_recv));
         serve!(
             servers,
@@ -582,8 +690,9 @@ impl NodeHandle {
     /// 1. [`Core::stopping`] is cancelled: the client and metrics listeners stop accepting,
     ///    their connections are told to go away (HTTP/2 GOAWAY), and every open Watch and
     ///    LeaseKeepAlive stream ends with "etcdserver: server stopped".
-    /// 2. Requests in flight are answered: the client servers are waited for, at most 5 s,
-    ///    then aborted.
+    /// 2. Requests in flight are answered: the stop waits until none is left (or every
+    ///    client connection has closed), at most 5 s, then stops the listeners; a connection
+    ///    still open closes once its client acknowledges the GOAWAY, or at the exit.
     /// 3. When `transfer` is set, a leader with other voters hands leadership over so that the
     ///    cluster does not wait an election timeout for a new one (not after a fatal error:
     ///    this member's log or state can no longer be trusted to hand over).
@@ -591,37 +700,50 @@ impl NodeHandle {
     ///    the apply thread then ends once it has applied what it was handed. Both are waited
     ///    for, at most 5 s each.
     ///
-    /// Every step is logged. Every acknowledged write was fsynced before its answer, so nothing
-    /// needs flushing. The shard threads keep their queues open until the process exits, as
-    /// do the peer listeners: the last queue sender going away (the runtime dropping tasks
-    /// that hold the core) would have the shard threads close RocksDB while the process exits,
-    /// which aborts; the shards are idle once the apply thread has finished.
+    /// 5. The shards, idle once the apply thread has finished, are closed: each syncs its
+    ///    engine's files (RocksDB: its WAL synced, its memtables flushed to SST files), closes
+    ///    its engine and ends its thread, which is joined; at most 10 s in all
+    ///    ([`Shards::close`]). Requests that still reach a shard afterwards (through the
+    ///    services' handles, which live on) are answered "server stopped".
+    ///
+    /// Every step is logged. Every acknowledged write was in the fsynced Raft WAL before its
+    /// answer, so the sync only spares the next start RocksDB's own log replay. Returns once
+    /// the engines are closed: a storage engine is never left to be torn down by the process
+    /// exit (RocksDB aborts the process when that happens). The peer listeners keep serving
+    /// until the process exits.
     pub async fn shutdown(mut self, transfer: bool) {
         tracing::info!("stopping: no new client requests; ending watch and keep-alive streams");
         self.core.stopping.cancel();
         let servers = &mut self.client_servers;
+        let in_flight = self.core.in_flight.clone();
+        // What a stop waits for is the requests, not the connections: a connection closes only
+        // once its client acknowledges the GOAWAY, which an idle client may be slow to do.
         let drained = tokio::time::timeout(shutdown::DRAIN_TIMEOUT, async {
-            while servers.join_next().await.is_some() {}
+            tokio::select! {
+                _ = async { while servers.join_next().await.is_some() {} } => {}
+                _ = in_flight.idle() => {}
+            }
         })
         .await;
         match drained {
             Ok(()) => tracing::info!("stopping: client requests in flight answered"),
-            Err(_) => {
-                tracing::warn!(
-                    timeout = ?shutdown::DRAIN_TIMEOUT,
-                    "stopping: client requests still in flight; cutting them"
-                );
-                self.client_servers.abort_all();
-            }
+            Err(_) => tracing::warn!(
+                timeout = ?shutdown::DRAIN_TIMEOUT,
+                in_flight = self.core.in_flight.count(),
+                "stopping: client requests still in flight; cutting them"
+            ),
         }
+        // Stops the listeners; each open connection is still closed gracefully, on its own.
+        self.client_servers.abort_all();
         if transfer {
             shutdown::transfer_leadership(&self.core).await;
         }
         shutdown::stop_raft(&self.core).await;
         self.raft.join(shutdown::THREADS_TIMEOUT).await;
         self.apply.join(shutdown::THREADS_TIMEOUT).await;
+        // After the apply thread: until it has finished, it may still send to the shards.
+        shutdown::close_shards(self.shards).await;
         tracing::info!("stopped");
-        std::mem::forget(self.shards);
     }
 }
 

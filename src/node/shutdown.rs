@@ -1,5 +1,5 @@
-//! Stopping a member: the threads it waits for, and the leadership hand-over a stopping
-//! leader makes first.
+//! Stopping a member: the threads it waits for, the shards it closes, and the leadership
+//! hand-over a stopping leader makes first.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -9,6 +9,7 @@ use tokio::sync::oneshot;
 
 use crate::consensus::NodeMsg;
 use crate::server::Core;
+use crate::shard::Shards;
 
 /// How long a stop lets the client connections finish their requests (etcd's `stopServers`
 /// gives gRPC's `GracefulStop` the request timeout before `Stop`); requests still unanswered
@@ -16,6 +17,24 @@ use crate::server::Core;
 pub(super) const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a stop waits for each of the Raft and apply threads to finish what they hold.
 pub(super) const THREADS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a stop waits for the shards to sync their engines' files (RocksDB flushes its
+/// memtables), close them and end their threads, all shards together.
+pub(super) const SHARDS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Closes the shards ([`Shards::close`], at most [`SHARDS_TIMEOUT`]) and logs how it went:
+/// "stopping: shards flushed and closed", or a warning per shard that was not.
+pub(super) async fn close_shards(shards: Shards) {
+    tracing::info!("stopping: flushing and closing the shards");
+    match shards.close(SHARDS_TIMEOUT).await {
+        Ok(()) => tracing::info!("stopping: shards flushed and closed"),
+        Err(errors) => {
+            for error in errors {
+                tracing::warn!(error = %error, "stopping: a shard did not close cleanly");
+            }
+        }
+    }
+}
 
 /// A named thread of the member (Raft, apply), with a signal for when its body has returned,
 /// so a stop can wait for it on the runtime without blocking a worker.

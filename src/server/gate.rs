@@ -12,7 +12,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -97,16 +97,73 @@ fn refusal(status: &NodeStatus, path: &str, headers: &http::HeaderMap) -> Option
     None
 }
 
+/// The client requests being answered: a stop waits until there are none (etcd's
+/// `GracefulStop` waits for the RPCs in flight) rather than for every client connection to
+/// close, which an idle client may take its time over. A request counts from the moment the
+/// gate admits it until its handler has produced the response (for a stream: opened it; the
+/// streams themselves are ended by the stop).
+#[derive(Clone, Default)]
+pub struct InFlight(Arc<InFlightState>);
+
+#[derive(Default)]
+struct InFlightState {
+    count: AtomicUsize,
+    /// Set once a stop waits: only then does the last request out wake it.
+    watched: AtomicBool,
+    idle: tokio::sync::Notify,
+}
+
+/// One admitted request; dropped when it is answered (or abandoned).
+struct Admitted(Arc<InFlightState>);
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1
+            && self.0.watched.load(Ordering::Acquire)
+        {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl InFlight {
+    fn admit(&self) -> Admitted {
+        self.0.count.fetch_add(1, Ordering::AcqRel);
+        Admitted(self.0.clone())
+    }
+
+    /// Requests admitted and not yet answered.
+    pub fn count(&self) -> usize {
+        self.0.count.load(Ordering::Acquire)
+    }
+
+    /// Waits until no request is in flight.
+    pub async fn idle(&self) {
+        self.0.watched.store(true, Ordering::Release);
+        loop {
+            let notified = self.0.idle.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a last request finishing in between wakes it.
+            notified.as_mut().enable();
+            if self.count() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
 /// The tower layer that puts a [`Gate`] in front of the client services.
 #[derive(Clone)]
 pub struct GateLayer {
     status: Arc<NodeStatus>,
+    in_flight: InFlight,
 }
 
 impl GateLayer {
-    /// Gates requests on the Raft node's `status`.
-    pub fn new(status: Arc<NodeStatus>) -> Self {
-        GateLayer { status }
+    /// Gates requests on the Raft node's `status`, counting those admitted in `in_flight`.
+    pub fn new(status: Arc<NodeStatus>, in_flight: InFlight) -> Self {
+        GateLayer { status, in_flight }
     }
 }
 
@@ -117,6 +174,7 @@ impl<S> tower_layer::Layer<S> for GateLayer {
         Gate {
             inner,
             status: self.status.clone(),
+            in_flight: self.in_flight.clone(),
         }
     }
 }
@@ -126,6 +184,7 @@ impl<S> tower_layer::Layer<S> for GateLayer {
 pub struct Gate<S> {
     inner: S,
     status: Arc<NodeStatus>,
+    in_flight: InFlight,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -152,8 +211,10 @@ where
                 Box::pin(async move { Ok(response) })
             }
             None => {
+                let admitted = self.in_flight.admit();
                 let call = self.inner.call(req);
                 Box::pin(async move {
+                    let _admitted = admitted;
                     let mut response = call.await?;
                     grpc_size_status(response.headers_mut());
                     Ok(response)
@@ -200,6 +261,31 @@ fn grpc_size_status(headers: &mut http::HeaderMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_waits_for_admitted_requests_only() {
+        let in_flight = InFlight::default();
+        // Nothing admitted: idle at once.
+        in_flight.idle().await;
+        let first = in_flight.admit();
+        let second = in_flight.admit();
+        assert_eq!(in_flight.count(), 2);
+        let waiter = tokio::spawn({
+            let in_flight = in_flight.clone();
+            async move { in_flight.idle().await }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        drop(first);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(!waiter.is_finished(), "one request is still being answered");
+        drop(second);
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .expect("the last answer wakes the stop")
+            .unwrap();
+        assert_eq!(in_flight.count(), 0);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn hasleader_streams_end_after_three_leaderless_checks() {

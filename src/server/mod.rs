@@ -95,6 +95,8 @@ pub struct Core {
     /// server stopped" ([`crate::error::EtcdError::Stopped`]), as etcd's `EtcdServer.Stop`
     /// ends its streams.
     pub stopping: tokio_util::sync::CancellationToken,
+    /// The client requests being answered, which a stop waits for.
+    pub in_flight: gate::InFlight,
 }
 
 impl Core {
@@ -160,6 +162,7 @@ impl Core {
             members,
             alarms,
             stopping: tokio_util::sync::CancellationToken::new(),
+            in_flight: gate::InFlight::default(),
         })
     }
 

@@ -32,7 +32,7 @@ use crate::mvcc::rocks::{RocksEngine, RocksOptions, ShardIdentity};
 use crate::mvcc::store::EventBatch;
 use crate::mvcc::{KeyRange, Store};
 use crate::proto::etcdserverpb::RangeRequest;
-use executor::run_shard;
+use executor::{run_shard, Queues};
 pub use placement::{parse_cpu_list, shard_cpus, shard_for};
 pub use protocol::{history_from_proto, history_to_proto, ApplyCmd, BarrierState, ReadCmd};
 
@@ -283,11 +283,49 @@ impl ShardSet {
     }
 }
 
-/// Running shard executors; joining waits for them to drain and stop.
+/// Running shard executors. [`Shards::close`] closes them; dropped without it, they stop only
+/// once every queue sender is gone (which may be the process exit).
 pub struct Shards {
     /// The queues.
     pub set: ShardSet,
-    threads: Vec<glommio::ExecutorJoinHandle<()>>,
+    threads: Vec<ShardThread>,
+}
+
+/// A shard's executor thread.
+struct ShardThread {
+    handle: glommio::ExecutorJoinHandle<()>,
+    /// Gets the shard's queues once it has left its loop (see [`run_shard`]); closed without
+    /// them if the thread panicked.
+    done: oneshot::Receiver<Queues>,
+}
+
+/// What kept [`Shards::close`] from closing one shard cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum CloseError {
+    /// The shard could not sync its engine's files (see [`Engine::sync_to_disk`]); the engine
+    /// was closed all the same. What the member acknowledged is in the Raft WAL regardless.
+    #[error("shard {shard} could not sync its storage before closing it: {error}")]
+    Sync {
+        /// The shard.
+        shard: usize,
+        /// The engine's error.
+        error: StorageError,
+    },
+    /// The shard had stopped before it was asked to close: its engine failed (and was closed
+    /// then), or its thread ended abnormally.
+    #[error("shard {0} had already stopped")]
+    Stopped(usize),
+    /// The shard did not close in time; its thread is left to the process exit.
+    #[error("shard {0} did not close in time")]
+    TimedOut(usize),
+    /// The shard's thread panicked (glommio's report).
+    #[error("shard {shard}'s thread failed: {reason}")]
+    Thread {
+        /// The shard.
+        shard: usize,
+        /// What glommio reported.
+        reason: String,
+    },
 }
 
 /// Why [`Shards::spawn`] (or [`shard_cpus`]) failed.
@@ -346,16 +384,22 @@ impl Shards {
                 None => glommio::Placement::Unbound,
             };
             let (opened_tx, opened_rx) = std::sync::mpsc::channel();
+            let (done_tx, done) = oneshot::channel();
             let config = engine.clone();
             let sizes = sizes.clone();
             let fatal = fatal.clone();
-            let thread = glommio::LocalExecutorBuilder::new(placement)
+            let queues = Queues {
+                apply: apply_rx,
+                read: read_rx,
+            };
+            let handle = glommio::LocalExecutorBuilder::new(placement)
                 .name(&format!("shard-{i}"))
                 .spawn(move || async move {
                     match config.open(i, count) {
                         Ok(engine) => {
                             let _ = opened_tx.send(Ok(()));
-                            run_shard(i, engine, sizes, apply_rx, read_rx, fatal).await;
+                            let queues = run_shard(i, engine, sizes, queues, fatal).await;
+                            let _ = done_tx.send(queues);
                         }
                         Err(e) => {
                             let _ = opened_tx.send(Err(e));
@@ -371,7 +415,7 @@ impl Shards {
                 // The executor thread ended before opening the engine: glommio could not build
                 // the executor (for example RLIMIT_MEMLOCK too low for its io_uring rings).
                 // Its join result carries the reason.
-                Err(_) => match thread.join() {
+                Err(_) => match handle.join() {
                     Err(e) => {
                         return Err(SpawnError::Executor {
                             shard: i,
@@ -386,7 +430,7 @@ impl Shards {
                 apply: apply_tx,
                 read: read_tx,
             });
-            threads.push(thread);
+            threads.push(ShardThread { handle, done });
         }
         Ok(Shards {
             set: ShardSet {
@@ -397,11 +441,98 @@ impl Shards {
         })
     }
 
-    /// Waits for every shard thread to finish (after all queue senders are dropped).
+    /// Closes every shard, in parallel: each syncs its engine's files, closes its engine
+    /// and leaves its loop ([`ApplyCmd::Close`], behind everything already on its apply
+    /// queue), then its thread is joined. Waits at most `timeout` in all, without blocking the
+    /// runtime's workers; a shard still busy then is left to the process exit. Commands that
+    /// come afterwards through any [`ShardSet`] are refused ("server stopped") until the last
+    /// sender is gone.
+    ///
+    /// Call it once nothing sends to the apply queues any more (the dispatcher has stopped):
+    /// what comes after the close command is refused.
+    ///
+    /// Errors: one [`CloseError`] per shard that did not close cleanly.
+    pub async fn close(self, timeout: std::time::Duration) -> Result<(), Vec<CloseError>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let closing: Vec<_> = self
+            .set
+            .iter()
+            .map(|shard| {
+                let (reply, closed) = oneshot::channel();
+                // A shard that has stopped has no receiver left: `closed` then fails.
+                let _ = shard.apply.send(ApplyCmd::Close { reply });
+                closed
+            })
+            .collect();
+        drop(self.set);
+        let mut errors = Vec::new();
+        for (shard, (closed, thread)) in closing.into_iter().zip(self.threads).enumerate() {
+            let outcome = match tokio::time::timeout_at(deadline, closed).await {
+                Ok(Ok(Ok(()))) => Ok(()),
+                Ok(Ok(Err(error))) => Err(CloseError::Sync { shard, error }),
+                Ok(Err(_)) => Err(CloseError::Stopped(shard)),
+                Err(_) => Err(CloseError::TimedOut(shard)),
+            };
+            let joined = match outcome {
+                Err(CloseError::TimedOut(_)) => {
+                    // Refuse what comes should the shard finish closing later.
+                    tokio::spawn(async move {
+                        if let Ok(queues) = thread.done.await {
+                            queues.refuse_all().await;
+                        }
+                    });
+                    Ok(())
+                }
+                _ => thread.join(shard, deadline).await,
+            };
+            errors.extend(outcome.err());
+            errors.extend(joined.err());
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
+    }
+}
+
+impl Shards {
+    /// Drops this handle's queue senders and waits for every shard thread to finish, which
+    /// happens once every other sender ([`ShardSet`] clone) is gone too: for a caller that
+    /// holds the only ones (benchmarks). A member closes its shards with [`Shards::close`].
     pub fn join(self) {
         drop(self.set);
         for t in self.threads {
-            let _ = t.join();
+            let _ = t.handle.join();
+        }
+    }
+}
+
+impl ShardThread {
+    /// Waits until `deadline` for the shard to leave its loop, has its queues refused from
+    /// then on, and joins the thread (off the runtime's workers: glommio's join blocks).
+    async fn join(self, shard: usize, deadline: tokio::time::Instant) -> Result<(), CloseError> {
+        match tokio::time::timeout_at(deadline, self.done).await {
+            Ok(Ok(queues)) => {
+                tokio::spawn(queues.refuse_all());
+            }
+            // The thread ended without its queues: it panicked; the join says why.
+            Ok(Err(_)) => {}
+            Err(_) => return Err(CloseError::TimedOut(shard)),
+        }
+        let handle = self.handle;
+        let joined = tokio::task::spawn_blocking(move || handle.join());
+        match tokio::time::timeout_at(deadline, joined).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(CloseError::Thread {
+                shard,
+                reason: e.to_string(),
+            }),
+            Ok(Err(e)) => Err(CloseError::Thread {
+                shard,
+                reason: e.to_string(),
+            }),
+            Err(_) => Err(CloseError::TimedOut(shard)),
         }
     }
 }
@@ -409,6 +540,73 @@ impl Shards {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use std::time::Duration;
+
+    fn engine_config(kind: EngineKind, dir: &std::path::Path) -> EngineConfig {
+        EngineConfig {
+            kind,
+            dir: dir.to_path_buf(),
+            rocks: RocksOptions::default(),
+            member_id: 1,
+            create: true,
+        }
+    }
+
+    fn range_all() -> Arc<RangeRequest> {
+        Arc::new(RangeRequest {
+            key: vec![0],
+            range_end: vec![0],
+            ..Default::default()
+        })
+    }
+
+    /// Closing answers once every shard has closed its engine; whatever comes afterwards
+    /// through another handle is refused ("server stopped") at once, never left waiting.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn close_closes_every_engine_and_refuses_what_comes_after() {
+        for kind in [EngineKind::Memory, EngineKind::Rocksdb] {
+            let tmp = tempfile::tempdir().unwrap();
+            let (fatal, _fatal_rx) = FatalTx::channel();
+            let shards = Shards::spawn(2, &engine_config(kind, tmp.path()), fatal).unwrap();
+            let set = shards.set.clone();
+            set.read_range(range_all(), 0)
+                .await
+                .expect("served before close");
+            shards
+                .close(Duration::from_secs(10))
+                .await
+                .expect("every shard closes");
+            for _ in 0..3 {
+                let read =
+                    tokio::time::timeout(Duration::from_secs(5), set.read_range(range_all(), 0))
+                        .await
+                        .expect("refused at once, not left waiting");
+                assert!(matches!(read, Err(EtcdError::Stopped)), "{kind:?}");
+                let (reply, rx) = oneshot::channel();
+                let _ = set.get(0).apply.send(ApplyCmd::Recover { reply });
+                let recovered = tokio::time::timeout(Duration::from_secs(5), rx).await;
+                assert!(matches!(recovered, Ok(Err(_))), "{kind:?}");
+            }
+            if kind == EngineKind::Rocksdb {
+                // Synced: what the memtables held (the shard's identity, at least) is in
+                // SST files, not only in RocksDB's log.
+                for shard in 0..2 {
+                    let sst = std::fs::read_dir(tmp.path().join(shard.to_string()))
+                        .unwrap()
+                        .filter(|f| f.as_ref().unwrap().path().extension() == Some("sst".as_ref()))
+                        .count();
+                    assert!(sst > 0, "shard {shard}: no SST file after close");
+                }
+                // Closed: the databases open again (RocksDB holds a lock on an open one).
+                let reopened = engine_config(kind, tmp.path());
+                for shard in 0..2 {
+                    let engine = reopened.open(shard, 2).expect("reopens after close");
+                    drop(engine);
+                }
+            }
+        }
+    }
 
     #[test]
     fn shard_for_is_stable_and_in_range() {

@@ -135,6 +135,14 @@ pub enum ApplyCmd {
         /// Compaction revision of the snapshot.
         compact_revision: i64,
     },
+    /// The member stops ([`super::Shards::close`]): the shard syncs its engine's files
+    /// ([`crate::mvcc::engine::Engine::sync_to_disk`]), closes the engine, answers, and leaves
+    /// its loop. Whatever comes on its queues afterwards is dropped unanswered ("server
+    /// stopped").
+    Close {
+        /// Answered once the engine is closed, with the sync's outcome.
+        reply: oneshot::Sender<Result<(), StorageError>>,
+    },
 }
 
 /// The applied state a barrier persists (owned form of [`FlushState`]).
