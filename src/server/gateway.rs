@@ -271,54 +271,7 @@ impl Gateway {
             Err(_) => return error_response(Code::Unavailable, "gateway closed"),
         };
         let done = CancellationToken::new();
-        let grpc_body = match shape {
-            Shape::Unary | Shape::ServerStream => {
-                let msg = first.unwrap_or_default();
-                Body::new(http_body_util::Full::new(frame(&msg)))
-            }
-            Shape::Bidi | Shape::BidiOpen => {
-                let (tx, rx) = mpsc::channel::<Result<http_body::Frame<Bytes>, tonic::Status>>(16);
-                let ended = first.is_none();
-                if let Some(msg) = first {
-                    let _ = tx.send(Ok(http_body::Frame::data(frame(&msg)))).await;
-                }
-                let keep_open = shape == Shape::BidiOpen;
-                let done = done.clone();
-                tokio::spawn(async move {
-                    if !ended {
-                        loop {
-                            let next = tokio::select! {
-                                _ = done.cancelled() => return,
-                                next = input.next::<Q>(&mut body) => next,
-                            };
-                            match next {
-                                Ok(Some(msg)) => {
-                                    if tx
-                                        .send(Ok(http_body::Frame::data(frame(&msg))))
-                                        .await
-                                        .is_err()
-                                    {
-                                        return;
-                                    }
-                                }
-                                // The end of the body, or a message that does not decode:
-                                // the gateway closes its side of the stream.
-                                _ => break,
-                            }
-                        }
-                    }
-                    if keep_open {
-                        tokio::select! {
-                            _ = done.cancelled() => {}
-                            _ = tx.closed() => {}
-                        }
-                    }
-                });
-                Body::new(http_body_util::StreamBody::new(
-                    tokio_stream::wrappers::ReceiverStream::new(rx),
-                ))
-            }
-        };
+        let grpc_body = request_body::<Q>(shape, first, input, body, done.clone()).await;
         let grpc_req = grpc_request(grpc_path, &parts.headers, grpc_body);
         let response = match grpc(grpc_req).await {
             Ok(r) => r,
@@ -351,43 +304,121 @@ impl Gateway {
                 return r;
             }
         };
-        let (tx, rx) = mpsc::channel::<Result<http_body::Frame<Bytes>, Infallible>>(16);
-        tokio::spawn(async move {
-            let _permit = permit;
-            // Ends the request pump (and so the gRPC call) once this task ends.
-            let _done = done.drop_guard();
-            let mut next: Result<Option<Bytes>, tonic::Status> = Ok(Some(first));
-            loop {
-                let chunk = match next {
-                    Ok(Some(msg)) => match R::decode(msg) {
-                        Ok(resp) => format!("{{\"result\":{}}}\n", to_json(&resp)),
-                        Err(e) => stream_error(&tonic::Status::new(Code::Internal, e.to_string())),
-                    },
-                    Ok(None) => return,
-                    Err(status) => stream_error(&status),
-                };
-                let last = !chunk.ends_with('\n');
-                if tx
-                    .send(Ok(http_body::Frame::data(Bytes::from(chunk))))
-                    .await
-                    .is_err()
-                    || last
-                {
-                    return;
-                }
-                next = tokio::select! {
-                    _ = tx.closed() => return,
-                    n = reply.next() => n,
-                };
-            }
-        });
-        let body = Body::new(http_body_util::StreamBody::new(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        ));
-        let mut r = Response::new(body);
-        stream_headers(r.headers_mut());
-        r
+        stream_answer::<R>(first, reply, permit, done)
     }
+}
+
+/// The gRPC request body of a call: the one request message (`first`, or the default) for a
+/// unary or server-streaming call; for a bidirectional one, `first` then every further JSON
+/// message `input` reads from `body`, pumped by a task until `done` (for
+/// [`Shape::BidiOpen`], the body's end does not end the call).
+async fn request_body<Q>(
+    shape: Shape,
+    first: Option<Q>,
+    mut input: JsonInput,
+    mut body: Body,
+    done: CancellationToken,
+) -> Body
+where
+    Q: Message + Default + serde::de::DeserializeOwned + Send + 'static,
+{
+    match shape {
+        Shape::Unary | Shape::ServerStream => {
+            let msg = first.unwrap_or_default();
+            Body::new(http_body_util::Full::new(frame(&msg)))
+        }
+        Shape::Bidi | Shape::BidiOpen => {
+            let (tx, rx) = mpsc::channel::<Result<http_body::Frame<Bytes>, tonic::Status>>(16);
+            let ended = first.is_none();
+            if let Some(msg) = first {
+                let _ = tx.send(Ok(http_body::Frame::data(frame(&msg)))).await;
+            }
+            let keep_open = shape == Shape::BidiOpen;
+            tokio::spawn(async move {
+                if !ended {
+                    loop {
+                        let next = tokio::select! {
+                            _ = done.cancelled() => return,
+                            next = input.next::<Q>(&mut body) => next,
+                        };
+                        match next {
+                            Ok(Some(msg)) => {
+                                if tx
+                                    .send(Ok(http_body::Frame::data(frame(&msg))))
+                                    .await
+                                    .is_err()
+                                {
+                                    return;
+                                }
+                            }
+                            // The end of the body, or a message that does not decode:
+                            // the gateway closes its side of the stream.
+                            _ => break,
+                        }
+                    }
+                }
+                if keep_open {
+                    tokio::select! {
+                        _ = done.cancelled() => {}
+                        _ = tx.closed() => {}
+                    }
+                }
+            });
+            Body::new(http_body_util::StreamBody::new(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+            ))
+        }
+    }
+}
+
+/// A stream's answer: `first` and every later response message of `reply`, each as a line
+/// `{"result":...}` (an error as the stream error line, which ends it), sent by a task that
+/// holds the call's `permit` and cancels `done` (ending the request pump) when it ends.
+fn stream_answer<R>(
+    first: Bytes,
+    mut reply: GrpcReply,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    done: CancellationToken,
+) -> Response<Body>
+where
+    R: Message + Default + serde::Serialize + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel::<Result<http_body::Frame<Bytes>, Infallible>>(16);
+    tokio::spawn(async move {
+        let _permit = permit;
+        // Ends the request pump (and so the gRPC call) once this task ends.
+        let _done = done.drop_guard();
+        let mut next: Result<Option<Bytes>, tonic::Status> = Ok(Some(first));
+        loop {
+            let chunk = match next {
+                Ok(Some(msg)) => match R::decode(msg) {
+                    Ok(resp) => format!("{{\"result\":{}}}\n", to_json(&resp)),
+                    Err(e) => stream_error(&tonic::Status::new(Code::Internal, e.to_string())),
+                },
+                Ok(None) => return,
+                Err(status) => stream_error(&status),
+            };
+            let last = !chunk.ends_with('\n');
+            if tx
+                .send(Ok(http_body::Frame::data(Bytes::from(chunk))))
+                .await
+                .is_err()
+                || last
+            {
+                return;
+            }
+            next = tokio::select! {
+                _ = tx.closed() => return,
+                n = reply.next() => n,
+            };
+        }
+    });
+    let body = Body::new(http_body_util::StreamBody::new(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+    ));
+    let mut r = Response::new(body);
+    stream_headers(r.headers_mut());
+    r
 }
 
 /// A stream's answer with `first` as its whole body.
