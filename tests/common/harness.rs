@@ -412,6 +412,48 @@ impl Drop for Server {
     }
 }
 
+/// One `curl` answer: status code, headers (lower-cased) and body.
+pub struct Answer {
+    /// The HTTP status code.
+    pub status: u16,
+    /// The status line and headers, lower-cased.
+    pub headers: String,
+    /// The body.
+    pub body: String,
+}
+
+impl Answer {
+    /// The body as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {:?}", self.body))
+    }
+}
+
+/// `curl` with `args` (then the URL), headers included in the answer; `-k` accepts auto-TLS
+/// certificates. Gives up after 20 s.
+pub fn curl(url: &str, args: &[&str]) -> Answer {
+    let out = Command::new("curl")
+        .args(["-s", "-k", "-D", "-", "--max-time", "20"])
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("curl is installed");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP answer from {url}: {text:?} {out:?}"));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("status line of {head:?}"));
+    Answer {
+        status,
+        headers: head.to_lowercase(),
+        body: body.to_string(),
+    }
+}
+
 /// Election settings for [`Cluster::start`]: 50 ms ticks, 500 ms election timeout (etcd's 5x
 /// rule).
 pub const HEARTBEAT_MS: u64 = 50;
@@ -848,13 +890,9 @@ impl Cluster {
         let mut out = String::new();
         for (i, s) in self.servers.iter().enumerate() {
             if let Some(s) = s {
-                let log = s.log();
-                let tail: Vec<&str> = log.lines().rev().take(40).collect();
                 out.push_str(&format!("--- member {i} (last 40 lines) ---\n"));
-                for l in tail.into_iter().rev() {
-                    out.push_str(l);
-                    out.push('\n');
-                }
+                out.push_str(&s.log_tail(40));
+                out.push('\n');
             }
         }
         out

@@ -8,53 +8,13 @@ use std::process::{Command, Stdio};
 
 use serde_json::{json, Value};
 
-use crate::harness::Server;
+use crate::harness::{curl, Answer, Server};
 
-/// One curl answer: status code, headers (lower-cased) and body.
-struct Answer {
-    status: u16,
-    headers: String,
-    body: String,
-}
-
-impl Answer {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {:?}", self.body))
-    }
-}
-
-/// `curl -X POST -d body` to `url` with extra `args`; `-k` accepts the auto-TLS certificate.
+/// `curl -X POST -d body` to `url` with extra `args`.
 fn post_with(url: &str, body: &str, args: &[&str]) -> Answer {
-    let out = Command::new("curl")
-        .args([
-            "-s",
-            "-k",
-            "-D",
-            "-",
-            "--max-time",
-            "20",
-            "-X",
-            "POST",
-            "-d",
-            body,
-        ])
-        .args(args)
-        .arg(url)
-        .output()
-        .expect("curl is installed");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no HTTP answer from {url}: {text:?} {out:?}"));
-    Answer {
-        status: head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("status line of {head:?}")),
-        headers: head.to_lowercase(),
-        body: body.to_string(),
-    }
+    let mut all = vec!["-X", "POST", "-d", body];
+    all.extend_from_slice(args);
+    curl(url, &all)
 }
 
 fn post(url: &str, body: &str) -> Answer {

@@ -2,7 +2,6 @@
 //! `/readyz`, `/version`, `/metrics`, over HTTP/1.1 and HTTP/2, plain and TLS; the
 //! `--listen-metrics-urls` listener; `grpc.health.v1.Health`.
 
-use std::process::Command;
 use std::time::Duration;
 
 use etcd_client::{AlarmAction, AlarmOptions, AlarmType};
@@ -11,38 +10,7 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 use crate::cluster::CLUSTER_LOCK;
-use crate::harness::{free_port, wait_until, wait_until_async, Cluster, Server};
-
-/// One curl answer: status code, headers (lower-cased names) and body.
-struct Answer {
-    status: u16,
-    headers: String,
-    body: String,
-}
-
-/// `curl` with `args` (then the URL); `-k` accepts the auto-TLS certificate.
-fn curl(url: &str, args: &[&str]) -> Answer {
-    let out = Command::new("curl")
-        .args(["-s", "-k", "-D", "-", "--max-time", "20"])
-        .args(args)
-        .arg(url)
-        .output()
-        .expect("curl is installed");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no HTTP answer from {url}: {text:?} {out:?}"));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("status line of {head:?}"));
-    Answer {
-        status,
-        headers: head.to_lowercase(),
-        body: body.to_string(),
-    }
-}
+use crate::harness::{curl, free_port, wait_until, wait_until_async, Answer, Cluster, Server};
 
 fn get(url: &str) -> Answer {
     curl(url, &[])
