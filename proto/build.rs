@@ -37,5 +37,34 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ".v3lockpb",
             ".v3electionpb",
         ])?;
+    build_info();
     Ok(())
+}
+
+/// `metastore --version`'s build facts, as environment variables for `env!`:
+/// `METASTORE_GIT_SHA` (short commit, or etcd's "Not provided" wording outside a Git
+/// checkout) and `METASTORE_RUSTC_VERSION` (the compiler's `rustc --version`).
+fn build_info() {
+    let run = |cmd: &str, args: &[&str]| -> Option<String> {
+        let out = std::process::Command::new(cmd).args(args).output().ok()?;
+        let text = String::from_utf8(out.stdout).ok()?;
+        (out.status.success() && !text.trim().is_empty()).then(|| text.trim().to_string())
+    };
+    let sha = run("git", &["rev-parse", "--short", "HEAD"])
+        .unwrap_or_else(|| "Not provided (built outside a Git checkout)".into());
+    println!("cargo:rustc-env=METASTORE_GIT_SHA={sha}");
+    // A new commit or branch switch reruns this script, so the SHA is never stale.
+    for reference in ["HEAD", "packed-refs"] {
+        if let Some(path) = run("git", &["rev-parse", "--git-path", reference]) {
+            println!("cargo:rerun-if-changed={path}");
+        }
+    }
+    if let Some(branch) = run("git", &["symbolic-ref", "-q", "HEAD"]) {
+        if let Some(path) = run("git", &["rev-parse", "--git-path", &branch]) {
+            println!("cargo:rerun-if-changed={path}");
+        }
+    }
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let version = run(&rustc, &["--version"]).unwrap_or_else(|| "unknown".into());
+    println!("cargo:rustc-env=METASTORE_RUSTC_VERSION={version}");
 }

@@ -133,7 +133,6 @@ fn parse_bool(s: &str) -> Result<bool, String> {
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "metastore",
-    version,
     about = "An etcd v3 compatible key-value store",
     args_override_self = true
 )]
@@ -142,6 +141,10 @@ pub struct Config {
     /// the command line beat it.
     #[arg(long, env = "ETCD_CONFIG_FILE")]
     pub config_file: Option<PathBuf>,
+
+    /// Print the version in etcd's layout ([`crate::version::describe`]) and exit.
+    #[arg(long)]
+    pub version: bool,
 
     /// Human-readable name for this member.
     #[arg(long, env = "ETCD_NAME", default_value = defaults::NAME)]
@@ -676,7 +679,8 @@ pub struct Config {
     pub experimental_peer_skip_client_san_verification: bool,
 
     // -- Logging ---------------------------------------------------------------------------
-    /// Logger: `zap` (etcd 3.5's) or `capnslog` (3.4's); MetaStore has one logger.
+    /// Logger: `zap` (etcd 3.5's: JSON lines unless `--log-format console`) or `capnslog`
+    /// (3.4's: text lines, in tracing's layout rather than capnslog's).
     #[arg(long, env = "ETCD_LOGGER", default_value = "zap",
           value_parser = clap::builder::PossibleValuesParser::new(["zap", "capnslog"]))]
     pub logger: String,
@@ -691,7 +695,7 @@ pub struct Config {
     )]
     pub log_outputs: Vec<String>,
 
-    /// Log format: `json` or `console`.
+    /// Log format of the `zap` logger: `json` (etcd's zap encoding) or `console` (text).
     #[arg(long, env = "ETCD_LOG_FORMAT", default_value = "json",
           value_parser = clap::builder::PossibleValuesParser::new(["json", "console"]))]
     pub log_format: String,
@@ -953,10 +957,9 @@ pub const IGNORED: &[IgnoredFlag] = &[
     ),
     IgnoredFlag {
         flag: "logger",
-        reason: "one logger here: capnslog's format is not reproduced",
+        reason: "capnslog's layout is not reproduced: lines are written as --log-format console",
         applies: |c| c.logger == "capnslog",
     },
-    ignored("log-format", "one log format: tracing's text lines"),
     ignored(
         "enable-log-rotation",
         "no log rotation: rotate with logrotate's copytruncate",
@@ -1427,7 +1430,8 @@ mod tests {
             warnings(&["--enable-v2=false", "--logger", "capnslog"]),
             [
                 "--enable-v2 ignored: the v2 API is not served",
-                "--logger ignored: one logger here: capnslog's format is not reproduced"
+                "--logger ignored: capnslog's layout is not reproduced: lines are written as \
+                 --log-format console"
             ]
         );
         // Every entry names a declared flag.

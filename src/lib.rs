@@ -66,3 +66,4 @@ pub mod server;
 pub mod shard;
 pub mod state_machine;
 pub mod tls;
+pub mod version;

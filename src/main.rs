@@ -30,6 +30,10 @@ fn main() {
         Ok(parsed) => parsed,
         Err(e) => e.exit(),
     };
+    if cfg.version {
+        print!("{}", metastore::version::describe());
+        return;
+    }
     if let Err(e) = metastore::logging::init(&cfg) {
         eprintln!("metastore: error: {e}");
         std::process::exit(2);

@@ -117,7 +117,9 @@ impl Starting {
                     // The first client URL is the one the server is reached on (a lone
                     // member's is the harness's own `http://127.0.0.1:0`).
                     if let Some(addr) = line.split("serving client requests on ").nth(1) {
-                        endpoint = endpoint.or(addr.split_whitespace().next().map(str::to_string));
+                        // Text lines end the address with a space, JSON lines with a quote.
+                        let addr = addr.split(|c: char| c.is_whitespace() || c == '"').next();
+                        endpoint = endpoint.or(addr.map(str::to_string));
                     }
                     let ready = line.contains("ready to serve client requests");
                     seen.push_str(&line);
@@ -277,6 +279,9 @@ impl Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_metastore"))
             .current_dir(cwd)
             .args(&args)
+            // Text lines, which the tests read (`key=value`); a test that wants etcd 3.5's
+            // default JSON lines passes `--log-format json` (flags beat environment variables).
+            .env("ETCD_LOG_FORMAT", "console")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

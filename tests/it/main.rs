@@ -17,6 +17,7 @@ mod http;
 mod kv;
 mod lease;
 mod loadgen;
+mod logging;
 mod recipes;
 mod rocksdb;
 mod shutdown;
