@@ -295,46 +295,113 @@ fn member_buckets(snap: &StateSnapshot) -> (BucketEntries, BucketEntries) {
 }
 
 /// Writes `snap` (a complete image: every key's retained history) as an etcd backend
-/// database at `path`, which must not exist, and returns its bytes. The bbolt file is
-/// written by `bbolt-rs` and then read back whole.
+/// database at `path`, which must not exist. The bbolt file is written by `bbolt-rs`.
 ///
-/// Errors: [`BackupError::Format`] when bbolt fails, [`BackupError::Io`] when the file cannot
-/// be read back.
-pub fn write_db(snap: &StateSnapshot, path: &Path) -> Result<Vec<u8>, BackupError> {
+/// Errors: [`BackupError::Format`] when bbolt fails.
+pub fn write_db(snap: &StateSnapshot, path: &Path) -> Result<(), BackupError> {
     use bbolt_rs::{BucketRwApi, DbRwAPI, TxRwRefApi};
     let layout = buckets(snap);
-    {
-        let mut db = bbolt_rs::Bolt::open(path).map_err(format_err)?;
-        db.update(|mut tx| {
-            for (name, entries) in &layout {
-                let mut b = tx.create_bucket_if_not_exists(name.as_bytes())?;
-                for (k, v) in entries {
-                    b.put(k, v)?;
-                }
+    let mut db = bbolt_rs::Bolt::open(path).map_err(format_err)?;
+    db.update(|mut tx| {
+        for (name, entries) in &layout {
+            let mut b = tx.create_bucket_if_not_exists(name.as_bytes())?;
+            for (k, v) in entries {
+                b.put(k, v)?;
             }
-            Ok(())
-        })
-        .map_err(format_err)?;
-    }
-    std::fs::read(path).map_err(BackupError::io(path))
+        }
+        Ok(())
+    })
+    .map_err(format_err)
 }
 
-/// The snapshot a `Maintenance.Snapshot` call streams: the database `write_db` makes, in a
-/// temporary file under `dir` that is removed afterwards, followed by its sha256.
+/// The database a `Maintenance.Snapshot` call streams: [`write_db`]'s file, made under `dir`
+/// and unlinked at once, so it is read from the open handle and its disk space returns when
+/// the stream ends, however it ends. Read it with [`SnapshotChunks`].
 ///
 /// Errors: as [`write_db`], and [`BackupError::Io`] when `dir` is not writable.
-pub fn snapshot_file(snap: &StateSnapshot, dir: &Path) -> Result<Vec<u8>, BackupError> {
+pub fn snapshot_db(snap: &StateSnapshot, dir: &Path) -> Result<SnapshotChunks, BackupError> {
     std::fs::create_dir_all(dir).map_err(BackupError::io(dir))?;
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
     let path = dir.join(format!("etcd-snapshot-{stamp}.db.part"));
-    let result = write_db(snap, &path);
+    let opened = write_db(snap, &path).and_then(|()| {
+        let file = std::fs::File::open(&path).map_err(BackupError::io(&path))?;
+        let len = file.metadata().map_err(BackupError::io(&path))?.len();
+        Ok((file, len))
+    });
     let _ = std::fs::remove_file(&path);
-    let mut bytes = result?;
-    let digest = sha2::Sha256::digest(&bytes);
-    bytes.extend_from_slice(&digest);
-    Ok(bytes)
+    let (file, db_len) = opened?;
+    Ok(SnapshotChunks {
+        file,
+        path: path.display().to_string(),
+        db_len,
+        sent: 0,
+        hasher: Some(sha2::Sha256::new()),
+    })
+}
+
+/// One `SnapshotResponse` worth of a snapshot file: `blob` and the database bytes still to
+/// come after it (`remaining_bytes`; 0 for the last database piece and for the digest).
+#[derive(Debug)]
+pub struct SnapshotChunk {
+    /// At most [`SEND_CHUNK`] bytes of the database, or the 32-byte sha256 that ends the file.
+    pub blob: Vec<u8>,
+    /// Database bytes after this piece, bytes.
+    pub remaining_bytes: u64,
+}
+
+/// A snapshot file as etcd's `Maintenance.Snapshot` sends it (etcd
+/// `server/etcdserver/api/v3rpc/maintenance.go`): the database in [`SEND_CHUNK`] pieces read
+/// one at a time from disk, then its sha256 as the last piece, which `etcdctl snapshot save`
+/// appends and checks. Memory stays at one piece, whatever the database's size.
+///
+/// Errors: an item is [`BackupError::Io`] when the file cannot be read; iteration ends after it.
+pub struct SnapshotChunks {
+    file: std::fs::File,
+    path: String,
+    db_len: u64,
+    sent: u64,
+    /// `None` once the digest has been given.
+    hasher: Option<sha2::Sha256>,
+}
+
+impl SnapshotChunks {
+    /// Size of the database part, bytes (the file is this plus [`SHA256_LEN`]).
+    pub fn db_len(&self) -> u64 {
+        self.db_len
+    }
+}
+
+impl Iterator for SnapshotChunks {
+    type Item = Result<SnapshotChunk, BackupError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        use std::io::Read;
+        let hasher = self.hasher.as_mut()?;
+        if self.sent < self.db_len {
+            let n = (SEND_CHUNK as u64).min(self.db_len - self.sent);
+            let mut blob = vec![0; n as usize];
+            if let Err(source) = self.file.read_exact(&mut blob) {
+                self.hasher = None;
+                return Some(Err(BackupError::Io {
+                    path: std::mem::take(&mut self.path),
+                    source,
+                }));
+            }
+            hasher.update(&blob);
+            self.sent += n;
+            return Some(Ok(SnapshotChunk {
+                blob,
+                remaining_bytes: self.db_len - self.sent,
+            }));
+        }
+        let digest = self.hasher.take()?.finalize();
+        Some(Ok(SnapshotChunk {
+            blob: digest.to_vec(),
+            remaining_bytes: 0,
+        }))
+    }
 }
 
 fn hex(b: &[u8]) -> String {
@@ -665,7 +732,23 @@ mod tests {
     fn written_database_reads_back() {
         let dir = tempfile::tempdir().unwrap();
         let snap = sample();
-        let file = snapshot_file(&snap, dir.path()).unwrap();
+        let chunks = snapshot_db(&snap, dir.path()).unwrap();
+        let db_len = chunks.db_len();
+        let mut file = Vec::new();
+        let mut pieces = 0;
+        for chunk in chunks {
+            let chunk = chunk.unwrap();
+            assert!(chunk.blob.len() <= SEND_CHUNK);
+            file.extend_from_slice(&chunk.blob);
+            let sent = (file.len() as u64).min(db_len);
+            assert_eq!(chunk.remaining_bytes, db_len - sent);
+            pieces += 1;
+        }
+        assert_eq!(
+            pieces as u64,
+            db_len.div_ceil(SEND_CHUNK as u64) + 1,
+            "then the digest"
+        );
         assert_eq!(file.len() % 512, SHA256_LEN, "etcdctl's size check");
         assert!(
             std::fs::read_dir(dir.path()).unwrap().next().is_none(),

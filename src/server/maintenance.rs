@@ -192,36 +192,38 @@ impl Maintenance for MaintenanceService {
         let image = self.node.state_image().await?;
         let snap = <StateSnapshot as prost::Message>::decode(image.data.as_ref())
             .map_err(|e| EtcdError::SnapshotImage(e.to_string()))?;
-        let revision = snap.revision;
         let dir = self.snap_dir.clone();
-        let file = tokio::task::spawn_blocking(move || crate::backup::snapshot_file(&snap, &dir))
+        let header = self.reader.header(snap.revision);
+        let chunks = tokio::task::spawn_blocking(move || crate::backup::snapshot_db(&snap, &dir))
             .await
             .map_err(|e| EtcdError::Unknown(e.to_string()))?
             .map_err(|e| EtcdError::Unknown(e.to_string()))?;
         tracing::info!(
             index = image.index,
-            bytes = file.len(),
+            bytes = chunks.db_len(),
             "sending database snapshot to client"
         );
-        let file = bytes::Bytes::from(file);
-        let db_len = file.len() - crate::backup::SHA256_LEN;
-        let mut messages = Vec::new();
-        let mut sent = 0;
-        while sent < db_len {
-            let n = crate::backup::SEND_CHUNK.min(db_len - sent);
-            messages.push(Ok(SnapshotResponse {
-                header: self.reader.header(revision),
-                remaining_bytes: (db_len - sent - n) as u64,
-                blob: file.slice(sent..sent + n).to_vec(),
-            }));
-            sent += n;
-        }
-        messages.push(Ok(SnapshotResponse {
-            header: self.reader.header(revision),
-            remaining_bytes: 0,
-            blob: file.slice(db_len..).to_vec(),
-        }));
-        Ok(Response::new(Box::pin(tokio_stream::iter(messages))))
+        // Read from disk one piece at a time, and only as fast as the client takes them: the
+        // channel holds a few pieces, and a client that goes away ends the reading.
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::task::spawn_blocking(move || {
+            for chunk in chunks {
+                let message = chunk
+                    .map(|c| SnapshotResponse {
+                        header: header.clone(),
+                        remaining_bytes: c.remaining_bytes,
+                        blob: c.blob,
+                    })
+                    .map_err(|e| Status::from(EtcdError::Unknown(e.to_string())));
+                let failed = message.is_err();
+                if tx.blocking_send(message).is_err() || failed {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     /// Hands leadership to `target_id` (Raft thesis section 3.10, leadership transfer) and
