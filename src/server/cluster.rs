@@ -171,9 +171,10 @@ impl Members {
 
     /// The header and member list every Cluster response carries.
     pub fn members_reply(&self, members: &[MemberRecord]) -> (Option<ResponseHeader>, Vec<Member>) {
-        let revision = self.0.reader.applied().revision;
+        // etcd's `ClusterServer.header()` (api/v3rpc/member.go) sets the cluster ID, member ID
+        // and Raft term, not the revision.
         (
-            self.0.reader.header(revision),
+            self.0.reader.header(0),
             members.iter().map(to_member).collect(),
         )
     }

@@ -26,7 +26,11 @@ async fn headers_and_revision_counting() {
     let members = c.member_list().await.unwrap();
     assert_eq!(members.members().len(), crate::harness::members_started());
     assert!(members.members().iter().any(|m| m.id() == member_id));
-    assert_eq!(members.header().unwrap().cluster_id(), cluster_id);
+    let mh = members.header().unwrap();
+    assert_eq!(mh.cluster_id(), cluster_id);
+    assert_ne!(mh.raft_term(), 0);
+    // etcd's Cluster responses carry no revision (api/v3rpc/member.go `header()`).
+    assert_eq!(mh.revision(), 0);
 
     let got = c.get("a", None).await.unwrap();
     let gh = got.header().unwrap();
