@@ -775,8 +775,11 @@ mod tests {
 
     /// The `# TYPE` of `name` in `text`.
     fn type_of<'a>(text: &'a str, name: &str) -> Option<&'a str> {
-        text.lines()
-            .find_map(|l| l.strip_prefix("# TYPE ")?.strip_prefix(name)?.strip_prefix(' '))
+        text.lines().find_map(|l| {
+            l.strip_prefix("# TYPE ")?
+                .strip_prefix(name)?
+                .strip_prefix(' ')
+        })
     }
 
     #[test]

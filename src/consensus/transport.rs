@@ -208,10 +208,9 @@ impl Transport {
             }
             let (queue, rx) = mpsc::channel(QUEUE);
             let metrics = PeerMetrics::to(m.id);
-            let task = self.runtime.spawn(run_link(
-                self.link_config(m.id, &m.peer_urls, &metrics),
-                rx,
-            ));
+            let task = self
+                .runtime
+                .spawn(run_link(self.link_config(m.id, &m.peer_urls, &metrics), rx));
             self.links.insert(
                 m.id,
                 PeerLink {
@@ -282,7 +281,9 @@ async fn send_snapshot(cfg: LinkConfig, mut m: Message) {
     tracing::info!(peer = %format!("{:x}", cfg.to), index, bytes = data.len(), "sending snapshot");
     let result = stream_snapshot(&cfg, &m, data).await;
     if result.is_ok() {
-        cfg.metrics.sent_bytes.inc_by(bytes + m.compute_size() as u64);
+        cfg.metrics
+            .sent_bytes
+            .inc_by(bytes + m.compute_size() as u64);
     } else {
         cfg.metrics.sent_failures.inc();
     }

@@ -27,7 +27,10 @@ fn metric(base: &str, name: &str) -> f64 {
 /// The `# TYPE` line's type of the family `name` in `/metrics`, if listed.
 fn type_of(base: &str, name: &str) -> Option<String> {
     get(&format!("{base}/metrics")).body.lines().find_map(|l| {
-        let kind = l.strip_prefix("# TYPE ")?.strip_prefix(name)?.strip_prefix(' ')?;
+        let kind = l
+            .strip_prefix("# TYPE ")?
+            .strip_prefix(name)?
+            .strip_prefix(' ')?;
         Some(kind.to_string())
     })
 }
@@ -202,7 +205,9 @@ async fn client_port_serves_etcds_http_endpoints_beside_grpc() {
     // k1, k2 and w.
     assert_eq!(metric(&base, "etcd_debugging_mvcc_keys_total"), 3.0);
     wait_metric(&base, "etcd_debugging_mvcc_watcher_total", |v| v == 0.0);
-    wait_metric(&base, "etcd_debugging_mvcc_watch_stream_total", |v| v == 0.0);
+    wait_metric(&base, "etcd_debugging_mvcc_watch_stream_total", |v| {
+        v == 0.0
+    });
     // The harness's two shards: their keys add up to the total.
     let shard_keys: Vec<f64> = (0..2)
         .map(|i| metric(&base, &format!("metastore_shard_keys{{shard=\"{i}\"}}")))
@@ -254,7 +259,10 @@ async fn client_port_serves_etcds_http_endpoints_beside_grpc() {
     assert_eq!(metric(&base, "etcd_debugging_lease_renewed_total"), 2.0);
     client.lease_revoke(lease).await.unwrap();
     assert_eq!(metric(&base, "etcd_debugging_lease_revoked_total"), 1.0);
-    assert_eq!(metric(&base, "etcd_debugging_server_lease_expired_total"), 0.0);
+    assert_eq!(
+        metric(&base, "etcd_debugging_server_lease_expired_total"),
+        0.0
+    );
     client.lease_grant(1, None).await.unwrap();
     wait_metric(&base, "etcd_debugging_server_lease_expired_total", |v| {
         v == 1.0
@@ -490,7 +498,12 @@ async fn peer_traffic_is_measured_per_member() {
     let followers: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
     for &f in &followers {
         let to = format!("{{To=\"{:x}\"}}", ids[f]);
-        assert!(metric(&base(leader), &format!("etcd_network_peer_sent_bytes_total{to}")) > 0.0);
+        assert!(
+            metric(
+                &base(leader),
+                &format!("etcd_network_peer_sent_bytes_total{to}")
+            ) > 0.0
+        );
         // A probe when the link connects, then every 4 s.
         wait_metric(
             &base(leader),
@@ -511,11 +524,18 @@ async fn peer_traffic_is_measured_per_member() {
         ("etcd_network_peer_sent_failures_total", "counter"),
         ("etcd_network_peer_round_trip_time_seconds", "histogram"),
     ] {
-        assert_eq!(type_of(&base(leader), name).as_deref(), Some(kind), "{name}");
+        assert_eq!(
+            type_of(&base(leader), name).as_deref(),
+            Some(kind),
+            "{name}"
+        );
     }
     // Heartbeats to a dead member fail.
     let dead = followers[0];
-    let failures = format!("etcd_network_peer_sent_failures_total{{To=\"{:x}\"}}", ids[dead]);
+    let failures = format!(
+        "etcd_network_peer_sent_failures_total{{To=\"{:x}\"}}",
+        ids[dead]
+    );
     let leader_base = base(leader);
     let before = metric(&leader_base, &failures);
     cluster.kill(dead);
