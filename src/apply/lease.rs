@@ -34,7 +34,8 @@ pub fn check_attach(view: &impl ShardView, lease: i64) -> Result<(), EtcdError> 
 }
 
 /// etcd `lessor.Grant` (`server/lease/lessor.go`): grants `g.id` with `g.ttl` raised to
-/// `min_ttl` seconds, and returns the record to persist.
+/// `min_ttl` seconds, and returns the record to persist. Counts the grant in
+/// `etcd_debugging_lease_granted_total`.
 ///
 /// Errors (nothing granted): `ErrLeaseTTLTooLarge` above [`MAX_LEASE_TTL`], checked first;
 /// `ErrLeaseExist` for a granted ID. ID 0 (`NoLease`) is the front end's to replace with a
@@ -54,6 +55,7 @@ pub fn grant(
     }
     let ttl = g.ttl.max(min_ttl);
     leases.grant(g.id, ttl);
+    crate::metrics::LEASE_GRANTED.inc();
     Ok(LeaseRecord {
         id: g.id,
         ttl,
@@ -77,11 +79,13 @@ impl Revoked {
 
 /// etcd `lessor.Revoke` (`server/lease/lessor.go`), for a client's revoke or the leader's
 /// expiry alike: removes lease `id` from `leases` and deletes its attached keys at
-/// `view.revision() + 1`, one delete event each. Error (nothing changed): `ErrLeaseNotFound`.
+/// `view.revision() + 1`, one delete event each, counted in `etcd_debugging_lease_revoked_total`.
+/// Error (nothing changed): `ErrLeaseNotFound`.
 pub fn revoke(leases: &LeaseTable, view: &impl LeaseView, id: i64) -> Result<Revoked, EtcdError> {
     if !leases.revoke(id) {
         return Err(EtcdError::LeaseNotFound);
     }
+    crate::metrics::LEASE_REVOKED.inc();
     let deleted = view.revoke_keys(id, view.revision() + 1, 0);
     Ok(Revoked { deleted })
 }
@@ -141,6 +145,19 @@ mod tests {
             m.revision += 1;
         }
         Ok(out)
+    }
+
+    #[test]
+    fn grants_and_revokes_are_counted() {
+        use crate::metrics::{LEASE_GRANTED, LEASE_REVOKED};
+        let mut m = Memory::new();
+        let (granted, revoked) = (LEASE_GRANTED.get(), LEASE_REVOKED.get());
+        grant(&m.leases, 1, &grant_req(11, 10)).unwrap();
+        grant(&m.leases, 1, &grant_req(12, 10)).unwrap();
+        // Other tests grant and revoke at the same time: at least these.
+        assert!(LEASE_GRANTED.get() >= granted + 2);
+        revoke_in(&mut m, 11).unwrap();
+        assert!(LEASE_REVOKED.get() > revoked);
     }
 
     #[test]

@@ -15,6 +15,17 @@
 //! snapshot sends it in [`SNAPSHOT_CHUNK_BYTES`] chunks, produced only as fast as HTTP/2 flow
 //! control lets them out, and reports the outcome to Raft (`report_snapshot`). Heartbeats and
 //! appends to other members, and to the same member, go on meanwhile.
+//!
+//! Metrics (etcd `server/etcdserver/api/rafthttp/metrics.go`, labelled with the peer's hex ID,
+//! resolved once per link): `etcd_network_peer_sent_bytes_total` counts the encoded Raft
+//! messages of each envelope handed to the stream, and snapshot data; every message dropped
+//! (queue full, peer not dialable, stream broken, link cut by the fault hook) and every failed
+//! snapshot counts in `etcd_network_peer_sent_failures_total`. The Raft stream is one-way (its
+//! only answer comes when it ends), so there is no per-batch acknowledgement to time: as etcd
+//! probes its peers, a connected link calls the cheap unary `Peer/Members` on the same HTTP/2
+//! connection when it connects and every [`PROBE_INTERVAL`], and each answered probe's time
+//! goes to `etcd_network_peer_round_trip_time_seconds`. A link connects when it has something
+//! to send: a leader probes every member, a follower the leader.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
@@ -26,7 +37,10 @@ use tokio::sync::mpsc;
 
 use super::membership::Membership;
 use super::NodeMsg;
-use crate::proto::metastorepb::{peer_client::PeerClient, RaftEnvelope, SnapshotChunk};
+use crate::metrics::PeerMetrics;
+use crate::proto::metastorepb::{
+    peer_client::PeerClient, MembersRequest, RaftEnvelope, SnapshotChunk,
+};
 
 /// Messages queued per peer before new ones are dropped (raft-rs's `max_inflight_msgs` is 256
 /// appends; heartbeats and votes come on top).
@@ -38,6 +52,11 @@ const MAX_ENVELOPE_BYTES: usize = 8 * 1024 * 1024;
 pub const MAX_PEER_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// Snapshot data per chunk on the `Peer/Snapshot` stream, bytes.
 pub const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
+/// How often a connected link probes its peer's round trip (etcd's `proberInterval`,
+/// `ConnReadTimeout` - 1 s).
+const PROBE_INTERVAL: Duration = Duration::from_secs(4);
+/// How long a probe may take before it counts as lost (etcd's `ConnReadTimeout`).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Peer links cut on purpose, for fault-injection tests: traffic to and from the blocked
 /// members is dropped in both directions, as a network partition would. Empty (nothing ever
@@ -103,6 +122,7 @@ impl Faults {
 
 struct PeerLink {
     urls: Vec<String>,
+    metrics: PeerMetrics,
     queue: mpsc::Sender<Message>,
     task: tokio::task::JoinHandle<()>,
     /// The snapshot being sent to this member, if any.
@@ -187,13 +207,15 @@ impl Transport {
                 continue;
             }
             let (queue, rx) = mpsc::channel(QUEUE);
+            let metrics = PeerMetrics::to(m.id);
             let task = self
                 .runtime
-                .spawn(run_link(self.link_config(m.id, &m.peer_urls), rx));
+                .spawn(run_link(self.link_config(m.id, &m.peer_urls, &metrics), rx));
             self.links.insert(
                 m.id,
                 PeerLink {
                     urls: m.peer_urls.clone(),
+                    metrics,
                     queue,
                     task,
                     snapshot: None,
@@ -202,7 +224,7 @@ impl Transport {
         }
     }
 
-    fn link_config(&self, to: u64, urls: &[String]) -> LinkConfig {
+    fn link_config(&self, to: u64, urls: &[String], metrics: &PeerMetrics) -> LinkConfig {
         LinkConfig {
             from: self.self_id,
             to,
@@ -210,6 +232,7 @@ impl Transport {
             urls: urls.to_vec(),
             faults: self.faults.clone(),
             node: self.node.clone(),
+            metrics: metrics.clone(),
         }
     }
 
@@ -221,7 +244,8 @@ impl Transport {
         for m in messages {
             let (to, ty) = (m.to, m.get_msg_type());
             if ty == MessageType::MsgSnapshot && self.links.contains_key(&to) {
-                let cfg = self.link_config(to, &self.links[&to].urls);
+                let link = &self.links[&to];
+                let cfg = self.link_config(to, &link.urls, &link.metrics);
                 let task = self.runtime.spawn(send_snapshot(cfg, m));
                 let link = self.links.get_mut(&to).expect("checked");
                 // raft-rs sends one snapshot at a time per member; a new one supersedes.
@@ -230,10 +254,17 @@ impl Transport {
                 }
                 continue;
             }
-            let queued = self
-                .links
-                .get(&to)
-                .is_some_and(|link| link.queue.try_send(m).is_ok());
+            let queued = match self.links.get(&to) {
+                Some(link) => {
+                    let queued = link.queue.try_send(m).is_ok();
+                    if !queued {
+                        link.metrics.sent_failures.inc();
+                    }
+                    queued
+                }
+                // etcd ignores a message to an unknown member without counting a failure.
+                None => false,
+            };
             if !queued {
                 failed.push((to, ty));
             }
@@ -245,9 +276,17 @@ impl Transport {
 /// Streams one MsgSnapshot to `cfg.to` and tells Raft how it ended.
 async fn send_snapshot(cfg: LinkConfig, mut m: Message) {
     let data = std::mem::take(&mut m.mut_snapshot().data);
+    let bytes = data.len() as u64;
     let index = m.get_snapshot().get_metadata().index;
     tracing::info!(peer = %format!("{:x}", cfg.to), index, bytes = data.len(), "sending snapshot");
     let result = stream_snapshot(&cfg, &m, data).await;
+    if result.is_ok() {
+        cfg.metrics
+            .sent_bytes
+            .inc_by(bytes + m.compute_size() as u64);
+    } else {
+        cfg.metrics.sent_failures.inc();
+    }
     match &result {
         Ok(()) => tracing::info!(peer = %format!("{:x}", cfg.to), index, "snapshot sent"),
         Err(e) => {
@@ -308,6 +347,7 @@ struct LinkConfig {
     urls: Vec<String>,
     faults: Faults,
     node: flume::Sender<NodeMsg>,
+    metrics: PeerMetrics,
 }
 
 /// Dials the first of `urls` that answers. Errors: the last URL's failure, in etcd's words
@@ -361,7 +401,11 @@ async fn run_link(cfg: LinkConfig, mut queue: mpsc::Receiver<Message>) {
                     logged_down = true;
                 }
                 drop(first);
-                while queue.try_recv().is_ok() {}
+                let mut dropped = 1;
+                while queue.try_recv().is_ok() {
+                    dropped += 1;
+                }
+                cfg.metrics.sent_failures.inc_by(dropped);
                 let _ = cfg.node.try_send(NodeMsg::Unreachable(cfg.to));
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -373,6 +417,13 @@ async fn run_link(cfg: LinkConfig, mut queue: mpsc::Receiver<Message>) {
             logged_down = false;
         }
         backoff = Duration::from_millis(50);
+        // Ended with this connection (dropped on `continue 'connect`, return, or abort).
+        let _probe = AbortOnDrop(tokio::spawn(probe(
+            channel.clone(),
+            cfg.to,
+            cfg.faults.clone(),
+            cfg.metrics.round_trip.clone(),
+        )));
         let (stream_tx, stream_rx) = mpsc::channel::<RaftEnvelope>(16);
         let mut client = PeerClient::new(channel)
             .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES)
@@ -409,6 +460,7 @@ async fn run_link(cfg: LinkConfig, mut queue: mpsc::Receiver<Message>) {
                 }
             }
             if cfg.faults.blocks(cfg.to) {
+                cfg.metrics.sent_failures.inc_by(batch.len() as u64);
                 let _ = cfg.node.try_send(NodeMsg::Unreachable(cfg.to));
                 continue;
             }
@@ -421,11 +473,49 @@ async fn run_link(cfg: LinkConfig, mut queue: mpsc::Receiver<Message>) {
                 from: cfg.from,
                 to: cfg.to,
             };
-            if stream_tx.send(envelope).await.is_err() {
+            let sent_bytes: usize = envelope.messages.iter().map(Vec::len).sum();
+            if stream_tx.send(envelope).await.is_ok() {
+                cfg.metrics.sent_bytes.inc_by(sent_bytes as u64);
+            } else {
+                cfg.metrics.sent_failures.inc_by(batch.len() as u64);
                 // The call ended; its result says why.
                 report_call_end(&cfg, (&mut call).await, &mut last_error);
                 continue 'connect;
             }
+        }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Times a `Peer/Members` call to member `to` on `channel` now and every [`PROBE_INTERVAL`],
+/// into `round_trip` (seconds); probes that fail or time out are not observed, and none are
+/// made while the fault hook cuts the link.
+async fn probe(
+    channel: tonic::transport::Channel,
+    to: u64,
+    faults: Faults,
+    round_trip: prometheus::Histogram,
+) {
+    let mut client = PeerClient::new(channel);
+    let mut every = tokio::time::interval(PROBE_INTERVAL);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        if faults.blocks(to) {
+            continue;
+        }
+        let started = std::time::Instant::now();
+        let answered = tokio::time::timeout(PROBE_TIMEOUT, client.members(MembersRequest {})).await;
+        if matches!(answered, Ok(Ok(_))) {
+            round_trip.observe(started.elapsed().as_secs_f64());
         }
     }
 }

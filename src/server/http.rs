@@ -807,7 +807,8 @@ fn json_string(s: &str) -> String {
 async fn metrics_text(core: &Core) -> Vec<u8> {
     let status = &core.node.status;
     let leader = status.leader.load(Ordering::Relaxed);
-    let keys = count_keys(core).await;
+    let shard_keys = count_keys(core).await;
+    let shards = core.reader.shards();
     crate::metrics::gather(&ServerState {
         has_leader: leader != 0,
         is_leader: leader != 0 && leader == core.member.id,
@@ -819,14 +820,17 @@ async fn metrics_text(core: &Core) -> Vec<u8> {
         db_size: core.reader.shards().db_size(),
         db_size_in_use: core.reader.shards().db_size_in_use(),
         quota: core.cfg.quota_bytes(),
-        keys,
+        keys: shard_keys.as_ref().map(|k| k.iter().sum()),
+        shard_keys,
+        shard_apply_queue: shards.iter().map(|s| s.apply.len() as u64).collect(),
         server_version: super::maintenance::ETCD_API_VERSION.to_string(),
         cluster_version: CLUSTER_VERSION.to_string(),
     })
 }
 
-/// Live keys at the latest applied revision: a count-only Range over every key.
-async fn count_keys(core: &Core) -> Option<u64> {
+/// Live keys at the latest applied revision, per shard in shard order: a count-only Range
+/// over every key.
+async fn count_keys(core: &Core) -> Option<Vec<u64>> {
     let req = Arc::new(RangeRequest {
         key: vec![0],
         range_end: vec![0],
@@ -841,7 +845,7 @@ async fn count_keys(core: &Core) -> Option<u64> {
         .read_range(req.clone(), rev)
         .await
         .ok()?;
-    Some(crate::mvcc::range::merge(&req, parts).count.max(0) as u64)
+    Some(parts.iter().map(|p| p.count.max(0) as u64).collect())
 }
 
 #[cfg(test)]

@@ -251,11 +251,13 @@ impl Leases {
         Ok(self.renew_here(id))
     }
 
-    /// The leader's side of [`Leases::renew`].
+    /// The leader's side of [`Leases::renew`]; a renewal is counted in
+    /// `etcd_debugging_lease_renewed_total`, as etcd's lessor counts it.
     pub fn renew_here(&self, id: i64) -> i64 {
         let Some((ttl, clear_checkpoint)) = self.0.table.renew(id) else {
             return 0;
         };
+        crate::metrics::LEASE_RENEWED.inc();
         if clear_checkpoint {
             // A renewed lease starts over from its full TTL: the checkpointed remainder no
             // longer applies after a restart or leader change.
@@ -415,11 +417,15 @@ pub async fn run_lease_clock(core: Arc<Core>, promoted_term: Option<u64>) {
             revoking.insert(id, now);
             let proposer = core.proposer.clone();
             tokio::spawn(async move {
-                if let Err(e) = proposer
+                match proposer
                     .propose(Proposed::LeaseRevoke(LeaseRevokeRequest { id }))
                     .await
                 {
-                    tracing::debug!(lease = id, error = %e, "lease expiry revoke not applied yet");
+                    // etcd counts an expired lease once its revoke went through.
+                    Ok(_) => crate::metrics::LEASE_EXPIRED.inc(),
+                    Err(e) => {
+                        tracing::debug!(lease = id, error = %e, "lease expiry revoke not applied yet")
+                    }
                 }
             });
         }

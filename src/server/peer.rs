@@ -80,7 +80,8 @@ impl PeerService {
 
 #[tonic::async_trait]
 impl Peer for PeerService {
-    /// Steps every message of every envelope into the Raft node, in order. A full inbox drops
+    /// Steps every message of every envelope into the Raft node, in order, counting their
+    /// encoded bytes in `etcd_network_peer_received_bytes_total{From}`. A full inbox drops
     /// messages (Raft retransmits). Fails with "cluster ID mismatch" for another cluster's
     /// member and with the removed-member error for a member removed from this cluster, which
     /// makes that member stop.
@@ -89,11 +90,21 @@ impl Peer for PeerService {
         request: Request<Streaming<RaftEnvelope>>,
     ) -> Result<Response<RaftAck>, Status> {
         let mut inbound = request.into_inner();
+        // `etcd_network_peer_received_bytes_total` of the stream's sender, resolved once.
+        let mut received: Option<(u64, prometheus::IntCounter)> = None;
         while let Some(envelope) = inbound.message().await? {
             self.check_sender(envelope.cluster_id, envelope.from, envelope.to)?;
             if self.faults.blocks(envelope.from) {
                 continue;
             }
+            let counter = match &received {
+                Some((from, counter)) if *from == envelope.from => counter,
+                _ => {
+                    let counter = crate::metrics::received_from(envelope.from);
+                    &received.insert((envelope.from, counter)).1
+                }
+            };
+            counter.inc_by(envelope.messages.iter().map(|m| m.len() as u64).sum());
             for bytes in envelope.messages {
                 let mut m = Message::default();
                 if m.merge_from_bytes(&bytes).is_err() {
@@ -152,6 +163,7 @@ impl Peer for PeerService {
             _ => return Err(EtcdError::SnapshotIncomplete.into()),
         }
         tracing::info!(peer = %format!("{from:x}"), bytes = total, index, "received snapshot");
+        crate::metrics::received_from(from).inc_by((total + first.message.len()) as u64);
         m.mut_snapshot().data = data.into();
         // Awaited rather than dropped when the inbox is full: a snapshot is costly to resend.
         self.node

@@ -112,7 +112,9 @@ impl Watch for WatchService {
             next_auto_id: 0,
             progress_requested: false,
             creds,
+            counted: Counted::default(),
         };
+        crate::metrics::WATCH_STREAMS.inc();
         tokio::spawn(stream.run(inbound));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
@@ -146,6 +148,24 @@ struct StreamState {
     progress_requested: bool,
     /// The stream's token or certificate user.
     creds: super::auth::Credentials,
+    /// What this stream adds to the watcher gauges.
+    counted: Counted,
+}
+
+/// A stream's share of `etcd_debugging_mvcc_watcher_total` and
+/// `etcd_debugging_mvcc_slow_watcher_total`, taken back when the stream ends.
+#[derive(Default)]
+struct Counted {
+    watchers: i64,
+    slow: i64,
+}
+
+impl Drop for StreamState {
+    fn drop(&mut self) {
+        crate::metrics::WATCH_STREAMS.dec();
+        crate::metrics::WATCHERS.sub(self.counted.watchers);
+        crate::metrics::SLOW_WATCHERS.sub(self.counted.slow);
+    }
 }
 
 impl StreamState {
@@ -158,7 +178,7 @@ impl StreamState {
             if self.catch_up().await.is_err() {
                 return;
             }
-            let behind = self.any_behind();
+            let behind = self.account();
             tokio::select! {
                 biased;
                 // etcd ends its watch streams with "etcdserver: server stopped" when the
@@ -173,6 +193,7 @@ impl StreamState {
                         if self.handle(req).await.is_err() {
                             return;
                         }
+                        self.account();
                     }
                     // Closed or broken: dropping the state releases every watcher.
                     _ => return,
@@ -190,6 +211,22 @@ impl StreamState {
                 _ = std::future::ready(()), if behind => {}
             }
         }
+    }
+
+    /// Brings the watcher gauges up to date with this stream's watchers; returns whether any
+    /// of them is behind the applied revision (a slow, unsynced watcher).
+    fn account(&mut self) -> bool {
+        let revision = self.ctx.reader.applied().revision;
+        let watchers = self.watchers.len() as i64;
+        let slow = self
+            .watchers
+            .values()
+            .filter(|w| w.next_rev <= revision)
+            .count() as i64;
+        crate::metrics::WATCHERS.add(watchers - self.counted.watchers);
+        crate::metrics::SLOW_WATCHERS.add(slow - self.counted.slow);
+        self.counted = Counted { watchers, slow };
+        slow > 0
     }
 
     fn any_behind(&self) -> bool {

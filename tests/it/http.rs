@@ -24,6 +24,28 @@ fn metric(base: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
 }
 
+/// The `# TYPE` line's type of the family `name` in `/metrics`, if listed.
+fn type_of(base: &str, name: &str) -> Option<String> {
+    get(&format!("{base}/metrics")).body.lines().find_map(|l| {
+        let kind = l
+            .strip_prefix("# TYPE ")?
+            .strip_prefix(name)?
+            .strip_prefix(' ')?;
+        Some(kind.to_string())
+    })
+}
+
+/// Polls `/metrics` until the sample `name` satisfies `ok` (10 s at most); returns its value.
+fn wait_metric(base: &str, name: &str, ok: impl Fn(f64) -> bool) -> f64 {
+    let mut last = f64::NAN;
+    let reached = wait_until(Duration::from_secs(10), || {
+        last = metric(base, name);
+        ok(last)
+    });
+    assert!(reached, "{name} stayed at {last}");
+    last
+}
+
 /// Polls `url` until it answers `status` with `body`; panics with the last answer otherwise.
 fn wait_for(url: &str, status: u16, body: &str, timeout: Duration) {
     let mut last = None;
@@ -174,10 +196,78 @@ async fn client_port_serves_etcds_http_endpoints_beside_grpc() {
         1.0
     );
     assert!(metric(&base, &format!("grpc_server_msg_sent_total{watch}")) >= 2.0);
+    // One stream with one watcher, gone once the client closes it.
+    assert_eq!(metric(&base, "etcd_debugging_mvcc_watch_stream_total"), 1.0);
+    assert_eq!(metric(&base, "etcd_debugging_mvcc_watcher_total"), 1.0);
+    assert_eq!(metric(&base, "etcd_debugging_mvcc_slow_watcher_total"), 0.0);
     drop(stream);
     assert!(metric(&base, "etcd_mvcc_delete_total") >= 1.0);
     // k1, k2 and w.
     assert_eq!(metric(&base, "etcd_debugging_mvcc_keys_total"), 3.0);
+    wait_metric(&base, "etcd_debugging_mvcc_watcher_total", |v| v == 0.0);
+    wait_metric(&base, "etcd_debugging_mvcc_watch_stream_total", |v| {
+        v == 0.0
+    });
+    // The harness's two shards: their keys add up to the total.
+    let shard_keys: Vec<f64> = (0..2)
+        .map(|i| metric(&base, &format!("metastore_shard_keys{{shard=\"{i}\"}}")))
+        .collect();
+    assert_eq!(shard_keys.iter().sum::<f64>(), 3.0, "{shard_keys:?}");
+    for i in 0..2 {
+        let depth = metric(
+            &base,
+            &format!("metastore_shard_apply_queue_depth{{shard=\"{i}\"}}"),
+        );
+        assert!(depth >= 0.0);
+    }
+    // Every put was fsynced in the WAL and committed by the shard that holds it.
+    assert!(metric(&base, "etcd_disk_wal_fsync_duration_seconds_count") >= 6.0);
+    assert!(
+        metric(
+            &base,
+            r#"etcd_disk_wal_fsync_duration_seconds_bucket{le="8.192"}"#
+        ) >= 6.0
+    );
+    assert!(metric(&base, "etcd_disk_backend_commit_duration_seconds_count") >= 6.0);
+    for (name, kind) in [
+        ("etcd_disk_wal_fsync_duration_seconds", "histogram"),
+        ("etcd_disk_backend_commit_duration_seconds", "histogram"),
+        ("etcd_debugging_mvcc_watcher_total", "gauge"),
+        ("etcd_debugging_mvcc_watch_stream_total", "gauge"),
+        ("etcd_debugging_mvcc_slow_watcher_total", "gauge"),
+        ("etcd_debugging_server_lease_expired_total", "counter"),
+        ("etcd_debugging_lease_granted_total", "counter"),
+        ("etcd_debugging_lease_revoked_total", "counter"),
+        ("etcd_debugging_lease_renewed_total", "counter"),
+        ("metastore_shard_apply_queue_depth", "gauge"),
+        ("metastore_shard_keys", "gauge"),
+    ] {
+        assert_eq!(type_of(&base, name).as_deref(), Some(kind), "{name}");
+    }
+    // Leases: grant, renew, revoke, and one left to expire (the minimum TTL, 2 s).
+    let granted = metric(&base, "etcd_debugging_lease_granted_total");
+    let lease = client.lease_grant(60, None).await.unwrap().id();
+    assert_eq!(
+        metric(&base, "etcd_debugging_lease_granted_total"),
+        granted + 1.0
+    );
+    // etcd-client sends the first keep-alive, and reads its answer, itself.
+    let (mut keeper, mut renewals) = client.lease_keep_alive(lease).await.unwrap();
+    assert_eq!(metric(&base, "etcd_debugging_lease_renewed_total"), 1.0);
+    keeper.keep_alive().await.unwrap();
+    renewals.message().await.unwrap().expect("renewed");
+    assert_eq!(metric(&base, "etcd_debugging_lease_renewed_total"), 2.0);
+    client.lease_revoke(lease).await.unwrap();
+    assert_eq!(metric(&base, "etcd_debugging_lease_revoked_total"), 1.0);
+    assert_eq!(
+        metric(&base, "etcd_debugging_server_lease_expired_total"),
+        0.0
+    );
+    client.lease_grant(1, None).await.unwrap();
+    wait_metric(&base, "etcd_debugging_server_lease_expired_total", |v| {
+        v == 1.0
+    });
+    assert_eq!(metric(&base, "etcd_debugging_lease_revoked_total"), 2.0);
     assert_eq!(metric(&base, "etcd_server_has_leader"), 1.0);
     assert_eq!(metric(&base, "etcd_server_is_leader"), 1.0);
     assert_eq!(metric(&base, "etcd_server_leader_changes_seen_total"), 1.0);
@@ -388,6 +478,68 @@ async fn health_is_false_without_a_leader_and_grpc_health_not_serving() {
     );
     // The reporter follows the leader within 100 ms.
     wait_grpc_health(&cluster.endpoint(me), ServingStatus::Serving).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_traffic_is_measured_per_member() {
+    let _one = CLUSTER_LOCK.lock().await;
+    let mut cluster = Cluster::start(3, &[]).await;
+    let leader = cluster.wait_for_leader(Duration::from_secs(20)).await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let mut c = cluster.client(i).await;
+        ids.push(c.status().await.unwrap().header().unwrap().member_id());
+    }
+    let mut c = cluster.client(leader).await;
+    for i in 0..5 {
+        c.put(format!("p{i}"), "v", None).await.unwrap();
+    }
+    let base = |i: usize| format!("http://{}", cluster.endpoint(i));
+    let followers: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    for &f in &followers {
+        let to = format!("{{To=\"{:x}\"}}", ids[f]);
+        assert!(
+            metric(
+                &base(leader),
+                &format!("etcd_network_peer_sent_bytes_total{to}")
+            ) > 0.0
+        );
+        // A probe when the link connects, then every 4 s.
+        wait_metric(
+            &base(leader),
+            &format!("etcd_network_peer_round_trip_time_seconds_count{to}"),
+            |n| n >= 1.0,
+        );
+        let from = format!("{{From=\"{:x}\"}}", ids[leader]);
+        assert!(
+            metric(
+                &base(f),
+                &format!("etcd_network_peer_received_bytes_total{from}")
+            ) > 0.0
+        );
+    }
+    for (name, kind) in [
+        ("etcd_network_peer_sent_bytes_total", "counter"),
+        ("etcd_network_peer_received_bytes_total", "counter"),
+        ("etcd_network_peer_sent_failures_total", "counter"),
+        ("etcd_network_peer_round_trip_time_seconds", "histogram"),
+    ] {
+        assert_eq!(
+            type_of(&base(leader), name).as_deref(),
+            Some(kind),
+            "{name}"
+        );
+    }
+    // Heartbeats to a dead member fail.
+    let dead = followers[0];
+    let failures = format!(
+        "etcd_network_peer_sent_failures_total{{To=\"{:x}\"}}",
+        ids[dead]
+    );
+    let leader_base = base(leader);
+    let before = metric(&leader_base, &failures);
+    cluster.kill(dead);
+    wait_metric(&leader_base, &failures, |n| n > before);
 }
 
 #[test]
