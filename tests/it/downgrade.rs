@@ -75,8 +75,16 @@ async fn downgrade_validate_enable_and_cancel_answer_as_etcd_3_5() {
         ("v3.4", format),
         ("3.4.0.0", format),
     ] {
-        assert_eq!(downgrade(&mut c, validate(v)).await, err(want), "validate {v:?}");
-        assert_eq!(downgrade(&mut c, enable(v)).await, err(want), "enable {v:?}");
+        assert_eq!(
+            downgrade(&mut c, validate(v)).await,
+            err(want),
+            "validate {v:?}"
+        );
+        assert_eq!(
+            downgrade(&mut c, enable(v)).await,
+            err(want),
+            "enable {v:?}"
+        );
     }
     // Nothing was enabled by the refused requests.
     assert_eq!(
@@ -206,4 +214,22 @@ async fn downgrade_state_survives_a_restart_from_the_wal_and_from_a_snapshot() {
             "{flags:?}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downgrade_through_the_json_gateway() {
+    let server = Server::start();
+    let url = format!("http://{}/v3/maintenance/downgrade", server.endpoint);
+    let post = |body: &str| crate::harness::curl(&url, &["-X", "POST", "-d", body]);
+    let a = post(r#"{"action":"ENABLE","version":"3.4"}"#);
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.json()["version"], "3.5.0");
+    let a = post(r#"{"action":"VALIDATE","version":"3.4"}"#);
+    assert_eq!(
+        a.body,
+        r#"{"error":"etcdserver: cluster has a downgrade job in progress","message":"etcdserver: cluster has a downgrade job in progress","code":9}"#
+    );
+    let a = post(r#"{"action":"CANCEL"}"#);
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.json()["version"], "3.5.0");
 }
