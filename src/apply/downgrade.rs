@@ -21,7 +21,9 @@
 //! etcd 3.5 refuses to restart a 3.5 member while a downgrade to 3.4 is enabled
 //! (`downgrade.go` `mustDetectDowngrade`, "invalid downgrade; server version is not allowed to
 //! join when downgrade is enabled"); a MetaStore member cannot be replaced by a 3.4 binary, so
-//! it restarts and keeps the state instead, logging a warning with etcd's words.
+//! it restarts and keeps the state instead, logging a warning with etcd's words when it
+//! recovers the state from a snapshot ([`SharedDowngrade::restore`]; an ENABLE replayed from the
+//! WAL logs etcd's "The server is ready to downgrade" again).
 
 use std::sync::{Arc, RwLock};
 
@@ -157,7 +159,6 @@ pub fn apply(state: &mut DowngradeInfo, request: &DowngradeInfo) {
     if state.enabled {
         tracing::info!(
             target_version = %state.target_version,
-            server_version = crate::server::maintenance::ETCD_API_VERSION,
             "The server is ready to downgrade"
         );
     } else {
@@ -176,9 +177,9 @@ impl SharedDowngrade {
         self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Replaces the state (a snapshot's, or none: no downgrade). At start-up, an enabled
-    /// downgrade is logged with the warning etcd 3.5 ends the member with
-    /// (`mustDetectDowngrade`).
+    /// Replaces the state (a snapshot's, or none: no downgrade). An enabled downgrade is
+    /// logged with the warning etcd 3.5 ends the member with (`mustDetectDowngrade`, which
+    /// etcd runs as it recovers the cluster state at start-up and from a leader's snapshot).
     pub fn restore(&self, state: Option<&DowngradeInfo>) {
         let state = state.cloned().unwrap_or_default();
         if state.enabled {
@@ -195,8 +196,8 @@ impl SharedDowngrade {
         );
     }
 
-    /// The state as a snapshot records it: `None` while no downgrade was ever enabled... or
-    /// once cancelled (etcd stores `{"enabled":false}`; both mean no downgrade).
+    /// The state as a snapshot records it: `None` when no downgrade is enabled (never, or
+    /// cancelled since; etcd stores `{"enabled":false}` after a cancel, which means the same).
     pub fn to_snapshot(&self) -> Option<DowngradeInfo> {
         let state = self.get();
         state.enabled.then_some(state)
@@ -206,7 +207,6 @@ impl SharedDowngrade {
 /// etcd's `mustDetectDowngrade` check, as a warning: this member's version is not the target.
 fn warn_enabled(state: &DowngradeInfo) {
     tracing::warn!(
-        current_server_version = crate::server::maintenance::ETCD_API_VERSION,
         target_cluster_version = %state.target_version,
         "invalid downgrade; server version is not allowed to join when downgrade is enabled \
          (etcd 3.5 would stop here; MetaStore cannot run as the target version, so it keeps \
