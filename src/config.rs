@@ -928,7 +928,8 @@ pub const IGNORED: &[IgnoredFlag] = &[
     ),
     ignored(
         "experimental-downgrade-check-time",
-        "cluster downgrades are not supported",
+        "members never run a downgrade's target version, so no check ends it; it lasts until \
+         Downgrade CANCEL",
     ),
     ignored(
         "experimental-wait-cluster-ready-timeout",

@@ -179,14 +179,32 @@ pub enum EtcdError {
     /// InvalidArgument); clients authenticate again and retry.
     #[error("etcdserver: revision of auth store is old")]
     AuthOldRevision,
+    /// A Downgrade target version that parses neither as "major.minor.patch" nor as
+    /// "major.minor" (etcd 3.5 `ErrWrongDowngradeVersionFormat`, rpctypes
+    /// `ErrGRPCWrongDowngradeVersionFormat`: InvalidArgument).
+    #[error("etcdserver: wrong downgrade target version format")]
+    WrongDowngradeVersionFormat,
+    /// A Downgrade target version other than one minor version below the cluster version
+    /// (`ErrGRPCInvalidDowngradeTargetVersion`: InvalidArgument).
+    #[error("etcdserver: invalid downgrade target version")]
+    InvalidDowngradeTargetVersion,
+    /// Downgrade VALIDATE or ENABLE while a downgrade is enabled
+    /// (`ErrGRPCDowngradeInProcess`: FailedPrecondition).
+    #[error("etcdserver: cluster has a downgrade job in progress")]
+    DowngradeInProcess,
+    /// Downgrade CANCEL while no downgrade is enabled (`ErrGRPCNoInflightDowngrade`:
+    /// FailedPrecondition).
+    #[error("etcdserver: no inflight downgrade job")]
+    NoInflightDowngrade,
+    /// A Downgrade action that is not VALIDATE, ENABLE or CANCEL (etcd `ErrUnknownMethod`,
+    /// which `togRPCError` leaves unmapped: Unknown).
+    #[error("etcdserver: unknown method")]
+    UnknownMethod,
     /// The apply dispatcher answered a proposal with a result of another kind: a broken
     /// invariant, not a client error (Internal). Every service maps it alike (see
     /// [`unexpected_apply_result`]); `Some(what)` names the request ("for put").
     #[error("etcdserver: unexpected apply result{}", .0.map_or(String::new(), |w| format!(" for {w}")))]
     UnexpectedApplyResult(Option<&'static str>),
-    /// The RPC exists in etcd but this member does not serve it yet (Unimplemented).
-    #[error("etcdserver: {0} is not supported by this member yet")]
-    Unsupported(&'static str),
     /// bcrypt failed to hash a password for UserAdd or UserChangePassword (Internal).
     #[error("etcdserver: cannot hash the password: {0}")]
     PasswordHash(String),
@@ -288,6 +306,9 @@ impl EtcdError {
             NoLeader | LeaderChanged | Stopped | Timeout | Unhealthy => Code::Unavailable,
             LeaderTransferTimeout => Code::Unknown,
             UndecodableProposal | UnexpectedApplyResult(_) => Code::Internal,
+            WrongDowngradeVersionFormat | InvalidDowngradeTargetVersion => Code::InvalidArgument,
+            DowngradeInProcess | NoInflightDowngrade => Code::FailedPrecondition,
+            UnknownMethod => Code::Unknown,
             UserEmpty | RoleEmpty | AuthFailed | PermissionNotGiven | InvalidAuthMgmt
             | AuthOldRevision => Code::InvalidArgument,
             RootUserNotExist | RootRoleNotExist | UserAlreadyExist | UserNotFound
@@ -295,7 +316,6 @@ impl EtcdError {
             | AuthNotEnabled => Code::FailedPrecondition,
             PermissionDenied => Code::PermissionDenied,
             InvalidAuthToken => Code::Unauthenticated,
-            Unsupported(_) => Code::Unimplemented,
             PasswordHash(_) | HashingFailed | TokenSign(_) | SnapshotImage(_) => Code::Internal,
             Unknown(_) | SessionExpired | ElectionNotLeader | ElectionNoLeader
             | MissingLeaderKey => Code::Unknown,
@@ -405,6 +425,22 @@ mod tests {
         assert_eq!(
             (s.code(), s.message()),
             (Code::Internal, "etcdserver: cannot hash the password: cost")
+        );
+        let s = Status::from(EtcdError::InvalidDowngradeTargetVersion);
+        assert_eq!(
+            (s.code(), s.message()),
+            (
+                Code::InvalidArgument,
+                "etcdserver: invalid downgrade target version"
+            )
+        );
+        let s = Status::from(EtcdError::NoInflightDowngrade);
+        assert_eq!(
+            (s.code(), s.message()),
+            (
+                Code::FailedPrecondition,
+                "etcdserver: no inflight downgrade job"
+            )
         );
         let s = Status::from(EtcdError::LinkCut);
         assert_eq!(s.code(), Code::Unavailable);

@@ -38,6 +38,7 @@
 
 pub mod alarms;
 pub mod compaction;
+pub mod downgrade;
 pub mod lease;
 #[cfg(test)]
 mod test_view;
@@ -69,6 +70,17 @@ use crate::state_machine::{
     SnapshotImage, SnapshotTaken, StateMachine,
 };
 use alarms::{Guarded, SharedAlarms};
+use downgrade::SharedDowngrade;
+
+/// The replicated tables besides leases and alarms that the dispatcher writes as it applies
+/// and the front end reads.
+#[derive(Clone)]
+pub struct ReplicatedTables {
+    /// The auth store, and this member's tokens.
+    pub auth: SharedAuth,
+    /// The downgrade state.
+    pub downgrade: SharedDowngrade,
+}
 
 /// Where the dispatcher starts: the state machine at Raft index `index`, from a snapshot
 /// (memory engine) or from what the shards' durable engines recovered (RocksDB).
@@ -101,9 +113,11 @@ pub struct StartState {
     pub alarms: Vec<AlarmMember>,
     /// The auth store at `alarm_index` (a snapshot's; empty without one).
     pub auth: Option<crate::proto::metastorepb::AuthState>,
-    /// The Raft index `alarms` and `auth` reflect: the snapshot's. Alarm requests in later entries are
-    /// applied again even where the shards already hold the entry, since only the log and
-    /// snapshots record the table.
+    /// The downgrade state at `alarm_index` (a snapshot's; none without one).
+    pub downgrade: Option<crate::proto::metastorepb::DowngradeInfo>,
+    /// The Raft index `alarms`, `auth` and `downgrade` reflect: the snapshot's. Alarm,
+    /// auth and downgrade requests in later entries are applied again even where the shards
+    /// already hold the entry, since only the log and snapshots record them.
     pub alarm_index: u64,
 }
 
@@ -150,6 +164,8 @@ pub struct Dispatcher {
     alarm_index: u64,
     /// The replicated auth store (shared with the front end), and this member's tokens.
     auth: SharedAuth,
+    /// The replicated downgrade state (shared with the front end, which only reads it).
+    downgrade: SharedDowngrade,
 }
 
 /// A result still waiting for a shard's reply (a put's previous key-value).
@@ -187,7 +203,7 @@ struct ShardStopped;
 impl Dispatcher {
     /// A dispatcher at `start` (or empty), publishing to `applied_tx`. Grants below
     /// `min_lease_ttl` seconds are raised to it. `alarms` receives the alarm table at `start`
-    /// and every change applied to it.
+    /// and every change applied to it; `tables.auth` and `tables.downgrade` likewise.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         shards: ShardSet,
@@ -198,10 +214,12 @@ impl Dispatcher {
         leases: LeaseTable,
         min_lease_ttl: i64,
         alarms: SharedAlarms,
-        auth: SharedAuth,
+        tables: ReplicatedTables,
     ) -> Self {
+        let ReplicatedTables { auth, downgrade } = tables;
         leases.restore(&start.leases);
         auth.restore(start.auth.as_ref());
+        downgrade.restore(start.downgrade.as_ref());
         alarms.write(|t| *t = alarms::AlarmTable::from_members(&start.alarms));
         let d = Dispatcher {
             shards,
@@ -224,6 +242,7 @@ impl Dispatcher {
             alarms,
             alarm_index: start.alarm_index,
             auth,
+            downgrade,
         };
         if d.restore_first.is_none() {
             d.publish();
@@ -286,6 +305,7 @@ impl Dispatcher {
         self.alarms
             .write(|t| *t = alarms::AlarmTable::from_members(&snap.alarms));
         self.auth.restore(snap.auth.as_ref());
+        self.downgrade.restore(snap.downgrade.as_ref());
         self.alarm_index = snap.index;
         self.barrier();
         self.publish();
@@ -321,6 +341,7 @@ impl Dispatcher {
             complete,
             alarms: self.alarms.read(|t| t.get(AlarmType::None as i32)),
             auth: Some(self.auth.read(|a| a.to_state())),
+            downgrade: self.downgrade.to_snapshot(),
         }
     }
 
@@ -470,6 +491,11 @@ impl Dispatcher {
                 }) => {
                     let _ = self.apply_alarm(&a);
                 }
+                // So is the downgrade state.
+                Decoded::Proposal(Proposal {
+                    request: Some(Proposed::DowngradeInfoSet(d)),
+                    ..
+                }) => self.downgrade.apply(&d),
                 // The auth store is only in the log and snapshots too. Authenticate is not
                 // replayed: tokens do not survive a restart.
                 Decoded::Proposal(Proposal {
@@ -582,6 +608,10 @@ impl Dispatcher {
                     }),
             ),
             Some(Proposed::Alarm(a)) => Outcome::Done(self.apply_alarm(&a)),
+            Some(Proposed::DowngradeInfoSet(d)) => {
+                self.downgrade.apply(&d);
+                Outcome::Done(Ok(ApplyResponse::Downgrade))
+            }
             Some(Proposed::Put(p)) => self.apply_put(p),
             Some(Proposed::DeleteRange(d)) => {
                 crate::metrics::TxnOps {

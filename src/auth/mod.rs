@@ -533,6 +533,7 @@ impl AuthStore {
             Proposed::LeaseGrant(_)
             | Proposed::LeaseCheckpoint(_)
             | Proposed::Alarm(_)
+            | Proposed::DowngradeInfoSet(_)
             | Proposed::Authenticate(_) => Ok(()),
         };
         r.err()

@@ -16,7 +16,10 @@
 //! * `auth` (`authEnabled` = 1 byte, `authRevision` = 8-byte big-endian), `authUsers` and
 //!   `authRoles` (name to `authpb.User` / `authpb.Role`; `auth/store.go`).
 //! * `members` (hex member ID to etcd's JSON member record), `members_removed` (hex ID to
-//!   `removed`) and `cluster` (`clusterVersion`; `etcdserver/api/membership/store.go`).
+//!   `removed`) and `cluster` (`clusterVersion`; `etcdserver/api/membership/store.go`; and,
+//!   while a downgrade is enabled, `downgrade`: etcd 3.5's JSON `DowngradeInfo`,
+//!   `{"target-version":"3.4.0","enabled":true}`, as `cluster.go` `mustSaveDowngradeToBackend`
+//!   writes it).
 //! * `alarm`: marshaled `etcdserverpb.AlarmMember` to an empty value.
 //!
 //! Writing uses the `bbolt-rs` crate (feature `compat`, Go bbolt's magic number), whose files
@@ -36,7 +39,7 @@ use crate::proto::authpb::{Role, User};
 use crate::proto::etcdserverpb::AlarmMember;
 use crate::proto::leasepb::Lease;
 use crate::proto::metastorepb::{
-    AuthState, KeyHistory, KeyVersion, LeaseRecord, MemberRecord, StateSnapshot,
+    AuthState, DowngradeInfo, KeyHistory, KeyVersion, LeaseRecord, MemberRecord, StateSnapshot,
 };
 use crate::proto::mvccpb::KeyValue;
 
@@ -148,10 +151,13 @@ fn buckets(snap: &StateSnapshot) -> Buckets {
     let lease = lease_bucket(snap);
     let (auth, users, roles) = auth_buckets(snap);
     let (members, removed) = member_buckets(snap);
-    let cluster = vec![(
+    let mut cluster = vec![(
         b"clusterVersion".to_vec(),
         CLUSTER_VERSION.as_bytes().to_vec(),
     )];
+    if let Some(d) = snap.downgrade.as_ref().filter(|d| d.enabled) {
+        cluster.push((b"downgrade".to_vec(), downgrade_json(d)));
+    }
     let alarm = snap
         .alarms
         .iter()
@@ -484,9 +490,47 @@ pub fn read_db(db: &[u8]) -> Result<EtcdDb, BackupError> {
             .push(AlarmMember::decode(k).map_err(|e| bad_entry("alarm", &e))?);
     }
 
+    for (k, v) in bucket_entries(&file, "cluster")? {
+        if k == b"downgrade" {
+            state.downgrade = read_downgrade(v)?;
+        }
+    }
+
     out.members = read_members(&bucket_entries(&file, "members")?)?;
     out.total_keys = count_entries(&file)?;
     Ok(out)
+}
+
+/// etcd 3.5's `membership.DowngradeInfo` as JSON (Go's `json.Marshal`, fields in declaration
+/// order).
+fn downgrade_json(d: &DowngradeInfo) -> Vec<u8> {
+    #[derive(serde::Serialize)]
+    struct Json<'a> {
+        #[serde(rename = "target-version")]
+        target_version: &'a str,
+        enabled: bool,
+    }
+    serde_json::to_vec(&Json {
+        target_version: &d.target_version,
+        enabled: d.enabled,
+    })
+    .expect("downgrade JSON")
+}
+
+/// The `downgrade` entry of the `cluster` bucket: the downgrade, if enabled.
+fn read_downgrade(v: &[u8]) -> Result<Option<DowngradeInfo>, BackupError> {
+    #[derive(serde::Deserialize)]
+    struct Json {
+        #[serde(rename = "target-version", default)]
+        target_version: String,
+        #[serde(default)]
+        enabled: bool,
+    }
+    let j: Json = serde_json::from_slice(v).map_err(|e| bad_entry("cluster", &e))?;
+    Ok(j.enabled.then_some(DowngradeInfo {
+        enabled: true,
+        target_version: j.target_version,
+    }))
 }
 
 /// The entries of bucket `name` in key order; none when the database lacks the bucket.
@@ -712,6 +756,10 @@ mod tests {
                 }],
             }),
             complete: true,
+            downgrade: Some(DowngradeInfo {
+                enabled: true,
+                target_version: "3.4.0".into(),
+            }),
             ..Default::default()
         }
     }
@@ -763,7 +811,14 @@ mod tests {
         assert_eq!(back.state.keys, snap.keys);
         assert_eq!(back.state.leases, snap.leases);
         assert_eq!(back.state.auth, snap.auth);
+        assert_eq!(back.state.downgrade, snap.downgrade);
         assert_eq!(back.members, snap.members);
+        assert_eq!(
+            downgrade_json(snap.downgrade.as_ref().unwrap()),
+            br#"{"target-version":"3.4.0","enabled":true}"#
+        );
+        let off = br#"{"target-version":"","enabled":false}"#;
+        assert_eq!(read_downgrade(off).unwrap(), None);
 
         let mut bad = file.clone();
         bad[100] ^= 1;

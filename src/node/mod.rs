@@ -328,6 +328,7 @@ fn start_threads(
         pending,
         alarms: tables.alarms,
         auth: tables.auth,
+        downgrade: tables.downgrade,
     });
     Ok(Started {
         core,
@@ -428,12 +429,13 @@ fn new_raft_node(
     Ok(built)
 }
 
-/// The tables the dispatcher keeps and the services read: leases, alarms, and auth (with
-/// the token provider `--auth-token` names).
+/// The tables the dispatcher keeps and the services read: leases, alarms, auth (with the
+/// token provider `--auth-token` names) and the downgrade state.
 struct Tables {
     leases: LeaseTable,
     alarms: SharedAlarms,
     auth: crate::auth::SharedAuth,
+    downgrade: crate::apply::downgrade::SharedDowngrade,
 }
 
 impl Tables {
@@ -449,6 +451,7 @@ impl Tables {
             leases: LeaseTable::default(),
             alarms: SharedAlarms::default(),
             auth,
+            downgrade: Default::default(),
         })
     }
 }
@@ -477,7 +480,10 @@ fn new_dispatcher(
         tables.leases.clone(),
         min_ttl_secs(cfg.election_timeout),
         tables.alarms.clone(),
-        tables.auth.clone(),
+        crate::apply::ReplicatedTables {
+            auth: tables.auth.clone(),
+            downgrade: tables.downgrade.clone(),
+        },
     )
 }
 

@@ -131,6 +131,7 @@ pub(super) async fn recover_start(
         restore: Some(Arc::new(s.clone())),
         alarms: s.alarms.clone(),
         auth: s.auth.clone(),
+        downgrade: s.downgrade.clone(),
         alarm_index: s.index,
     };
     if engine.kind == EngineKind::Memory {
@@ -189,6 +190,8 @@ pub(super) async fn recover_start(
     let alarms = snap.map(|s| s.alarms.clone()).unwrap_or_default();
     // So is the auth store.
     let auth = snap.and_then(|s| s.auth.clone());
+    // And the downgrade state.
+    let downgrade = snap.and_then(|s| s.downgrade.clone());
     Ok(match lowest {
         Some(r) => StartState {
             index: r.applied_index,
@@ -203,6 +206,7 @@ pub(super) async fn recover_start(
             restore: None,
             alarms,
             auth,
+            downgrade,
             alarm_index: snapshot_index,
         },
         None => StartState {
@@ -211,6 +215,7 @@ pub(super) async fn recover_start(
             durable: true,
             alarms,
             auth,
+            downgrade,
             alarm_index: snapshot_index,
             ..Default::default()
         },

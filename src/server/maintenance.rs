@@ -1,6 +1,7 @@
 //! `etcdserverpb.Maintenance`: Status, Alarm (replicated through Raft, see
-//! [`crate::apply::alarms`]), Defragment, Hash, HashKV, MoveLeader and Snapshot (an
-//! etcd-format bbolt file, see [`crate::backup`]). Downgrade answers Unimplemented.
+//! [`crate::apply::alarms`]), Defragment, Hash, HashKV, MoveLeader, Snapshot (an
+//! etcd-format bbolt file, see [`crate::backup`]) and Downgrade (its state replicated through
+//! Raft, see [`crate::apply::downgrade`]).
 
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -11,17 +12,18 @@ use tonic::{Request, Response, Status};
 
 use super::{Access, Core, Members, Proposer, Reader};
 use crate::apply::alarms::SharedAlarms;
+use crate::apply::downgrade::{self, ClusterVersion, SharedDowngrade};
 use crate::consensus::NodeMsg;
 use crate::consensus::RaftHandle;
 use crate::error::EtcdError;
 use crate::proto::etcdserverpb::{
-    maintenance_server::Maintenance, AlarmRequest, AlarmResponse, DefragmentRequest,
-    DefragmentResponse, DowngradeRequest, DowngradeResponse, HashKvRequest, HashKvResponse,
-    HashRequest, HashResponse, MoveLeaderRequest, MoveLeaderResponse, SnapshotRequest,
-    SnapshotResponse, StatusRequest, StatusResponse,
+    downgrade_request::DowngradeAction, maintenance_server::Maintenance, AlarmRequest,
+    AlarmResponse, DefragmentRequest, DefragmentResponse, DowngradeRequest, DowngradeResponse,
+    HashKvRequest, HashKvResponse, HashRequest, HashResponse, MoveLeaderRequest,
+    MoveLeaderResponse, SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
 };
 use crate::proto::metastorepb::proposal::Request as Proposed;
-use crate::proto::metastorepb::StateSnapshot;
+use crate::proto::metastorepb::{DowngradeInfo, StateSnapshot};
 use crate::state_machine::ApplyResponse;
 
 /// The etcd version MetaStore's API matches; clients (Kubernetes among them) parse it to turn
@@ -37,6 +39,8 @@ pub struct MaintenanceService {
     /// The Raft node: its status, state images and leadership transfers.
     node: RaftHandle,
     alarms: SharedAlarms,
+    /// The replicated downgrade state.
+    downgrade: SharedDowngrade,
     /// Where a snapshot file is built (`<data-dir>/member/snap`).
     snap_dir: PathBuf,
     /// `--election-timeout`.
@@ -55,6 +59,7 @@ impl MaintenanceService {
             members: core.members.clone(),
             node: core.node.clone(),
             alarms: core.alarms.clone(),
+            downgrade: core.downgrade.clone(),
             snap_dir: core.cfg.data_dir().join("member").join("snap"),
             election_timeout: Duration::from_millis(core.cfg.election_timeout.max(1)),
             request_timeout: core.request_timeout(),
@@ -65,8 +70,60 @@ impl MaintenanceService {
 type SnapshotStream =
     Pin<Box<dyn tokio_stream::Stream<Item = Result<SnapshotResponse, Status>> + Send>>;
 
-fn unsupported<T>(rpc: &'static str) -> Result<Response<T>, Status> {
-    Err(EtcdError::Unsupported(rpc).into())
+/// The cluster version every member reports ([`crate::server::http::CLUSTER_VERSION`]), as
+/// etcd's `ClusterVersion()`: what Downgrade checks targets against and answers.
+fn cluster_version() -> ClusterVersion {
+    ClusterVersion::parse_target(super::http::CLUSTER_VERSION)
+        .expect("CLUSTER_VERSION is a semantic version")
+}
+
+impl MaintenanceService {
+    /// etcd 3.5 `downgradeValidate` (`server/etcdserver/v3_server.go`): parse the target,
+    /// a linearizable read (so that the downgrade state is not stale), then the checks of
+    /// [`downgrade::validate`]. Returns the target.
+    async fn downgrade_validate(&self, version: &str) -> Result<ClusterVersion, EtcdError> {
+        let target = ClusterVersion::parse_target(version)?;
+        self.reader.linearizable_state().await?;
+        downgrade::validate(target, cluster_version(), &self.downgrade.get())?;
+        Ok(target)
+    }
+
+    /// etcd 3.5 `downgradeEnable`: validate, then propose DowngradeInfoSet{enabled, target}
+    /// through Raft and wait until it is applied.
+    async fn downgrade_enable(&self, version: &str) -> Result<(), EtcdError> {
+        let target = self
+            .downgrade_validate(version)
+            .await
+            .inspect_err(|e| tracing::warn!(error = %e, "reject downgrade request"))?;
+        let set = DowngradeInfo {
+            enabled: true,
+            target_version: target.to_string(),
+        };
+        self.propose_downgrade(set)
+            .await
+            .inspect_err(|e| tracing::warn!(error = %e, "reject downgrade request"))
+    }
+
+    /// etcd 3.5 `downgradeCancel`: a linearizable read, the check of
+    /// [`downgrade::check_cancel`], then DowngradeInfoSet{enabled: false} through Raft.
+    async fn downgrade_cancel(&self) -> Result<(), EtcdError> {
+        self.reader.linearizable_state().await?;
+        downgrade::check_cancel(&self.downgrade.get())?;
+        self.propose_downgrade(DowngradeInfo::default()).await
+    }
+
+    /// Proposes a DowngradeInfoSet (as the member itself: the caller was checked already, as
+    /// etcd's `authMaintenanceServer` does) and waits until it is applied.
+    async fn propose_downgrade(&self, set: DowngradeInfo) -> Result<(), EtcdError> {
+        match self
+            .proposer
+            .propose(Proposed::DowngradeInfoSet(set))
+            .await?
+        {
+            ApplyResponse::Downgrade => Ok(()),
+            _ => Err(crate::error::unexpected_apply_result("downgrade")),
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -273,10 +330,51 @@ impl Maintenance for MaintenanceService {
         Ok(Response::new(MoveLeaderResponse { header: None }))
     }
 
+    /// Cluster downgrade, as etcd 3.5's `EtcdServer.Downgrade` (`server/etcdserver/
+    /// v3_server.go`) answers for a cluster whose members all run 3.5:
+    ///
+    /// - VALIDATE: `version` ("3.4" or "3.4.x") must be one minor version below the cluster
+    ///   version and no downgrade may be enabled; answers the cluster version ("3.5.0").
+    /// - ENABLE: validates the same way, then records the downgrade (enabled, target "3.4.0")
+    ///   through Raft on every member; answers the cluster version.
+    /// - CANCEL: a downgrade must be enabled; clears it through Raft; answers the cluster
+    ///   version.
+    ///
+    /// The state is replicated and survives restarts (see [`crate::apply::downgrade`]). What
+    /// enabling means here: MetaStore members cannot run as 3.4, so no member changes its
+    /// version and the cluster version stays "3.5.0" (as in etcd until members are replaced);
+    /// the downgrade stays enabled until a CANCEL.
+    ///
+    /// Errors (etcd's `api/v3rpc/rpctypes/error.go` statuses): "etcdserver: wrong downgrade
+    /// target version format" (InvalidArgument, [`EtcdError::WrongDowngradeVersionFormat`]) for
+    /// a `version` that does not parse, checked before anything else; "etcdserver: invalid
+    /// downgrade target version" (InvalidArgument,
+    /// [`EtcdError::InvalidDowngradeTargetVersion`]) for another target; "etcdserver: cluster
+    /// has a downgrade job in progress" (FailedPrecondition, [`EtcdError::DowngradeInProcess`])
+    /// for VALIDATE or ENABLE while one is enabled; "etcdserver: no inflight downgrade job"
+    /// (FailedPrecondition, [`EtcdError::NoInflightDowngrade`]) for CANCEL while none is;
+    /// "etcdserver: unknown method" (Unknown, [`EtcdError::UnknownMethod`]) for another
+    /// action; "etcdserver: permission denied" and the other auth errors for a caller other
+    /// than root while auth is enabled (etcd `authMaintenanceServer.Downgrade`,
+    /// `isAuthenticated`); and those of the linearizable read and the proposal ("etcdserver:
+    /// no leader", "etcdserver: request timed out", "etcdserver: leader changed").
     async fn downgrade(
         &self,
-        _: Request<DowngradeRequest>,
+        request: Request<DowngradeRequest>,
     ) -> Result<Response<DowngradeResponse>, Status> {
-        unsupported("downgrade")
+        let caller = self.access.caller_of(&request).await?;
+        self.access.check_admin(caller.as_ref())?;
+        let r = request.into_inner();
+        match DowngradeAction::try_from(r.action) {
+            Ok(DowngradeAction::Validate) => self.downgrade_validate(&r.version).await.map(drop),
+            Ok(DowngradeAction::Enable) => self.downgrade_enable(&r.version).await,
+            Ok(DowngradeAction::Cancel) => self.downgrade_cancel().await,
+            Err(_) => Err(EtcdError::UnknownMethod),
+        }?;
+        // etcd fills the header after the call (`maintenanceServer.Downgrade`, `hdr.fill`).
+        Ok(Response::new(DowngradeResponse {
+            header: self.reader.header(self.reader.applied().revision),
+            version: cluster_version().to_string(),
+        }))
     }
 }

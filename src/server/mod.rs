@@ -65,6 +65,8 @@ pub struct CoreParts {
     pub alarms: SharedAlarms,
     /// The replicated auth store.
     pub auth: crate::auth::SharedAuth,
+    /// The replicated downgrade state.
+    pub downgrade: crate::apply::downgrade::SharedDowngrade,
 }
 
 /// The member's front-end handles, made once at start-up. Each service takes the handles it
@@ -89,6 +91,9 @@ pub struct Core {
     pub members: Members,
     /// The replicated alarm table (etcd's alarm store), as the dispatcher last applied it.
     pub alarms: SharedAlarms,
+    /// The replicated downgrade state (etcd's `DowngradeInfo`), as the dispatcher last
+    /// applied it.
+    pub downgrade: crate::apply::downgrade::SharedDowngrade,
     /// Cancelled when the member begins to stop (the first SIGTERM/SIGINT, or its removal
     /// from the cluster; see [`crate::node::NodeHandle::shutdown`]): the client listeners
     /// stop accepting, and every open Watch and LeaseKeepAlive stream ends with "etcdserver:
@@ -112,6 +117,7 @@ impl Core {
             pending,
             alarms,
             auth,
+            downgrade,
         } = parts;
         let timeout = handles::request_timeout(cfg.election_timeout);
         let proposer = Proposer::new(handles::ProposerParts {
@@ -161,6 +167,7 @@ impl Core {
             leases,
             members,
             alarms,
+            downgrade,
             stopping: tokio_util::sync::CancellationToken::new(),
             in_flight: gate::InFlight::default(),
         })

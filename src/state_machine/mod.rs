@@ -107,6 +107,8 @@ pub enum ApplyResponse {
         /// The KV revision, for the response header.
         revision: i64,
     },
+    /// A DowngradeInfoSet (Downgrade ENABLE or CANCEL), applied.
+    Downgrade,
 }
 
 /// An applied request's outcome.

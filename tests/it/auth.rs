@@ -269,6 +269,11 @@ async fn permissions_are_checked_per_service() {
     assert_eq!(grpc_err(u.defragment().await), denied);
     assert_eq!(grpc_err(u.hash().await), denied);
     assert_eq!(grpc_err(u.hash_kv(0).await), denied);
+    let validate = || etcd_client::DowngradeOptions::Validate("3.4".into());
+    let mut m = u.maintenance_client();
+    assert_eq!(grpc_err(m.downgrade(validate()).await), denied);
+    let mut m = c_root(&s).await.maintenance_client();
+    assert_eq!(m.downgrade(validate()).await.unwrap().version(), "3.5.0");
     // As in etcd, compaction needs no permission.
     u.compact(1, None)
         .await

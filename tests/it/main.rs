@@ -6,6 +6,7 @@ mod auth;
 mod check_perf;
 mod cluster;
 mod disk_full;
+mod downgrade;
 mod durability;
 mod etcdctl;
 mod flags;
