@@ -267,7 +267,7 @@ impl Maintenance for MaintenanceService {
             for chunk in chunks {
                 let message = chunk
                     .map(|c| SnapshotResponse {
-                        header: header.clone(),
+                        header,
                         remaining_bytes: c.remaining_bytes,
                         blob: c.blob,
                     })
