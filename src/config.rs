@@ -855,7 +855,7 @@ const NO_DISCOVERY: &str = "discovery bootstrapping is not supported; use --init
 const NO_BBOLT: &str = "no bbolt backend (the shards are in memory or in RocksDB)";
 const NO_TRACING: &str = "no OpenTelemetry distributed tracing";
 const NO_HTTP: &str =
-    "the JSON gateway and the HTTP endpoints are always served on the client URLs, to any origin and host (etcd's defaults)";
+    "the JSON gateway and the HTTP endpoints are always served on the client URLs";
 const NO_CORRUPT_CHECK: &str = "no compaction hash check yet";
 
 /// Every accepted flag that has no effect, with its reason. A flag the user sets (on the
@@ -909,8 +909,6 @@ pub const IGNORED: &[IgnoredFlag] = &[
     ignored("enable-pprof", "no pprof: it profiles the Go runtime"),
     ignored("enable-grpc-gateway", NO_HTTP),
     ignored("listen-client-http-urls", NO_HTTP),
-    ignored("cors", NO_HTTP),
-    ignored("host-whitelist", NO_HTTP),
     ignored("experimental-enable-distributed-tracing", NO_TRACING),
     ignored("experimental-distributed-tracing-address", NO_TRACING),
     ignored("experimental-distributed-tracing-service-name", NO_TRACING),

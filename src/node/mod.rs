@@ -588,6 +588,7 @@ fn serve_clients(cfg: &Config, core: &Arc<Core>, bound: Bound, tls: &MemberTls) 
                 core.clone(),
                 &health,
                 http::Endpoints::Client,
+                tls.client.is_some() && crate::net::is_tls(url),
             ))
             .layer(gate::GateLayer::new(
                 core.node.status.clone(),
@@ -614,6 +615,7 @@ fn serve_clients(cfg: &Config, core: &Arc<Core>, bound: Bound, tls: &MemberTls) 
                 core.clone(),
                 &health,
                 http::Endpoints::Metrics,
+                tls.client.is_some() && crate::net::is_tls(url),
             ))
             .add_routes(tonic::service::Routes::default());
         serve!(

@@ -36,8 +36,9 @@
 //!   the client goes away (etcd's watch server ignores the client's half-close); the other
 //!   streams end once their requests are answered;
 //! * a `/v3/` path that is no route answers 404 `Not Found`, a route asked with another method
-//!   than POST 405 `Method Not Allowed` (grpc-gateway's `OtherErrorHandler`, plain text); an
-//!   `OPTIONS` request 200 with nothing (etcd's access controller).
+//!   than POST 405 `Method Not Allowed` (grpc-gateway's `OtherErrorHandler`, plain text).
+//!   `OPTIONS`, CORS and the host whitelist are etcd's access controller's, in front of all
+//!   HTTP on the client port ([`super::http::AccessController`]).
 //!
 //! `/v3beta/` paths are the same routes (etcd 3.4/3.5 rewrite them to `/v3/`). As on etcd,
 //! where the gateway holds one HTTP/2 connection to its gRPC server, the calls of one
@@ -104,27 +105,9 @@ impl Gateway {
     }
 
     /// Answers one gateway request (a path [`is_gateway_path`] accepts), making its gRPC call
-    /// through `grpc`; see the module docs for the answers. Every answer carries etcd's CORS
-    /// headers for any origin (`--cors` is `*` by default, and accepted but ignored here).
+    /// through `grpc`; see the module docs for the answers. The CORS headers and `OPTIONS`
+    /// are the access controller's ([`super::http::AccessController`]).
     pub async fn serve(&self, req: Request<Body>, grpc: GrpcCall) -> Response<Body> {
-        let mut response = self.route(req, grpc).await;
-        let h = response.headers_mut();
-        h.insert(
-            "access-control-allow-methods",
-            HeaderValue::from_static("POST, GET, OPTIONS, PUT, DELETE"),
-        );
-        h.insert("access-control-allow-origin", HeaderValue::from_static("*"));
-        h.insert(
-            "access-control-allow-headers",
-            HeaderValue::from_static("accept, content-type, authorization"),
-        );
-        response
-    }
-
-    async fn route(&self, req: Request<Body>, grpc: GrpcCall) -> Response<Body> {
-        if req.method() == Method::OPTIONS {
-            return Response::new(Body::empty());
-        }
         let path = req.uri().path();
         let path = path
             .strip_prefix("/v3beta/")

@@ -68,18 +68,133 @@ pub struct HttpLayer {
     health: HealthServer<HealthService>,
     endpoints: Endpoints,
     gateway: Arc<super::gateway::Gateway>,
+    access: Arc<AccessController>,
 }
 
 impl HttpLayer {
-    /// Serves `endpoints` over `core`; `grpc.health.v1.Health` answers from `health`.
-    pub fn new(core: Arc<Core>, health: &HealthReporter, endpoints: Endpoints) -> Self {
+    /// Serves `endpoints` over `core` on a listener that is TLS (`secure`) or not;
+    /// `grpc.health.v1.Health` answers from `health`.
+    pub fn new(
+        core: Arc<Core>,
+        health: &HealthReporter,
+        endpoints: Endpoints,
+        secure: bool,
+    ) -> Self {
         let gateway = super::gateway::Gateway::new(core.cfg.max_concurrent_streams);
+        let access = AccessController::new(&core.cfg.cors, &core.cfg.host_whitelist, secure);
         HttpLayer {
             core,
             health: HealthServer::new(HealthService::from_health_reporter(health.clone())),
             endpoints,
             gateway: Arc::new(gateway),
+            access: Arc::new(access),
         }
+    }
+}
+
+/// etcd's `accessController` (`embed/serve.go`), in front of every HTTP request on a client
+/// URL (the gateway, `/health`, `/version`, `/metrics`; not gRPC, not the metrics URLs):
+///
+/// * on a listener without TLS, a `Host` (HTTP/2 `:authority`) whose name, port removed, is
+///   not in `--host-whitelist` is refused with 421 Misdirected Request and etcd's
+///   CVE-2018-5702 text (DNS rebinding); `*` (the default) accepts any;
+/// * every answer carries etcd's CORS headers, `Access-Control-Allow-Origin: *` when
+///   `--cors` has `*` (the default), else the request's `Origin` when it is listed, else none;
+/// * `OPTIONS` (a CORS preflight) answers 200 with nothing.
+#[derive(Debug)]
+pub struct AccessController {
+    /// `--cors` origins; `None` when `*` allows all.
+    origins: Option<Vec<String>>,
+    /// `--host-whitelist` names; `None` when `*` allows all, or on a TLS listener.
+    hosts: Option<Vec<String>>,
+}
+
+impl AccessController {
+    /// Rules from the comma-separated `--cors` and `--host-whitelist` values, for a listener
+    /// with TLS (`secure`: every host is accepted, as etcd checks hosts only for plain HTTP)
+    /// or without.
+    pub fn new(cors: &str, host_whitelist: &str, secure: bool) -> Self {
+        let list = |s: &str| -> Option<Vec<String>> {
+            let items: Vec<String> = s
+                .split(',')
+                .map(|i| i.trim().to_string())
+                .filter(|i| !i.is_empty())
+                .collect();
+            (!items.iter().any(|i| i == "*")).then_some(items)
+        };
+        AccessController {
+            origins: list(cors),
+            hosts: list(host_whitelist).filter(|_| !secure),
+        }
+    }
+
+    /// The refusal for a request whose host is not whitelisted, or `None` to serve it.
+    fn refuse(&self, req: &Request<Body>) -> Option<Response<Body>> {
+        let hosts = self.hosts.as_ref()?;
+        let host = hostname(req);
+        if hosts.iter().any(|h| *h == host) {
+            return None;
+        }
+        tracing::warn!(host = %host, "rejecting HTTP request to prevent DNS rebinding attacks");
+        Some(error(
+            StatusCode::MISDIRECTED_REQUEST,
+            &format!(
+                "\netcd received your request, but the Host header was unrecognized.\n\n\
+                 To fix this, choose one of the following options:\n\
+                 - Enable TLS, then any HTTP request will be allowed.\n\
+                 - Add the hostname you want to use to the whitelist in settings.\n  \
+                 - e.g. etcd --host-whitelist {}\n\n\
+                 This requirement has been added to help prevent \"DNS Rebinding\" attacks \
+                 (CVE-2018-5702).\n",
+                json_string(&host)
+            ),
+        ))
+    }
+
+    /// Adds etcd's CORS headers (`addCORSHeader`) to `response` for a request from `origin`.
+    fn add_cors(&self, origin: Option<&http::HeaderValue>, response: &mut Response<Body>) {
+        let allowed = match &self.origins {
+            None => http::HeaderValue::from_static("*"),
+            Some(list) => match origin {
+                Some(o) if list.iter().any(|l| l.as_bytes() == o.as_bytes()) => o.clone(),
+                _ => return,
+            },
+        };
+        let h = response.headers_mut();
+        h.insert(
+            "access-control-allow-methods",
+            http::HeaderValue::from_static("POST, GET, OPTIONS, PUT, DELETE"),
+        );
+        h.insert("access-control-allow-origin", allowed);
+        h.insert(
+            "access-control-allow-headers",
+            http::HeaderValue::from_static("accept, content-type, authorization"),
+        );
+    }
+}
+
+/// etcd's `httputil.GetHostname`: the request's host (HTTP/1.1 `Host`, HTTP/2 `:authority`)
+/// without its port; the host as given when it has no port.
+fn hostname<B>(req: &Request<B>) -> String {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.as_str().to_string()))
+        .unwrap_or_default();
+    // Go's net.SplitHostPort: `[v6]:port` or `name:port` (exactly one colon).
+    if let Some(rest) = host.strip_prefix('[') {
+        if let Some((name, port)) = rest.split_once("]:") {
+            if !port.contains(':') {
+                return name.to_string();
+            }
+        }
+        return host;
+    }
+    match host.split_once(':') {
+        Some((name, port)) if !port.contains(':') => name.to_string(),
+        _ => host,
     }
 }
 
@@ -130,21 +245,33 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        if self.layer.endpoints == Endpoints::Metrics || !is_grpc(&req) {
+        if self.layer.endpoints == Endpoints::Metrics {
             let layer = self.layer.clone();
-            if layer.endpoints == Endpoints::Client
-                && super::gateway::is_gateway_path(req.uri().path())
-            {
-                // The gateway's gRPC calls come back through this layer.
-                let mut grpc = self.clone();
-                return Box::pin(async move {
-                    let call = Box::new(move |r| grpc.call(r));
-                    Ok(layer.gateway.serve(req, call).await)
-                });
-            }
             return Box::pin(
                 async move { Ok(serve_http(&layer.core, layer.endpoints, req).await) },
             );
+        }
+        if !is_grpc(&req) {
+            let layer = self.layer.clone();
+            if let Some(refusal) = layer.access.refuse(&req) {
+                return Box::pin(async move { Ok(refusal) });
+            }
+            let origin = req.headers().get(header::ORIGIN).cloned();
+            let grpc = self.clone();
+            return Box::pin(async move {
+                let mut response = if req.method() == Method::OPTIONS {
+                    Response::new(Body::empty())
+                } else if super::gateway::is_gateway_path(req.uri().path()) {
+                    // The gateway's gRPC calls come back through this layer.
+                    let mut grpc = grpc;
+                    let call = Box::new(move |r| grpc.call(r));
+                    layer.gateway.serve(req, call).await
+                } else {
+                    serve_http(&layer.core, layer.endpoints, req).await
+                };
+                layer.access.add_cors(origin.as_ref(), &mut response);
+                Ok(response)
+            });
         }
         let mut labels = GrpcLabels::of(req.uri().path());
         if crate::metrics::handling_time_enabled() {
@@ -882,6 +1009,37 @@ mod tests {
     #[test]
     fn json_strings_escape_as_go() {
         assert_eq!(json_string("a\"b<"), "\"a\\\"b\\u003c\"");
+    }
+
+    #[test]
+    fn hostnames_drop_the_port_as_go_does() {
+        let host = |h: &str| hostname(&Request::builder().header("host", h).body(()).unwrap());
+        assert_eq!(host("localhost:2379"), "localhost");
+        assert_eq!(host("example.com"), "example.com");
+        assert_eq!(host("[::1]:2379"), "::1");
+        assert_eq!(host("[::1]"), "[::1]");
+        assert_eq!(host("a:b:c"), "a:b:c");
+        let authority = Request::builder()
+            .uri("http://10.0.0.1:2379/health")
+            .body(())
+            .unwrap();
+        assert_eq!(hostname(&authority), "10.0.0.1");
+    }
+
+    #[test]
+    fn access_rules_from_flags() {
+        let any = AccessController::new("*", "*", false);
+        assert!(any.origins.is_none() && any.hosts.is_none());
+        let listed = AccessController::new("https://a, https://b", "localhost", false);
+        assert_eq!(listed.origins.unwrap(), ["https://a", "https://b"]);
+        assert_eq!(listed.hosts.unwrap(), ["localhost"]);
+        // `*` anywhere in the list allows all; TLS listeners never check hosts.
+        assert!(AccessController::new("https://a,*", "x,*", false)
+            .origins
+            .is_none());
+        assert!(AccessController::new("*", "localhost", true)
+            .hosts
+            .is_none());
     }
 
     #[test]

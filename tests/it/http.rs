@@ -557,3 +557,125 @@ fn a_secure_metrics_url_needs_the_client_certificate() {
         "{err}"
     );
 }
+
+/// etcd's access controller (`embed/serve.go`): `--host-whitelist` refuses other hosts on a
+/// plain-HTTP client URL with 421 (CVE-2018-5702) but not over TLS; `--cors` answers listed
+/// origins only; `OPTIONS` is a 200 preflight; by default any host and origin (`*`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_whitelist_and_cors_follow_etcds_access_controller() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::try_start(
+        &tmp.path().join("plain"),
+        &[
+            "--host-whitelist",
+            "localhost,127.0.0.1",
+            "--cors",
+            "https://ok.example",
+        ],
+    )
+    .expect("server starts");
+    let base = format!("http://{}", server.endpoint);
+    let a = curl(
+        &format!("{base}/health"),
+        &["-H", "Host: evil.example:2379"],
+    );
+    assert_eq!(a.status, 421, "{}", a.body);
+    assert!(a
+        .body
+        .contains("etcd received your request, but the Host header was unrecognized."));
+    assert!(
+        a.body.contains("etcd --host-whitelist \"evil.example\""),
+        "{}",
+        a.body
+    );
+    assert!(a.body.contains("(CVE-2018-5702)"), "{}", a.body);
+    // The gateway is behind the same check; gRPC is not.
+    let a = curl(
+        &format!("{base}/v3/kv/range"),
+        &[
+            "-H",
+            "Host: evil.example",
+            "-X",
+            "POST",
+            "-d",
+            r#"{"key":"YQ=="}"#,
+        ],
+    );
+    assert_eq!(a.status, 421);
+    let mut c = server.client().await;
+    c.put("a", "1", None).await.unwrap();
+    assert!(server
+        .log()
+        .contains("rejecting HTTP request to prevent DNS rebinding attacks"));
+
+    let a = curl(
+        &format!("{base}/health"),
+        &["-H", "Origin: https://ok.example"],
+    );
+    assert_eq!(a.status, 200);
+    assert!(
+        a.headers
+            .contains("access-control-allow-origin: https://ok.example"),
+        "{}",
+        a.headers
+    );
+    assert!(a
+        .headers
+        .contains("access-control-allow-methods: post, get, options, put, delete"));
+    let a = curl(
+        &format!("{base}/health"),
+        &["-H", "Origin: https://other.example"],
+    );
+    assert_eq!(a.status, 200);
+    assert!(
+        !a.headers.contains("access-control-allow-origin"),
+        "{}",
+        a.headers
+    );
+    let a = curl(
+        &format!("{base}/v3/kv/put"),
+        &["-X", "OPTIONS", "-H", "Origin: https://ok.example"],
+    );
+    assert_eq!((a.status, a.body.as_str()), (200, ""));
+    assert!(a
+        .headers
+        .contains("access-control-allow-headers: accept, content-type, authorization"));
+    drop(server);
+
+    // Over TLS every host is accepted (etcd checks hosts only when `req.TLS == nil`).
+    let tls = Server::try_start(
+        &tmp.path().join("tls"),
+        &[
+            "--listen-client-urls",
+            "https://127.0.0.1:0",
+            "--auto-tls",
+            "--host-whitelist",
+            "localhost",
+        ],
+    )
+    .expect("server starts");
+    let a = curl(
+        &format!("https://{}/health", tls.endpoint),
+        &["-H", "Host: evil.example"],
+    );
+    assert_eq!(a.status, 200, "{}", a.body);
+    drop(tls);
+
+    // The defaults: any host, any origin.
+    let open = Server::try_start(&tmp.path().join("open"), &[]).expect("server starts");
+    let a = curl(
+        &format!("http://{}/version", open.endpoint),
+        &[
+            "-H",
+            "Host: evil.example",
+            "-H",
+            "Origin: https://x.example",
+        ],
+    );
+    assert_eq!(a.status, 200);
+    assert!(
+        a.headers.contains("access-control-allow-origin: *"),
+        "{}",
+        a.headers
+    );
+}
