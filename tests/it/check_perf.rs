@@ -24,3 +24,18 @@ fn etcdctl_check_perf_small_load_passes() {
         "{verdict:?}"
     );
 }
+
+/// `etcdctl check datascale --load=s`: 10,000 puts of 1 KiB from 50 clients, then the member's
+/// memory use read from its `/metrics` (`process_resident_memory_bytes`), then the keys
+/// deleted. etcdctl fails when it cannot read the metric.
+#[test]
+fn etcdctl_check_datascale_small_load_reads_metrics() {
+    let server = Server::start();
+    let out = server.etcdctl(&["check", "datascale", "--load=s"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("PASS: Approximate system memory used"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
