@@ -427,3 +427,28 @@ fn lock_and_election_recipes() {
         &json!({ "leader": leader }).to_string(),
     );
 }
+
+/// etcd3gw (Debian's `python3-etcd3gw`, installed by `.ci/deps.sh`), a Python client built on
+/// etcd's JSON gateway, works unchanged: `tests/it/clients/etcd3gw_check.py` (which passes
+/// against etcd 3.4.23 too) puts, gets, creates and replaces in txns, lists prefixes, grants,
+/// refreshes and revokes a lease, takes a lock, watches and deletes.
+#[test]
+fn etcd3gw_works_unchanged() {
+    let server = Server::start();
+    let (host, port) = server.endpoint.rsplit_once(':').expect("host:port");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/it/clients/etcd3gw_check.py"
+    );
+    // Debian's interpreter, where python3-etcd3gw is installed (not a pyenv one on PATH).
+    let out = Command::new("/usr/bin/python3")
+        .args([script, host, port])
+        .output()
+        .expect("/usr/bin/python3 runs");
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("etcd3gw ok"),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
