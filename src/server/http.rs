@@ -132,7 +132,7 @@ impl AccessController {
     fn refuse(&self, req: &Request<Body>) -> Option<Response<Body>> {
         let hosts = self.hosts.as_ref()?;
         let host = hostname(req);
-        if hosts.iter().any(|h| *h == host) {
+        if hosts.contains(&host) {
             return None;
         }
         tracing::warn!(host = %host, "rejecting HTTP request to prevent DNS rebinding attacks");
