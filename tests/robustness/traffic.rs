@@ -9,8 +9,9 @@
 //! * Watchers: [`WATCHERS`] watchers watch the key prefix from revision 1 with prev_kv and
 //!   progress notifications, each stream on one member; when a stream breaks or stalls they
 //!   resume on another member from the revision after the last event.
-//! * Faults: every few seconds, either SIGKILL of a random member and its restart, or SIGSTOP
-//!   of the leader for three election timeouts then SIGCONT.
+//! * Faults: every few seconds, with equal odds, SIGKILL of a random member and its restart,
+//!   SIGSTOP of the leader for three election timeouts then SIGCONT, or a network partition
+//!   that cuts the leader or a random member off from the other two for as long, then heals.
 //! * Checks at the end: the KV history is read back revision by revision; unknown-outcome
 //!   writes are resolved against it (as etcd's `patchedOperationHistory` does: a write whose
 //!   unique value is in the history happened at that revision, one whose value is not never
@@ -344,6 +345,10 @@ pub struct Summary {
     pub kills: usize,
     /// SIGSTOP + SIGCONT faults of the leader.
     pub stops: usize,
+    /// Network partitions (one member cut off from the other two, then healed).
+    pub partitions: usize,
+    /// Of which cut off the leader.
+    pub partitioned_leaders: usize,
     /// The last revision.
     pub revision: i64,
     /// Watch events delivered, over all watchers.
@@ -542,6 +547,34 @@ pub fn lost_writes(ops: &[Operation], history: &KvHistory) -> Vec<String> {
     lost
 }
 
+/// A partition in place: heals every peer link when dropped, so that a partition never
+/// outlives its fault, even when the run panics while it is in place.
+struct Partitioned<'a>(&'a Cluster);
+
+impl<'a> Partitioned<'a> {
+    /// Cuts member `victim` off from every other member of `cluster`.
+    fn isolate(cluster: &'a Cluster, victim: usize) -> Partitioned<'a> {
+        let others: Vec<usize> = (0..cluster.len()).filter(|i| *i != victim).collect();
+        cluster.partition(&[&[victim], &others]);
+        Partitioned(cluster)
+    }
+}
+
+impl Drop for Partitioned<'_> {
+    fn drop(&mut self) {
+        self.0.heal();
+    }
+}
+
+/// Whether the profile partitions the network: only the `failpoints` feature builds the server
+/// with the `METASTORE_TEST_FAULTS` hook that [`Cluster::partition`] relies on (without it,
+/// a partition would silently cut nothing).
+const PARTITIONS: bool = cfg!(feature = "failpoints");
+
+/// Serializes the tests of this target that start clusters (two at once would load a small
+/// machine enough to make elections spurious).
+static CLUSTERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Runs the profile on `engine` for `run_for` and checks everything; returns the summary.
 pub async fn run(engine: &str, run_for: Duration) -> Summary {
     // The server's own shard count (one per CPU), not the harness's test default of one.
@@ -585,20 +618,41 @@ pub async fn run(engine: &str, run_for: Duration) -> Summary {
             break;
         }
         let leader = cluster.wait_for_leader(Duration::from_secs(60)).await;
-        if rng.below(2) == 0 {
-            let victim = rng.below(cluster.len() as u64) as usize;
-            cluster.kill(victim);
-            sleep(Duration::from_millis(300 + rng.below(1500))).await;
-            cluster.restart(victim);
-            summary.kills += 1;
-        } else {
-            let pid = cluster.pid(leader).expect("the leader runs");
-            signal(pid, libc::SIGSTOP);
-            sleep(Duration::from_millis(3 * ELECTION_MS + rng.below(1000))).await;
-            signal(pid, libc::SIGCONT);
-            summary.stops += 1;
+        // Faults run one at a time: a partition is healed before the next fault (so a member
+        // is never killed or restarted while cut off).
+        match rng.below(if PARTITIONS { 3 } else { 2 }) {
+            0 => {
+                let victim = rng.below(cluster.len() as u64) as usize;
+                cluster.kill(victim);
+                sleep(Duration::from_millis(300 + rng.below(1500))).await;
+                cluster.restart(victim);
+                summary.kills += 1;
+            }
+            1 => {
+                let pid = cluster.pid(leader).expect("the leader runs");
+                signal(pid, libc::SIGSTOP);
+                sleep(Duration::from_millis(3 * ELECTION_MS + rng.below(1000))).await;
+                signal(pid, libc::SIGCONT);
+                summary.stops += 1;
+            }
+            _ => {
+                // The leader half of the time, else any member (a follower, or the leader
+                // again).
+                let victim = if rng.below(2) == 0 {
+                    leader
+                } else {
+                    rng.below(cluster.len() as u64) as usize
+                };
+                let partitioned = Partitioned::isolate(&cluster, victim);
+                sleep(Duration::from_millis(3 * ELECTION_MS + rng.below(1000))).await;
+                drop(partitioned);
+                summary.partitions += 1;
+                summary.partitioned_leaders += (victim == leader) as usize;
+            }
         }
     }
+    // (Every partition is healed above; once more, so the final checks never run cut off.)
+    cluster.heal();
     // Traffic runs on until the end of the run (time is the subject).
     tokio::time::sleep_until(deadline.into()).await;
     stop_clients.store(true, Ordering::Relaxed);
@@ -685,7 +739,7 @@ pub fn summary_line(engine: &str, s: &Summary) -> String {
     format!(
         "robustness engine={engine}: operations={} (unknown={}: reads dropped={}, writes \
          applied={}, writes not applied={}, deletes kept unknown={}) revision={} faults={} \
-         (kill+restart={}, leader-stop={}) watch-events={} watch-sessions={} \
+         (kill+restart={}, leader-stop={}, partition={} of which leader={}) watch-events={} watch-sessions={} \
          watch-progress-notifications={} linearizability={} ({:?}, planted faults caught {}) violations={} \
          lost-writes={} checks={:?}",
         s.operations,
@@ -695,9 +749,11 @@ pub fn summary_line(engine: &str, s: &Summary) -> String {
         s.unknown_not_applied,
         s.unknown_deletes,
         s.revision,
-        s.kills + s.stops,
+        s.kills + s.stops + s.partitions,
         s.kills,
         s.stops,
+        s.partitions,
+        s.partitioned_leaders,
         s.watch_events,
         s.watch_sessions,
         s.watch_progress,
@@ -724,10 +780,11 @@ fn engines() -> Vec<String> {
     vec![std::env::var("METASTORE_TEST_ENGINE").unwrap_or_else(|_| "memory".into())]
 }
 
-/// The profile: KV traffic and watches under SIGKILL/restart and SIGSTOP/SIGCONT faults, then
-/// linearizability, lost-write and watch checks.
+/// The profile: KV traffic and watches under SIGKILL/restart, SIGSTOP/SIGCONT and partition
+/// faults, then linearizability, lost-write and watch checks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kv_and_watch_under_process_faults() {
+    let _one = CLUSTERS.lock().await;
     for engine in engines() {
         let s = run(&engine, duration()).await;
         println!("{}", summary_line(&engine, &s));
@@ -740,9 +797,95 @@ async fn kv_and_watch_under_process_faults() {
             s.violations.len(),
             s.lost_writes.len()
         );
-        assert!(s.operations > 0 && s.kills + s.stops > 0);
+        assert!(s.operations > 0 && s.kills + s.stops + s.partitions > 0);
         if let Some(caught) = s.planted_caught {
             assert_eq!(caught, 2, "the checker missed a planted fault");
         }
+    }
+}
+
+/// The partition fault really cuts a member off: with the leader isolated, the other two elect
+/// a new leader in a higher term and take a write, while a linearizable read and a put sent
+/// only to the old leader fail (an error or a timeout, never an answer); once healed, all
+/// three converge on the majority's state.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_partition_fault_cuts_the_member_off() {
+    let _one = CLUSTERS.lock().await;
+    let cluster = Cluster::start(3, &[]).await;
+    let old = cluster.wait_for_leader(Duration::from_secs(60)).await;
+    let (_, old_term, _) = cluster.status(old).await.expect("status of the leader");
+    let others: Vec<usize> = (0..3).filter(|i| *i != old).collect();
+    let partitioned = Partitioned::isolate(&cluster, old);
+
+    // The other two agree on a new leader among themselves, in a higher term.
+    let mut seen = Vec::new();
+    let mut new = None;
+    wait_until_async(Duration::from_secs(60), async || {
+        seen.clear();
+        for &i in &others {
+            seen.push(cluster.status(i).await);
+        }
+        if let [Some((l0, t0, _)), Some((l1, t1, _))] = seen[..] {
+            if l0 == l1 && t0 == t1 && t0 > old_term {
+                new = others.iter().copied().find(|i| cluster.ids[*i] == l0);
+            }
+        }
+        new.is_some()
+    })
+    .await;
+    let new = new.unwrap_or_else(|| {
+        panic!(
+            "no new leader among {others:?} after term {old_term}: {seen:?}\n{}",
+            cluster.logs()
+        )
+    });
+    let mut majority = cluster.client(new).await;
+    let put = majority
+        .put(format!("{PREFIX}cut"), "majority", None)
+        .await
+        .expect("the majority takes a write");
+    let written = put.header().expect("header").revision();
+
+    // The isolated old leader answers neither a linearizable read nor a put.
+    let mut isolated = cluster
+        .try_client(old)
+        .await
+        .expect("connect to the isolated member");
+    let read = timeout(
+        Duration::from_secs(10),
+        isolated.get(format!("{PREFIX}cut"), None),
+    )
+    .await;
+    assert!(
+        !matches!(read, Ok(Ok(_))),
+        "the isolated member answered a linearizable read: {read:?}"
+    );
+    let put = timeout(
+        Duration::from_secs(10),
+        isolated.put(format!("{PREFIX}cut"), "minority", None),
+    )
+    .await;
+    assert!(
+        !matches!(put, Ok(Ok(_))),
+        "the isolated member acknowledged a put: {put:?}"
+    );
+
+    // Healed, all three converge on the majority's write.
+    drop(partitioned);
+    cluster.wait_for_leader(Duration::from_secs(60)).await;
+    let revision = cluster.wait_converged(Duration::from_secs(60)).await;
+    assert!(revision >= written);
+    for i in 0..3 {
+        let mut c = cluster.client(i).await;
+        let got = c
+            .get(
+                format!("{PREFIX}cut"),
+                Some(GetOptions::new().with_serializable()),
+            )
+            .await
+            .expect("read after healing");
+        let values: Vec<String> = got.kvs().iter().map(|kv| lossy(kv.value())).collect();
+        assert_eq!(values, ["majority"], "member {i} after healing");
     }
 }
