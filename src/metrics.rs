@@ -747,8 +747,13 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 mod tests {
     use super::*;
 
+    /// Held by tests that call [`gather`]: it resets and sets the process-wide gauges, so two
+    /// at once would see each other's values.
+    static GATHER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     #[test]
     fn txn_counts_only_multi_op_requests() {
+        let _one = GATHER.lock().unwrap_or_else(|e| e.into_inner());
         let before = MVCC_TXN.get();
         TxnOps {
             puts: 1,
@@ -784,6 +789,7 @@ mod tests {
 
     #[test]
     fn etcd_disk_network_watch_lease_and_shard_metrics_are_exposed() {
+        let _one = GATHER.lock().unwrap_or_else(|e| e.into_inner());
         // Labelled families appear once a child exists, as in etcd.
         let peer = PeerMetrics::to(0xabc);
         peer.sent_bytes.inc_by(10);
