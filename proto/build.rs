@@ -53,15 +53,14 @@ fn build_info() {
     let sha = run("git", &["rev-parse", "--short", "HEAD"])
         .unwrap_or_else(|| "Not provided (built outside a Git checkout)".into());
     println!("cargo:rustc-env=METASTORE_GIT_SHA={sha}");
-    // A new commit or branch switch reruns this script, so the SHA is never stale.
-    for reference in ["HEAD", "packed-refs"] {
+    // A branch switch (HEAD) or a new commit (a file under refs/heads, or packed-refs) reruns
+    // this script, so the SHA is never stale. Only paths that exist are named: cargo reruns
+    // the script, and rebuilds the crate, on every build while a named path is missing.
+    for reference in ["HEAD", "refs/heads", "packed-refs"] {
         if let Some(path) = run("git", &["rev-parse", "--git-path", reference]) {
-            println!("cargo:rerun-if-changed={path}");
-        }
-    }
-    if let Some(branch) = run("git", &["symbolic-ref", "-q", "HEAD"]) {
-        if let Some(path) = run("git", &["rev-parse", "--git-path", &branch]) {
-            println!("cargo:rerun-if-changed={path}");
+            if std::path::Path::new(&path).exists() {
+                println!("cargo:rerun-if-changed={path}");
+            }
         }
     }
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
