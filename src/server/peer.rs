@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{Core, Leases, Members, Reader};
-use crate::consensus::transport::Faults;
+use crate::consensus::transport::{DelayLine, Direction, Faults};
 use crate::consensus::{NodeMsg, PeerProgress};
 use crate::error::EtcdError;
 use crate::proto::etcdserverpb::{
@@ -70,6 +70,42 @@ impl PeerService {
         Ok(())
     }
 
+    /// The fault hook's random loss and delay for message `m` from member `from`: `m` back
+    /// when it is to be stepped now, `None` when it was lost or put in the link's delay line
+    /// (which steps it into Raft once held back long enough). Once messages are held back,
+    /// later ones follow them through the line, so the link keeps its order.
+    fn hold_or_drop(
+        &self,
+        from: u64,
+        m: Message,
+        delayed: &mut Option<(u64, DelayLine<Message>)>,
+    ) -> Option<Message> {
+        if self.faults.loses(from) {
+            return None;
+        }
+        let held = matches!(delayed, Some((peer, line)) if *peer == from && line.busy());
+        if !held && self.faults.delay(from).is_zero() {
+            return Some(m);
+        }
+        if !matches!(delayed, Some((peer, _)) if *peer == from) {
+            let node = self.node.clone();
+            let line = DelayLine::spawn(
+                &tokio::runtime::Handle::current(),
+                self.faults.clone(),
+                from,
+                move |m: Message| {
+                    // A full inbox drops it, as for a message stepped at once.
+                    let _ = node.try_send(NodeMsg::Step(m));
+                },
+            );
+            *delayed = Some((from, line));
+        }
+        let (_, line) = delayed.as_ref().expect("made above");
+        // A full line drops it (Raft retransmits).
+        line.push(m);
+        None
+    }
+
     fn check_leader(&self) -> Result<(), Status> {
         if !self.members.is_leader() {
             return Err(EtcdError::NotLeader.into());
@@ -92,9 +128,14 @@ impl Peer for PeerService {
         let mut inbound = request.into_inner();
         // `etcd_network_peer_received_bytes_total` of the stream's sender, resolved once.
         let mut received: Option<(u64, prometheus::IntCounter)> = None;
+        // Messages held back by the fault hook's delay on the sender's link, made when first
+        // needed (keyed by the sender, which is one member per stream in practice).
+        let mut delayed: Option<(u64, DelayLine<Message>)> = None;
         while let Some(envelope) = inbound.message().await? {
             self.check_sender(envelope.cluster_id, envelope.from, envelope.to)?;
-            if self.faults.blocks(envelope.from) {
+            // One atomic load when no fault is set and nothing is held back.
+            let faulty = self.faults.active() || delayed.is_some();
+            if faulty && self.faults.cuts(envelope.from, Direction::Recv) {
                 continue;
             }
             let counter = match &received {
@@ -110,6 +151,13 @@ impl Peer for PeerService {
                 if m.merge_from_bytes(&bytes).is_err() {
                     return Err(EtcdError::UndecodableRaftMessage.into());
                 }
+                let m = match faulty {
+                    true => match self.hold_or_drop(envelope.from, m, &mut delayed) {
+                        Some(m) => m,
+                        None => continue,
+                    },
+                    false => m,
+                };
                 if self.node.try_send(NodeMsg::Step(m)).is_err() && self.node.is_disconnected() {
                     return Err(EtcdError::Stopped.into());
                 }
@@ -141,7 +189,7 @@ impl Peer for PeerService {
         let mut data = first.data;
         data.reserve(total.saturating_sub(data.len()));
         while let Some(chunk) = inbound.message().await? {
-            if self.faults.blocks(from) {
+            if self.faults.cuts(from, Direction::Recv) {
                 return Err(EtcdError::LinkCut.into());
             }
             data.extend_from_slice(&chunk.data);
@@ -149,7 +197,7 @@ impl Peer for PeerService {
                 return Err(EtcdError::SnapshotTooLong.into());
             }
         }
-        if data.len() != total || self.faults.blocks(from) {
+        if data.len() != total || self.faults.cuts(from, Direction::Recv) {
             return Err(EtcdError::SnapshotCutShort {
                 got: data.len(),
                 total,
@@ -161,6 +209,13 @@ impl Peer for PeerService {
         match <StateSnapshot as prost::Message>::decode(data.as_slice()) {
             Ok(s) if s.complete && s.index == index => {}
             _ => return Err(EtcdError::SnapshotIncomplete.into()),
+        }
+        if self.faults.active() {
+            // The snapshot is one message to the fault hook: held back, then cut or lost whole.
+            self.faults.hold(from, std::time::Instant::now()).await;
+            if self.faults.cuts(from, Direction::Recv) || self.faults.loses(from) {
+                return Err(EtcdError::LinkCut.into());
+            }
         }
         tracing::info!(peer = %format!("{from:x}"), bytes = total, index, "received snapshot");
         crate::metrics::received_from(from).inc_by((total + first.message.len()) as u64);

@@ -465,6 +465,36 @@ pub const HEARTBEAT_MS: u64 = 50;
 /// See [`HEARTBEAT_MS`].
 pub const ELECTION_MS: u64 = 500;
 
+/// A fault on one member's peer links, which the server's test fault hook applies (the
+/// `failpoints` feature; `Faults` in `src/consensus/transport.rs` documents the file it
+/// reads). Directions are seen from the member whose links have the fault.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum LinkFault {
+    /// Drop everything both ways (a partition).
+    Cut,
+    /// Drop what the member sends; what it receives still arrives.
+    CutSend,
+    /// Drop what the member receives; what it sends still arrives.
+    CutRecv,
+    /// Hold each message back this many milliseconds, each way, in order.
+    Delay(u64),
+    /// Drop each message, each way, with this probability in percent (0 to 100).
+    Loss(f64),
+}
+
+impl LinkFault {
+    /// The fault in the words of the fault file.
+    fn words(&self) -> String {
+        match self {
+            LinkFault::Cut => "cut".into(),
+            LinkFault::CutSend => "cut-send".into(),
+            LinkFault::CutRecv => "cut-recv".into(),
+            LinkFault::Delay(ms) => format!("delay={ms}"),
+            LinkFault::Loss(percent) => format!("loss={percent}"),
+        }
+    }
+}
+
 /// One member's fixed identity: ports and data dir survive restarts.
 pub struct MemberSpec {
     /// `--name`.
@@ -494,8 +524,10 @@ impl MemberSpec {
 
 /// A cluster of n member processes on ephemeral loopback ports, each with its own data dir,
 /// started with etcd's cluster flags. Members can be SIGKILLed and restarted, signalled
-/// (see [`Cluster::pid`]), cut off from each other (through the peer transport's fault hook,
-/// `METASTORE_TEST_FAULTS`), and added with `--initial-cluster-state existing`. Dropping it
+/// (see [`Cluster::pid`]), cut off from each other, fully or one way, and have their peer
+/// links slowed or made lossy (through the peer transport's fault hook,
+/// `METASTORE_TEST_FAULTS`: [`Cluster::partition`], [`Cluster::fault_links`],
+/// [`Cluster::heal`]), and added with `--initial-cluster-state existing`. Dropping it
 /// kills every member.
 pub struct Cluster {
     /// Member specs, by index.
@@ -803,25 +835,102 @@ impl Cluster {
     }
 
     /// Cuts every peer link between members of different groups, in both directions. Members
-    /// in no group keep all their links.
+    /// in no group keep all their links. Replaces every link fault in place; returns once
+    /// every running member has applied it.
     pub fn partition(&self, groups: &[&[usize]]) {
-        for (i, spec) in self.specs.iter().enumerate() {
-            let Some(mine) = groups.iter().find(|g| g.contains(&i)) else {
-                std::fs::write(&spec.faults, "").unwrap();
-                continue;
-            };
-            let blocked: Vec<String> = (0..self.specs.len())
-                .filter(|j| !mine.contains(j))
-                .map(|j| format!("{:x}", self.ids[j]))
-                .collect();
-            std::fs::write(&spec.faults, blocked.join("\n")).unwrap();
-        }
+        let files = (0..self.specs.len())
+            .map(|i| {
+                let Some(mine) = groups.iter().find(|g| g.contains(&i)) else {
+                    return (i, String::new());
+                };
+                // Bare IDs: the hook's original format, a cut both ways.
+                let blocked: Vec<String> = (0..self.specs.len())
+                    .filter(|j| !mine.contains(j))
+                    .map(|j| format!("{:x}\n", self.ids[j]))
+                    .collect();
+                (i, blocked.concat())
+            })
+            .collect();
+        self.write_faults(files);
     }
 
-    /// Restores every peer link.
+    /// Adds `fault` to member `i`'s links with each member in `peers` (on top of the faults
+    /// in place: a delay and a loss on the same link add up); returns once member `i` has
+    /// applied it. [`Cluster::heal`] undoes it.
+    pub fn fault_links(&self, i: usize, peers: &[usize], fault: LinkFault) {
+        let mut text = std::fs::read_to_string(&self.specs[i].faults).unwrap_or_default();
+        for &j in peers.iter().filter(|j| **j != i) {
+            text.push_str(&format!("{:x} {}\n", self.ids[j], fault.words()));
+        }
+        self.write_faults(vec![(i, text)]);
+    }
+
+    /// Slows every peer link of member `i`: each Raft message it sends or receives is held
+    /// back `ms` milliseconds (so a round trip over one of its links takes `2 * ms` more).
+    pub fn delay_links(&self, i: usize, ms: u64) {
+        self.fault_links(i, &self.others(i), LinkFault::Delay(ms));
+    }
+
+    /// Makes every peer link of member `i` lossy: each Raft message it sends or receives is
+    /// dropped with probability `percent` / 100.
+    pub fn lossy_links(&self, i: usize, percent: f64) {
+        self.fault_links(i, &self.others(i), LinkFault::Loss(percent));
+    }
+
+    /// Cuts the peer link from member `from` to member `to` one way: what `from` sends to
+    /// `to` is dropped, what `to` sends to `from` still arrives (an asymmetric partition).
+    pub fn cut_one_way(&self, from: usize, to: usize) {
+        self.fault_links(from, &[to], LinkFault::CutSend);
+    }
+
+    /// Every member but `i`.
+    fn others(&self, i: usize) -> Vec<usize> {
+        (0..self.specs.len()).filter(|j| *j != i).collect()
+    }
+
+    /// Restores every peer link (undoes partitions and every [`LinkFault`]); returns once
+    /// every running member has applied it.
     pub fn heal(&self) {
-        for spec in &self.specs {
-            std::fs::write(&spec.faults, "").unwrap();
+        self.write_faults((0..self.specs.len()).map(|i| (i, String::new())).collect());
+    }
+
+    /// Writes member fault files (`(member, text)`), each at once (a rename, so a member never
+    /// reads half a file), and waits until every running member whose file changed has
+    /// re-read it: each logs a line when it does, applied or not. Panics (unless the thread
+    /// already panics: a guard healing on unwind) if one does not within 10 s.
+    fn write_faults(&self, files: Vec<(usize, String)>) {
+        const APPLIED: &str = "test fault hook: peer link faults";
+        let count = |i: usize| {
+            self.servers[i]
+                .as_ref()
+                .map(|s| s.log().matches(APPLIED).count())
+        };
+        let mut waiting = Vec::new();
+        for (i, text) in files {
+            let path = &self.specs[i].faults;
+            if std::fs::read_to_string(path).unwrap_or_default() == text {
+                continue;
+            }
+            if let Some(before) = count(i) {
+                waiting.push((i, before));
+            }
+            let tmp = path.with_extension("faults.tmp");
+            std::fs::write(&tmp, &text).unwrap();
+            std::fs::rename(&tmp, path).unwrap();
+        }
+        let applied = blocking(|| {
+            wait_until(Duration::from_secs(10), || {
+                waiting
+                    .iter()
+                    .all(|(i, before)| count(*i).is_none_or(|now| now > *before))
+            })
+        });
+        if !applied && !std::thread::panicking() {
+            panic!(
+                "members {:?} did not apply their fault files within 10 s\n{}",
+                waiting.iter().map(|(i, _)| i).collect::<Vec<_>>(),
+                self.logs()
+            );
         }
     }
 

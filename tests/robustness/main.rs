@@ -6,6 +6,7 @@
 #[path = "../common/harness.rs"]
 mod harness;
 mod linearizability;
+mod links;
 mod model;
 mod traffic;
 mod watch;
