@@ -2,12 +2,12 @@
 //! server's test fault hook ([`Cluster::fault_links`]; `failpoints` builds only), and the tests
 //! that show each link fault acts.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tokio::time::{sleep, timeout};
+use tokio::time::sleep;
 
-use crate::harness::{wait_until_async, Cluster, LinkFault, ELECTION_MS};
-use crate::traffic::{Lcg, PREFIX};
+use crate::harness::{Cluster, LinkFault};
+use crate::traffic::Lcg;
 
 /// Link faults the profile injected, by kind.
 #[derive(Debug, Default)]
@@ -97,8 +97,13 @@ pub async fn inject(cluster: &Cluster, leader: usize, rng: &mut Lcg, counts: &mu
 
 #[cfg(feature = "failpoints")]
 mod tests {
+    use std::time::Instant;
+
+    use tokio::time::timeout;
+
     use super::*;
-    use crate::traffic::CLUSTERS;
+    use crate::harness::{wait_until_async, ELECTION_MS};
+    use crate::traffic::{CLUSTERS, PREFIX};
 
     /// A put of `value` through member `i`: its latency, or `None` if it failed or took more
     /// than 10 s.
