@@ -177,8 +177,7 @@ impl Proposer {
         request: Proposed,
         auth: Option<AuthHeader>,
     ) -> Result<ApplyResponse, EtcdError> {
-        if etcd_request_size(&request, self.0.member_id, auth.as_ref()) > self.0.max_request_bytes
-        {
+        if etcd_request_size(&request, self.0.member_id, auth.as_ref()) > self.0.max_request_bytes {
             return Err(EtcdError::RequestTooLarge);
         }
         let id = self.next_id();
@@ -425,10 +424,7 @@ mod tests {
         let member = 0x8e9e_05c2_7e6f_5b3c;
         assert_eq!(etcd_request_size(&put(1_572_837), member, None), 1_572_864);
         // Bit 15 of the member ID's low 16 bits makes the ID a 10-byte varint.
-        assert_eq!(
-            etcd_request_size(&put(1_572_837), 0x8000, None),
-            1_572_865
-        );
+        assert_eq!(etcd_request_size(&put(1_572_837), 0x8000, None), 1_572_865);
         // Low bits all clear: the timestamp alone, 7 bytes.
         assert_eq!(etcd_request_size(&put(1_572_837), 0, None), 1_572_862);
         let auth = AuthHeader {
