@@ -33,6 +33,55 @@ pub fn request_timeout(election_timeout_ms: u64) -> Duration {
     Duration::from_millis(5000 + 2 * election_timeout_ms)
 }
 
+/// The bytes of a protobuf varint holding `v`.
+fn varint_len(v: u64) -> usize {
+    prost::encoding::encoded_len_varint(v)
+}
+
+/// The size etcd gives `request` in its `--max-request-bytes` check: the encoded
+/// `InternalRaftRequest` carrying it, with the `RequestHeader` etcd adds (its ID, and the
+/// caller's username and auth revision), as `processInternalRaftRequestOnce`
+/// (`etcdserver/v3_server.go`) marshals it before refusing it with `ErrRequestTooLarge`.
+/// MetaStore's own log record (a [`Proposal`]) is laid out differently; measuring etcd's keeps
+/// the limit exactly where etcd puts it.
+///
+/// The header's ID comes from etcd's `idutil.Generator`: the low 16 bits of the member ID in
+/// the top 16 bits, then a 40-bit millisecond timestamp and an 8-bit counter, so its varint
+/// length depends only on `member_id`'s low 16 bits (and is at least 7 bytes).
+fn etcd_request_size(request: &Proposed, member_id: u64, auth: Option<&AuthHeader>) -> usize {
+    // Field tags: a field number below 16 takes one byte, up to 2047 two.
+    let tag = |field: u32| if field < 16 { 1 } else { 2 };
+    let message = |field: u32, len: usize| tag(field) + varint_len(len as u64) + len;
+    let etcd_id = ((member_id & 0xffff) << 48) | (1 << 47);
+    // RequestHeader.ID = 1, a varint.
+    let mut header = tag(1) + varint_len(etcd_id);
+    if let Some(auth) = auth {
+        if !auth.username.is_empty() {
+            header += message(2, auth.username.len());
+        }
+        if auth.revision != 0 {
+            // RequestHeader.auth_revision = 3, a varint.
+            header += tag(3) + varint_len(auth.revision);
+        }
+    }
+    // InternalRaftRequest's field numbers (etcdserverpb/raft_internal.proto): the KV, lease
+    // and alarm requests are below 16, the auth and downgrade ones above 1000.
+    let (field, len) = match request {
+        Proposed::Put(r) => (4, r.encoded_len()),
+        Proposed::DeleteRange(r) => (5, r.encoded_len()),
+        Proposed::Txn(r) => (6, r.encoded_len()),
+        Proposed::Compaction(r) => (7, r.encoded_len()),
+        Proposed::LeaseGrant(r) => (8, r.encoded_len()),
+        Proposed::LeaseRevoke(r) => (9, r.encoded_len()),
+        Proposed::Alarm(r) => (10, r.encoded_len()),
+        Proposed::LeaseCheckpoint(r) => (11, r.encoded_len()),
+        // The rest are fields above 15 in both messages (etcd's above 1000, MetaStore's
+        // above 19): a two-byte tag in each, so the oneof's own encoding has etcd's size.
+        other => return message(100, header) + other.encoded_len(),
+    };
+    message(100, header) + message(field, len)
+}
+
 /// Writes: proposes requests through the Raft node and waits until they are applied.
 #[derive(Clone)]
 pub struct Proposer(Arc<ProposerState>);
@@ -128,6 +177,9 @@ impl Proposer {
         request: Proposed,
         auth: Option<AuthHeader>,
     ) -> Result<ApplyResponse, EtcdError> {
+        if etcd_request_size(&request, self.0.member_id, auth.as_ref()) > self.0.max_request_bytes {
+            return Err(EtcdError::RequestTooLarge);
+        }
         let id = self.next_id();
         let data = Proposal {
             id,
@@ -136,9 +188,6 @@ impl Proposer {
             auth,
         }
         .encode_to_vec();
-        if data.len() > self.0.max_request_bytes {
-            return Err(EtcdError::RequestTooLarge);
-        }
         self.submit(id, NodeMsg::Propose { id, data }).await
     }
 
@@ -351,5 +400,47 @@ impl Reader {
             more: merged.more,
             count: merged.count,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::etcdserverpb::PutRequest;
+
+    fn put(n: usize) -> Proposed {
+        Proposed::Put(PutRequest {
+            key: b"edge".to_vec(),
+            value: vec![b'v'; n],
+            ..Default::default()
+        })
+    }
+
+    /// Real etcd 3.4.23 with member ID 0x...5b3c (ID varint 9 bytes) accepts a 1,572,837-byte
+    /// value for key "edge" and refuses 1,572,838 under the default 1,572,864-byte limit:
+    /// header 2+1+1+9, put field 1+3, key 1+1+4, value 1+3+n.
+    #[test]
+    fn etcd_request_size_is_etcds_internal_raft_request() {
+        let member = 0x8e9e_05c2_7e6f_5b3c;
+        assert_eq!(etcd_request_size(&put(1_572_837), member, None), 1_572_864);
+        // Bit 15 of the member ID's low 16 bits makes the ID a 10-byte varint.
+        assert_eq!(etcd_request_size(&put(1_572_837), 0x8000, None), 1_572_865);
+        // Low bits all clear: the timestamp alone, 7 bytes.
+        assert_eq!(etcd_request_size(&put(1_572_837), 0, None), 1_572_862);
+        let auth = AuthHeader {
+            username: "root".into(),
+            revision: 5,
+        };
+        // username: 1+1+4, auth_revision: 1+1.
+        assert_eq!(
+            etcd_request_size(&put(1_572_837), member, Some(&auth)),
+            1_572_872
+        );
+        let mut default_auth = AuthHeader::default();
+        default_auth.username.clear();
+        assert_eq!(
+            etcd_request_size(&put(1_572_837), member, Some(&default_auth)),
+            1_572_864
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! Integration tests: real `metastore` processes driven by real clients (the `etcd-client`
 //! crate and `etcdctl`).
 
+mod abuse;
 mod alarm;
 mod auth;
 mod check_perf;
