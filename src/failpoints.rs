@@ -87,6 +87,9 @@ mod tests {
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), ALL.len());
-        assert_eq!(abort_line(WAL_AFTER_FSYNC), "failpoint wal-after-fsync: aborting");
+        assert_eq!(
+            abort_line(WAL_AFTER_FSYNC),
+            "failpoint wal-after-fsync: aborting"
+        );
     }
 }

@@ -11,7 +11,9 @@
 //!   resume on another member from the revision after the last event.
 //! * Faults: every few seconds, with equal odds, SIGKILL of a random member and its restart,
 //!   SIGSTOP of the leader for three election timeouts then SIGCONT, or a network partition
-//!   that cuts the leader or a random member off from the other two for as long, then heals.
+//!   that cuts the leader or a random member off from the other two for as long, then heals,
+//!   or (`--features failpoints`) a crash at one of the server's WAL or apply crash points
+//!   ([`crate::failpoint`]).
 //! * Checks at the end: the KV history is read back revision by revision; unknown-outcome
 //!   writes are resolved against it (as etcd's `patchedOperationHistory` does: a write whose
 //!   unique value is in the history happened at that revision, one whose value is not never
@@ -349,6 +351,11 @@ pub struct Summary {
     pub partitions: usize,
     /// Of which cut off the leader.
     pub partitioned_leaders: usize,
+    /// Crash-at-a-failpoint faults ([`crate::failpoint::crash_at`]).
+    pub failpoint_crashes: usize,
+    /// Of which the member aborted at the point (the others were killed after
+    /// [`crate::failpoint::FIRE_WITHIN`]).
+    pub failpoint_fired: usize,
     /// The last revision.
     pub revision: i64,
     /// Watch events delivered, over all watchers.
@@ -573,7 +580,7 @@ const PARTITIONS: bool = cfg!(feature = "failpoints");
 
 /// Serializes the tests of this target that start clusters (two at once would load a small
 /// machine enough to make elections spurious).
-static CLUSTERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub(crate) static CLUSTERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Runs the profile on `engine` for `run_for` and checks everything; returns the summary.
 pub async fn run(engine: &str, run_for: Duration) -> Summary {
@@ -620,7 +627,7 @@ pub async fn run(engine: &str, run_for: Duration) -> Summary {
         let leader = cluster.wait_for_leader(Duration::from_secs(60)).await;
         // Faults run one at a time: a partition is healed before the next fault (so a member
         // is never killed or restarted while cut off).
-        match rng.below(if PARTITIONS { 3 } else { 2 }) {
+        match rng.below(if PARTITIONS { 4 } else { 2 }) {
             0 => {
                 let victim = rng.below(cluster.len() as u64) as usize;
                 cluster.kill(victim);
@@ -634,6 +641,15 @@ pub async fn run(engine: &str, run_for: Duration) -> Summary {
                 sleep(Duration::from_millis(3 * ELECTION_MS + rng.below(1000))).await;
                 signal(pid, libc::SIGCONT);
                 summary.stops += 1;
+            }
+            #[cfg(feature = "failpoints")]
+            3 => {
+                let victim = rng.below(cluster.len() as u64) as usize;
+                let points = crate::failpoint::PROFILE_POINTS;
+                let point = points[rng.below(points.len() as u64) as usize];
+                let crash = crate::failpoint::crash_at(&mut cluster, victim, point, "10%return");
+                summary.failpoint_fired += (crash.await == crate::failpoint::Crash::Fired) as usize;
+                summary.failpoint_crashes += 1;
             }
             _ => {
                 // The leader half of the time, else any member (a follower, or the leader
@@ -739,7 +755,8 @@ pub fn summary_line(engine: &str, s: &Summary) -> String {
     format!(
         "robustness engine={engine}: operations={} (unknown={}: reads dropped={}, writes \
          applied={}, writes not applied={}, deletes kept unknown={}) revision={} faults={} \
-         (kill+restart={}, leader-stop={}, partition={} of which leader={}) watch-events={} watch-sessions={} \
+         (kill+restart={}, leader-stop={}, partition={} of which leader={}, crash-at-failpoint={} \
+         of which fired={}) watch-events={} watch-sessions={} \
          watch-progress-notifications={} linearizability={} ({:?}, planted faults caught {}) violations={} \
          lost-writes={} checks={:?}",
         s.operations,
@@ -749,11 +766,13 @@ pub fn summary_line(engine: &str, s: &Summary) -> String {
         s.unknown_not_applied,
         s.unknown_deletes,
         s.revision,
-        s.kills + s.stops + s.partitions,
+        s.kills + s.stops + s.partitions + s.failpoint_crashes,
         s.kills,
         s.stops,
         s.partitions,
         s.partitioned_leaders,
+        s.failpoint_crashes,
+        s.failpoint_fired,
         s.watch_events,
         s.watch_sessions,
         s.watch_progress,
@@ -797,7 +816,7 @@ async fn kv_and_watch_under_process_faults() {
             s.violations.len(),
             s.lost_writes.len()
         );
-        assert!(s.operations > 0 && s.kills + s.stops + s.partitions > 0);
+        assert!(s.operations > 0 && s.kills + s.stops + s.partitions + s.failpoint_crashes > 0);
         if let Some(caught) = s.planted_caught {
             assert_eq!(caught, 2, "the checker missed a planted fault");
         }
