@@ -38,6 +38,7 @@
 //! * [`shard`]: shard executors (glommio, one per core) and their queues.
 //! * [`mvcc`]: key history, the engine trait, the memory and RocksDB engines, range merging.
 //! * [`error`]: etcd's exact gRPC statuses (per-request failures).
+//! * [`failpoints`]: named crash points for the robustness tests (`--features failpoints`).
 //! * [`fatal`]: the errors that stop a member, and the channel that carries them up.
 //! * [`net`]: client and peer sockets (TCP or Unix, plain or TLS) and peer dialing.
 //! * [`tls`]: certificates, verification and TLS settings for both ports.
@@ -53,6 +54,7 @@ pub mod backup;
 pub mod config;
 pub mod consensus;
 pub mod error;
+pub mod failpoints;
 pub mod fatal;
 pub mod identity;
 pub mod lease;

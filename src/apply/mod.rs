@@ -363,6 +363,8 @@ impl Dispatcher {
 
     fn apply_entries(&mut self, entries: Vec<CommittedEntry>) {
         let mut outcomes = Vec::new();
+        // Requests of this batch applied so far (for the crash point between two of them).
+        let mut requests = 0usize;
         for entry in entries {
             // Raft replays conf changes after the snapshot on every start; the table follows
             // them even where the shards already hold the entry.
@@ -393,6 +395,10 @@ impl Dispatcher {
                 }
             }
             for decoded in proposals(&entry.data) {
+                if requests > 0 {
+                    crate::failpoints::crash_point(crate::failpoints::APPLY_MID_BATCH);
+                }
+                requests += 1;
                 let (origin, id, outcome) = match decoded {
                     Decoded::Proposal(p) => {
                         let outcome = self.apply_proposal(p.request, p.auth.as_ref(), entry.index);
@@ -417,6 +423,7 @@ impl Dispatcher {
             self.applied_term = entry.term;
         }
         self.barrier();
+        crate::failpoints::crash_point(crate::failpoints::APPLY_AFTER_BARRIER);
         self.publish();
         // Every shard now has the compaction on disk: history below it can go.
         if let Some(rev) = self.purge_pending.take() {

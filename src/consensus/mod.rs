@@ -1388,10 +1388,12 @@ impl RaftNode {
             tracing::error!(error = %e, "leader's snapshot older than the log; ignored");
             return Ok(());
         }
+        crate::failpoints::crash_point(crate::failpoints::SNAPSHOT_BEFORE_INSTALL);
         if let Err(e) = self.snapshotter.save(&image) {
             tracing::error!(error = %e, "fatal: cannot save the leader's snapshot");
             return Err(NodeError::SnapshotSave(e));
         }
+        crate::failpoints::crash_point(crate::failpoints::SNAPSHOT_AFTER_INSTALL);
         tracing::info!(index, term, "log reset to the leader's snapshot");
         self.membership = Arc::new(Membership::from_records(&image.members, &image.removed));
         self.membership_tx.send_replace(self.membership.clone());

@@ -234,6 +234,7 @@ impl Wal {
             return Ok(());
         }
         let path = &self.segments.last().expect("at least one segment").path;
+        crate::failpoints::crash_point(crate::failpoints::WAL_BEFORE_FSYNC);
         self.file.write_all(&self.buf).map_err(io(path))?;
         if self.fsync {
             let started = std::time::Instant::now();
@@ -241,6 +242,7 @@ impl Wal {
             crate::metrics::WAL_FSYNC_SECONDS.observe(started.elapsed().as_secs_f64());
             synced.map_err(io(path))?;
         }
+        crate::failpoints::crash_point(crate::failpoints::WAL_AFTER_FSYNC);
         self.size += self.buf.len() as u64;
         self.buf.clear();
         if self.size >= SEGMENT_BYTES {

@@ -691,13 +691,16 @@ impl Cluster {
 
     /// Spawns member `i`'s process without waiting for its ready line.
     fn spawn(&self, i: usize) -> Result<Starting, String> {
+        self.spawn_with_env(i, &[])
+    }
+
+    /// Spawns member `i`'s process with extra environment variables, without waiting.
+    fn spawn_with_env(&self, i: usize, env: &[(&str, &str)]) -> Result<Starting, String> {
         let s = &self.specs[i];
         let faults = s.faults.display().to_string();
-        Server::spawn(
-            &s.dir,
-            self.args(i),
-            &[("METASTORE_TEST_FAULTS", faults.as_str())],
-        )
+        let mut all = vec![("METASTORE_TEST_FAULTS", faults.as_str())];
+        all.extend_from_slice(env);
+        Server::spawn(&s.dir, self.args(i), &all)
     }
 
     /// Number of members (running or not).
@@ -822,6 +825,37 @@ impl Cluster {
         let server = blocking(|| self.spawn(i)?.wait_ready())?;
         self.servers[i] = Some(server);
         Ok(())
+    }
+
+    /// Restarts member `i` with extra environment variables for this run only (such as
+    /// `FAILPOINTS`; a later [`Cluster::restart`] starts it without them) and waits until it
+    /// is ready. On failure (it exited or never became ready) returns everything it printed;
+    /// the member is then not running.
+    pub fn try_restart_with_env(&mut self, i: usize, env: &[(&str, &str)]) -> Result<(), String> {
+        assert!(self.servers[i].is_none(), "member {i} is running");
+        let server = blocking(|| self.spawn_with_env(i, env)?.wait_ready())?;
+        self.servers[i] = Some(server);
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for member `i` to exit by itself (a crash, a fatal error). If it
+    /// did, it is marked as not running and its exit status and everything it logged are
+    /// returned; `None` if it is still running (or was not running).
+    pub fn wait_member_exit(
+        &mut self,
+        i: usize,
+        timeout: Duration,
+    ) -> Option<(std::process::ExitStatus, String)> {
+        let status = blocking(|| self.servers[i].as_mut()?.wait_status(timeout))?;
+        let server = self.servers[i].take().expect("the member ran");
+        // The stderr reader may still be reading the last lines the process wrote; it lets go
+        // of the log at end of file.
+        wait_until(Duration::from_secs(2), || {
+            Arc::strong_count(&server.log) == 1
+        });
+        let log = server.log();
+        drop(server);
+        Some((status, log))
     }
 
     /// Replaces member `i`'s extra flags, for its next (re)start.

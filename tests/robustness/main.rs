@@ -3,6 +3,8 @@
 //! recorded history (Lowe's algorithm as porcupine implements it), watch validators and a
 //! lost-write check. See `tests/robustness/README.md`.
 
+#[cfg(feature = "failpoints")]
+mod failpoint;
 #[path = "../common/harness.rs"]
 mod harness;
 mod linearizability;

@@ -12,7 +12,9 @@
 //! * Faults: every few seconds, with equal odds, SIGKILL of a random member and its restart,
 //!   SIGSTOP of the leader for three election timeouts then SIGCONT, or a network partition
 //!   that cuts the leader or a random member off from the other two for as long, then heals,
-//!   or slow, lossy or one-way-cut links of one member ([`crate::links`]).
+//!   slow, lossy or one-way-cut links of one member ([`crate::links`]), or
+//!   (`--features failpoints`) a crash at one of the server's WAL or apply crash points
+//!   ([`crate::failpoint`]).
 //! * Checks at the end: the KV history is read back revision by revision; unknown-outcome
 //!   writes are resolved against it (as etcd's `patchedOperationHistory` does: a write whose
 //!   unique value is in the history happened at that revision, one whose value is not never
@@ -352,6 +354,11 @@ pub struct Summary {
     pub partitioned_leaders: usize,
     /// Slow, lossy and one-way-cut peer links ([`crate::links`]).
     pub links: crate::links::LinkFaultCounts,
+    /// Crash-at-a-failpoint faults ([`crate::failpoint::crash_at`]).
+    pub failpoint_crashes: usize,
+    /// Of which the member aborted at the point (the others were killed after
+    /// [`crate::failpoint::FIRE_WITHIN`]).
+    pub failpoint_fired: usize,
     /// The last revision.
     pub revision: i64,
     /// Watch events delivered, over all watchers.
@@ -371,6 +378,13 @@ pub struct Summary {
     /// Faults planted into the recorded history that the checker caught (of 2; see
     /// [`plant_faults`]), when the history itself passed.
     pub planted_caught: Option<usize>,
+}
+
+impl Summary {
+    /// Faults injected, of every kind.
+    pub fn faults(&self) -> usize {
+        self.kills + self.stops + self.partitions + self.links.total() + self.failpoint_crashes
+    }
 }
 
 /// Plants faults into a linearizable recorded history and counts how many the checker
@@ -623,7 +637,7 @@ pub async fn run(engine: &str, run_for: Duration) -> Summary {
         let leader = cluster.wait_for_leader(Duration::from_secs(60)).await;
         // Faults run one at a time: a partition is healed before the next fault (so a member
         // is never killed or restarted while cut off).
-        match rng.below(if PARTITIONS { 4 } else { 2 }) {
+        match rng.below(if PARTITIONS { 5 } else { 2 }) {
             0 => {
                 let victim = rng.below(cluster.len() as u64) as usize;
                 cluster.kill(victim);
@@ -639,6 +653,15 @@ pub async fn run(engine: &str, run_for: Duration) -> Summary {
                 summary.stops += 1;
             }
             3 => crate::links::inject(&cluster, leader, &mut rng, &mut summary.links).await,
+            #[cfg(feature = "failpoints")]
+            4 => {
+                let victim = rng.below(cluster.len() as u64) as usize;
+                let points = crate::failpoint::PROFILE_POINTS;
+                let point = points[rng.below(points.len() as u64) as usize];
+                let crash = crate::failpoint::crash_at(&mut cluster, victim, point, "10%return");
+                summary.failpoint_fired += (crash.await == crate::failpoint::Crash::Fired) as usize;
+                summary.failpoint_crashes += 1;
+            }
             _ => {
                 // The leader half of the time, else any member (a follower, or the leader
                 // again).
@@ -743,7 +766,8 @@ pub fn summary_line(engine: &str, s: &Summary) -> String {
     format!(
         "robustness engine={engine}: operations={} (unknown={}: reads dropped={}, writes \
          applied={}, writes not applied={}, deletes kept unknown={}) revision={} faults={} \
-         (kill+restart={}, leader-stop={}, partition={} of which leader={}, {}) watch-events={} watch-sessions={} \
+         (kill+restart={}, leader-stop={}, partition={} of which leader={}, {}, crash-at-failpoint={} \
+         of which fired={}) watch-events={} watch-sessions={} \
          watch-progress-notifications={} linearizability={} ({:?}, planted faults caught {}) violations={} \
          lost-writes={} checks={:?}",
         s.operations,
@@ -753,12 +777,14 @@ pub fn summary_line(engine: &str, s: &Summary) -> String {
         s.unknown_not_applied,
         s.unknown_deletes,
         s.revision,
-        s.kills + s.stops + s.partitions + s.links.total(),
+        s.faults(),
         s.kills,
         s.stops,
         s.partitions,
         s.partitioned_leaders,
         s.links,
+        s.failpoint_crashes,
+        s.failpoint_fired,
         s.watch_events,
         s.watch_sessions,
         s.watch_progress,
@@ -802,7 +828,7 @@ async fn kv_and_watch_under_process_faults() {
             s.violations.len(),
             s.lost_writes.len()
         );
-        assert!(s.operations > 0 && s.kills + s.stops + s.partitions + s.links.total() > 0);
+        assert!(s.operations > 0 && s.faults() > 0);
         if let Some(caught) = s.planted_caught {
             assert_eq!(caught, 2, "the checker missed a planted fault");
         }
