@@ -5,6 +5,7 @@
 
 #[path = "../common/harness.rs"]
 mod harness;
+mod kubernetes;
 mod linearizability;
 mod model;
 mod traffic;
