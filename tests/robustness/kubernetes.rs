@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, GetOptions};
+use etcd_client::{Client, EventType, GetOptions, WatchOptions};
 use tokio::time::{sleep, timeout};
 
 use crate::harness::{wait_until_async, Cluster};
@@ -43,7 +43,7 @@ use crate::traffic::{
     check_all, definitive, duration, engines, execute, final_revision, inject_faults,
     prefix_end, summary_line, watch_loop, Lcg, Summary, CLUSTERS,
 };
-use crate::watch::{Kv, KvHistory};
+use crate::watch::{validate_all, validate_compacted, Event, Kv, KvHistory, Session, WatchResp};
 
 /// The key prefix of the profile (a resource's prefix in kube-apiserver's layout).
 pub const K8S_PREFIX: &str = "/registry/pods/";
@@ -61,6 +61,8 @@ pub const COMPACT_PERIOD: Duration = Duration::from_secs(3);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pause between a client's requests.
 const THINK: Duration = Duration::from_millis(40);
+/// How long a stale watch ([`stale_watch`]) runs.
+const STALE_WATCH: Duration = Duration::from_secs(1);
 /// etcd's `ErrCompacted` message (`mvcc.ErrCompacted` as `rpctypes.ErrGRPCCompacted`).
 pub const COMPACTED: &str = "etcdserver: mvcc: required revision has been compacted";
 
@@ -133,6 +135,9 @@ struct ClientLog {
     ops: Vec<Operation>,
     pinned: Vec<PinnedPage>,
     lists: usize,
+    /// Stale lists (every page pinned to an old revision) and stale watches.
+    stale_lists: usize,
+    stale_watches: Vec<Session>,
 }
 
 /// Lists the prefix page by page; returns the objects seen (key → mod_revision) if the list
@@ -169,7 +174,7 @@ async fn list(
     });
     let Response::Range {
         kvs,
-        mut more,
+        more,
         revision,
         ..
     } = resp
@@ -177,9 +182,25 @@ async fn list(
         return None;
     };
     let mut seen: HashMap<String, i64> = kvs.iter().map(|(k, _, r)| (k.clone(), *r)).collect();
-    let mut last_key = kvs.last().map(|kv| kv.0.clone());
-    while more {
-        let from = format!("{}\0", last_key.as_deref().expect("a page with more has keys"));
+    if more {
+        let from = format!("{}\0", kvs.last().expect("a page with more has keys").0);
+        seen.extend(pinned_pages(id, c, start, log, revision, from).await?);
+    }
+    Some(seen)
+}
+
+/// Reads the prefix from `from` at `revision`, page by page, each page recorded as a
+/// [`PinnedPage`]; returns the objects seen (key → mod_revision) if every page was served.
+async fn pinned_pages(
+    id: usize,
+    c: &mut Client,
+    start: Instant,
+    log: &mut ClientLog,
+    revision: i64,
+    mut from: String,
+) -> Option<HashMap<String, i64>> {
+    let mut seen = HashMap::new();
+    loop {
         let opts = GetOptions::new()
             .with_range(prefix_end(K8S_PREFIX))
             .with_limit(PAGE)
@@ -211,12 +232,64 @@ async fn list(
             limit: PAGE,
             result: result.clone(),
         });
-        let (kvs, _, page_more) = result.ok()?;
+        let (kvs, _, more) = result.ok()?;
         seen.extend(kvs.iter().map(|(k, _, r)| (k.clone(), *r)));
-        last_key = kvs.last().map(|kv| kv.0.clone());
-        more = page_more && last_key.is_some();
+        match kvs.last() {
+            Some(last) if more => from = format!("{}\0", last.0),
+            _ => return Some(seen),
+        }
     }
-    Some(seen)
+}
+
+/// A watch of the prefix from an old `revision` (a reflector re-watching from the
+/// resourceVersion of an earlier list), with prev_kv, for at most [`STALE_WATCH`]: either the
+/// events from there on, or a cancel as compacted (`compact_revision` set) if the revision
+/// was compacted meanwhile. `None` if no stream opened.
+async fn stale_watch(c: &mut Client, revision: i64) -> Option<Session> {
+    let opts = WatchOptions::new()
+        .with_prefix()
+        .with_prev_key()
+        .with_start_revision(revision);
+    let mut stream = timeout(REQUEST_TIMEOUT, c.watch(K8S_PREFIX, Some(opts)))
+        .await
+        .ok()?
+        .ok()?;
+    let mut session = Session {
+        start: revision,
+        responses: Vec::new(),
+        compacted: None,
+    };
+    let until = tokio::time::Instant::now() + STALE_WATCH;
+    while let Ok(Ok(Some(resp))) = tokio::time::timeout_at(until, stream.message()).await {
+        if resp.created() {
+            continue;
+        }
+        if resp.canceled() {
+            session.compacted = (resp.compact_revision() > 0).then_some(resp.compact_revision());
+            break;
+        }
+        let events = resp
+            .events()
+            .iter()
+            .map(|e| {
+                let kv = e.kv().expect("an event carries its kv");
+                let put = e.event_type() == EventType::Put;
+                Event {
+                    put,
+                    key: lossy(kv.key()),
+                    value: if put { lossy(kv.value()) } else { String::new() },
+                    revision: kv.mod_revision(),
+                    prev: e.prev_kv().map(|p| (lossy(p.value()), p.mod_revision())),
+                }
+            })
+            .collect();
+        session.responses.push(WatchResp {
+            revision: resp.header().map_or(0, |h| h.revision()),
+            events,
+            progress: false,
+        });
+    }
+    Some(session)
 }
 
 /// One client: optimistic creates/updates/deletes and paged lists until `stop`.
@@ -233,6 +306,7 @@ async fn client_loop(
     let mut known: HashMap<String, i64> = HashMap::new();
     let mut relist = true;
     let mut seq = 0u64;
+    let mut observed: std::collections::VecDeque<(Instant, i64)> = Default::default();
     while !stop.load(Ordering::Relaxed) {
         let c = match client.as_mut() {
             Some(c) => c,
@@ -245,12 +319,50 @@ async fn client_loop(
                 }
             },
         };
-        if relist || rng.below(100) < 15 {
+        let roll = rng.below(100);
+        if relist || roll < 15 {
             match list(id, c, start, &mut log).await {
                 Some(seen) => {
                     known = seen;
                     relist = false;
                 }
+                None => client = None,
+            }
+            // The revision this client has seen, for stale lists and watches later.
+            if let Some(Operation {
+                resp: Response::Range { revision, .. },
+                ..
+            }) = log.ops.last()
+            {
+                observed.push_back((Instant::now(), *revision));
+            }
+            sleep(THINK).await;
+            continue;
+        }
+        // The oldest revision seen within the last 10 s: a few compactions old.
+        while observed
+            .front()
+            .is_some_and(|(at, _)| at.elapsed() > Duration::from_secs(10))
+        {
+            observed.pop_front();
+        }
+        let old = observed.front().map(|(_, r)| *r);
+        if let (Some(rev), 15..18) = (old, roll) {
+            // A stale list (etcd's `KubernetesListStale`).
+            log.stale_lists += 1;
+            if pinned_pages(id, c, start, &mut log, rev, K8S_PREFIX.into())
+                .await
+                .is_none()
+                && log.pinned.last().is_none_or(|p| p.result.is_ok())
+            {
+                client = None;
+            }
+            sleep(THINK).await;
+            continue;
+        }
+        if let (Some(rev), 18..21) = (old, roll) {
+            match stale_watch(c, rev + 1).await {
+                Some(session) => log.stale_watches.push(session),
                 None => client = None,
             }
             sleep(THINK).await;
@@ -532,8 +644,12 @@ pub struct K8sSummary {
     /// Compactions requested, and the last revision compacted to.
     pub compactions: usize,
     pub compacted_to: i64,
-    /// Watch sessions cancelled as compacted (and resumed).
+    /// Watch sessions cancelled as compacted (watchers' and stale watches').
     pub compacted_resumes: usize,
+    /// Stale lists (all pages pinned to a revision seen up to 10 s before) and stale watches
+    /// (from such a revision, for [`STALE_WATCH`]).
+    pub stale_lists: usize,
+    pub stale_watches: usize,
     /// Faults planted into the pinned pages that [`check_pinned`] caught (of 2), if any page
     /// with keys was served.
     pub pinned_planted_caught: Option<usize>,
@@ -617,11 +733,15 @@ pub async fn run(engine: &str, run_for: Duration) -> K8sSummary {
     let mut ops = Vec::new();
     let mut pinned = Vec::new();
     let mut lists = 0;
+    let mut stale_lists = 0;
+    let mut stale_watches = Vec::new();
     for c in clients {
         let log = c.await.expect("client task");
         ops.extend(log.ops);
         pinned.extend(log.pinned);
         lists += log.lists;
+        stale_lists += log.stale_lists;
+        stale_watches.extend(log.stale_watches);
     }
     ops.sort_by_key(|op| op.call);
     let compactions = compactions.await.expect("compactor task");
@@ -659,14 +779,28 @@ pub async fn run(engine: &str, run_for: Duration) -> K8sSummary {
         compacted_resumes: watched
             .iter()
             .flatten()
+            .chain(&stale_watches)
             .filter(|s| s.compacted.is_some())
             .count(),
+        stale_lists,
+        stale_watches: stale_watches.len(),
         pinned_planted_caught: plant_pinned(&pinned, &by_rev, &compactions),
     };
     let revisions: Vec<i64> = compactions.iter().map(|c| c.revision).collect();
     check_all(&mut s.base, ops, &history, &watched, last, &revisions);
     for v in check_pinned(&pinned, &by_rev, &compactions) {
         s.base.violations.push(format!("pinned page: {v}"));
+    }
+    // Each stale watch is a watcher of its own that need not have caught up.
+    for (i, w) in stale_watches.iter().enumerate() {
+        let one = std::slice::from_ref(w);
+        let mut found = validate_all(&history, one, None);
+        found.extend(validate_compacted(one, &revisions));
+        for v in found {
+            s.base
+                .violations
+                .push(format!("stale watch {i}: {}: {}", v.validator, v.detail));
+        }
     }
     s.base.check_time = checks.elapsed();
     drop(cluster);
@@ -677,13 +811,16 @@ pub async fn run(engine: &str, run_for: Duration) -> K8sSummary {
 pub fn k8s_summary_line(engine: &str, s: &K8sSummary) -> String {
     format!(
         "kubernetes-like {} lists={} pinned-pages={} (compacted={}, planted faults caught {}) \
-         compactions={} (to revision {}) watch-compacted-resumes={}",
+         stale-lists={} stale-watches={} compactions={} (to revision {}) \
+         watch-compacted-cancels={}",
         summary_line(engine, &s.base),
         s.lists,
         s.pinned_served,
         s.pinned_compacted,
         s.pinned_planted_caught
             .map_or("n/a".to_string(), |n| format!("{n}/2")),
+        s.stale_lists,
+        s.stale_watches,
         s.compactions,
         s.compacted_to,
         s.compacted_resumes
