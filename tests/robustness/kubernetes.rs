@@ -40,8 +40,8 @@ use crate::harness::{wait_until_async, Cluster};
 use crate::linearizability::{Operation, INFINITY};
 use crate::model::{Request, Response};
 use crate::traffic::{
-    check_all, definitive, duration, engines, execute, final_revision, inject_faults,
-    prefix_end, summary_line, watch_loop, Lcg, Summary, CLUSTERS,
+    check_all, definitive, duration, engines, execute, final_revision, inject_faults, prefix_end,
+    summary_line, watch_loop, Lcg, Summary, CLUSTERS,
 };
 use crate::watch::{validate_all, validate_compacted, Event, Kv, KvHistory, Session, WatchResp};
 
@@ -277,7 +277,11 @@ async fn stale_watch(c: &mut Client, revision: i64) -> Option<Session> {
                 Event {
                     put,
                     key: lossy(kv.key()),
-                    value: if put { lossy(kv.value()) } else { String::new() },
+                    value: if put {
+                        lossy(kv.value())
+                    } else {
+                        String::new()
+                    },
                     revision: kv.mod_revision(),
                     prev: e.prev_kv().map(|p| (lossy(p.value()), p.mod_revision())),
                 }
@@ -880,7 +884,10 @@ mod tests {
     }
 
     fn page(revision: i64, from: &str, kvs: &[(&str, &str, i64)], count: i64) -> PinnedPage {
-        let kvs: Vec<_> = kvs.iter().map(|(k, v, r)| (key(k), v.to_string(), *r)).collect();
+        let kvs: Vec<_> = kvs
+            .iter()
+            .map(|(k, v, r)| (key(k), v.to_string(), *r))
+            .collect();
         let more = (kvs.len() as i64) < count;
         PinnedPage {
             client: 0,
@@ -929,8 +936,14 @@ mod tests {
             revision,
         };
         assert_eq!(check_pinned(&[p.clone()], &snaps, &[]).len(), 1);
-        assert_eq!(check_pinned(&[p.clone()], &snaps, &[at(50, 60, 4)]).len(), 1);
-        assert_eq!(check_pinned(&[p.clone()], &snaps, &[at(300, 310, 5)]).len(), 1);
+        assert_eq!(
+            check_pinned(&[p.clone()], &snaps, &[at(50, 60, 4)]).len(),
+            1
+        );
+        assert_eq!(
+            check_pinned(&[p.clone()], &snaps, &[at(300, 310, 5)]).len(),
+            1
+        );
         // A compaction past it, requested before the answer (even one still unanswered).
         assert!(check_pinned(&[p.clone()], &snaps, &[at(150, INFINITY, 5)]).is_empty());
         // A page served although a compaction past its revision was acknowledged before it
