@@ -66,6 +66,9 @@ const STALE_WATCH: Duration = Duration::from_secs(1);
 /// etcd's `ErrCompacted` message (`mvcc.ErrCompacted` as `rpctypes.ErrGRPCCompacted`).
 pub const COMPACTED: &str = "etcdserver: mvcc: required revision has been compacted";
 
+/// A served page: its (key, value, mod_revision)s, the count of the range, and `more`.
+pub type Page = (Vec<(String, String, i64)>, i64, bool);
+
 /// A list page pinned to the revision of its list's first page.
 #[derive(Clone, Debug)]
 pub struct PinnedPage {
@@ -81,7 +84,7 @@ pub struct PinnedPage {
     /// Its limit.
     pub limit: i64,
     /// The page's (key, value, mod_revision)s, count and `more`, or `Err(COMPACTED)`.
-    pub result: Result<(Vec<(String, String, i64)>, i64, bool), String>,
+    pub result: Result<Page, String>,
 }
 
 /// A compaction the compactor requested.
@@ -949,7 +952,7 @@ mod tests {
         // A page served although a compaction past its revision was acknowledged before it
         // was sent.
         let served = page(4, "b", &[("b", "1", 3), ("c", "1", 4)], 2);
-        assert!(check_pinned(&[served.clone()], &snaps, &[at(150, 160, 5)]).is_empty());
+        assert!(check_pinned(std::slice::from_ref(&served), &snaps, &[at(150, 160, 5)]).is_empty());
         assert_eq!(check_pinned(&[served], &snaps, &[at(50, 60, 5)]).len(), 1);
     }
 }
