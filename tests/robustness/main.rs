@@ -7,6 +7,7 @@
 mod failpoint;
 #[path = "../common/harness.rs"]
 mod harness;
+mod kubernetes;
 mod linearizability;
 mod links;
 mod model;

@@ -27,14 +27,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Txn, TxnOp, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, LeaseGrantOptions,
+    PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use tokio::time::{sleep, timeout};
 
 use crate::harness::{signal, wait_until_async, Cluster, ELECTION_MS};
 use crate::linearizability::{check, Operation, Verdict, INFINITY};
-use crate::model::{Cond, Request, Response, State};
-use crate::watch::{validate_all, Event, Kv, KvHistory, Session, WatchResp};
+use crate::model::{Cond, Request, Response, State, LEASE_EXISTS, LEASE_NOT_FOUND};
+use crate::watch::{validate_all, validate_compacted, Event, Kv, KvHistory, Session, WatchResp};
 
 /// Concurrent KV clients.
 pub const CLIENTS: usize = 4;
@@ -92,8 +93,34 @@ fn serializable_reads() -> bool {
     std::env::var("ROBUSTNESS_SERIALIZABLE_READS").is_ok_and(|v| v == "1")
 }
 
+/// The TTL of the traffic's leases, in seconds: long enough never to expire during a run (as
+/// etcd's robustness traffic grants them), so that only revokes delete their keys.
+pub const LEASE_TTL: i64 = 24 * 3600;
+
+/// The end of the range of keys that start with `prefix` (etcd's `GetPrefixRangeEnd`; the
+/// traffic's prefixes end in an ASCII byte below 0xff).
+pub fn prefix_end(prefix: &str) -> String {
+    let mut end = prefix.as_bytes().to_vec();
+    *end.last_mut().expect("a non-empty prefix") += 1;
+    String::from_utf8(end).expect("an ASCII prefix")
+}
+
+/// The error of a request that definitively did nothing, as the model's response: etcd's
+/// lease errors (the lease check runs at apply, so the answer is linearizable). Any other
+/// error leaves the outcome unknown.
+pub fn definitive(e: &etcd_client::Error) -> Option<Response> {
+    match e {
+        etcd_client::Error::GRpcStatus(st)
+            if st.message() == LEASE_NOT_FOUND || st.message() == LEASE_EXISTS =>
+        {
+            Some(Response::Error(st.message().to_string()))
+        }
+        _ => None,
+    }
+}
+
 /// Sends `req` and converts the reply to the model's response.
-async fn execute(c: &mut Client, req: &Request) -> Result<Response, etcd_client::Error> {
+pub async fn execute(c: &mut Client, req: &Request) -> Result<Response, etcd_client::Error> {
     let rev = |h: Option<&etcd_client::ResponseHeader>| h.map_or(0, |h| h.revision());
     Ok(match req {
         Request::Get { key } => {
@@ -146,6 +173,75 @@ async fn execute(c: &mut Client, req: &Request) -> Result<Response, etcd_client:
                 revision: rev(r.header()),
             }
         }
+        Request::PutLease { key, value, lease } => {
+            let opts = PutOptions::new().with_lease(*lease);
+            let r = c.put(key.as_str(), value.as_str(), Some(opts)).await?;
+            Response::Put {
+                revision: rev(r.header()),
+            }
+        }
+        Request::Range {
+            prefix,
+            from,
+            limit,
+        } => {
+            let opts = GetOptions::new()
+                .with_range(prefix_end(prefix))
+                .with_limit(*limit);
+            let r = c.get(from.as_str(), Some(opts)).await?;
+            Response::Range {
+                kvs: r
+                    .kvs()
+                    .iter()
+                    .map(|kv| (lossy(kv.key()), lossy(kv.value()), kv.mod_revision()))
+                    .collect(),
+                count: r.count(),
+                more: r.more(),
+                revision: rev(r.header()),
+            }
+        }
+        Request::LeaseGrant { id } => {
+            let opts = LeaseGrantOptions::new().with_id(*id);
+            let r = c.lease_grant(LEASE_TTL, Some(opts)).await?;
+            Response::Lease {
+                revision: rev(r.header()),
+            }
+        }
+        Request::LeaseRevoke { id } => {
+            let r = c.lease_revoke(*id).await?;
+            Response::Lease {
+                revision: rev(r.header()),
+            }
+        }
+        Request::Update {
+            key,
+            expect,
+            value,
+            get_on_failure,
+        } => {
+            let cmp = Compare::mod_revision(key.as_str(), CompareOp::Equal, *expect);
+            let then = match value {
+                Some(v) => TxnOp::put(key.as_str(), v.as_str(), None),
+                None => TxnOp::delete(key.as_str(), None),
+            };
+            let mut txn = Txn::new().when(vec![cmp]).and_then(vec![then]);
+            if *get_on_failure {
+                txn = txn.or_else(vec![TxnOp::get(key.as_str(), None)]);
+            }
+            let r = c.txn(txn).await?;
+            let current = match r.op_responses().first() {
+                Some(TxnOpResponse::Get(g)) if !r.succeeded() => g
+                    .kvs()
+                    .first()
+                    .map(|kv| (lossy(kv.value()), kv.mod_revision())),
+                _ => None,
+            };
+            Response::Update {
+                succeeded: r.succeeded(),
+                revision: rev(r.header()),
+                current,
+            }
+        }
     })
 }
 
@@ -162,6 +258,12 @@ async fn client_loop(
     // The last (value, mod_revision) this client saw per key, for its compare-and-sets.
     let mut seen: HashMap<String, Kv> = HashMap::new();
     let mut seq = 0u64;
+    // Leases: this client's granted ones, its revoked ones (for puts that must fail), and a
+    // grant or revoke whose outcome is still unknown, retried until definitive so that the
+    // model's branches for it merge again.
+    let mut leases: Vec<i64> = Vec::new();
+    let mut revoked: Vec<i64> = Vec::new();
+    let mut pending: Option<Request> = None;
     while !stop.load(Ordering::Relaxed) {
         let c = match client.as_mut() {
             Some(c) => c,
@@ -187,8 +289,15 @@ async fn client_loop(
         let value = format!("c{id}-{seq}");
         let last = seen.get(&key).cloned();
         let req = match rng.below(100) {
-            0..30 => Request::Get { key },
-            30..60 => Request::Put { key, value },
+            _ if pending.is_some() => pending.take().expect("pending"),
+            0..28 => Request::Get { key },
+            28..30 => Request::Range {
+                prefix: PREFIX.into(),
+                from: PREFIX.into(),
+                limit: rng.below(KEYS as u64) as i64,
+            },
+            30..56 => Request::Put { key, value },
+            56..60 => lease_request(&mut rng, id, seq, key, value, &leases, &revoked),
             60..70 => Request::Delete { key },
             70..80 => {
                 let other = format!("{PREFIX}k{}", (key_index + 1) % KEYS as u64);
@@ -211,6 +320,7 @@ async fn client_loop(
         let ret = nanos(start);
         let (ret, resp) = match result {
             Ok(Ok(resp)) => (ret, resp),
+            Ok(Err(e)) if definitive(&e).is_some() => (ret, definitive(&e).expect("definitive")),
             _ => (INFINITY, Response::Unknown),
         };
         if let Response::Get { kv, .. } = &resp {
@@ -220,6 +330,19 @@ async fn client_loop(
             };
         }
         let failed = resp == Response::Unknown;
+        match (&req, &resp) {
+            (Request::LeaseGrant { .. } | Request::LeaseRevoke { .. }, Response::Unknown) => {
+                pending = Some(req.clone());
+            }
+            // Granted (a retry that finds it granted: the first attempt took effect).
+            (Request::LeaseGrant { id }, _) => leases.push(*id),
+            // Revoked (a retry that finds it gone: the first attempt took effect).
+            (Request::LeaseRevoke { id }, _) => {
+                leases.retain(|l| l != id);
+                revoked.push(*id);
+            }
+            _ => {}
+        }
         ops.push(Operation {
             client: id,
             call,
@@ -236,11 +359,49 @@ async fn client_loop(
     ops
 }
 
-/// One watcher: watches [`PREFIX`] from revision 1 until `stop`, resuming on another member
+/// A lease operation of the etcd-like traffic (a low share of it): a grant of a fresh ID when
+/// the client holds fewer than two leases, else mostly a put attached to one of them, a
+/// revoke of the oldest, and now and then a put attached to a revoked lease (which must fail
+/// with "lease not found").
+fn lease_request(
+    rng: &mut Lcg,
+    client: usize,
+    seq: u64,
+    key: String,
+    value: String,
+    leases: &[i64],
+    revoked: &[i64],
+) -> Request {
+    match rng.below(8) {
+        _ if leases.is_empty() => Request::LeaseGrant {
+            id: ((client as i64 + 1) << 32) + seq as i64,
+        },
+        0 if leases.len() < 2 => Request::LeaseGrant {
+            id: ((client as i64 + 1) << 32) + seq as i64,
+        },
+        1 => Request::LeaseRevoke { id: leases[0] },
+        2 if !revoked.is_empty() => Request::PutLease {
+            key,
+            value,
+            lease: revoked[rng.below(revoked.len() as u64) as usize],
+        },
+        _ => Request::PutLease {
+            key,
+            value,
+            lease: leases[rng.below(leases.len() as u64) as usize],
+        },
+    }
+}
+
+/// One watcher: watches `prefix` from revision 1 until `stop`, resuming on another member
 /// when a stream breaks or stalls; `reached` is the highest revision it is known to have
-/// caught up to (last event or progress notification).
-async fn watch_loop(
+/// caught up to (last event or progress notification). A watch cancelled because its start
+/// revision was compacted (`compact_revision` set, as etcd's `watchableStore` cancels it) ends
+/// its session with [`Session::compacted`] and resumes from the compaction revision, the
+/// oldest one still readable (etcd's robustness watch client restarts from there too).
+pub async fn watch_loop(
     id: usize,
+    prefix: &'static str,
     endpoints: Vec<String>,
     stop: Arc<AtomicBool>,
     reached: Arc<AtomicI64>,
@@ -258,7 +419,7 @@ async fn watch_loop(
                 .with_prev_key()
                 .with_progress_notify()
                 .with_start_revision(next);
-            c.watch(PREFIX, Some(opts)).await
+            c.watch(prefix, Some(opts)).await
         };
         let mut stream = match timeout(REQUEST_TIMEOUT, opened).await {
             Ok(Ok(s)) => s,
@@ -271,6 +432,7 @@ async fn watch_loop(
         let mut session = Session {
             start: next,
             responses: Vec::new(),
+            compacted: None,
         };
         let mut last_message = Instant::now();
         let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -283,7 +445,12 @@ async fn watch_loop(
                         continue;
                     }
                     if resp.canceled() {
-                        eprintln!("watcher {id}: canceled: {:?}", resp.cancel_reason());
+                        if resp.compact_revision() > 0 {
+                            session.compacted = Some(resp.compact_revision());
+                            next = next.max(resp.compact_revision());
+                        } else {
+                            eprintln!("watcher {id}: canceled: {:?}", resp.cancel_reason());
+                        }
                         break;
                     }
                     let events: Vec<Event> = resp
@@ -340,7 +507,7 @@ pub struct Summary {
     pub unknown_applied: usize,
     /// Unknown-outcome puts, CASes and txns not in the KV history (dropped).
     pub unknown_not_applied: usize,
-    /// Unknown-outcome deletes (kept with both outcomes).
+    /// Unknown-outcome deletes and lease grants/revokes (kept with both outcomes).
     pub unknown_deletes: usize,
     /// Progress notifications received, over all watchers.
     pub watch_progress: usize,
@@ -400,20 +567,41 @@ pub fn plant_faults(ops: &[Operation]) -> usize {
             Verdict::Illegal(_)
         )
     };
-    let read = ops
-        .iter()
-        .position(|o| o.ret != INFINITY && matches!(&o.resp, Response::Get { kv: Some(_), .. }));
+    let read = ops.iter().position(|o| {
+        o.ret != INFINITY
+            && match &o.resp {
+                Response::Get { kv, .. } => kv.is_some(),
+                Response::Range { kvs, .. } => !kvs.is_empty(),
+                _ => false,
+            }
+    });
     if let Some(i) = read {
         let mut h = ops.to_vec();
-        if let Response::Get { kv: Some(kv), .. } = &mut h[i].resp {
-            kv.0 = "never-written".into();
+        match &mut h[i].resp {
+            Response::Get { kv: Some(kv), .. } => kv.0 = "never-written".into(),
+            Response::Range { kvs, .. } => kvs[0].1 = "never-written".into(),
+            _ => unreachable!("a read that saw a value"),
         }
         caught += illegal(&h) as usize;
     }
+    // Writes that created a revision of their own (puts, and successful optimistic puts).
     let puts: Vec<usize> = ops
         .iter()
         .enumerate()
-        .filter(|(_, o)| o.ret != INFINITY && matches!(o.resp, Response::Put { .. }))
+        .filter(|(_, o)| {
+            o.ret != INFINITY
+                && matches!(
+                    (&o.req, &o.resp),
+                    (_, Response::Put { .. })
+                        | (
+                            Request::Update { value: Some(_), .. },
+                            Response::Update {
+                                succeeded: true,
+                                ..
+                            },
+                        )
+                )
+        })
         .map(|(i, _)| i)
         .collect();
     if let (Some(&first), Some(&second)) = (puts.first(), puts.get(1)) {
@@ -494,12 +682,21 @@ pub fn patch_history(
     for mut op in ops {
         if op.resp == Response::Unknown {
             match &op.req {
-                Request::Get { .. } => {
+                Request::Get { .. } | Request::Range { .. } => {
                     summary.unknown_reads += 1;
                     continue;
                 }
-                Request::Delete { .. } => summary.unknown_deletes += 1,
-                Request::Put { .. } | Request::Cas { .. } | Request::PutAll { .. } => {
+                // A delete, or a lease grant or revoke (the client retries those until it
+                // learns the outcome; the model keeps both branches until then).
+                Request::Delete { .. }
+                | Request::Update { value: None, .. }
+                | Request::LeaseGrant { .. }
+                | Request::LeaseRevoke { .. } => summary.unknown_deletes += 1,
+                Request::Put { .. }
+                | Request::Cas { .. }
+                | Request::PutAll { .. }
+                | Request::PutLease { .. }
+                | Request::Update { .. } => {
                     let Some(rev) = op.req.writes().first().and_then(|kv| written.get(kv)) else {
                         summary.unknown_not_applied += 1;
                         continue;
@@ -509,6 +706,11 @@ pub fn patch_history(
                         Request::Cas { .. } => Response::Cas {
                             succeeded: true,
                             revision: *rev,
+                        },
+                        Request::Update { .. } => Response::Update {
+                            succeeded: true,
+                            revision: *rev,
+                            current: None,
                         },
                         _ => Response::Put { revision: *rev },
                     };
@@ -525,9 +727,18 @@ pub fn lost_writes(ops: &[Operation], history: &KvHistory) -> Vec<String> {
     let mut lost = Vec::new();
     for op in ops.iter().filter(|op| op.ret != INFINITY) {
         let (rev, put) = match (&op.req, &op.resp) {
-            (Request::Put { .. } | Request::PutAll { .. }, Response::Put { revision }) => {
-                (*revision, true)
-            }
+            (
+                Request::Put { .. } | Request::PutAll { .. } | Request::PutLease { .. },
+                Response::Put { revision },
+            ) => (*revision, true),
+            (
+                Request::Update { value, expect, .. },
+                Response::Update {
+                    succeeded: true,
+                    revision,
+                    ..
+                },
+            ) if value.is_some() || *expect > 0 => (*revision, value.is_some()),
             (
                 Request::Cas { .. },
                 Response::Cas {
@@ -608,6 +819,7 @@ pub async fn run(engine: &str, run_for: Duration) -> Summary {
         .map(|w| {
             tokio::spawn(watch_loop(
                 w,
+                PREFIX,
                 endpoints.clone(),
                 stop_watchers.clone(),
                 reached[w].clone(),
@@ -625,6 +837,43 @@ pub async fn run(engine: &str, run_for: Duration) -> Summary {
         })
         .collect();
 
+    let mut summary = inject_faults(&mut cluster, start, run_for).await;
+    let deadline = start + run_for;
+    // (Every partition is healed above; once more, so the final checks never run cut off.)
+    cluster.heal();
+    // Traffic runs on until the end of the run (time is the subject).
+    tokio::time::sleep_until(deadline.into()).await;
+    stop_clients.store(true, Ordering::Relaxed);
+    let mut ops = Vec::new();
+    for c in clients {
+        ops.extend(c.await.expect("client task"));
+    }
+    ops.sort_by_key(|op| op.call);
+    let last = final_revision(&cluster).await;
+    // Watchers must catch up to it (ask for progress notifications; conditions, not sleeps).
+    // (One that never does is reported by the validators below.)
+    wait_until_async(Duration::from_secs(60), async || {
+        reached.iter().all(|r| r.load(Ordering::Relaxed) >= last)
+    })
+    .await;
+    stop_watchers.store(true, Ordering::Relaxed);
+    let mut watched = Vec::new();
+    for w in watchers {
+        watched.push(w.await.expect("watch task"));
+    }
+
+    let checks = Instant::now();
+    let snapshots = read_history(&cluster, last).await;
+    let history = KvHistory::from_snapshots(&snapshots);
+    check_all(&mut summary, ops, &history, &watched, last, &[]);
+    summary.check_time = checks.elapsed();
+    drop(cluster);
+    summary
+}
+
+/// The faults of the profiles, one at a time every 2–4 s from `start` until 3 s before
+/// `start + run_for`; returns a summary with the fault counters.
+pub async fn inject_faults(cluster: &mut Cluster, start: Instant, run_for: Duration) -> Summary {
     // Faults, until the end of the run.
     let mut summary = Summary::default();
     let mut rng = Lcg::new(start.elapsed().as_nanos() as u64 ^ 0xfa17);
@@ -652,13 +901,13 @@ pub async fn run(engine: &str, run_for: Duration) -> Summary {
                 signal(pid, libc::SIGCONT);
                 summary.stops += 1;
             }
-            3 => crate::links::inject(&cluster, leader, &mut rng, &mut summary.links).await,
+            3 => crate::links::inject(cluster, leader, &mut rng, &mut summary.links).await,
             #[cfg(feature = "failpoints")]
             4 => {
                 let victim = rng.below(cluster.len() as u64) as usize;
                 let points = crate::failpoint::PROFILE_POINTS;
                 let point = points[rng.below(points.len() as u64) as usize];
-                let crash = crate::failpoint::crash_at(&mut cluster, victim, point, "10%return");
+                let crash = crate::failpoint::crash_at(cluster, victim, point, "10%return");
                 summary.failpoint_fired += (crash.await == crate::failpoint::Crash::Fired) as usize;
                 summary.failpoint_crashes += 1;
             }
@@ -670,7 +919,7 @@ pub async fn run(engine: &str, run_for: Duration) -> Summary {
                 } else {
                     rng.below(cluster.len() as u64) as usize
                 };
-                let partitioned = Partitioned::isolate(&cluster, victim);
+                let partitioned = Partitioned::isolate(cluster, victim);
                 sleep(Duration::from_millis(3 * ELECTION_MS + rng.below(1000))).await;
                 drop(partitioned);
                 summary.partitions += 1;
@@ -678,20 +927,13 @@ pub async fn run(engine: &str, run_for: Duration) -> Summary {
             }
         }
     }
-    // (Every partition is healed above; once more, so the final checks never run cut off.)
-    cluster.heal();
-    // Traffic runs on until the end of the run (time is the subject).
-    tokio::time::sleep_until(deadline.into()).await;
-    stop_clients.store(true, Ordering::Relaxed);
-    let mut ops = Vec::new();
-    for c in clients {
-        ops.extend(c.await.expect("client task"));
-    }
-    ops.sort_by_key(|op| op.call);
+    summary
+}
 
-    // The final revision, linearizably, from the leader once everyone agrees on it.
+/// The final revision, read linearizably from the leader once everyone agrees on it.
+pub async fn final_revision(cluster: &Cluster) -> i64 {
     let mut tries = 0;
-    let last = loop {
+    loop {
         tries += 1;
         let leader = cluster.wait_for_leader(Duration::from_secs(60)).await;
         let read = async {
@@ -703,27 +945,26 @@ pub async fn run(engine: &str, run_for: Duration) -> Summary {
             _ if tries < 20 => sleep(Duration::from_millis(250)).await,
             other => panic!("final read: {other:?}\n{}", cluster.logs()),
         }
-    };
-    // Watchers must catch up to it (ask for progress notifications; conditions, not sleeps).
-    // (One that never does is reported by the validators below.)
-    wait_until_async(Duration::from_secs(60), async || {
-        reached.iter().all(|r| r.load(Ordering::Relaxed) >= last)
-    })
-    .await;
-    stop_watchers.store(true, Ordering::Relaxed);
-    let mut watched = Vec::new();
-    for w in watchers {
-        watched.push(w.await.expect("watch task"));
     }
+}
 
-    let checks = Instant::now();
-    let snapshots = read_history(&cluster, last).await;
-    let history = KvHistory::from_snapshots(&snapshots);
+/// The checks of a run against the KV `history`: lost writes, linearizability of the patched
+/// history of `ops` (with the planted faults when it passes), and every watcher's sessions
+/// with all validators caught up to `last` (and [`validate_compacted`] against
+/// `compactions`, the revisions compacted to during the run).
+pub fn check_all(
+    summary: &mut Summary,
+    ops: Vec<Operation>,
+    history: &KvHistory,
+    watched: &[Vec<Session>],
+    last: i64,
+    compactions: &[i64],
+) {
     summary.operations = ops.len();
     summary.unknown = ops.iter().filter(|o| o.resp == Response::Unknown).count();
     summary.revision = last;
-    summary.lost_writes = lost_writes(&ops, &history);
-    let patched = patch_history(ops, &history, &mut summary);
+    summary.lost_writes = lost_writes(&ops, history);
+    let patched = patch_history(ops, history, summary);
     let lin = Instant::now();
     let verdict = check(&patched, State::initial(), Duration::from_secs(120));
     summary.linearizability_time = lin.elapsed();
@@ -750,15 +991,14 @@ pub async fn run(engine: &str, run_for: Duration) -> Summary {
             .flat_map(|s| &s.responses)
             .filter(|r| r.progress)
             .count();
-        for v in validate_all(&history, sessions, Some(last)) {
+        let mut found = validate_all(history, sessions, Some(last));
+        found.extend(validate_compacted(sessions, compactions));
+        for v in found {
             summary
                 .violations
                 .push(format!("watcher {w}: {}: {}", v.validator, v.detail));
         }
     }
-    summary.check_time = checks.elapsed();
-    drop(cluster);
-    summary
 }
 
 /// The one-line summary the profile prints.
@@ -804,7 +1044,7 @@ pub fn summary_line(engine: &str, s: &Summary) -> String {
 
 /// The engines to run: `ROBUSTNESS_ENGINES` (comma-separated) or `METASTORE_TEST_ENGINE` (as
 /// the `it` suite), else the memory engine.
-fn engines() -> Vec<String> {
+pub fn engines() -> Vec<String> {
     if let Ok(list) = std::env::var("ROBUSTNESS_ENGINES") {
         return list.split(',').map(|s| s.trim().to_string()).collect();
     }

@@ -55,6 +55,13 @@ pub struct Session {
     pub start: i64,
     /// Responses, in order of arrival.
     pub responses: Vec<WatchResp>,
+    /// The `compact_revision` of the cancel that ended the session, if the server cancelled it
+    /// because its start revision was compacted. The watcher then resumes from that revision:
+    /// the events between its last one and the compaction are gone for it, which etcd's
+    /// validators accept (each watch request is checked from its own start revision, and the
+    /// cancelled one delivered nothing past its last event). [`validate_compacted`] checks
+    /// that the cancel was due.
+    pub compacted: Option<i64>,
 }
 
 /// A violation a validator found.
@@ -348,6 +355,30 @@ pub fn validate_bookmarkable(history: &KvHistory, sessions: &[Session]) -> Vec<V
     out
 }
 
+/// compacted: a watch cancelled as compacted at revision c (`WatchResponse.compact_revision`)
+/// must have asked for a revision below c, and c must be a revision some client compacted to
+/// (`compactions`, every compaction requested during the run, whatever its outcome) — a
+/// server that cancels a watch it could serve, or names a revision never compacted, would let
+/// a watcher lose events that this check then excuses.
+pub fn validate_compacted(sessions: &[Session], compactions: &[i64]) -> Vec<Violation> {
+    let mut out = Vec::new();
+    for (si, s) in sessions.iter().enumerate() {
+        if let Some(c) = s.compacted {
+            if s.start >= c || !compactions.contains(&c) {
+                out.push(Violation {
+                    validator: "compacted",
+                    detail: format!(
+                        "session {si} from revision {} cancelled as compacted at revision {c} \
+                         (compactions requested: {compactions:?})",
+                        s.start
+                    ),
+                });
+            }
+        }
+    }
+    out
+}
+
 /// Runs every validator over one watcher's sessions.
 pub fn validate_all(
     history: &KvHistory,
@@ -413,7 +444,11 @@ mod tests {
             events: vec![],
             progress: true,
         });
-        Session { start, responses }
+        Session {
+            start,
+            responses,
+            compacted: None,
+        }
     }
 
     fn only(v: Vec<Violation>, name: &str) {
@@ -551,5 +586,28 @@ mod tests {
             },
         );
         only(validate_all(&h, &[s], Some(6)), "bookmarkable");
+    }
+
+    #[test]
+    fn a_compacted_resume_passes_and_an_undue_cancel_fails() {
+        let h = history();
+        // The first session saw revisions 2..=3; revisions 4 and 5 were compacted away (to 5)
+        // before it resumed; the server cancelled its resume from 4; it resumed from 5.
+        let mut first = session(&h, 1);
+        first.responses.truncate(2);
+        let cancelled = Session {
+            start: 4,
+            responses: vec![],
+            compacted: Some(5),
+        };
+        let sessions = vec![first, cancelled, session(&h, 5)];
+        let v = validate_all(&h, &sessions, Some(6));
+        assert!(v.is_empty(), "{v:?}");
+        assert!(validate_compacted(&sessions, &[3, 5]).is_empty());
+        // Cancelled at a revision nobody compacted to, or one not above its start.
+        only(validate_compacted(&sessions, &[3]), "compacted");
+        let mut early = sessions.clone();
+        early[1].compacted = Some(4);
+        only(validate_compacted(&early, &[4]), "compacted");
     }
 }
