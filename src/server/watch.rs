@@ -229,8 +229,9 @@ impl StreamState {
         slow > 0
     }
 
-    fn any_behind(&self) -> bool {
-        let revision = self.ctx.reader.applied().revision;
+    /// Whether some watcher of this stream has not yet been sent every event through
+    /// `revision`.
+    fn any_behind(&self, revision: i64) -> bool {
         self.watchers.values().any(|w| w.next_rev <= revision)
     }
 
@@ -425,10 +426,16 @@ impl StreamState {
                 Err(_) => return Err(Gone),
             }
         }
-        if self.progress_requested && !self.any_behind() {
-            self.progress_requested = false;
+        if self.progress_requested {
+            // One read of the applied revision, both to see that every watcher is caught up
+            // and for the notification: read twice, a revision applied in between would be
+            // announced before its events were sent (a progress notification must never run
+            // ahead of the events, etcd's "bookmarkable" guarantee).
             let revision = self.ctx.reader.applied().revision;
-            self.send(self.response(-1, revision)).await?;
+            if !self.any_behind(revision) {
+                self.progress_requested = false;
+                self.send(self.response(-1, revision)).await?;
+            }
         }
         Ok(())
     }

@@ -1021,3 +1021,60 @@ async fn large_revision_is_fragmented_on_request() {
     );
     drop(tx);
 }
+
+/// Regression, found by the robustness profile's bookmarkable validator: a requested progress
+/// notification must never name a revision whose events the stream has not sent yet. The
+/// stream used to read the applied revision twice, once to see that its watchers were caught
+/// up and once for the notification, so a revision applied in between was announced ahead of
+/// its events. Here every revision after the first is a put under the watched prefix, so a
+/// notification at revision R must come after the events of every revision up to R.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_notifications_never_run_ahead_of_events_under_writes() {
+    const WRITERS: usize = 4;
+    const WRITES: usize = 1500;
+    let server = Server::start();
+    let mut c = connect(&server.endpoint).await;
+    let (mut ws, _) = open(&mut c, "race/", Some(WatchOptions::new().with_prefix())).await;
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let ep = server.endpoint.clone();
+            tokio::spawn(async move {
+                let mut c = connect(&ep).await;
+                for i in 0..WRITES {
+                    put_rev(&mut c, &format!("race/{w}/{}", i % 8), "v").await;
+                }
+            })
+        })
+        .collect();
+    let last = 1 + (WRITERS * WRITES) as i64;
+    // One progress request outstanding at a time, sent again as soon as it is answered, while
+    // the writes go on; every answer is checked against the events received before it.
+    let (mut seen, mut notifications) = (1i64, 0);
+    while seen < last {
+        ws.request_progress().await.expect("progress request");
+        loop {
+            let r = next_resp(&mut ws).await;
+            for e in r.events() {
+                let rev = e.kv().expect("kv").mod_revision();
+                assert_eq!(rev, seen + 1, "events must arrive in revision order");
+                seen = rev;
+            }
+            if r.watch_id() == -1 && r.events().is_empty() {
+                notifications += 1;
+                assert!(
+                    r.rev() <= seen,
+                    "progress notification at revision {} before the events of revisions \
+                     {}..={} were sent",
+                    r.rev(),
+                    seen + 1,
+                    r.rev()
+                );
+                break;
+            }
+        }
+    }
+    for w in writers {
+        w.await.expect("writer");
+    }
+    assert!(notifications > 0);
+}
