@@ -5,7 +5,10 @@
 
 #[path = "../common/harness.rs"]
 mod harness;
+mod disk;
 mod linearizability;
 mod model;
+#[path = "../common/small_disk.rs"]
+mod small_disk;
 mod traffic;
 mod watch;

@@ -11,7 +11,9 @@
 //!   resume on another member from the revision after the last event.
 //! * Faults: every few seconds, with equal odds, SIGKILL of a random member and its restart,
 //!   SIGSTOP of the leader for three election timeouts then SIGCONT, or a network partition
-//!   that cuts the leader or a random member off from the other two for as long, then heals.
+//!   that cuts the leader or a random member off from the other two for as long, then heals;
+//!   a full disk under one member, or a damaged WAL, snapshot or SST file of a follower
+//!   ([`crate::disk`]).
 //! * Checks at the end: the KV history is read back revision by revision; unknown-outcome
 //!   writes are resolved against it (as etcd's `patchedOperationHistory` does: a write whose
 //!   unique value is in the history happened at that revision, one whose value is not never
@@ -349,6 +351,8 @@ pub struct Summary {
     pub partitions: usize,
     /// Of which cut off the leader.
     pub partitioned_leaders: usize,
+    /// Full-disk and damaged-file faults ([`crate::disk`]).
+    pub disk: crate::disk::DiskCounts,
     /// The last revision.
     pub revision: i64,
     /// Watch events delivered, over all watchers.
@@ -573,7 +577,7 @@ const PARTITIONS: bool = cfg!(feature = "failpoints");
 
 /// Serializes the tests of this target that start clusters (two at once would load a small
 /// machine enough to make elections spurious).
-static CLUSTERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub static CLUSTERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Runs the profile on `engine` for `run_for` and checks everything; returns the summary.
 pub async fn run(engine: &str, run_for: Duration) -> Summary {
@@ -582,6 +586,9 @@ pub async fn run(engine: &str, run_for: Duration) -> Summary {
         .map_or(1, |n| n.get())
         .to_string();
     let mut cluster = Cluster::start(3, &["--storage-engine", engine, "--shards", &shards]).await;
+    // Member DISK_MEMBER's data directory on a small tmpfs, for the full-disk fault (root only).
+    const DISK_MEMBER: usize = 2;
+    let small_disk = crate::disk::on_small_disk(&mut cluster, DISK_MEMBER);
     let endpoints = cluster.endpoints();
     let start = Instant::now();
     let stop_clients = Arc::new(AtomicBool::new(false));
@@ -610,6 +617,7 @@ pub async fn run(engine: &str, run_for: Duration) -> Summary {
 
     // Faults, until the end of the run.
     let mut summary = Summary::default();
+    let small_disk = small_disk.map_err(|why| summary.disk.full_disk_skipped = Some(why));
     let mut rng = Lcg::new(start.elapsed().as_nanos() as u64 ^ 0xfa17);
     let deadline = start + run_for;
     loop {
@@ -620,7 +628,7 @@ pub async fn run(engine: &str, run_for: Duration) -> Summary {
         let leader = cluster.wait_for_leader(Duration::from_secs(60)).await;
         // Faults run one at a time: a partition is healed before the next fault (so a member
         // is never killed or restarted while cut off).
-        match rng.below(if PARTITIONS { 3 } else { 2 }) {
+        match rng.below(if PARTITIONS { 5 } else { 4 }) {
             0 => {
                 let victim = rng.below(cluster.len() as u64) as usize;
                 cluster.kill(victim);
@@ -634,6 +642,24 @@ pub async fn run(engine: &str, run_for: Duration) -> Summary {
                 sleep(Duration::from_millis(3 * ELECTION_MS + rng.below(1000))).await;
                 signal(pid, libc::SIGCONT);
                 summary.stops += 1;
+            }
+            2 if small_disk.is_ok() => {
+                let disk = small_disk.as_ref().expect("mounted");
+                let hold = Duration::from_millis(500 + rng.below(1500));
+                let full = crate::disk::full_disk(&mut cluster, disk, DISK_MEMBER, hold).await;
+                summary.disk.full_disk += 1;
+                summary.disk.full_disk_enospc += full.enospc as usize;
+                summary.disk.full_disk_stopped += full.stopped as usize;
+            }
+            2 | 3 => {
+                let wanted = crate::disk::pick(&mut rng, engine == "rocksdb");
+                if let Some(d) = crate::disk::damage(&mut cluster, wanted, engine == "rocksdb").await
+                {
+                    summary.disk.damaged[d.kind.index()] += 1;
+                    summary.disk.refused += d.replaced as usize;
+                    summary.disk.repaired += !d.replaced as usize;
+                    summary.violations.extend(d.violation.map(|v| format!("disk: {v}")));
+                }
             }
             _ => {
                 // The leader half of the time, else any member (a follower, or the leader
@@ -731,6 +757,8 @@ pub async fn run(engine: &str, run_for: Duration) -> Summary {
     }
     summary.check_time = checks.elapsed();
     drop(cluster);
+    // (Unmounted after the members stopped.)
+    drop(small_disk);
     summary
 }
 
@@ -739,7 +767,7 @@ pub fn summary_line(engine: &str, s: &Summary) -> String {
     format!(
         "robustness engine={engine}: operations={} (unknown={}: reads dropped={}, writes \
          applied={}, writes not applied={}, deletes kept unknown={}) revision={} faults={} \
-         (kill+restart={}, leader-stop={}, partition={} of which leader={}) watch-events={} watch-sessions={} \
+         (kill+restart={}, leader-stop={}, partition={} of which leader={}, {}) watch-events={} watch-sessions={} \
          watch-progress-notifications={} linearizability={} ({:?}, planted faults caught {}) violations={} \
          lost-writes={} checks={:?}",
         s.operations,
@@ -749,11 +777,12 @@ pub fn summary_line(engine: &str, s: &Summary) -> String {
         s.unknown_not_applied,
         s.unknown_deletes,
         s.revision,
-        s.kills + s.stops + s.partitions,
+        s.kills + s.stops + s.partitions + s.disk.total(),
         s.kills,
         s.stops,
         s.partitions,
         s.partitioned_leaders,
+        s.disk.summary(),
         s.watch_events,
         s.watch_sessions,
         s.watch_progress,
@@ -773,7 +802,7 @@ pub fn summary_line(engine: &str, s: &Summary) -> String {
 
 /// The engines to run: `ROBUSTNESS_ENGINES` (comma-separated) or `METASTORE_TEST_ENGINE` (as
 /// the `it` suite), else the memory engine.
-fn engines() -> Vec<String> {
+pub fn engines() -> Vec<String> {
     if let Ok(list) = std::env::var("ROBUSTNESS_ENGINES") {
         return list.split(',').map(|s| s.trim().to_string()).collect();
     }
