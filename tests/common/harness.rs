@@ -805,7 +805,9 @@ impl Cluster {
     /// Appends `extra` to member `i`'s flags, for its next (re)start (a later flag overrides
     /// an earlier one of the same name).
     pub fn add_extra(&mut self, i: usize, extra: &[&str]) {
-        self.specs[i].extra.extend(extra.iter().map(|s| s.to_string()));
+        self.specs[i]
+            .extra
+            .extend(extra.iter().map(|s| s.to_string()));
     }
 
     /// Moves member `i` (stopped) to the data directory `dir`, for its next (re)start; the

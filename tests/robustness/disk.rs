@@ -159,9 +159,15 @@ pub async fn full_disk(
     member: usize,
     hold: Duration,
 ) -> FullDisk {
-    let seen = cluster.servers[member].as_ref().map_or(0, |s| s.log().len());
-    disk.fill();
-    assert!(disk.is_full(), "the disk is full");
+    let seen = cluster.servers[member]
+        .as_ref()
+        .map_or(0, |s| s.log().len());
+    // (The member may free a little meanwhile, deleting an old snapshot: fill again.)
+    let full = (0..10).any(|_| {
+        disk.fill();
+        disk.is_full()
+    });
+    assert!(full, "the disk does not stay full");
     let mut outcome = FullDisk {
         enospc: false,
         stopped: false,
@@ -169,6 +175,8 @@ pub async fn full_disk(
     };
     // The member only notices when it writes outside its preallocated WAL: wait for it.
     wait_until_async(Duration::from_secs(20), async || {
+        // Topped up as the member frees space (old snapshots it deletes), so it stays full.
+        disk.fill();
         observe(cluster, member, seen, &mut outcome);
         outcome.enospc || outcome.stopped
     })
@@ -177,6 +185,7 @@ pub async fn full_disk(
     // if it still runs, may be it). A member that stops meanwhile drops out of the count.
     let mut statuses = Vec::new();
     let agreed = wait_until_async(Duration::from_secs(30), async || {
+        disk.fill();
         observe(cluster, member, seen, &mut outcome);
         statuses.clear();
         for i in cluster.live() {
@@ -196,7 +205,11 @@ pub async fn full_disk(
         "no leader while member {member}'s disk is full: {statuses:?}\n{}",
         cluster.logs()
     );
-    sleep(hold).await;
+    let until = tokio::time::Instant::now() + hold;
+    while tokio::time::Instant::now() < until {
+        disk.fill();
+        sleep(Duration::from_millis(100)).await;
+    }
     observe(cluster, member, seen, &mut outcome);
     disk.free();
     assert!(!disk.is_full(), "the space is back");
@@ -516,7 +529,10 @@ pub fn judge(kind: Damage, file: &Path, response: &Response) -> Result<bool, Str
             } else if output.contains(&path) && output.contains("Corruption") {
                 Ok(true)
             } else {
-                bad("refused without RocksDB's Corruption naming the file", output)
+                bad(
+                    "refused without RocksDB's Corruption naming the file",
+                    output,
+                )
             }
         }
         (Damage::CorruptSst, Response::StoppedAfterRead { status, log }) => {
@@ -566,7 +582,11 @@ pub struct Damaged {
 /// Panics (the profile fails) when a replacement cannot join or the member does not catch up.
 pub async fn damage(cluster: &mut Cluster, wanted: Damage, rocksdb: bool) -> Option<Damaged> {
     let leader = cluster.wait_for_leader(Duration::from_secs(60)).await;
-    let followers: Vec<usize> = cluster.live().into_iter().filter(|i| *i != leader).collect();
+    let followers: Vec<usize> = cluster
+        .live()
+        .into_iter()
+        .filter(|i| *i != leader)
+        .collect();
     // The follower with the file asked for, if one has it (listing a running member's files
     // is enough to choose; they are listed again once it is stopped).
     let victim = followers
@@ -623,10 +643,13 @@ async fn read_everything(cluster: &mut Cluster, victim: usize) -> Response {
     };
     let answered = matches!(timeout(Duration::from_secs(10), read).await, Ok(Ok(_)));
     let mut exited = None;
-    wait_until_async(Duration::from_secs(if answered { 2 } else { 20 }), async || {
-        exited = cluster.take_exited(victim);
-        exited.is_some()
-    })
+    wait_until_async(
+        Duration::from_secs(if answered { 2 } else { 20 }),
+        async || {
+            exited = cluster.take_exited(victim);
+            exited.is_some()
+        },
+    )
     .await;
     match exited {
         Some((status, log)) => Response::StoppedAfterRead { status, log },
@@ -769,7 +792,8 @@ mod tests {
                     let mut i = 0;
                     while !stop.load(Ordering::Relaxed) {
                         let (k, v) = (format!("full/{:03}", i % 500), format!("v{i}"));
-                        let put = timeout(Duration::from_secs(2), c.put(k.clone(), v.clone(), None));
+                        let put =
+                            timeout(Duration::from_secs(2), c.put(k.clone(), v.clone(), None));
                         if let Ok(Ok(_)) = put.await {
                             acked.insert(k, v);
                         }
@@ -782,7 +806,10 @@ mod tests {
             let full = full_disk(&mut cluster, &disk, 2, Duration::from_secs(1)).await;
             stop.store(true, Ordering::Relaxed);
             let acked = writer.await.unwrap();
-            println!("full disk on {engine}: {full:?}; {} keys written", acked.len());
+            println!(
+                "full disk on {engine}: {full:?}; {} keys written",
+                acked.len()
+            );
             assert!(
                 full.enospc,
                 "{engine}: the member never ran into ENOSPC: {full:?}\n{}",
@@ -799,7 +826,10 @@ mod tests {
                 .map(|e| e.path())
                 .filter(|p| p.extension().is_some_and(|x| x == "tmp"))
                 .collect();
-            assert!(partial.is_empty(), "{engine}: partial snapshots left: {partial:?}");
+            assert!(
+                partial.is_empty(),
+                "{engine}: partial snapshots left: {partial:?}"
+            );
             cluster.wait_converged(Duration::from_secs(60)).await;
             for i in 0..3 {
                 let got = dump(&cluster, i, "full/").await;
@@ -823,10 +853,17 @@ mod tests {
             let rocksdb = engine == "rocksdb";
             // Frequent snapshots (checkpoints, with RocksDB, which flush to SST files), so
             // every member has snapshot and SST files to damage.
-            let flags = ["--storage-engine", engine.as_str(), "--snapshot-count", "50"];
+            let flags = [
+                "--storage-engine",
+                engine.as_str(),
+                "--snapshot-count",
+                "50",
+            ];
             let mut cluster = Cluster::start(3, &flags).await;
             let mut want = BTreeMap::new();
-            let mut c = cluster.client(cluster.wait_for_leader(Duration::from_secs(60)).await).await;
+            let mut c = cluster
+                .client(cluster.wait_for_leader(Duration::from_secs(60)).await)
+                .await;
             for i in 0..300 {
                 let (k, v) = (format!("dmg/{i:03}"), format!("v{i}"));
                 c.put(k.clone(), v.clone(), None).await.unwrap();
@@ -864,7 +901,11 @@ mod tests {
                 c.put(k.clone(), "x", None).await.unwrap();
                 want.insert(k, "x".into());
                 cluster.wait_converged(Duration::from_secs(60)).await;
-                assert_eq!(dump(&cluster, d.member, "dmg/").await, want, "{engine}: {kind:?}");
+                assert_eq!(
+                    dump(&cluster, d.member, "dmg/").await,
+                    want,
+                    "{engine}: {kind:?}"
+                );
             }
         }
     }
@@ -892,11 +933,16 @@ mod tests {
         );
         // Started on a corrupt WAL; refused without naming the file; exit code 0; killed.
         for wrong in [
-            Response::Started { log: "ready".into() },
+            Response::Started {
+                log: "ready".into(),
+            },
             refused("metastore: error: something", 1),
             refused(&corrupt, 0),
         ] {
-            assert!(judge(Damage::CorruptWalRecord, &wal, &wrong).is_err(), "{wrong:?}");
+            assert!(
+                judge(Damage::CorruptWalRecord, &wal, &wrong).is_err(),
+                "{wrong:?}"
+            );
         }
         let killed = Response::Refused {
             output: format!("exit: Some(ExitStatus(unix_wait_status(9))); {corrupt}"),
@@ -908,11 +954,21 @@ mod tests {
             wal.display()
         );
         assert_eq!(
-            judge(Damage::TornWalTail, &wal, &Response::Started { log: torn.clone() }),
+            judge(
+                Damage::TornWalTail,
+                &wal,
+                &Response::Started { log: torn.clone() }
+            ),
             Ok(false)
         );
-        assert!(judge(Damage::TornWalTail, &wal, &Response::Started { log: "ready".into() })
-            .is_err());
+        assert!(judge(
+            Damage::TornWalTail,
+            &wal,
+            &Response::Started {
+                log: "ready".into()
+            }
+        )
+        .is_err());
         assert!(judge(Damage::TornWalTail, &wal, &refused(&torn, 1)).is_err());
 
         // A snapshot fallback must have renamed the file.
@@ -926,7 +982,10 @@ mod tests {
         assert_eq!(judge(Damage::CorruptSnapshot, &snap, &warned), Ok(false));
 
         let sst = dir.path().join("000012.sst");
-        let corruption = format!("Corruption: block checksum mismatch: file {}", sst.display());
+        let corruption = format!(
+            "Corruption: block checksum mismatch: file {}",
+            sst.display()
+        );
         assert_eq!(
             judge(Damage::CorruptSst, &sst, &refused(&corruption, 1)),
             Ok(true)
@@ -935,7 +994,10 @@ mod tests {
             status: std::process::ExitStatus::from_raw(code << 8),
             log: log.into(),
         };
-        assert_eq!(judge(Damage::CorruptSst, &sst, &stopped(1, &corruption)), Ok(true));
+        assert_eq!(
+            judge(Damage::CorruptSst, &sst, &stopped(1, &corruption)),
+            Ok(true)
+        );
         assert!(judge(Damage::CorruptSst, &sst, &stopped(0, &corruption)).is_err());
         assert!(judge(Damage::CorruptSst, &sst, &stopped(1, "IO error")).is_err());
         assert!(judge(
@@ -967,9 +1029,14 @@ mod tests {
         std::fs::write(&seg, &bytes).unwrap();
         assert_eq!(wal_records(&bytes).len(), 5);
 
-        assert_eq!(apply(dir.path(), Damage::CorruptWalRecord), Some(seg.clone()));
+        assert_eq!(
+            apply(dir.path(), Damage::CorruptWalRecord),
+            Some(seg.clone())
+        );
         let damaged = std::fs::read(&seg).unwrap();
-        let diff: Vec<usize> = (0..bytes.len()).filter(|i| bytes[*i] != damaged[*i]).collect();
+        let diff: Vec<usize> = (0..bytes.len())
+            .filter(|i| bytes[*i] != damaged[*i])
+            .collect();
         // The middle of the earlier records (0..4): record 2, body byte 20.
         assert_eq!(diff, vec![2 * 52 + 12 + 20]);
 

@@ -3,9 +3,9 @@
 //! recorded history (Lowe's algorithm as porcupine implements it), watch validators and a
 //! lost-write check. See `tests/robustness/README.md`.
 
+mod disk;
 #[path = "../common/harness.rs"]
 mod harness;
-mod disk;
 mod linearizability;
 mod model;
 #[path = "../common/small_disk.rs"]

@@ -653,12 +653,15 @@ pub async fn run(engine: &str, run_for: Duration) -> Summary {
             }
             2 | 3 => {
                 let wanted = crate::disk::pick(&mut rng, engine == "rocksdb");
-                if let Some(d) = crate::disk::damage(&mut cluster, wanted, engine == "rocksdb").await
+                if let Some(d) =
+                    crate::disk::damage(&mut cluster, wanted, engine == "rocksdb").await
                 {
                     summary.disk.damaged[d.kind.index()] += 1;
                     summary.disk.refused += d.replaced as usize;
                     summary.disk.repaired += !d.replaced as usize;
-                    summary.violations.extend(d.violation.map(|v| format!("disk: {v}")));
+                    summary
+                        .violations
+                        .extend(d.violation.map(|v| format!("disk: {v}")));
                 }
             }
             _ => {
