@@ -125,13 +125,22 @@ impl Snapshotter {
         let path = self.dir.join(&name);
         let tmp = self.dir.join(format!("{name}.tmp"));
         let payload = snap.encode_to_vec();
-        let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(MAGIC).map_err(io(&tmp))?;
-        f.write_all(&crc32fast::hash(&payload).to_le_bytes())
-            .map_err(io(&tmp))?;
-        f.write_all(&payload).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-        fs::rename(&tmp, &path).map_err(io(&path))?;
+        let write = || -> Result<(), SnapshotError> {
+            let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
+            f.write_all(MAGIC).map_err(io(&tmp))?;
+            f.write_all(&crc32fast::hash(&payload).to_le_bytes())
+                .map_err(io(&tmp))?;
+            f.write_all(&payload).map_err(io(&tmp))?;
+            f.sync_all().map_err(io(&tmp))?;
+            fs::rename(&tmp, &path).map_err(io(&path))
+        };
+        if let Err(e) = write() {
+            // A partial file (a full disk, say) would hold on to the space it took, and no
+            // later save reuses its name: remove it, as etcd's snapshotter removes a snap file
+            // it failed to write (`snap.Snapshotter.save`).
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
         fs::File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(io(&self.dir))?;

@@ -868,6 +868,49 @@ impl Cluster {
         self.specs[i].dir.clone()
     }
 
+    /// Appends `extra` to member `i`'s flags, for its next (re)start (a later flag overrides
+    /// an earlier one of the same name).
+    pub fn add_extra(&mut self, i: usize, extra: &[&str]) {
+        self.specs[i]
+            .extra
+            .extend(extra.iter().map(|s| s.to_string()));
+    }
+
+    /// Moves member `i` (stopped) to the data directory `dir`, for its next (re)start; the
+    /// caller has put its data there.
+    pub fn set_data_dir(&mut self, i: usize, dir: &Path) {
+        assert!(self.servers[i].is_none(), "member {i} is running");
+        self.specs[i].dir = dir.to_path_buf();
+    }
+
+    /// If member `i`'s process exited by itself (a fatal error), reaps it, marks the member
+    /// stopped and returns its exit status and everything it logged.
+    pub fn take_exited(&mut self, i: usize) -> Option<(std::process::ExitStatus, String)> {
+        let server = self.servers[i].as_mut()?;
+        let status = server.child.try_wait().ok().flatten()?;
+        let log = server.log();
+        self.servers[i] = None;
+        Some((status, log))
+    }
+
+    /// Re-registers member `i` (stopped, and removed from the cluster with `member remove`)
+    /// as a new member with its name, ports and data directory path, as an operator replaces
+    /// a member whose data is lost: it joins with `--initial-cluster-state existing` and an
+    /// `--initial-cluster` of the running members and itself. Call `member add` with its
+    /// peer URL, empty its data directory, then [`Cluster::start_added`].
+    pub fn rejoin_as_new(&mut self, i: usize) {
+        assert!(self.servers[i].is_none(), "member {i} is running");
+        let initial: Vec<String> = self
+            .live()
+            .iter()
+            .chain(std::iter::once(&i))
+            .map(|j| format!("{}={}", self.specs[*j].name, self.specs[*j].peer_url()))
+            .collect();
+        self.specs[i].initial_cluster = initial.join(",");
+        self.specs[i].state = "existing";
+        self.ids[i] = 0;
+    }
+
     /// Cuts every peer link between members of different groups, in both directions. Members
     /// in no group keep all their links. Replaces every link fault in place; returns once
     /// every running member has applied it.

@@ -23,6 +23,8 @@ mod logging;
 mod recipes;
 mod rocksdb;
 mod shutdown;
+#[path = "../common/small_disk.rs"]
+mod small_disk;
 mod smoke;
 mod snapshot;
 mod tls;

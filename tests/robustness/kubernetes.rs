@@ -40,7 +40,7 @@ use crate::harness::{wait_until_async, Cluster};
 use crate::linearizability::{Operation, INFINITY};
 use crate::model::{Request, Response};
 use crate::traffic::{
-    check_all, definitive, duration, engines, execute, final_revision, inject_faults, prefix_end,
+    check_all, definitive, duration, engines, execute, final_revision, inject_faults, DISK_MEMBER, prefix_end,
     summary_line, watch_loop, Lcg, Summary, CLUSTERS,
 };
 use crate::watch::{validate_all, validate_compacted, Event, Kv, KvHistory, Session, WatchResp};
@@ -693,6 +693,7 @@ pub async fn run(engine: &str, run_for: Duration) -> K8sSummary {
         .map_or(1, |n| n.get())
         .to_string();
     let mut cluster = Cluster::start(3, &["--storage-engine", engine, "--shards", &shards]).await;
+    let small_disk = crate::disk::on_small_disk(&mut cluster, DISK_MEMBER);
     let endpoints = cluster.endpoints();
     let start = Instant::now();
     let stop_clients = Arc::new(AtomicBool::new(false));
@@ -733,7 +734,7 @@ pub async fn run(engine: &str, run_for: Duration) -> K8sSummary {
         recorded.clone(),
     ));
 
-    let base = inject_faults(&mut cluster, start, run_for).await;
+    let base = inject_faults(&mut cluster, engine, small_disk.as_ref(), start, run_for).await;
     cluster.heal();
     tokio::time::sleep_until((start + run_for).into()).await;
     stop_clients.store(true, Ordering::Relaxed);
@@ -811,6 +812,8 @@ pub async fn run(engine: &str, run_for: Duration) -> K8sSummary {
     }
     s.base.check_time = checks.elapsed();
     drop(cluster);
+    // (Unmounted after the members stopped.)
+    drop(small_disk);
     s
 }
 

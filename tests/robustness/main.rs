@@ -3,6 +3,7 @@
 //! recorded history (Lowe's algorithm as porcupine implements it), watch validators and a
 //! lost-write check. See `tests/robustness/README.md`.
 
+mod disk;
 #[cfg(feature = "failpoints")]
 mod failpoint;
 #[path = "../common/harness.rs"]
@@ -11,5 +12,7 @@ mod kubernetes;
 mod linearizability;
 mod links;
 mod model;
+#[path = "../common/small_disk.rs"]
+mod small_disk;
 mod traffic;
 mod watch;

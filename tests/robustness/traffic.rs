@@ -11,8 +11,9 @@
 //!   resume on another member from the revision after the last event.
 //! * Faults: every few seconds, with equal odds, SIGKILL of a random member and its restart,
 //!   SIGSTOP of the leader for three election timeouts then SIGCONT, or a network partition
-//!   that cuts the leader or a random member off from the other two for as long, then heals,
-//!   slow, lossy or one-way-cut links of one member ([`crate::links`]), or
+//!   that cuts the leader or a random member off from the other two for as long, then heals;
+//!   slow, lossy or one-way-cut links of one member ([`crate::links`]); a full disk under one
+//!   member, or a damaged WAL, snapshot or SST file of a follower ([`crate::disk`]); or
 //!   (`--features failpoints`) a crash at one of the server's WAL or apply crash points
 //!   ([`crate::failpoint`]).
 //! * Checks at the end: the KV history is read back revision by revision; unknown-outcome
@@ -34,6 +35,7 @@ use tokio::time::{sleep, timeout};
 
 use crate::harness::{signal, wait_until_async, Cluster, ELECTION_MS};
 use crate::linearizability::{check, Operation, Verdict, INFINITY};
+use crate::small_disk::SmallDisk;
 use crate::model::{Cond, Request, Response, State, LEASE_EXISTS, LEASE_NOT_FOUND};
 use crate::watch::{validate_all, validate_compacted, Event, Kv, KvHistory, Session, WatchResp};
 
@@ -526,6 +528,8 @@ pub struct Summary {
     /// Of which the member aborted at the point (the others were killed after
     /// [`crate::failpoint::FIRE_WITHIN`]).
     pub failpoint_fired: usize,
+    /// Full-disk and damaged-file faults ([`crate::disk`]).
+    pub disk: crate::disk::DiskCounts,
     /// The last revision.
     pub revision: i64,
     /// Watch events delivered, over all watchers.
@@ -550,7 +554,12 @@ pub struct Summary {
 impl Summary {
     /// Faults injected, of every kind.
     pub fn faults(&self) -> usize {
-        self.kills + self.stops + self.partitions + self.links.total() + self.failpoint_crashes
+        self.kills
+            + self.stops
+            + self.partitions
+            + self.links.total()
+            + self.failpoint_crashes
+            + self.disk.total()
     }
 }
 
@@ -801,7 +810,10 @@ const PARTITIONS: bool = cfg!(feature = "failpoints");
 
 /// Serializes the tests of this target that start clusters (two at once would load a small
 /// machine enough to make elections spurious).
-pub(crate) static CLUSTERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub static CLUSTERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The member whose data directory is on a small tmpfs, for the full-disk fault (root only).
+pub const DISK_MEMBER: usize = 2;
 
 /// Runs the profile on `engine` for `run_for` and checks everything; returns the summary.
 pub async fn run(engine: &str, run_for: Duration) -> Summary {
@@ -810,6 +822,7 @@ pub async fn run(engine: &str, run_for: Duration) -> Summary {
         .map_or(1, |n| n.get())
         .to_string();
     let mut cluster = Cluster::start(3, &["--storage-engine", engine, "--shards", &shards]).await;
+    let small_disk = crate::disk::on_small_disk(&mut cluster, DISK_MEMBER);
     let endpoints = cluster.endpoints();
     let start = Instant::now();
     let stop_clients = Arc::new(AtomicBool::new(false));
@@ -837,7 +850,7 @@ pub async fn run(engine: &str, run_for: Duration) -> Summary {
         })
         .collect();
 
-    let mut summary = inject_faults(&mut cluster, start, run_for).await;
+    let mut summary = inject_faults(&mut cluster, engine, small_disk.as_ref(), start, run_for).await;
     let deadline = start + run_for;
     // (Every partition is healed above; once more, so the final checks never run cut off.)
     cluster.heal();
@@ -868,14 +881,24 @@ pub async fn run(engine: &str, run_for: Duration) -> Summary {
     check_all(&mut summary, ops, &history, &watched, last, &[]);
     summary.check_time = checks.elapsed();
     drop(cluster);
+    // (Unmounted after the members stopped.)
+    drop(small_disk);
     summary
 }
 
 /// The faults of the profiles, one at a time every 2–4 s from `start` until 3 s before
 /// `start + run_for`; returns a summary with the fault counters.
-pub async fn inject_faults(cluster: &mut Cluster, start: Instant, run_for: Duration) -> Summary {
-    // Faults, until the end of the run.
+pub async fn inject_faults(
+    cluster: &mut Cluster,
+    engine: &str,
+    small_disk: Result<&SmallDisk, &String>,
+    start: Instant,
+    run_for: Duration,
+) -> Summary {
     let mut summary = Summary::default();
+    if let Err(why) = small_disk {
+        summary.disk.full_disk_skipped = Some(why.clone());
+    }
     let mut rng = Lcg::new(start.elapsed().as_nanos() as u64 ^ 0xfa17);
     let deadline = start + run_for;
     loop {
@@ -886,7 +909,7 @@ pub async fn inject_faults(cluster: &mut Cluster, start: Instant, run_for: Durat
         let leader = cluster.wait_for_leader(Duration::from_secs(60)).await;
         // Faults run one at a time: a partition is healed before the next fault (so a member
         // is never killed or restarted while cut off).
-        match rng.below(if PARTITIONS { 5 } else { 2 }) {
+        match rng.below(if PARTITIONS { 7 } else { 4 }) {
             0 => {
                 let victim = rng.below(cluster.len() as u64) as usize;
                 cluster.kill(victim);
@@ -901,9 +924,29 @@ pub async fn inject_faults(cluster: &mut Cluster, start: Instant, run_for: Durat
                 signal(pid, libc::SIGCONT);
                 summary.stops += 1;
             }
-            3 => crate::links::inject(cluster, leader, &mut rng, &mut summary.links).await,
+            2 if small_disk.is_ok() => {
+                let disk = small_disk.expect("mounted");
+                let hold = Duration::from_millis(500 + rng.below(1500));
+                let full = crate::disk::full_disk(cluster, disk, DISK_MEMBER, hold).await;
+                summary.disk.full_disk += 1;
+                summary.disk.full_disk_enospc += full.enospc as usize;
+                summary.disk.full_disk_stopped += full.stopped as usize;
+            }
+            2 | 3 => {
+                let rocksdb = engine == "rocksdb";
+                let wanted = crate::disk::pick(&mut rng, rocksdb);
+                if let Some(d) = crate::disk::damage(cluster, wanted, rocksdb).await {
+                    summary.disk.damaged[d.kind.index()] += 1;
+                    summary.disk.refused += d.replaced as usize;
+                    summary.disk.repaired += !d.replaced as usize;
+                    summary
+                        .violations
+                        .extend(d.violation.map(|v| format!("disk: {v}")));
+                }
+            }
+            4 => crate::links::inject(cluster, leader, &mut rng, &mut summary.links).await,
             #[cfg(feature = "failpoints")]
-            4 => {
+            5 => {
                 let victim = rng.below(cluster.len() as u64) as usize;
                 let points = crate::failpoint::PROFILE_POINTS;
                 let point = points[rng.below(points.len() as u64) as usize];
@@ -1007,7 +1050,7 @@ pub fn summary_line(engine: &str, s: &Summary) -> String {
         "robustness engine={engine}: operations={} (unknown={}: reads dropped={}, writes \
          applied={}, writes not applied={}, deletes kept unknown={}) revision={} faults={} \
          (kill+restart={}, leader-stop={}, partition={} of which leader={}, {}, crash-at-failpoint={} \
-         of which fired={}) watch-events={} watch-sessions={} \
+         of which fired={}, {}) watch-events={} watch-sessions={} \
          watch-progress-notifications={} linearizability={} ({:?}, planted faults caught {}) violations={} \
          lost-writes={} checks={:?}",
         s.operations,
@@ -1025,6 +1068,7 @@ pub fn summary_line(engine: &str, s: &Summary) -> String {
         s.links,
         s.failpoint_crashes,
         s.failpoint_fired,
+        s.disk.summary(),
         s.watch_events,
         s.watch_sessions,
         s.watch_progress,
