@@ -96,7 +96,10 @@ fn check_range_answer(r: &pb::RangeRequest, kvs: &[crate::mvcc::KeyValue], count
         assert!(kvs.len() as i64 <= r.limit, "range returned past its limit");
     }
     if !r.count_only {
-        assert!(count >= kvs.len() as i64, "count below the key-values returned");
+        assert!(
+            count >= kvs.len() as i64,
+            "count below the key-values returned"
+        );
     }
     for kv in kvs {
         assert!(range.contains(&kv.key), "range returned a key outside it");
@@ -322,8 +325,9 @@ fn entry(s: &mut State, data: &[u8]) {
 /// value, a deleted key); anything panics on the way. Refusals are [`EtcdError`]s, etcd's
 /// statuses, by type.
 pub fn requests(mut data: &[u8]) {
-    let tokens = crate::auth::token::Tokens::from_flag("simple", std::time::Duration::from_secs(300))
-        .expect("simple tokens");
+    let tokens =
+        crate::auth::token::Tokens::from_flag("simple", std::time::Duration::from_secs(300))
+            .expect("simple tokens");
     let mut s = State {
         m: fresh_store(),
         auth: crate::auth::SharedAuth::new(tokens),
@@ -383,7 +387,10 @@ fn decode_wal(data: &[u8], is_last: bool) -> Result<crate::consensus::wal::Recov
     // Every byte before `end` is made of records whose checksums match.
     let records = oracle_records(&data[..end]);
     let covered: usize = records.iter().map(|(_, p)| 13 + p.len()).sum();
-    assert_eq!(covered, end, "accepted bytes that are not checksummed records");
+    assert_eq!(
+        covered, end,
+        "accepted bytes that are not checksummed records"
+    );
     let entries: Vec<Entry> = records
         .iter()
         .filter(|(k, _)| *k == ENTRY)
@@ -399,7 +406,10 @@ fn decode_wal(data: &[u8], is_last: bool) -> Result<crate::consensus::wal::Recov
         want.truncate(keep);
         want.push(e);
     }
-    assert_eq!(rec.entries, want, "recovered entries differ from the records");
+    assert_eq!(
+        rec.entries, want,
+        "recovered entries differ from the records"
+    );
     if torn.is_some() {
         // The prefix alone decodes cleanly to the same.
         let mut again = Recovered::default();
@@ -462,7 +472,11 @@ pub fn wal(mut data: &[u8]) {
     let mut seg = encode_wal(&entries, &hs);
     let rec = decode_wal(&seg, false).expect("a valid segment decodes");
     assert_eq!(rec.entries, entries, "WAL round trip");
-    assert_eq!(rec.hard_state.as_ref(), Some(&hs), "WAL hard state round trip");
+    assert_eq!(
+        rec.hard_state.as_ref(),
+        Some(&hs),
+        "WAL hard state round trip"
+    );
     let original = seg.clone();
     while data.len() >= 3 {
         let off = usize::from(take_u16(&mut data)) % seg.len();
@@ -476,7 +490,11 @@ pub fn wal(mut data: &[u8]) {
     match decode_wal(&seg, true) {
         Ok(got) => {
             assert!(got.entries.len() <= entries.len());
-            assert_eq!(got.entries, entries[..got.entries.len()], "a damaged entry was accepted");
+            assert_eq!(
+                got.entries,
+                entries[..got.entries.len()],
+                "a damaged entry was accepted"
+            );
             if !changed {
                 assert_eq!(got.entries, entries);
             }
@@ -524,7 +542,8 @@ fn valid_etcd_db() -> &'static [u8] {
     static DB: OnceLock<Vec<u8>> = OnceLock::new();
     DB.get_or_init(|| {
         use sha2::Digest as _;
-        let mut seed: &[u8] = b"\x05\x03abc\x04v1v1\x02zz\x03v2x\x00\x01w\x07\x07longkey\x05value\x01\x02";
+        let mut seed: &[u8] =
+            b"\x05\x03abc\x04v1v1\x02zz\x03v2x\x00\x01w\x07\x07longkey\x05value\x01\x02";
         let snap = snapshot_from(&mut seed);
         let dir = std::env::temp_dir().join(format!("metastore-fuzz-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -570,14 +589,21 @@ pub fn snapshot(mut data: &[u8]) {
         1 => {
             let snap = snapshot_from(&mut data);
             let mut file = encode_file(&snap);
-            assert_eq!(decode_file(&file).as_ref(), Some(&snap), "snapshot round trip");
+            assert_eq!(
+                decode_file(&file).as_ref(),
+                Some(&snap),
+                "snapshot round trip"
+            );
             let original = file.clone();
             while data.len() >= 3 {
                 let off = usize::from(take_u16(&mut data)) % file.len();
                 file[off] ^= take_u8(&mut data);
             }
             if file != original {
-                assert!(decode_file(&file).is_none(), "a damaged snapshot file loaded");
+                assert!(
+                    decode_file(&file).is_none(),
+                    "a damaged snapshot file loaded"
+                );
             }
         }
         2 => {
@@ -593,7 +619,10 @@ pub fn snapshot(mut data: &[u8]) {
                 file[off] ^= take_u8(&mut data);
             }
             if file != valid_etcd_db() {
-                assert!(read_etcd_snapshot(&file, false).is_err(), "a damaged db passed its digest");
+                assert!(
+                    read_etcd_snapshot(&file, false).is_err(),
+                    "a damaged db passed its digest"
+                );
             }
             let _ = read_etcd_snapshot(&file, true);
         }
