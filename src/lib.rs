@@ -56,6 +56,10 @@ pub mod consensus;
 pub mod error;
 pub mod failpoints;
 pub mod fatal;
+/// Decoder fuzzing (the `fuzz/` targets and their CI replay); see the module doc.
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod identity;
 pub mod lease;
 pub mod logging;

@@ -40,8 +40,9 @@ pub mod alarms;
 pub mod compaction;
 pub mod downgrade;
 pub mod lease;
-#[cfg(test)]
-mod test_view;
+// Also the state the decoder fuzzing applies requests to (`crate::fuzzing`).
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod test_view;
 pub mod txn;
 
 use std::sync::Arc;
@@ -966,7 +967,7 @@ impl compaction::CompactView for ShardsView<'_> {
 
 /// One proposal of a Raft entry, as [`proposals`] splits them.
 #[derive(Debug)]
-enum Decoded {
+pub(crate) enum Decoded {
     Proposal(Proposal),
     /// A frame that does not decode as a `Proposal`; `origin` and `id` are read on their own
     /// (0 when even they cannot be), so its waiter can still be answered.
@@ -991,7 +992,7 @@ struct ProposalHeader {
 /// proposals and decodes each on its own, so that one that fails to decode affects no other.
 /// Only a broken length prefix ends the entry early (the WAL's checksums make that a bug, not
 /// damage): it is logged, and the rest of the entry is skipped on every member alike.
-fn proposals(data: &[u8]) -> impl Iterator<Item = Decoded> + '_ {
+pub(crate) fn proposals(data: &[u8]) -> impl Iterator<Item = Decoded> + '_ {
     let mut rest = data;
     std::iter::from_fn(move || {
         if rest.is_empty() {

@@ -15,7 +15,7 @@ use crate::mvcc::{KeyRange, KeyValue, Store};
 use crate::proto::etcdserverpb::{Compare, PutRequest, RangeRequest, TxnRequest};
 
 /// One in-memory store as the whole keyspace.
-pub(super) struct Memory {
+pub(crate) struct Memory {
     pub store: RefCell<Store>,
     pub revision: i64,
     pub leases: LeaseTable,

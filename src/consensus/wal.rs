@@ -42,8 +42,10 @@ const HEADER: usize = 12;
 /// Bytes per disk sector when judging torn writes (etcd `minSectorSize`): a crash persists a
 /// write sector by sector, so a sector that never reached the disk reads back as zeros.
 const SECTOR: usize = 512;
-const ENTRY: u8 = 1;
-const HARD_STATE: u8 = 2;
+/// Record type of a Raft entry.
+pub(crate) const ENTRY: u8 = 1;
+/// Record type of a Raft hard state.
+pub(crate) const HARD_STATE: u8 = 2;
 
 /// WAL failures.
 #[derive(Debug, thiserror::Error)]
@@ -124,7 +126,9 @@ fn parse_name(p: &Path) -> Option<(u64, u64)> {
     ))
 }
 
-fn encode_record(buf: &mut Vec<u8>, kind: u8, payload: &[u8]) {
+/// Appends one record (`kind`: [`ENTRY`] or [`HARD_STATE`]) carrying `payload` to `buf`, in
+/// the layout the module doc shows.
+pub(crate) fn encode_record(buf: &mut Vec<u8>, kind: u8, payload: &[u8]) {
     let len = (payload.len() + 1) as u32;
     let len_bytes = len.to_le_bytes();
     let mut body_crc = crc32fast::Hasher::new();
@@ -346,6 +350,34 @@ fn read_segment(
     rec: &mut Recovered,
 ) -> Result<(), WalError> {
     let data = fs::read(path).map_err(io(path))?;
+    let Some((off, torn)) = decode_segment(path, &data, is_last, snapshot_index, rec)? else {
+        return Ok(());
+    };
+    tracing::warn!(path = %path.display(), offset = off, reason = torn, "truncating torn WAL tail");
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io(path))?;
+    f.set_len(off as u64).map_err(io(path))?;
+    f.sync_all().map_err(io(path))?;
+    Ok(())
+}
+
+/// Decodes the segment `data` (the bytes of the file `path`, named in errors) into `rec`,
+/// record by record, without touching the file. Returns `None` when every byte was a valid
+/// record, or `Some((offset, reason))` when the segment ends in a torn write at byte `offset`
+/// (allowed only when `is_last`): `rec` then holds the valid prefix, and the caller truncates
+/// the file there.
+///
+/// Errors: [`WalError::Corrupt`] for damage that is not a torn tail (any damage when not
+/// `is_last`), [`WalError::Gap`] when an entry's index skips ahead.
+pub(crate) fn decode_segment(
+    path: &Path,
+    data: &[u8],
+    is_last: bool,
+    snapshot_index: u64,
+    rec: &mut Recovered,
+) -> Result<Option<(usize, &'static str)>, WalError> {
     let len = data.len();
     let mut off = 0usize;
     let corrupt = |offset: usize, reason| WalError::Corrupt {
@@ -354,7 +386,7 @@ fn read_segment(
         reason,
     };
     while off < len {
-        let torn = match parse_record(&data, off) {
+        let torn = match parse_record(data, off) {
             Ok((kind, payload, next)) => {
                 apply_record(path, kind, payload, snapshot_index, rec).map_err(|r| match r {
                     RecordError::Gap { expected, found } => WalError::Gap {
@@ -373,16 +405,9 @@ fn read_segment(
         if !is_last {
             return Err(corrupt(off, torn));
         }
-        tracing::warn!(path = %path.display(), offset = off, reason = torn, "truncating torn WAL tail");
-        let f = OpenOptions::new()
-            .write(true)
-            .open(path)
-            .map_err(io(path))?;
-        f.set_len(off as u64).map_err(io(path))?;
-        f.sync_all().map_err(io(path))?;
-        break;
+        return Ok(Some((off, torn)));
     }
-    Ok(())
+    Ok(None)
 }
 
 enum Damage {

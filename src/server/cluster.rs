@@ -82,7 +82,7 @@ fn to_member(m: &MemberRecord) -> Member {
 /// etcd `types.NewURLs`: every URL parses, has a host and port, and is http(s).
 ///
 /// Errors: [`EtcdError::MemberBadUrls`].
-fn check_peer_urls(urls: &[String]) -> Result<Vec<String>, EtcdError> {
+pub(crate) fn check_peer_urls(urls: &[String]) -> Result<Vec<String>, EtcdError> {
     if urls.is_empty() {
         return Err(EtcdError::MemberBadUrls);
     }

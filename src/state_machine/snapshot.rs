@@ -72,6 +72,29 @@ fn parse_name(path: &Path) -> Option<(u64, u64)> {
     ))
 }
 
+/// A snapshot file's bytes: magic, crc32 of the payload (little-endian), payload.
+pub(crate) fn encode_file(snap: &StateSnapshot) -> Vec<u8> {
+    let payload = snap.encode_to_vec();
+    let mut out = Vec::with_capacity(8 + payload.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+    out
+}
+
+/// Decodes a snapshot file's bytes; `None` when the magic, the checksum or the payload's
+/// encoding is wrong.
+pub(crate) fn decode_file(bytes: &[u8]) -> Option<StateSnapshot> {
+    if bytes.len() < 8 || &bytes[..4] != MAGIC {
+        return None;
+    }
+    let crc = u32::from_le_bytes(bytes[4..8].try_into().unwrap());
+    if crc32fast::hash(&bytes[8..]) != crc {
+        return None;
+    }
+    StateSnapshot::decode(&bytes[8..]).ok()
+}
+
 /// Where the durable engines' checkpoints for the snapshot at (`term`, `index`) go, in the
 /// snapshot directory `snap_dir`: one subdirectory per shard, which the shard creates.
 pub fn checkpoint_dir(snap_dir: &Path, term: u64, index: u64) -> PathBuf {
@@ -124,13 +147,9 @@ impl Snapshotter {
         let name = format!("{:016x}-{:016x}.snap", snap.term, snap.index);
         let path = self.dir.join(&name);
         let tmp = self.dir.join(format!("{name}.tmp"));
-        let payload = snap.encode_to_vec();
         let write = || -> Result<(), SnapshotError> {
             let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
-            f.write_all(MAGIC).map_err(io(&tmp))?;
-            f.write_all(&crc32fast::hash(&payload).to_le_bytes())
-                .map_err(io(&tmp))?;
-            f.write_all(&payload).map_err(io(&tmp))?;
+            f.write_all(&encode_file(snap)).map_err(io(&tmp))?;
             f.sync_all().map_err(io(&tmp))?;
             fs::rename(&tmp, &path).map_err(io(&path))
         };
@@ -207,15 +226,7 @@ impl Snapshotter {
     /// is wrong; [`SnapshotError::Io`] when it cannot be read.
     fn read(path: &Path) -> Result<StateSnapshot, SnapshotError> {
         let bytes = fs::read(path).map_err(io(path))?;
-        let corrupt = || SnapshotError::Corrupt(path.to_path_buf());
-        if bytes.len() < 8 || &bytes[..4] != MAGIC {
-            return Err(corrupt());
-        }
-        let crc = u32::from_le_bytes(bytes[4..8].try_into().unwrap());
-        if crc32fast::hash(&bytes[8..]) != crc {
-            return Err(corrupt());
-        }
-        StateSnapshot::decode(&bytes[8..]).map_err(|_| corrupt())
+        decode_file(&bytes).ok_or_else(|| SnapshotError::Corrupt(path.to_path_buf()))
     }
 
     /// Renames a snapshot that failed to load to `<name>.broken` (etcd `renameBroken`), so the
