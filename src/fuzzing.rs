@@ -458,7 +458,7 @@ fn entries_from(data: &mut &[u8]) -> Vec<Entry> {
 ///
 /// Panics when a property fails (see [`decode_wal`]).
 pub fn wal(mut data: &[u8]) {
-    if take_u8(&mut data) % 2 == 0 {
+    if take_u8(&mut data).is_multiple_of(2) {
         let _ = decode_wal(data, true);
         let _ = decode_wal(data, false);
         return;

@@ -441,7 +441,7 @@ fn binary_keys() -> Vec<Vec<u8>> {
 /// A value for `key`: invalid UTF-8 with NULs, or empty for some keys (an empty value is a
 /// value, not an absent key).
 fn binary_value(key: &[u8]) -> Vec<u8> {
-    if key.len() == 1 && key[0] % 17 == 0 {
+    if key.len() == 1 && key[0].is_multiple_of(17) {
         Vec::new()
     } else {
         [&[0xff, 0x00, 0xc3][..], key].concat()
@@ -475,7 +475,6 @@ async fn binary_script(c: &mut Client) -> Vec<Result<Got, (Code, String)>> {
     ask(vec![17], q()).await;
     ask(Vec::new(), q()).await;
     ask(vec![0xff, 0xff], q().with_range(vec![0xff])).await;
-    drop(ask);
     let del = c
         .delete(vec![0xff, 0xff], Some(DeleteOptions::new().with_prefix()))
         .await

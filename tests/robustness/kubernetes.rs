@@ -40,8 +40,8 @@ use crate::harness::{wait_until_async, Cluster};
 use crate::linearizability::{Operation, INFINITY};
 use crate::model::{Request, Response};
 use crate::traffic::{
-    check_all, definitive, duration, engines, execute, final_revision, inject_faults, DISK_MEMBER, prefix_end,
-    summary_line, watch_loop, Lcg, Summary, CLUSTERS,
+    check_all, definitive, duration, engines, execute, final_revision, inject_faults, prefix_end,
+    summary_line, watch_loop, Lcg, Summary, CLUSTERS, DISK_MEMBER,
 };
 use crate::watch::{validate_all, validate_compacted, Event, Kv, KvHistory, Session, WatchResp};
 

@@ -35,8 +35,8 @@ use tokio::time::{sleep, timeout};
 
 use crate::harness::{signal, wait_until_async, Cluster, ELECTION_MS};
 use crate::linearizability::{check, Operation, Verdict, INFINITY};
-use crate::small_disk::SmallDisk;
 use crate::model::{Cond, Request, Response, State, LEASE_EXISTS, LEASE_NOT_FOUND};
+use crate::small_disk::SmallDisk;
 use crate::watch::{validate_all, validate_compacted, Event, Kv, KvHistory, Session, WatchResp};
 
 /// Concurrent KV clients.
@@ -850,7 +850,8 @@ pub async fn run(engine: &str, run_for: Duration) -> Summary {
         })
         .collect();
 
-    let mut summary = inject_faults(&mut cluster, engine, small_disk.as_ref(), start, run_for).await;
+    let mut summary =
+        inject_faults(&mut cluster, engine, small_disk.as_ref(), start, run_for).await;
     let deadline = start + run_for;
     // (Every partition is healed above; once more, so the final checks never run cut off.)
     cluster.heal();
