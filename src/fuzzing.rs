@@ -229,8 +229,16 @@ fn request(s: &mut State, kind: u8, b: &[u8]) -> Option<Result<(), EtcdError>> {
         }
         10 => {
             let r = decode::<LeaseRevokeRequest>(b)?;
-            crate::apply::lease::revoke(&m.leases, &*m, r.id).map(|_| {
+            crate::apply::lease::revoke(&m.leases, &*m, r.id).map(|revoked| {
                 assert!(!m.leases.contains(r.id));
+                // As the dispatcher does (`apply_lease_revoke`): a revoke that deleted keys
+                // takes the next revision.
+                if revoked.wrote() {
+                    m.revision += 1;
+                }
+                for kv in &revoked.deleted {
+                    assert!(m.latest(&kv.key).is_none(), "a revoked lease's key is still there");
+                }
             })
         }
         11 => {
