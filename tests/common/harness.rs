@@ -14,6 +14,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -294,6 +295,9 @@ impl Server {
         // Keeps draining stderr for the life of the process so it never blocks on a full pipe.
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("panicked at") {
+                    SERVER_PANICS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 let mut all = keep.lock().unwrap();
                 all.push_str(&line);
                 all.push('\n');
@@ -1089,6 +1093,12 @@ impl Cluster {
         out
     }
 }
+
+/// Panics (Rust's `panicked at` lines) logged by every server process this test binary
+/// started, killed and restarted ones included: the robustness profiles report the count and
+/// require 0.
+#[allow(dead_code)] // Read only by the robustness target.
+pub static SERVER_PANICS: AtomicUsize = AtomicUsize::new(0);
 
 /// Runs etcdctl (API v3) against `endpoint`.
 pub fn etcdctl(endpoint: &str, args: &[&str], stdin: Option<&str>) -> Output {

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use etcd_client::{Client, EventType, GetOptions, WatchOptions};
 use tokio::time::{sleep, timeout};
 
-use crate::harness::{wait_until_async, Cluster};
+use crate::harness::{wait_until_async, Cluster, SERVER_PANICS};
 use crate::linearizability::{Operation, INFINITY};
 use crate::model::{Request, Response};
 use crate::traffic::{
@@ -692,6 +692,7 @@ pub async fn run(engine: &str, run_for: Duration) -> K8sSummary {
     let shards = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .to_string();
+    let panics = SERVER_PANICS.load(Ordering::Relaxed);
     let mut cluster = Cluster::start(3, &["--storage-engine", engine, "--shards", &shards]).await;
     let small_disk = crate::disk::on_small_disk(&mut cluster, DISK_MEMBER);
     let endpoints = cluster.endpoints();
@@ -814,6 +815,7 @@ pub async fn run(engine: &str, run_for: Duration) -> K8sSummary {
     drop(cluster);
     // (Unmounted after the members stopped.)
     drop(small_disk);
+    s.base.panics = SERVER_PANICS.load(Ordering::Relaxed) - panics;
     s
 }
 
@@ -851,12 +853,13 @@ async fn kubernetes_like_under_process_faults() {
             println!("  {v}");
         }
         assert!(
-            b.violations.is_empty() && b.lost_writes.is_empty(),
-            "{engine}: {} violations, {} lost writes (see above)",
+            b.violations.is_empty() && b.lost_writes.is_empty() && b.panics == 0,
+            "{engine}: {} violations, {} lost writes, {} member panics (see above)",
             b.violations.len(),
-            b.lost_writes.len()
+            b.lost_writes.len(),
+            b.panics
         );
-        assert!(b.operations > 0 && b.kills + b.stops + b.partitions > 0);
+        assert!(b.operations > 0 && b.faults() > 0);
         assert!(s.compacted_to > 0, "the run compacted nothing");
         if let Some(caught) = b.planted_caught {
             assert_eq!(caught, 2, "the checker missed a planted fault");

@@ -33,7 +33,7 @@ use etcd_client::{
 };
 use tokio::time::{sleep, timeout};
 
-use crate::harness::{signal, wait_until_async, Cluster, ELECTION_MS};
+use crate::harness::{signal, wait_until_async, Cluster, ELECTION_MS, SERVER_PANICS};
 use crate::linearizability::{check, Operation, Verdict, INFINITY};
 use crate::model::{Cond, Request, Response, State, LEASE_EXISTS, LEASE_NOT_FOUND};
 use crate::small_disk::SmallDisk;
@@ -530,6 +530,8 @@ pub struct Summary {
     pub failpoint_fired: usize,
     /// Full-disk and damaged-file faults ([`crate::disk`]).
     pub disk: crate::disk::DiskCounts,
+    /// Panics the members logged during the run ([`SERVER_PANICS`]).
+    pub panics: usize,
     /// The last revision.
     pub revision: i64,
     /// Watch events delivered, over all watchers.
@@ -821,6 +823,7 @@ pub async fn run(engine: &str, run_for: Duration) -> Summary {
     let shards = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .to_string();
+    let panics = SERVER_PANICS.load(Ordering::Relaxed);
     let mut cluster = Cluster::start(3, &["--storage-engine", engine, "--shards", &shards]).await;
     let small_disk = crate::disk::on_small_disk(&mut cluster, DISK_MEMBER);
     let endpoints = cluster.endpoints();
@@ -884,6 +887,7 @@ pub async fn run(engine: &str, run_for: Duration) -> Summary {
     drop(cluster);
     // (Unmounted after the members stopped.)
     drop(small_disk);
+    summary.panics = SERVER_PANICS.load(Ordering::Relaxed) - panics;
     summary
 }
 
@@ -1053,7 +1057,7 @@ pub fn summary_line(engine: &str, s: &Summary) -> String {
          (kill+restart={}, leader-stop={}, partition={} of which leader={}, {}, crash-at-failpoint={} \
          of which fired={}, {}) watch-events={} watch-sessions={} \
          watch-progress-notifications={} linearizability={} ({:?}, planted faults caught {}) violations={} \
-         lost-writes={} checks={:?}",
+         lost-writes={} panics={} checks={:?}",
         s.operations,
         s.unknown,
         s.unknown_reads,
@@ -1083,6 +1087,7 @@ pub fn summary_line(engine: &str, s: &Summary) -> String {
             .map_or("n/a".to_string(), |n| format!("{n}/2")),
         s.violations.len(),
         s.lost_writes.len(),
+        s.panics,
         s.check_time
     )
 }
@@ -1108,10 +1113,11 @@ async fn kv_and_watch_under_process_faults() {
             println!("  {v}");
         }
         assert!(
-            s.violations.is_empty() && s.lost_writes.is_empty(),
-            "{engine}: {} violations, {} lost writes (see above)",
+            s.violations.is_empty() && s.lost_writes.is_empty() && s.panics == 0,
+            "{engine}: {} violations, {} lost writes, {} member panics (see above)",
             s.violations.len(),
-            s.lost_writes.len()
+            s.lost_writes.len(),
+            s.panics
         );
         assert!(s.operations > 0 && s.faults() > 0);
         if let Some(caught) = s.planted_caught {
