@@ -237,7 +237,10 @@ fn request(s: &mut State, kind: u8, b: &[u8]) -> Option<Result<(), EtcdError>> {
                     m.revision += 1;
                 }
                 for kv in &revoked.deleted {
-                    assert!(m.latest(&kv.key).is_none(), "a revoked lease's key is still there");
+                    assert!(
+                        m.latest(&kv.key).is_none(),
+                        "a revoked lease's key is still there"
+                    );
                 }
             })
         }
