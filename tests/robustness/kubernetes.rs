@@ -36,12 +36,12 @@ use std::time::{Duration, Instant};
 use etcd_client::{Client, EventType, GetOptions, WatchOptions};
 use tokio::time::{sleep, timeout};
 
-use crate::harness::{wait_until_async, Cluster, SERVER_PANICS};
+use crate::harness::{wait_until_async, SERVER_PANICS};
 use crate::linearizability::{Operation, INFINITY};
 use crate::model::{Request, Response};
 use crate::traffic::{
     check_all, definitive, duration, engines, execute, final_revision, inject_faults, prefix_end,
-    summary_line, watch_loop, Lcg, Summary, CLUSTERS, DISK_MEMBER,
+    spawn_watchers, start_cluster, summary_line, Lcg, Summary, CLUSTERS,
 };
 use crate::watch::{validate_all, validate_compacted, Event, Kv, KvHistory, Session, WatchResp};
 
@@ -51,8 +51,6 @@ pub const K8S_PREFIX: &str = "/registry/pods/";
 pub const OBJECTS: usize = 10;
 /// Concurrent clients.
 const CLIENTS: usize = 4;
-/// Concurrent watchers.
-const WATCHERS: usize = 2;
 /// The page size of lists.
 pub const PAGE: i64 = 3;
 /// How often the compactor compacts.
@@ -689,12 +687,8 @@ fn plant_pinned(
 
 /// Runs the profile on `engine` for `run_for` and checks everything.
 pub async fn run(engine: &str, run_for: Duration) -> K8sSummary {
-    let shards = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .to_string();
     let panics = SERVER_PANICS.load(Ordering::Relaxed);
-    let mut cluster = Cluster::start(3, &["--storage-engine", engine, "--shards", &shards]).await;
-    let small_disk = crate::disk::on_small_disk(&mut cluster, DISK_MEMBER);
+    let (mut cluster, small_disk) = start_cluster(engine).await;
     let endpoints = cluster.endpoints();
     let start = Instant::now();
     let stop_clients = Arc::new(AtomicBool::new(false));
@@ -706,18 +700,7 @@ pub async fn run(engine: &str, run_for: Duration) -> K8sSummary {
         upto.clone(),
         recorded.clone(),
     ));
-    let reached: Vec<Arc<AtomicI64>> = (0..WATCHERS).map(|_| Arc::default()).collect();
-    let watchers: Vec<_> = (0..WATCHERS)
-        .map(|w| {
-            tokio::spawn(watch_loop(
-                w,
-                K8S_PREFIX,
-                endpoints.clone(),
-                stop_watchers.clone(),
-                reached[w].clone(),
-            ))
-        })
-        .collect();
+    let (reached, watchers) = spawn_watchers(K8S_PREFIX, &endpoints, &stop_watchers);
     let clients: Vec<_> = (0..CLIENTS)
         .map(|c| {
             tokio::spawn(client_loop(

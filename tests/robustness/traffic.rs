@@ -817,31 +817,52 @@ pub static CLUSTERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// The member whose data directory is on a small tmpfs, for the full-disk fault (root only).
 pub const DISK_MEMBER: usize = 2;
 
-/// Runs the profile on `engine` for `run_for` and checks everything; returns the summary.
-pub async fn run(engine: &str, run_for: Duration) -> Summary {
-    // The server's own shard count (one per CPU), not the harness's test default of one.
+/// The 3-member cluster of a profile on `engine`, with the server's own shard count (one per
+/// CPU, not the harness's test default of one), and member [`DISK_MEMBER`] moved onto a small
+/// tmpfs for the full-disk fault (`Err` with the reason when it cannot be mounted).
+pub async fn start_cluster(engine: &str) -> (Cluster, Result<SmallDisk, String>) {
     let shards = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .to_string();
-    let panics = SERVER_PANICS.load(Ordering::Relaxed);
     let mut cluster = Cluster::start(3, &["--storage-engine", engine, "--shards", &shards]).await;
     let small_disk = crate::disk::on_small_disk(&mut cluster, DISK_MEMBER);
-    let endpoints = cluster.endpoints();
-    let start = Instant::now();
-    let stop_clients = Arc::new(AtomicBool::new(false));
-    let stop_watchers = Arc::new(AtomicBool::new(false));
+    (cluster, small_disk)
+}
+
+/// Starts the [`WATCHERS`] watchers of `prefix` on `endpoints` until `stop`; returns the
+/// revision each has reached and their tasks (each yields its sessions).
+pub fn spawn_watchers(
+    prefix: &'static str,
+    endpoints: &[String],
+    stop: &Arc<AtomicBool>,
+) -> (
+    Vec<Arc<AtomicI64>>,
+    Vec<tokio::task::JoinHandle<Vec<Session>>>,
+) {
     let reached: Vec<Arc<AtomicI64>> = (0..WATCHERS).map(|_| Arc::default()).collect();
-    let watchers: Vec<_> = (0..WATCHERS)
+    let watchers = (0..WATCHERS)
         .map(|w| {
             tokio::spawn(watch_loop(
                 w,
-                PREFIX,
-                endpoints.clone(),
-                stop_watchers.clone(),
+                prefix,
+                endpoints.to_vec(),
+                stop.clone(),
                 reached[w].clone(),
             ))
         })
         .collect();
+    (reached, watchers)
+}
+
+/// Runs the profile on `engine` for `run_for` and checks everything; returns the summary.
+pub async fn run(engine: &str, run_for: Duration) -> Summary {
+    let panics = SERVER_PANICS.load(Ordering::Relaxed);
+    let (mut cluster, small_disk) = start_cluster(engine).await;
+    let endpoints = cluster.endpoints();
+    let start = Instant::now();
+    let stop_clients = Arc::new(AtomicBool::new(false));
+    let stop_watchers = Arc::new(AtomicBool::new(false));
+    let (reached, watchers) = spawn_watchers(PREFIX, &endpoints, &stop_watchers);
     let clients: Vec<_> = (0..CLIENTS)
         .map(|c| {
             tokio::spawn(client_loop(
