@@ -414,7 +414,8 @@ impl Store {
     }
 
     /// Events for keys in `range` with revisions in `[from, to]`, at most about `limit` of
-    /// them (cut only between revisions). `prev_kv` adds each key's previous live version.
+    /// them (cut only between revisions). `prev_kv` adds each key's previous live version,
+    /// except to an event at the compaction revision, whose previous revision is compacted.
     ///
     /// Errors: the answer is ErrCompacted when `from` is below the compaction revision; the
     /// outer error is the engine's (fatal to the shard).
@@ -479,7 +480,10 @@ impl Store {
                 (EventType::Delete, kv)
             }
         };
-        let prev = if prev_kv {
+        // etcd reads prev_kv at rev - 1 and leaves it out when that read fails with
+        // ErrCompacted (v3rpc watch.go; etcd issue #10681). Gating on the compaction revision,
+        // not on whether a purge has run yet, gives every member the same answer.
+        let prev = if prev_kv && rev - 1 >= self.compact_revision {
             self.get(key, rev - 1)?
         } else {
             None
@@ -605,6 +609,8 @@ pub mod conformance {
     pub fn run(make: &dyn Fn() -> Box<dyn Engine>) {
         versions_and_tombstones(Store::new(make()));
         historical_reads_and_compaction(Store::new(make()));
+        a_purge_keeps_deletes_of_survivors(Store::new(make()));
+        no_prev_kv_at_the_compaction_revision(Store::new(make()));
         ranges_limits_and_filters(Store::new(make()));
         export_import_roundtrip(make);
         events_and_lease_index(make);
@@ -767,6 +773,49 @@ pub mod conformance {
             .unwrap()
             .unwrap();
         assert_eq!(keys(&all), vec!["j"]);
+    }
+
+    /// A version kept by one purge (its key's newest at that revision) must still go when a
+    /// later delete of that key is purged: otherwise the key comes back to life.
+    fn a_purge_keeps_deletes_of_survivors(mut s: Store) {
+        put(&mut s, "k", "v2", 2);
+        put(&mut s, "i", "v3", 3);
+        s.compact(3);
+        s.purge(3).unwrap();
+        assert_eq!(s.get(b"k", 3).unwrap().unwrap().value, b"v2");
+        s.delete_range(&KeyRange::from_request(b"k", b""), 4, 0)
+            .unwrap();
+        put(&mut s, "j", "v5", 5);
+        s.compact(5);
+        s.purge(5).unwrap();
+        assert!(
+            s.get(b"k", crate::mvcc::LATEST).unwrap().is_none(),
+            "a deleted key stays deleted after the purge of its delete"
+        );
+        assert!(s.get(b"k", 5).unwrap().is_none());
+        let all = s
+            .range(&range("\0", "\0"), crate::mvcc::LATEST)
+            .unwrap()
+            .unwrap();
+        assert_eq!(keys(&all), vec!["i", "j"]);
+    }
+
+    /// An event at the compaction revision has no prev_kv (etcd reads it at a compacted
+    /// revision), before the purge as after it: members purge at different times.
+    fn no_prev_kv_at_the_compaction_revision(mut s: Store) {
+        put(&mut s, "k", "v2", 2);
+        put(&mut s, "k", "v3", 3);
+        put(&mut s, "k", "v4", 4);
+        s.compact(3);
+        let all = KeyRange::from_request(b"\0", b"\0");
+        let prevs = |s: &Store| -> Vec<Option<i64>> {
+            let batch = s.events(&all, 3, 4, 100, true).unwrap().unwrap();
+            let prev = |e: &EventRecord| e.event.prev_kv.as_ref().map(|p| p.mod_revision);
+            batch.events.iter().map(prev).collect()
+        };
+        assert_eq!(prevs(&s), vec![None, Some(3)], "before the purge");
+        s.purge(3).unwrap();
+        assert_eq!(prevs(&s), vec![None, Some(3)], "after the purge");
     }
 
     fn ranges_limits_and_filters(mut s: Store) {

@@ -786,7 +786,7 @@ pub async fn run(engine: &str, run_for: Duration) -> K8sSummary {
     // Each stale watch is a watcher of its own that need not have caught up.
     for (i, w) in stale_watches.iter().enumerate() {
         let one = std::slice::from_ref(w);
-        let mut found = validate_all(&history, one, None);
+        let mut found = validate_all(&history, one, None, &revisions);
         found.extend(validate_compacted(one, &revisions));
         for v in found {
             s.base
@@ -829,19 +829,6 @@ pub fn k8s_summary_line(engine: &str, s: &K8sSummary) -> String {
 async fn kubernetes_like_under_process_faults() {
     let _one = CLUSTERS.lock().await;
     for engine in engines() {
-        // KNOWN DEFECT, open in the robustness issue: on RocksDB, this profile's first runs
-        // found pinned pages and prev_kv at old (uncompacted) revisions that disagree with the
-        // history, after members were replaced or repaired. Until it is fixed, RocksDB runs
-        // only when asked for by name (`ROBUSTNESS_ENGINES=rocksdb`), to reproduce it; CI's
-        // RocksDB pass (`METASTORE_TEST_ENGINE=rocksdb`) skips it and says so.
-        if engine == "rocksdb" && std::env::var_os("ROBUSTNESS_ENGINES").is_none() {
-            println!(
-                "kubernetes-like robustness engine=rocksdb: SKIPPED (known defect: historical \
-                 reads disagree with the history after member replacement; run with \
-                 ROBUSTNESS_ENGINES=rocksdb to reproduce)"
-            );
-            continue;
-        }
         let s = run(&engine, duration()).await;
         println!("{}", k8s_summary_line(&engine, &s));
         let b = &s.base;

@@ -1060,7 +1060,7 @@ pub fn check_all(
             .flat_map(|s| &s.responses)
             .filter(|r| r.progress)
             .count();
-        let mut found = validate_all(history, sessions, Some(last));
+        let mut found = validate_all(history, sessions, Some(last), compactions);
         found.extend(validate_compacted(sessions, compactions));
         for v in found {
             summary
