@@ -766,7 +766,10 @@ mod tests {
         Delete(u8),
         DeleteAll,
         /// Compact at `current - back`, then purge in steps of `budget` changes.
-        Compact { back: i64, budget: usize },
+        Compact {
+            back: i64,
+            budget: usize,
+        },
         Flush,
     }
 
@@ -783,7 +786,11 @@ mod tests {
 
     /// Everything a client can read of `s` at `rev`: the whole keyspace, and the events from
     /// `rev` on with their prev_kv.
-    fn view(s: &Store, rev: i64, current: i64) -> (Vec<crate::proto::mvccpb::KeyValue>, Vec<Event>) {
+    fn view(
+        s: &Store,
+        rev: i64,
+        current: i64,
+    ) -> (Vec<crate::proto::mvccpb::KeyValue>, Vec<Event>) {
         use crate::proto::etcdserverpb::RangeRequest;
         let all = RangeRequest {
             key: vec![0],

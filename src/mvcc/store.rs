@@ -483,7 +483,7 @@ impl Store {
         // etcd reads prev_kv at rev - 1 and leaves it out when that read fails with
         // ErrCompacted (v3rpc watch.go; etcd issue #10681). Gating on the compaction revision,
         // not on whether a purge has run yet, gives every member the same answer.
-        let prev = if prev_kv && rev - 1 >= self.compact_revision {
+        let prev = if prev_kv && rev > self.compact_revision {
             self.get(key, rev - 1)?
         } else {
             None

@@ -40,8 +40,8 @@ use crate::harness::{wait_until_async, SERVER_PANICS};
 use crate::linearizability::{Operation, INFINITY};
 use crate::model::{Request, Response};
 use crate::traffic::{
-    check_all, definitive, duration, engines, execute, final_revision, inject_faults, prefix_end,
-    spawn_watchers, start_cluster, summary_line, Lcg, Summary, CLUSTERS,
+    check_all, check_members_agree, definitive, duration, engines, execute, final_revision,
+    inject_faults, prefix_end, spawn_watchers, start_cluster, summary_line, Lcg, Summary, CLUSTERS,
 };
 use crate::watch::{validate_all, validate_compacted, Event, Kv, KvHistory, Session, WatchResp};
 
@@ -780,6 +780,7 @@ pub async fn run(engine: &str, run_for: Duration) -> K8sSummary {
     };
     let revisions: Vec<i64> = compactions.iter().map(|c| c.revision).collect();
     check_all(&mut s.base, ops, &history, &watched, last, &revisions);
+    check_members_agree(&cluster, last, &mut s.base).await;
     for v in check_pinned(&pinned, &by_rev, &compactions) {
         s.base.violations.push(format!("pinned page: {v}"));
     }

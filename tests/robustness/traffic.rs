@@ -904,6 +904,7 @@ pub async fn run(engine: &str, run_for: Duration) -> Summary {
     let snapshots = read_history(&cluster, last).await;
     let history = KvHistory::from_snapshots(&snapshots);
     check_all(&mut summary, ops, &history, &watched, last, &[]);
+    check_members_agree(&cluster, last, &mut summary).await;
     summary.check_time = checks.elapsed();
     drop(cluster);
     // (Unmounted after the members stopped.)
@@ -1014,6 +1015,49 @@ pub async fn final_revision(cluster: &Cluster) -> i64 {
             _ if tries < 20 => sleep(Duration::from_millis(250)).await,
             other => panic!("final read: {other:?}\n{}", cluster.logs()),
         }
+    }
+}
+
+/// One member's HashKV answer: (member, hash), or why it had none. (The Rust client does not
+/// expose the answer's compaction revision; the hash depends on it anyway, through the
+/// versions the compaction keeps.)
+pub type MemberHash = (usize, Result<u32, String>);
+
+/// Whether the members' HashKV answers at one revision agree: every member answered, with the
+/// same hash. `None` when they do; otherwise the disagreement. HashKV
+/// covers every version a read at an uncompacted revision can see, so a member whose history
+/// differs anywhere above the compaction (not only in its latest state) hashes differently.
+pub fn members_disagree(answers: &[MemberHash]) -> Option<String> {
+    let first = answers.first()?.1.as_ref().ok();
+    let agree = first.is_some() && answers.iter().all(|(_, a)| a.as_ref().ok() == first);
+    (!agree).then(|| format!("HashKV differs between members: {answers:?}"))
+}
+
+/// Members' agreement at the end of a run: every live member's HashKV at `last` (once each has
+/// applied it), compared by [`members_disagree`] until they agree or 60 s pass; a
+/// disagreement is a violation.
+pub async fn check_members_agree(cluster: &Cluster, last: i64, summary: &mut Summary) {
+    let mut answers = Vec::new();
+    let agreed = wait_until_async(Duration::from_secs(60), async || {
+        answers.clear();
+        for i in cluster.live() {
+            let answer = async {
+                let mut c = cluster.try_client(i).await.map_err(|e| e.to_string())?;
+                let h = c.hash_kv(last).await.map_err(|e| e.to_string())?;
+                Ok(h.hash())
+            };
+            let answer = timeout(Duration::from_secs(5), answer)
+                .await
+                .unwrap_or_else(|_| Err("timed out".into()));
+            answers.push((i, answer));
+        }
+        members_disagree(&answers).is_none()
+    })
+    .await;
+    if !agreed {
+        summary
+            .violations
+            .extend(members_disagree(&answers).map(|d| format!("members at revision {last}: {d}")));
     }
 }
 
@@ -1230,5 +1274,22 @@ async fn the_partition_fault_cuts_the_member_off() {
             .expect("read after healing");
         let values: Vec<String> = got.kvs().iter().map(|kv| lossy(kv.value())).collect();
         assert_eq!(values, ["majority"], "member {i} after healing");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn members_disagreeing_on_hash_kv_is_a_violation() {
+        let same = [(0, Ok(7)), (1, Ok(7)), (2, Ok(7))];
+        assert_eq!(members_disagree(&same), None);
+        // A member whose history differs above the compaction (a resurrected version, say).
+        let hash = [(0, Ok(7)), (1, Ok(9)), (2, Ok(7))];
+        assert!(members_disagree(&hash).is_some());
+        // A member that cannot answer is no agreement either.
+        let silent = [(0, Ok(7)), (1, Err("unavailable".to_string()))];
+        assert!(members_disagree(&silent).is_some());
     }
 }
