@@ -314,6 +314,28 @@ async fn compacted_start_revision_cancels() {
     case_compacted_start_revision(&server.endpoint).await;
 }
 
+/// An event at the compaction revision comes without prev_kv, as from etcd (checked against
+/// etcd 3.4: `compact 3`, then `watch --rev 3 --prev-kv` gives revision 3 without it and
+/// revision 4 with it): etcd reads prev_kv at the compacted revision 2. (MetaStore used to
+/// give it until the background purge ran; the store's conformance case
+/// `no_prev_kv_at_the_compaction_revision` pins that deterministically.)
+#[tokio::test]
+async fn no_prev_kv_for_an_event_at_the_compaction_revision() {
+    let server = Server::start();
+    let mut c = connect(&server.endpoint).await;
+    assert_eq!(put_rev(&mut c, "k", "v1").await, 2);
+    assert_eq!(put_rev(&mut c, "k", "v2").await, 3);
+    assert_eq!(put_rev(&mut c, "k", "v3").await, 4);
+    c.compact(3, None).await.unwrap();
+    let opts = WatchOptions::new().with_start_revision(3).with_prev_key();
+    let (mut ws, id) = open(&mut c, "k", Some(opts)).await;
+    let got = read_events(&mut ws, id, 2).await;
+    assert_eq!(
+        got.iter().map(prev).collect::<Vec<_>>(),
+        vec![None, Some(("v2".into(), 2, 3, 2))]
+    );
+}
+
 async fn case_filters_and_prev_kv(ep: &str) {
     let mut c = connect(ep).await;
     let (mut no_put, np) = open(
