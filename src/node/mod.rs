@@ -35,7 +35,7 @@ use crate::consensus::transport::{Faults, Transport, MAX_PEER_MESSAGE_BYTES};
 use crate::consensus::{
     election_ticks, recover_log, NodeConfig, NodeMsg, RaftHandle, RaftNode, RecoveredLog,
 };
-use crate::fatal::{FatalError, FatalRx, FatalTx};
+use crate::fatal::{run_reporting_panics, FatalError, FatalRx, FatalTx};
 use crate::identity::{self as member, url_string, Member};
 use crate::lease::{min_ttl_secs, LeaseTable};
 use crate::proto::etcdserverpb::{
@@ -498,10 +498,13 @@ fn spawn_workers(
     fatal: FatalTx,
 ) -> Result<(Worker, Worker), NodeError> {
     let os = |context| move |source| NodeError::Os { context, source };
-    let apply = Worker::spawn("apply", move || dispatcher.run(committed))
-        .map_err(os("cannot start the apply thread"))?;
+    let apply_fatal = fatal.clone();
+    let apply = Worker::spawn("apply", move || {
+        run_reporting_panics("apply", &apply_fatal, || dispatcher.run(committed));
+    })
+    .map_err(os("cannot start the apply thread"))?;
     let raft = Worker::spawn("raft", move || {
-        if let Err(e) = node.run() {
+        if let Some(Err(e)) = run_reporting_panics("raft", &fatal, || node.run()) {
             fatal.report(FatalError::Raft(e));
         }
     })

@@ -7,7 +7,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use super::{history_from_proto, history_to_proto, ApplyCmd, BarrierState, ReadCmd, ShardSize};
-use crate::fatal::{FatalError, FatalTx};
+use crate::fatal::{await_reporting_panics, FatalError, FatalTx};
 use crate::mvcc::engine::Engine;
 use crate::mvcc::engine::FlushState;
 use crate::mvcc::engine::StorageError;
@@ -62,6 +62,7 @@ async fn serve(
 ) {
     // Set once either task hits a storage error: neither serves anything after it.
     let failed = Rc::new(std::cell::Cell::new(false));
+    let panic_fatal = fatal.clone();
     let fail = {
         let failed = failed.clone();
         move |e: StorageError| {
@@ -79,14 +80,24 @@ async fn serve(
     sizes[shard].set(&store);
     let store = Rc::new(RefCell::new(store));
     // Cancelled when this returns (the task handle is dropped), or on close.
-    let reader = glommio::spawn_local(serve_reads(
+    let reads = serve_reads(
         store.clone(),
         sizes.clone(),
         shard,
         queues.read.clone(),
         failed.clone(),
         fail.clone(),
-    ));
+    );
+    // A task of its own: a panic in it would not reach the shard's outer catch.
+    let reader = glommio::spawn_local({
+        let (failed, fatal) = (failed.clone(), panic_fatal);
+        async move {
+            let name = format!("shard-{shard}");
+            if await_reporting_panics(&name, &fatal, reads).await.is_none() {
+                failed.set(true);
+            }
+        }
+    });
     let mut replay = Replay {
         shard,
         durable_index,

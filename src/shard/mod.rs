@@ -23,7 +23,7 @@ use tokio::sync::oneshot;
 
 pub use crate::config::EngineKind;
 use crate::error::EtcdError;
-use crate::fatal::FatalTx;
+use crate::fatal::{await_reporting_panics, FatalTx};
 use crate::mvcc::engine::Engine;
 use crate::mvcc::engine::StorageError;
 use crate::mvcc::memory::MemoryEngine;
@@ -398,8 +398,13 @@ impl Shards {
                     match config.open(i, count) {
                         Ok(engine) => {
                             let _ = opened_tx.send(Ok(()));
-                            let queues = run_shard(i, engine, sizes, queues, fatal).await;
-                            let _ = done_tx.send(queues);
+                            // A panic is reported up `fatal` (the member stops); the queues
+                            // are then lost, which `ShardThread::join` expects of a panic.
+                            let name = format!("shard-{i}");
+                            let run = run_shard(i, engine, sizes, queues, fatal.clone());
+                            if let Some(queues) = await_reporting_panics(&name, &fatal, run).await {
+                                let _ = done_tx.send(queues);
+                            }
                         }
                         Err(e) => {
                             let _ = opened_tx.send(Err(e));

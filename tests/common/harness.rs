@@ -297,6 +297,8 @@ impl Server {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if line.contains("panicked at") {
                     SERVER_PANICS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    // Shown as it happens: the member's log may be gone when the test reports.
+                    eprintln!("member panic: {line}");
                 }
                 let mut all = keep.lock().unwrap();
                 all.push_str(&line);

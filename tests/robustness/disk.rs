@@ -10,9 +10,14 @@
 //!   but the other two keep a leader, and once the space is back a stopped member is restarted
 //!   and must rejoin and catch up. Lost writes show up in the profile's final checks.
 //! * **Damaged files** ([`damage`]): a follower is SIGKILLed and one of its files damaged:
-//!   - [`Damage::TornWalTail`]: the WAL's last record cut in the middle, what a crash in the
-//!     middle of a write leaves. It must be repaired at start (etcd truncates a torn tail):
-//!     the member starts, logs `truncating torn WAL tail` naming the segment, and rejoins.
+//!   - [`Damage::TornWalTail`]: half a record after the WAL's last one, what a crash in the
+//!     middle of writing the next record leaves. It must be repaired at start (etcd truncates
+//!     a torn tail): the member starts, logs `truncating torn WAL tail` naming the segment,
+//!     and rejoins. Every complete record stays: each may hold an entry the member had
+//!     acknowledged (fsynced), which no torn write can take away. (An earlier version cut
+//!     the last record itself, and so took acknowledged entries away: raft-rs then panics
+//!     on the leader's commit index, as etcd's raft does — see
+//!     `a_follower_that_lost_acknowledged_entries_stops`.)
 //!   - [`Damage::CorruptWalRecord`]: a byte flipped inside an earlier, complete WAL record.
 //!     The member must refuse to start (`wal: corrupt record in <file> at offset <n>`, as etcd
 //!     refuses with `walpb: crc mismatch`) and exit with a failure status.
@@ -273,7 +278,8 @@ pub async fn wait_caught_up(cluster: &Cluster, member: usize) {
 /// A kind of damage to a stopped member's files.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Damage {
-    /// The WAL's last record cut in the middle (a torn write): repaired at start.
+    /// Half a record after the WAL's last one (a torn write of the next record): repaired at
+    /// start.
     TornWalTail,
     /// A byte flipped in an earlier, complete WAL record: start-up refused.
     CorruptWalRecord,
@@ -378,12 +384,14 @@ pub fn apply(data_dir: &Path, kind: Damage) -> Option<PathBuf> {
     match kind {
         Damage::TornWalTail => {
             let newest = files.last()?.clone();
-            let bytes = std::fs::read(&newest).ok()?;
+            let mut bytes = std::fs::read(&newest).ok()?;
             let &(last, len) = wal_records(&bytes).last()?;
-            // Keep the header and half the body: the record extends past the end of the file.
-            let cut = last + 12 + len / 2;
-            let f = std::fs::OpenOptions::new().write(true).open(&newest).ok()?;
-            f.set_len(cut as u64).expect("truncate the WAL segment");
+            // The next record's write cut short: a copy of the last record's header and half
+            // its body after it, extending past the end of the file.
+            let partial = bytes[last..last + 12 + len / 2].to_vec();
+            bytes.truncate(last + 12 + len);
+            bytes.extend(partial);
+            std::fs::write(&newest, &bytes).expect("write the WAL segment");
             Some(newest)
         }
         Damage::CorruptWalRecord => {
@@ -840,6 +848,67 @@ mod tests {
         }
     }
 
+    /// A follower whose WAL lost entries it had acknowledged (cut right after a hard state
+    /// record, with committed entries after it: what no torn write can do, as an entry is
+    /// fsynced before it is acknowledged) gets a commit index past its log from the leader.
+    /// raft-rs panics there, as etcd's raft does ("to_commit N is out of range"); the member
+    /// must then stop by itself with a failure status and say why. It used to keep running
+    /// without its Raft thread, "waiting for a Raft leader" for ever (the long profile found
+    /// it, through the old torn-tail damage, which cut an acknowledged record).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_follower_that_lost_acknowledged_entries_stops() {
+        let _one = CLUSTERS.lock().await;
+        let mut cluster = Cluster::start(3, &[]).await;
+        let leader = cluster.wait_for_leader(Duration::from_secs(60)).await;
+        let mut c = cluster.client(leader).await;
+        for i in 0..100 {
+            c.put(format!("lost/{i:03}"), "v", None).await.unwrap();
+        }
+        drop(c);
+        cluster.wait_converged(Duration::from_secs(60)).await;
+        let victim = (leader + 1) % 3;
+        cluster.kill(victim);
+        let segment = files(&cluster.data_dir(victim), Damage::TornWalTail)
+            .pop()
+            .expect("a WAL segment");
+        let bytes = std::fs::read(&segment).unwrap();
+        let records = wal_records(&bytes);
+        let is_hard_state = |&(off, _): &(usize, usize)| bytes[off + 12] == 2;
+        // The last hard state with at least 10 entries after it.
+        let cut = (0..records.len().saturating_sub(10))
+            .rev()
+            .find(|&r| is_hard_state(&records[r]))
+            .map(|r| records[r].0 + 12 + records[r].1)
+            .expect("a hard state followed by entries");
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&segment)
+            .unwrap();
+        f.set_len(cut as u64).unwrap();
+        drop(f);
+        let started = std::time::Instant::now();
+        let output = cluster
+            .try_restart(victim)
+            .expect_err("a member that lost acknowledged entries must not serve");
+        println!(
+            "member {victim} stopped after {:?}; log tail:\n{}",
+            started.elapsed(),
+            output.lines().rev().take(6).collect::<Vec<_>>().join("\n")
+        );
+        assert!(
+            exited_with_failure(&output),
+            "the member exits by itself, with a failure status: {output}"
+        );
+        assert!(
+            output.contains("the raft thread panicked") && output.contains("out of range"),
+            "the member says why it stopped: {output}"
+        );
+        // The other two still serve.
+        let leader = cluster.wait_for_leader(Duration::from_secs(60)).await;
+        let mut c = cluster.client(leader).await;
+        c.put("lost/after", "v", None).await.unwrap();
+    }
+
     /// Each damage kind acts and is answered as it must be, through the profile's own
     /// [`damage`]: a torn WAL tail repaired (the member starts and keeps every key), a corrupt
     /// WAL record refused with the file named (the member replaced), a corrupt snapshot
@@ -1008,7 +1077,7 @@ mod tests {
         .is_err());
     }
 
-    /// The WAL damage is what it says: a torn tail cuts the last record in its middle; a
+    /// The WAL damage is what it says: a torn tail is half a record after the last one; a
     /// corrupt record keeps the length and changes a byte of an earlier record's body.
     #[test]
     fn wal_damage_hits_the_right_record() {
@@ -1043,8 +1112,10 @@ mod tests {
         std::fs::write(&seg, &bytes).unwrap();
         assert_eq!(apply(dir.path(), Damage::TornWalTail), Some(seg.clone()));
         let torn = std::fs::read(&seg).unwrap();
-        assert_eq!(torn.len(), 4 * 52 + 12 + 20);
-        assert_eq!(&torn[..], &bytes[..torn.len()]);
+        // Every record kept, then half of one more.
+        assert_eq!(torn.len(), 5 * 52 + 12 + 20);
+        assert_eq!(&torn[..5 * 52], &bytes[..]);
+        assert_eq!(&torn[5 * 52..], &bytes[4 * 52..4 * 52 + 12 + 20]);
         // No snapshot, no SST: nothing to damage.
         assert_eq!(apply(dir.path(), Damage::CorruptSnapshot), None);
         assert_eq!(apply(dir.path(), Damage::CorruptSst), None);
