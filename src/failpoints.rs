@@ -27,7 +27,9 @@
 //!   shards may have: the shards hold different applied indexes on disk.
 //! * [`APPLY_AFTER_BARRIER`]: every shard has persisted the batch, before readers see it
 //!   (`AppliedState` published) and before the clients are answered: durable writes whose
-//!   clients never learn the outcome.
+//!   clients never learn the outcome. With the `sleep(ms)` action instead of `return` it holds
+//!   each batch there without crashing, which widens the window in which the shards are ahead
+//!   of what readers were told (the watch test `a_compacted_watch_names_the_compaction_that_cut_it`).
 //! * [`SNAPSHOT_BEFORE_INSTALL`]: a follower got a snapshot from the leader (it decoded),
 //!   before it is saved to the snapshot directory.
 //! * [`SNAPSHOT_AFTER_INSTALL`]: the leader's snapshot is saved, before the state machine is

@@ -38,6 +38,14 @@ pub struct EventRecord {
     pub event: Event,
 }
 
+/// Why [`Store::events`] has no answer: its first revision is below the shard's compaction
+/// revision (etcd's ErrCompacted, which a watch reports by canceling with `compact_revision`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HistoryCompacted {
+    /// The shard's compaction revision when it answered: every revision below it is gone.
+    pub compact_revision: i64,
+}
+
 /// Events of one shard over a revision window.
 #[derive(Clone, Debug, Default)]
 pub struct EventBatch {
@@ -417,8 +425,9 @@ impl Store {
     /// them (cut only between revisions). `prev_kv` adds each key's previous live version,
     /// except to an event at the compaction revision, whose previous revision is compacted.
     ///
-    /// Errors: the answer is ErrCompacted when `from` is below the compaction revision; the
-    /// outer error is the engine's (fatal to the shard).
+    /// Errors: the answer is [`HistoryCompacted`] (etcd's ErrCompacted), with this shard's
+    /// compaction revision, when `from` is below it; the outer error is the engine's (fatal to
+    /// the shard).
     pub fn events(
         &self,
         range: &KeyRange,
@@ -426,9 +435,11 @@ impl Store {
         to: i64,
         limit: usize,
         prev_kv: bool,
-    ) -> Result<Result<EventBatch, EtcdError>, StorageError> {
+    ) -> Result<Result<EventBatch, HistoryCompacted>, StorageError> {
         if from < self.compact_revision {
-            return Ok(Err(EtcdError::Compacted));
+            return Ok(Err(HistoryCompacted {
+                compact_revision: self.compact_revision,
+            }));
         }
         let mut batch = EventBatch {
             events: Vec::new(),
@@ -694,10 +705,12 @@ pub mod conformance {
         assert_eq!(revoked.len(), 1);
         assert!(s.lease_keys(7).unwrap().is_empty());
         s.compact(4);
-        assert!(matches!(
-            s.events(&all, 3, 6, 100, false).unwrap(),
-            Err(EtcdError::Compacted)
-        ));
+        assert_eq!(
+            s.events(&all, 3, 6, 100, false).unwrap().unwrap_err(),
+            HistoryCompacted {
+                compact_revision: 4
+            }
+        );
         assert_eq!(
             s.events(&all, 4, 6, 100, false)
                 .unwrap()

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Access, Core, Reader};
 use crate::consensus::NodeStatus;
 use crate::error::EtcdError;
+use crate::mvcc::store::HistoryCompacted;
 use crate::mvcc::{KeyRange, RangeEnd};
 use crate::proto::etcdserverpb::{
     watch_create_request::FilterType, watch_request::RequestUnion, watch_server::Watch,
@@ -383,7 +384,9 @@ impl StreamState {
                 }
             }
             let fetched = if w.next_rev < state.compact_revision {
-                Err(EtcdError::Compacted)
+                Ok(Err(HistoryCompacted {
+                    compact_revision: state.compact_revision,
+                }))
             } else {
                 self.ctx
                     .reader
@@ -392,7 +395,7 @@ impl StreamState {
                     .await
             };
             match fetched {
-                Ok(batch) => {
+                Ok(Ok(batch)) => {
                     let events: Vec<Event> = batch
                         .events
                         .into_iter()
@@ -411,10 +414,12 @@ impl StreamState {
                             .await?;
                     }
                 }
-                Err(EtcdError::Compacted) => {
+                Ok(Err(HistoryCompacted { compact_revision })) => {
                     self.watchers.remove(&id);
-                    let compact_revision = self.ctx.reader.applied().compact_revision;
-                    // etcd sets only compact_revision; the reason helps clients that read it.
+                    // The compaction that cut the watcher, as the shards answered: they apply a
+                    // compaction before it is published, so `state` may still name an older
+                    // one. etcd sets only compact_revision; the reason helps clients that read
+                    // it.
                     let resp = WatchResponse {
                         canceled: true,
                         compact_revision,

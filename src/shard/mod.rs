@@ -29,7 +29,7 @@ use crate::mvcc::engine::StorageError;
 use crate::mvcc::memory::MemoryEngine;
 use crate::mvcc::range::PartialRange;
 use crate::mvcc::rocks::{RocksEngine, RocksOptions, ShardIdentity};
-use crate::mvcc::store::EventBatch;
+use crate::mvcc::store::{EventBatch, HistoryCompacted};
 use crate::mvcc::{KeyRange, Store};
 use crate::proto::etcdserverpb::RangeRequest;
 use executor::{run_shard, Queues};
@@ -205,7 +205,12 @@ impl ShardSet {
     /// Watch events for `range` in `[from, to]` from every shard it touches, merged into one
     /// (revision, sub-revision, key) ordered list that is complete through the returned revision.
     ///
-    /// Errors: ErrCompacted when `from` is below the compaction revision.
+    /// The answer is [`HistoryCompacted`] (etcd's ErrCompacted) when `from` is below the
+    /// compaction revision of any shard it asked, with the highest such revision: shards apply
+    /// a compaction before readers see it published, so this may be newer than the published
+    /// [`AppliedState::compact_revision`](crate::state_machine::AppliedState).
+    ///
+    /// Errors: ErrStopped when a shard is gone.
     pub async fn events(
         &self,
         range: &KeyRange,
@@ -213,7 +218,7 @@ impl ShardSet {
         to: i64,
         limit: usize,
         prev_kv: bool,
-    ) -> Result<EventBatch, EtcdError> {
+    ) -> Result<Result<EventBatch, HistoryCompacted>, EtcdError> {
         let parts = self
             .scatter(self.shards_for(range), |reply| ReadCmd::Events {
                 range: range.clone(),
@@ -228,10 +233,18 @@ impl ShardSet {
             events: Vec::new(),
             through: to,
         };
+        let mut compacted: Option<HistoryCompacted> = None;
         for part in parts {
-            let part = part?;
-            merged.through = merged.through.min(part.through);
-            merged.events.extend(part.events);
+            match part {
+                Ok(part) => {
+                    merged.through = merged.through.min(part.through);
+                    merged.events.extend(part.events);
+                }
+                Err(c) => compacted = compacted.max(Some(c)),
+            }
+        }
+        if let Some(c) = compacted {
+            return Ok(Err(c));
         }
         // A shard that stopped early bounds what is complete for all of them.
         let through = merged.through;
@@ -244,7 +257,7 @@ impl ShardSet {
                 .cmp(&(b.rev, b.sub))
                 .then_with(|| key(a).cmp(&key(b)))
         });
-        Ok(merged)
+        Ok(Ok(merged))
     }
 
     /// Defragments every shard (one after another, so only one shard at a time is busy).

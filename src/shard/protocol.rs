@@ -10,7 +10,7 @@ use crate::mvcc::engine::RecoveredState;
 use crate::mvcc::engine::StorageError;
 use crate::mvcc::engine::{Live, VersionRecord};
 use crate::mvcc::range::PartialRange;
-use crate::mvcc::store::{CompareEval, EventBatch};
+use crate::mvcc::store::{CompareEval, EventBatch, HistoryCompacted};
 use crate::mvcc::{KeyRange, KeyValue};
 use crate::proto::etcdserverpb::{Compare, PutRequest, RangeRequest};
 use crate::proto::metastorepb::LeaseRecord;
@@ -174,8 +174,8 @@ pub enum ReadCmd {
         limit: usize,
         /// Include each key's previous version.
         prev_kv: bool,
-        /// This shard's events.
-        reply: oneshot::Sender<Result<EventBatch, EtcdError>>,
+        /// This shard's events, or its compaction revision when `from` is below it.
+        reply: oneshot::Sender<Result<EventBatch, HistoryCompacted>>,
     },
     /// Reclaim space (Defragment: a memtable flush and a full manual compaction in RocksDB).
     Defragment {

@@ -528,6 +528,19 @@ impl MemberSpec {
     }
 }
 
+/// One member's HashKV answer: (member, its answer), or why it had none.
+pub type MemberHash = (usize, Result<HashAnswer, String>);
+
+/// What HashKV answered. (The Rust client does not expose the answer's compaction revision;
+/// the hash depends on it anyway, through the versions the compaction keeps.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HashAnswer {
+    /// The member's revision when it answered (the response header's).
+    pub revision: i64,
+    /// etcd's HashKV of every version at or below the revision asked for.
+    pub hash: u32,
+}
+
 /// A cluster of n member processes on ephemeral loopback ports, each with its own data dir,
 /// started with etcd's cluster flags. Members can be SIGKILLed and restarted, signalled
 /// (see [`Cluster::pid`]), cut off from each other, fully or one way, and have their peer
@@ -1025,27 +1038,39 @@ impl Cluster {
     /// after `timeout`). Wait for something a user can see instead, as
     /// `auth_works_across_members_restarts_and_snapshots` does.
     pub async fn wait_converged(&self, timeout: Duration) -> i64 {
-        let mut hashes = Vec::new();
-        let mut converged = None;
-        wait_until_async(timeout, async || {
-            hashes.clear();
-            for i in self.live() {
-                let mut c = self.client(i).await;
-                let h = match c.hash_kv(0).await {
-                    Ok(h) => Some((h.header().map(|h| h.revision()), h.hash())),
-                    Err(_) => None,
-                };
-                hashes.push(h);
-            }
-            if let Some((rev, _)) = hashes[0] {
-                if hashes.iter().all(|h| *h == hashes[0]) {
-                    converged = Some(rev.unwrap_or(0));
-                }
-            }
-            converged.is_some()
+        let mut answers = Vec::new();
+        let converged = wait_until_async(timeout, async || {
+            answers = self.hash_kv_all(0).await;
+            let first = answers.first().and_then(|(_, a)| a.as_ref().ok());
+            first.is_some() && answers.iter().all(|(_, a)| a.as_ref().ok() == first)
         })
         .await;
-        converged.unwrap_or_else(|| panic!("members did not converge: {hashes:?}\n{}", self.logs()))
+        match answers.first() {
+            Some((_, Ok(answer))) if converged => answer.revision,
+            _ => panic!("members did not converge: {answers:?}\n{}", self.logs()),
+        }
+    }
+
+    /// Every live member's HashKV at revision `rev` (0: each member's latest), asked once,
+    /// each answer within 5 s: what [`Cluster::wait_converged`] and the robustness suite's end
+    /// check compare.
+    pub async fn hash_kv_all(&self, rev: i64) -> Vec<MemberHash> {
+        let mut answers = Vec::new();
+        for i in self.live() {
+            let answer = async {
+                let mut c = self.try_client(i).await.map_err(|e| e.to_string())?;
+                let h = c.hash_kv(rev).await.map_err(|e| e.to_string())?;
+                Ok(HashAnswer {
+                    revision: h.header().map_or(0, |h| h.revision()),
+                    hash: h.hash(),
+                })
+            };
+            let answer = tokio::time::timeout(Duration::from_secs(5), answer)
+                .await
+                .unwrap_or_else(|_| Err("timed out".into()));
+            answers.push((i, answer));
+        }
+        answers
     }
 
     /// Registers a new member (not started) that joins with `--initial-cluster-state

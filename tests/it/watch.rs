@@ -314,6 +314,54 @@ async fn compacted_start_revision_cancels() {
     case_compacted_start_revision(&server.endpoint).await;
 }
 
+/// A watch canceled because its start revision is compacted names the compaction that cut it,
+/// also while the shards have applied that compaction and readers have not been told yet. The
+/// robustness suite's Kubernetes-like profile found a cancel naming the compaction before
+/// (3825 for a watch from 3873, cut by the compaction at 3902): the shard answered
+/// ErrCompacted, the cancel read the compaction revision published to readers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compacted_watch_names_the_compaction_that_cut_it() {
+    let dir = tempfile::tempdir().unwrap();
+    // Each batch waits 300 ms after the shards applied it, before readers see it.
+    let env = [("FAILPOINTS", "apply-after-barrier=sleep(300)")];
+    let server = Server::try_start_with_env(dir.path(), &[], &env).unwrap();
+    let mut c = connect(&server.endpoint).await;
+    for i in 0..5 {
+        assert_eq!(put_rev(&mut c, "k", &format!("v{i}")).await, i + 2);
+    }
+    let mut compactor = c.clone();
+    let compact = tokio::spawn(async move { compactor.compact(5, None).await });
+    // Watches from revision 3 until the compaction is answered: each one either replays from 3
+    // (not compacted yet) or is canceled.
+    let mut cancels = Vec::new();
+    while !compact.is_finished() {
+        let mut ws = c
+            .watch("k", Some(WatchOptions::new().with_start_revision(3)))
+            .await
+            .unwrap();
+        let r = next_resp(&mut ws).await;
+        assert!(r.created(), "{r:?}");
+        let r = next_resp(&mut ws).await;
+        if r.canceled() {
+            cancels.push(r.compact_revision());
+        } else {
+            assert_eq!(r.events()[0].kv().unwrap().mod_revision(), 3, "{r:?}");
+        }
+    }
+    compact.await.unwrap().unwrap();
+    assert!(
+        !cancels.is_empty(),
+        "no watch was canceled before the compaction was answered"
+    );
+    let wrong: BTreeSet<i64> = cancels.iter().copied().filter(|&rev| rev != 5).collect();
+    assert!(
+        wrong.is_empty(),
+        "{} of {} cancels named another compaction: {wrong:?}",
+        cancels.iter().filter(|&&rev| rev != 5).count(),
+        cancels.len()
+    );
+}
+
 /// An event at the compaction revision comes without prev_kv, as from etcd (checked against
 /// etcd 3.4: `compact 3`, then `watch --rev 3 --prev-kv` gives revision 3 without it and
 /// revision 4 with it): etcd reads prev_kv at the compacted revision 2. (MetaStore used to

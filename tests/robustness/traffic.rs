@@ -33,7 +33,9 @@ use etcd_client::{
 };
 use tokio::time::{sleep, timeout};
 
-use crate::harness::{signal, wait_until_async, Cluster, ELECTION_MS, SERVER_PANICS};
+use crate::harness::{
+    signal, wait_until_async, Cluster, HashAnswer, MemberHash, ELECTION_MS, SERVER_PANICS,
+};
 use crate::linearizability::{check, Operation, Verdict, INFINITY};
 use crate::model::{Cond, Request, Response, State, LEASE_EXISTS, LEASE_NOT_FOUND};
 use crate::small_disk::SmallDisk;
@@ -1018,18 +1020,15 @@ pub async fn final_revision(cluster: &Cluster) -> i64 {
     }
 }
 
-/// One member's HashKV answer: (member, hash), or why it had none. (The Rust client does not
-/// expose the answer's compaction revision; the hash depends on it anyway, through the
-/// versions the compaction keeps.)
-pub type MemberHash = (usize, Result<u32, String>);
-
 /// Whether the members' HashKV answers at one revision agree: every member answered, with the
 /// same hash. `None` when they do; otherwise the disagreement. HashKV
 /// covers every version a read at an uncompacted revision can see, so a member whose history
 /// differs anywhere above the compaction (not only in its latest state) hashes differently.
 pub fn members_disagree(answers: &[MemberHash]) -> Option<String> {
-    let first = answers.first()?.1.as_ref().ok();
-    let agree = first.is_some() && answers.iter().all(|(_, a)| a.as_ref().ok() == first);
+    // Only the hash: each member answers with its own latest revision in the header.
+    let hash = |a: &Result<HashAnswer, String>| a.as_ref().ok().map(|a| a.hash);
+    let first = hash(&answers.first()?.1);
+    let agree = first.is_some() && answers.iter().all(|(_, a)| hash(a) == first);
     (!agree).then(|| format!("HashKV differs between members: {answers:?}"))
 }
 
@@ -1039,18 +1038,7 @@ pub fn members_disagree(answers: &[MemberHash]) -> Option<String> {
 pub async fn check_members_agree(cluster: &Cluster, last: i64, summary: &mut Summary) {
     let mut answers = Vec::new();
     let agreed = wait_until_async(Duration::from_secs(60), async || {
-        answers.clear();
-        for i in cluster.live() {
-            let answer = async {
-                let mut c = cluster.try_client(i).await.map_err(|e| e.to_string())?;
-                let h = c.hash_kv(last).await.map_err(|e| e.to_string())?;
-                Ok(h.hash())
-            };
-            let answer = timeout(Duration::from_secs(5), answer)
-                .await
-                .unwrap_or_else(|_| Err("timed out".into()));
-            answers.push((i, answer));
-        }
+        answers = cluster.hash_kv_all(last).await;
         members_disagree(&answers).is_none()
     })
     .await;
@@ -1283,13 +1271,15 @@ mod tests {
 
     #[test]
     fn members_disagreeing_on_hash_kv_is_a_violation() {
-        let same = [(0, Ok(7)), (1, Ok(7)), (2, Ok(7))];
+        let at = |revision, hash| Ok(HashAnswer { revision, hash });
+        // Members at different latest revisions agree on the hash at the one asked for.
+        let same = [(0, at(10, 7)), (1, at(12, 7)), (2, at(10, 7))];
         assert_eq!(members_disagree(&same), None);
         // A member whose history differs above the compaction (a resurrected version, say).
-        let hash = [(0, Ok(7)), (1, Ok(9)), (2, Ok(7))];
+        let hash = [(0, at(10, 7)), (1, at(10, 9)), (2, at(10, 7))];
         assert!(members_disagree(&hash).is_some());
         // A member that cannot answer is no agreement either.
-        let silent = [(0, Ok(7)), (1, Err("unavailable".to_string()))];
+        let silent = [(0, at(10, 7)), (1, Err("unavailable".to_string()))];
         assert!(members_disagree(&silent).is_some());
     }
 }
