@@ -201,9 +201,13 @@ async fn launch(
     let engine = recovery::engine_config(&cfg, &member_dir, member.id)?;
     // Fatal errors (a shard's engine failing, the Raft log that cannot be written) come to
     // the handle and stop the member (see `run`).
-    let (fatal_tx, fatal_rx) = FatalTx::channel();
+    let (fatal_tx, mut fatal_rx) = FatalTx::channel();
     let shards = Shards::spawn(cfg.shard_count(), &engine, fatal_tx.clone())?;
-    let start = match recovery::resume(&shards, &engine, &snapshotter, &log).await {
+    let resumed = unless_fatal(
+        &mut fatal_rx,
+        recovery::resume(&shards, &engine, &snapshotter, &log),
+    );
+    let start = match resumed.await {
         Ok(start) => start,
         Err(e) => {
             // Close the shards' databases before the process exits with the error.
@@ -248,22 +252,43 @@ async fn launch(
         _lock: lock,
     };
     // A snapshot still being loaded into the shards: clients wait until it is all there.
-    let _ = handle
-        .core
-        .reader
-        .applied_changes()
-        .wait_for(|a| a.index >= start_index)
-        .await;
-    // As etcd, the check runs once this member's state machine holds what it recovered, and
-    // before any client is served.
-    if handle.cfg.experimental_initial_corrupt_check {
-        if let Err(e) = corrupt::initial_check(&handle.core, committed_at_start).await {
-            handle.shutdown(false).await;
-            return Err(e.into());
+    let core = handle.core.clone();
+    let loaded = async {
+        let _ = core
+            .reader
+            .applied_changes()
+            .wait_for(|a| a.index >= start_index)
+            .await;
+        // As etcd, the check runs once this member's state machine holds what it recovered,
+        // and before any client is served.
+        if handle.cfg.experimental_initial_corrupt_check {
+            corrupt::initial_check(&core, committed_at_start).await?;
         }
+        Ok(())
+    };
+    if let Err(e) = unless_fatal(&mut handle.fatal, loaded).await {
+        handle.shutdown(false).await;
+        return Err(e);
     }
     handle.client_servers = serve_clients(&handle.cfg, &handle.core, bound, &tls);
     Ok(handle)
+}
+
+/// Runs `step`, a part of start-up that waits on the shards or the apply thread, unless a
+/// fatal error comes first: then that error ([`NodeError::Fatal`]). A shard whose engine fails
+/// (a corrupt SST block read while recovering, say) stops serving and never answers, so
+/// start-up would otherwise wait for it for ever.
+async fn unless_fatal<T>(
+    fatal: &mut FatalRx,
+    step: impl std::future::Future<Output = Result<T, NodeError>>,
+) -> Result<T, NodeError> {
+    tokio::select! {
+        done = step => done,
+        Some(e) = fatal.recv() => {
+            tracing::error!(error = %e, "fatal error while starting; stopping the member");
+            Err(NodeError::Fatal(e))
+        }
+    }
 }
 
 /// What [`start_threads`] started.

@@ -141,7 +141,14 @@ pub(super) async fn recover_start(
     for i in 0..shards.len() {
         let (reply, rx) = tokio::sync::oneshot::channel();
         let _ = shards.get(i).apply.send(ApplyCmd::Recover { reply });
-        states.push(rx.await.ok().flatten());
+        // A shard that stopped (its engine failed and reported it, or it panicked) has no
+        // state to give: not the same as an empty one, which would be replayed from index 0.
+        let state = rx.await.map_err(|_| {
+            NodeError::DataDir(format!(
+                "shard {i} stopped before it reported its recovered state"
+            ))
+        })?;
+        states.push(state);
     }
     let applied: Vec<u64> = states
         .iter()

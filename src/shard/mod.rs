@@ -484,12 +484,22 @@ impl Shards {
             .collect();
         drop(self.set);
         let mut errors = Vec::new();
-        for (shard, (closed, thread)) in closing.into_iter().zip(self.threads).enumerate() {
-            let outcome = match tokio::time::timeout_at(deadline, closed).await {
-                Ok(Ok(Ok(()))) => Ok(()),
-                Ok(Ok(Err(error))) => Err(CloseError::Sync { shard, error }),
-                Ok(Err(_)) => Err(CloseError::Stopped(shard)),
-                Err(_) => Err(CloseError::TimedOut(shard)),
+        for (shard, (closed, mut thread)) in closing.into_iter().zip(self.threads).enumerate() {
+            // A shard that stopped on a failure before the close came never answers it: its
+            // queues, the close in them, come back on `done` instead.
+            let mut left = None;
+            let outcome = tokio::select! {
+                biased;
+                closed = tokio::time::timeout_at(deadline, closed) => match closed {
+                    Ok(Ok(Ok(()))) => Ok(()),
+                    Ok(Ok(Err(error))) => Err(CloseError::Sync { shard, error }),
+                    Ok(Err(_)) => Err(CloseError::Stopped(shard)),
+                    Err(_) => Err(CloseError::TimedOut(shard)),
+                },
+                queues = &mut thread.done => {
+                    left = Some(queues);
+                    Err(CloseError::Stopped(shard))
+                }
             };
             let joined = match outcome {
                 Err(CloseError::TimedOut(_)) => {
@@ -501,7 +511,7 @@ impl Shards {
                     });
                     Ok(())
                 }
-                _ => thread.join(shard, deadline).await,
+                _ => thread.join(shard, left, deadline).await,
             };
             errors.extend(outcome.err());
             errors.extend(joined.err());
@@ -527,10 +537,20 @@ impl Shards {
 }
 
 impl ShardThread {
-    /// Waits until `deadline` for the shard to leave its loop, has its queues refused from
-    /// then on, and joins the thread (off the runtime's workers: glommio's join blocks).
-    async fn join(self, shard: usize, deadline: tokio::time::Instant) -> Result<(), CloseError> {
-        match tokio::time::timeout_at(deadline, self.done).await {
+    /// Waits until `deadline` for the shard to leave its loop (unless `done` already tells
+    /// that it has), has its queues refused from then on, and joins the thread (off the
+    /// runtime's workers: glommio's join blocks).
+    async fn join(
+        self,
+        shard: usize,
+        done: Option<Result<Queues, oneshot::error::RecvError>>,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), CloseError> {
+        let done = match done {
+            Some(done) => Ok(done),
+            None => tokio::time::timeout_at(deadline, self.done).await,
+        };
+        match done {
             Ok(Ok(queues)) => {
                 tokio::spawn(queues.refuse_all());
             }

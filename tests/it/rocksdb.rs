@@ -439,6 +439,56 @@ async fn a_corrupt_sst_block_stops_the_member_instead_of_serving_partial_data() 
     );
 }
 
+/// A corrupt SST block that start-up itself reads (the shard's applied state, kept in RocksDB
+/// with the keys) stops the member at once, with a failure status and RocksDB's Corruption
+/// naming the file. The robustness suite's long profile found a member that logged the error
+/// and then waited for the broken shard for ever, until it was killed: the shard had stopped,
+/// and start-up did not listen for fatal errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_sst_read_at_start_up_stops_the_member() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two runs, each ended by a graceful stop, which flushes the memtables: each shard then
+    // has an older SST file with its identity (read when the database opens) and a newer one
+    // with later keys and its applied state (read once it is open), one data block each.
+    for round in 0..2 {
+        let mut server = Server::try_start(dir.path(), &flags(&[])).unwrap();
+        put_keys(&server, &format!("s{round}/"), 8).await;
+        server.terminate();
+        assert!(server.wait_exit(Duration::from_secs(20)));
+    }
+    let sst = std::fs::read_dir(shard_dir(dir.path(), 0))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "sst"))
+        .max()
+        .expect("shard 0 has SST files");
+    let mut bytes = std::fs::read(&sst).unwrap();
+    // Inside the first data block, which starts the file.
+    for b in &mut bytes[8..11] {
+        *b ^= 0xa5;
+    }
+    std::fs::write(&sst, &bytes).unwrap();
+
+    let started = std::time::Instant::now();
+    let output = refused_start(dir.path());
+    // The harness kills a server that never gets ready (after 60 s): `unix_wait_status(9)`.
+    let status: i32 = output
+        .split("unix_wait_status(")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no exit status in:\n{output}"));
+    assert!(
+        status & 0x7f == 0 && status >> 8 == 1,
+        "the member must exit by itself with status 1 (wait status {status}, after {:?}):\n{output}",
+        started.elapsed()
+    );
+    assert!(
+        output.contains("Corruption") && output.contains(&sst.display().to_string()),
+        "RocksDB's Corruption naming the file:\n{output}"
+    );
+}
+
 /// Regression (issue 11): with `member/shards/1` deleted, RocksDB recreated it empty and the
 /// member served a fraction of its keys and handed out old revisions again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
