@@ -102,10 +102,13 @@ pub struct Core {
     pub stopping: tokio_util::sync::CancellationToken,
     /// The client requests being answered, which a stop waits for.
     pub in_flight: gate::InFlight,
+    /// Each applied batch's events, read once and shared by every watch stream.
+    pub watch_feed: Arc<watch::feed::EventFeed>,
 }
 
 impl Core {
-    /// The front-end handles over the parts start-up made.
+    /// The front-end handles over the parts start-up made. Starts the watch feed's task, so it
+    /// must run inside the member's tokio runtime.
     pub fn new(parts: CoreParts) -> Arc<Core> {
         let CoreParts {
             cfg,
@@ -157,6 +160,9 @@ impl Core {
             reader.clone(),
             members.clone(),
         );
+        let stopping = tokio_util::sync::CancellationToken::new();
+        // Its task runs until the member stops (or its shards do).
+        let watch_feed = watch::feed::EventFeed::spawn(reader.clone(), stopping.clone());
         Arc::new(Core {
             cfg,
             member,
@@ -168,8 +174,9 @@ impl Core {
             members,
             alarms,
             downgrade,
-            stopping: tokio_util::sync::CancellationToken::new(),
+            stopping,
             in_flight: gate::InFlight::default(),
+            watch_feed,
         })
     }
 

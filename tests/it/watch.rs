@@ -1148,3 +1148,120 @@ async fn progress_notifications_never_run_ahead_of_events_under_writes() {
     }
     assert!(notifications > 0);
 }
+
+/// 300 watchers on one stream share the member's feed: 100 on each of three keys, every other
+/// one with prev_kv, and one prefix watcher over all three. Each gets exactly the events of its
+/// keys, in revision order, with prev_kv only if it asked (and the right one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_watchers_on_one_stream_each_get_their_own_events() {
+    const PER_KEY: usize = 100;
+    const PUTS: usize = 30;
+    let server = Server::try_start(tempfile::tempdir().unwrap().path(), &["--shards", "2"]);
+    let server = server.unwrap();
+    let mut c = server.client().await;
+    let keys = ["fan/a", "fan/b", "fan/c"];
+    let (mut ws, prefix_id) = open(&mut c, "fan/", Some(WatchOptions::new().with_prefix())).await;
+    // (watch ID, key index, prev_kv)
+    let mut watchers = Vec::new();
+    for i in 0..PER_KEY * keys.len() {
+        let prev = i % 2 == 0;
+        let opts = WatchOptions::new().with_prev_key();
+        ws.watch(keys[i % keys.len()], prev.then_some(opts))
+            .await
+            .unwrap();
+        let r = next_resp(&mut ws).await;
+        assert!(r.created() && !r.canceled(), "{r:?}");
+        watchers.push((r.watch_id(), i % keys.len(), prev));
+    }
+    let mut written = Vec::new();
+    for n in 0..PUTS {
+        let k = keys[n % keys.len()];
+        written.push((k, put_rev(&mut c, k, &format!("v{n}")).await));
+    }
+    // Every watcher's events, by watch ID.
+    let mut got: std::collections::BTreeMap<i64, Vec<Event>> = Default::default();
+    let want_total = PUTS + watchers.len() * PUTS / keys.len();
+    let mut total = 0;
+    while total < want_total {
+        let r = next_resp(&mut ws).await;
+        assert!(!r.canceled() && !r.created(), "{r:?}");
+        total += r.events().len();
+        got.entry(r.watch_id())
+            .or_default()
+            .extend(r.events().iter().cloned());
+    }
+    assert_eq!(total, want_total);
+    let revs = |events: &[Event]| -> Vec<i64> {
+        events
+            .iter()
+            .map(|e| e.kv().unwrap().mod_revision())
+            .collect()
+    };
+    assert_eq!(
+        revs(&got[&prefix_id]),
+        written.iter().map(|w| w.1).collect::<Vec<_>>()
+    );
+    for (id, key, prev_kv) in watchers {
+        let events = &got[&id];
+        let mine: Vec<i64> = written
+            .iter()
+            .filter(|w| w.0 == keys[key])
+            .map(|w| w.1)
+            .collect();
+        assert_eq!(revs(events), mine, "watcher {id} on {}", keys[key]);
+        for (n, e) in events.iter().enumerate() {
+            let before = prev(e).map(|p| p.2);
+            let want = (prev_kv && n > 0).then(|| mine[n - 1]);
+            assert_eq!(before, want, "prev_kv of watcher {id}'s event {n}");
+        }
+    }
+    assert_eq!(fence(&mut ws).await, written.last().unwrap().1);
+}
+
+/// A watcher whose client stops reading falls behind the member's feed (which keeps about
+/// 8,192 events): once read again, it catches up from the history and then from the feed,
+/// without a gap or a repeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_behind_the_feed_catches_up_from_the_history() {
+    // The client's HTTP/2 windows and the stream's outbound queue take the first few thousand
+    // events; the rest must pass the feed's bound for the watcher to fall behind it.
+    const N: usize = 16_000;
+    let server = Server::start();
+    let mut c = server.client().await;
+    let (mut slow, slow_id) = open(&mut c, "", Some(WatchOptions::new().with_all_keys())).await;
+    let (mut live, live_id) = open(&mut c, "", Some(WatchOptions::new().with_all_keys())).await;
+    let writer = server.client().await;
+    let reader = tokio::spawn(async move {
+        let events = read_events(&mut live, live_id, N).await;
+        (events, live)
+    });
+    for chunk in (0..N).collect::<Vec<_>>().chunks(64) {
+        let puts = chunk.iter().map(|&i| {
+            let mut c = writer.clone();
+            async move { put_rev(&mut c, format!("b/{}", i % 100), [b'v'; 512]).await }
+        });
+        futures_join(puts.collect()).await;
+    }
+    let (events, mut live) = timeout(Duration::from_secs(60), reader)
+        .await
+        .expect("the reading watcher got every event")
+        .unwrap();
+    let want: Vec<i64> = (2..2 + N as i64).collect();
+    let revs = |events: &[Event]| -> Vec<i64> {
+        events
+            .iter()
+            .map(|e| e.kv().unwrap().mod_revision())
+            .collect()
+    };
+    assert_eq!(revs(&events), want);
+    assert_eq!(fence(&mut live).await, 1 + N as i64);
+    let events = timeout(Duration::from_secs(60), read_events(&mut slow, slow_id, N))
+        .await
+        .expect("the slow watcher drained");
+    assert_eq!(revs(&events), want);
+    // Caught up, it is served from the feed again.
+    let rev = put_rev(&mut c, "b/after", "v").await;
+    let after = read_events(&mut slow, slow_id, 1).await;
+    assert_eq!(revs(&after), vec![rev]);
+    assert_eq!(fence(&mut slow).await, rev);
+}

@@ -1,19 +1,23 @@
 //! `etcdserverpb.Watch`: one task per gRPC stream, every watcher a cursor over the history.
 //!
-//! A watcher remembers the next revision it owes its client. Whenever the applied revision
-//! moves (or the watcher is behind), the stream task asks the shards that hold the watched
-//! keys for the events in `[next, applied]`, merges them into one (revision, sub-revision, key)
-//! ordered list, and sends them. Because events come from the MVCC history rather than from a
+//! A watcher remembers the next revision it owes its client. Whenever the member's shared
+//! [`feed`] moves (it reads each applied batch's events once, for every stream), the stream
+//! task gives each watcher the events for its keys from the feed's ring, in (revision,
+//! sub-revision, key) order. A watcher that is behind the ring (a watch from an old revision,
+//! a stream that fell behind) asks the shards that hold its keys for the events in
+//! `[next, applied]` itself. Because events come from the MVCC history rather than from a
 //! queue, a watcher that falls behind simply catches up from history (or is canceled with
 //! `compact_revision` once its revision is compacted); nothing is ever dropped, and memory per
 //! stream is bounded by one batch plus the outbound channel. A slow client only blocks its own
 //! task on the bounded outbound channel, so other streams are not delayed.
 //!
 //! Guarantees (etcd `api_guarantees`): events are ordered and unique (the cursor only moves
-//! forward), reliable (no gaps: the cursor moves to exactly the revision the shards report
-//! complete), atomic (a batch is cut only between revisions), resumable (any uncompacted
-//! `start_revision`), and a progress response's revision never precedes an event not yet sent
-//! (it is sent only when every watcher of the stream is synced).
+//! forward), reliable (no gaps: the cursor moves to exactly the revision the ring or the
+//! shards report complete), atomic (a batch is cut only between revisions), resumable (any
+//! uncompacted `start_revision`), and a progress response's revision never precedes an event
+//! not yet sent (it is sent only when every watcher of the stream is synced).
+
+pub mod feed;
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -26,6 +30,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use tokio_util::sync::CancellationToken;
 
+use self::feed::{EventFeed, Served};
 use super::{Access, Core, Reader};
 use crate::consensus::NodeStatus;
 use crate::error::EtcdError;
@@ -55,6 +60,8 @@ pub struct WatchService {
 /// What every watch stream of the member reads.
 struct WatchContext {
     reader: Reader,
+    /// The member's shared feed of applied events.
+    feed: Arc<EventFeed>,
     access: Access,
     /// For streams opened with `hasleader`.
     status: Arc<NodeStatus>,
@@ -74,6 +81,7 @@ impl WatchService {
         WatchService {
             ctx: Arc::new(WatchContext {
                 reader: core.reader.clone(),
+                feed: core.watch_feed.clone(),
                 access: core.access.clone(),
                 status: core.node.status.clone(),
                 election_timeout: Duration::from_millis(core.cfg.election_timeout),
@@ -154,11 +162,13 @@ struct StreamState {
 }
 
 /// A stream's share of `etcd_debugging_mvcc_watcher_total` and
-/// `etcd_debugging_mvcc_slow_watcher_total`, taken back when the stream ends.
+/// `etcd_debugging_mvcc_slow_watcher_total`, and of the watchers registered with the feed,
+/// taken back when the stream ends.
 #[derive(Default)]
 struct Counted {
     watchers: i64,
     slow: i64,
+    prev_kv: i64,
 }
 
 impl Drop for StreamState {
@@ -166,12 +176,15 @@ impl Drop for StreamState {
         crate::metrics::WATCH_STREAMS.dec();
         crate::metrics::WATCHERS.sub(self.counted.watchers);
         crate::metrics::SLOW_WATCHERS.sub(self.counted.slow);
+        self.ctx
+            .feed
+            .register(-self.counted.watchers, -self.counted.prev_kv);
     }
 }
 
 impl StreamState {
     async fn run(mut self, mut inbound: Streaming<WatchRequest>) {
-        let mut applied = self.ctx.reader.applied_changes();
+        let mut fed = self.ctx.feed.changes();
         let interval = self.ctx.progress_interval;
         let mut progress =
             tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
@@ -179,7 +192,8 @@ impl StreamState {
             if self.catch_up().await.is_err() {
                 return;
             }
-            let behind = self.account();
+            self.account();
+            let behind = self.behind();
             tokio::select! {
                 biased;
                 // etcd ends its watch streams with "etcdserver: server stopped" when the
@@ -199,7 +213,9 @@ impl StreamState {
                     // Closed or broken: dropping the state releases every watcher.
                     _ => return,
                 },
-                changed = applied.changed(), if !behind => {
+                // The feed moves after each applied batch; a stream without watchers has nothing
+                // to do with it (a later change is still seen once it has one).
+                changed = fed.changed(), if !behind && !self.watchers.is_empty() => {
                     if changed.is_err() {
                         return;
                     }
@@ -214,9 +230,9 @@ impl StreamState {
         }
     }
 
-    /// Brings the watcher gauges up to date with this stream's watchers; returns whether any
-    /// of them is behind the applied revision (a slow, unsynced watcher).
-    fn account(&mut self) -> bool {
+    /// Brings the watcher gauges, and the watchers registered with the feed, up to date with
+    /// this stream's watchers. A slow (unsynced) watcher is one behind the applied revision.
+    fn account(&mut self) {
         let revision = self.ctx.reader.applied().revision;
         let watchers = self.watchers.len() as i64;
         let slow = self
@@ -224,10 +240,31 @@ impl StreamState {
             .values()
             .filter(|w| w.next_rev <= revision)
             .count() as i64;
+        let prev_kv = self.watchers.values().filter(|w| w.prev_kv).count() as i64;
         crate::metrics::WATCHERS.add(watchers - self.counted.watchers);
         crate::metrics::SLOW_WATCHERS.add(slow - self.counted.slow);
-        self.counted = Counted { watchers, slow };
-        slow > 0
+        self.ctx.feed.register(
+            watchers - self.counted.watchers,
+            prev_kv - self.counted.prev_kv,
+        );
+        self.counted = Counted {
+            watchers,
+            slow,
+            prev_kv,
+        };
+    }
+
+    /// Whether some watcher has events to catch up on now, without waiting for the feed: its
+    /// next revision is applied and the feed has passed it (so the ring or the history has
+    /// it).
+    fn behind(&self) -> bool {
+        let ready = self
+            .ctx
+            .reader
+            .applied()
+            .revision
+            .min(self.ctx.feed.through());
+        self.watchers.values().any(|w| w.next_rev <= ready)
     }
 
     /// Whether some watcher of this stream has not yet been sent every event through
@@ -348,8 +385,12 @@ impl StreamState {
         }
     }
 
-    /// Sends every watcher what it is owed, one bounded batch per watcher per pass.
+    /// Sends every watcher what it is owed, one bounded batch per watcher per pass: from the
+    /// feed's ring when it covers the watcher's next revision, else from the history.
     async fn catch_up(&mut self) -> Result<(), Gone> {
+        // The view first: the feed reads only applied revisions, so every event it serves is at
+        // or below `state.revision`, the revision of the responses' headers.
+        let feed = self.ctx.feed.view();
         let state = self.ctx.reader.applied();
         let ids: Vec<i64> = self
             .watchers
@@ -388,11 +429,24 @@ impl StreamState {
                     compact_revision: state.compact_revision,
                 }))
             } else {
-                self.ctx
-                    .reader
-                    .shards()
-                    .events(&w.range, w.next_rev, state.revision, EVENT_BATCH, w.prev_kv)
-                    .await
+                let served = feed.serve(
+                    &w.range,
+                    w.next_rev,
+                    w.prev_kv,
+                    state.compact_revision,
+                    EVENT_BATCH,
+                );
+                match served {
+                    Served::Events(batch) => Ok(Ok(batch)),
+                    Served::Later => continue,
+                    Served::History => {
+                        self.ctx
+                            .reader
+                            .shards()
+                            .events(&w.range, w.next_rev, state.revision, EVENT_BATCH, w.prev_kv)
+                            .await
+                    }
+                }
             };
             match fetched {
                 Ok(Ok(batch)) => {
