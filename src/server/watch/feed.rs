@@ -110,13 +110,16 @@ impl EventFeed {
         self.changes.clone()
     }
 
-    /// The ring as it is now.
-    pub fn view(&self) -> FeedView {
+    /// The ring as it is now, from the batch that holds revision `from` on: what a stream
+    /// whose watchers' earliest next revision is `from` can use. (The ring may hold thousands
+    /// of small batches; a stream takes only the few it is missing.)
+    pub fn view(&self, from: i64) -> FeedView {
         let ring = self.ring.lock().unwrap();
+        let first = ring.batches.partition_point(|b| b.through < from);
         FeedView {
-            start: ring.start,
+            start: ring.start.max(from),
             through: ring.through,
-            batches: ring.batches.iter().cloned().collect(),
+            batches: ring.batches.range(first..).cloned().collect(),
         }
     }
 
@@ -251,7 +254,7 @@ impl FeedView {
         if next_rev > self.through {
             return Served::Later;
         }
-        if next_rev < self.start {
+        if next_rev < self.start || self.batches.first().is_some_and(|b| b.from > next_rev) {
             return Served::History;
         }
         let first = self.batches.partition_point(|b| b.through < next_rev);
@@ -368,6 +371,28 @@ mod tests {
         assert_eq!(revs(v.serve(&one, 5, false, 0, 100)), (vec![8], 9));
         assert!(matches!(v.serve(&all(), 10, false, 0, 100), Served::Later));
         assert!(matches!(v.serve(&all(), 4, false, 0, 100), Served::History));
+    }
+
+    #[test]
+    fn a_view_holds_only_the_batches_from_the_streams_earliest_revision() {
+        let spec: Vec<(i64, i64, bool)> = (1..=1000).map(|r| (r, r, false)).collect();
+        let feed = EventFeed {
+            ring: Mutex::new(ring(&spec)),
+            changes: watch::channel(()).1,
+            watchers: AtomicI64::new(0),
+            prev_kv_watchers: AtomicI64::new(0),
+        };
+        let v = feed.view(998);
+        assert_eq!(v.batches.len(), 3);
+        assert_eq!(
+            revs(v.serve(&all(), 998, false, 0, 100)),
+            (vec![998, 999, 1000], 1000)
+        );
+        assert!(feed.view(1001).batches.is_empty());
+        assert!(matches!(
+            feed.view(1001).serve(&all(), 1001, false, 0, 100),
+            Served::Later
+        ));
     }
 
     #[test]

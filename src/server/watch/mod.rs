@@ -390,7 +390,8 @@ impl StreamState {
     async fn catch_up(&mut self) -> Result<(), Gone> {
         // The view first: the feed reads only applied revisions, so every event it serves is at
         // or below `state.revision`, the revision of the responses' headers.
-        let feed = self.ctx.feed.view();
+        let earliest = self.watchers.values().map(|w| w.next_rev).min();
+        let feed = self.ctx.feed.view(earliest.unwrap_or(i64::MAX));
         let state = self.ctx.reader.applied();
         let ids: Vec<i64> = self
             .watchers
