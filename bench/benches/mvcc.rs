@@ -150,13 +150,16 @@ fn bench_put(c: &mut Criterion) {
                     timed + start.elapsed()
                 });
             });
-            // The last put must be readable with the right value and revision.
-            let last = fx
-                .store
-                .get(&keys[rev as usize % KEYS], metastore::mvcc::LATEST)
-                .expect("the engine reads")
-                .expect("the last put is readable");
-            assert_eq!((last.mod_revision, last.value.len()), (rev, size));
+            // The last put must be readable with the right value and revision (when the case
+            // ran at all: a filter on the command line may skip it).
+            if rev > 1 {
+                let last = fx
+                    .store
+                    .get(&keys[rev as usize % KEYS], metastore::mvcc::LATEST)
+                    .expect("the engine reads")
+                    .expect("the last put is readable");
+                assert_eq!((last.mod_revision, last.value.len()), (rev, size));
+            }
         }
     }
     group.finish();
