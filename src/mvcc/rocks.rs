@@ -139,6 +139,9 @@ pub enum RocksError {
 /// How many versions of one key a range scan walks before it seeks to the one it needs.
 const SCAN_VERSIONS_BEFORE_SEEK: usize = 16;
 
+/// A database key and its value, as stored.
+type RawEntry = (Vec<u8>, Vec<u8>);
+
 /// A forward walk over one key interval of the database with the unflushed overlay merged
 /// over it: one RocksDB iterator and one overlay range, each moved only forward (a seek moves
 /// both). An overlay entry wins over the same database key; an overlay `None` hides it.
@@ -185,7 +188,7 @@ impl<'a> MergedWalk<'a> {
     /// The next live (key, value), or `None` at the end of the interval.
     ///
     /// Errors: RocksDB's, when a read fails (a corrupt block, say).
-    fn next(&mut self) -> Result<Option<(Vec<u8>, Vec<u8>)>, rocksdb::Error> {
+    fn next(&mut self) -> Result<Option<RawEntry>, rocksdb::Error> {
         loop {
             let end = self.end.as_slice();
             let db_key = RocksEngine::iter_key(&self.it)?
