@@ -257,7 +257,10 @@ pub fn goals(rows: &[Row], memory: &[Memory]) -> Vec<(String, Option<bool>)> {
     let mut out = Vec::new();
     for r in rows {
         out.push((
-            format!("{}: server CPU per request at most a third of etcd's", r.workload),
+            format!(
+                "{}: server CPU per request at most a third of etcd's",
+                r.workload
+            ),
             Some(r.cpu_ratio() >= 3.0),
         ));
     }
@@ -268,7 +271,10 @@ pub fn goals(rows: &[Row], memory: &[Memory]) -> Vec<(String, Option<bool>)> {
     let many_clients = |r: &&Row| r.workload.contains("00 clients");
     for r in rows.iter().filter(many_clients) {
         out.push((
-            format!("{}: 2x etcd's throughput or more, with a lower p99", r.workload),
+            format!(
+                "{}: 2x etcd's throughput or more, with a lower p99",
+                r.workload
+            ),
             Some(r.ratio() >= 2.0 && r.metastore.p99 < r.etcd.p99),
         ));
     }
@@ -279,7 +285,10 @@ pub fn goals(rows: &[Row], memory: &[Memory]) -> Vec<(String, Option<bool>)> {
     let e = memory.iter().find(|m| m.server == "etcd");
     for m in memory.iter().filter(|m| m.server.starts_with("MetaStore")) {
         out.push((
-            format!("peak RSS after the key load no higher than etcd's, {}", m.server),
+            format!(
+                "peak RSS after the key load no higher than etcd's, {}",
+                m.server
+            ),
             e.map(|e| m.peak_rss <= e.peak_rss),
         ));
     }
@@ -472,14 +481,21 @@ mod tests {
         assert_eq!(verdict(p50), Some(true));
         let tput = |w: &str| format!("{w}: 2x etcd's throughput or more, with a lower p99");
         assert_eq!(verdict(&tput("put, 100 clients")), Some(true));
-        assert_eq!(verdict(&tput("put, 1000 clients")), Some(false), "p99 worse");
+        assert_eq!(
+            verdict(&tput("put, 1000 clients")),
+            Some(false),
+            "p99 worse"
+        );
         assert_eq!(
             verdict(&tput("range serializable, 100 clients")),
             Some(false),
             "1.9x < 2x"
         );
         assert!(!g.iter().any(|(n, _)| n == &tput("put, 1 client")));
-        assert_eq!(verdict("watch fan-out: event p50 no worse than etcd's"), None);
+        assert_eq!(
+            verdict("watch fan-out: event p50 no worse than etcd's"),
+            None
+        );
         assert_eq!(
             verdict("peak RSS after the key load no higher than etcd's"),
             None
@@ -523,8 +539,8 @@ mod tests {
             ),
             "{md}"
         );
-        assert!(md.contains(
-            "- put, 100 clients: 2x etcd's throughput or more, with a lower p99: met"
-        ));
+        assert!(
+            md.contains("- put, 100 clients: 2x etcd's throughput or more, with a lower p99: met")
+        );
     }
 }

@@ -1231,3 +1231,17 @@ impl Drop for Etcd {
         let _ = self.child.wait();
     }
 }
+
+/// The exit code of a member whose start failed, read from the harness's report of it
+/// (`exit: Some(ExitStatus(unix_wait_status(N)))`): `None` when it was ended by a signal (the
+/// harness kills a member that is not ready within 60 s) or the report has no status.
+pub fn exit_code_of_failed_start(output: &str) -> Option<i32> {
+    let status: i32 = output
+        .split("unix_wait_status(")
+        .nth(1)?
+        .split(')')
+        .next()?
+        .parse()
+        .ok()?;
+    (status & 0x7f == 0).then_some(status >> 8)
+}

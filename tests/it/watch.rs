@@ -353,12 +353,13 @@ async fn a_compacted_watch_names_the_compaction_that_cut_it() {
         !cancels.is_empty(),
         "no watch was canceled before the compaction was answered"
     );
-    let wrong: BTreeSet<i64> = cancels.iter().copied().filter(|&rev| rev != 5).collect();
+    let wrong: Vec<i64> = cancels.iter().copied().filter(|&rev| rev != 5).collect();
     assert!(
         wrong.is_empty(),
-        "{} of {} cancels named another compaction: {wrong:?}",
-        cancels.iter().filter(|&&rev| rev != 5).count(),
-        cancels.len()
+        "{} of {} cancels named another compaction: {:?}",
+        wrong.len(),
+        cancels.len(),
+        wrong.iter().collect::<BTreeSet<_>>()
     );
 }
 

@@ -41,7 +41,7 @@ use std::time::Duration;
 
 use tokio::time::{sleep, timeout};
 
-use crate::harness::{wait_until_async, Cluster};
+use crate::harness::{exit_code_of_failed_start, wait_until_async, Cluster};
 use crate::small_disk::SmallDisk;
 use crate::traffic::Lcg;
 
@@ -463,16 +463,10 @@ pub enum Response {
     },
 }
 
-/// Whether the harness's report of a start that failed (`exit: Some(ExitStatus(
-/// unix_wait_status(N)))`) shows an exit by the process itself with a failure code, rather
-/// than a signal.
+/// Whether the harness's report of a start that failed shows an exit by the process itself
+/// with a failure code, rather than a signal.
 fn exited_with_failure(output: &str) -> bool {
-    output
-        .split("unix_wait_status(")
-        .nth(1)
-        .and_then(|s| s.split(')').next())
-        .and_then(|s| s.parse::<i32>().ok())
-        .is_some_and(|status| status & 0x7f == 0 && status >> 8 != 0)
+    exit_code_of_failed_start(output).is_some_and(|code| code != 0)
 }
 
 /// Judges `response` to `kind` on `file`: `Ok(true)` when the member must be replaced (it
