@@ -7,7 +7,9 @@
 #   bench/compare-cluster.sh [OUTDIR]          # default: target/compare-cluster
 #   METASTORE_ARGS="--storage-engine rocksdb" bench/compare-cluster.sh
 #
-# Writes go to the leader (--target-leader); reads are spread over all three members.
+# Writes go to the leader (--target-leader); reads are spread over all three members. The
+# server CPU per request is the user + system CPU time of all three member processes
+# (/proc/<pid>/stat) during the workload, divided by the requests answered.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-target/compare-cluster}
@@ -59,25 +61,43 @@ WORKLOADS=(
   "range-l-64:--conns 8 --clients 64 --total 40000 range foo --consistency l"
   "range-s-64:--conns 8 --clients 64 --total 40000 range foo --consistency s"
 )
+# User + system CPU time of the running members, in clock ticks.
+cluster_ticks() {
+  local total=0 pid fields
+  for pid in "${PIDS[@]}"; do
+    # Fields 14 and 15 (utime, stime), counted after the ") " that ends the command name.
+    read -r -a fields <<<"$(sed 's/.*) //' "/proc/$pid/stat")"
+    total=$((total + fields[11] + fields[12]))
+  done
+  echo "$total"
+}
+
 for server in metastore etcd; do
   start_cluster "$server"
   for w in "${WORKLOADS[@]}"; do
     name=${w%%:*}
+    before=$(cluster_ticks)
     # shellcheck disable=SC2086
     "$LG" --endpoints "$ALL" --output json ${w#*:} >"$OUT/$server-$name.json"
+    echo $(($(cluster_ticks) - before)) >"$OUT/$server-$name.ticks"
   done
   stop_cluster
 done
 
-python3 - "$OUT" "${WORKLOADS[@]}" <<'PY'
+python3 - "$OUT" "$(getconf CLK_TCK)" "${WORKLOADS[@]}" <<'PY'
 import json, sys
-out, workloads = sys.argv[1], [w.split(":")[0] for w in sys.argv[2:]]
-print("| workload | etcd req/s | MetaStore req/s | ratio | etcd p50 / p99 ms | MetaStore p50 / p99 ms |")
-print("|---|---:|---:|---:|---:|---:|")
+out, tck = sys.argv[1], int(sys.argv[2])
+workloads = [w.split(":")[0] for w in sys.argv[3:]]
+print("| workload | etcd req/s | MetaStore req/s | ratio | etcd p50 / p99 ms "
+      "| MetaStore p50 / p99 ms | etcd CPU us/req | MetaStore CPU us/req | etcd / MetaStore CPU |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 for w in workloads:
     e = json.load(open(f"{out}/etcd-{w}.json"))
     m = json.load(open(f"{out}/metastore-{w}.json"))
     lat = lambda r: f"{r['latency_ms']['p50']:.2f} / {r['latency_ms']['p99']:.2f}"
+    cpu = lambda s, r: int(open(f"{out}/{s}-{w}.ticks").read()) * 1e6 / tck / max(r["count"], 1)
+    ce, cm = cpu("etcd", e), cpu("metastore", m)
     print(f"| {w} | {e['requests_per_sec']:.0f} | {m['requests_per_sec']:.0f} | "
-          f"{m['requests_per_sec'] / e['requests_per_sec']:.2f}x | {lat(e)} | {lat(m)} |")
+          f"{m['requests_per_sec'] / e['requests_per_sec']:.2f}x | {lat(e)} | {lat(m)} | "
+          f"{ce:.0f} | {cm:.0f} | {ce / cm if cm else 0:.2f}x |")
 PY

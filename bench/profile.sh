@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# A perf profile of one MetaStore member under one standard workload, kept as text so the next
+# person sees where the server's time went (issue 17: "a perf profile per workload in bench/").
+#
+#   bench/profile.sh NAME [LOADGEN ARGS...]
+#   bench/profile.sh put-100 --clients 100 --conns 10 --total 100000 put --key-size 8 \
+#       --val-size 256 --key-space-size 100000 --sequential-keys
+#
+# Starts a fresh member (METASTORE, default target/release/metastore; METASTORE_ARGS adds
+# flags), records `perf record -g` on it while metastore-loadgen runs the workload, and writes
+# bench/profiles/NAME.txt: the loadgen summary, the share of samples per thread and
+# kernel/user, and the hottest symbols of the whole server. Needs `perf` and a release build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NAME=$1
+shift
+MS=${METASTORE:-target/release/metastore}
+LG=${LOADGEN:-target/release/metastore-loadgen}
+OUT=bench/profiles/$NAME.txt
+DATA=$(mktemp -d)
+PID=
+trap '[ -n "$PID" ] && kill "$PID" 2>/dev/null; rm -rf "$DATA"' EXIT
+mkdir -p bench/profiles
+
+# shellcheck disable=SC2086
+"$MS" --data-dir "$DATA/member" --listen-client-urls http://127.0.0.1:23790 \
+  --advertise-client-urls http://127.0.0.1:23790 --listen-peer-urls http://127.0.0.1:23800 \
+  ${METASTORE_ARGS:-} >"$DATA/member.log" 2>&1 &
+PID=$!
+for _ in $(seq 1 100); do
+  grep -q "ready to serve client requests" "$DATA/member.log" && break
+  sleep 0.1
+done
+grep -q "ready to serve client requests" "$DATA/member.log" || {
+  echo "the member did not start:" >&2
+  cat "$DATA/member.log" >&2
+  exit 1
+}
+
+perf record -g -o "$DATA/perf.data" -p "$PID" >/dev/null 2>&1 &
+PERF=$!
+sleep 0.5
+"$LG" --endpoints http://127.0.0.1:23790 "$@" >"$DATA/loadgen.txt" 2>&1
+kill -INT "$PERF"
+wait "$PERF" || true
+
+report() {
+  perf report -i "$DATA/perf.data" --no-children -g none --percent-limit 0.3 "$@" 2>/dev/null |
+    grep -v '^#' | grep -v '^$'
+}
+{
+  echo "# perf profile: $NAME"
+  echo
+  echo "- Date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo "- Machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs))"
+  echo "- Server: $(basename "$MS") $("$MS" --version | grep -m1 'Git SHA') ${METASTORE_ARGS:-}"
+  echo "- Workload: metastore-loadgen $*"
+  echo "- Recorded with: perf record -g -p <server pid> for the whole workload"
+  echo
+  echo "## Load generator summary"
+  echo
+  grep -E "Total:|Requests/sec|Average|50% in|99% in" "$DATA/loadgen.txt" | head -8
+  echo
+  echo "## Samples by thread and by kernel or user space"
+  echo
+  report --sort comm,dso
+  echo
+  echo "## Hottest symbols ([k] kernel, [.] user)"
+  echo
+  report --sort sym | head -40
+} >"$OUT"
+echo "wrote $OUT"
