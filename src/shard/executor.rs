@@ -16,8 +16,8 @@ use crate::mvcc::{KeyRange, KeyValue, Store};
 use crate::proto::etcdserverpb::PutRequest;
 use crate::proto::metastorepb::KeyHistory;
 
-/// The receiving ends of a shard's queues: [`run_shard`] serves them and hands them back when
-/// it leaves its loop, so that what still comes can be refused ([`Queues::refuse_all`]).
+/// The receiving ends of a shard's queues: [`run_shard`] serves them; once it leaves its loop,
+/// what still comes is refused ([`Queues::refuse_all`]).
 pub(super) struct Queues {
     /// The apply queue (dispatcher only, log order).
     pub(super) apply: flume::Receiver<ApplyCmd>,
@@ -37,16 +37,18 @@ impl Queues {
     }
 }
 
-/// Serves a shard's queues (see [`serve`]) and hands them back once it stops serving.
+/// Serves a shard's queues (see [`serve`]); returns whether it stopped on a storage failure
+/// (rather than a close, or its queues closing).
 pub(super) async fn run_shard(
     shard: usize,
     engine: Box<dyn Engine>,
     sizes: Arc<[ShardSize]>,
-    queues: Queues,
+    queues: &Queues,
     fatal: FatalTx,
-) -> Queues {
-    serve(shard, engine, sizes, &queues, fatal).await;
-    queues
+) -> bool {
+    let failed = Rc::new(std::cell::Cell::new(false));
+    serve(shard, engine, sizes, queues, fatal, failed.clone()).await;
+    failed.get()
 }
 
 /// Serves a shard's queues until they close, until [`ApplyCmd::Close`] (the store closed,
@@ -59,9 +61,9 @@ async fn serve(
     sizes: Arc<[ShardSize]>,
     queues: &Queues,
     fatal: FatalTx,
-) {
     // Set once either task hits a storage error: neither serves anything after it.
-    let failed = Rc::new(std::cell::Cell::new(false));
+    failed: Rc<std::cell::Cell<bool>>,
+) {
     let panic_fatal = fatal.clone();
     let fail = {
         let failed = failed.clone();

@@ -307,9 +307,11 @@ pub struct Shards {
 /// A shard's executor thread.
 struct ShardThread {
     handle: glommio::ExecutorJoinHandle<()>,
-    /// Gets the shard's queues once it has left its loop (see [`run_shard`]); closed without
-    /// them if the thread panicked.
-    done: oneshot::Receiver<Queues>,
+    /// Tells that the shard has left its loop (see [`run_shard`]): with its queues, for the
+    /// closer to refuse from then on, or without them when the shard stopped on a storage
+    /// failure or a panic and its queues are already refused. Closed if the thread ended
+    /// otherwise.
+    done: oneshot::Receiver<Option<Queues>>,
 }
 
 /// What kept [`Shards::close`] from closing one shard cleanly.
@@ -386,6 +388,10 @@ impl Shards {
         fatal: FatalTx,
     ) -> Result<Shards, SpawnError> {
         let cpus = shard_cpus()?;
+        // Where a shard that stops on a storage failure has its queues refused at once, so
+        // that nobody waits on it (start-up's recovery, a read, the closer). Without a
+        // runtime (benchmarks), they are refused from the close on.
+        let runtime = tokio::runtime::Handle::try_current().ok();
         let mut handles = Vec::with_capacity(count);
         let sizes: Arc<[ShardSize]> = (0..count).map(|_| ShardSize::default()).collect();
         let mut threads = Vec::with_capacity(count);
@@ -401,6 +407,7 @@ impl Shards {
             let config = engine.clone();
             let sizes = sizes.clone();
             let fatal = fatal.clone();
+            let runtime = runtime.clone();
             let queues = Queues {
                 apply: apply_rx,
                 read: read_rx,
@@ -411,12 +418,21 @@ impl Shards {
                     match config.open(i, count) {
                         Ok(engine) => {
                             let _ = opened_tx.send(Ok(()));
-                            // A panic is reported up `fatal` (the member stops); the queues
-                            // are then lost, which `ShardThread::join` expects of a panic.
+                            // A panic is reported up `fatal` (the member stops), as is a
+                            // storage failure; either way the shard is gone for good.
                             let name = format!("shard-{i}");
-                            let run = run_shard(i, engine, sizes, queues, fatal.clone());
-                            if let Some(queues) = await_reporting_panics(&name, &fatal, run).await {
-                                let _ = done_tx.send(queues);
+                            let run = run_shard(i, engine, sizes, &queues, fatal.clone());
+                            let failed = await_reporting_panics(&name, &fatal, run)
+                                .await
+                                .unwrap_or(true);
+                            match runtime {
+                                Some(runtime) if failed => {
+                                    runtime.spawn(queues.refuse_all());
+                                    let _ = done_tx.send(None);
+                                }
+                                _ => {
+                                    let _ = done_tx.send(Some(queues));
+                                }
                             }
                         }
                         Err(e) => {
@@ -484,34 +500,26 @@ impl Shards {
             .collect();
         drop(self.set);
         let mut errors = Vec::new();
-        for (shard, (closed, mut thread)) in closing.into_iter().zip(self.threads).enumerate() {
-            // A shard that stopped on a failure before the close came never answers it: its
-            // queues, the close in them, come back on `done` instead.
-            let mut left = None;
-            let outcome = tokio::select! {
-                biased;
-                closed = tokio::time::timeout_at(deadline, closed) => match closed {
-                    Ok(Ok(Ok(()))) => Ok(()),
-                    Ok(Ok(Err(error))) => Err(CloseError::Sync { shard, error }),
-                    Ok(Err(_)) => Err(CloseError::Stopped(shard)),
-                    Err(_) => Err(CloseError::TimedOut(shard)),
-                },
-                queues = &mut thread.done => {
-                    left = Some(queues);
-                    Err(CloseError::Stopped(shard))
-                }
+        for (shard, (closed, thread)) in closing.into_iter().zip(self.threads).enumerate() {
+            // A shard that stopped on a failure refuses its queues, the close among them: the
+            // closer hears at once that it had stopped.
+            let outcome = match tokio::time::timeout_at(deadline, closed).await {
+                Ok(Ok(Ok(()))) => Ok(()),
+                Ok(Ok(Err(error))) => Err(CloseError::Sync { shard, error }),
+                Ok(Err(_)) => Err(CloseError::Stopped(shard)),
+                Err(_) => Err(CloseError::TimedOut(shard)),
             };
             let joined = match outcome {
                 Err(CloseError::TimedOut(_)) => {
                     // Refuse what comes should the shard finish closing later.
                     tokio::spawn(async move {
-                        if let Ok(queues) = thread.done.await {
+                        if let Ok(Some(queues)) = thread.done.await {
                             queues.refuse_all().await;
                         }
                     });
                     Ok(())
                 }
-                _ => thread.join(shard, left, deadline).await,
+                _ => thread.join(shard, deadline).await,
             };
             errors.extend(outcome.err());
             errors.extend(joined.err());
@@ -537,24 +545,18 @@ impl Shards {
 }
 
 impl ShardThread {
-    /// Waits until `deadline` for the shard to leave its loop (unless `done` already tells
-    /// that it has), has its queues refused from then on, and joins the thread (off the
-    /// runtime's workers: glommio's join blocks).
-    async fn join(
-        self,
-        shard: usize,
-        done: Option<Result<Queues, oneshot::error::RecvError>>,
-        deadline: tokio::time::Instant,
-    ) -> Result<(), CloseError> {
-        let done = match done {
-            Some(done) => Ok(done),
-            None => tokio::time::timeout_at(deadline, self.done).await,
-        };
-        match done {
-            Ok(Ok(queues)) => {
+    /// Waits until `deadline` for the shard to leave its loop, has its queues refused from
+    /// then on (unless they already are), and joins the thread (off the runtime's workers:
+    /// glommio's join blocks).
+    async fn join(self, shard: usize, deadline: tokio::time::Instant) -> Result<(), CloseError> {
+        match tokio::time::timeout_at(deadline, self.done).await {
+            Ok(Ok(Some(queues))) => {
                 tokio::spawn(queues.refuse_all());
             }
-            // The thread ended without its queues: it panicked; the join says why.
+            // Already refused: the shard stopped on a failure or a panic.
+            Ok(Ok(None)) => {}
+            // The thread ended without a word (a panic outside the shard's loop, say); the
+            // join says why.
             Ok(Err(_)) => {}
             Err(_) => return Err(CloseError::TimedOut(shard)),
         }
@@ -597,6 +599,80 @@ mod tests {
             range_end: vec![0],
             ..Default::default()
         })
+    }
+
+    /// Regression: a shard whose engine fails refuses what is queued for it at once. Before, it
+    /// handed its queues back unanswered until the member closed its shards, so start-up
+    /// waited for ever on a shard whose applied state was in a corrupt SST file.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_shard_that_fails_refuses_what_comes_at_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = engine_config(EngineKind::Rocksdb, tmp.path());
+        // Two runs, each closed (which flushes the memtables): shard 0 then has an older SST
+        // file with its identity, read when the database opens, and a newer one with the
+        // applied state, read once it is open.
+        for run in 0..2i64 {
+            let (fatal, _fatal_rx) = FatalTx::channel();
+            let shards = Shards::spawn(1, &config, fatal).unwrap();
+            let rev = 2 + run;
+            let put = crate::proto::etcdserverpb::PutRequest {
+                key: format!("k{run}").into_bytes(),
+                value: b"v".to_vec(),
+                ..Default::default()
+            };
+            let apply = &shards.set.get(0).apply;
+            let _ = apply.send(ApplyCmd::Put {
+                req: put,
+                rev,
+                sub: 0,
+                reply: None,
+            });
+            let (reply, flushed) = oneshot::channel();
+            let state = BarrierState {
+                applied_index: rev as u64,
+                applied_term: 1,
+                revision: rev,
+                compact_revision: 0,
+                lease_changes: Arc::new(Vec::new()),
+            };
+            let _ = apply.send(ApplyCmd::Barrier { state, reply });
+            flushed.await.expect("flushed");
+            shards.close(Duration::from_secs(10)).await.expect("closed");
+        }
+        let newest = std::fs::read_dir(tmp.path().join("0"))
+            .unwrap()
+            .map(|f| f.unwrap().path())
+            .filter(|p| p.extension() == Some("sst".as_ref()))
+            .max()
+            .expect("an SST file");
+        let mut bytes = std::fs::read(&newest).unwrap();
+        for b in &mut bytes[8..11] {
+            *b ^= 0xa5;
+        }
+        std::fs::write(&newest, &bytes).unwrap();
+
+        let (fatal, mut fatal_rx) = FatalTx::channel();
+        let shards = Shards::spawn(1, &config, fatal).unwrap();
+        let (reply, recovered) = oneshot::channel();
+        let _ = shards.set.get(0).apply.send(ApplyCmd::Recover { reply });
+        let recovered = tokio::time::timeout(Duration::from_secs(5), recovered)
+            .await
+            .expect("refused at once, not left waiting for the close");
+        assert!(recovered.is_err(), "{recovered:?}");
+        let read = tokio::time::timeout(
+            Duration::from_secs(5),
+            shards.set.read_range(range_all(), 0),
+        )
+        .await
+        .expect("a read too");
+        assert!(matches!(read, Err(EtcdError::Stopped)));
+        assert!(fatal_rx.try_recv().is_ok(), "the failure went up `fatal`");
+        let closed = shards.close(Duration::from_secs(10)).await;
+        let errors = closed.expect_err("shard 0 had stopped");
+        assert!(
+            matches!(errors.as_slice(), [CloseError::Stopped(0)]),
+            "{errors:?}"
+        );
     }
 
     /// Closing answers once every shard has closed its engine; whatever comes afterwards
