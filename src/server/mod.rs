@@ -1,12 +1,13 @@
 //! The gRPC front end: the services and the handles they are built from. Start-up, listeners
 //! and shutdown are the member's ([`crate::node`]).
 //!
-//! One file per etcd service (`kv.rs`, `watch.rs`, `lease.rs`, `recipes.rs` for v3lock and
-//! v3election, `maintenance.rs`, `cluster.rs`, `auth.rs`, and `peer.rs` for the members' own
-//! service), the HTTP endpoints (`http.rs`) and etcd's JSON gateway (`gateway.rs`). Each service keeps only the narrow handles it
-//! needs ([`handles`]): a [`Proposer`] (writes are validated, proposed through the Raft node
-//! and answered once applied), a [`Reader`] (reads go straight to the shards at a revision
-//! every shard has applied), [`Access`] (callers and permissions), [`Leases`] and
+//! One file per etcd service (`kv.rs`, `watch/` with its shared feed, `lease.rs`,
+//! `recipes.rs` for v3lock and v3election, `maintenance.rs`, `cluster.rs`, `auth.rs`, and
+//! `peer.rs` for the members' own service), the HTTP endpoints (`http.rs`) and etcd's JSON
+//! gateway (`gateway.rs`). Each service keeps only the narrow handles it needs ([`handles`]):
+//! a [`Proposer`] (writes are validated, proposed through the Raft node and answered once
+//! applied), a [`Reader`] (reads go straight to the shards at a revision every shard has
+//! applied), [`Access`] (callers and permissions), [`Leases`] and
 //! [`Members`]. [`Core`] is where start-up makes them.
 
 pub mod auth;
