@@ -68,8 +68,11 @@ pub struct VersionRecord {
 /// A revisioned key-value engine, owned by exactly one shard (single-threaded, hence no `Send`).
 ///
 /// Contract, checked by the conformance suite in `store.rs` for every engine:
-/// * versions of one key are appended with strictly increasing `mod_revision`;
+/// * versions of one key are appended with strictly increasing (`mod_revision`, `sub`): one txn
+///   may put a key and then delete it (a DeleteRange from a key, whose range end etcd's
+///   duplicate check does not see), two versions in one revision;
 /// * `version_at(k, r)` is the newest record of `k` with `mod_revision <= r`, tombstones included;
+/// * `version_exact(k, r, s)` is the record of `k` written at exactly (`r`, `s`);
 /// * `compact(r)` drops every record that no read at revision `>= r` can observe.
 ///
 /// Methods that touch storage return [`StorageError`] (the memory engine never does): the
@@ -81,6 +84,15 @@ pub trait Engine {
 
     /// The newest record of `key` with `mod_revision <= rev`.
     fn version_at(&self, key: &[u8], rev: i64) -> Result<Option<VersionRecord>, StorageError>;
+
+    /// The record of `key` written at exactly revision `rev`, sub-revision `sub` (a watch
+    /// event's own version), if it is still there.
+    fn version_exact(
+        &self,
+        key: &[u8],
+        rev: i64,
+        sub: u32,
+    ) -> Result<Option<VersionRecord>, StorageError>;
 
     /// Visits, in ascending key order, every key in `[start, end)` (`end = None`: unbounded)
     /// together with its newest record at `rev`. The visitor returns `false` to stop early.

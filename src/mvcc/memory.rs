@@ -53,6 +53,24 @@ impl Engine for MemoryEngine {
         Ok(self.keys.get(key).and_then(|h| newest_at(h, rev)).cloned())
     }
 
+    fn version_exact(
+        &self,
+        key: &[u8],
+        rev: i64,
+        sub: u32,
+    ) -> Result<Option<VersionRecord>, StorageError> {
+        let Some(history) = self.keys.get(key) else {
+            return Ok(None);
+        };
+        let end = history.partition_point(|r| r.mod_revision <= rev);
+        Ok(history[..end]
+            .iter()
+            .rev()
+            .take_while(|r| r.mod_revision == rev)
+            .find(|r| r.sub == sub)
+            .cloned())
+    }
+
     fn scan_at(
         &self,
         start: &[u8],
@@ -84,7 +102,7 @@ impl Engine for MemoryEngine {
             Some(history) => {
                 debug_assert!(history
                     .last()
-                    .is_none_or(|l| l.mod_revision < record.mod_revision));
+                    .is_none_or(|l| (l.mod_revision, l.sub) < (record.mod_revision, record.sub)));
                 history.push(record);
             }
             None => {

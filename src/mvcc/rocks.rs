@@ -539,6 +539,20 @@ impl Engine for RocksEngine {
         self.newest_at(key, rev)
     }
 
+    fn version_exact(
+        &self,
+        key: &[u8],
+        rev: i64,
+        sub: u32,
+    ) -> Result<Option<VersionRecord>, StorageError> {
+        let k = data_key(key, rev, sub);
+        let value = match self.overlay.get(&k) {
+            Some(over) => over.clone(),
+            None => self.db_get(&k)?,
+        };
+        Ok(value.map(|v| decode_record(rev, sub, &v)))
+    }
+
     fn scan_at(
         &self,
         start: &[u8],

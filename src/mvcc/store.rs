@@ -479,7 +479,9 @@ impl Store {
         key: &[u8],
         prev_kv: bool,
     ) -> Result<EventRecord, StorageError> {
-        let record = self.engine.version_at(key, rev)?;
+        // The event's own version: a txn that puts a key and then deletes it makes two in
+        // one revision, a PUT and a DELETE event.
+        let record = self.engine.version_exact(key, rev, sub)?;
         let (kind, kv) = match record.as_ref().and_then(|r| to_kv(key, r)) {
             Some(kv) => (EventType::Put, kv),
             None => {

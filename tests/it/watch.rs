@@ -1266,3 +1266,44 @@ async fn a_watcher_behind_the_feed_catches_up_from_the_history() {
     assert_eq!(revs(&after), vec![rev]);
     assert_eq!(fence(&mut slow).await, rev);
 }
+
+/// Regression (found by the request fuzzer): a txn that puts a key and then deletes it with a
+/// DeleteRange from an earlier key (range end "\0", which etcd's duplicate-key check does not
+/// see: etcd 3.4 accepts it) makes two versions of the key in one revision. A watcher gets
+/// both, as from etcd: the PUT (version 2) and then the DELETE, each with the value before the
+/// txn as prev_kv. Before, both events came out as DELETEs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_and_delete_of_one_key_in_one_txn_are_two_events() {
+    let server = Server::start();
+    let mut c = server.client().await;
+    assert_eq!(put_rev(&mut c, "g", "old").await, 2);
+    let txn = Txn::new().and_then([
+        TxnOp::put("g", "v", None),
+        TxnOp::delete("foo", Some(DeleteOptions::new().with_from_key())),
+    ]);
+    let r = c.txn(txn).await.unwrap();
+    assert!(r.succeeded());
+    assert_eq!(r.header().unwrap().revision(), 3);
+    assert!(c.get("g", None).await.unwrap().kvs().is_empty());
+    let opts = WatchOptions::new().with_start_revision(2).with_prev_key();
+    let (mut ws, id) = open(&mut c, "g", Some(opts)).await;
+    let events = read_events(&mut ws, id, 3).await;
+    let got: Vec<Ev> = events.iter().map(ev).collect();
+    assert_eq!(
+        got,
+        vec![
+            put_ev("g", "old", 2, 2, 1),
+            put_ev("g", "v", 2, 3, 2),
+            del_ev("g", 3),
+        ]
+    );
+    let prevs: Vec<_> = events.iter().map(prev).collect();
+    assert_eq!(
+        prevs,
+        vec![
+            None,
+            Some(("old".into(), 2, 2, 1)),
+            Some(("old".into(), 2, 2, 1))
+        ]
+    );
+}
