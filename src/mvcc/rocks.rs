@@ -134,8 +134,6 @@ pub enum RocksError {
     },
 }
 
-/// Read options for every read: block checksums verified (RocksDB's default, made explicit
-/// because a corrupt block must fail the read rather than be skipped).
 /// How many versions of one key a range scan walks before it seeks to the one it needs.
 const SCAN_VERSIONS_BEFORE_SEEK: usize = 16;
 
@@ -219,6 +217,8 @@ impl<'a> MergedWalk<'a> {
     }
 }
 
+/// Read options for every read: block checksums verified (RocksDB's default, made explicit
+/// because a corrupt block must fail the read rather than be skipped).
 fn read_opts() -> ReadOptions {
     let mut r = ReadOptions::default();
     r.set_verify_checksums(true);

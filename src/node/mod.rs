@@ -223,7 +223,14 @@ async fn launch(
     let committed_at_start = log.recovered.hard_state.as_ref().map_or(0, |h| h.commit);
     let started = start_threads(
         &cfg, &member, initial, seed_peers, log, start, &shards, fatal_tx,
-    )?;
+    );
+    let started = match started {
+        Ok(started) => started,
+        Err(e) => {
+            shutdown::close_shards(shards).await;
+            return Err(e);
+        }
+    };
     let Started {
         core,
         raft,

@@ -371,6 +371,18 @@ pub enum SpawnError {
     },
 }
 
+/// Stops the shards that opened before another failed to: their queues' senders go, so each
+/// leaves its loop and closes its engine, and their threads are joined (blocking; closing an
+/// engine that has served nothing is quick). The process exits with the error next, and a
+/// RocksDB database still open then has background threads running while the C++ runtime
+/// tears itself down, which aborts the exit now and then ("pthread lock: Invalid argument").
+fn stop_opened(handles: Vec<ShardHandle>, threads: Vec<ShardThread>) {
+    drop(handles);
+    for thread in threads {
+        let _ = thread.handle.join();
+    }
+}
+
 impl Shards {
     /// Starts `count` shards, each on a glommio executor pinned to a CPU: shard `i` on the
     /// `i`-th (round-robin) of the CPUs this process may run on, in ascending order (see
@@ -445,21 +457,30 @@ impl Shards {
                     reason: e.to_string(),
                 })?;
             let opened = match opened_rx.recv() {
-                Ok(opened) => opened,
+                Ok(Ok(())) => Ok(handle),
+                Ok(Err(error)) => {
+                    // Its thread ends once it has said why.
+                    let _ = handle.join();
+                    Err(SpawnError::Open { shard: i, error })
+                }
                 // The executor thread ended before opening the engine: glommio could not build
                 // the executor (for example RLIMIT_MEMLOCK too low for its io_uring rings).
                 // Its join result carries the reason.
-                Err(_) => match handle.join() {
-                    Err(e) => {
-                        return Err(SpawnError::Executor {
-                            shard: i,
-                            reason: e.to_string(),
-                        })
-                    }
-                    Ok(()) => return Err(SpawnError::StoppedWhileOpening(i)),
-                },
+                Err(_) => Err(match handle.join() {
+                    Err(e) => SpawnError::Executor {
+                        shard: i,
+                        reason: e.to_string(),
+                    },
+                    Ok(()) => SpawnError::StoppedWhileOpening(i),
+                }),
             };
-            opened.map_err(|error| SpawnError::Open { shard: i, error })?;
+            let handle = match opened {
+                Ok(handle) => handle,
+                Err(e) => {
+                    stop_opened(handles, threads);
+                    return Err(e);
+                }
+            };
             handles.push(ShardHandle {
                 apply: apply_tx,
                 read: read_tx,
@@ -673,6 +694,37 @@ mod tests {
             matches!(errors.as_slice(), [CloseError::Stopped(0)]),
             "{errors:?}"
         );
+    }
+
+    /// Regression: when a shard's database cannot be opened, the shards already open close
+    /// theirs before the error is returned. Before, they were left open while the process
+    /// exited with the error, and RocksDB's background threads, still running, aborted the
+    /// exit ("pthread lock: Invalid argument", SIGABRT) now and then.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_shard_that_cannot_open_closes_the_ones_already_open() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (fatal, _fatal_rx) = FatalTx::channel();
+        let created = Shards::spawn(2, &engine_config(EngineKind::Rocksdb, tmp.path()), fatal);
+        created
+            .unwrap()
+            .close(Duration::from_secs(10))
+            .await
+            .unwrap();
+        std::fs::remove_dir_all(tmp.path().join("1")).unwrap();
+        let config = EngineConfig {
+            create: false,
+            ..engine_config(EngineKind::Rocksdb, tmp.path())
+        };
+        for _ in 0..20 {
+            let (fatal, _fatal_rx) = FatalTx::channel();
+            let err = Shards::spawn(2, &config, fatal)
+                .err()
+                .expect("shard 1 is missing");
+            assert!(matches!(err, SpawnError::Open { shard: 1, .. }), "{err}");
+            // RocksDB locks an open database: shard 0's opens again only if it was closed.
+            let engine = config.open(0, 2).expect("shard 0 was closed");
+            drop(engine);
+        }
     }
 
     /// Closing answers once every shard has closed its engine; whatever comes afterwards

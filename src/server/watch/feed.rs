@@ -7,8 +7,8 @@
 //! latest ones in a bounded ring. A watcher whose next revision the ring covers takes its
 //! events from there, filtered by its key range; one that is further behind (a watch from an
 //! old revision, a stream that fell behind the ring) reads the history itself, as before.
-//! The ring only ever holds complete revisions, contiguous from [`FeedView::start`] through
-//! [`FeedView::through`], so either path gives a watcher exactly the same events.
+//! The ring only ever holds complete revisions, contiguous from its first to its last, so
+//! either path gives a watcher exactly the same events.
 //!
 //! etcd does the same in `watchableStore.notify`: a synced watcher gets the events of each
 //! write from the write itself, and only unsynced watchers read the backend
@@ -234,11 +234,6 @@ impl FeedBatch {
 }
 
 impl FeedView {
-    /// The last revision this view covers.
-    pub fn through(&self) -> i64 {
-        self.through
-    }
-
     /// A watcher's events from `next_rev` on, for keys in `range`, about `limit` at most (cut
     /// between batches), with each event's `prev_kv` if `prev_kv` is set. As the history read
     /// does, an event at or below `compact_revision` has no prev_kv (its previous revision is
