@@ -178,7 +178,7 @@ async fn torn_wal_tail_is_truncated() {
     server.kill();
 
     let newest = wal_segments(&data_dir).pop().unwrap();
-    let len = fs::metadata(&newest).unwrap().len();
+    let len = trim_wal(&newest).len() as u64;
     fs::OpenOptions::new()
         .write(true)
         .open(&newest)
@@ -223,7 +223,7 @@ async fn corrupt_wal_record_stops_startup() {
     server.kill();
 
     let first = wal_segments(dir.path()).remove(0);
-    let mut bytes = fs::read(&first).unwrap();
+    let mut bytes = trim_wal(&first);
     assert!(bytes.len() > 100, "the first segment holds the writes");
     let body_len = u32::from_le_bytes(bytes[0..4].try_into().unwrap()) as usize;
     assert!(body_len >= 4, "first record body is {body_len} bytes");
@@ -319,14 +319,43 @@ async fn restart_keeps_revision_and_history() {
 /// File offset of the last record in a WAL segment (walking the length fields; a record is
 /// `len u32 | crc32(len) | crc32(body) | body`).
 fn last_record_offset(bytes: &[u8]) -> usize {
+    let end = records_end(bytes);
     let mut off = 0;
     let mut last = 0;
-    while off < bytes.len() {
+    while off < end {
         last = off;
         off += 12 + u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap()) as usize;
     }
-    assert_eq!(off, bytes.len(), "records end where the segment does");
     last
+}
+
+/// Where the records of a WAL segment end: at its end, or where the zeros of its preallocated
+/// space begin (a zero length field). Asserts that only zeros follow.
+fn records_end(bytes: &[u8]) -> usize {
+    let mut off = 0;
+    while off + 12 <= bytes.len() {
+        let len = u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap()) as usize;
+        if len == 0 {
+            break;
+        }
+        off += 12 + len;
+    }
+    assert!(
+        bytes.get(off..).unwrap_or_default().iter().all(|b| *b == 0),
+        "only zeros after the records"
+    );
+    off
+}
+
+/// Cuts the preallocated zeros off the WAL segment `seg` (as a file system without
+/// `fallocate` leaves it), so that a test can damage its end or rewrite it whole; returns the
+/// segment's bytes.
+fn trim_wal(seg: &Path) -> Vec<u8> {
+    let mut bytes = fs::read(seg).unwrap();
+    bytes.truncate(records_end(&bytes));
+    let f = fs::OpenOptions::new().write(true).open(seg).unwrap();
+    f.set_len(bytes.len() as u64).unwrap();
+    bytes
 }
 
 /// Puts `k00..k{n-1}` = `v{i}` one at a time; returns the revision of the last.
@@ -361,7 +390,7 @@ async fn flipped_byte_in_the_last_wal_record_stops_startup() {
     server.kill();
 
     let newest = wal_segments(dir.path()).pop().unwrap();
-    let mut bytes = fs::read(&newest).unwrap();
+    let mut bytes = trim_wal(&newest);
     let last = last_record_offset(&bytes);
     // A complete, fsynced record whose bytes changed afterwards: not a torn write. (etcd tells
     // them apart by a zeroed 512-byte sector chunk; make sure there is none.)
@@ -401,7 +430,7 @@ async fn zeroed_wal_tail_followed_by_garbage_is_a_torn_write() {
     server.kill();
 
     let newest = wal_segments(dir.path()).pop().unwrap();
-    let before = fs::read(&newest).unwrap();
+    let before = trim_wal(&newest);
     // What a crash mid-write can leave: sectors never written (zeros), then some that were.
     let mut tail = vec![0u8; 512];
     let mut x = 0x9e37_79b9_u32;
