@@ -461,7 +461,7 @@ impl Dispatcher {
     /// engine counts requests, so that the log the Raft node keeps in memory until a snapshot
     /// releases it stays as long as etcd's: counting entries, each a batch of about 13 puts
     /// under load, a 1M-key load (RocksDB) held every entry and peaked at 599 MiB RSS, against
-    /// 210 MiB counting requests (bench/README.md, issue 17). The memory engine counts
+    /// 196 MiB counting requests (bench/README.md, issue 17). The memory engine counts
     /// entries: its snapshot serialises the whole keyspace, and counting requests took the
     /// same load's peak from 934 to 1,618 MiB (and its throughput down 11 %).
     fn snapshot_due(&self) -> bool {

@@ -24,8 +24,9 @@
 //!
 //! A torn record was never fsynced, hence never acknowledged: it and everything after it are
 //! truncated away. The zeros after the data of a preallocated segment (see [`preallocate`])
-//! are its end, not a torn write: they are left as they are. Any other checksum failure (a complete record whose bytes changed, such as
-//! a flipped bit in an acknowledged write) and any damage in an earlier segment is corruption:
+//! are its end, not a torn write: they are left as they are. Any other checksum failure (a
+//! complete record whose bytes changed, such as a flipped bit in an acknowledged write) and
+//! any damage in an earlier segment is corruption:
 //! start-up stops with `wal: corrupt record in <file> at offset <n>: ... crc mismatch`, as
 //! etcd refuses to start with `walpb: crc mismatch`, rather than silently dropping the record
 //! and reusing its revision.
