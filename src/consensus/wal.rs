@@ -573,20 +573,28 @@ mod tests {
         assert!(fsyncs() >= before + 3, "{} -> {}", before, fsyncs());
     }
 
-    /// Where the records of `seg` end; asserts that only zeros (preallocated space) follow.
-    fn end_of_records(seg: &Path) -> usize {
+    /// The file offsets of the records in `seg`, in order (walking the length fields), and
+    /// where they end; asserts that only zeros (preallocated space) follow.
+    fn records(seg: &Path) -> (Vec<usize>, usize) {
         let bytes = fs::read(seg).unwrap();
+        let mut offsets = Vec::new();
         let mut off = 0;
         while off + HEADER <= bytes.len() {
             let len = u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap()) as usize;
             if len == 0 {
                 break;
             }
+            offsets.push(off);
             off += HEADER + len;
         }
         let rest = bytes.get(off..).unwrap_or_default();
         assert!(rest.iter().all(|b| *b == 0), "only zeros after the records");
-        off
+        (offsets, off)
+    }
+
+    /// Where the records of `seg` end (see [`records`]).
+    fn end_of_records(seg: &Path) -> usize {
+        records(seg).1
     }
 
     /// Cuts `seg`'s preallocated zeros off (as a file system without `fallocate` leaves it),
@@ -689,18 +697,9 @@ mod tests {
         assert_eq!(rec.entries.last().unwrap().data.as_ref(), b"again");
     }
 
-    /// File offsets of the records in `seg`, in order (walking the length fields).
+    /// File offsets of the records in `seg`, in order (see [`records`]).
     fn record_offsets(seg: &Path) -> Vec<usize> {
-        let bytes = fs::read(seg).unwrap();
-        let end = end_of_records(seg);
-        let mut offsets = Vec::new();
-        let mut off = 0;
-        while off < end {
-            offsets.push(off);
-            let len = u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap()) as usize;
-            off += HEADER + len;
-        }
-        offsets
+        records(seg).0
     }
 
     fn indexes(rec: &Recovered) -> Vec<u64> {
