@@ -399,7 +399,18 @@ impl Shards {
         engine: &EngineConfig,
         fatal: FatalTx,
     ) -> Result<Shards, SpawnError> {
-        let cpus = shard_cpus()?;
+        Self::spawn_on(count, engine, fatal, &shard_cpus()?)
+    }
+
+    /// [`Self::spawn`] with shard `i` pinned to `cpus[i % cpus.len()]` (unbound if `cpus` is
+    /// empty). Whatever fails, the shards already opened are closed before the error returns
+    /// ([`stop_opened`]).
+    fn spawn_on(
+        count: usize,
+        engine: &EngineConfig,
+        fatal: FatalTx,
+        cpus: &[usize],
+    ) -> Result<Shards, SpawnError> {
         // Where a shard that stops on a storage failure has its queues refused at once, so
         // that nobody waits on it (start-up's recovery, a read, the closer). Without a
         // runtime (benchmarks), they are refused from the close on.
@@ -424,7 +435,7 @@ impl Shards {
                 apply: apply_rx,
                 read: read_rx,
             };
-            let handle = glommio::LocalExecutorBuilder::new(placement)
+            let spawned = glommio::LocalExecutorBuilder::new(placement)
                 .name(&format!("shard-{i}"))
                 .spawn(move || async move {
                     match config.open(i, count) {
@@ -455,8 +466,8 @@ impl Shards {
                 .map_err(|e| SpawnError::Executor {
                     shard: i,
                     reason: e.to_string(),
-                })?;
-            let opened = match opened_rx.recv() {
+                });
+            let opened = spawned.and_then(|handle| match opened_rx.recv() {
                 Ok(Ok(())) => Ok(handle),
                 Ok(Err(error)) => {
                     // Its thread ends once it has said why.
@@ -473,7 +484,7 @@ impl Shards {
                     },
                     Ok(()) => SpawnError::StoppedWhileOpening(i),
                 }),
-            };
+            });
             let handle = match opened {
                 Ok(handle) => handle,
                 Err(e) => {
@@ -725,6 +736,27 @@ mod tests {
             let engine = config.open(0, 2).expect("shard 0 was closed");
             drop(engine);
         }
+    }
+
+    /// A later shard whose executor glommio cannot build (here: pinned to a CPU that does not
+    /// exist) closes the shards already open before the error returns, as a shard that cannot
+    /// open its engine does: the process must not exit with their engines still running.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_shard_whose_executor_cannot_start_closes_the_ones_already_open() {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = engine_config(EngineKind::Rocksdb, tmp.path());
+        let first = shard_cpus().unwrap()[0];
+        let (fatal, _fatal_rx) = FatalTx::channel();
+        let err = Shards::spawn_on(2, &config, fatal, &[first, 1 << 20])
+            .err()
+            .expect("no such CPU for shard 1");
+        assert!(
+            matches!(err, SpawnError::Executor { shard: 1, .. }),
+            "{err}"
+        );
+        // RocksDB locks an open database: shard 0's opens again only if it was closed.
+        let engine = config.open(0, 2).expect("shard 0 was closed");
+        drop(engine);
     }
 
     /// Closing answers once every shard has closed its engine; whatever comes afterwards
