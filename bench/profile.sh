@@ -10,6 +10,9 @@
 # flags), records `perf record -g` on it while metastore-loadgen runs the workload, and writes
 # bench/profiles/NAME.txt: the loadgen summary, the share of samples per thread and
 # kernel/user, and the hottest symbols of the whole server. Needs `perf` and a release build.
+#
+# GRPC_FLOOR=1 profiles the gRPC floor instead (target/release/metastore-grpc-floor, one
+# current-thread runtime per CPU; Put and Range only): the gRPC stack with no work behind it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NAME=$1
@@ -22,16 +25,27 @@ PID=
 trap '[ -n "$PID" ] && kill "$PID" 2>/dev/null; rm -rf "$DATA"' EXIT
 mkdir -p bench/profiles
 
-# shellcheck disable=SC2086
-"$MS" --data-dir "$DATA/member" --listen-client-urls http://127.0.0.1:23790 \
-  --advertise-client-urls http://127.0.0.1:23790 --listen-peer-urls http://127.0.0.1:23800 \
-  ${METASTORE_ARGS:-} >"$DATA/member.log" 2>&1 &
+if [ -n "${GRPC_FLOOR:-}" ]; then
+  MS=target/release/metastore-grpc-floor
+  FLOOR_ARGS="--runtime per-core --workers $(nproc)"
+  # shellcheck disable=SC2086
+  "$MS" --listen 127.0.0.1:23790 $FLOOR_ARGS >"$DATA/member.log" 2>&1 &
+  READY="listening on"
+  SERVER="metastore-grpc-floor $FLOOR_ARGS (at $(git rev-parse --short HEAD))"
+else
+  # shellcheck disable=SC2086
+  "$MS" --data-dir "$DATA/member" --listen-client-urls http://127.0.0.1:23790 \
+    --advertise-client-urls http://127.0.0.1:23790 --listen-peer-urls http://127.0.0.1:23800 \
+    ${METASTORE_ARGS:-} >"$DATA/member.log" 2>&1 &
+  READY="ready to serve client requests"
+  SERVER="$(basename "$MS") $("$MS" --version | grep -m1 'Git SHA') ${METASTORE_ARGS:-}"
+fi
 PID=$!
 for _ in $(seq 1 100); do
-  grep -q "ready to serve client requests" "$DATA/member.log" && break
+  grep -q "$READY" "$DATA/member.log" && break
   sleep 0.1
 done
-grep -q "ready to serve client requests" "$DATA/member.log" || {
+grep -q "$READY" "$DATA/member.log" || {
   echo "the member did not start:" >&2
   cat "$DATA/member.log" >&2
   exit 1
@@ -53,7 +67,7 @@ report() {
   echo
   echo "- Date: $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo "- Machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs))"
-  echo "- Server: $(basename "$MS") $("$MS" --version | grep -m1 'Git SHA') ${METASTORE_ARGS:-}"
+  echo "- Server: $SERVER"
   echo "- Workload: metastore-loadgen $*"
   echo "- Recorded with: perf record -g -p <server pid> for the whole workload"
   echo

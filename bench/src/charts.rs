@@ -36,6 +36,8 @@ pub struct Row {
     pub etcd_cdf: Vec<(f64, f64)>,
     /// MetaStore's latency CDF in its median round.
     pub metastore_cdf: Vec<(f64, f64)>,
+    /// The gRPC floor's medians (`metastore-grpc-floor`), for the workloads it serves.
+    pub floor: Option<Figures>,
 }
 
 impl Row {
@@ -233,6 +235,19 @@ fn mib(b: u64) -> f64 {
 }
 
 impl Row {
+    /// The CPU goal: a third of etcd's server CPU per request, microseconds.
+    pub fn cpu_goal_us(&self) -> f64 {
+        self.etcd.cpu_us / 3.0
+    }
+
+    /// Whether the gRPC floor alone costs more per request than the CPU goal allows (false
+    /// when the floor was not measured).
+    pub fn goal_below_floor(&self) -> bool {
+        self.floor
+            .as_ref()
+            .is_some_and(|f| f.cpu_us > self.cpu_goal_us())
+    }
+
     /// etcd's server CPU per request over MetaStore's (above 1: MetaStore spends less).
     pub fn cpu_ratio(&self) -> f64 {
         if self.metastore.cpu_us > 0.0 {
@@ -359,6 +374,7 @@ pub fn markdown(meta: &Meta, rows: &[Row], memory: &[Memory]) -> String {
          throughput is set by the load; compare its latencies.\n"
     );
     cpu_table(&mut s, rows);
+    floor_table(&mut s, rows);
     let _ = writeln!(s, "![throughput](throughput.svg)\n");
     let _ = writeln!(s, "![latency CDFs](latency-cdf.svg)\n");
     if !memory.is_empty() {
@@ -394,11 +410,71 @@ pub fn markdown(meta: &Meta, rows: &[Row], memory: &[Memory]) -> String {
         };
         let _ = writeln!(s, "- {goal}: {verdict}");
     }
+    let below: Vec<&Row> = rows.iter().filter(|r| r.goal_below_floor()).collect();
+    if !below.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nServer CPU goals that no server on MetaStore's gRPC stack can meet here, because \
+             the stack alone, doing no work, costs more (see \"The gRPC floor\"):\n"
+        );
+        for r in below {
+            let _ = writeln!(
+                s,
+                "- {}: the goal is {:.1} us per request; the gRPC floor costs {:.1}",
+                r.workload,
+                r.cpu_goal_us(),
+                r.floor.as_ref().map_or(0.0, |f| f.cpu_us)
+            );
+        }
+    }
     let _ = writeln!(
         s,
         "\nWhere the time goes, and what the shortfalls come from: bench/README.md."
     );
     s
+}
+
+/// The gRPC floor table of RESULTS.md: what the gRPC stack alone costs per request, against the
+/// CPU goal and MetaStore. Nothing when no row measured the floor.
+fn floor_table(s: &mut String, rows: &[Row]) {
+    let measured: Vec<(&Row, &Figures)> = rows
+        .iter()
+        .filter_map(|r| r.floor.as_ref().map(|f| (r, f)))
+        .collect();
+    if measured.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "## The gRPC floor
+"
+    );
+    let _ = writeln!(
+        s,
+        "`metastore-grpc-floor` serves MetaStore's KV service on the same stack (tonic, hyper, \
+         h2, prost, tokio), with one current-thread runtime per CPU, but a Put or a Range does \
+         no work: nothing is replicated, stored or fsynced. Its CPU per request is the least \
+         any server on this stack spends here; the goal column is a third of etcd's.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| workload | gRPC floor req/s | gRPC floor CPU us/req | goal CPU us/req | MetaStore CPU us/req | MetaStore above the floor |"
+    );
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|");
+    for (r, f) in measured {
+        let _ = writeln!(
+            s,
+            "| {} ({}) | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            r.workload,
+            r.unit,
+            f.rps,
+            f.cpu_us,
+            r.cpu_goal_us(),
+            r.metastore.cpu_us,
+            r.metastore.cpu_us - f.cpu_us
+        );
+    }
+    let _ = writeln!(s);
 }
 
 /// The server-CPU-per-request table of RESULTS.md.
@@ -450,6 +526,7 @@ mod tests {
             metastore: f(m),
             etcd_cdf: vec![(0.0, 0.1), (50.0, 1.0), (100.0, 9.0)],
             metastore_cdf: vec![(0.0, 0.2), (50.0, 0.5), (100.0, 4.0)],
+            floor: None,
         }
     }
 
@@ -541,6 +618,50 @@ mod tests {
         );
         assert!(
             md.contains("- put, 100 clients: 2x etcd's throughput or more, with a lower p99: met")
+        );
+        assert!(!md.contains("## The gRPC floor"), "no floor measured: {md}");
+    }
+
+    /// The floor table sets the floor against the goal (a third of etcd's CPU) and MetaStore,
+    /// and a goal the floor alone exceeds is named under the goals.
+    #[test]
+    fn the_grpc_floor_is_set_against_the_goal() {
+        let floor = |rps, cpu_us| Figures {
+            rps,
+            p50: 0.1,
+            p99: 0.2,
+            errors: 0,
+            cpu_us,
+        };
+        // `row` makes CPU per request 100 / rps: etcd 100 us (goal 33.3), MetaStore 50.
+        let mut above = row("put, 1000 clients", (1.0, 10.0), (2.0, 9.0));
+        above.floor = Some(floor(4000.0, 40.0));
+        // etcd 200 us (goal 66.7), MetaStore 25, the floor 10.
+        let mut under = row("range serializable, 100 clients", (0.5, 1.0), (4.0, 1.0));
+        under.floor = Some(floor(9000.0, 10.0));
+        assert!(above.goal_below_floor());
+        assert!(!under.goal_below_floor());
+        let meta = Meta {
+            date: "d".into(),
+            machine: "m".into(),
+            etcd_version: "etcd".into(),
+            metastore_version: "ms".into(),
+            metastore_args: String::new(),
+            rounds: 1,
+            scale: 1.0,
+        };
+        let md = markdown(&meta, &[above, under], &[]);
+        assert!(md.contains("## The gRPC floor"), "{md}");
+        assert!(
+            md.contains("| put, 1000 clients (puts) | 4000 | 40.0 | 33.3 | 50.0 | 10.0 |"),
+            "{md}"
+        );
+        let named =
+            "- put, 1000 clients: the goal is 33.3 us per request; the gRPC floor costs 40.0";
+        assert!(md.contains(named), "{md}");
+        assert!(
+            !md.contains("- range serializable, 100 clients: the goal is"),
+            "{md}"
         );
     }
 }

@@ -7,6 +7,10 @@
 //! loading 1M keys of 256-byte values, and writes `RESULTS.md`, `results.json` and SVG charts
 //! (throughput per workload, latency CDFs) into the output directory.
 //!
+//! Each round also runs the put and range workloads against `metastore-grpc-floor`, the gRPC
+//! stack with no work behind it: its server CPU per request is the least any server built on
+//! that stack spends here, and RESULTS.md sets it against the goals.
+//!
 //! Run it through `bench/compare.sh`, which installs etcd and builds the binaries first.
 
 mod charts;
@@ -35,6 +39,9 @@ struct Args {
     /// metastore-loadgen binary.
     #[arg(long, default_value = "target/release/metastore-loadgen")]
     loadgen: PathBuf,
+    /// metastore-grpc-floor binary.
+    #[arg(long, default_value = "target/release/metastore-grpc-floor")]
+    grpc_floor: PathBuf,
     /// Extra MetaStore flags, space-separated (e.g. "--storage-engine rocksdb").
     #[arg(long, default_value = "", allow_hyphen_values = true)]
     metastore_args: String,
@@ -64,6 +71,8 @@ struct Workload {
     total: u64,
     /// What one "request" is in the throughput column.
     unit: &'static str,
+    /// Whether the gRPC floor serves it (Put and Range only).
+    floor: bool,
 }
 
 fn words(s: &str) -> Vec<String> {
@@ -75,11 +84,12 @@ fn words(s: &str) -> Vec<String> {
 /// a watch fan-out; lease keep-alive).
 fn workloads() -> Vec<Workload> {
     let put = "put --key-size 8 --val-size 256 --key-space-size 100000 --sequential-keys";
-    let w = |name, args: String, total, unit| Workload {
+    let w = |name: &'static str, args: String, total, unit| Workload {
         name,
         args: words(&args),
         total,
         unit,
+        floor: name.starts_with("put") || name.starts_with("range"),
     };
     vec![
         w("put, 1 client", format!("--clients 1 --conns 1 {put}"), 3_000, "puts"),
@@ -211,6 +221,7 @@ fn measure_memory(kind: Kind, bins: &Binaries, keys: u64) -> anyhow::Result<Memo
         )),
         total: keys,
         unit: "puts",
+        floor: false,
     };
     let r = run_loadgen(bins, &server.endpoint, &w, keys)?;
     let (peak_rss, rss) = server.rss()?;
@@ -264,6 +275,7 @@ fn main() -> anyhow::Result<()> {
         metastore: args.metastore.clone(),
         metastore_args: words(&args.metastore_args),
         loadgen: args.loadgen.clone(),
+        grpc_floor: args.grpc_floor.clone(),
     };
     let plan: Vec<Workload> = workloads()
         .into_iter()
@@ -284,19 +296,27 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// Runs every workload of `plan` against each server, `args.rounds` times, and returns one
-/// sample per (round, server, workload), logging each to stderr as it completes.
+/// sample per (round, server, workload), logging each to stderr as it completes. The gRPC
+/// floor runs last in each round, and only the workloads it serves.
 fn run_rounds(args: &Args, bins: &Binaries, plan: &[Workload]) -> anyhow::Result<Vec<Sample>> {
     let mut samples: Vec<Sample> = Vec::new();
     for round in 0..args.rounds {
         // Alternate which server goes first, so neither always runs on a warmer machine.
         let order = if round % 2 == 0 {
-            [Kind::Etcd, Kind::MetaStore]
+            [Kind::Etcd, Kind::MetaStore, Kind::GrpcFloor]
         } else {
-            [Kind::MetaStore, Kind::Etcd]
+            [Kind::MetaStore, Kind::Etcd, Kind::GrpcFloor]
         };
         for kind in order {
+            let mine: Vec<&Workload> = plan
+                .iter()
+                .filter(|w| kind != Kind::GrpcFloor || w.floor)
+                .collect();
+            if mine.is_empty() {
+                continue;
+            }
             let server = Server::start(kind, bins)?;
-            for w in plan {
+            for w in mine {
                 let total = ((w.total as f64 * args.scale) as u64).max(1);
                 let cpu_before = server.cpu_secs()?;
                 let report = run_loadgen(bins, &server.endpoint, w, total)
@@ -370,7 +390,9 @@ fn median_rows(plan: &[Workload], samples: &[Sample]) -> Vec<charts::Row> {
                 .collect()
         };
         let (e, m) = (pick("etcd"), pick("MetaStore"));
+        let floor = pick(Kind::GrpcFloor.name());
         rows.push(charts::Row {
+            floor: (!floor.is_empty()).then(|| figures(&floor)),
             workload: w.name.to_string(),
             unit: w.unit,
             etcd: figures(&e),

@@ -1,5 +1,7 @@
-//! Starting and stopping the two servers under test, each single-member on loopback with its
-//! own temporary data dir and fsync on, and reading their memory use.
+//! Starting and stopping the servers under test, each single-member on loopback with its own
+//! temporary data dir and fsync on, and reading their CPU time and memory use. Besides etcd and
+//! MetaStore, the gRPC floor (`metastore-grpc-floor`): MetaStore's KV service on tonic with no
+//! work behind it, the least any server on that stack spends per request.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -15,6 +17,8 @@ pub enum Kind {
     Etcd,
     /// MetaStore.
     MetaStore,
+    /// `metastore-grpc-floor`: the gRPC stack alone (Put and Range only; nothing stored).
+    GrpcFloor,
 }
 
 impl Kind {
@@ -23,6 +27,7 @@ impl Kind {
         match self {
             Kind::Etcd => "etcd",
             Kind::MetaStore => "MetaStore",
+            Kind::GrpcFloor => "gRPC floor",
         }
     }
 }
@@ -38,6 +43,8 @@ pub struct Binaries {
     pub metastore_args: Vec<String>,
     /// The load generator.
     pub loadgen: PathBuf,
+    /// `metastore-grpc-floor`.
+    pub grpc_floor: PathBuf,
 }
 
 /// A running server; stopped (SIGKILL, then reaped) and its data dir removed on drop.
@@ -68,21 +75,30 @@ impl Server {
         let mut cmd = match kind {
             Kind::Etcd => Command::new(&bins.etcd),
             Kind::MetaStore => Command::new(&bins.metastore),
+            Kind::GrpcFloor => Command::new(&bins.grpc_floor),
         };
-        cmd.arg("--name")
-            .arg("bench")
-            .arg("--data-dir")
-            .arg(&data)
-            .arg("--listen-client-urls")
-            .arg(&curl)
-            .arg("--advertise-client-urls")
-            .arg(&curl)
-            .arg("--listen-peer-urls")
-            .arg(&purl)
-            .arg("--initial-advertise-peer-urls")
-            .arg(&purl)
-            .arg("--initial-cluster")
-            .arg(format!("bench={purl}"));
+        if kind == Kind::GrpcFloor {
+            // Its best layout: a current-thread runtime per CPU, each with its own listener.
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            cmd.args(["--runtime", "per-core", "--workers", &cpus.to_string()])
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{client}"));
+        } else {
+            cmd.arg("--name")
+                .arg("bench")
+                .arg("--data-dir")
+                .arg(&data)
+                .arg("--listen-client-urls")
+                .arg(&curl)
+                .arg("--advertise-client-urls")
+                .arg(&curl)
+                .arg("--listen-peer-urls")
+                .arg(&purl)
+                .arg("--initial-advertise-peer-urls")
+                .arg(&purl)
+                .arg("--initial-cluster")
+                .arg(format!("bench={purl}"));
+        }
         if kind == Kind::MetaStore {
             cmd.args(&bins.metastore_args);
         }
