@@ -444,11 +444,7 @@ fn floor_table(s: &mut String, rows: &[Row]) {
     if measured.is_empty() {
         return;
     }
-    let _ = writeln!(
-        s,
-        "## The gRPC floor
-"
-    );
+    let _ = writeln!(s, "## The gRPC floor\n");
     let _ = writeln!(
         s,
         "`metastore-grpc-floor` serves MetaStore's KV service on the same stack (tonic, hyper, \

@@ -1,11 +1,12 @@
 //! `metastore-grpc-floor`: the cost of the gRPC stack alone, measured with the same load as the
 //! server (bench/README.md, "The gRPC floor").
 //!
-//! It serves etcd's `KV` service with MetaStore's generated code and codec on tonic, exactly as
-//! the member builds its client listener (HTTP/2, `TCP_NODELAY`), but a Put or a Range does no
-//! work: a Put takes the next revision from a counter, a Range answers with no keys. Nothing is
-//! replicated, stored or fsynced. Its server CPU per request is therefore the floor under any
-//! server built on this stack, whatever its storage and consensus cost.
+//! It serves etcd's `KV` service with MetaStore's generated code and codec on tonic, over
+//! HTTP/2 with `TCP_NODELAY` and the member's allocator, but a Put or a Range does no work: a
+//! Put takes the next revision from a counter, a Range answers with no keys. Nothing is
+//! replicated, stored or fsynced, and the member's own layers (its HTTP endpoints, its request
+//! gate, auth) are absent. Its server CPU per request is therefore the floor under any server
+//! built on this stack, whatever its storage and consensus cost.
 //!
 //! `--runtime multi` is the member's runtime: one tokio multi-thread runtime with `--workers`
 //! workers sharing one listener. `--runtime per-core` runs `--workers` tokio current-thread
