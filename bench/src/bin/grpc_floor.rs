@@ -10,7 +10,8 @@
 //!
 //! `--runtime multi` is the member's runtime: one tokio multi-thread runtime with `--workers`
 //! workers sharing one listener. `--runtime per-core` runs `--workers` tokio current-thread
-//! runtimes, one per thread, each pinned to a CPU and accepting on its own `SO_REUSEPORT`
+//! runtimes, one per thread, each pinned to a CPU (as the member places its shards:
+//! `metastore::shard::shard_cpus`) and accepting on its own `SO_REUSEPORT`
 //! listener (the kernel spreads connections over them): no task ever moves between threads.
 //!
 //! It prints `listening on ADDR` once every listener is bound, and serves until killed.
@@ -129,7 +130,7 @@ async fn serve(service: NoWork, listener: tokio::net::TcpListener) {
     }
 }
 
-/// Pins the calling thread to `cpu`.
+/// Pins the calling thread to `cpu` (best effort, as a benchmark may run under any affinity).
 fn pin(cpu: usize) {
     // SAFETY: a zeroed cpu_set_t is a valid empty set, and CPU_SET writes inside it.
     unsafe {
@@ -160,32 +161,31 @@ fn main() {
             let first = std::net::TcpListener::bind(args.listen).expect("bind");
             let addr = first.local_addr().expect("bound address");
             drop(first);
-            let listeners: Vec<std::net::TcpListener> = (0..args.workers)
+            // Each runtime binds its listener, then moves with it to its thread.
+            let served: Vec<_> = (0..args.workers)
                 .map(|_| {
                     let rt = tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()
                         .expect("tokio runtime");
                     let l = rt.block_on(async { listener(addr, true) }).expect("bind");
-                    l.into_std().expect("std listener")
+                    (rt, l)
                 })
                 .collect();
             println!("listening on {addr}");
-            let threads: Vec<_> = listeners
+            // The member's placement of its shards: the CPUs this process may run on.
+            let cpus = metastore::shard::shard_cpus().unwrap_or_default();
+            let threads: Vec<_> = served
                 .into_iter()
                 .enumerate()
-                .map(|(cpu, l)| {
+                .map(|(i, (rt, l))| {
                     let service = service.clone();
+                    let cpu = cpus.get(i % cpus.len().max(1)).copied();
                     std::thread::spawn(move || {
-                        pin(cpu);
-                        let rt = tokio::runtime::Builder::new_current_thread()
-                            .enable_all()
-                            .build()
-                            .expect("tokio runtime");
-                        rt.block_on(async {
-                            let l = tokio::net::TcpListener::from_std(l).expect("listener");
-                            serve(service, l).await;
-                        });
+                        if let Some(cpu) = cpu {
+                            pin(cpu);
+                        }
+                        rt.block_on(serve(service, l));
                     })
                 })
                 .collect();
