@@ -358,8 +358,11 @@ fn bench_node_thread(c: &mut Criterion) {
                     }
                 });
             });
+            // The node holds a sender to its own inbox (its transport's), so dropping ours
+            // does not end it: it stops as the member stops it.
             let Node { tx, thread, .. } = node;
-            drop(tx);
+            let (stopped, _) = tokio::sync::oneshot::channel();
+            tx.send(NodeMsg::Stop(stopped)).expect("node running");
             thread.join().expect("node thread");
         }
     }
