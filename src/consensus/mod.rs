@@ -928,11 +928,12 @@ impl RaftNode {
         ))
     }
 
-    /// Runs until every [`RaftHandle`] is dropped or [`NodeMsg::Stop`] arrives (then after the
-    /// round under way, its WAL writes done). A WAL failure is fatal: nothing can be
-    /// acknowledged without it, so the loop ends at once and returns it (as does a leader's
-    /// snapshot that cannot be decoded or saved); the caller reports it and the member stops
-    /// rather than serving stale promises.
+    /// Runs until [`NodeMsg::Stop`] arrives (then after the round under way, its WAL writes
+    /// done). Dropping every [`RaftHandle`] does not end it: its own transport holds a sender
+    /// to its inbox, so the member's stop (and a bench's) sends [`NodeMsg::Stop`]. A WAL
+    /// failure is fatal: nothing can be acknowledged without it, so the loop ends at once and
+    /// returns it (as does a leader's snapshot that cannot be decoded or saved); the caller
+    /// reports it and the member stops rather than serving stale promises.
     ///
     /// Errors: [`NodeError::RaftLog`], [`NodeError::SnapshotUndecodable`],
     /// [`NodeError::SnapshotSave`].
