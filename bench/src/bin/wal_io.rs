@@ -55,8 +55,8 @@ struct Args {
     paths: Vec<Path>,
 }
 
-/// The size a WAL segment is extended to before appends land in it, bytes.
-const SEGMENT_BYTES: i64 = 64 << 20;
+/// The size a WAL segment is extended to before appends land in it, bytes (the WAL's own).
+const SEGMENT_BYTES: i64 = metastore::consensus::wal::SEGMENT_BYTES as i64;
 
 fn main() -> Result<()> {
     let args = Args::parse();
@@ -144,21 +144,26 @@ fn measure(path: Path, file: &File, args: &Args) -> Result<Measured> {
             Path::Uring | Path::UringDsync => {
                 let fd = types::Fd(file.as_raw_fd());
                 let write = opcode::Write::new(fd, buf.as_ptr(), buf.len() as u32).offset(offset);
-                let ops = if matches!(path, Path::Uring) {
-                    vec![
+                // No allocation per sync: the std paths make none either.
+                let linked;
+                let dsync;
+                let ops: &[squeue::Entry] = if matches!(path, Path::Uring) {
+                    linked = [
                         write.build().flags(squeue::Flags::IO_LINK),
                         opcode::Fsync::new(fd)
                             .flags(types::FsyncFlags::DATASYNC)
                             .build(),
-                    ]
+                    ];
+                    &linked
                 } else {
-                    vec![write.rw_flags(libc::RWF_DSYNC).build()]
+                    dsync = [write.rw_flags(libc::RWF_DSYNC).build()];
+                    &dsync
                 };
                 // SAFETY: the buffer and the file outlive the operations: they complete before
                 // `submit_and_wait` returns and the loop goes on.
                 unsafe {
                     let mut sq = ring.submission();
-                    for op in &ops {
+                    for op in ops {
                         sq.push(op).context("submission queue full")?;
                     }
                 }
