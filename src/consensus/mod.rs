@@ -70,6 +70,12 @@ use wal::{Recovered, Wal, WalError};
 pub const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// A follower's ReadIndex that got no answer is sent again after this long (etcd's
 /// `readIndexRetryTime`): the leader drops it while it has not committed in its term.
+/// The most entry data the in-memory Raft log keeps behind the applied index, bytes; past it
+/// the log is compacted to half as much (see `RaftNode::bound_log`). At 16 MiB, the log still
+/// reaches back some 50,000 puts of 300 bytes, ten times etcd's 5,000 catch-up entries of one
+/// request each, for a follower that lags.
+pub const LOG_HIGH_BYTES: u64 = 16 * 1024 * 1024;
+
 const READ_RETRY: Duration = Duration::from_millis(500);
 
 /// What stops the Raft node thread ([`crate::consensus::RaftNode::run`]); the member stops
@@ -766,7 +772,7 @@ fn starting_membership(
 /// and a hard state whose commit index covers what is already durable (see
 /// [`start_commit`]). Returns the snapshot's index (0 without one).
 fn restore_storage(
-    storage: &RaftStorage,
+    storage: &mut RaftStorage,
     snap: Option<&StateSnapshot>,
     membership: &Membership,
     legacy_alone: bool,
@@ -779,7 +785,7 @@ fn restore_storage(
             rs.mut_metadata().index = s.index;
             rs.mut_metadata().term = s.term;
             rs.mut_metadata().set_conf_state(membership.conf_state());
-            storage.wl().apply_snapshot(rs)?;
+            storage.apply_snapshot(rs)?;
             s.index
         }
         None => {
@@ -789,7 +795,7 @@ fn restore_storage(
             0
         }
     };
-    storage.wl().append(&recovered.entries)?;
+    storage.append(&recovered.entries)?;
     let last_index = recovered.entries.last().map_or(snap_index, |e| e.index);
     if recovered.hard_state.is_some() || applied > snap_index {
         // What the snapshot or the durable state machine holds was committed; the log
@@ -864,9 +870,9 @@ impl RaftNode {
             )?;
         }
         let images = committed.downgrade();
-        let storage = RaftStorage::new(committed.clone());
+        let mut storage = RaftStorage::new(committed.clone());
         let snap_index = restore_storage(
-            &storage,
+            &mut storage,
             snap,
             &membership,
             legacy_alone,
@@ -1237,18 +1243,27 @@ impl RaftNode {
     }
 
     /// Keeps the log in memory to at most twice `catch_up_entries` behind the applied index,
-    /// snapshot or not: what is older is in the WAL for a restart, and a follower that needs it
-    /// gets an image of the state machine (see [`storage`]). An entry carries a batch of
-    /// requests (about 13 under load), so a log released only by snapshots every
-    /// `--snapshot-count` entries held most of a 1M-key load's data a second time in memory.
+    /// and to at most [`LOG_HIGH_BYTES`] of entry data, snapshot or not: what is older is in
+    /// the WAL for a restart, and a follower that needs it gets an image of the state machine
+    /// (see [`storage`]). An entry carries a batch of requests (about 13 under load), so a log
+    /// released only by snapshots every `--snapshot-count` entries held most of a 1M-key
+    /// load's data a second time in memory, and 10,000 entries still held some 60 MiB.
     fn bound_log(&mut self) {
         let applied = self.raw.raft.raft_log.applied;
         let first = raft::Storage::first_index(self.raw.store()).unwrap_or(1);
         let keep = self.catch_up_entries.max(1);
+        let store = self.raw.mut_store();
+        let mut compacted = Ok(());
         if applied.saturating_sub(first) > 2 * keep {
-            if let Err(e) = self.raw.mut_store().wl().compact(applied - keep) {
-                tracing::warn!(error = %e, "log compaction skipped");
-            }
+            compacted = store.compact(applied - keep);
+        }
+        if compacted.is_ok() {
+            compacted = store
+                .compact_to_fit(LOG_HIGH_BYTES, LOG_HIGH_BYTES / 2, applied)
+                .map(drop);
+        }
+        if let Err(e) = compacted {
+            tracing::warn!(error = %e, "log compaction skipped");
         }
     }
 
@@ -1259,7 +1274,7 @@ impl RaftNode {
             .saturating_sub(self.catch_up_entries)
             .min(self.raw.raft.raft_log.applied);
         if upto > raft::Storage::first_index(self.raw.store()).unwrap_or(1) {
-            if let Err(e) = self.raw.mut_store().wl().compact(upto) {
+            if let Err(e) = self.raw.mut_store().compact(upto) {
                 tracing::warn!(error = %e, "log compaction skipped");
             }
         }
@@ -1323,7 +1338,6 @@ impl RaftNode {
         if !ready.entries().is_empty() {
             self.raw
                 .mut_store()
-                .wl()
                 .append(ready.entries())
                 .expect("append after the WAL");
         }
@@ -1402,7 +1416,7 @@ impl RaftNode {
                 return Err(NodeError::SnapshotUndecodable { index });
             }
         };
-        if let Err(e) = self.raw.mut_store().wl().apply_snapshot(snap) {
+        if let Err(e) = self.raw.mut_store().apply_snapshot(snap) {
             tracing::error!(error = %e, "leader's snapshot older than the log; ignored");
             return Ok(());
         }

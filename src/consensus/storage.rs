@@ -9,6 +9,7 @@
 //! response (the pattern TiKV uses with raft-rs).
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 
 use raft::prelude::{Entry, Snapshot};
 use raft::storage::{MemStorage, MemStorageCore, RaftState, Storage};
@@ -29,9 +30,75 @@ enum Image {
 /// The Raft log storage the Raft thread owns.
 pub struct RaftStorage {
     mem: MemStorage,
+    /// The size of each entry the in-memory log holds, for [`RaftStorage::compact_to_fit`].
+    sizes: EntrySizes,
     /// The dispatcher's inbox, for image requests.
     dispatcher: flume::Sender<ApplyMsg>,
     image: RefCell<Image>,
+}
+
+/// The data size of each entry in the in-memory log, oldest first, and their sum (bytes).
+///
+/// Kept beside raft-rs's `MemStorage`, which does not say how many bytes it holds. It follows
+/// the log by index: an append drops what it overwrites, a compaction what it removes, so an
+/// install of a snapshot that bypasses it leaves stale sizes only until the next compaction.
+#[derive(Default)]
+struct EntrySizes {
+    entries: VecDeque<(u64, u64)>,
+    total: u64,
+}
+
+impl EntrySizes {
+    fn appended(&mut self, entries: &[Entry]) {
+        let Some(first) = entries.first() else {
+            return;
+        };
+        // A leader's conflicting suffix is replaced from the first new index on (Raft §5.3).
+        while let Some(&(index, bytes)) = self.entries.back() {
+            if index < first.index {
+                break;
+            }
+            self.entries.pop_back();
+            self.total -= bytes;
+        }
+        for e in entries {
+            let bytes = (e.data.len() + e.context.len()) as u64;
+            self.entries.push_back((e.index, bytes));
+            self.total += bytes;
+        }
+    }
+
+    fn compacted(&mut self, upto: u64) {
+        while let Some(&(index, bytes)) = self.entries.front() {
+            if index >= upto {
+                break;
+            }
+            self.entries.pop_front();
+            self.total -= bytes;
+        }
+    }
+
+    fn cleared(&mut self) {
+        *self = EntrySizes::default();
+    }
+
+    /// The index to compact to so that entries of at most `low` bytes remain, once more than
+    /// `high` bytes are held; never past `applied`, which stays.
+    fn compact_index(&self, high: u64, low: u64, applied: u64) -> Option<u64> {
+        if self.total <= high {
+            return None;
+        }
+        let mut remaining = self.total;
+        let mut upto = None;
+        for &(index, bytes) in &self.entries {
+            if remaining <= low || index >= applied {
+                break;
+            }
+            remaining -= bytes;
+            upto = Some(index + 1);
+        }
+        upto
+    }
 }
 
 impl RaftStorage {
@@ -39,14 +106,60 @@ impl RaftStorage {
     pub fn new(dispatcher: flume::Sender<ApplyMsg>) -> Self {
         RaftStorage {
             mem: MemStorage::default(),
+            sizes: EntrySizes::default(),
             dispatcher,
             image: RefCell::default(),
         }
     }
 
-    /// Write access to the in-memory log.
+    /// Write access to the in-memory log. Entries are appended and removed through
+    /// [`RaftStorage::append`], [`RaftStorage::compact`] and [`RaftStorage::apply_snapshot`],
+    /// which keep the log's byte count.
     pub fn wl(&self) -> std::sync::RwLockWriteGuard<'_, MemStorageCore> {
         self.mem.wl()
+    }
+
+    /// Appends `entries` to the in-memory log, replacing any it holds from the first new
+    /// index on (raft-rs `MemStorageCore::append`, whose errors it returns).
+    pub fn append(&mut self, entries: &[Entry]) -> raft::Result<()> {
+        self.mem.wl().append(entries)?;
+        self.sizes.appended(entries);
+        Ok(())
+    }
+
+    /// Removes the entries below `upto` from the in-memory log (raft-rs
+    /// `MemStorageCore::compact`; `upto` must not pass the last index + 1).
+    pub fn compact(&mut self, upto: u64) -> raft::Result<()> {
+        self.mem.wl().compact(upto)?;
+        self.sizes.compacted(upto);
+        Ok(())
+    }
+
+    /// Resets the in-memory log to `snap` (raft-rs `MemStorageCore::apply_snapshot`; a
+    /// snapshot older than the log fails with `SnapshotOutOfDate`).
+    pub fn apply_snapshot(&mut self, snap: Snapshot) -> raft::Result<()> {
+        self.mem.wl().apply_snapshot(snap)?;
+        self.sizes.cleared();
+        Ok(())
+    }
+
+    /// When the in-memory log holds more than `high` bytes, compacts it to at most `low`,
+    /// keeping every entry from `applied` on. Returns the new first index, if it compacted.
+    pub fn compact_to_fit(
+        &mut self,
+        high: u64,
+        low: u64,
+        applied: u64,
+    ) -> raft::Result<Option<u64>> {
+        // Sizes of entries the log no longer holds: none, when every change came through here.
+        self.sizes.compacted(self.mem.first_index()?);
+        match self.sizes.compact_index(high, low, applied) {
+            Some(upto) => {
+                self.compact(upto)?;
+                Ok(Some(upto))
+            }
+            None => Ok(None),
+        }
     }
 
     /// Read access to the in-memory log.
@@ -156,6 +269,45 @@ mod tests {
             peer_urls: vec![format!("http://127.0.0.1:{id}")],
             ..Default::default()
         }
+    }
+
+    fn entry(index: u64, bytes: usize) -> Entry {
+        Entry {
+            index,
+            term: 1,
+            data: vec![0; bytes].into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_log_is_compacted_to_fit_its_byte_bound_but_keeps_the_applied_entry() {
+        let (tx, _rx) = flume::unbounded();
+        let mut storage = RaftStorage::new(tx);
+        let entries: Vec<Entry> = (1..=10).map(|i| entry(i, 100)).collect();
+        storage.append(&entries).unwrap();
+        assert_eq!(storage.sizes.total, 1000);
+        // Within the bound: nothing to do.
+        assert_eq!(storage.compact_to_fit(1000, 500, 10).unwrap(), None);
+        // Over it: compacted to the newest 500 bytes.
+        assert_eq!(storage.compact_to_fit(900, 500, 10).unwrap(), Some(6));
+        assert_eq!(storage.first_index().unwrap(), 6);
+        assert_eq!(storage.sizes.total, 500);
+        // Never past the applied index, whose entry stays.
+        assert_eq!(storage.compact_to_fit(100, 0, 8).unwrap(), Some(8));
+        assert_eq!(storage.first_index().unwrap(), 8);
+        assert_eq!(storage.compact_to_fit(100, 0, 8).unwrap(), None);
+        // A leader's new suffix replaces the old one's sizes.
+        storage.append(&[entry(9, 1000)]).unwrap();
+        assert_eq!(storage.last_index().unwrap(), 9);
+        assert_eq!(storage.sizes.total, 1100);
+        // A snapshot resets the log and its count.
+        let mut snap = Snapshot::default();
+        snap.mut_metadata().index = 20;
+        snap.mut_metadata().term = 1;
+        storage.apply_snapshot(snap).unwrap();
+        assert_eq!(storage.sizes.total, 0);
+        assert_eq!(storage.compact_to_fit(0, 0, 20).unwrap(), None);
     }
 
     #[test]
