@@ -454,7 +454,8 @@ impl Store {
             }
             if range.contains(key) {
                 match self.event(rev, sub, key, prev_kv) {
-                    Ok(event) => batch.events.push(event),
+                    Ok(Some(event)) => batch.events.push(event),
+                    Ok(None) => {}
                     Err(e) => {
                         failed = Some(e);
                         return false;
@@ -478,7 +479,16 @@ impl Store {
         sub: u32,
         key: &[u8],
         prev_kv: bool,
-    ) -> Result<EventRecord, StorageError> {
+    ) -> Result<Option<EventRecord>, StorageError> {
+        if rev == self.compact_revision {
+            // A compaction at `rev` keeps each key's newest version at `rev`, a tombstone too
+            // (etcd #18274), and removes any earlier one of the same revision (a txn that put
+            // the key, then deleted it): that change is no event, before its purge as after.
+            let newest = self.engine.version_at(key, rev)?;
+            if newest.is_none_or(|r| (r.mod_revision, r.sub) != (rev, sub)) {
+                return Ok(None);
+            }
+        }
         // The event's own version: a txn that puts a key and then deletes it makes two in
         // one revision, a PUT and a DELETE event.
         let record = self.engine.version_exact(key, rev, sub)?;
@@ -501,7 +511,7 @@ impl Store {
         } else {
             None
         };
-        Ok(EventRecord {
+        Ok(Some(EventRecord {
             rev,
             sub,
             event: Event {
@@ -509,7 +519,7 @@ impl Store {
                 kv: Some(kv),
                 prev_kv: prev,
             },
-        })
+        }))
     }
 }
 
@@ -624,6 +634,7 @@ pub mod conformance {
         historical_reads_and_compaction(Store::new(make()));
         a_purge_keeps_deletes_of_survivors(Store::new(make()));
         no_prev_kv_at_the_compaction_revision(Store::new(make()));
+        events_at_the_compaction_revision(Store::new(make()));
         ranges_limits_and_filters(Store::new(make()));
         export_import_roundtrip(make);
         events_and_lease_index(make);
@@ -831,6 +842,58 @@ pub mod conformance {
         assert_eq!(prevs(&s), vec![None, Some(3)], "before the purge");
         s.purge(3).unwrap();
         assert_eq!(prevs(&s), vec![None, Some(3)], "after the purge");
+    }
+
+    /// After a compaction at revision R, a watch from R gets each key's newest change at R, a
+    /// delete included (etcd keeps a tombstone at the compaction revision, etcd #18274), and no
+    /// earlier change of the same key at R (a txn that put the key, then deleted it): etcd's
+    /// compaction removes that one. The same before the purge as after it, since members purge
+    /// at different times.
+    fn events_at_the_compaction_revision(mut s: Store) {
+        let all = KeyRange::from_request(b"\0", b"\0");
+        let events = |s: &Store, from: i64| -> Vec<(String, i64, u32, i32)> {
+            let batch = s.events(&all, from, 5, 100, false).unwrap().unwrap();
+            let ev = |e: &EventRecord| {
+                let key = e.event.kv.as_ref().map_or(&[][..], |kv| &kv.key[..]);
+                let key = String::from_utf8_lossy(key).into_owned();
+                (key, e.rev, e.sub, e.event.r#type)
+            };
+            batch.events.iter().map(ev).collect()
+        };
+        let (put_ev, del_ev) = (EventType::Put as i32, EventType::Delete as i32);
+        put(&mut s, "d", "v2", 2);
+        s.delete_range(&KeyRange::from_request(b"d", b""), 3, 0)
+            .unwrap();
+        put(&mut s, "t", "v4", 4);
+        // One txn at revision 5: a put of "t", then a delete of it.
+        let args = PutArgs {
+            key: b"t",
+            value: b"v5",
+            lease: 0,
+            ignore_value: false,
+            ignore_lease: false,
+        };
+        s.put(args, 5, 0).unwrap();
+        s.delete_range(&KeyRange::from_request(b"t", b""), 5, 1)
+            .unwrap();
+
+        s.compact(3);
+        let from_3 = vec![
+            ("d".to_string(), 3, 0, del_ev),
+            ("t".to_string(), 4, 0, put_ev),
+            ("t".to_string(), 5, 0, put_ev),
+            ("t".to_string(), 5, 1, del_ev),
+        ];
+        assert_eq!(events(&s, 3), from_3, "before the purge at 3");
+        s.purge(3).unwrap();
+        assert_eq!(events(&s, 3), from_3, "after the purge at 3");
+
+        s.compact(5);
+        let from_5 = vec![("t".to_string(), 5, 1, del_ev)];
+        assert_eq!(events(&s, 5), from_5, "before the purge at 5");
+        s.purge(5).unwrap();
+        assert_eq!(events(&s, 5), from_5, "after the purge at 5");
+        assert!(s.get(b"t", crate::mvcc::LATEST).unwrap().is_none());
     }
 
     fn ranges_limits_and_filters(mut s: Store) {
