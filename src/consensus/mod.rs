@@ -71,9 +71,9 @@ pub const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// A follower's ReadIndex that got no answer is sent again after this long (etcd's
 /// `readIndexRetryTime`): the leader drops it while it has not committed in its term.
 /// The most entry data the in-memory Raft log keeps behind the applied index, bytes; past it
-/// the log is compacted to half as much (see `RaftNode::bound_log`). At 16 MiB, the log still
-/// reaches back some 50,000 puts of 300 bytes, ten times etcd's 5,000 catch-up entries of one
-/// request each, for a follower that lags.
+/// the log is compacted to half as much (see `RaftNode::bound_log`). Those 8 MiB still reach
+/// back some 28,000 puts of 300 bytes, more than five times etcd's 5,000 catch-up entries of
+/// one request each, for a follower that lags.
 pub const LOG_HIGH_BYTES: u64 = 16 * 1024 * 1024;
 
 const READ_RETRY: Duration = Duration::from_millis(500);
