@@ -68,14 +68,13 @@ use wal::{Recovered, Wal, WalError};
 
 /// Upper bound on one proposal batch (one Raft entry), bytes.
 pub const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
-/// A follower's ReadIndex that got no answer is sent again after this long (etcd's
-/// `readIndexRetryTime`): the leader drops it while it has not committed in its term.
 /// The most entry data the in-memory Raft log keeps behind the applied index, bytes; past it
 /// the log is compacted to half as much (see `RaftNode::bound_log`). Those 8 MiB still reach
 /// back some 28,000 puts of 300 bytes, more than five times etcd's 5,000 catch-up entries of
 /// one request each, for a follower that lags.
 pub const LOG_HIGH_BYTES: u64 = 16 * 1024 * 1024;
-
+/// A follower's ReadIndex that got no answer is sent again after this long (etcd's
+/// `readIndexRetryTime`): the leader drops it while it has not committed in its term.
 const READ_RETRY: Duration = Duration::from_millis(500);
 
 /// What stops the Raft node thread ([`crate::consensus::RaftNode::run`]); the member stops

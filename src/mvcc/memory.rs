@@ -15,7 +15,6 @@ const RECORD_OVERHEAD: u64 = 48;
 /// A `BTreeMap` of key to versions in ascending `mod_revision`.
 #[derive(Default)]
 pub struct MemoryEngine {
-    ///
     /// Keys are boxed slices, not `Vec`s, here and in the indexes below: 8 bytes less per
     /// copy, which over a million keys was 15 MiB of peak RSS (bench/README, issue 17 step 10).
     keys: BTreeMap<Box<[u8]>, Vec<VersionRecord>>,
