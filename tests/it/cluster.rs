@@ -610,13 +610,7 @@ async fn a_caught_up_learner_is_promoted_automatically_when_asked() {
 async fn the_log_in_memory_is_bounded_before_any_snapshot() {
     let _one = CLUSTER_LOCK.lock().await;
     let flags = ["--experimental-snapshot-catchup-entries", "5"];
-    let mut cluster = Cluster::start(3, &flags).await;
-    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await;
-    let mut c = cluster.client(leader).await;
-    c.put("first", "1", None).await.unwrap();
-    let lagging = (leader + 1) % 3;
-    wait_for_key(&cluster, lagging, "first", Duration::from_secs(10)).await;
-    cluster.kill(lagging);
+    let (mut cluster, mut c, leader, lagging) = cluster_with_a_member_down(&flags).await;
     // One at a time, so one entry each: far more than the 10 the leader may keep.
     for n in 0..40 {
         c.put(format!("k{n:02}"), format!("v{n}"), None)
@@ -628,12 +622,7 @@ async fn the_log_in_memory_is_bounded_before_any_snapshot() {
         wait_for_key(&cluster, lagging, "k39", Duration::from_secs(20)).await,
         "v39"
     );
-    let leader_log = cluster.servers[leader].as_ref().unwrap().log();
-    assert!(
-        leader_log.contains("built a snapshot image for a follower"),
-        "the lagging member caught up from the log alone\n{}",
-        cluster.logs()
-    );
+    let leader_log = assert_caught_up_through_an_image(&cluster, leader);
     assert!(
         !leader_log.contains("saved snapshot"),
         "no --snapshot-count snapshot was due"
@@ -656,13 +645,7 @@ async fn the_log_in_memory_is_bounded_before_any_snapshot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_log_in_memory_is_bounded_in_bytes() {
     let _one = CLUSTER_LOCK.lock().await;
-    let mut cluster = Cluster::start(3, &[]).await;
-    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await;
-    let mut c = cluster.client(leader).await;
-    c.put("first", "1", None).await.unwrap();
-    let lagging = (leader + 1) % 3;
-    wait_for_key(&cluster, lagging, "first", Duration::from_secs(10)).await;
-    cluster.kill(lagging);
+    let (mut cluster, mut c, leader, lagging) = cluster_with_a_member_down(&[]).await;
     // 24 entries of 1 MiB: far fewer than the 10,000 entries the bound by count allows.
     let value = vec![b'v'; 1024 * 1024];
     for n in 0..24 {
@@ -672,12 +655,7 @@ async fn the_log_in_memory_is_bounded_in_bytes() {
     }
     cluster.restart(lagging);
     wait_for_key(&cluster, lagging, "big23", Duration::from_secs(30)).await;
-    let leader_log = cluster.servers[leader].as_ref().unwrap().log();
-    assert!(
-        leader_log.contains("built a snapshot image for a follower"),
-        "the lagging member caught up from the log alone\n{}",
-        cluster.logs()
-    );
+    assert_caught_up_through_an_image(&cluster, leader);
     let mut on_lagging = cluster.client(lagging).await;
     let all = on_lagging
         .get(
@@ -692,6 +670,32 @@ async fn the_log_in_memory_is_bounded_in_bytes() {
         .await
         .unwrap();
     assert_eq!(all.count(), 24);
+}
+
+/// A three-member cluster started with `flags`, one follower of which has seen a first write
+/// and then been killed: returns the cluster, a client of the leader, the leader and the
+/// follower that is down.
+async fn cluster_with_a_member_down(flags: &[&str]) -> (Cluster, Client, usize, usize) {
+    let mut cluster = Cluster::start(3, flags).await;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await;
+    let mut c = cluster.client(leader).await;
+    c.put("first", "1", None).await.unwrap();
+    let lagging = (leader + 1) % 3;
+    wait_for_key(&cluster, lagging, "first", Duration::from_secs(10)).await;
+    cluster.kill(lagging);
+    (cluster, c, leader, lagging)
+}
+
+/// Checks that `leader` built an image of its state machine for a follower (the follower could
+/// not catch up from the log); returns the leader's log.
+fn assert_caught_up_through_an_image(cluster: &Cluster, leader: usize) -> String {
+    let leader_log = cluster.servers[leader].as_ref().unwrap().log();
+    assert!(
+        leader_log.contains("built a snapshot image for a follower"),
+        "the lagging member caught up from the log alone\n{}",
+        cluster.logs()
+    );
+    leader_log
 }
 
 /// Waits until member `i` serves `key` from its own state (a serializable read, so learners
