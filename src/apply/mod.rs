@@ -15,6 +15,8 @@
 //!        |   Lease grant/checkpoint  the lease table; revoke deletes the attached keys, one
 //!        |                        revision if any key was deleted
 //!        v
+//!  outbox: each shard's commands gathered, sent as one batch when the dispatcher waits
+//!        v
 //!  shard apply queues (flume, FIFO) ── Barrier on every shard ── publish AppliedState ── reply
 //! ```
 //!
@@ -40,6 +42,7 @@ pub mod alarms;
 pub mod compaction;
 pub mod downgrade;
 pub mod lease;
+pub mod outbox;
 // Also the state the decoder fuzzing applies requests to (`crate::fuzzing`).
 #[cfg(any(test, feature = "fuzzing"))]
 pub(crate) mod test_view;
@@ -65,13 +68,14 @@ use crate::proto::etcdserverpb::{
 use crate::proto::metastorepb::{
     proposal::Request as Proposed, KeyHistory, Proposal, StateSnapshot,
 };
-use crate::shard::{shard_for, ApplyCmd, BarrierState, ShardSet};
+use crate::shard::{shard_for, ApplyCmd, BarrierAck, BarrierState, ShardSet};
 use crate::state_machine::{
     AppliedState, ApplyMsg, ApplyResponse, ApplyResult, CommittedEntry, Membership, Pending,
     SnapshotImage, SnapshotTaken, StateMachine,
 };
 use alarms::{Guarded, SharedAlarms};
 use downgrade::SharedDowngrade;
+use outbox::Outbox;
 
 /// The replicated tables besides leases and alarms that the dispatcher writes as it applies
 /// and the front end reads.
@@ -141,6 +145,9 @@ pub struct SnapshotPolicy {
 /// goes into snapshots.
 pub struct Dispatcher {
     shards: ShardSet,
+    /// Every command for the shards goes through it, so that each shard gets a batch's
+    /// commands in one wake-up.
+    outbox: Outbox,
     revision: i64,
     compact_revision: i64,
     applied_index: u64,
@@ -197,14 +204,14 @@ fn header(revision: i64) -> Option<ResponseHeader> {
 /// never comes, and the dispatcher leaves its loop: this unwinds with [`ShardStopped`] to
 /// [`Dispatcher::run`], which returns (no panic message: `resume_unwind` skips the hook). The
 /// answered path costs nothing more.
-fn wait<T>(rx: oneshot::Receiver<T>) -> T {
+fn recv_or_unwind<T>(rx: oneshot::Receiver<T>) -> T {
     match rx.blocking_recv() {
         Ok(reply) => reply,
         Err(_) => std::panic::resume_unwind(Box::new(ShardStopped)),
     }
 }
 
-/// The unwind payload of [`wait`] when a shard stopped without answering.
+/// The unwind payload of [`recv_or_unwind`] when a shard stopped without answering.
 struct ShardStopped;
 
 impl Dispatcher {
@@ -228,8 +235,10 @@ impl Dispatcher {
         auth.restore(start.auth.as_ref());
         downgrade.restore(start.downgrade.as_ref());
         alarms.write(|t| *t = alarms::AlarmTable::from_members(&start.alarms));
+        let outbox = Outbox::new(shards.iter().map(|s| s.apply.clone()).collect());
         let d = Dispatcher {
             shards,
+            outbox,
             revision: start.revision.max(1),
             compact_revision: start.compact_revision,
             applied_index: start.index,
@@ -288,12 +297,15 @@ impl Dispatcher {
         for kh in &snap.keys {
             per_shard[shard_for(&kh.key, n)].push(kh.clone());
         }
-        for (shard, keys) in self.shards.iter().zip(per_shard) {
-            let _ = shard.apply.send(ApplyCmd::Reset);
-            let _ = shard.apply.send(ApplyCmd::Import {
-                keys,
-                compact_revision: snap.compact_revision,
-            });
+        for (shard, keys) in per_shard.into_iter().enumerate() {
+            self.outbox.send(shard, ApplyCmd::Reset);
+            self.outbox.send(
+                shard,
+                ApplyCmd::Import {
+                    keys,
+                    compact_revision: snap.compact_revision,
+                },
+            );
         }
         self.revision = snap.revision.max(1);
         self.compact_revision = snap.compact_revision;
@@ -399,8 +411,8 @@ impl Dispatcher {
             // Shards that made this entry durable before a restart skip its writes; the first
             // entry past them tells them to stop skipping.
             if self.replay_until > 0 && entry.index <= self.replay_until + 1 {
-                for s in self.shards.iter() {
-                    let _ = s.apply.send(ApplyCmd::Entry { index: entry.index });
+                for s in 0..self.shards.len() {
+                    self.outbox.send(s, ApplyCmd::Entry { index: entry.index });
                 }
             }
             let requests_before = requests;
@@ -438,20 +450,24 @@ impl Dispatcher {
         self.publish();
         // Every shard now has the compaction on disk: history below it can go.
         if let Some(rev) = self.purge_pending.take() {
-            for s in self.shards.iter() {
-                let _ = s.apply.send(ApplyCmd::Purge { rev });
+            for s in 0..self.shards.len() {
+                self.outbox.send_now(s, ApplyCmd::Purge { rev });
             }
         }
-        for (id, outcome) in outcomes {
-            let result = match outcome {
-                Outcome::Done(r) => r,
-                Outcome::Put { rev, prev } => Ok(ApplyResponse::Put(PutResponse {
-                    header: header(rev),
-                    prev_kv: prev.and_then(wait),
-                })),
-            };
-            self.pending.complete(id, result);
-        }
+        let results = outcomes
+            .into_iter()
+            .map(|(id, outcome)| {
+                let result = match outcome {
+                    Outcome::Done(r) => r,
+                    Outcome::Put { rev, prev } => Ok(ApplyResponse::Put(PutResponse {
+                        header: header(rev),
+                        prev_kv: prev.and_then(|rx| self.outbox.wait(rx)),
+                    })),
+                };
+                (id, result)
+            })
+            .collect();
+        self.pending.complete_all(results);
         if self.snapshot_due() {
             self.snapshot();
         }
@@ -484,13 +500,15 @@ impl Dispatcher {
             .into_iter()
             .map(|i| {
                 let (reply, rx) = oneshot::channel();
-                let _ = self.shards.get(i).apply.send(command(reply));
+                self.outbox.send(i, command(reply));
                 rx
             })
             .collect();
-        waits.into_iter().map(wait).collect()
+        waits.into_iter().map(|rx| self.outbox.wait(rx)).collect()
     }
 
+    /// Every shard persists what was applied with the applied state; returns once all have.
+    /// The dispatcher wakes once for all of them ([`BarrierAck`]).
     fn barrier(&mut self) {
         let state = BarrierState {
             applied_index: self.applied_index,
@@ -499,11 +517,12 @@ impl Dispatcher {
             compact_revision: self.compact_revision,
             lease_changes: Arc::new(std::mem::take(&mut self.lease_changes)),
         };
-        let all = 0..self.shards.len();
-        self.ask(all, |reply| ApplyCmd::Barrier {
-            state: state.clone(),
-            reply,
-        });
+        let (acks, passed) = BarrierAck::new(self.shards.len());
+        for (shard, reply) in acks.into_iter().enumerate() {
+            let state = state.clone();
+            self.outbox.send(shard, ApplyCmd::Barrier { state, reply });
+        }
+        self.outbox.wait(passed);
     }
 
     fn publish(&self) {
@@ -698,13 +717,14 @@ impl Dispatcher {
 
     fn get_latest(&self, key: &[u8]) -> Option<KeyValue> {
         let (reply, rx) = oneshot::channel();
-        let shard = self.shards.get(shard_for(key, self.shards.len()));
-        let _ = shard.apply.send(ApplyCmd::Get {
+        let shard = shard_for(key, self.shards.len());
+        let get = ApplyCmd::Get {
             key: key.to_vec(),
             rev: self.revision,
             reply,
-        });
-        wait(rx)
+        };
+        self.outbox.send(shard, get);
+        self.outbox.wait(rx)
     }
 
     /// Sends a put; returns the receiver of its previous key-value when the client asked.
@@ -714,19 +734,20 @@ impl Dispatcher {
         rev: i64,
         sub: u32,
     ) -> Option<oneshot::Receiver<Option<KeyValue>>> {
-        let shard = self.shards.get(shard_for(&p.key, self.shards.len()));
+        let shard = shard_for(&p.key, self.shards.len());
         let (reply, rx) = if p.prev_kv {
             let (tx, rx) = oneshot::channel();
             (Some(tx), Some(rx))
         } else {
             (None, None)
         };
-        let _ = shard.apply.send(ApplyCmd::Put {
+        let put = ApplyCmd::Put {
             req: p,
             rev,
             sub,
             reply,
-        });
+        };
+        self.outbox.send(shard, put);
         rx
     }
 
@@ -766,17 +787,14 @@ impl Dispatcher {
             .filter(|(_, (idx, _))| !idx.is_empty())
             .map(|(s, (idx, cmps))| {
                 let (reply, rx) = oneshot::channel();
-                let _ = self.shards.get(s).apply.send(ApplyCmd::Compare {
-                    cmps,
-                    rev: self.revision,
-                    reply,
-                });
+                let rev = self.revision;
+                self.outbox.send(s, ApplyCmd::Compare { cmps, rev, reply });
                 (idx, rx)
             })
             .collect();
         let mut evals = vec![Vec::new(); compares.len()];
         for (idx, rx) in waits {
-            for (i, e) in idx.into_iter().zip(wait(rx)) {
+            for (i, e) in idx.into_iter().zip(self.outbox.wait(rx)) {
                 evals[i].push(e);
             }
         }
@@ -856,22 +874,17 @@ impl Dispatcher {
                 self.applied_term,
                 self.applied_index,
             );
-            let waits: Vec<_> = self
-                .shards
-                .iter()
-                .enumerate()
-                .map(|(i, s)| {
+            let waits: Vec<_> = (0..self.shards.len())
+                .map(|i| {
                     let (reply, rx) = oneshot::channel();
-                    let _ = s.apply.send(ApplyCmd::Checkpoint {
-                        dir: dir.join(i.to_string()),
-                        reply,
-                    });
+                    let dir = dir.join(i.to_string());
+                    self.outbox.send(i, ApplyCmd::Checkpoint { dir, reply });
                     rx
                 })
                 .collect();
             let failed: Vec<String> = waits
                 .into_iter()
-                .filter_map(|rx| wait(rx).err().map(|e| e.to_string()))
+                .filter_map(|rx| self.outbox.wait(rx).err().map(|e| e.to_string()))
                 .collect();
             if !failed.is_empty() {
                 // The WAL still holds everything; retry at the next batch.
@@ -961,7 +974,9 @@ impl txn::ShardView for ShardsView<'_> {
     }
 
     fn put(&self, p: PutRequest, rev: i64, sub: u32) -> Option<KeyValue> {
-        self.0.put(p, rev, sub).and_then(wait)
+        self.0
+            .put(p, rev, sub)
+            .and_then(|rx| self.0.outbox.wait(rx))
     }
 
     fn delete(&self, range: &KeyRange, rev: i64, sub: u32) -> Vec<KeyValue> {
@@ -986,8 +1001,8 @@ impl lease::LeaseView for ShardsView<'_> {
 
 impl compaction::CompactView for ShardsView<'_> {
     fn compact(&self, rev: i64) {
-        for s in self.0.shards.iter() {
-            let _ = s.apply.send(ApplyCmd::Compact { rev });
+        for s in 0..self.0.shards.len() {
+            self.0.outbox.send(s, ApplyCmd::Compact { rev });
         }
     }
 }
@@ -1118,10 +1133,10 @@ mod tests {
     fn a_stopped_shard_unwinds_the_dispatcher_without_a_panic() {
         let (tx, rx) = oneshot::channel::<u32>();
         tx.send(5).unwrap();
-        assert_eq!(wait(rx), 5);
+        assert_eq!(recv_or_unwind(rx), 5);
         let (tx, rx) = oneshot::channel::<u32>();
         drop(tx);
-        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| wait(rx)));
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| recv_or_unwind(rx)));
         assert!(ran.unwrap_err().is::<ShardStopped>());
     }
 

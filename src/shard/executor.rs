@@ -131,6 +131,19 @@ async fn serve(
                 }
                 return;
             }
+            ApplyCmd::Batch(cmds) => {
+                for cmd in cmds {
+                    let done =
+                        handle_apply(&mut store.borrow_mut(), &mut replay, &sizes[shard], cmd);
+                    if let Err(e) = done {
+                        return fail(e);
+                    }
+                    glommio::yield_if_needed().await;
+                    if failed.get() {
+                        return;
+                    }
+                }
+            }
             cmd => {
                 let done = handle_apply(&mut store.borrow_mut(), &mut replay, &sizes[shard], cmd);
                 if let Err(e) = done {
@@ -299,7 +312,13 @@ fn handle_apply(
         ApplyCmd::Entry { index } => replay.entry_index = index,
         ApplyCmd::Barrier { state, reply } => {
             barrier(store, replay, size, &state)?;
-            let _ = reply.send(());
+            reply.passed();
+        }
+        // Normally taken apart by `serve`, which lets reads run between its commands.
+        ApplyCmd::Batch(cmds) => {
+            for cmd in cmds {
+                handle_apply(store, replay, size, cmd)?;
+            }
         }
         ApplyCmd::Recover { reply } => {
             let _ = reply.send(store.recover()?);

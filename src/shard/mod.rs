@@ -34,7 +34,9 @@ use crate::mvcc::{KeyRange, Store};
 use crate::proto::etcdserverpb::RangeRequest;
 use executor::{run_shard, Queues};
 pub use placement::{parse_cpu_list, shard_cpus, shard_for};
-pub use protocol::{history_from_proto, history_to_proto, ApplyCmd, BarrierState, ReadCmd};
+pub use protocol::{
+    history_from_proto, history_to_proto, ApplyCmd, BarrierAck, BarrierState, ReadCmd,
+};
 
 /// The DMA memory each shard's glommio executor reserves, bytes: glommio's floor (64 KiB).
 /// Its default, 10 MiB per executor, is registered with io_uring and so resident, and shards
@@ -665,7 +667,7 @@ mod tests {
                 sub: 0,
                 reply: None,
             });
-            let (reply, flushed) = oneshot::channel();
+            let (mut reply, flushed) = BarrierAck::new(1);
             let state = BarrierState {
                 applied_index: rev as u64,
                 applied_term: 1,
@@ -673,6 +675,7 @@ mod tests {
                 compact_revision: 0,
                 lease_changes: Arc::new(Vec::new()),
             };
+            let reply = reply.pop().unwrap();
             let _ = apply.send(ApplyCmd::Barrier { state, reply });
             flushed.await.expect("flushed");
             shards.close(Duration::from_secs(10)).await.expect("closed");

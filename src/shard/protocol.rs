@@ -1,6 +1,7 @@
 //! What the dispatcher and the front end ask a shard: the commands on its apply queue (in log
 //! order) and its read queue, and the snapshot form of a key's history.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::oneshot;
@@ -105,9 +106,14 @@ pub enum ApplyCmd {
     Barrier {
         /// The applied state to persist with the data.
         state: BarrierState,
-        /// Answered once the flush is done.
-        reply: oneshot::Sender<()>,
+        /// Passed once the flush is done (one answer for every shard the barrier went to).
+        reply: BarrierAck,
     },
+    /// Several commands in queue order: what the dispatcher had for this shard when it next
+    /// had to wait, so that a batch costs the shard one wake-up, not one per command (see
+    /// [`crate::apply::outbox`]). Never holds [`ApplyCmd::Purge`], [`ApplyCmd::Close`] or
+    /// another batch.
+    Batch(Vec<ApplyCmd>),
     /// The applied state found on disk, if the engine is durable.
     Recover {
         /// Receives it.
@@ -143,6 +149,70 @@ pub enum ApplyCmd {
         /// Answered once the engine is closed, with the sync's outcome.
         reply: oneshot::Sender<Result<(), StorageError>>,
     },
+}
+
+/// A barrier's answer, shared by every shard the barrier went to: its waiter wakes once, when
+/// the last of them has passed it, instead of once per shard. Each shard gets one part
+/// ([`BarrierAck::new`]) and calls [`BarrierAck::passed`] after its flush. A part dropped
+/// without passing (the shard stopped: its engine failed, and what was queued for it is
+/// dropped) fails the whole barrier: the waiter's receiver then reports the sender dropped.
+pub struct BarrierAck {
+    shared: Arc<AckShared>,
+    passed: bool,
+}
+
+/// What a barrier's parts share; dropped with the last part, which answers the waiter.
+struct AckShared {
+    /// Set by a part dropped without passing.
+    failed: AtomicBool,
+    /// The waiter: sent `()` only if every part passed.
+    done: Option<oneshot::Sender<()>>,
+}
+
+impl BarrierAck {
+    /// One part for each of `shards` shards, and the receiver that hears `()` once every part
+    /// has passed, or an error once any part is dropped without passing and the rest are gone.
+    pub fn new(shards: usize) -> (Vec<BarrierAck>, oneshot::Receiver<()>) {
+        let (tx, rx) = oneshot::channel();
+        let shared = Arc::new(AckShared {
+            failed: AtomicBool::new(false),
+            done: Some(tx),
+        });
+        let parts = (0..shards)
+            .map(|_| BarrierAck {
+                shared: shared.clone(),
+                passed: false,
+            })
+            .collect();
+        (parts, rx)
+    }
+
+    /// This shard has passed the barrier (its flush is done).
+    pub fn passed(mut self) {
+        self.passed = true;
+    }
+}
+
+impl Drop for BarrierAck {
+    fn drop(&mut self) {
+        if !self.passed {
+            // Seen by the last part's drop of `AckShared`: the `Arc`'s count is released
+            // before, and acquired by, that drop.
+            self.shared.failed.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for AckShared {
+    fn drop(&mut self) {
+        let tx = self.done.take();
+        if !*self.failed.get_mut() {
+            if let Some(tx) = tx {
+                let _ = tx.send(());
+            }
+        }
+        // Otherwise `tx` is dropped unsent: the waiter hears that a shard stopped.
+    }
 }
 
 /// The applied state a barrier persists (owned form of [`FlushState`]).
@@ -254,4 +324,41 @@ pub fn history_from_proto(kh: KeyHistory) -> (Vec<u8>, Vec<VersionRecord>) {
         })
         .collect();
     (kh.key, history)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_barrier_is_answered_once_every_shard_passed_it() {
+        let (parts, mut rx) = BarrierAck::new(3);
+        let mut parts = parts.into_iter();
+        parts.next().unwrap().passed();
+        parts.next().unwrap().passed();
+        assert!(rx.try_recv().is_err(), "one shard has not passed yet");
+        // From another thread, as a shard's.
+        let last = parts.next().unwrap();
+        std::thread::spawn(move || last.passed()).join().unwrap();
+        assert_eq!(rx.blocking_recv(), Ok(()));
+    }
+
+    #[test]
+    fn a_shard_that_stopped_fails_the_barrier_whoever_answers_last() {
+        for stopped_first in [true, false] {
+            let (mut parts, rx) = BarrierAck::new(2);
+            let (passing, stopped) = (parts.pop().unwrap(), parts.pop().unwrap());
+            if stopped_first {
+                drop(stopped);
+                passing.passed();
+            } else {
+                passing.passed();
+                drop(stopped);
+            }
+            assert!(
+                rx.blocking_recv().is_err(),
+                "stopped first: {stopped_first}"
+            );
+        }
+    }
 }

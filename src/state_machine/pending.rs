@@ -66,6 +66,21 @@ impl Pending {
         }
     }
 
+    /// Hands a batch's results to their waiters, those that still wait: the waiter table is
+    /// locked once for the batch, and no waiter is woken while it is held.
+    pub fn complete_all(&self, results: Vec<(u64, ApplyResult)>) {
+        let waiters: Vec<_> = {
+            let mut table = self.waiters.lock().unwrap();
+            results
+                .into_iter()
+                .filter_map(|(id, result)| table.remove(&id).map(|tx| (tx, result)))
+                .collect()
+        };
+        for (tx, result) in waiters {
+            let _ = tx.send(result);
+        }
+    }
+
     /// Number of waiters (for tests and metrics).
     pub fn len(&self) -> usize {
         self.waiters.lock().unwrap().len()
@@ -89,5 +104,32 @@ mod tests {
         drop(guard);
         assert!(p.is_empty());
         p.complete(7, Err(crate::error::EtcdError::Timeout)); // late result: ignored
+    }
+
+    #[test]
+    fn a_batch_reaches_the_waiters_that_still_wait() {
+        let p = Arc::new(Pending::default());
+        let (_g1, rx1) = p.register(1);
+        let (g2, _rx2) = p.register(2);
+        let (_g3, rx3) = p.register(3);
+        drop(g2); // gave up
+        let put = |rev| {
+            Ok(crate::state_machine::ApplyResponse::Put(
+                crate::proto::etcdserverpb::PutResponse {
+                    header: Some(crate::proto::etcdserverpb::ResponseHeader {
+                        revision: rev,
+                        ..Default::default()
+                    }),
+                    prev_kv: None,
+                },
+            ))
+        };
+        p.complete_all(vec![(1, put(5)), (2, put(6)), (3, put(7)), (4, put(8))]);
+        let revision = |rx: oneshot::Receiver<ApplyResult>| match rx.blocking_recv() {
+            Ok(Ok(crate::state_machine::ApplyResponse::Put(r))) => r.header.unwrap().revision,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!((revision(rx1), revision(rx3)), (5, 7));
+        assert!(p.is_empty());
     }
 }
