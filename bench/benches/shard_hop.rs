@@ -45,7 +45,7 @@ use metastore::mvcc::rocks::RocksOptions;
 use metastore::mvcc::store::PutArgs;
 use metastore::mvcc::Store;
 use metastore::proto::etcdserverpb::{PutRequest, RangeRequest};
-use metastore::shard::{ApplyCmd, BarrierState, EngineConfig, EngineKind, Shards};
+use metastore::shard::{ApplyCmd, BarrierAck, BarrierState, EngineConfig, EngineKind, Shards};
 use tokio::sync::oneshot;
 
 const VALUE_SIZES: [usize; 4] = [64, 256, 1024, 4096];
@@ -221,13 +221,15 @@ fn bench_read(c: &mut Criterion) {
             shards.set.get(0).apply.send(cmd).expect("shard running");
         }
     }
-    let (reply, done) = oneshot::channel();
+    let (mut replies, done) = BarrierAck::new(1);
+    let reply = replies.pop().expect("one part");
     let state = BarrierState {
         applied_index: rev as u64,
         applied_term: 1,
         revision: rev,
         compact_revision: 0,
         lease_changes: Arc::new(Vec::new()),
+        events: None,
     };
     shards
         .set

@@ -68,10 +68,12 @@ use crate::proto::etcdserverpb::{
 use crate::proto::metastorepb::{
     proposal::Request as Proposed, KeyHistory, Proposal, StateSnapshot,
 };
-use crate::shard::{shard_for, ApplyCmd, BarrierAck, BarrierState, ShardSet};
+use crate::shard::{
+    shard_for, ApplyCmd, BarrierAck, BarrierState, EventsWanted, ShardEvents, ShardSet,
+};
 use crate::state_machine::{
-    AppliedState, ApplyMsg, ApplyResponse, ApplyResult, CommittedEntry, Membership, Pending,
-    SnapshotImage, SnapshotTaken, StateMachine,
+    AppliedEvents, AppliedState, ApplyMsg, ApplyResponse, ApplyResult, CommittedEntry,
+    EventHandoff, Membership, Pending, SnapshotImage, SnapshotTaken, StateMachine,
 };
 use alarms::{Guarded, SharedAlarms};
 use downgrade::SharedDowngrade;
@@ -85,6 +87,9 @@ pub struct ReplicatedTables {
     pub auth: SharedAuth,
     /// The downgrade state.
     pub downgrade: SharedDowngrade,
+    /// Where each applied batch's watch events go, while anyone watches (not replicated
+    /// state: the watch feed's side of the dispatcher's output).
+    pub events: Arc<EventHandoff>,
 }
 
 /// Where the dispatcher starts: the state machine at Raft index `index`, from a snapshot
@@ -180,6 +185,11 @@ pub struct Dispatcher {
     auth: SharedAuth,
     /// The replicated downgrade state (shared with the front end, which only reads it).
     downgrade: SharedDowngrade,
+    /// Where each batch's watch events go (see [`crate::state_machine::events`]).
+    events: Arc<EventHandoff>,
+    /// The revision through which events were last handed over (or skipped): the previous
+    /// barrier's.
+    events_through: i64,
 }
 
 /// A result still waiting for a shard's reply (a put's previous key-value).
@@ -211,6 +221,24 @@ fn recv_or_unwind<T>(rx: oneshot::Receiver<T>) -> T {
     }
 }
 
+/// Every shard's events of a batch in one list, in (revision, sub-revision, key) order; `None`
+/// unless all `shards` read theirs (one whose history was compacted past the batch's first
+/// revision leaves the feed to read the batch itself, which ends the watchers it cuts).
+fn merge_events(
+    parts: Vec<ShardEvents>,
+    shards: usize,
+) -> Option<Vec<crate::mvcc::store::EventRecord>> {
+    if parts.len() != shards {
+        return None;
+    }
+    let mut events = Vec::new();
+    for part in parts {
+        events.extend(part.ok()?.events);
+    }
+    crate::mvcc::store::sort_events(&mut events);
+    Some(events)
+}
+
 /// The unwind payload of [`recv_or_unwind`] when a shard stopped without answering.
 struct ShardStopped;
 
@@ -230,7 +258,11 @@ impl Dispatcher {
         alarms: SharedAlarms,
         tables: ReplicatedTables,
     ) -> Self {
-        let ReplicatedTables { auth, downgrade } = tables;
+        let ReplicatedTables {
+            auth,
+            downgrade,
+            events,
+        } = tables;
         leases.restore(&start.leases);
         auth.restore(start.auth.as_ref());
         downgrade.restore(start.downgrade.as_ref());
@@ -260,6 +292,8 @@ impl Dispatcher {
             alarm_index: start.alarm_index,
             auth,
             downgrade,
+            events,
+            events_through: start.revision.max(1),
         };
         if d.restore_first.is_none() {
             d.publish();
@@ -328,7 +362,8 @@ impl Dispatcher {
         self.auth.restore(snap.auth.as_ref());
         self.downgrade.restore(snap.downgrade.as_ref());
         self.alarm_index = snap.index;
-        self.barrier();
+        // The watch feed reads what it needs of the new state from the shards.
+        self.barrier(false);
         self.publish();
         tracing::info!(
             index = snap.index,
@@ -445,7 +480,7 @@ impl Dispatcher {
             self.applied_index = entry.index;
             self.applied_term = entry.term;
         }
-        self.barrier();
+        self.barrier(true);
         crate::failpoints::crash_point(crate::failpoints::APPLY_AFTER_BARRIER);
         self.publish();
         // Every shard now has the compaction on disk: history below it can go.
@@ -508,21 +543,39 @@ impl Dispatcher {
     }
 
     /// Every shard persists what was applied with the applied state; returns once all have.
-    /// The dispatcher wakes once for all of them ([`BarrierAck`]).
-    fn barrier(&mut self) {
+    /// The dispatcher wakes once for all of them ([`BarrierAck`]). With `feed_events`, while
+    /// anyone watches, the shards also read the events of the revisions since the previous
+    /// barrier, and the dispatcher hands them, merged, to the watch feed.
+    fn barrier(&mut self, feed_events: bool) {
+        let wanted = feed_events.then(|| self.events.wanted()).flatten();
+        let from = self.events_through + 1;
         let state = BarrierState {
             applied_index: self.applied_index,
             applied_term: self.applied_term,
             revision: self.revision,
             compact_revision: self.compact_revision,
             lease_changes: Arc::new(std::mem::take(&mut self.lease_changes)),
+            events: wanted.map(|prev_kv| EventsWanted { from, prev_kv }),
         };
         let (acks, passed) = BarrierAck::new(self.shards.len());
         for (shard, reply) in acks.into_iter().enumerate() {
             let state = state.clone();
             self.outbox.send(shard, ApplyCmd::Barrier { state, reply });
         }
-        self.outbox.wait(passed);
+        let parts = self.outbox.wait(passed);
+        if let Some(prev_kv) = wanted {
+            if from <= self.revision {
+                if let Some(events) = merge_events(parts, self.shards.len()) {
+                    self.events.push(AppliedEvents {
+                        from,
+                        through: self.revision,
+                        prev_kv,
+                        events,
+                    });
+                }
+            }
+        }
+        self.events_through = self.revision;
     }
 
     fn publish(&self) {

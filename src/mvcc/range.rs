@@ -27,6 +27,14 @@ pub struct KeyRange {
 }
 
 impl KeyRange {
+    /// Every key (etcd's key "\0" with range end "\0").
+    pub fn everything() -> Self {
+        KeyRange {
+            start: Vec::new(),
+            end: RangeEnd::Unbounded,
+        }
+    }
+
     /// Builds the range from a request's `key` and `range_end` fields.
     pub fn from_request(key: &[u8], range_end: &[u8]) -> Self {
         let end = match range_end {

@@ -56,6 +56,19 @@ pub struct EventBatch {
     pub through: i64,
 }
 
+/// Puts events from several shards in (revision, sub-revision, key) order: the order of one
+/// shard's [`EventBatch`], and the order etcd sends a revision's events in.
+pub fn sort_events(events: &mut [EventRecord]) {
+    fn key(e: &EventRecord) -> Option<&[u8]> {
+        e.event.kv.as_ref().map(|kv| kv.key.as_slice())
+    }
+    events.sort_by(|a, b| {
+        (a.rev, a.sub)
+            .cmp(&(b.rev, b.sub))
+            .then_with(|| key(a).cmp(&key(b)))
+    });
+}
+
 fn to_kv(key: &[u8], r: &VersionRecord) -> Option<KeyValue> {
     r.live.as_ref().map(|l| KeyValue {
         key: key.to_vec(),

@@ -361,6 +361,7 @@ fn start_threads(
         alarms: tables.alarms,
         auth: tables.auth,
         downgrade: tables.downgrade,
+        events: tables.events,
     });
     Ok(Started {
         core,
@@ -468,6 +469,8 @@ struct Tables {
     alarms: SharedAlarms,
     auth: crate::auth::SharedAuth,
     downgrade: crate::apply::downgrade::SharedDowngrade,
+    /// Each applied batch's watch events, from the dispatcher to the watch feed.
+    events: Arc<crate::state_machine::EventHandoff>,
 }
 
 impl Tables {
@@ -484,6 +487,7 @@ impl Tables {
             alarms: SharedAlarms::default(),
             auth,
             downgrade: Default::default(),
+            events: Default::default(),
         })
     }
 }
@@ -515,6 +519,7 @@ fn new_dispatcher(
         crate::apply::ReplicatedTables {
             auth: tables.auth.clone(),
             downgrade: tables.downgrade.clone(),
+            events: tables.events.clone(),
         },
     )
 }

@@ -68,6 +68,9 @@ pub struct CoreParts {
     pub auth: crate::auth::SharedAuth,
     /// The replicated downgrade state.
     pub downgrade: crate::apply::downgrade::SharedDowngrade,
+    /// Each applied batch's watch events, from the dispatcher (see
+    /// [`crate::state_machine::events`]).
+    pub events: Arc<crate::state_machine::EventHandoff>,
 }
 
 /// The member's front-end handles, made once at start-up. Each service takes the handles it
@@ -122,6 +125,7 @@ impl Core {
             alarms,
             auth,
             downgrade,
+            events,
         } = parts;
         let timeout = handles::request_timeout(cfg.election_timeout);
         let proposer = Proposer::new(handles::ProposerParts {
@@ -163,7 +167,7 @@ impl Core {
         );
         let stopping = tokio_util::sync::CancellationToken::new();
         // Its task runs until the member stops (or its shards do).
-        let watch_feed = watch::feed::EventFeed::spawn(reader.clone(), stopping.clone());
+        let watch_feed = watch::feed::EventFeed::spawn(reader.clone(), events, stopping.clone());
         Arc::new(Core {
             cfg,
             member,

@@ -312,7 +312,19 @@ fn handle_apply(
         ApplyCmd::Entry { index } => replay.entry_index = index,
         ApplyCmd::Barrier { state, reply } => {
             barrier(store, replay, size, &state)?;
-            reply.passed();
+            // The watch feed's events of the batch, read now that the shard is awake anyway
+            // (see `crate::state_machine::events`).
+            let events = match state.events {
+                Some(wanted) => Some(store.events(
+                    &KeyRange::everything(),
+                    wanted.from,
+                    state.revision,
+                    usize::MAX,
+                    wanted.prev_kv,
+                )?),
+                None => None,
+            };
+            reply.passed(events);
         }
         // Normally taken apart by `serve`, which lets reads run between its commands.
         ApplyCmd::Batch(cmds) => {

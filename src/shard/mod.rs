@@ -35,7 +35,8 @@ use crate::proto::etcdserverpb::RangeRequest;
 use executor::{run_shard, Queues};
 pub use placement::{parse_cpu_list, shard_cpus, shard_for};
 pub use protocol::{
-    history_from_proto, history_to_proto, ApplyCmd, BarrierAck, BarrierState, ReadCmd,
+    history_from_proto, history_to_proto, ApplyCmd, BarrierAck, BarrierState, EventsWanted,
+    ReadCmd, ShardEvents,
 };
 
 /// The DMA memory each shard's glommio executor reserves, bytes: glommio's floor (64 KiB).
@@ -256,14 +257,7 @@ impl ShardSet {
         // A shard that stopped early bounds what is complete for all of them.
         let through = merged.through;
         merged.events.retain(|e| e.rev <= through);
-        fn key(e: &crate::mvcc::store::EventRecord) -> Option<&[u8]> {
-            e.event.kv.as_ref().map(|kv| kv.key.as_slice())
-        }
-        merged.events.sort_by(|a, b| {
-            (a.rev, a.sub)
-                .cmp(&(b.rev, b.sub))
-                .then_with(|| key(a).cmp(&key(b)))
-        });
+        crate::mvcc::store::sort_events(&mut merged.events);
         Ok(Ok(merged))
     }
 
@@ -674,6 +668,7 @@ mod tests {
                 revision: rev,
                 compact_revision: 0,
                 lease_changes: Arc::new(Vec::new()),
+                events: None,
             };
             let reply = reply.pop().unwrap();
             let _ = apply.send(ApplyCmd::Barrier { state, reply });
@@ -744,6 +739,104 @@ mod tests {
             // RocksDB locks an open database: shard 0's opens again only if it was closed.
             let engine = config.open(0, 2).expect("shard 0 was closed");
             drop(engine);
+        }
+    }
+
+    /// The events a barrier reads for the watch feed are the ones the feed would read from the
+    /// shards afterwards, prev_kv and a txn's put-then-delete of one key included; a batch
+    /// that starts below a compaction gets the compaction instead.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_barrier_reads_the_events_a_watch_would() {
+        use crate::proto::etcdserverpb::PutRequest;
+        for kind in [EngineKind::Memory, EngineKind::Rocksdb] {
+            let tmp = tempfile::tempdir().unwrap();
+            let (fatal, _fatal_rx) = FatalTx::channel();
+            let shards = Shards::spawn(2, &engine_config(kind, tmp.path()), fatal).unwrap();
+            let set = shards.set.clone();
+            let put = |key: &str, rev: i64, sub: u32| {
+                let req = PutRequest {
+                    key: key.as_bytes().to_vec(),
+                    value: format!("v{rev}").into_bytes(),
+                    ..Default::default()
+                };
+                let shard = shard_for(key.as_bytes(), 2);
+                let cmd = ApplyCmd::Put {
+                    req,
+                    rev,
+                    sub,
+                    reply: None,
+                };
+                let _ = set.get(shard).apply.send(cmd);
+            };
+            let delete = |key: &str, rev: i64, sub: u32| {
+                let (reply, _rx) = oneshot::channel();
+                let range = KeyRange::from_request(key.as_bytes(), b"");
+                let shard = shard_for(key.as_bytes(), 2);
+                let _ = set.get(shard).apply.send(ApplyCmd::Delete {
+                    range,
+                    rev,
+                    sub,
+                    reply,
+                });
+            };
+            let barrier = |rev: i64, compact_revision: i64, from: i64| {
+                let state = BarrierState {
+                    applied_index: rev as u64,
+                    applied_term: 1,
+                    revision: rev,
+                    compact_revision,
+                    lease_changes: Arc::new(Vec::new()),
+                    events: Some(EventsWanted {
+                        from,
+                        prev_kv: true,
+                    }),
+                };
+                let (parts, rx) = BarrierAck::new(2);
+                for (shard, reply) in parts.into_iter().enumerate() {
+                    let state = state.clone();
+                    let _ = set
+                        .get(shard)
+                        .apply
+                        .send(ApplyCmd::Barrier { state, reply });
+                }
+                rx
+            };
+            for (rev, key) in [(2, "a"), (3, "b"), (4, "c"), (5, "a")] {
+                put(key, rev, 0);
+            }
+            // One txn at revision 6: a put of "d", then a delete of it and of "b".
+            put("d", 6, 0);
+            delete("d", 6, 1);
+            delete("b", 6, 2);
+            let parts = barrier(6, 0, 3).await.expect("every shard passed");
+            let mut handed: Vec<_> = parts.into_iter().flat_map(|p| p.unwrap().events).collect();
+            crate::mvcc::store::sort_events(&mut handed);
+            let read = set
+                .events(&KeyRange::everything(), 3, 6, usize::MAX, true)
+                .await
+                .unwrap()
+                .unwrap();
+            let shape = |e: &crate::mvcc::store::EventRecord| format!("{:?}", e.event);
+            let handed: Vec<String> = handed.iter().map(shape).collect();
+            let read: Vec<String> = read.events.iter().map(shape).collect();
+            assert_eq!(handed, read, "{kind:?}");
+            assert_eq!(handed.len(), 6, "{kind:?}: {handed:?}");
+
+            for shard in 0..2 {
+                let _ = set.get(shard).apply.send(ApplyCmd::Compact { rev: 5 });
+            }
+            put("e", 7, 0);
+            let parts = barrier(7, 5, 4).await.expect("every shard passed");
+            for part in parts {
+                assert_eq!(
+                    part.unwrap_err(),
+                    crate::mvcc::store::HistoryCompacted {
+                        compact_revision: 5
+                    },
+                    "{kind:?}"
+                );
+            }
+            shards.close(Duration::from_secs(10)).await.unwrap();
         }
     }
 

@@ -2,7 +2,7 @@
 //! order) and its read queue, and the snapshot form of a key's history.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
 
@@ -106,7 +106,8 @@ pub enum ApplyCmd {
     Barrier {
         /// The applied state to persist with the data.
         state: BarrierState,
-        /// Passed once the flush is done (one answer for every shard the barrier went to).
+        /// Passed once the flush is done (one answer for every shard the barrier went to),
+        /// with the batch's events when [`BarrierState::events`] asks for them.
         reply: BarrierAck,
     },
     /// Several commands in queue order: what the dispatcher had for this shard when it next
@@ -161,21 +162,28 @@ pub struct BarrierAck {
     passed: bool,
 }
 
+/// One shard's events of a batch, as [`crate::mvcc::Store::events`] read them.
+pub type ShardEvents = Result<EventBatch, HistoryCompacted>;
+
 /// What a barrier's parts share; dropped with the last part, which answers the waiter.
 struct AckShared {
     /// Set by a part dropped without passing.
     failed: AtomicBool,
-    /// The waiter: sent `()` only if every part passed.
-    done: Option<oneshot::Sender<()>>,
+    /// The events the shards that passed read, in the order they passed.
+    events: Mutex<Vec<ShardEvents>>,
+    /// The waiter: sent the events only if every part passed.
+    done: Option<oneshot::Sender<Vec<ShardEvents>>>,
 }
 
 impl BarrierAck {
-    /// One part for each of `shards` shards, and the receiver that hears `()` once every part
-    /// has passed, or an error once any part is dropped without passing and the rest are gone.
-    pub fn new(shards: usize) -> (Vec<BarrierAck>, oneshot::Receiver<()>) {
+    /// One part for each of `shards` shards, and the receiver that hears the events they
+    /// read once every part has passed, or an error once any part is dropped without passing
+    /// and the rest are gone.
+    pub fn new(shards: usize) -> (Vec<BarrierAck>, oneshot::Receiver<Vec<ShardEvents>>) {
         let (tx, rx) = oneshot::channel();
         let shared = Arc::new(AckShared {
             failed: AtomicBool::new(false),
+            events: Mutex::new(Vec::with_capacity(shards)),
             done: Some(tx),
         });
         let parts = (0..shards)
@@ -187,8 +195,12 @@ impl BarrierAck {
         (parts, rx)
     }
 
-    /// This shard has passed the barrier (its flush is done).
-    pub fn passed(mut self) {
+    /// This shard has passed the barrier (its flush is done), with its events of the batch
+    /// when it was asked for them.
+    pub fn passed(mut self, events: Option<ShardEvents>) {
+        if let Some(events) = events {
+            self.shared.events.lock().unwrap().push(events);
+        }
         self.passed = true;
     }
 }
@@ -208,7 +220,8 @@ impl Drop for AckShared {
         let tx = self.done.take();
         if !*self.failed.get_mut() {
             if let Some(tx) = tx {
-                let _ = tx.send(());
+                let events = std::mem::take(self.events.get_mut().unwrap());
+                let _ = tx.send(events);
             }
         }
         // Otherwise `tx` is dropped unsent: the waiter hears that a shard stopped.
@@ -228,6 +241,19 @@ pub struct BarrierState {
     pub compact_revision: i64,
     /// Leases granted or revoked since the previous barrier.
     pub lease_changes: Arc<Vec<(i64, Option<LeaseRecord>)>>,
+    /// Read the events of the revisions from here through `revision`, for the watch feed
+    /// (see [`crate::state_machine::events`]); `None` while nobody watches.
+    pub events: Option<EventsWanted>,
+}
+
+/// Which events a barrier asks each shard to read: the whole keyspace's, from revision
+/// `from` through the barrier's revision.
+#[derive(Clone, Copy, Debug)]
+pub struct EventsWanted {
+    /// First revision (the previous barrier's revision + 1).
+    pub from: i64,
+    /// Whether each event carries its `prev_kv`.
+    pub prev_kv: bool,
 }
 
 /// Reads from the gRPC front end.
@@ -334,13 +360,27 @@ mod tests {
     fn a_barrier_is_answered_once_every_shard_passed_it() {
         let (parts, mut rx) = BarrierAck::new(3);
         let mut parts = parts.into_iter();
-        parts.next().unwrap().passed();
-        parts.next().unwrap().passed();
+        let events = |through| {
+            Ok(EventBatch {
+                events: Vec::new(),
+                through,
+            })
+        };
+        parts.next().unwrap().passed(Some(events(4)));
+        parts.next().unwrap().passed(Some(events(5)));
         assert!(rx.try_recv().is_err(), "one shard has not passed yet");
         // From another thread, as a shard's.
         let last = parts.next().unwrap();
-        std::thread::spawn(move || last.passed()).join().unwrap();
-        assert_eq!(rx.blocking_recv(), Ok(()));
+        std::thread::spawn(move || last.passed(Some(events(6))))
+            .join()
+            .unwrap();
+        let got: Vec<i64> = rx
+            .blocking_recv()
+            .unwrap()
+            .into_iter()
+            .map(|e| e.unwrap().through)
+            .collect();
+        assert_eq!(got, vec![4, 5, 6], "every shard's events");
     }
 
     #[test]
@@ -350,9 +390,9 @@ mod tests {
             let (passing, stopped) = (parts.pop().unwrap(), parts.pop().unwrap());
             if stopped_first {
                 drop(stopped);
-                passing.passed();
+                passing.passed(None);
             } else {
-                passing.passed();
+                passing.passed(None);
                 drop(stopped);
             }
             assert!(

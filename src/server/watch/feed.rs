@@ -10,21 +10,26 @@
 //! The ring only ever holds complete revisions, contiguous from its first to its last, so
 //! either path gives a watcher exactly the same events.
 //!
+//! The feed does not read the batches itself while the dispatcher hands them over: each shard
+//! reads its events of a batch at the batch's barrier, and the dispatcher passes them on,
+//! merged, before it publishes the batch ([`crate::state_machine::events`]). The feed reads
+//! from the shards only the revisions the handoff does not cover.
+//!
 //! etcd does the same in `watchableStore.notify`: a synced watcher gets the events of each
 //! write from the write itself, and only unsynced watchers read the backend
 //! (`syncWatchers`).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::mvcc::store::{EventBatch, EventRecord, HistoryCompacted};
-use crate::mvcc::{KeyRange, RangeEnd};
+use crate::mvcc::KeyRange;
 use crate::proto::mvccpb::Event;
 use crate::server::Reader;
+use crate::state_machine::{AppliedEvents, EventHandoff};
 
 /// Events the feed reads from the shards at a time (a read is cut only between revisions).
 const FEED_READ: usize = 1000;
@@ -38,10 +43,9 @@ const RING_BYTES: usize = 64 << 20;
 pub struct EventFeed {
     ring: Mutex<Ring>,
     changes: watch::Receiver<()>,
-    /// Watchers registered by every stream: the feed reads nothing while there are none.
-    watchers: AtomicI64,
-    /// Registered watchers that want `prev_kv`: the feed reads it only while there are some.
-    prev_kv_watchers: AtomicI64,
+    /// The dispatcher's batches, and the count of registered watchers (all streams'): the
+    /// feed reads nothing while there are none, and prev_kv only while some want it.
+    handoff: Arc<EventHandoff>,
 }
 
 /// Consecutive applied batches' events: every revision in `[start, through]`.
@@ -83,17 +87,21 @@ pub enum Served {
 }
 
 impl EventFeed {
-    /// Starts the member's feed: a task that reads each revision `reader` publishes as applied,
-    /// while watchers are registered, until `stopping` is cancelled or the shards stop. When
-    /// the task ends, [`EventFeed::changes`] reports it closed, which ends every watch stream.
-    pub fn spawn(reader: Reader, stopping: CancellationToken) -> Arc<EventFeed> {
+    /// Starts the member's feed: a task that takes each revision `reader` publishes as
+    /// applied, while watchers are registered, from `handoff` or else from the shards, until
+    /// `stopping` is cancelled or the shards stop. When the task ends,
+    /// [`EventFeed::changes`] reports it closed, which ends every watch stream.
+    pub fn spawn(
+        reader: Reader,
+        handoff: Arc<EventHandoff>,
+        stopping: CancellationToken,
+    ) -> Arc<EventFeed> {
         let (tx, rx) = watch::channel(());
         let revision = reader.applied().revision;
         let feed = Arc::new(EventFeed {
             ring: Mutex::new(Ring::empty_after(revision)),
             changes: rx,
-            watchers: AtomicI64::new(0),
-            prev_kv_watchers: AtomicI64::new(0),
+            handoff,
         });
         tokio::spawn(feed.clone().run(reader, tx, stopping));
         feed
@@ -101,8 +109,7 @@ impl EventFeed {
 
     /// Adds `watchers` watchers, `prev_kv` of which want prev_kv (negative to take them back).
     pub fn register(&self, watchers: i64, prev_kv: i64) {
-        self.watchers.fetch_add(watchers, Ordering::Relaxed);
-        self.prev_kv_watchers.fetch_add(prev_kv, Ordering::Relaxed);
+        self.handoff.register(watchers, prev_kv);
     }
 
     /// Changes whenever the ring has moved; closed once the feed has stopped.
@@ -129,24 +136,24 @@ impl EventFeed {
     }
 
     async fn run(self: Arc<Self>, reader: Reader, tx: watch::Sender<()>, stop: CancellationToken) {
-        let everything = KeyRange {
-            start: Vec::new(),
-            end: RangeEnd::Unbounded,
-        };
+        let everything = KeyRange::everything();
         let mut applied = reader.applied_changes();
         loop {
             let state = *applied.borrow_and_update();
-            if self.watchers.load(Ordering::Relaxed) <= 0 {
+            let handed = self.handoff.take_through(state.revision);
+            if !self.handoff.watched() {
                 // Nobody to read for: the ring restarts after the applied revision, so a
                 // watcher registered later reads anything before it from the history.
                 *self.ring.lock().unwrap() = Ring::empty_after(state.revision);
+            } else {
+                self.take_handed(handed);
             }
             loop {
                 let from = self.through() + 1;
                 if from > state.revision {
                     break;
                 }
-                let prev_kv = self.prev_kv_watchers.load(Ordering::Relaxed) > 0;
+                let prev_kv = self.handoff.prev_kv_wanted();
                 let read =
                     reader
                         .shards()
@@ -178,6 +185,24 @@ impl EventFeed {
                 changed = applied.changed() => if changed.is_err() {
                     return;
                 }
+            }
+        }
+    }
+}
+
+impl EventFeed {
+    /// Puts the dispatcher's batches in the ring, those that continue it: a batch that does
+    /// not (one before a gap the feed reads itself) is dropped, as is one without the prev_kv
+    /// a watcher now wants.
+    fn take_handed(&self, handed: Vec<AppliedEvents>) {
+        if handed.is_empty() {
+            return;
+        }
+        let prev_kv = self.handoff.prev_kv_wanted();
+        let mut ring = self.ring.lock().unwrap();
+        for b in handed {
+            if b.from == ring.through + 1 && (b.prev_kv || !prev_kv) {
+                ring.push(FeedBatch::new(b.from, b.through, b.prev_kv, b.events));
             }
         }
     }
@@ -341,10 +366,7 @@ mod tests {
     }
 
     fn all() -> KeyRange {
-        KeyRange {
-            start: Vec::new(),
-            end: RangeEnd::Unbounded,
-        }
+        KeyRange::everything()
     }
 
     fn revs(served: Served) -> (Vec<i64>, i64) {
@@ -369,13 +391,40 @@ mod tests {
     }
 
     #[test]
+    fn the_ring_takes_the_handed_batches_that_continue_it() {
+        let feed = EventFeed {
+            ring: Mutex::new(ring(&[(5, 6, false)])),
+            changes: watch::channel(()).1,
+            handoff: Arc::default(),
+        };
+        let handed = |from: i64, through: i64, prev_kv: bool| AppliedEvents {
+            from,
+            through,
+            prev_kv,
+            events: (from..=through)
+                .map(|r| put(r, &format!("k{r}"), prev_kv))
+                .collect(),
+        };
+        // A gap (8) ends what the ring takes: the feed reads 8 from the shards, and 9 with it.
+        feed.take_handed(vec![handed(7, 7, false), handed(9, 9, false)]);
+        assert_eq!(feed.through(), 7);
+        let v = feed.view(5);
+        assert_eq!(revs(v.serve(&all(), 5, false, 0, 100)), (vec![5, 6, 7], 7));
+        // A watcher now wants prev_kv: a batch without it is left to the shards' read.
+        feed.register(1, 1);
+        feed.take_handed(vec![handed(8, 8, false)]);
+        assert_eq!(feed.through(), 7);
+        feed.take_handed(vec![handed(8, 9, true)]);
+        assert_eq!(feed.through(), 9);
+    }
+
+    #[test]
     fn a_view_holds_only_the_batches_from_the_streams_earliest_revision() {
         let spec: Vec<(i64, i64, bool)> = (1..=1000).map(|r| (r, r, false)).collect();
         let feed = EventFeed {
             ring: Mutex::new(ring(&spec)),
             changes: watch::channel(()).1,
-            watchers: AtomicI64::new(0),
-            prev_kv_watchers: AtomicI64::new(0),
+            handoff: Arc::default(),
         };
         let v = feed.view(998);
         assert_eq!(v.batches.len(), 3);
