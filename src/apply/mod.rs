@@ -41,6 +41,7 @@
 pub mod alarms;
 pub mod compaction;
 pub mod downgrade;
+pub mod events;
 pub mod lease;
 pub mod outbox;
 // Also the state the decoder fuzzing applies requests to (`crate::fuzzing`).
@@ -72,11 +73,12 @@ use crate::shard::{
     shard_for, ApplyCmd, BarrierAck, BarrierState, EventsWanted, ShardEvents, ShardSet,
 };
 use crate::state_machine::{
-    AppliedEvents, AppliedState, ApplyMsg, ApplyResponse, ApplyResult, CommittedEntry,
-    EventHandoff, Membership, Pending, SnapshotImage, SnapshotTaken, StateMachine,
+    AppliedState, ApplyMsg, ApplyResponse, ApplyResult, CommittedEntry, Membership, Pending,
+    SnapshotImage, SnapshotTaken, StateMachine,
 };
 use alarms::{Guarded, SharedAlarms};
 use downgrade::SharedDowngrade;
+use events::{AppliedEvents, EventHandoff};
 use outbox::Outbox;
 
 /// The replicated tables besides leases and alarms that the dispatcher writes as it applies
@@ -185,7 +187,7 @@ pub struct Dispatcher {
     auth: SharedAuth,
     /// The replicated downgrade state (shared with the front end, which only reads it).
     downgrade: SharedDowngrade,
-    /// Where each batch's watch events go (see [`crate::state_machine::events`]).
+    /// Where each batch's watch events go (see [`crate::apply::events`]).
     events: Arc<EventHandoff>,
     /// The revision through which events were last handed over (or skipped): the previous
     /// barrier's.
@@ -546,7 +548,19 @@ impl Dispatcher {
     /// The dispatcher wakes once for all of them ([`BarrierAck`]). With `feed_events`, while
     /// anyone watches, the shards also read the events of the revisions since the previous
     /// barrier, and the dispatcher hands them, merged, to the watch feed.
+    ///
+    /// With the memory engine, only the shards sent anything since the previous barrier get
+    /// it: the others have nothing to apply or to persist (the engine keeps nothing on disk),
+    /// and no events, so waking them would only cost a wake-up per batch. A durable engine's
+    /// shards all get it, so that each one's stored applied index keeps up and a restart
+    /// replays no more than the last batch.
     fn barrier(&mut self, feed_events: bool) {
+        let touched = self.outbox.take_touched();
+        let shards: Vec<usize> = if self.durable {
+            (0..self.shards.len()).collect()
+        } else {
+            touched
+        };
         let wanted = feed_events.then(|| self.events.wanted()).flatten();
         let from = self.events_through + 1;
         let state = BarrierState {
@@ -557,15 +571,17 @@ impl Dispatcher {
             lease_changes: Arc::new(std::mem::take(&mut self.lease_changes)),
             events: wanted.map(|prev_kv| EventsWanted { from, prev_kv }),
         };
-        let (acks, passed) = BarrierAck::new(self.shards.len());
-        for (shard, reply) in acks.into_iter().enumerate() {
+        let (acks, passed) = BarrierAck::new(shards.len());
+        for (&shard, reply) in shards.iter().zip(acks) {
             let state = state.clone();
             self.outbox.send(shard, ApplyCmd::Barrier { state, reply });
         }
+        // The barrier itself is no reason to wake a shard at the next one.
+        self.outbox.take_touched();
         let parts = self.outbox.wait(passed);
         if let Some(prev_kv) = wanted {
             if from <= self.revision {
-                if let Some(events) = merge_events(parts, self.shards.len()) {
+                if let Some(events) = merge_events(parts, shards.len()) {
                     self.events.push(AppliedEvents {
                         from,
                         through: self.revision,

@@ -31,13 +31,20 @@ pub struct Outbox {
     queues: Vec<flume::Sender<ApplyCmd>>,
     /// Indexed by shard.
     gathered: RefCell<Vec<Vec<ApplyCmd>>>,
+    /// Which shards were sent anything since [`Outbox::take_touched`] last asked, by shard.
+    touched: RefCell<Vec<bool>>,
 }
 
 impl Outbox {
     /// An empty outbox for the shards' apply queues, in shard order.
     pub fn new(queues: Vec<flume::Sender<ApplyCmd>>) -> Outbox {
         let gathered = RefCell::new(queues.iter().map(|_| Vec::new()).collect());
-        Outbox { queues, gathered }
+        let touched = RefCell::new(vec![false; queues.len()]);
+        Outbox {
+            queues,
+            gathered,
+            touched,
+        }
     }
 
     /// Queues `cmd` for `shard`, after what was queued for it before. It leaves with the next
@@ -49,6 +56,7 @@ impl Outbox {
             cmd,
             ApplyCmd::Purge { .. } | ApplyCmd::Close { .. } | ApplyCmd::Batch(_)
         ));
+        self.touched.borrow_mut()[shard] = true;
         let mut gathered = self.gathered.borrow_mut();
         let queue = &mut gathered[shard];
         queue.push(cmd);
@@ -61,6 +69,7 @@ impl Outbox {
     /// Sends `cmd` to `shard` on its own, after everything queued (for every shard).
     pub fn send_now(&self, shard: usize, cmd: ApplyCmd) {
         self.flush();
+        self.touched.borrow_mut()[shard] = true;
         // A stopped shard is seen at the next wait (see `Outbox::wait`).
         let _ = self.queues[shard].send(cmd);
     }
@@ -74,6 +83,15 @@ impl Outbox {
                 self.deliver(shard, cmds);
             }
         }
+    }
+
+    /// The shards sent anything since the last call (or since the start), in shard order;
+    /// forgets them.
+    pub fn take_touched(&self) -> Vec<usize> {
+        let mut touched = self.touched.borrow_mut();
+        let shards = (0..touched.len()).filter(|&s| touched[s]).collect();
+        touched.fill(false);
+        shards
     }
 
     /// Flushes, then waits for a shard's reply. Unwinds with [`super::ShardStopped`] if the
@@ -180,5 +198,18 @@ mod tests {
             format!("{FLUSH_AT} ?"),
             "queued ones go first"
         );
+    }
+
+    #[test]
+    fn the_outbox_tells_which_shards_it_sent_anything_since_it_was_last_asked() {
+        let (tx0, _rx0) = flume::unbounded();
+        let (tx1, _rx1) = flume::unbounded();
+        let (tx2, _rx2) = flume::unbounded();
+        let outbox = Outbox::new(vec![tx0, tx1, tx2]);
+        assert!(outbox.take_touched().is_empty());
+        outbox.send(2, compact(1));
+        outbox.send_now(0, ApplyCmd::Purge { rev: 1 });
+        assert_eq!(outbox.take_touched(), vec![0, 2]);
+        assert!(outbox.take_touched().is_empty(), "forgotten once asked");
     }
 }

@@ -38,6 +38,15 @@ pub struct EventRecord {
     pub event: Event,
 }
 
+impl EventRecord {
+    /// Bytes of keys and values the event holds (its prev_kv's included).
+    pub fn bytes(&self) -> usize {
+        let size =
+            |kv: &Option<KeyValue>| kv.as_ref().map_or(0, |kv| kv.key.len() + kv.value.len());
+        size(&self.event.kv) + size(&self.event.prev_kv)
+    }
+}
+
 /// Why [`Store::events`] has no answer: its first revision is below the shard's compaction
 /// revision (etcd's ErrCompacted, which a watch reports by canceling with `compact_revision`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]

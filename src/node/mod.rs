@@ -470,7 +470,7 @@ struct Tables {
     auth: crate::auth::SharedAuth,
     downgrade: crate::apply::downgrade::SharedDowngrade,
     /// Each applied batch's watch events, from the dispatcher to the watch feed.
-    events: Arc<crate::state_machine::EventHandoff>,
+    events: Arc<crate::apply::events::EventHandoff>,
 }
 
 impl Tables {

@@ -69,8 +69,8 @@ pub struct CoreParts {
     /// The replicated downgrade state.
     pub downgrade: crate::apply::downgrade::SharedDowngrade,
     /// Each applied batch's watch events, from the dispatcher (see
-    /// [`crate::state_machine::events`]).
-    pub events: Arc<crate::state_machine::EventHandoff>,
+    /// [`crate::apply::events`]).
+    pub events: Arc<crate::apply::events::EventHandoff>,
 }
 
 /// The member's front-end handles, made once at start-up. Each service takes the handles it

@@ -313,7 +313,7 @@ fn handle_apply(
         ApplyCmd::Barrier { state, reply } => {
             barrier(store, replay, size, &state)?;
             // The watch feed's events of the batch, read now that the shard is awake anyway
-            // (see `crate::state_machine::events`).
+            // (see `crate::apply::events`).
             let events = match state.events {
                 Some(wanted) => Some(store.events(
                     &KeyRange::everything(),

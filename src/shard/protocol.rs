@@ -242,7 +242,7 @@ pub struct BarrierState {
     /// Leases granted or revoked since the previous barrier.
     pub lease_changes: Arc<Vec<(i64, Option<LeaseRecord>)>>,
     /// Read the events of the revisions from here through `revision`, for the watch feed
-    /// (see [`crate::state_machine::events`]); `None` while nobody watches.
+    /// (see [`crate::apply::events`]); `None` while nobody watches.
     pub events: Option<EventsWanted>,
 }
 

@@ -18,7 +18,6 @@
 //! proposals Raft refused ([`ApplyMsg::Dropped`]). The shape follows openraft's
 //! `RaftStateMachine` (apply, build a snapshot, install one, report what is applied).
 
-pub mod events;
 pub mod membership;
 pub mod pending;
 pub mod snapshot;
@@ -31,7 +30,6 @@ use crate::proto::etcdserverpb::{
     LeaseGrantResponse, LeaseRevokeResponse, PutResponse, TxnResponse,
 };
 use crate::proto::metastorepb::StateSnapshot;
-pub use events::{AppliedEvents, EventHandoff};
 pub use membership::Membership;
 pub use pending::{Pending, PendingGuard};
 

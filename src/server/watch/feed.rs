@@ -12,7 +12,7 @@
 //!
 //! The feed does not read the batches itself while the dispatcher hands them over: each shard
 //! reads its events of a batch at the batch's barrier, and the dispatcher passes them on,
-//! merged, before it publishes the batch ([`crate::state_machine::events`]). The feed reads
+//! merged, before it publishes the batch ([`crate::apply::events`]). The feed reads
 //! from the shards only the revisions the handoff does not cover.
 //!
 //! etcd does the same in `watchableStore.notify`: a synced watcher gets the events of each
@@ -25,11 +25,11 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::apply::events::{AppliedEvents, EventHandoff};
 use crate::mvcc::store::{EventBatch, EventRecord, HistoryCompacted};
 use crate::mvcc::KeyRange;
 use crate::proto::mvccpb::Event;
 use crate::server::Reader;
-use crate::state_machine::{AppliedEvents, EventHandoff};
 
 /// Events the feed reads from the shards at a time (a read is cut only between revisions).
 const FEED_READ: usize = 1000;
@@ -239,15 +239,7 @@ impl Ring {
 
 impl FeedBatch {
     fn new(from: i64, through: i64, prev_kv: bool, events: Vec<EventRecord>) -> FeedBatch {
-        let bytes = events
-            .iter()
-            .map(|e| {
-                let size = |kv: &Option<crate::proto::mvccpb::KeyValue>| {
-                    kv.as_ref().map_or(0, |kv| kv.key.len() + kv.value.len())
-                };
-                size(&e.event.kv) + size(&e.event.prev_kv)
-            })
-            .sum();
+        let bytes = events.iter().map(EventRecord::bytes).sum();
         FeedBatch {
             from,
             through,

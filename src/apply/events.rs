@@ -7,7 +7,7 @@
 //! server's CPU, mostly the kernel waking them). Now, while any watcher is registered, each
 //! shard reads its events of the batch at the barrier, when it is awake anyway, from the same
 //! history query the feed would make ([`crate::mvcc::Store::events`]); the dispatcher merges
-//! them and hands them here before it publishes the batch's [`super::AppliedState`].
+//! them and hands them here before it publishes the batch's [`crate::state_machine::AppliedState`].
 //!
 //! This is only a shortcut: the feed still reads from the shards any revisions the handoff
 //! does not cover (a batch when the first watcher registered, one dropped past
@@ -20,9 +20,12 @@ use std::sync::Mutex;
 
 use crate::mvcc::store::EventRecord;
 
-/// Batches the handoff keeps for a feed that has not taken them; past it the oldest go (the
-/// feed then reads those revisions from the shards).
+/// Batches the handoff keeps for a feed that has not taken them; past it, or past
+/// [`HANDOFF_BYTES`], the oldest go (the feed then reads those revisions from the shards).
 pub const HANDOFF_BATCHES: usize = 1024;
+/// Bytes of keys and values the handoff keeps at most (64 MiB, as the feed's ring); it always
+/// keeps the newest batch.
+pub const HANDOFF_BYTES: usize = 64 << 20;
 
 /// The dispatcher's side and the feed's side of the handoff, shared.
 #[derive(Default)]
@@ -32,7 +35,14 @@ pub struct EventHandoff {
     /// Registered watchers that want `prev_kv`: events carry it only while there are some.
     prev_kv_watchers: AtomicI64,
     /// Applied batches not yet taken, oldest first, contiguous or not.
-    batches: Mutex<VecDeque<AppliedEvents>>,
+    batches: Mutex<Pushed>,
+}
+
+/// The batches not yet taken, and the bytes of keys and values they hold.
+#[derive(Default)]
+struct Pushed {
+    batches: VecDeque<AppliedEvents>,
+    bytes: usize,
 }
 
 /// Every event of the revisions `[from, through]`, over the whole keyspace, in (revision,
@@ -74,19 +84,34 @@ impl EventHandoff {
 
     /// Hands over a batch (the dispatcher, before it publishes the batch's revision).
     pub fn push(&self, batch: AppliedEvents) {
-        let mut batches = self.batches.lock().unwrap();
-        if batches.len() >= HANDOFF_BATCHES {
-            batches.pop_front();
+        let bytes = batch.bytes();
+        let mut pushed = self.batches.lock().unwrap();
+        while !pushed.batches.is_empty()
+            && (pushed.batches.len() >= HANDOFF_BATCHES || pushed.bytes + bytes > HANDOFF_BYTES)
+        {
+            if let Some(old) = pushed.batches.pop_front() {
+                pushed.bytes -= old.bytes();
+            }
         }
-        batches.push_back(batch);
+        pushed.bytes += bytes;
+        pushed.batches.push_back(batch);
     }
 
     /// Takes the batches that end at or before `revision` (the feed, for the revisions
     /// published so far), oldest first; later ones stay for the next call.
     pub fn take_through(&self, revision: i64) -> Vec<AppliedEvents> {
-        let mut batches = self.batches.lock().unwrap();
-        let n = batches.partition_point(|b| b.through <= revision);
-        batches.drain(..n).collect()
+        let mut pushed = self.batches.lock().unwrap();
+        let n = pushed.batches.partition_point(|b| b.through <= revision);
+        let taken: Vec<AppliedEvents> = pushed.batches.drain(..n).collect();
+        pushed.bytes -= taken.iter().map(AppliedEvents::bytes).sum::<usize>();
+        taken
+    }
+}
+
+impl AppliedEvents {
+    /// Bytes of keys and values held.
+    fn bytes(&self) -> usize {
+        self.events.iter().map(EventRecord::bytes).sum()
     }
 }
 
@@ -123,5 +148,42 @@ mod tests {
         let taken = h.take_through(i64::MAX);
         assert_eq!(taken.len(), HANDOFF_BATCHES);
         assert_eq!(taken[0].from, 2, "the oldest went");
+    }
+
+    #[test]
+    fn the_handoff_is_bounded_in_bytes_and_keeps_the_newest_batch() {
+        use crate::proto::mvccpb::{Event, KeyValue};
+        let big = |rev: i64, bytes: usize| AppliedEvents {
+            from: rev,
+            through: rev,
+            prev_kv: false,
+            events: vec![EventRecord {
+                rev,
+                sub: 0,
+                event: Event {
+                    kv: Some(KeyValue {
+                        key: b"k".to_vec(),
+                        value: vec![0; bytes - 1],
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+            }],
+        };
+        let h = EventHandoff::default();
+        h.push(big(1, HANDOFF_BYTES / 2));
+        h.push(big(2, HANDOFF_BYTES / 2));
+        h.push(big(3, HANDOFF_BYTES / 2));
+        let kept: Vec<i64> = h.take_through(3).iter().map(|b| b.from).collect();
+        assert_eq!(kept, vec![2, 3]);
+        h.push(big(4, HANDOFF_BYTES * 2));
+        let kept: Vec<i64> = h.take_through(4).iter().map(|b| b.from).collect();
+        assert_eq!(kept, vec![4], "the newest stays, however large");
+        h.push(big(5, 10));
+        assert_eq!(
+            h.take_through(5).len(),
+            1,
+            "the byte count went back to zero"
+        );
     }
 }
