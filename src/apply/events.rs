@@ -11,8 +11,8 @@
 //!
 //! This is only a shortcut: the feed still reads from the shards any revisions the handoff
 //! does not cover (a batch when the first watcher registered, one dropped past
-//! [`HANDOFF_BATCHES`], one that met a compaction), so a watcher sees the same events either
-//! way.
+//! [`HANDOFF_BATCHES`], one that met a compaction, one with more than [`BARRIER_EVENTS`]
+//! events on a shard), so a watcher sees the same events either way.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -23,6 +23,11 @@ use crate::mvcc::store::EventRecord;
 /// Batches the handoff keeps for a feed that has not taken them; past it, or past
 /// [`HANDOFF_BYTES`], the oldest go (the feed then reads those revisions from the shards).
 pub const HANDOFF_BATCHES: usize = 1024;
+/// Events a shard reads for one barrier at most (cut only between revisions, as
+/// [`crate::mvcc::Store::events`] cuts). A batch with more (a follower catching up through
+/// one large batch) is not handed over: the feed reads it from the shards, a thousand events
+/// at a time, and the ring never holds it in one piece.
+pub const BARRIER_EVENTS: usize = 4096;
 /// Bytes of keys and values the handoff keeps at most (64 MiB, as the feed's ring); it always
 /// keeps the newest batch.
 pub const HANDOFF_BYTES: usize = 64 << 20;

@@ -223,19 +223,26 @@ fn recv_or_unwind<T>(rx: oneshot::Receiver<T>) -> T {
     }
 }
 
-/// Every shard's events of a batch in one list, in (revision, sub-revision, key) order; `None`
-/// unless all `shards` read theirs (one whose history was compacted past the batch's first
-/// revision leaves the feed to read the batch itself, which ends the watchers it cuts).
+/// Every shard's events of a batch through `revision` in one list, in (revision,
+/// sub-revision, key) order; `None` unless all `shards` read all of theirs. The feed then
+/// reads the batch itself: from a shard whose history was compacted past the batch's first
+/// revision (which ends the watchers it cuts), or in pieces, from one that had more than
+/// [`events::BARRIER_EVENTS`] events.
 fn merge_events(
     parts: Vec<ShardEvents>,
     shards: usize,
+    revision: i64,
 ) -> Option<Vec<crate::mvcc::store::EventRecord>> {
     if parts.len() != shards {
         return None;
     }
     let mut events = Vec::new();
     for part in parts {
-        events.extend(part.ok()?.events);
+        let part = part.ok()?;
+        if part.through < revision {
+            return None;
+        }
+        events.extend(part.events);
     }
     crate::mvcc::store::sort_events(&mut events);
     Some(events)
@@ -569,7 +576,11 @@ impl Dispatcher {
             revision: self.revision,
             compact_revision: self.compact_revision,
             lease_changes: Arc::new(std::mem::take(&mut self.lease_changes)),
-            events: wanted.map(|prev_kv| EventsWanted { from, prev_kv }),
+            events: wanted.map(|prev_kv| EventsWanted {
+                from,
+                prev_kv,
+                limit: events::BARRIER_EVENTS,
+            }),
         };
         let (acks, passed) = BarrierAck::new(shards.len());
         for (&shard, reply) in shards.iter().zip(acks) {
@@ -581,7 +592,7 @@ impl Dispatcher {
         let parts = self.outbox.wait(passed);
         if let Some(prev_kv) = wanted {
             if from <= self.revision {
-                if let Some(events) = merge_events(parts, shards.len()) {
+                if let Some(events) = merge_events(parts, shards.len(), self.revision) {
                     self.events.push(AppliedEvents {
                         from,
                         through: self.revision,
@@ -1196,6 +1207,37 @@ mod tests {
             got[1]
         );
         assert!(matches!(&got[2], Decoded::Proposal(p) if p.id == 3));
+    }
+
+    #[test]
+    fn a_batch_is_handed_to_the_watch_feed_only_whole() {
+        use crate::mvcc::store::{EventBatch, EventRecord, HistoryCompacted};
+        let part = |revs: &[i64], through: i64| -> ShardEvents {
+            let events = revs
+                .iter()
+                .map(|&rev| EventRecord {
+                    rev,
+                    sub: 0,
+                    event: Default::default(),
+                })
+                .collect();
+            Ok(EventBatch { events, through })
+        };
+        let merged = merge_events(vec![part(&[5, 7], 7), part(&[6], 7)], 2, 7).unwrap();
+        let revs: Vec<i64> = merged.iter().map(|e| e.rev).collect();
+        assert_eq!(revs, vec![5, 6, 7]);
+        assert!(
+            merge_events(vec![part(&[5], 7)], 2, 7).is_none(),
+            "a shard missing"
+        );
+        assert!(
+            merge_events(vec![part(&[5], 7), part(&[6], 6)], 2, 7).is_none(),
+            "a shard cut at its event limit"
+        );
+        let compacted = Err(HistoryCompacted {
+            compact_revision: 6,
+        });
+        assert!(merge_events(vec![part(&[5], 7), compacted], 2, 7).is_none());
     }
 
     #[test]

@@ -319,7 +319,7 @@ fn handle_apply(
                     &KeyRange::everything(),
                     wanted.from,
                     state.revision,
-                    usize::MAX,
+                    wanted.limit,
                     wanted.prev_kv,
                 )?),
                 None => None,

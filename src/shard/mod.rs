@@ -789,6 +789,7 @@ mod tests {
                     events: Some(EventsWanted {
                         from,
                         prev_kv: true,
+                        limit: usize::MAX,
                     }),
                 };
                 let (parts, rx) = BarrierAck::new(2);

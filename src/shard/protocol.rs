@@ -254,6 +254,9 @@ pub struct EventsWanted {
     pub from: i64,
     /// Whether each event carries its `prev_kv`.
     pub prev_kv: bool,
+    /// Events to read at most (cut only between revisions; see
+    /// [`crate::mvcc::Store::events`]).
+    pub limit: usize,
 }
 
 /// Reads from the gRPC front end.
