@@ -43,10 +43,11 @@ pub struct EventHandoff {
     batches: Mutex<Pushed>,
 }
 
-/// The batches not yet taken, and the bytes of keys and values they hold.
+/// The batches not yet taken, each with the bytes of keys and values it holds (counted once,
+/// when pushed), and their sum.
 #[derive(Default)]
 struct Pushed {
-    batches: VecDeque<AppliedEvents>,
+    batches: VecDeque<(usize, AppliedEvents)>,
     bytes: usize,
 }
 
@@ -89,34 +90,35 @@ impl EventHandoff {
 
     /// Hands over a batch (the dispatcher, before it publishes the batch's revision).
     pub fn push(&self, batch: AppliedEvents) {
-        let bytes = batch.bytes();
+        let bytes = batch.events.iter().map(EventRecord::bytes).sum();
         let mut pushed = self.batches.lock().unwrap();
         while !pushed.batches.is_empty()
             && (pushed.batches.len() >= HANDOFF_BATCHES || pushed.bytes + bytes > HANDOFF_BYTES)
         {
-            if let Some(old) = pushed.batches.pop_front() {
-                pushed.bytes -= old.bytes();
+            if let Some((old, _)) = pushed.batches.pop_front() {
+                pushed.bytes -= old;
             }
         }
         pushed.bytes += bytes;
-        pushed.batches.push_back(batch);
+        pushed.batches.push_back((bytes, batch));
     }
 
     /// Takes the batches that end at or before `revision` (the feed, for the revisions
     /// published so far), oldest first; later ones stay for the next call.
     pub fn take_through(&self, revision: i64) -> Vec<AppliedEvents> {
-        let mut pushed = self.batches.lock().unwrap();
-        let n = pushed.batches.partition_point(|b| b.through <= revision);
-        let taken: Vec<AppliedEvents> = pushed.batches.drain(..n).collect();
-        pushed.bytes -= taken.iter().map(AppliedEvents::bytes).sum::<usize>();
-        taken
-    }
-}
-
-impl AppliedEvents {
-    /// Bytes of keys and values held.
-    fn bytes(&self) -> usize {
-        self.events.iter().map(EventRecord::bytes).sum()
+        let mut guard = self.batches.lock().unwrap();
+        let pushed = &mut *guard;
+        let n = pushed
+            .batches
+            .partition_point(|(_, b)| b.through <= revision);
+        pushed
+            .batches
+            .drain(..n)
+            .map(|(bytes, batch)| {
+                pushed.bytes -= bytes;
+                batch
+            })
+            .collect()
     }
 }
 
