@@ -38,6 +38,8 @@ pub struct Row {
     pub metastore_cdf: Vec<(f64, f64)>,
     /// The gRPC floor's medians (`metastore-grpc-floor`), for the workloads it serves.
     pub floor: Option<Figures>,
+    /// The durable floor's medians (`metastore-grpc-floor --wal-dir`), for the put workloads.
+    pub durable_floor: Option<Figures>,
 }
 
 impl Row {
@@ -240,12 +242,21 @@ impl Row {
         self.etcd.cpu_us / 3.0
     }
 
-    /// Whether the gRPC floor alone costs more per request than the CPU goal allows (false
-    /// when the floor was not measured).
+    /// The floor under this workload: the durable floor where it was measured (a put), else
+    /// the gRPC floor, with its name; `None` when neither was measured.
+    pub fn nearest_floor(&self) -> Option<(&'static str, &Figures)> {
+        match (&self.durable_floor, &self.floor) {
+            (Some(d), _) => Some(("durable floor", d)),
+            (None, Some(f)) => Some(("gRPC floor", f)),
+            (None, None) => None,
+        }
+    }
+
+    /// Whether the floor under this workload ([`Row::nearest_floor`]) alone costs more per
+    /// request than the CPU goal allows (false when no floor was measured).
     pub fn goal_below_floor(&self) -> bool {
-        self.floor
-            .as_ref()
-            .is_some_and(|f| f.cpu_us > self.cpu_goal_us())
+        self.nearest_floor()
+            .is_some_and(|(_, f)| f.cpu_us > self.cpu_goal_us())
     }
 
     /// etcd's server CPU per request over MetaStore's (above 1: MetaStore spends less).
@@ -415,15 +426,17 @@ pub fn markdown(meta: &Meta, rows: &[Row], memory: &[Memory]) -> String {
         let _ = writeln!(
             s,
             "\nServer CPU goals that no server on MetaStore's gRPC stack can meet here, because \
-             the stack alone, doing no work, costs more (see \"The gRPC floor\"):\n"
+             the stack alone costs more, doing no work or, for a put, only making it durable \
+             (see \"The gRPC floor\"):\n"
         );
         for r in below {
+            let (name, f) = r.nearest_floor().expect("a row below its floor has one");
             let _ = writeln!(
                 s,
-                "- {}: the goal is {:.1} us per request; the gRPC floor costs {:.1}",
+                "- {}: the goal is {:.1} us per request; the {name} costs {:.1}",
                 r.workload,
                 r.cpu_goal_us(),
-                r.floor.as_ref().map_or(0.0, |f| f.cpu_us)
+                f.cpu_us
             );
         }
     }
@@ -450,24 +463,38 @@ fn floor_table(s: &mut String, rows: &[Row]) {
         "`metastore-grpc-floor` serves MetaStore's KV service on the same stack (tonic, hyper, \
          h2, prost, tokio), with one current-thread runtime per CPU, but a Put or a Range does \
          no work: nothing is replicated, stored or fsynced. Its CPU per request is the least \
-         any server on this stack spends here; the goal column is a third of etcd's.\n"
+         any server on this stack spends here.\n\n\
+         The durable floor (`metastore-grpc-floor --wal-dir`) answers a Put only once its \
+         request is in a file, made durable by `fdatasync`: group-committed, one write and one \
+         sync for every Put queued meanwhile, run on the thread of the Put that leads it, and \
+         under load held a millisecond for more Puts to join. Nothing is replicated, indexed or \
+         stored. Its CPU per put is the least any server on this stack spends for a put it \
+         may not lose. The goal column is a third of etcd's CPU; the last column is MetaStore \
+         above the durable floor for a put, above the gRPC floor for a range.\n"
     );
     let _ = writeln!(
         s,
-        "| workload | gRPC floor req/s | gRPC floor CPU us/req | goal CPU us/req | MetaStore CPU us/req | MetaStore above the floor |"
+        "| workload | gRPC floor req/s | gRPC floor CPU us/req | durable floor req/s | durable floor CPU us/req | goal CPU us/req | MetaStore CPU us/req | MetaStore above the floor |"
     );
-    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|");
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|");
     for (r, f) in measured {
+        let (durable_rps, durable_cpu) = match &r.durable_floor {
+            Some(d) => (format!("{:.0}", d.rps), format!("{:.1}", d.cpu_us)),
+            None => ("-".into(), "-".into()),
+        };
+        let nearest = r.nearest_floor().map_or(f.cpu_us, |(_, n)| n.cpu_us);
         let _ = writeln!(
             s,
-            "| {} ({}) | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            "| {} ({}) | {:.0} | {:.1} | {} | {} | {:.1} | {:.1} | {:.1} |",
             r.workload,
             r.unit,
             f.rps,
             f.cpu_us,
+            durable_rps,
+            durable_cpu,
             r.cpu_goal_us(),
             r.metastore.cpu_us,
-            r.metastore.cpu_us - f.cpu_us
+            r.metastore.cpu_us - nearest
         );
     }
     let _ = writeln!(s);
@@ -523,6 +550,7 @@ mod tests {
             etcd_cdf: vec![(0.0, 0.1), (50.0, 1.0), (100.0, 9.0)],
             metastore_cdf: vec![(0.0, 0.2), (50.0, 0.5), (100.0, 4.0)],
             floor: None,
+            durable_floor: None,
         }
     }
 
@@ -618,8 +646,9 @@ mod tests {
         assert!(!md.contains("## The gRPC floor"), "no floor measured: {md}");
     }
 
-    /// The floor table sets the floor against the goal (a third of etcd's CPU) and MetaStore,
-    /// and a goal the floor alone exceeds is named under the goals.
+    /// The floor table sets the floors against the goal (a third of etcd's CPU) and MetaStore,
+    /// and a goal the floor under it alone exceeds (the durable one for a put) is named under
+    /// the goals.
     #[test]
     fn the_grpc_floor_is_set_against_the_goal() {
         let floor = |rps, cpu_us| Figures {
@@ -635,8 +664,14 @@ mod tests {
         // etcd 200 us (goal 66.7), MetaStore 25, the floor 10.
         let mut under = row("range serializable, 100 clients", (0.5, 1.0), (4.0, 1.0));
         under.floor = Some(floor(9000.0, 10.0));
+        // etcd 100 us (goal 33.3), MetaStore 50; the gRPC floor 20 is under the goal, the
+        // durable floor 45 above it.
+        let mut durable = row("put, 100 clients", (1.0, 10.0), (2.0, 9.0));
+        durable.floor = Some(floor(8000.0, 20.0));
+        durable.durable_floor = Some(floor(5000.0, 45.0));
         assert!(above.goal_below_floor());
         assert!(!under.goal_below_floor());
+        assert!(durable.goal_below_floor());
         let meta = Meta {
             date: "d".into(),
             machine: "m".into(),
@@ -646,14 +681,24 @@ mod tests {
             rounds: 1,
             scale: 1.0,
         };
-        let md = markdown(&meta, &[above, under], &[]);
+        let md = markdown(&meta, &[above, under, durable], &[]);
         assert!(md.contains("## The gRPC floor"), "{md}");
         assert!(
-            md.contains("| put, 1000 clients (puts) | 4000 | 40.0 | 33.3 | 50.0 | 10.0 |"),
+            md.contains("| put, 1000 clients (puts) | 4000 | 40.0 | - | - | 33.3 | 50.0 | 10.0 |"),
+            "{md}"
+        );
+        // MetaStore is set against the durable floor where there is one.
+        assert!(
+            md.contains(
+                "| put, 100 clients (puts) | 8000 | 20.0 | 5000 | 45.0 | 33.3 | 50.0 | 5.0 |"
+            ),
             "{md}"
         );
         let named =
             "- put, 1000 clients: the goal is 33.3 us per request; the gRPC floor costs 40.0";
+        assert!(md.contains(named), "{md}");
+        let named =
+            "- put, 100 clients: the goal is 33.3 us per request; the durable floor costs 45.0";
         assert!(md.contains(named), "{md}");
         assert!(
             !md.contains("- range serializable, 100 clients: the goal is"),

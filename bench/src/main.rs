@@ -8,8 +8,10 @@
 //! (throughput per workload, latency CDFs) into the output directory.
 //!
 //! Each round also runs the put and range workloads against `metastore-grpc-floor`, the gRPC
-//! stack with no work behind it: its server CPU per request is the least any server built on
-//! that stack spends here, and RESULTS.md sets it against the goals.
+//! stack with no work behind it, and the put workloads against it once more with each Put
+//! group-committed to a file with `fdatasync` (the durable floor): their server CPU per request
+//! is the least any server built on that stack spends here, and RESULTS.md sets it against the
+//! goals.
 //!
 //! Run it through `bench/compare.sh`, which installs etcd and builds the binaries first.
 
@@ -73,6 +75,8 @@ struct Workload {
     unit: &'static str,
     /// Whether the gRPC floor serves it (Put and Range only).
     floor: bool,
+    /// Whether the durable floor serves it (Put only).
+    durable_floor: bool,
 }
 
 fn words(s: &str) -> Vec<String> {
@@ -90,6 +94,7 @@ fn workloads() -> Vec<Workload> {
         total,
         unit,
         floor: name.starts_with("put") || name.starts_with("range"),
+        durable_floor: name.starts_with("put"),
     };
     vec![
         w("put, 1 client", format!("--clients 1 --conns 1 {put}"), 3_000, "puts"),
@@ -222,6 +227,7 @@ fn measure_memory(kind: Kind, bins: &Binaries, keys: u64) -> anyhow::Result<Memo
         total: keys,
         unit: "puts",
         floor: false,
+        durable_floor: false,
     };
     let r = run_loadgen(bins, &server.endpoint, &w, keys)?;
     let (peak_rss, rss) = server.rss()?;
@@ -296,21 +302,35 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// Runs every workload of `plan` against each server, `args.rounds` times, and returns one
-/// sample per (round, server, workload), logging each to stderr as it completes. The gRPC
-/// floor runs last in each round, and only the workloads it serves.
+/// sample per (round, server, workload), logging each to stderr as it completes. The floors run
+/// last in each round, and only the workloads they serve.
 fn run_rounds(args: &Args, bins: &Binaries, plan: &[Workload]) -> anyhow::Result<Vec<Sample>> {
     let mut samples: Vec<Sample> = Vec::new();
     for round in 0..args.rounds {
         // Alternate which server goes first, so neither always runs on a warmer machine.
         let order = if round % 2 == 0 {
-            [Kind::Etcd, Kind::MetaStore, Kind::GrpcFloor]
+            [
+                Kind::Etcd,
+                Kind::MetaStore,
+                Kind::GrpcFloor,
+                Kind::DurableFloor,
+            ]
         } else {
-            [Kind::MetaStore, Kind::Etcd, Kind::GrpcFloor]
+            [
+                Kind::MetaStore,
+                Kind::Etcd,
+                Kind::GrpcFloor,
+                Kind::DurableFloor,
+            ]
         };
         for kind in order {
             let mine: Vec<&Workload> = plan
                 .iter()
-                .filter(|w| kind != Kind::GrpcFloor || w.floor)
+                .filter(|w| match kind {
+                    Kind::GrpcFloor => w.floor,
+                    Kind::DurableFloor => w.durable_floor,
+                    Kind::Etcd | Kind::MetaStore => true,
+                })
                 .collect();
             if mine.is_empty() {
                 continue;
@@ -391,8 +411,10 @@ fn median_rows(plan: &[Workload], samples: &[Sample]) -> Vec<charts::Row> {
         };
         let (e, m) = (pick("etcd"), pick("MetaStore"));
         let floor = pick(Kind::GrpcFloor.name());
+        let durable = pick(Kind::DurableFloor.name());
         rows.push(charts::Row {
             floor: (!floor.is_empty()).then(|| figures(&floor)),
+            durable_floor: (!durable.is_empty()).then(|| figures(&durable)),
             workload: w.name.to_string(),
             unit: w.unit,
             etcd: figures(&e),

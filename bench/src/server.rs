@@ -1,7 +1,8 @@
 //! Starting and stopping the servers under test, each single-member on loopback with its own
 //! temporary data dir and fsync on, and reading their CPU time and memory use. Besides etcd and
 //! MetaStore, the gRPC floor (`metastore-grpc-floor`): MetaStore's KV service on tonic with no
-//! work behind it, the least any server on that stack spends per request.
+//! work behind it, the least any server on that stack spends per request; and the durable
+//! floor, the same with each Put group-committed to a file with `fdatasync` before its answer.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -19,6 +20,9 @@ pub enum Kind {
     MetaStore,
     /// `metastore-grpc-floor`: the gRPC stack alone (Put and Range only; nothing stored).
     GrpcFloor,
+    /// `metastore-grpc-floor --wal-dir`: the gRPC stack plus a group-committed `fdatasync` per
+    /// Put (Put only; nothing replicated, indexed or stored).
+    DurableFloor,
 }
 
 impl Kind {
@@ -28,7 +32,13 @@ impl Kind {
             Kind::Etcd => "etcd",
             Kind::MetaStore => "MetaStore",
             Kind::GrpcFloor => "gRPC floor",
+            Kind::DurableFloor => "durable floor",
         }
+    }
+
+    /// Whether this is one of the floors (`metastore-grpc-floor`), not a real server.
+    pub fn is_floor(self) -> bool {
+        matches!(self, Kind::GrpcFloor | Kind::DurableFloor)
     }
 }
 
@@ -75,14 +85,21 @@ impl Server {
         let mut cmd = match kind {
             Kind::Etcd => Command::new(&bins.etcd),
             Kind::MetaStore => Command::new(&bins.metastore),
-            Kind::GrpcFloor => Command::new(&bins.grpc_floor),
+            Kind::GrpcFloor | Kind::DurableFloor => Command::new(&bins.grpc_floor),
         };
-        if kind == Kind::GrpcFloor {
+        if kind.is_floor() {
             // Its best layout: a current-thread runtime per CPU, each with its own listener.
             let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
             cmd.args(["--runtime", "per-core", "--workers", &cpus.to_string()])
                 .arg("--listen")
                 .arg(format!("127.0.0.1:{client}"));
+            if kind == Kind::DurableFloor {
+                // Its cheapest sync policy: under load, a sync waits a millisecond for more
+                // Puts to join it (bench/README.md, step 15).
+                cmd.arg("--wal-dir")
+                    .arg(&data)
+                    .args(["--group-wait-ms", "1"]);
+            }
         } else {
             cmd.arg("--name")
                 .arg("bench")

@@ -14,11 +14,21 @@
 //! `metastore::shard::shard_cpus`) and accepting on its own `SO_REUSEPORT`
 //! listener (the kernel spreads connections over them): no task ever moves between threads.
 //!
+//! `--wal-dir DIR` makes it the durable floor: a Put is answered only once its request is
+//! written to a file in DIR and made durable by `fdatasync`, group-committed as a WAL is (one
+//! write and one sync for every Put queued while the previous sync ran). The sync runs inline
+//! on the thread of the Put that starts it, so no thread is woken for it: the least a server on
+//! this stack spends for a Put it may not lose, with no consensus, index or store behind it.
+//!
 //! It prints `listening on ADDR` once every listener is bound, and serves until killed.
 
+use std::fs::File;
+use std::io::Write;
 use std::net::SocketAddr;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use clap::{Parser, ValueEnum};
 use metastore::proto::etcdserverpb::kv_server::{Kv, KvServer};
@@ -26,6 +36,7 @@ use metastore::proto::etcdserverpb::{
     CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
     PutResponse, RangeRequest, RangeResponse, ResponseHeader, TxnRequest, TxnResponse,
 };
+use prost::Message;
 use tonic::{Request, Response, Status};
 
 /// The member's allocator (`src/main.rs`), so that the floor pays what the member pays per
@@ -53,12 +64,153 @@ struct Args {
     /// Worker threads (multi) or runtimes (per-core).
     #[arg(long, default_value_t = 2)]
     workers: usize,
+    /// Make every Put durable in a group-committed file in this directory before answering it.
+    #[arg(long)]
+    wal_dir: Option<PathBuf>,
+    /// With `--wal-dir`: how long the Put that starts a sync waits for others to join it
+    /// before writing, when others are queued already (a lone writer never waits),
+    /// milliseconds (0: it writes at once). Larger batches spread each sync's cost over more
+    /// Puts, at the price of latency.
+    #[arg(long, default_value_t = 0)]
+    group_wait_ms: u64,
 }
 
-/// The KV service with no work behind it: Put takes the next revision, Range finds nothing.
+/// The KV service with no work behind it: Put takes the next revision (after making its request
+/// durable, with `--wal-dir`), Range finds nothing.
 #[derive(Clone, Default)]
 struct NoWork {
     revision: Arc<AtomicI64>,
+    wal: Option<Arc<GroupWal>>,
+}
+
+/// Bytes of the file the durable floor writes into, written through once at start (as etcd and
+/// MetaStore preallocate a 64 MiB WAL segment); appends wrap around to its start.
+const WAL_FILE_BYTES: u64 = 64 << 20;
+
+/// Put requests made durable by group commit: each Put queues its record, and whichever Put
+/// finds no sync running writes everything queued with one `pwrite` and one `fdatasync`, on
+/// its own thread, then wakes the Puts that sync covered.
+struct GroupWal {
+    file: File,
+    state: Mutex<WalState>,
+    /// The sequence number of the last record made durable.
+    synced: tokio::sync::watch::Sender<u64>,
+    /// How long a leader waits for more records before it writes.
+    group_wait: std::time::Duration,
+}
+
+#[derive(Default)]
+struct WalState {
+    /// Records queued since the last sync started, concatenated.
+    queued: Vec<u8>,
+    /// Sequence number of the last record queued (the first record is 1).
+    last_queued: u64,
+    /// Sequence number of the last record a leader took.
+    last_taken: u64,
+    /// Where the next write goes in the file, bytes.
+    offset: u64,
+    /// Whether a sync is running (its Put is the leader).
+    syncing: bool,
+}
+
+/// One leader's share: the records to write, where, and the last sequence number they hold.
+struct SyncBatch {
+    bytes: Vec<u8>,
+    offset: u64,
+    last: u64,
+}
+
+impl GroupWal {
+    /// Creates `dir/floor.wal` and writes it through with zeros, so that a sync carries data
+    /// only, never block allocation or extent conversion: the cheapest durable write the disk
+    /// offers.
+    fn create(dir: &Path, group_wait: std::time::Duration) -> std::io::Result<GroupWal> {
+        std::fs::create_dir_all(dir)?;
+        let mut file = File::create(dir.join("floor.wal"))?;
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..WAL_FILE_BYTES / zeros.len() as u64 {
+            file.write_all(&zeros)?;
+        }
+        file.sync_all()?;
+        Ok(GroupWal {
+            file,
+            state: Mutex::new(WalState::default()),
+            synced: tokio::sync::watch::Sender::new(0),
+            group_wait,
+        })
+    }
+
+    /// Returns once `record` is durable: as the leader of a sync, or woken by the leader of
+    /// the sync that covered it.
+    async fn append(&self, record: &[u8]) -> std::io::Result<()> {
+        let mut synced = self.synced.subscribe();
+        let seq = {
+            let mut s = self.state.lock().expect("wal state");
+            s.queued.extend_from_slice(record);
+            s.last_queued += 1;
+            s.last_queued
+        };
+        loop {
+            if *synced.borrow_and_update() >= seq {
+                return Ok(());
+            }
+            if let Some(waiting) = self.lead() {
+                // Others writing at once: let more join. A lone writer never waits.
+                if waiting > 1 && !self.group_wait.is_zero() {
+                    tokio::time::sleep(self.group_wait).await;
+                }
+                self.sync(self.take())?;
+                continue;
+            }
+            // The running sync's leader sends when it is done; a Put it did not cover then
+            // leads the next one.
+            let _ = synced.changed().await;
+        }
+    }
+
+    /// Whether the caller becomes the leader of the next sync: if none is running and a record
+    /// waits, a sync is marked as running and the number of records waiting is returned.
+    fn lead(&self) -> Option<u64> {
+        let mut s = self.state.lock().expect("wal state");
+        if s.syncing || s.queued.is_empty() {
+            return None;
+        }
+        s.syncing = true;
+        Some(s.last_queued - s.last_taken)
+    }
+
+    /// The leader's batch: every record queued so far.
+    fn take(&self) -> SyncBatch {
+        let mut s = self.state.lock().expect("wal state");
+        let bytes = std::mem::take(&mut s.queued);
+        if s.offset + bytes.len() as u64 > WAL_FILE_BYTES {
+            s.offset = 0;
+        }
+        let offset = s.offset;
+        s.offset += bytes.len() as u64;
+        s.last_taken = s.last_queued;
+        SyncBatch {
+            bytes,
+            offset,
+            last: s.last_queued,
+        }
+    }
+
+    /// Writes and syncs `batch` on the calling thread, then wakes every Put waiting.
+    fn sync(&self, batch: SyncBatch) -> std::io::Result<()> {
+        let result = self
+            .file
+            .write_all_at(&batch.bytes, batch.offset)
+            .and_then(|()| self.file.sync_data());
+        self.state.lock().expect("wal state").syncing = false;
+        if result.is_ok() {
+            self.synced.send_replace(batch.last);
+        } else {
+            // Wake the waiters so that one of them leads a retry.
+            self.synced.send_modify(|_| {});
+        }
+        result
+    }
 }
 
 fn header(revision: i64) -> Option<ResponseHeader> {
@@ -80,7 +232,14 @@ impl Kv for NoWork {
         }))
     }
 
-    async fn put(&self, _: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+    async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        if let Some(wal) = &self.wal {
+            // A WAL record: the encoded request behind its length, as a log entry carries it.
+            let record = request.get_ref().encode_length_delimited_to_vec();
+            wal.append(&record)
+                .await
+                .map_err(|e| Status::internal(format!("wal: {e}")))?;
+        }
         let revision = self.revision.fetch_add(1, Ordering::Relaxed) + 1;
         Ok(Response::new(PutResponse {
             header: header(revision),
@@ -142,7 +301,15 @@ fn pin(cpu: usize) {
 
 fn main() {
     let args = Args::parse();
-    let service = NoWork::default();
+    let service = NoWork {
+        wal: args.wal_dir.as_deref().map(|dir| {
+            let wait = std::time::Duration::from_millis(args.group_wait_ms);
+            Arc::new(
+                GroupWal::create(dir, wait).expect("metastore-grpc-floor: creating the WAL file"),
+            )
+        }),
+        ..NoWork::default()
+    };
     match args.runtime {
         RuntimeKind::Multi => {
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -191,6 +358,49 @@ fn main() {
                 .collect();
             for t in threads {
                 let _ = t.join();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every append returns only once its record is in the file, each record written once,
+    /// whether the Puts come one at a time or many at once, with or without a group wait.
+    #[test]
+    fn every_record_is_written_once_before_its_append_returns() {
+        for wait_ms in [0, 1] {
+            let dir = tempfile::tempdir().unwrap();
+            let wal = Arc::new(
+                GroupWal::create(dir.path(), std::time::Duration::from_millis(wait_ms)).unwrap(),
+            );
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            let record = |i: u32| format!("<record {i:04}>").into_bytes();
+            rt.block_on(async {
+                // One alone, then 200 at once.
+                wal.append(&record(0)).await.unwrap();
+                let tasks: Vec<_> = (1..=200)
+                    .map(|i| {
+                        let wal = wal.clone();
+                        tokio::spawn(async move { wal.append(&record(i)).await })
+                    })
+                    .collect();
+                for t in tasks {
+                    t.await.unwrap().unwrap();
+                }
+            });
+            assert_eq!(*wal.synced.borrow(), 201);
+            let written = std::fs::read(dir.path().join("floor.wal")).unwrap();
+            let text = String::from_utf8_lossy(&written[..201 * 13]);
+            for i in 0..=200 {
+                let r = String::from_utf8(record(i)).unwrap();
+                assert_eq!(text.matches(&r).count(), 1, "{r} with a {wait_ms} ms wait");
             }
         }
     }
