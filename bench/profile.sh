@@ -13,6 +13,9 @@
 #
 # GRPC_FLOOR=1 profiles the gRPC floor instead (target/release/metastore-grpc-floor, one
 # current-thread runtime per CPU; Put and Range only): the gRPC stack with no work behind it.
+# DURABLE_FLOOR=1 profiles the durable floor: the same, with each Put group-committed to a file
+# with fdatasync before its answer (a millisecond's group wait under load), and single-key
+# watches served.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NAME=$1
@@ -25,13 +28,16 @@ PID=
 trap '[ -n "$PID" ] && kill "$PID" 2>/dev/null; rm -rf "$DATA"' EXIT
 mkdir -p bench/profiles
 
-if [ -n "${GRPC_FLOOR:-}" ]; then
+if [ -n "${GRPC_FLOOR:-}${DURABLE_FLOOR:-}" ]; then
   MS=target/release/metastore-grpc-floor
   FLOOR_ARGS="--runtime per-core --workers $(nproc)"
+  if [ -n "${DURABLE_FLOOR:-}" ]; then
+    FLOOR_ARGS="$FLOOR_ARGS --wal-dir $DATA/wal --group-wait-ms 1"
+  fi
   # shellcheck disable=SC2086
   "$MS" --listen 127.0.0.1:23790 $FLOOR_ARGS >"$DATA/member.log" 2>&1 &
   READY="listening on"
-  SERVER="metastore-grpc-floor $FLOOR_ARGS (at $(git rev-parse --short HEAD))"
+  SERVER="metastore-grpc-floor ${FLOOR_ARGS//$DATA/<tmp>} (at $(git rev-parse --short HEAD))"
 else
   # shellcheck disable=SC2086
   "$MS" --data-dir "$DATA/member" --listen-client-urls http://127.0.0.1:23790 \

@@ -38,7 +38,8 @@ pub struct Row {
     pub metastore_cdf: Vec<(f64, f64)>,
     /// The gRPC floor's medians (`metastore-grpc-floor`), for the workloads it serves.
     pub floor: Option<Figures>,
-    /// The durable floor's medians (`metastore-grpc-floor --wal-dir`), for the put workloads.
+    /// The durable floor's medians (`metastore-grpc-floor --wal-dir`), for the put workloads
+    /// and the watch fan-out.
     pub durable_floor: Option<Figures>,
 }
 
@@ -242,8 +243,8 @@ impl Row {
         self.etcd.cpu_us / 3.0
     }
 
-    /// The floor under this workload: the durable floor where it was measured (a put), else
-    /// the gRPC floor, with its name; `None` when neither was measured.
+    /// The floor under this workload: the durable floor where it was measured (a put, the
+    /// watch fan-out), else the gRPC floor, with its name; `None` when neither was measured.
     pub fn nearest_floor(&self) -> Option<(&'static str, &Figures)> {
         match (&self.durable_floor, &self.floor) {
             (Some(d), _) => Some(("durable floor", d)),
@@ -427,7 +428,7 @@ pub fn markdown(meta: &Meta, rows: &[Row], memory: &[Memory]) -> String {
             s,
             "\nServer CPU goals that no server on MetaStore's gRPC stack can meet here, because \
              the stack alone costs more, doing no work or, for a put, only making it durable \
-             (see \"The gRPC floor\"):\n"
+             and delivering its events (see \"The gRPC floor\"):\n"
         );
         for r in below {
             let (name, f) = r.nearest_floor().expect("a row below its floor has one");
@@ -447,12 +448,12 @@ pub fn markdown(meta: &Meta, rows: &[Row], memory: &[Memory]) -> String {
     s
 }
 
-/// The gRPC floor table of RESULTS.md: what the gRPC stack alone costs per request, against the
-/// CPU goal and MetaStore. Nothing when no row measured the floor.
+/// The floor table of RESULTS.md: what the gRPC stack alone costs per request, and with each
+/// put made durable, against the CPU goal and MetaStore. Nothing when no row measured a floor.
 fn floor_table(s: &mut String, rows: &[Row]) {
-    let measured: Vec<(&Row, &Figures)> = rows
+    let measured: Vec<(&Row, f64)> = rows
         .iter()
-        .filter_map(|r| r.floor.as_ref().map(|f| (r, f)))
+        .filter_map(|r| r.nearest_floor().map(|(_, f)| (r, f.cpu_us)))
         .collect();
     if measured.is_empty() {
         return;
@@ -467,34 +468,38 @@ fn floor_table(s: &mut String, rows: &[Row]) {
          The durable floor (`metastore-grpc-floor --wal-dir`) answers a Put only once its \
          request is in a file, made durable by `fdatasync`: group-committed, one write and one \
          sync for every Put queued meanwhile, run on the thread of the Put that leads it, and \
-         under load held a millisecond for more Puts to join. Nothing is replicated, indexed or \
-         stored. Its CPU per put is the least any server on this stack spends for a put it \
-         may not lose. The goal column is a third of etcd's CPU; the last column is MetaStore \
-         above the durable floor for a put, above the gRPC floor for a range.\n"
+         under load held a millisecond for more Puts to join. For the watch fan-out it also \
+         hands each Put's event, built once, to every watch stream, which sends it to each of \
+         its watchers on that key. Nothing is replicated, indexed or stored. Its CPU per \
+         request is the least any server on this stack spends for a put it may not lose, and \
+         for an event of such a put. The goal column is a third of etcd's CPU; the last column \
+         is MetaStore above the durable floor where it was measured, else above the gRPC \
+         floor.\n"
     );
     let _ = writeln!(
         s,
         "| workload | gRPC floor req/s | gRPC floor CPU us/req | durable floor req/s | durable floor CPU us/req | goal CPU us/req | MetaStore CPU us/req | MetaStore above the floor |"
     );
     let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|");
-    for (r, f) in measured {
-        let (durable_rps, durable_cpu) = match &r.durable_floor {
-            Some(d) => (format!("{:.0}", d.rps), format!("{:.1}", d.cpu_us)),
-            None => ("-".into(), "-".into()),
-        };
-        let nearest = r.nearest_floor().map_or(f.cpu_us, |(_, n)| n.cpu_us);
+    let cells = |f: &Option<Figures>| match f {
+        Some(f) => (format!("{:.0}", f.rps), format!("{:.1}", f.cpu_us)),
+        None => ("-".into(), "-".into()),
+    };
+    for (r, floor_cpu) in measured {
+        let (grpc_rps, grpc_cpu) = cells(&r.floor);
+        let (durable_rps, durable_cpu) = cells(&r.durable_floor);
         let _ = writeln!(
             s,
-            "| {} ({}) | {:.0} | {:.1} | {} | {} | {:.1} | {:.1} | {:.1} |",
+            "| {} ({}) | {} | {} | {} | {} | {:.1} | {:.1} | {:.1} |",
             r.workload,
             r.unit,
-            f.rps,
-            f.cpu_us,
+            grpc_rps,
+            grpc_cpu,
             durable_rps,
             durable_cpu,
             r.cpu_goal_us(),
             r.metastore.cpu_us,
-            r.metastore.cpu_us - nearest
+            r.metastore.cpu_us - floor_cpu
         );
     }
     let _ = writeln!(s);
@@ -669,9 +674,13 @@ mod tests {
         let mut durable = row("put, 100 clients", (1.0, 10.0), (2.0, 9.0));
         durable.floor = Some(floor(8000.0, 20.0));
         durable.durable_floor = Some(floor(5000.0, 45.0));
+        // The watch fan-out has a durable floor only.
+        let mut watch = row("watch fan-out, 1000 watchers", (1.0, 10.0), (2.0, 9.0));
+        watch.durable_floor = Some(floor(1000.0, 20.0));
         assert!(above.goal_below_floor());
         assert!(!under.goal_below_floor());
         assert!(durable.goal_below_floor());
+        assert!(!watch.goal_below_floor());
         let meta = Meta {
             date: "d".into(),
             machine: "m".into(),
@@ -681,7 +690,7 @@ mod tests {
             rounds: 1,
             scale: 1.0,
         };
-        let md = markdown(&meta, &[above, under, durable], &[]);
+        let md = markdown(&meta, &[above, under, durable, watch], &[]);
         assert!(md.contains("## The gRPC floor"), "{md}");
         assert!(
             md.contains("| put, 1000 clients (puts) | 4000 | 40.0 | - | - | 33.3 | 50.0 | 10.0 |"),
@@ -692,6 +701,10 @@ mod tests {
             md.contains(
                 "| put, 100 clients (puts) | 8000 | 20.0 | 5000 | 45.0 | 33.3 | 50.0 | 5.0 |"
             ),
+            "{md}"
+        );
+        assert!(
+            md.contains("| watch fan-out, 1000 watchers (puts) | - | - | 1000 | 20.0 | 33.3 | 50.0 | 30.0 |"),
             "{md}"
         );
         let named =

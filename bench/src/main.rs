@@ -8,10 +8,10 @@
 //! (throughput per workload, latency CDFs) into the output directory.
 //!
 //! Each round also runs the put and range workloads against `metastore-grpc-floor`, the gRPC
-//! stack with no work behind it, and the put workloads against it once more with each Put
-//! group-committed to a file with `fdatasync` (the durable floor): their server CPU per request
-//! is the least any server built on that stack spends here, and RESULTS.md sets it against the
-//! goals.
+//! stack with no work behind it, and the put and watch workloads against it once more with each
+//! Put group-committed to a file with `fdatasync` (the durable floor): their server CPU per
+//! request is the least any server built on that stack spends here, and RESULTS.md sets it
+//! against the goals.
 //!
 //! Run it through `bench/compare.sh`, which installs etcd and builds the binaries first.
 
@@ -75,7 +75,7 @@ struct Workload {
     unit: &'static str,
     /// Whether the gRPC floor serves it (Put and Range only).
     floor: bool,
-    /// Whether the durable floor serves it (Put only).
+    /// Whether the durable floor serves it (Put, and the watch fan-out).
     durable_floor: bool,
 }
 
@@ -94,7 +94,7 @@ fn workloads() -> Vec<Workload> {
         total,
         unit,
         floor: name.starts_with("put") || name.starts_with("range"),
-        durable_floor: name.starts_with("put"),
+        durable_floor: name.starts_with("put") || name.starts_with("watch"),
     };
     vec![
         w("put, 1 client", format!("--clients 1 --conns 1 {put}"), 3_000, "puts"),

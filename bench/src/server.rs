@@ -21,7 +21,7 @@ pub enum Kind {
     /// `metastore-grpc-floor`: the gRPC stack alone (Put and Range only; nothing stored).
     GrpcFloor,
     /// `metastore-grpc-floor --wal-dir`: the gRPC stack plus a group-committed `fdatasync` per
-    /// Put (Put only; nothing replicated, indexed or stored).
+    /// Put (Put, and Watch on single keys; nothing replicated, indexed or stored).
     DurableFloor,
 }
 

@@ -20,6 +20,13 @@
 //! on the thread of the Put that starts it, so no thread is woken for it: the least a server on
 //! this stack spends for a Put it may not lose, with no consensus, index or store behind it.
 //!
+//! It also serves etcd's `Watch` service, as little as the watch fan-out needs: a watcher on one
+//! key (no range, no history, no cancel, no progress), created at the current revision. Each
+//! Put is handed to every stream (a `tokio::sync::broadcast` channel, each Put's event built
+//! once), and a stream sends each of its watchers on the Put's key a response of its own, as
+//! etcd does. With `--wal-dir` that makes the floor under the watch fan-out: the Puts made
+//! durable, their events delivered, nothing else.
+//!
 //! It prints `listening on ADDR` once every listener is bound, and serves until killed.
 
 use std::fs::File;
@@ -32,12 +39,17 @@ use std::sync::{Arc, Mutex};
 
 use clap::{Parser, ValueEnum};
 use metastore::proto::etcdserverpb::kv_server::{Kv, KvServer};
+use metastore::proto::etcdserverpb::watch_request::RequestUnion;
+use metastore::proto::etcdserverpb::watch_server::{Watch, WatchServer};
 use metastore::proto::etcdserverpb::{
     CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
     PutResponse, RangeRequest, RangeResponse, ResponseHeader, TxnRequest, TxnResponse,
+    WatchRequest, WatchResponse,
 };
+use metastore::proto::mvccpb::{event::EventType, Event, KeyValue};
 use prost::Message;
-use tonic::{Request, Response, Status};
+use tokio::sync::{broadcast, mpsc};
+use tonic::{Request, Response, Status, Streaming};
 
 /// The member's allocator (`src/main.rs`), so that the floor pays what the member pays per
 /// allocation.
@@ -77,10 +89,30 @@ struct Args {
 
 /// The KV service with no work behind it: Put takes the next revision (after making its request
 /// durable, with `--wal-dir`), Range finds nothing.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 struct NoWork {
     revision: Arc<AtomicI64>,
     wal: Option<Arc<GroupWal>>,
+    /// Every Put's event, to every watch stream.
+    events: broadcast::Sender<Arc<Event>>,
+    /// Held while a watched Put takes its revision and sends its event, so that streams see
+    /// events in revision order.
+    publish: Arc<Mutex<()>>,
+}
+
+/// Events a watch stream may fall behind by before it is ended (the floor keeps no history
+/// to catch it up from).
+const STREAM_BACKLOG: usize = 65_536;
+
+impl NoWork {
+    fn new(wal: Option<Arc<GroupWal>>) -> NoWork {
+        NoWork {
+            revision: Arc::default(),
+            wal,
+            events: broadcast::channel(STREAM_BACKLOG).0,
+            publish: Arc::default(),
+        }
+    }
 }
 
 /// Bytes of the file the durable floor writes into, written through once at start (as etcd and
@@ -240,7 +272,27 @@ impl Kv for NoWork {
                 .await
                 .map_err(|e| Status::internal(format!("wal: {e}")))?;
         }
-        let revision = self.revision.fetch_add(1, Ordering::Relaxed) + 1;
+        let revision = if self.events.receiver_count() == 0 {
+            self.revision.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            let put = request.into_inner();
+            let _order = self.publish.lock().expect("publish lock");
+            let revision = self.revision.fetch_add(1, Ordering::Relaxed) + 1;
+            let event = Event {
+                r#type: EventType::Put as i32,
+                kv: Some(KeyValue {
+                    key: put.key,
+                    value: put.value,
+                    create_revision: revision,
+                    mod_revision: revision,
+                    version: 1,
+                    lease: put.lease,
+                }),
+                prev_kv: None,
+            };
+            let _ = self.events.send(Arc::new(event));
+            revision
+        };
         Ok(Response::new(PutResponse {
             header: header(revision),
             prev_kv: None,
@@ -266,6 +318,103 @@ impl Kv for NoWork {
     }
 }
 
+type WatchStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<WatchResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Watch for NoWork {
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        request: Request<Streaming<WatchRequest>>,
+    ) -> Result<Response<WatchStream>, Status> {
+        let (tx, rx) = mpsc::channel(1024);
+        let stream = WatchFloorStream {
+            inbound: request.into_inner(),
+            events: self.events.subscribe(),
+            revision: self.revision.clone(),
+            tx,
+            watchers: Vec::new(),
+        };
+        tokio::spawn(stream.run());
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+/// One watch stream of the floor: its watchers (id and key) and the events it has yet to send.
+struct WatchFloorStream {
+    inbound: Streaming<WatchRequest>,
+    events: broadcast::Receiver<Arc<Event>>,
+    revision: Arc<AtomicI64>,
+    tx: mpsc::Sender<Result<WatchResponse, Status>>,
+    watchers: Vec<(i64, Vec<u8>)>,
+}
+
+impl WatchFloorStream {
+    /// Serves the stream until the client closes it or it falls [`STREAM_BACKLOG`] behind.
+    async fn run(mut self) {
+        loop {
+            let sent = tokio::select! {
+                request = self.inbound.message() => match request {
+                    Ok(Some(r)) => self.on_request(r).await,
+                    _ => return,
+                },
+                event = self.events.recv() => match event {
+                    Ok(event) => self.on_event(&event).await,
+                    Err(_) => return,
+                },
+            };
+            if sent.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// A create request gets the next watch id and its `created` answer; others are ignored.
+    async fn on_request(&mut self, r: WatchRequest) -> Result<(), ()> {
+        let Some(RequestUnion::CreateRequest(c)) = r.request_union else {
+            return Ok(());
+        };
+        let watch_id = self.watchers.len() as i64;
+        self.watchers.push((watch_id, c.key));
+        let revision = self.revision.load(Ordering::Relaxed);
+        self.send(WatchResponse {
+            header: header(revision),
+            watch_id,
+            created: true,
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// One response per watcher on the event's key.
+    async fn on_event(&mut self, event: &Event) -> Result<(), ()> {
+        let Some(kv) = &event.kv else {
+            return Ok(());
+        };
+        for (watch_id, key) in &self.watchers {
+            if *key != kv.key {
+                continue;
+            }
+            let response = WatchResponse {
+                header: header(kv.mod_revision),
+                watch_id: *watch_id,
+                events: vec![event.clone()],
+                ..Default::default()
+            };
+            self.send(response).await?;
+        }
+        Ok(())
+    }
+
+    async fn send(&self, response: WatchResponse) -> Result<(), ()> {
+        self.tx.send(Ok(response)).await.map_err(|_| ())
+    }
+}
+
 /// A listener on `addr`, with `SO_REUSEPORT` when `shared` (so that several bind one port).
 fn listener(addr: SocketAddr, shared: bool) -> std::io::Result<tokio::net::TcpListener> {
     let socket = tokio::net::TcpSocket::new_v4()?;
@@ -280,7 +429,8 @@ fn listener(addr: SocketAddr, shared: bool) -> std::io::Result<tokio::net::TcpLi
 async fn serve(service: NoWork, listener: tokio::net::TcpListener) {
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     if let Err(e) = tonic::transport::Server::builder()
-        .add_service(KvServer::new(service))
+        .add_service(KvServer::new(service.clone()))
+        .add_service(WatchServer::new(service))
         .serve_with_incoming(incoming)
         .await
     {
@@ -301,15 +451,10 @@ fn pin(cpu: usize) {
 
 fn main() {
     let args = Args::parse();
-    let service = NoWork {
-        wal: args.wal_dir.as_deref().map(|dir| {
-            let wait = std::time::Duration::from_millis(args.group_wait_ms);
-            Arc::new(
-                GroupWal::create(dir, wait).expect("metastore-grpc-floor: creating the WAL file"),
-            )
-        }),
-        ..NoWork::default()
-    };
+    let service = NoWork::new(args.wal_dir.as_deref().map(|dir| {
+        let wait = std::time::Duration::from_millis(args.group_wait_ms);
+        Arc::new(GroupWal::create(dir, wait).expect("metastore-grpc-floor: creating the WAL file"))
+    }));
     match args.runtime {
         RuntimeKind::Multi => {
             let rt = tokio::runtime::Builder::new_multi_thread()
