@@ -174,7 +174,7 @@ impl GroupWal {
 
     /// Returns once `record` is durable: as the leader of a sync, or woken by the leader of
     /// the sync that covered it.
-    async fn append(&self, record: &[u8]) -> std::io::Result<()> {
+    async fn append(&self, record: &[u8]) {
         let mut synced = self.synced.subscribe();
         let seq = {
             let mut s = self.state.lock().expect("wal state");
@@ -184,14 +184,14 @@ impl GroupWal {
         };
         loop {
             if *synced.borrow_and_update() >= seq {
-                return Ok(());
+                return;
             }
             if let Some(waiting) = self.lead() {
                 // Others writing at once: let more join. A lone writer never waits.
                 if waiting > 1 && !self.group_wait.is_zero() {
                     tokio::time::sleep(self.group_wait).await;
                 }
-                self.sync(self.take())?;
+                self.sync(self.take());
                 continue;
             }
             // The running sync's leader sends when it is done; a Put it did not cover then
@@ -228,20 +228,20 @@ impl GroupWal {
         }
     }
 
-    /// Writes and syncs `batch` on the calling thread, then wakes every Put waiting.
-    fn sync(&self, batch: SyncBatch) -> std::io::Result<()> {
+    /// Writes and syncs `batch` on the calling thread, then wakes every Put waiting. A failed
+    /// write or sync ends the process: the batch's Puts can never be answered, and a floor
+    /// that cannot write measures nothing.
+    fn sync(&self, batch: SyncBatch) {
         let result = self
             .file
             .write_all_at(&batch.bytes, batch.offset)
             .and_then(|()| self.file.sync_data());
-        self.state.lock().expect("wal state").syncing = false;
-        if result.is_ok() {
-            self.synced.send_replace(batch.last);
-        } else {
-            // Wake the waiters so that one of them leads a retry.
-            self.synced.send_modify(|_| {});
+        if let Err(e) = result {
+            eprintln!("metastore-grpc-floor: writing the WAL file: {e}");
+            std::process::exit(1);
         }
-        result
+        self.state.lock().expect("wal state").syncing = false;
+        self.synced.send_replace(batch.last);
     }
 }
 
@@ -268,9 +268,7 @@ impl Kv for NoWork {
         if let Some(wal) = &self.wal {
             // A WAL record: the encoded request behind its length, as a log entry carries it.
             let record = request.get_ref().encode_length_delimited_to_vec();
-            wal.append(&record)
-                .await
-                .map_err(|e| Status::internal(format!("wal: {e}")))?;
+            wal.append(&record).await;
         }
         let revision = if self.events.receiver_count() == 0 {
             self.revision.fetch_add(1, Ordering::Relaxed) + 1
@@ -529,7 +527,7 @@ mod tests {
             let record = |i: u32| format!("<record {i:04}>").into_bytes();
             rt.block_on(async {
                 // One alone, then 200 at once.
-                wal.append(&record(0)).await.unwrap();
+                wal.append(&record(0)).await;
                 let tasks: Vec<_> = (1..=200)
                     .map(|i| {
                         let wal = wal.clone();
@@ -537,7 +535,7 @@ mod tests {
                     })
                     .collect();
                 for t in tasks {
-                    t.await.unwrap().unwrap();
+                    t.await.unwrap();
                 }
             });
             assert_eq!(*wal.synced.borrow(), 201);
