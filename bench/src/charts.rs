@@ -590,6 +590,17 @@ fn cpu_table(s: &mut String, rows: &[Row]) {
 mod tests {
     use super::*;
 
+    /// Medians with no errors.
+    fn figures(rps: f64, p50: f64, p99: f64, cpu_us: f64) -> Figures {
+        Figures {
+            rps,
+            p50,
+            p99,
+            errors: 0,
+            cpu_us,
+        }
+    }
+
     fn row(name: &str, e: (f64, f64), m: (f64, f64)) -> Row {
         let f = |(rps, p99)| Figures {
             rps,
@@ -702,37 +713,26 @@ mod tests {
         assert!(!md.contains("## The gRPC floor"), "no floor measured: {md}");
     }
 
-    /// The floor table sets the floors against the goal (a third of etcd's CPU) and MetaStore,
-    /// and a CPU goal the floor under it alone exceeds (the durable one for a put) is named
-    /// under the goals.
     /// A latency or throughput goal MetaStore misses is named as beyond reach only when the
     /// floor under it misses it too.
     #[test]
     fn latency_and_throughput_goals_beyond_the_floor_are_named() {
-        let figures = |rps, p50, p99| Figures {
-            rps,
-            p50,
-            p99,
-            errors: 0,
-            // Far under a third of etcd's (below), so that no CPU goal is named.
-            cpu_us: 1.0,
-        };
-        let etcd = |rps, p50, p99| Figures {
-            cpu_us: 30.0,
-            ..figures(rps, p50, p99)
-        };
+        // MetaStore and the floor at 1 us, far under a third of etcd's 30, so that no CPU
+        // goal is named.
+        let etcd = |rps, p50, p99| figures(rps, p50, p99, 30.0);
+        let ours = |rps, p50, p99| figures(rps, p50, p99, 1.0);
         let mut lone = row("put, 1 client", (1.0, 1.0), (1.0, 1.0));
         lone.etcd = etcd(2000.0, 0.45, 0.9);
-        lone.metastore = figures(1800.0, 0.5, 0.8);
-        lone.durable_floor = Some(figures(2200.0, 0.4, 0.7));
+        lone.metastore = ours(1800.0, 0.5, 0.8);
+        lone.durable_floor = Some(ours(2200.0, 0.4, 0.7));
         assert_eq!(
             lone.goals_beyond_floor(),
             ["put, 1 client: the goal is a p50 of at most 0.30 ms; the durable floor's is 0.40 ms"]
         );
         let mut many = row("put, 100 clients", (1.0, 1.0), (1.0, 1.0));
         many.etcd = etcd(20000.0, 4.0, 12.0);
-        many.metastore = figures(25000.0, 3.5, 8.0);
-        many.durable_floor = Some(figures(26000.0, 3.4, 9.0));
+        many.metastore = ours(25000.0, 3.5, 8.0);
+        many.durable_floor = Some(ours(26000.0, 3.4, 9.0));
         assert_eq!(
             many.goals_beyond_floor(),
             [
@@ -741,12 +741,12 @@ mod tests {
             ]
         );
         // A floor that would meet it: MetaStore's shortfall is its own.
-        many.durable_floor = Some(figures(45000.0, 2.0, 5.0));
+        many.durable_floor = Some(ours(45000.0, 2.0, 5.0));
         assert!(many.goals_beyond_floor().is_empty());
         let mut watch = row("watch fan-out, 1000 watchers", (1.0, 1.0), (1.0, 1.0));
         watch.etcd = etcd(100000.0, 1.5, 10.0);
-        watch.metastore = figures(100000.0, 1.6, 3.0);
-        watch.durable_floor = Some(figures(100000.0, 2.0, 12.0));
+        watch.metastore = ours(100000.0, 1.6, 3.0);
+        watch.durable_floor = Some(ours(100000.0, 2.0, 12.0));
         assert_eq!(
             watch.goals_beyond_floor(),
             [
@@ -756,15 +756,12 @@ mod tests {
         );
     }
 
+    /// The floor table sets the floors against the goal (a third of etcd's CPU) and MetaStore,
+    /// and a CPU goal the floor under it alone exceeds (the durable one for a put) is named
+    /// under the goals.
     #[test]
     fn the_grpc_floor_is_set_against_the_goal() {
-        let floor = |rps, cpu_us| Figures {
-            rps,
-            p50: 0.1,
-            p99: 0.2,
-            errors: 0,
-            cpu_us,
-        };
+        let floor = |rps, cpu_us| figures(rps, 0.1, 0.2, cpu_us);
         // `row` makes CPU per request 100 / rps: etcd 100 us (goal 33.3), MetaStore 50.
         let mut above = row("put, 1000 clients", (1.0, 10.0), (2.0, 9.0));
         above.floor = Some(floor(4000.0, 40.0));

@@ -587,8 +587,6 @@ impl Dispatcher {
             let state = state.clone();
             self.outbox.send(shard, ApplyCmd::Barrier { state, reply });
         }
-        // The barrier itself is no reason to wake a shard at the next one.
-        self.outbox.take_touched();
         let parts = self.outbox.wait(passed);
         if let Some(prev_kv) = wanted {
             if from <= self.revision {

@@ -31,7 +31,8 @@ pub struct Outbox {
     queues: Vec<flume::Sender<ApplyCmd>>,
     /// Indexed by shard.
     gathered: RefCell<Vec<Vec<ApplyCmd>>>,
-    /// Which shards were sent anything since [`Outbox::take_touched`] last asked, by shard.
+    /// Which shards were sent anything but a barrier since [`Outbox::take_touched`] last
+    /// asked, by shard.
     touched: RefCell<Vec<bool>>,
 }
 
@@ -56,7 +57,10 @@ impl Outbox {
             cmd,
             ApplyCmd::Purge { .. } | ApplyCmd::Close { .. } | ApplyCmd::Batch(_)
         ));
-        self.touched.borrow_mut()[shard] = true;
+        // A barrier only asks a shard to report; it gives it nothing to apply.
+        if !matches!(cmd, ApplyCmd::Barrier { .. }) {
+            self.touched.borrow_mut()[shard] = true;
+        }
         let mut gathered = self.gathered.borrow_mut();
         let queue = &mut gathered[shard];
         queue.push(cmd);
@@ -85,8 +89,8 @@ impl Outbox {
         }
     }
 
-    /// The shards sent anything since the last call (or since the start), in shard order;
-    /// forgets them.
+    /// The shards sent anything but a barrier since the last call (or since the start), in
+    /// shard order; forgets them.
     pub fn take_touched(&self) -> Vec<usize> {
         let mut touched = self.touched.borrow_mut();
         let shards = (0..touched.len()).filter(|&s| touched[s]).collect();
@@ -211,5 +215,20 @@ mod tests {
         outbox.send_now(0, ApplyCmd::Purge { rev: 1 });
         assert_eq!(outbox.take_touched(), vec![0, 2]);
         assert!(outbox.take_touched().is_empty(), "forgotten once asked");
+        let (mut acks, _passed) = crate::shard::BarrierAck::new(1);
+        let state = crate::shard::BarrierState {
+            applied_index: 1,
+            applied_term: 1,
+            revision: 1,
+            compact_revision: 0,
+            lease_changes: std::sync::Arc::new(Vec::new()),
+            events: None,
+        };
+        let reply = acks.pop().expect("one part");
+        outbox.send(1, ApplyCmd::Barrier { state, reply });
+        assert!(
+            outbox.take_touched().is_empty(),
+            "a barrier gives a shard nothing to apply"
+        );
     }
 }
