@@ -45,6 +45,19 @@ impl EventRecord {
             |kv: &Option<KeyValue>| kv.as_ref().map_or(0, |kv| kv.key.len() + kv.value.len());
         size(&self.event.kv) + size(&self.event.prev_kv)
     }
+
+    /// A copy of the event for one watcher: with its `prev_kv` only if `with_prev_kv`.
+    pub fn event_for(&self, with_prev_kv: bool) -> Event {
+        Event {
+            r#type: self.event.r#type,
+            kv: self.event.kv.clone(),
+            prev_kv: if with_prev_kv {
+                self.event.prev_kv.clone()
+            } else {
+                None
+            },
+        }
+    }
 }
 
 /// Why [`Store::events`] has no answer: its first revision is below the shard's compaction

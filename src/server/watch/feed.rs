@@ -250,7 +250,59 @@ impl FeedBatch {
     }
 }
 
+/// How far [`FeedView::scan`] got.
+pub enum Scanned {
+    /// Every event from the first revision asked for through this one was visited.
+    Through(i64),
+    /// Nothing yet: the revision asked for is past the ring, and the feed reads it next.
+    Later,
+    /// The ring cannot serve it (the revision is before the ring, or `prev_kv` is wanted and
+    /// the ring's batch there lacks it): the history must.
+    History,
+}
+
 impl FeedView {
+    /// The last revision the view covers.
+    pub fn through(&self) -> i64 {
+        self.through
+    }
+
+    /// Visits the events from revision `next_rev` on, in (revision, sub-revision, key) order,
+    /// until `take` has counted about `limit` (cut between batches). With `prev_kv`, stops
+    /// before the first batch read without it.
+    pub fn scan(
+        &self,
+        next_rev: i64,
+        prev_kv: bool,
+        limit: usize,
+        mut take: impl FnMut(&EventRecord) -> usize,
+    ) -> Scanned {
+        if next_rev > self.through {
+            return Scanned::Later;
+        }
+        if next_rev < self.start || self.batches.first().is_some_and(|b| b.from > next_rev) {
+            return Scanned::History;
+        }
+        let first = self.batches.partition_point(|b| b.through < next_rev);
+        let mut taken = 0;
+        for batch in &self.batches[first..] {
+            if prev_kv && !batch.prev_kv {
+                if batch.from <= next_rev {
+                    return Scanned::History;
+                }
+                // Serve what came before; the rest from the history on the next pass.
+                return Scanned::Through(batch.from - 1);
+            }
+            for e in batch.events.iter().filter(|e| e.rev >= next_rev) {
+                taken += take(e);
+            }
+            if taken >= limit {
+                return Scanned::Through(batch.through);
+            }
+        }
+        Scanned::Through(self.through)
+    }
+
     /// A watcher's events from `next_rev` on, for keys in `range`, about `limit` at most (cut
     /// between batches), with each event's `prev_kv` if `prev_kv` is set. As the history read
     /// does, an event at or below `compact_revision` has no prev_kv (its previous revision is
@@ -263,51 +315,23 @@ impl FeedView {
         compact_revision: i64,
         limit: usize,
     ) -> Served {
-        if next_rev > self.through {
-            return Served::Later;
-        }
-        if next_rev < self.start || self.batches.first().is_some_and(|b| b.from > next_rev) {
-            return Served::History;
-        }
-        let first = self.batches.partition_point(|b| b.through < next_rev);
-        let mut out = EventBatch {
-            events: Vec::new(),
-            through: self.through,
-        };
-        for batch in &self.batches[first..] {
-            if prev_kv && !batch.prev_kv {
-                if out.events.is_empty() && batch.from <= next_rev {
-                    return Served::History;
-                }
-                // Serve what came before; the rest from the history on the next pass.
-                out.through = batch.from - 1;
-                break;
+        let mut events = Vec::new();
+        let scanned = self.scan(next_rev, prev_kv, limit, |e| {
+            if !kv_key(&e.event).is_some_and(|k| range.contains(k)) {
+                return 0;
             }
-            let wanted = batch.events.iter().filter(|e| {
-                e.rev >= next_rev && kv_key(&e.event).is_some_and(|k| range.contains(k))
+            events.push(EventRecord {
+                rev: e.rev,
+                sub: e.sub,
+                event: e.event_for(prev_kv && e.rev > compact_revision),
             });
-            for e in wanted {
-                let keep_prev = prev_kv && e.rev > compact_revision;
-                out.events.push(EventRecord {
-                    rev: e.rev,
-                    sub: e.sub,
-                    event: Event {
-                        r#type: e.event.r#type,
-                        kv: e.event.kv.clone(),
-                        prev_kv: if keep_prev {
-                            e.event.prev_kv.clone()
-                        } else {
-                            None
-                        },
-                    },
-                });
-            }
-            if out.events.len() >= limit {
-                out.through = batch.through;
-                break;
-            }
+            1
+        });
+        match scanned {
+            Scanned::Through(through) => Served::Events(EventBatch { events, through }),
+            Scanned::Later => Served::Later,
+            Scanned::History => Served::History,
         }
-        Served::Events(out)
     }
 }
 

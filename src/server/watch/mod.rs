@@ -18,8 +18,8 @@
 //! not yet sent (it is sent only when every watcher of the stream is synced).
 
 pub mod feed;
+mod watchers;
 
-use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +31,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tokio_util::sync::CancellationToken;
 
 use self::feed::{EventFeed, Served};
+use self::watchers::{Watcher, Watchers};
 use super::{Access, Core, Reader};
 use crate::consensus::NodeStatus;
 use crate::error::EtcdError;
@@ -40,7 +41,7 @@ use crate::proto::etcdserverpb::{
     watch_create_request::FilterType, watch_request::RequestUnion, watch_server::Watch,
     WatchCreateRequest, WatchRequest, WatchResponse,
 };
-use crate::proto::mvccpb::{event::EventType, Event};
+use crate::proto::mvccpb::Event;
 
 /// Responses buffered per stream before a slow client blocks its stream task.
 const OUTBOUND_CAPACITY: usize = 16;
@@ -117,7 +118,8 @@ impl Watch for WatchService {
         let stream = StreamState {
             ctx: self.ctx.clone(),
             tx,
-            watchers: BTreeMap::new(),
+            watchers: Watchers::new(),
+            auth_checked: None,
             next_auto_id: 0,
             progress_requested: false,
             creds,
@@ -131,28 +133,16 @@ impl Watch for WatchService {
     }
 }
 
-struct Watcher {
-    range: KeyRange,
-    /// The next revision this watcher owes its client.
-    next_rev: i64,
-    no_put: bool,
-    no_delete: bool,
-    prev_kv: bool,
-    progress_notify: bool,
-    fragment: bool,
-    /// Who created it while auth was enabled, with the key and range end it asked for: its
-    /// events are sent only while that user may still read them (a role revoked mid-watch
-    /// cancels the watch with "etcdserver: permission denied").
-    reader: Option<(String, Vec<u8>, Vec<u8>)>,
-}
-
 /// The client went away; the stream task ends and every watcher with it.
 struct Gone;
 
 struct StreamState {
     ctx: Arc<WatchContext>,
     tx: mpsc::Sender<Result<WatchResponse, Status>>,
-    watchers: BTreeMap<i64, Watcher>,
+    watchers: Watchers,
+    /// The auth revision at which the watchers created under auth were last found allowed
+    /// to read their keys.
+    auth_checked: Option<u64>,
     next_auto_id: i64,
     progress_requested: bool,
     /// The stream's token or certificate user.
@@ -235,12 +225,8 @@ impl StreamState {
     fn account(&mut self) {
         let revision = self.ctx.reader.applied().revision;
         let watchers = self.watchers.len() as i64;
-        let slow = self
-            .watchers
-            .values()
-            .filter(|w| w.next_rev <= revision)
-            .count() as i64;
-        let prev_kv = self.watchers.values().filter(|w| w.prev_kv).count() as i64;
+        let slow = self.watchers.behind_at(revision) as i64;
+        let prev_kv = self.watchers.prev_kv() as i64;
         crate::metrics::WATCHERS.add(watchers - self.counted.watchers);
         crate::metrics::SLOW_WATCHERS.add(slow - self.counted.slow);
         self.ctx.feed.register(
@@ -264,13 +250,7 @@ impl StreamState {
             .applied()
             .revision
             .min(self.ctx.feed.through());
-        self.watchers.values().any(|w| w.next_rev <= ready)
-    }
-
-    /// Whether some watcher of this stream has not yet been sent every event through
-    /// `revision`.
-    fn any_behind(&self, revision: i64) -> bool {
-        self.watchers.values().any(|w| w.next_rev <= revision)
+        self.watchers.any_behind(ready)
     }
 
     async fn send(&self, resp: WatchResponse) -> Result<(), Gone> {
@@ -314,7 +294,7 @@ impl StreamState {
                 self.send(resp).await
             }
             Some(RequestUnion::CancelRequest(c)) => {
-                if self.watchers.remove(&c.watch_id).is_some() {
+                if self.watchers.remove(c.watch_id).is_some() {
                     let revision = self.ctx.reader.applied().revision;
                     let resp = WatchResponse {
                         canceled: true,
@@ -352,87 +332,69 @@ impl StreamState {
             }
         }
         let id = if c.watch_id != 0 {
-            if self.watchers.contains_key(&c.watch_id) {
+            if self.watchers.contains(c.watch_id) {
                 return refuse(DUPLICATE_ID, -1);
             }
             c.watch_id
         } else {
-            while self.watchers.contains_key(&self.next_auto_id) {
+            while self.watchers.contains(self.next_auto_id) {
                 self.next_auto_id += 1;
             }
             self.next_auto_id += 1;
             self.next_auto_id - 1
         };
         let has = |f: FilterType| c.filters.contains(&(f as i32));
-        let watcher = Watcher {
-            range,
-            next_rev: if c.start_revision > 0 {
-                c.start_revision
-            } else {
-                revision + 1
-            },
-            no_put: has(FilterType::Noput),
-            no_delete: has(FilterType::Nodelete),
-            prev_kv: c.prev_kv,
-            progress_notify: c.progress_notify,
-            fragment: c.fragment,
-            reader,
+        let mut watcher = Watcher::new(range);
+        watcher.no_put = has(FilterType::Noput);
+        watcher.no_delete = has(FilterType::Nodelete);
+        watcher.prev_kv = c.prev_kv;
+        watcher.progress_notify = c.progress_notify;
+        watcher.fragment = c.fragment;
+        watcher.reader = reader;
+        let next_rev = if c.start_revision > 0 {
+            c.start_revision
+        } else {
+            revision + 1
         };
-        self.watchers.insert(id, watcher);
+        self.watchers.insert(id, watcher, next_rev);
         WatchResponse {
             created: true,
             ..self.response(id, revision)
         }
     }
 
-    /// Sends every watcher what it is owed, one bounded batch per watcher per pass: from the
-    /// feed's ring when it covers the watcher's next revision, else from the history.
+    /// Sends every watcher what it is owed, one bounded batch per pass: the synced watchers
+    /// together, from the feed's ring; then each watcher that is not synced alone, from the
+    /// ring when it covers the watcher's next revision, else from the history.
     async fn catch_up(&mut self) -> Result<(), Gone> {
         // The view first: the feed reads only applied revisions, so every event it serves is at
         // or below `state.revision`, the revision of the responses' headers.
-        let earliest = self.watchers.values().map(|w| w.next_rev).min();
+        let earliest = self.watchers.earliest();
         let feed = self.ctx.feed.view(earliest.unwrap_or(i64::MAX));
         let state = self.ctx.reader.applied();
-        let ids: Vec<i64> = self
+        // After the view: a revoke applied before the view's events is seen before they are
+        // sent.
+        self.check_readers(state.revision).await?;
+        let synced = self
             .watchers
-            .iter()
-            .filter(|(_, w)| w.next_rev <= state.revision)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in ids {
-            let Some(w) = self.watchers.get(&id) else {
+            .serve_synced(&feed, state.compact_revision, EVENT_BATCH);
+        for (target, events) in synced.unwrap_or_default() {
+            self.send_events(target.id, state.revision, events, target.fragment)
+                .await?;
+        }
+        for id in self.watchers.unsynced_through(state.revision) {
+            let Some(w) = self.watchers.get(id) else {
                 continue;
             };
-            if let Some((user, key, end)) = &w.reader {
-                let allowed = self.ctx.access.store().read(|a| {
-                    a.check(
-                        user,
-                        a.revision(),
-                        key,
-                        end,
-                        crate::proto::authpb::permission::Type::Read,
-                    )
-                    .is_ok()
-                });
-                if !allowed {
-                    self.watchers.remove(&id);
-                    let resp = WatchResponse {
-                        canceled: true,
-                        cancel_reason: EtcdError::PermissionDenied.to_string(),
-                        ..self.response(id, state.revision)
-                    };
-                    self.send(resp).await?;
-                    continue;
-                }
-            }
-            let fetched = if w.next_rev < state.compact_revision {
+            let next_rev = self.watchers.next_rev(w);
+            let fetched = if next_rev < state.compact_revision {
                 Ok(Err(HistoryCompacted {
                     compact_revision: state.compact_revision,
                 }))
             } else {
                 let served = feed.serve(
                     &w.range,
-                    w.next_rev,
+                    next_rev,
                     w.prev_kv,
                     state.compact_revision,
                     EVENT_BATCH,
@@ -444,7 +406,7 @@ impl StreamState {
                         self.ctx
                             .reader
                             .shards()
-                            .events(&w.range, w.next_rev, state.revision, EVENT_BATCH, w.prev_kv)
+                            .events(&w.range, next_rev, state.revision, EVENT_BATCH, w.prev_kv)
                             .await
                     }
                 }
@@ -455,22 +417,17 @@ impl StreamState {
                         .events
                         .into_iter()
                         .map(|e| e.event)
-                        .filter(|e| {
-                            let put = e.r#type == EventType::Put as i32;
-                            !(put && w.no_put || !put && w.no_delete)
-                        })
+                        .filter(|e| w.wants(e))
                         .collect();
                     let fragment = w.fragment;
-                    if let Some(w) = self.watchers.get_mut(&id) {
-                        w.next_rev = batch.through + 1;
-                    }
+                    self.watchers.advance(id, batch.through + 1);
                     if !events.is_empty() {
                         self.send_events(id, state.revision, events, fragment)
                             .await?;
                     }
                 }
                 Ok(Err(HistoryCompacted { compact_revision })) => {
-                    self.watchers.remove(&id);
+                    self.watchers.remove(id);
                     // The compaction that cut the watcher, as the shards answered: they apply a
                     // compaction before it is published, so `state` may still name an older
                     // one. etcd sets only compact_revision; the reason helps clients that read
@@ -486,16 +443,58 @@ impl StreamState {
                 Err(_) => return Err(Gone),
             }
         }
+        self.watchers.settle(feed.through());
         if self.progress_requested {
             // One read of the applied revision, both to see that every watcher is caught up
             // and for the notification: read twice, a revision applied in between would be
             // announced before its events were sent (a progress notification must never run
             // ahead of the events, etcd's "bookmarkable" guarantee).
             let revision = self.ctx.reader.applied().revision;
-            if !self.any_behind(revision) {
+            if !self.watchers.any_behind(revision) {
                 self.progress_requested = false;
                 self.send(self.response(-1, revision)).await?;
             }
+        }
+        Ok(())
+    }
+
+    /// Cancels, with "etcdserver: permission denied", every watcher created under auth whose
+    /// user may no longer read its keys. Permissions change only with the auth store, so the
+    /// watchers are checked again only once its revision has moved.
+    async fn check_readers(&mut self, revision: i64) -> Result<(), Gone> {
+        if self.watchers.readers() == 0 {
+            return Ok(());
+        }
+        let checked = self.auth_checked;
+        let watchers = &self.watchers;
+        let outcome = self.ctx.access.store().read(|a| {
+            if checked == Some(a.revision()) {
+                return None;
+            }
+            let read = crate::proto::authpb::permission::Type::Read;
+            let denied: Vec<i64> = watchers
+                .iter()
+                .filter(|(_, w)| {
+                    w.reader.as_ref().is_some_and(|(user, key, end)| {
+                        a.check(user, a.revision(), key, end, read).is_err()
+                    })
+                })
+                .map(|(id, _)| id)
+                .collect();
+            Some((a.revision(), denied))
+        });
+        let Some((auth_revision, denied)) = outcome else {
+            return Ok(());
+        };
+        self.auth_checked = Some(auth_revision);
+        for id in denied {
+            self.watchers.remove(id);
+            let resp = WatchResponse {
+                canceled: true,
+                cancel_reason: EtcdError::PermissionDenied.to_string(),
+                ..self.response(id, revision)
+            };
+            self.send(resp).await?;
         }
         Ok(())
     }
@@ -543,9 +542,9 @@ impl StreamState {
     /// The periodic progress notification for synced watchers that asked for it.
     async fn progress_notify(&self) -> Result<(), Gone> {
         let revision = self.ctx.reader.applied().revision;
-        for (id, w) in &self.watchers {
-            if w.progress_notify && w.next_rev > revision {
-                self.send(self.response(*id, revision)).await?;
+        for (id, w) in self.watchers.iter() {
+            if w.progress_notify && self.watchers.next_rev(w) > revision {
+                self.send(self.response(id, revision)).await?;
             }
         }
         Ok(())
