@@ -1341,3 +1341,112 @@ async fn a_put_and_delete_of_one_key_in_one_txn_are_two_events() {
         ]
     );
 }
+
+/// One stream's watchers from past, present and future revisions, of one key and of a
+/// prefix, each get exactly the events owed them, however they move between being served
+/// alone and being served with the stream's synced watchers; a canceled one gets nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_from_past_present_and_future_revisions_share_a_stream() {
+    let server = Server::start();
+    let mut c = server.client().await;
+    let mut written: Vec<(&str, i64)> = Vec::new();
+    for n in 0..3 {
+        written.push(("mix/a", put_rev(&mut c, "mix/a", format!("v{n}")).await));
+    }
+    let (mut ws, present) = open(&mut c, "mix/a", None).await;
+    // Events of the watchers already created may come before a `created`: kept for later.
+    let mut early = Vec::new();
+    async fn create(
+        ws: &mut WatchStream,
+        early: &mut Vec<WatchResponse>,
+        key: &str,
+        opts: WatchOptions,
+    ) -> i64 {
+        ws.watch(key, Some(opts)).await.unwrap();
+        loop {
+            let r = next_resp(ws).await;
+            if !r.created() {
+                early.push(r);
+                continue;
+            }
+            assert!(!r.canceled(), "{r:?}");
+            return r.watch_id();
+        }
+    }
+    let start = |rev: i64| WatchOptions::new().with_start_revision(rev);
+    let past = create(&mut ws, &mut early, "mix/a", start(written[0].1)).await;
+    let future_rev = written[2].1 + 4;
+    let future = create(&mut ws, &mut early, "mix/a", start(future_rev)).await;
+    let prefix = create(
+        &mut ws,
+        &mut early,
+        "mix/",
+        WatchOptions::new().with_prefix(),
+    )
+    .await;
+    let canceled = create(&mut ws, &mut early, "mix/b", WatchOptions::new()).await;
+    for n in 0..6 {
+        let key = ["mix/a", "mix/b"][n % 2];
+        written.push((key, put_rev(&mut c, key, format!("w{n}")).await));
+    }
+    let after_create = written[2].1;
+    // Every event of the first six written after the watchers exist, by watch ID.
+    let owed = |id: i64| -> Vec<i64> {
+        let (key, from) = match id {
+            _ if id == present => ("mix/a", after_create + 1),
+            _ if id == past => ("mix/a", written[0].1),
+            _ if id == future => ("mix/a", future_rev),
+            _ if id == prefix => ("mix/", after_create + 1),
+            _ => ("mix/b", after_create + 1),
+        };
+        written
+            .iter()
+            .filter(|(k, rev)| k.starts_with(key) && *rev >= from)
+            .map(|w| w.1)
+            .collect()
+    };
+    let mut got: std::collections::BTreeMap<i64, Vec<i64>> = Default::default();
+    let ids = [present, past, future, prefix, canceled];
+    let total: usize = ids.iter().map(|&id| owed(id).len()).sum();
+    let mut early = early.into_iter();
+    while got.values().map(Vec::len).sum::<usize>() < total {
+        let r = match early.next() {
+            Some(r) => r,
+            None => next_resp(&mut ws).await,
+        };
+        assert!(!r.canceled() && !r.created(), "{r:?}");
+        let revs = r.events().iter().map(|e| e.kv().unwrap().mod_revision());
+        got.entry(r.watch_id()).or_default().extend(revs);
+    }
+    for id in ids {
+        assert_eq!(
+            got.get(&id).cloned().unwrap_or_default(),
+            owed(id),
+            "watch {id}"
+        );
+    }
+    assert_eq!(fence(&mut ws).await, written.last().unwrap().1);
+    // A canceled watcher gets nothing more; the others get the next write of their key.
+    ws.cancel(canceled).await.unwrap();
+    assert!(next_resp(&mut ws).await.canceled());
+    let b = put_rev(&mut c, "mix/b", "last").await;
+    let a = put_rev(&mut c, "mix/a", "last").await;
+    let mut next: Vec<(i64, i64)> = Vec::new();
+    while next.len() < 5 {
+        let r = next_resp(&mut ws).await;
+        for e in r.events() {
+            next.push((r.watch_id(), e.kv().unwrap().mod_revision()));
+        }
+    }
+    next.sort();
+    let mut want = vec![
+        (present, a),
+        (past, a),
+        (future, a),
+        (prefix, b),
+        (prefix, a),
+    ];
+    want.sort();
+    assert_eq!(next, want);
+    assert_eq!(fence(&mut ws).await, a);
+}

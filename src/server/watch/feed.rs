@@ -335,6 +335,21 @@ impl FeedView {
     }
 }
 
+/// A view of consecutive batches `(from, through, prev_kv, events)`, for tests of what reads
+/// views.
+#[cfg(test)]
+pub(super) fn test_view(batches: Vec<(i64, i64, bool, Vec<EventRecord>)>) -> FeedView {
+    let mut ring = Ring::empty_after(batches[0].0 - 1);
+    for (from, through, prev_kv, events) in batches {
+        ring.push(FeedBatch::new(from, through, prev_kv, events));
+    }
+    FeedView {
+        start: ring.start,
+        through: ring.through,
+        batches: ring.batches.into_iter().collect(),
+    }
+}
+
 fn kv_key(event: &Event) -> Option<&[u8]> {
     event.kv.as_ref().map(|kv| kv.key.as_slice())
 }

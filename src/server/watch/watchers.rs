@@ -378,7 +378,10 @@ impl Watchers {
             .collect();
         for id in joining {
             self.unsynced.remove(&id);
-            let mut w = self.all.remove(&id).expect("an unsynced watcher is a watcher");
+            let mut w = self
+                .all
+                .remove(&id)
+                .expect("an unsynced watcher is a watcher");
             w.behind = None;
             self.index(id, &w);
             self.all.insert(id, w);
@@ -433,6 +436,94 @@ mod tests {
         ws.settle(40);
         assert!(ws.unsynced.is_empty());
         assert_eq!(ws.next_rev(ws.get(3).unwrap()), 41);
+    }
+
+    fn event(rev: i64, key: &str, put: bool) -> EventRecord {
+        use crate::proto::mvccpb::KeyValue;
+        let kv = |rev: i64| KeyValue {
+            key: key.as_bytes().to_vec(),
+            mod_revision: rev,
+            ..Default::default()
+        };
+        let r#type = if put {
+            EventType::Put
+        } else {
+            EventType::Delete
+        };
+        EventRecord {
+            rev,
+            sub: 0,
+            event: Event {
+                r#type: r#type as i32,
+                kv: Some(kv(rev)),
+                prev_kv: Some(kv(rev - 1)),
+            },
+        }
+    }
+
+    /// Watch IDs with the revisions of the events each got.
+    fn got(delivery: Delivery) -> Vec<(i64, Vec<i64>)> {
+        delivery
+            .into_iter()
+            .map(|(t, events)| {
+                let revs = events.iter().map(|e| e.kv.as_ref().unwrap().mod_revision);
+                (t.id, revs.collect())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_reaches_the_synced_watchers_of_its_keys_with_their_filters() {
+        let events = vec![
+            event(11, "a", true),
+            event(12, "b", false),
+            event(13, "a", false),
+        ];
+        let feed = super::super::feed::test_view(vec![(11, 13, true, events)]);
+        let mut ws = Watchers::new();
+        ws.insert(1, single("a"), 11);
+        let mut no_delete = single("a");
+        no_delete.no_delete = true;
+        ws.insert(2, no_delete, 11);
+        let mut prefix = Watcher::new(KeyRange::from_request(b"a", b"c"));
+        prefix.prev_kv = true;
+        ws.insert(3, prefix, 11);
+        ws.insert(4, single("c"), 11);
+        let delivery = ws.serve_synced(&feed, 0, 100).unwrap();
+        let prev: Vec<bool> = delivery[2].1.iter().map(|e| e.prev_kv.is_some()).collect();
+        assert_eq!(prev, vec![true, true, true]);
+        assert!(delivery[0].1.iter().all(|e| e.prev_kv.is_none()));
+        assert_eq!(
+            got(delivery),
+            vec![(1, vec![11, 13]), (2, vec![11]), (3, vec![11, 12, 13])]
+        );
+        assert_eq!(ws.next_rev(ws.get(4).unwrap()), 14);
+        // Nothing past the feed yet.
+        assert!(ws.serve_synced(&feed, 0, 100).is_none());
+        assert!(!ws.any_behind(13));
+    }
+
+    #[test]
+    fn a_group_the_feed_cannot_serve_is_left_to_the_history() {
+        let feed = super::super::feed::test_view(vec![(11, 11, false, vec![event(11, "a", true)])]);
+        // Behind the ring.
+        let mut ws = Watchers::new();
+        ws.insert(1, single("a"), 5);
+        ws.insert(2, single("b"), 5);
+        assert!(ws.serve_synced(&feed, 0, 100).is_none());
+        assert_eq!(ws.unsynced_through(5), vec![1, 2]);
+        // Behind the compaction.
+        let mut ws = Watchers::new();
+        ws.insert(1, single("a"), 11);
+        assert!(ws.serve_synced(&feed, 12, 100).is_none());
+        assert_eq!(ws.unsynced_through(11), vec![1]);
+        // Wanting prev_kv the ring's batch lacks.
+        let mut ws = Watchers::new();
+        let mut w = single("a");
+        w.prev_kv = true;
+        ws.insert(1, w, 11);
+        assert!(ws.serve_synced(&feed, 0, 100).is_none());
+        assert_eq!(ws.unsynced_through(11), vec![1]);
     }
 
     #[test]
