@@ -1,9 +1,10 @@
 //! `etcdserverpb.Watch`: one task per gRPC stream, every watcher a cursor over the history.
 //!
-//! A watcher remembers the next revision it owes its client. Whenever the member's shared
+//! A watcher is owed every event from a next revision on. Whenever the member's shared
 //! [`feed`] moves (it reads each applied batch's events once, for every stream), the stream
-//! task gives each watcher the events for its keys from the feed's ring, in (revision,
-//! sub-revision, key) order. A watcher that is behind the ring (a watch from an old revision,
+//! task gives its watchers the events for their keys from the feed's ring, in (revision,
+//! sub-revision, key) order: the synced ones together, through an index by key, and the others
+//! one by one (`watchers.rs`). A watcher that is behind the ring (a watch from an old revision,
 //! a stream that fell behind) asks the shards that hold its keys for the events in
 //! `[next, applied]` itself. Because events come from the MVCC history rather than from a
 //! queue, a watcher that falls behind simply catches up from history (or is canceled with
