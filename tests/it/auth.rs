@@ -323,6 +323,46 @@ async fn a_role_revoked_mid_watch_stops_the_watch() {
     assert_eq!(resp.cancel_reason(), "etcdserver: permission denied");
 }
 
+/// A role revoked while auth is disabled stops the watch once auth is enabled again. Enabling
+/// auth does not move the auth revision, so a stream that rechecked its watchers only when the
+/// revision moved kept sending the user events it may no longer read.
+#[tokio::test]
+async fn a_role_revoked_while_auth_is_off_stops_the_watch_once_it_is_on() {
+    let (_tmp, s) = start(&[]);
+    let mut c = s.client().await;
+    setup(&mut c).await;
+    let mut u = as_user(&s.endpoint, "u", "upw").await.unwrap();
+    let mut stream = u
+        .watch("w/", Some(WatchOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    assert!(stream.message().await.unwrap().unwrap().created());
+    let mut root = c_root(&s).await;
+    root.put("w/1", "seen", None).await.unwrap();
+    let resp = stream.message().await.unwrap().unwrap();
+    assert_eq!(resp.events()[0].event_type(), EventType::Put);
+    root.auth_disable().await.unwrap();
+    let mut anyone = s.client().await;
+    anyone.user_revoke_role("u", "r").await.unwrap();
+    anyone.put("w/2", "open", None).await.unwrap();
+    let resp = stream.message().await.unwrap().unwrap();
+    assert_eq!(resp.events()[0].kv().unwrap().key(), b"w/2");
+    anyone.auth_enable().await.unwrap();
+    let mut root = c_root(&s).await;
+    root.put("w/3", "secret", None).await.unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("an answer")
+        .unwrap()
+        .unwrap();
+    assert!(
+        resp.events().is_empty(),
+        "nothing once auth is back on: {resp:?}"
+    );
+    assert!(resp.canceled());
+    assert_eq!(resp.cancel_reason(), "etcdserver: permission denied");
+}
+
 #[tokio::test]
 async fn tokens_expire_and_go_with_their_user() {
     let (_tmp, s) = start(&["--auth-token-ttl", "1"]);

@@ -141,9 +141,9 @@ struct StreamState {
     ctx: Arc<WatchContext>,
     tx: mpsc::Sender<Result<WatchResponse, Status>>,
     watchers: Watchers,
-    /// The auth revision at which the watchers created under auth were last found allowed
-    /// to read their keys.
-    auth_checked: Option<u64>,
+    /// The auth store (its revision, and whether auth was enabled) when the watchers created
+    /// under auth were last found allowed to read their keys.
+    auth_checked: Option<(u64, bool)>,
     next_auto_id: i64,
     progress_requested: bool,
     /// The stream's token or certificate user.
@@ -461,7 +461,8 @@ impl StreamState {
 
     /// Cancels, with "etcdserver: permission denied", every watcher created under auth whose
     /// user may no longer read its keys. Permissions change only with the auth store, so the
-    /// watchers are checked again only once its revision has moved.
+    /// watchers are checked again only once its revision has moved or auth was enabled (which
+    /// leaves the revision as it was, etcd `AuthEnable`).
     async fn check_readers(&mut self, revision: i64) -> Result<(), Gone> {
         if self.watchers.readers() == 0 {
             return Ok(());
@@ -469,7 +470,8 @@ impl StreamState {
         let checked = self.auth_checked;
         let watchers = &self.watchers;
         let outcome = self.ctx.access.store().read(|a| {
-            if checked == Some(a.revision()) {
+            let now = (a.revision(), a.enabled());
+            if checked == Some(now) {
                 return None;
             }
             let read = crate::proto::authpb::permission::Type::Read;
@@ -482,12 +484,12 @@ impl StreamState {
                 })
                 .map(|(id, _)| id)
                 .collect();
-            Some((a.revision(), denied))
+            Some((now, denied))
         });
-        let Some((auth_revision, denied)) = outcome else {
+        let Some((now, denied)) = outcome else {
             return Ok(());
         };
-        self.auth_checked = Some(auth_revision);
+        self.auth_checked = Some(now);
         for id in denied {
             self.watchers.remove(id);
             let resp = WatchResponse {
