@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use etcd_client::{
     Client, ConnectOptions, EventType, GetOptions, Permission, PutOptions, WatchOptions,
+    WatchStream,
 };
 use tonic::Code;
 
@@ -293,9 +294,9 @@ async fn c_root(s: &Server) -> Client {
     as_user(&s.endpoint, "root", "rootpw").await.unwrap()
 }
 
-#[tokio::test]
-async fn a_role_revoked_mid_watch_stops_the_watch() {
-    let (_tmp, s) = start(&[]);
+/// User `u`'s client and its watch of the prefix `w/` (which its role `r` may read), open and
+/// past one event (`w/1`, written by root).
+async fn watch_as_u(s: &Server) -> (Client, WatchStream) {
     let mut c = s.client().await;
     setup(&mut c).await;
     let mut u = as_user(&s.endpoint, "u", "upw").await.unwrap();
@@ -304,23 +305,32 @@ async fn a_role_revoked_mid_watch_stops_the_watch() {
         .await
         .unwrap();
     assert!(stream.message().await.unwrap().unwrap().created());
-    let mut root = c_root(&s).await;
-    root.put("w/1", "seen", None).await.unwrap();
+    c_root(s).await.put("w/1", "seen", None).await.unwrap();
     let resp = stream.message().await.unwrap().unwrap();
     assert_eq!(resp.events()[0].event_type(), EventType::Put);
-    root.user_revoke_role("u", "r").await.unwrap();
-    root.put("w/2", "secret", None).await.unwrap();
+    (u, stream)
+}
+
+/// The next response on `stream` cancels the watch for want of permission, with no events.
+async fn assert_denied(stream: &mut WatchStream) {
     let resp = tokio::time::timeout(Duration::from_secs(5), stream.message())
         .await
         .expect("an answer")
         .unwrap()
         .unwrap();
-    assert!(
-        resp.events().is_empty(),
-        "nothing after the revoke: {resp:?}"
-    );
+    assert!(resp.events().is_empty(), "no events once denied: {resp:?}");
     assert!(resp.canceled());
     assert_eq!(resp.cancel_reason(), "etcdserver: permission denied");
+}
+
+#[tokio::test]
+async fn a_role_revoked_mid_watch_stops_the_watch() {
+    let (_tmp, s) = start(&[]);
+    let (_u, mut stream) = watch_as_u(&s).await;
+    let mut root = c_root(&s).await;
+    root.user_revoke_role("u", "r").await.unwrap();
+    root.put("w/2", "secret", None).await.unwrap();
+    assert_denied(&mut stream).await;
 }
 
 /// A role revoked while auth is disabled stops the watch once auth is enabled again. Enabling
@@ -329,38 +339,16 @@ async fn a_role_revoked_mid_watch_stops_the_watch() {
 #[tokio::test]
 async fn a_role_revoked_while_auth_is_off_stops_the_watch_once_it_is_on() {
     let (_tmp, s) = start(&[]);
-    let mut c = s.client().await;
-    setup(&mut c).await;
-    let mut u = as_user(&s.endpoint, "u", "upw").await.unwrap();
-    let mut stream = u
-        .watch("w/", Some(WatchOptions::new().with_prefix()))
-        .await
-        .unwrap();
-    assert!(stream.message().await.unwrap().unwrap().created());
-    let mut root = c_root(&s).await;
-    root.put("w/1", "seen", None).await.unwrap();
-    let resp = stream.message().await.unwrap().unwrap();
-    assert_eq!(resp.events()[0].event_type(), EventType::Put);
-    root.auth_disable().await.unwrap();
+    let (_u, mut stream) = watch_as_u(&s).await;
+    c_root(&s).await.auth_disable().await.unwrap();
     let mut anyone = s.client().await;
     anyone.user_revoke_role("u", "r").await.unwrap();
     anyone.put("w/2", "open", None).await.unwrap();
     let resp = stream.message().await.unwrap().unwrap();
     assert_eq!(resp.events()[0].kv().unwrap().key(), b"w/2");
     anyone.auth_enable().await.unwrap();
-    let mut root = c_root(&s).await;
-    root.put("w/3", "secret", None).await.unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(5), stream.message())
-        .await
-        .expect("an answer")
-        .unwrap()
-        .unwrap();
-    assert!(
-        resp.events().is_empty(),
-        "nothing once auth is back on: {resp:?}"
-    );
-    assert!(resp.canceled());
-    assert_eq!(resp.cancel_reason(), "etcdserver: permission denied");
+    c_root(&s).await.put("w/3", "secret", None).await.unwrap();
+    assert_denied(&mut stream).await;
 }
 
 #[tokio::test]
