@@ -6,8 +6,9 @@
 //! just woken them (at 1000 puts/s with 1000 watchers, the shard threads were a fifth of the
 //! server's CPU, mostly the kernel waking them). Now, while any watcher is registered, each
 //! shard reads its events of the batch at the barrier, when it is awake anyway, from the same
-//! history query the feed would make ([`crate::mvcc::Store::events`]); the dispatcher merges
-//! them and hands them here before it publishes the batch's [`crate::state_machine::AppliedState`].
+//! history query the feed would make ([`crate::mvcc::Store::events`]); the shard that passes
+//! the barrier last merges them and hands them here before it publishes the batch's
+//! [`crate::state_machine::AppliedState`] (`src/apply/completions.rs`).
 //!
 //! This is only a shortcut: the feed still reads from the shards any revisions the handoff
 //! does not cover (a batch when the first watcher registered, one dropped past
@@ -88,7 +89,7 @@ impl EventHandoff {
         self.watched().then(|| self.prev_kv_wanted())
     }
 
-    /// Hands over a batch (the dispatcher, before it publishes the batch's revision).
+    /// Hands over a batch (the batch's completion, before it publishes the batch's revision).
     pub fn push(&self, batch: AppliedEvents) {
         let bytes = batch.events.iter().map(EventRecord::bytes).sum();
         let mut pushed = self.batches.lock().unwrap();

@@ -40,6 +40,7 @@
 
 pub mod alarms;
 pub mod compaction;
+mod completions;
 pub mod downgrade;
 pub mod events;
 pub mod lease;
@@ -77,6 +78,7 @@ use crate::state_machine::{
     SnapshotImage, SnapshotTaken, StateMachine,
 };
 use alarms::{Guarded, SharedAlarms};
+use completions::{Completions, Job};
 use downgrade::SharedDowngrade;
 use events::{AppliedEvents, EventHandoff};
 use outbox::Outbox;
@@ -173,7 +175,13 @@ pub struct Dispatcher {
     /// Grants below this TTL are raised to it, seconds.
     min_lease_ttl: i64,
     pending: Arc<Pending>,
-    applied_tx: watch::Sender<AppliedState>,
+    /// Where the applied state is published: by the batches' completions (see
+    /// [`completions`]), and by the dispatcher once none is outstanding.
+    applied_tx: Arc<watch::Sender<AppliedState>>,
+    /// Each batch's publication and answers, run in batch order once its barrier passed.
+    completions: Arc<Completions>,
+    /// The ticket of the next batch's barrier.
+    next_ticket: u64,
     snapshots: SnapshotPolicy,
     /// The membership table at `applied_index`.
     membership: Arc<Membership>,
@@ -293,7 +301,9 @@ impl Dispatcher {
             leases,
             min_lease_ttl,
             pending,
-            applied_tx,
+            applied_tx: Arc::new(applied_tx),
+            completions: Arc::default(),
+            next_ticket: 0,
             snapshots,
             membership: start.membership.clone(),
             restore_first: start.restore.clone(),
@@ -372,7 +382,7 @@ impl Dispatcher {
         self.downgrade.restore(snap.downgrade.as_ref());
         self.alarm_index = snap.index;
         // The watch feed reads what it needs of the new state from the shards.
-        self.barrier(false);
+        self.barrier_and_wait(false, Box::new(|| ()));
         self.publish();
         tracing::info!(
             index = snap.index,
@@ -427,6 +437,11 @@ impl Dispatcher {
     }
 
     fn apply_entries(&mut self, entries: Vec<CommittedEntry>) {
+        if self.completions.failed() {
+            // A shard stopped without passing a barrier: the member is stopping, and nothing
+            // applied from here would ever be published.
+            std::panic::resume_unwind(Box::new(ShardStopped));
+        }
         let mut outcomes = Vec::new();
         // Requests of this batch applied so far (for the crash point between two of them).
         let mut requests = 0usize;
@@ -489,29 +504,40 @@ impl Dispatcher {
             self.applied_index = entry.index;
             self.applied_term = entry.term;
         }
-        self.barrier(true);
-        crate::failpoints::crash_point(crate::failpoints::APPLY_AFTER_BARRIER);
-        self.publish();
-        // Every shard now has the compaction on disk: history below it can go.
+        // Once every shard has passed the barrier: readers see the batch, then its clients
+        // hear. A put's previous key-value came from its shard before the shard passed.
+        let (applied_tx, applied, pending) = (
+            self.applied_tx.clone(),
+            self.applied_so_far(),
+            self.pending.clone(),
+        );
+        let finish: Job = Box::new(move || {
+            crate::failpoints::crash_point(crate::failpoints::APPLY_AFTER_BARRIER);
+            applied_tx.send_replace(applied);
+            let results = outcomes
+                .into_iter()
+                .map(|(id, outcome)| {
+                    let result = match outcome {
+                        Outcome::Done(r) => r,
+                        Outcome::Put { rev, prev } => Ok(ApplyResponse::Put(PutResponse {
+                            header: header(rev),
+                            prev_kv: prev.and_then(|mut rx| rx.try_recv().ok().flatten()),
+                        })),
+                    };
+                    (id, result)
+                })
+                .collect();
+            pending.complete_all(results);
+        });
         if let Some(rev) = self.purge_pending.take() {
+            // Every shard must have the compaction on disk before history below it can go.
+            self.barrier_and_wait(true, finish);
             for s in 0..self.shards.len() {
                 self.outbox.send_now(s, ApplyCmd::Purge { rev });
             }
+        } else {
+            self.barrier(true, finish);
         }
-        let results = outcomes
-            .into_iter()
-            .map(|(id, outcome)| {
-                let result = match outcome {
-                    Outcome::Done(r) => r,
-                    Outcome::Put { rev, prev } => Ok(ApplyResponse::Put(PutResponse {
-                        header: header(rev),
-                        prev_kv: prev.and_then(|rx| self.outbox.wait(rx)),
-                    })),
-                };
-                (id, result)
-            })
-            .collect();
-        self.pending.complete_all(results);
         if self.snapshot_due() {
             self.snapshot();
         }
@@ -551,17 +577,19 @@ impl Dispatcher {
         waits.into_iter().map(|rx| self.outbox.wait(rx)).collect()
     }
 
-    /// Every shard persists what was applied with the applied state; returns once all have.
-    /// The dispatcher wakes once for all of them ([`BarrierAck`]). With `feed_events`, while
-    /// anyone watches, the shards also read the events of the revisions since the previous
-    /// barrier, and the dispatcher hands them, merged, to the watch feed.
+    /// Every shard persists what was applied with the applied state; once all have, `then`
+    /// runs, after the work of every batch before (see [`completions`]), on the thread of the
+    /// shard that passed last. Returns at once: the dispatcher goes on to the next batch. With
+    /// `feed_events`, while anyone watches, the shards also read the events of the revisions
+    /// since the previous barrier, and they are handed, merged, to the watch feed before
+    /// `then` runs.
     ///
     /// With the memory engine, only the shards sent anything since the previous barrier get
     /// it: the others have nothing to apply or to persist (the engine keeps nothing on disk),
     /// and no events, so waking them would only cost a wake-up per batch. A durable engine's
     /// shards all get it, so that each one's stored applied index keeps up and a restart
     /// replays no more than the last batch.
-    fn barrier(&mut self, feed_events: bool) {
+    fn barrier(&mut self, feed_events: bool, then: Job) {
         let touched = self.outbox.take_touched();
         let shards: Vec<usize> = if self.durable {
             (0..self.shards.len()).collect()
@@ -570,10 +598,11 @@ impl Dispatcher {
         };
         let wanted = feed_events.then(|| self.events.wanted()).flatten();
         let from = self.events_through + 1;
+        let revision = self.revision;
         let state = BarrierState {
             applied_index: self.applied_index,
             applied_term: self.applied_term,
-            revision: self.revision,
+            revision,
             compact_revision: self.compact_revision,
             lease_changes: Arc::new(std::mem::take(&mut self.lease_changes)),
             events: wanted.map(|prev_kv| EventsWanted {
@@ -582,33 +611,66 @@ impl Dispatcher {
                 limit: events::BARRIER_EVENTS,
             }),
         };
-        let (acks, passed) = BarrierAck::new(shards.len());
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        let (completions, handoff, n) =
+            (self.completions.clone(), self.events.clone(), shards.len());
+        let done = Box::new(move |parts: Option<Vec<ShardEvents>>| {
+            let job = parts.map(|parts| -> Job {
+                Box::new(move || {
+                    if let Some(prev_kv) = wanted {
+                        if from <= revision {
+                            if let Some(events) = merge_events(parts, n, revision) {
+                                handoff.push(AppliedEvents {
+                                    from,
+                                    through: revision,
+                                    prev_kv,
+                                    events,
+                                });
+                            }
+                        }
+                    }
+                    then();
+                })
+            });
+            completions.finish(ticket, job);
+        });
+        let acks = BarrierAck::with_completion(shards.len(), done);
         for (&shard, reply) in shards.iter().zip(acks) {
             let state = state.clone();
             self.outbox.send(shard, ApplyCmd::Barrier { state, reply });
         }
-        let parts = self.outbox.wait(passed);
-        if let Some(prev_kv) = wanted {
-            if from <= self.revision {
-                if let Some(events) = merge_events(parts, shards.len(), self.revision) {
-                    self.events.push(AppliedEvents {
-                        from,
-                        through: self.revision,
-                        prev_kv,
-                        events,
-                    });
-                }
-            }
-        }
+        self.outbox.flush();
         self.events_through = self.revision;
     }
 
+    /// [`Dispatcher::barrier`], returning once `then` has run. Unwinds with [`ShardStopped`]
+    /// if a shard stopped without passing it (or a barrier before it failed).
+    fn barrier_and_wait(&mut self, feed_events: bool, then: Job) {
+        let (ran, wait) = oneshot::channel();
+        self.barrier(
+            feed_events,
+            Box::new(move || {
+                then();
+                let _ = ran.send(());
+            }),
+        );
+        recv_or_unwind(wait);
+    }
+
+    /// Publishes what the dispatcher has applied. Only with no batch's completion outstanding
+    /// (they publish their own).
     fn publish(&self) {
-        self.applied_tx.send_replace(AppliedState {
+        self.applied_tx.send_replace(self.applied_so_far());
+    }
+
+    /// What the dispatcher has applied so far: readable once the shards pass the next barrier.
+    fn applied_so_far(&self) -> AppliedState {
+        AppliedState {
             index: self.applied_index,
             revision: self.revision,
             compact_revision: self.compact_revision,
-        });
+        }
     }
 
     /// Applies the alarm requests of an entry the shards already hold (its other requests are

@@ -1,6 +1,6 @@
 //! The dispatcher's side of the shards' apply queues: commands are gathered per shard and each
-//! shard gets them as one [`ApplyCmd::Batch`] when the dispatcher next has to wait for a shard
-//! (a barrier, a txn's compares, a delete's answer).
+//! shard gets them as one [`ApplyCmd::Batch`] when the dispatcher puts a barrier behind them or
+//! next has to wait for a shard (a txn's compares, a delete's answer).
 //!
 //! A put does not wait for its shard, so before this every put of an entry was a send of its
 //! own, and the barrier after the entry another: a lone client's put woke the shard that owns

@@ -171,9 +171,16 @@ struct AckShared {
     failed: AtomicBool,
     /// The events the shards that passed read, in the order they passed.
     events: Mutex<Vec<ShardEvents>>,
-    /// The waiter: sent the events only if every part passed.
-    done: Option<oneshot::Sender<Vec<ShardEvents>>>,
+    /// Told once the last part is gone: the events if every part passed, `None` if any did
+    /// not. Runs on the thread of the shard that passed last (or of whoever dropped the last
+    /// part).
+    /// (In a mutex only so that the parts may be shared between threads: it is taken once,
+    /// by the last part's drop.)
+    done: Mutex<Option<BarrierDone>>,
 }
+
+/// What a barrier does once every shard has passed it (see [`BarrierAck::with_completion`]).
+pub type BarrierDone = Box<dyn FnOnce(Option<Vec<ShardEvents>>) + Send>;
 
 impl BarrierAck {
     /// One part for each of `shards` shards, and the receiver that hears the events they
@@ -181,18 +188,30 @@ impl BarrierAck {
     /// and the rest are gone.
     pub fn new(shards: usize) -> (Vec<BarrierAck>, oneshot::Receiver<Vec<ShardEvents>>) {
         let (tx, rx) = oneshot::channel();
+        let done: BarrierDone = Box::new(move |events| {
+            // Unsent on failure: the waiter hears that a shard stopped.
+            if let Some(events) = events {
+                let _ = tx.send(events);
+            }
+        });
+        (BarrierAck::with_completion(shards, done), rx)
+    }
+
+    /// One part for each of `shards` shards; `done` runs once every part is gone, with the
+    /// events the shards read if every part passed, or `None` if any was dropped without
+    /// passing. With no shards, it runs at once.
+    pub fn with_completion(shards: usize, done: BarrierDone) -> Vec<BarrierAck> {
         let shared = Arc::new(AckShared {
             failed: AtomicBool::new(false),
             events: Mutex::new(Vec::with_capacity(shards)),
-            done: Some(tx),
+            done: Mutex::new(Some(done)),
         });
-        let parts = (0..shards)
+        (0..shards)
             .map(|_| BarrierAck {
                 shared: shared.clone(),
                 passed: false,
             })
-            .collect();
-        (parts, rx)
+            .collect()
     }
 
     /// This shard has passed the barrier (its flush is done), with its events of the batch
@@ -217,14 +236,15 @@ impl Drop for BarrierAck {
 
 impl Drop for AckShared {
     fn drop(&mut self) {
-        let tx = self.done.take();
-        if !*self.failed.get_mut() {
-            if let Some(tx) = tx {
-                let events = std::mem::take(self.events.get_mut().unwrap());
-                let _ = tx.send(events);
-            }
+        let done = self
+            .done
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(done) = done {
+            let passed = !*self.failed.get_mut();
+            done(passed.then(|| std::mem::take(self.events.get_mut().unwrap())));
         }
-        // Otherwise `tx` is dropped unsent: the waiter hears that a shard stopped.
     }
 }
 
