@@ -15,9 +15,17 @@
 //! A batch whose barrier failed (a shard stopped: its engine failed, and the member is
 //! stopping) is never published, and neither is any batch after it: publishing a later one
 //! would show readers a revision whose earlier writes a shard never applied.
+//!
+//! The dispatcher runs ahead of the shards by at most [`IN_FLIGHT`] batches
+//! ([`Completions::wait_for_room`]): the shards' apply queues are unbounded, and shards slower
+//! than the dispatcher must not let them grow without end. While it waits, committed entries
+//! gather into its next batch, as they did behind each barrier before.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
+
+/// Batches whose barrier may be outstanding at once.
+pub const IN_FLIGHT: u64 = 4;
 
 /// A batch's work once its barrier has passed.
 pub type Job = Box<dyn FnOnce() + Send>;
@@ -26,6 +34,8 @@ pub type Job = Box<dyn FnOnce() + Send>;
 #[derive(Default)]
 pub struct Completions {
     state: Mutex<State>,
+    /// Told whenever a batch has finished (or failed).
+    finished: Condvar,
 }
 
 #[derive(Default)]
@@ -50,7 +60,7 @@ impl Completions {
         loop {
             let next = state.next;
             let Some(job) = state.waiting.remove(&next) else {
-                return;
+                break;
             };
             state.next += 1;
             match job {
@@ -58,6 +68,17 @@ impl Completions {
                 _ => state.failed = true,
             }
         }
+        self.finished.notify_all();
+    }
+
+    /// Waits until batch `ticket` may be sent: fewer than [`IN_FLIGHT`] batches before it are
+    /// still unfinished. Returns `false` if a barrier failed.
+    pub fn wait_for_room(&self, ticket: u64) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while !state.failed && state.next + IN_FLIGHT <= ticket {
+            state = self.finished.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        !state.failed
     }
 
     /// Whether a batch's barrier failed.
@@ -86,6 +107,21 @@ mod tests {
         c.finish(0, job(&log, 0));
         c.finish(3, job(&log, 3));
         assert_eq!(*log.lock().unwrap(), vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn the_dispatcher_waits_while_too_many_batches_are_unfinished() {
+        let c = Arc::new(Completions::default());
+        assert!(c.wait_for_room(IN_FLIGHT - 1));
+        let waiter = {
+            let c = c.clone();
+            std::thread::spawn(move || c.wait_for_room(IN_FLIGHT))
+        };
+        c.finish(0, Some(Box::new(|| ())));
+        assert!(waiter.join().unwrap());
+        // After a failure it no longer waits, and says so.
+        c.finish(1, None);
+        assert!(!c.wait_for_room(100));
     }
 
     #[test]

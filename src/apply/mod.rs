@@ -613,6 +613,9 @@ impl Dispatcher {
         };
         let ticket = self.next_ticket;
         self.next_ticket += 1;
+        if !self.completions.wait_for_room(ticket) {
+            std::panic::resume_unwind(Box::new(ShardStopped));
+        }
         let (completions, handoff, n) =
             (self.completions.clone(), self.events.clone(), shards.len());
         let done = Box::new(move |parts: Option<Vec<ShardEvents>>| {
