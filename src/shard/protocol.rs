@@ -152,11 +152,13 @@ pub enum ApplyCmd {
     },
 }
 
-/// A barrier's answer, shared by every shard the barrier went to: its waiter wakes once, when
-/// the last of them has passed it, instead of once per shard. Each shard gets one part
-/// ([`BarrierAck::new`]) and calls [`BarrierAck::passed`] after its flush. A part dropped
-/// without passing (the shard stopped: its engine failed, and what was queued for it is
-/// dropped) fails the whole barrier: the waiter's receiver then reports the sender dropped.
+/// A barrier's answer, shared by every shard the barrier went to: what the barrier is for
+/// runs once, when the last of them has passed it, on that shard's thread, instead of a waiter
+/// waking once per shard. Each shard gets one part ([`BarrierAck::with_completion`], or
+/// [`BarrierAck::new`] for a waiter) and calls [`BarrierAck::passed`] after its flush. A part
+/// dropped without passing (the shard stopped: its engine failed, and what was queued for it
+/// is dropped) fails the whole barrier: the completion is told so, and a waiter's receiver
+/// reports the sender dropped.
 pub struct BarrierAck {
     shared: Arc<AckShared>,
     passed: bool,
@@ -174,6 +176,7 @@ struct AckShared {
     /// Told once the last part is gone: the events if every part passed, `None` if any did
     /// not. Runs on the thread of the shard that passed last (or of whoever dropped the last
     /// part).
+    ///
     /// (In a mutex only so that the parts may be shared between threads: it is taken once,
     /// by the last part's drop.)
     done: Mutex<Option<BarrierDone>>,
