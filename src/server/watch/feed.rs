@@ -350,7 +350,8 @@ pub(super) fn test_view(batches: Vec<(i64, i64, bool, Vec<EventRecord>)>) -> Fee
     }
 }
 
-fn kv_key(event: &Event) -> Option<&[u8]> {
+/// The key an event is about.
+pub(super) fn kv_key(event: &Event) -> Option<&[u8]> {
     event.kv.as_ref().map(|kv| kv.key.as_slice())
 }
 

@@ -22,7 +22,7 @@ use crate::mvcc::store::EventRecord;
 use crate::mvcc::KeyRange;
 use crate::proto::mvccpb::{event::EventType, Event};
 
-use super::feed::{FeedView, Scanned};
+use super::feed::{kv_key, FeedView, Scanned};
 
 /// One watcher: what its client asked for (etcd `WatchCreateRequest`).
 pub(super) struct Watcher {
@@ -310,7 +310,7 @@ impl Watchers {
         let mut out: BTreeMap<i64, (Target, Vec<Event>)> = BTreeMap::new();
         let (by_key, ranged) = (&self.by_key, &self.ranged);
         let scanned = feed.scan(next, self.synced_prev_kv > 0, limit, |e: &EventRecord| {
-            let Some(key) = e.event.kv.as_ref().map(|kv| kv.key.as_slice()) else {
+            let Some(key) = kv_key(&e.event) else {
                 return 0;
             };
             let keyed = by_key.get(key).into_iter().flatten();
