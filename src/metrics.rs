@@ -2,7 +2,7 @@
 //! `server/etcdserver/metrics.go`, `server/mvcc/metrics.go`, `server/mvcc/metrics_txn.go`,
 //! go-grpc-prometheus for `grpc_server_*`, client_golang's process collector for `process_*`).
 //!
-//! Counters are fed from the code paths that do the work: the apply thread counts puts,
+//! Counters are fed from the code paths that do the work: the apply dispatcher counts puts,
 //! deletes, ranges and txns as etcd's `metricsTxnWrite` does, the front end counts ranges it
 //! serves, [`crate::server::http`] counts gRPC calls. Gauges that mirror state kept elsewhere
 //! (leader, Raft indexes, database size, key count) are read from that state when scraped, by

@@ -18,8 +18,9 @@
 //!
 //! The dispatcher runs ahead of the shards by at most [`IN_FLIGHT`] batches
 //! ([`Completions::wait_for_room`]): the shards' apply queues are unbounded, and shards slower
-//! than the dispatcher must not let them grow without end. While it waits, committed entries
-//! gather into its next batch, as they did behind each barrier before.
+//! than the dispatcher must not let them grow without end. The dispatcher runs on the Raft
+//! thread, so while it waits, new proposals gather into the Raft thread's next batch: shards
+//! that fall behind slow the log down rather than let the queues between them grow.
 
 use std::collections::BTreeMap;
 use std::sync::{Condvar, Mutex};

@@ -200,6 +200,9 @@ pub struct Dispatcher {
     /// The revision through which events were last handed over (or skipped): the previous
     /// barrier's.
     events_through: i64,
+    /// The thread collecting the last export the shards were asked for (see
+    /// [`Dispatcher::export_keys`]), joined by the next one so that exports finish in order.
+    exporting: Option<std::thread::JoinHandle<()>>,
 }
 
 /// A result still waiting for a shard's reply (a put's previous key-value).
@@ -221,9 +224,9 @@ fn header(revision: i64) -> Option<ResponseHeader> {
 /// Waits for a shard's reply. Shards outlive the dispatcher (they stop only once it has
 /// dropped their queues) unless one fails: its engine hit a [`crate::mvcc::engine::StorageError`],
 /// it sent it up the fatal channel and stopped, and the member is stopping. Then the reply
-/// never comes, and the dispatcher leaves its loop: this unwinds with [`ShardStopped`] to
-/// [`Dispatcher::run`], which returns (no panic message: `resume_unwind` skips the hook). The
-/// answered path costs nothing more.
+/// never comes, and the dispatcher stops: this unwinds with [`ShardStopped`] to
+/// [`Dispatcher::drain`], which returns false (no panic message: `resume_unwind` skips the
+/// hook). The answered path costs nothing more.
 fn recv_or_unwind<T>(rx: oneshot::Receiver<T>) -> T {
     match rx.blocking_recv() {
         Ok(reply) => reply,
@@ -313,6 +316,7 @@ impl Dispatcher {
             downgrade,
             events,
             events_through: start.revision.max(1),
+            exporting: None,
         };
         if d.restore_first.is_none() {
             d.publish();
@@ -320,24 +324,26 @@ impl Dispatcher {
         d
     }
 
-    /// Applies what the Raft node sends until it drops its sender (see
-    /// [`crate::state_machine::run`]); a snapshot [`StartState::restore`] named is installed
-    /// first.
+    /// Applies what the Raft node has handed over so far without waiting (see
+    /// [`crate::state_machine::drain`]): the dispatcher run on the Raft thread after each of
+    /// its rounds. A snapshot [`StartState::restore`] named is installed first.
     ///
-    /// Returns when the Raft node drops `inbox`, or when a shard stopped because its engine
-    /// failed (the member is then stopping through the fatal channel; see [`wait`]).
-    pub fn run(mut self, inbox: flume::Receiver<ApplyMsg>) {
+    /// Returns false once a shard stopped because its engine failed (the member is then
+    /// stopping through the fatal channel); the dispatcher must not be called again.
+    pub fn drain(&mut self, inbox: &flume::Receiver<ApplyMsg>) -> bool {
         let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             if let Some(snap) = self.restore_first.take() {
                 self.restore(&snap);
             }
-            crate::state_machine::run(&mut self, inbox);
+            crate::state_machine::drain(self, inbox);
         }));
-        if let Err(payload) = ran {
-            if !payload.is::<ShardStopped>() {
-                std::panic::resume_unwind(payload);
+        match ran {
+            Ok(()) => true,
+            Err(payload) if payload.is::<ShardStopped>() => {
+                tracing::warn!("a shard stopped (its engine failed): the apply dispatcher stops");
+                false
             }
-            tracing::warn!("a shard stopped (its engine failed): the apply dispatcher stops");
+            Err(payload) => std::panic::resume_unwind(payload),
         }
     }
 
@@ -392,12 +398,45 @@ impl Dispatcher {
         );
     }
 
-    /// Every key's history, from all shards, in key order.
-    fn export_keys(&self) -> Vec<KeyHistory> {
-        let parts = self.ask(0..self.shards.len(), |reply| ApplyCmd::Export { reply });
-        let mut keys: Vec<KeyHistory> = parts.into_iter().flatten().collect();
-        keys.sort_unstable_by(|a, b| a.key.cmp(&b.key));
-        keys
+    /// Asks every shard for every key's history and returns at once; `then` gets them, in key
+    /// order, on the export thread once all shards have answered (never, if a shard stopped).
+    /// Each shard answers from its queue in order, so the keys are exactly those applied so
+    /// far, whatever the dispatcher applies meanwhile: an export of 1M keys (about 0.7 s)
+    /// holds up neither the Raft thread's heartbeats nor the next batches' proposals. Exports
+    /// finish in the order they were asked for.
+    fn export_keys(&mut self, then: impl FnOnce(Vec<KeyHistory>) + Send + 'static) {
+        let waits: Vec<_> = (0..self.shards.len())
+            .map(|i| {
+                let (reply, rx) = oneshot::channel();
+                self.outbox.send(i, ApplyCmd::Export { reply });
+                rx
+            })
+            .collect();
+        self.outbox.flush();
+        let previous = self.exporting.take();
+        let export = move || {
+            if let Some(previous) = previous {
+                let _ = previous.join();
+            }
+            let mut keys = Vec::new();
+            for rx in waits {
+                match rx.blocking_recv() {
+                    Ok(part) => keys.extend(part),
+                    // A shard stopped: the member is stopping.
+                    Err(_) => return,
+                }
+            }
+            keys.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+            then(keys);
+        };
+        match std::thread::Builder::new()
+            .name("export".into())
+            .spawn(export)
+        {
+            Ok(thread) => self.exporting = Some(thread),
+            // Nothing is built: an image is asked for again, a snapshot comes at the next count.
+            Err(e) => tracing::error!(error = %e, "cannot start the export thread"),
+        }
     }
 
     /// The state machine at the applied index; `keys` empty unless `complete`.
@@ -420,20 +459,25 @@ impl Dispatcher {
         }
     }
 
-    /// A complete image at the applied index, whatever the engine.
-    fn image(&self) -> SnapshotImage {
-        let snap = self.state_snapshot(self.export_keys(), true);
-        tracing::info!(
-            index = snap.index,
-            keys = snap.keys.len(),
-            "built a snapshot image for a follower"
-        );
-        SnapshotImage {
-            index: snap.index,
-            term: snap.term,
-            membership: self.membership.clone(),
-            data: prost::Message::encode_to_vec(&snap).into(),
-        }
+    /// A complete image at the applied index, whatever the engine, sent to `reply` once the
+    /// shards' keys are in (see [`Dispatcher::export_keys`]); dropped unsent if a shard stopped.
+    fn image(&mut self, reply: flume::Sender<SnapshotImage>) {
+        let snap = self.state_snapshot(Vec::new(), true);
+        let membership = self.membership.clone();
+        self.export_keys(move |keys| {
+            let snap = StateSnapshot { keys, ..snap };
+            tracing::info!(
+                index = snap.index,
+                keys = snap.keys.len(),
+                "built a snapshot image for a follower"
+            );
+            let _ = reply.send(SnapshotImage {
+                index: snap.index,
+                term: snap.term,
+                membership,
+                data: prost::Message::encode_to_vec(&snap).into(),
+            });
+        });
     }
 
     fn apply_entries(&mut self, entries: Vec<CommittedEntry>) {
@@ -1011,7 +1055,17 @@ impl Dispatcher {
     /// snapshot as on-disk checkpoints (flushed SST files, one directory per shard); the
     /// memory engine as an image of every key's history.
     fn snapshot(&mut self) {
-        let snap = if self.durable {
+        let notify = self.snapshots.notify.clone();
+        // The Raft node writes the file and releases the log; until then the WAL holds
+        // everything, so nothing is lost if that fails.
+        let taken = move |snap: StateSnapshot| {
+            let _ = notify.send(SnapshotTaken {
+                index: snap.index,
+                term: snap.term,
+                snapshot: Arc::new(snap),
+            });
+        };
+        if self.durable {
             let dir = crate::state_machine::snapshot::checkpoint_dir(
                 &self.snapshots.snap_dir,
                 self.applied_term,
@@ -1034,19 +1088,13 @@ impl Dispatcher {
                 tracing::error!(errors = ?failed, "checkpoint failed");
                 return;
             }
-            self.state_snapshot(Vec::new(), false)
+            taken(self.state_snapshot(Vec::new(), false));
         } else {
-            self.state_snapshot(self.export_keys(), true)
-        };
-        // The Raft node writes the file and releases the log; until then the WAL holds
-        // everything, so nothing is lost if that fails.
+            let snap = self.state_snapshot(Vec::new(), true);
+            self.export_keys(move |keys| taken(StateSnapshot { keys, ..snap }));
+        }
         self.last_snapshot_index = self.applied_index;
         self.applied_since_snapshot = 0;
-        let _ = self.snapshots.notify.send(SnapshotTaken {
-            index: snap.index,
-            term: snap.term,
-            snapshot: Arc::new(snap),
-        });
     }
 }
 
@@ -1055,8 +1103,8 @@ impl StateMachine for Dispatcher {
         self.apply_entries(entries);
     }
 
-    fn build_snapshot(&mut self) -> SnapshotImage {
-        self.image()
+    fn build_snapshot(&mut self, reply: flume::Sender<SnapshotImage>) {
+        self.image(reply);
     }
 
     fn install_snapshot(&mut self, snapshot: &StateSnapshot) {

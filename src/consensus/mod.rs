@@ -135,13 +135,16 @@ pub enum NodeMsg {
     /// Replication progress and contact of every member as the leader sees it; empty on a
     /// follower.
     Progress(oneshot::Sender<Vec<PeerProgress>>),
+    /// Build a complete image of the state machine between two batches of entries (see
+    /// [`RaftHandle::state_image`]): handed to the state machine in log order.
+    StateImage(flume::Sender<SnapshotImage>),
     /// Advance the election clock by this many ticks at once (etcd's `advanceTicks`, for
     /// `--initial-election-tick-advance`; see [`initial_tick_advance`]).
     AdvanceTicks(usize),
     /// Stop the Raft thread once the loop round under way is done: whatever Raft handed over
     /// in that round (its `Ready`) is written to the WAL and sent on first, so the thread
     /// never stops in the middle of a WAL write. The sender is dropped once the thread has
-    /// left its loop (the WAL is closed and the apply dispatcher's inbox with it); proposals
+    /// left its loop (what it handed over applied, the WAL closed); proposals
     /// still queued behind this message are not processed (their callers see "server
     /// stopped"). Sent by the member's graceful stop (etcd `EtcdServer.Stop`/`HardStop`).
     Stop(oneshot::Sender<()>),
@@ -261,9 +264,6 @@ pub struct RaftHandle {
     pub status: Arc<NodeStatus>,
     /// The membership table as of the last conf change handed to the state machine.
     pub membership: watch::Receiver<Arc<Membership>>,
-    /// The apply dispatcher's inbox, for [`RaftHandle::state_image`]. Weak: only the Raft
-    /// node's sender keeps the dispatcher running, so shutdown still ends it.
-    images: flume::WeakSender<ApplyMsg>,
 }
 
 impl RaftHandle {
@@ -274,12 +274,11 @@ impl RaftHandle {
     ///
     /// Errors: [`EtcdError::Stopped`] when the member is shutting down.
     pub async fn state_image(&self) -> Result<SnapshotImage, EtcdError> {
-        let tx = self.images.upgrade().ok_or(EtcdError::Stopped)?;
         let (reply, rx) = flume::bounded(1);
-        tx.send_async(ApplyMsg::Image(reply))
+        self.tx
+            .send_async(NodeMsg::StateImage(reply))
             .await
             .map_err(|_| EtcdError::Stopped)?;
-        drop(tx);
         rx.recv_async().await.map_err(|_| EtcdError::Stopped)
     }
 }
@@ -367,6 +366,8 @@ pub struct RaftNode {
     max_learners: usize,
     /// Set by [`NodeMsg::Stop`]: the loop ends after the current round.
     stop: Option<oneshot::Sender<()>>,
+    /// The state machine, run on this thread after each round (see [`RaftNode::apply_here`]).
+    applier: Option<Box<dyn FnMut() -> bool + Send>>,
 }
 
 /// A ReadIndex context: unique cluster-wide, because the leader merges requests by context.
@@ -868,7 +869,6 @@ impl RaftNode {
                 &mut recovered,
             )?;
         }
-        let images = committed.downgrade();
         let mut storage = RaftStorage::new(committed.clone());
         let snap_index = restore_storage(
             &mut storage,
@@ -920,6 +920,7 @@ impl RaftNode {
             election: Duration::from_millis(cfg.election_ms),
             next_read_ctx: 0,
             max_learners: cfg.max_learners,
+            applier: None,
         };
         node.publish_status();
         Ok((
@@ -928,7 +929,6 @@ impl RaftNode {
                 tx,
                 status,
                 membership: membership_rx,
-                images,
             },
         ))
     }
@@ -976,6 +976,7 @@ impl RaftNode {
                 self.flush_reads();
                 self.ready()?;
             }
+            self.apply_handed_over();
             if self.raw.raft.state != StateRole::Leader {
                 self.raw.store().release_image();
             }
@@ -985,12 +986,33 @@ impl RaftNode {
                 break;
             }
         }
+        // What the last round handed over (or dropped) is applied before the thread ends.
+        self.apply_handed_over();
         // A snapshot being written finishes before the thread ends (its file is written to a
         // temporary name and renamed, so even a crash leaves no half snapshot).
         if let Some(saving) = self.saving.take() {
             let _ = saving.join();
         }
         Ok(())
+    }
+
+    /// Runs `apply` on this thread after each round: the state machine applies, in log
+    /// order, what this node handed over on its committed channel in that round, without a
+    /// thread of its own (so a committed entry reaches the shards with no wake-up between the
+    /// WAL's fdatasync and the apply). `apply` returns false once the state machine has
+    /// stopped (a shard's engine failed); it is not called again. Without it, whoever holds
+    /// the committed channel's receiver applies (the consensus tests' recorder).
+    pub fn apply_here(&mut self, apply: Box<dyn FnMut() -> bool + Send>) {
+        self.applier = Some(apply);
+    }
+
+    /// Runs the state machine set by [`RaftNode::apply_here`], if any.
+    fn apply_handed_over(&mut self) {
+        if let Some(apply) = self.applier.as_mut() {
+            if !apply() {
+                self.applier = None;
+            }
+        }
     }
 
     /// A member that is the only voter need not wait out an election timeout.
@@ -1028,6 +1050,10 @@ impl RaftNode {
                 self.batch_ids.push(id);
             }
             NodeMsg::ReadIndex(tx) => self.read_waiters.push(tx),
+            NodeMsg::StateImage(reply) => {
+                // The state machine gone means shutdown: the dropped reply says so.
+                let _ = self.committed.send(ApplyMsg::Image(reply));
+            }
             NodeMsg::ChangeMembership { id, change } => {
                 let mut cc = membership::raft_conf_change(&change);
                 cc.context = change.encode_to_vec().into();

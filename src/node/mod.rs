@@ -6,15 +6,18 @@
 //! ```text
 //!  thread          owns                                   joined to the others by
 //!  raft            raft-rs RawNode, WAL, membership        NodeMsg inbox (flume) <- services,
-//!                  table, peer transport                   peer service, this module
-//!  apply           the Dispatcher (state machine):         ApplyMsg (flume, log order) <- raft;
-//!                  revisions, leases, alarms, auth         SnapshotTaken -> raft
+//!                  table, peer transport; after each       peer service, this module;
+//!                  round, the apply Dispatcher (state      ApplyMsg (flume, log order) from
+//!                  machine): revisions, leases, alarms,    Raft to the Dispatcher, drained on
+//!                  auth                                    the same thread
 //!  shard 0..N      one glommio executor per CPU, each      ApplyCmd queues (flume, FIFO) <-
-//!                  an mvcc::Store over its engine          apply, and the Close that ends it
-//!                                                          <- this module; read queues <-
-//!                                                          services
-//!  tokio runtime   gRPC services, HTTP, peer service,      AppliedState (watch) <- apply;
-//!                  lease clock, compactor, this module     fatal errors (FatalTx) <- raft, shards
+//!                  an mvcc::Store over its engine          the Dispatcher, and the Close that
+//!                                                          ends it <- this module; read
+//!                                                          queues <- services
+//!  tokio runtime   gRPC services, HTTP, peer service,      AppliedState (watch) <- the shard
+//!                  lease clock, compactor, this module     passing a batch's barrier last;
+//!                                                          fatal errors (FatalTx) <- raft,
+//!                                                          shards
 //! ```
 
 mod error;
@@ -71,7 +74,6 @@ pub struct NodeHandle {
     /// Closed last by [`NodeHandle::shutdown`].
     shards: Shards,
     raft: Worker,
-    apply: Worker,
     /// Peer listeners: they serve until the process exits, since a stopping leader still needs
     /// them to hand over leadership.
     peer_servers: Servers,
@@ -96,7 +98,7 @@ pub enum StopReason {
 
 impl Node {
     /// Recovers the member `cfg` describes (data directory, identity, snapshot, WAL, shards)
-    /// and starts it: the Raft and apply threads, the shards, and every listener. Clients are
+    /// and starts it: the Raft thread (which applies too), the shards, and every listener. Clients are
     /// answered from here on ("no leader" until there is one); [`NodeHandle::ready`] waits
     /// until the member serves.
     ///
@@ -177,8 +179,8 @@ struct Bound {
     metrics: Vec<crate::net::Listener>,
 }
 
-/// Recovers the state machine and the Raft log, starts the shards and the Raft and apply
-/// threads, and serves every listener.
+/// Recovers the state machine and the Raft log, starts the shards and the Raft thread, and
+/// serves every listener.
 async fn launch(
     cfg: Arc<Config>,
     member: Member,
@@ -234,7 +236,6 @@ async fn launch(
     let Started {
         core,
         raft,
-        apply,
         faults,
         start_index,
     } = started;
@@ -251,7 +252,6 @@ async fn launch(
         cfg,
         shards,
         raft,
-        apply,
         peer_servers,
         client_servers: JoinSet::new(),
         fatal: fatal_rx,
@@ -281,7 +281,7 @@ async fn launch(
     Ok(handle)
 }
 
-/// Runs `step`, a part of start-up that waits on the shards or the apply thread, unless a
+/// Runs `step`, a part of start-up that waits on the shards or on what is applied, unless a
 /// fatal error comes first: then that error ([`NodeError::Fatal`]). A shard whose engine fails
 /// (a corrupt SST block read while recovering, say) stops serving and never answers, so
 /// start-up would otherwise wait for it for ever.
@@ -302,14 +302,13 @@ async fn unless_fatal<T>(
 struct Started {
     core: Arc<Core>,
     raft: Worker,
-    apply: Worker,
     faults: Faults,
     /// The index the state machine starts from: clients wait until it is applied.
     start_index: u64,
 }
 
-/// Builds the Raft node and the apply dispatcher from what was recovered, starts their
-/// threads, and the services' shared state.
+/// Builds the Raft node and the apply dispatcher from what was recovered, starts the Raft
+/// thread that runs both, and the services' shared state.
 #[allow(clippy::too_many_arguments)]
 fn start_threads(
     cfg: &Arc<Config>,
@@ -324,7 +323,8 @@ fn start_threads(
     let pending = Arc::new(Pending::new(member.id));
     let (applied_tx, applied_rx) = tokio::sync::watch::channel(AppliedState::default());
     let (snap_tx, snap_rx) = flume::unbounded();
-    let (committed_tx, committed_rx) = flume::bounded(1024);
+    // Unbounded: its one consumer is the thread that fills it, after each round.
+    let (committed_tx, committed_rx) = flume::unbounded();
     let faults = Faults::from_env(&tokio::runtime::Handle::current());
     let (node, raft_handle) = new_raft_node(
         cfg,
@@ -349,7 +349,7 @@ fn start_threads(
         snap_tx,
         &tables,
     );
-    let (apply, raft) = spawn_workers(dispatcher, committed_rx, node, fatal)?;
+    let raft = spawn_raft(dispatcher, committed_rx, node, fatal)?;
     let core = Core::new(CoreParts {
         cfg: cfg.clone(),
         member: member.clone(),
@@ -366,7 +366,6 @@ fn start_threads(
     Ok(Started {
         core,
         raft,
-        apply,
         faults,
         start_index: start.index,
     })
@@ -524,29 +523,26 @@ fn new_dispatcher(
     )
 }
 
-/// Starts the apply thread (the dispatcher over `committed`) and the Raft thread, whose
-/// failure is reported on `fatal`.
+/// Starts the Raft thread, which runs the dispatcher over `committed` after each of its
+/// rounds ([`RaftNode::apply_here`]); its failure is reported on `fatal`.
 ///
 /// Errors: the OS refuses a thread.
-fn spawn_workers(
-    dispatcher: Dispatcher,
+fn spawn_raft(
+    mut dispatcher: Dispatcher,
     committed: flume::Receiver<ApplyMsg>,
-    node: RaftNode,
+    mut node: RaftNode,
     fatal: FatalTx,
-) -> Result<(Worker, Worker), NodeError> {
-    let os = |context| move |source| NodeError::Os { context, source };
-    let apply_fatal = fatal.clone();
-    let apply = Worker::spawn("apply", move || {
-        run_reporting_panics("apply", &apply_fatal, || dispatcher.run(committed));
-    })
-    .map_err(os("cannot start the apply thread"))?;
-    let raft = Worker::spawn("raft", move || {
+) -> Result<Worker, NodeError> {
+    node.apply_here(Box::new(move || dispatcher.drain(&committed)));
+    Worker::spawn("raft", move || {
         if let Some(Err(e)) = run_reporting_panics("raft", &fatal, || node.run()) {
             fatal.report(FatalError::Raft(e));
         }
     })
-    .map_err(os("cannot start the raft thread"))?;
-    Ok((apply, raft))
+    .map_err(|source| NodeError::Os {
+        context: "cannot start the raft thread",
+        source,
+    })
 }
 
 /// Serves the peer service on every peer listener.
@@ -744,11 +740,10 @@ impl NodeHandle {
     /// 3. When `transfer` is set, a leader with other voters hands leadership over so that the
     ///    cluster does not wait an election timeout for a new one (not after a fatal error:
     ///    this member's log or state can no longer be trusted to hand over).
-    /// 4. The Raft thread is asked to stop after the round it is in (its WAL writes done);
-    ///    the apply thread then ends once it has applied what it was handed. Both are waited
-    ///    for, at most 5 s each.
+    /// 4. The Raft thread is asked to stop after the round it is in (its WAL writes done and
+    ///    what it handed over applied), and is waited for, at most 5 s.
     ///
-    /// 5. The shards, idle once the apply thread has finished, are closed: each syncs its
+    /// 5. The shards, idle once the Raft thread has finished, are closed: each syncs its
     ///    engine's files (RocksDB: its WAL synced, its memtables flushed to SST files), closes
     ///    its engine and ends its thread, which is joined; at most 10 s in all
     ///    ([`Shards::close`]). Requests that still reach a shard afterwards (through the
@@ -788,8 +783,8 @@ impl NodeHandle {
         }
         shutdown::stop_raft(&self.core).await;
         self.raft.join(shutdown::THREADS_TIMEOUT).await;
-        self.apply.join(shutdown::THREADS_TIMEOUT).await;
-        // After the apply thread: until it has finished, it may still send to the shards.
+        // After the Raft thread: until it has finished, its dispatcher may still send to the
+        // shards.
         shutdown::close_shards(self.shards).await;
         tracing::info!("stopped");
     }

@@ -15,7 +15,7 @@ use crate::shard::Shards;
 /// gives gRPC's `GracefulStop` the request timeout before `Stop`); requests still unanswered
 /// then are cut.
 pub(super) const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a stop waits for each of the Raft and apply threads to finish what they hold.
+/// How long a stop waits for the Raft thread to finish what it holds.
 pub(super) const THREADS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long a stop waits for the shards to sync their engines' files (RocksDB flushes its
@@ -36,7 +36,7 @@ pub(super) async fn close_shards(shards: Shards) {
     }
 }
 
-/// A named thread of the member (Raft, apply), with a signal for when its body has returned,
+/// A named thread of the member (Raft), with a signal for when its body has returned,
 /// so a stop can wait for it on the runtime without blocking a worker.
 pub(super) struct Worker {
     name: &'static str,

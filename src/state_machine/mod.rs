@@ -45,7 +45,7 @@ pub struct AppliedState {
     pub compact_revision: i64,
 }
 
-/// What the Raft node hands the state machine, in log order (see [`run`]).
+/// What the Raft node hands the state machine, in log order (see [`drain`]).
 pub enum ApplyMsg {
     /// Committed entries.
     Entries(Vec<CommittedEntry>),
@@ -159,15 +159,16 @@ pub struct SnapshotTaken {
 
 /// A replicated state machine driven by committed Raft entries (openraft's
 /// `RaftStateMachine`; Raft paper sections 5.3 and 7). Every replica applies the same entries
-/// in the same order and must end in the same state; [`run`] calls it from one thread.
+/// in the same order and must end in the same state; [`drain`] calls it, on the Raft thread.
 pub trait StateMachine {
     /// Applies committed entries, in log order. Entries at or below the applied index (replayed
     /// after a restart) change nothing already applied.
     fn apply(&mut self, entries: Vec<CommittedEntry>);
 
-    /// A complete image of the state machine at the applied index, to send to a follower the
-    /// leader's log no longer reaches.
-    fn build_snapshot(&mut self) -> SnapshotImage;
+    /// Builds a complete image of the state machine at the applied index, to send to a
+    /// follower the leader's log no longer reaches, and sends it to `reply` once built, from
+    /// any thread. `reply` dropped unsent says none can be built (the member is stopping).
+    fn build_snapshot(&mut self, reply: flume::Sender<SnapshotImage>);
 
     /// Replaces the whole state machine with a leader's snapshot.
     fn install_snapshot(&mut self, snapshot: &StateSnapshot);
@@ -179,40 +180,52 @@ pub trait StateMachine {
     fn applied(&self) -> AppliedState;
 }
 
-/// Most committed entries one [`StateMachine::apply`] call takes: whatever else queued while
-/// the previous batch was applied is coalesced up to this, so one shard barrier covers all.
+/// Most committed entries one [`StateMachine::apply`] call takes: whatever else the Raft
+/// node's round handed over is coalesced up to this, so one shard barrier covers all.
 const MAX_COALESCED_ENTRIES: usize = 4096;
 
-/// Drives `sm` with what the Raft node sends, in order, until the Raft node drops its sender.
-pub fn run<S: StateMachine>(sm: &mut S, inbox: flume::Receiver<ApplyMsg>) {
+/// Applies what the Raft node has handed over so far, in order, without waiting for more:
+/// the state machine runs on the Raft thread itself, after each of its rounds
+/// (`RaftNode::apply_here`), so there is no thread between the WAL and the shards.
+pub fn drain<S: StateMachine>(sm: &mut S, inbox: &flume::Receiver<ApplyMsg>) {
     let mut next = None;
     loop {
         let msg = match next.take() {
             Some(msg) => msg,
-            None => match inbox.recv() {
+            None => match inbox.try_recv() {
                 Ok(msg) => msg,
                 Err(_) => return,
             },
         };
-        match msg {
-            ApplyMsg::Entries(mut entries) => {
-                while entries.len() < MAX_COALESCED_ENTRIES {
-                    match inbox.try_recv() {
-                        Ok(ApplyMsg::Entries(more)) => entries.extend(more),
-                        Ok(other) => {
-                            next = Some(other);
-                            break;
-                        }
-                        Err(_) => break,
-                    }
-                }
-                sm.apply(entries);
-            }
-            ApplyMsg::Restore(snap) => sm.install_snapshot(&snap),
-            ApplyMsg::Image(reply) => {
-                let _ = reply.send(sm.build_snapshot());
-            }
-            ApplyMsg::Dropped { ids, error } => sm.drop_proposals(ids, error),
-        }
+        next = handle(sm, inbox, msg);
     }
+}
+
+/// Applies one message (coalescing the entries queued behind it); returns the message after
+/// them that it took from `inbox`, if any.
+fn handle<S: StateMachine>(
+    sm: &mut S,
+    inbox: &flume::Receiver<ApplyMsg>,
+    msg: ApplyMsg,
+) -> Option<ApplyMsg> {
+    let mut next = None;
+    match msg {
+        ApplyMsg::Entries(mut entries) => {
+            while entries.len() < MAX_COALESCED_ENTRIES {
+                match inbox.try_recv() {
+                    Ok(ApplyMsg::Entries(more)) => entries.extend(more),
+                    Ok(other) => {
+                        next = Some(other);
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            sm.apply(entries);
+        }
+        ApplyMsg::Restore(snap) => sm.install_snapshot(&snap),
+        ApplyMsg::Image(reply) => sm.build_snapshot(reply),
+        ApplyMsg::Dropped { ids, error } => sm.drop_proposals(ids, error),
+    }
+    next
 }

@@ -331,7 +331,7 @@ async fn working_flags() {
         "no WAL in the data dir"
     );
     let snaps = data.join("member").join("snap");
-    // Snapshots are taken by the apply thread: give it a moment after the last put.
+    // Snapshots are taken as entries are applied: give it a moment after the last put.
     wait_until_async(Duration::from_secs(10), async || {
         files_with_ext(&snaps, "snap") >= 2
     })
