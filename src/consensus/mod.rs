@@ -944,6 +944,8 @@ impl RaftNode {
     /// [`NodeError::SnapshotSave`].
     pub fn run(mut self) -> Result<(), NodeError> {
         let mut next_tick = Instant::now() + self.tick;
+        // The state machine's own start (a snapshot to install first) need not wait a round.
+        self.apply_handed_over();
         loop {
             self.campaign_if_alone();
             match self.inbox.recv_deadline(next_tick) {
