@@ -98,9 +98,9 @@ pub enum StopReason {
 
 impl Node {
     /// Recovers the member `cfg` describes (data directory, identity, snapshot, WAL, shards)
-    /// and starts it: the Raft thread (which applies too), the shards, and every listener. Clients are
-    /// answered from here on ("no leader" until there is one); [`NodeHandle::ready`] waits
-    /// until the member serves.
+    /// and starts it: the Raft thread (which applies too), the shards, and every listener.
+    /// Clients are answered from here on ("no leader" until there is one);
+    /// [`NodeHandle::ready`] waits until the member serves.
     ///
     /// Errors: invalid flags; a data directory in use, unreadable or damaged; ports that
     /// cannot be bound; a cluster that cannot be joined; `--experimental-initial-corrupt-check`
