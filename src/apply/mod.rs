@@ -405,13 +405,7 @@ impl Dispatcher {
     /// holds up neither the Raft thread's heartbeats nor the next batches' proposals. Exports
     /// finish in the order they were asked for.
     fn export_keys(&mut self, then: impl FnOnce(Vec<KeyHistory>) + Send + 'static) {
-        let waits: Vec<_> = (0..self.shards.len())
-            .map(|i| {
-                let (reply, rx) = oneshot::channel();
-                self.outbox.send(i, ApplyCmd::Export { reply });
-                rx
-            })
-            .collect();
+        let waits = self.request(0..self.shards.len(), |_, reply| ApplyCmd::Export { reply });
         self.outbox.flush();
         let previous = self.exporting.take();
         let export = move || {
@@ -603,6 +597,23 @@ impl Dispatcher {
         }
     }
 
+    /// Queues one command to each of `shards` (`command` gets the shard's index and where it
+    /// replies) and returns the receivers of the replies, in the same order.
+    fn request<T>(
+        &self,
+        shards: impl IntoIterator<Item = usize>,
+        command: impl Fn(usize, oneshot::Sender<T>) -> ApplyCmd,
+    ) -> Vec<oneshot::Receiver<T>> {
+        shards
+            .into_iter()
+            .map(|i| {
+                let (reply, rx) = oneshot::channel();
+                self.outbox.send(i, command(i, reply));
+                rx
+            })
+            .collect()
+    }
+
     /// Sends one command to each of `shards` (all before waiting, so they work in parallel)
     /// and collects the replies in the same order.
     fn ask<T>(
@@ -610,14 +621,7 @@ impl Dispatcher {
         shards: impl IntoIterator<Item = usize>,
         command: impl Fn(oneshot::Sender<T>) -> ApplyCmd,
     ) -> Vec<T> {
-        let waits: Vec<_> = shards
-            .into_iter()
-            .map(|i| {
-                let (reply, rx) = oneshot::channel();
-                self.outbox.send(i, command(reply));
-                rx
-            })
-            .collect();
+        let waits = self.request(shards, |_, reply| command(reply));
         waits.into_iter().map(|rx| self.outbox.wait(rx)).collect()
     }
 
@@ -1071,15 +1075,11 @@ impl Dispatcher {
                 self.applied_term,
                 self.applied_index,
             );
-            let waits: Vec<_> = (0..self.shards.len())
-                .map(|i| {
-                    let (reply, rx) = oneshot::channel();
-                    let dir = dir.join(i.to_string());
-                    self.outbox.send(i, ApplyCmd::Checkpoint { dir, reply });
-                    rx
+            let failed: Vec<String> = self
+                .request(0..self.shards.len(), |i, reply| ApplyCmd::Checkpoint {
+                    dir: dir.join(i.to_string()),
+                    reply,
                 })
-                .collect();
-            let failed: Vec<String> = waits
                 .into_iter()
                 .filter_map(|rx| self.outbox.wait(rx).err().map(|e| e.to_string()))
                 .collect();
