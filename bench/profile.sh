@@ -15,7 +15,8 @@
 # current-thread runtime per CPU; Put and Range only): the gRPC stack with no work behind it.
 # DURABLE_FLOOR=1 profiles the durable floor: the same, with each Put group-committed to a file
 # with fdatasync before its answer (a millisecond's group wait under load), and single-key
-# watches served.
+# watches served. FLOOR_RUNTIME picks the floor's layout (default per-core; glommio serves tonic
+# on glommio executors, bench/README.md step 20).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NAME=$1
@@ -30,7 +31,7 @@ mkdir -p bench/profiles
 
 if [ -n "${GRPC_FLOOR:-}${DURABLE_FLOOR:-}" ]; then
   MS=target/release/metastore-grpc-floor
-  FLOOR_ARGS="--runtime per-core --workers $(nproc)"
+  FLOOR_ARGS="--runtime ${FLOOR_RUNTIME:-per-core} --workers $(nproc)"
   if [ -n "${DURABLE_FLOOR:-}" ]; then
     FLOOR_ARGS="$FLOOR_ARGS --wal-dir $DATA/wal --group-wait-ms 1"
   fi

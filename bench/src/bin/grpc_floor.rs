@@ -13,6 +13,11 @@
 //! runtimes, one per thread, each pinned to a CPU (as the member places its shards:
 //! `metastore::shard::shard_cpus`) and accepting on its own `SO_REUSEPORT`
 //! listener (the kernel spreads connections over them): no task ever moves between threads.
+//! `--runtime glommio` runs `--workers` glommio executors placed as the member's shards are,
+//! each accepting on its own `SO_REUSEPORT` listener and serving the same tonic KV service
+//! through hyper's HTTP/2 server with a thread-local executor: tonic on the shards' executors,
+//! with glommio's io_uring networking instead of tokio's epoll (the `Watch` service is not
+//! served there, as it runs on tokio tasks).
 //!
 //! `--wal-dir DIR` makes it the durable floor: a Put is answered only once its request is
 //! written to a file in DIR and made durable by `fdatasync`, group-committed as a WAL is (one
@@ -62,6 +67,8 @@ enum RuntimeKind {
     Multi,
     /// One current-thread runtime per CPU, each with its own SO_REUSEPORT listener.
     PerCore,
+    /// One glommio executor per CPU, each with its own SO_REUSEPORT listener (KV only).
+    Glommio,
 }
 
 #[derive(Parser)]
@@ -73,7 +80,7 @@ struct Args {
     /// How the threads serve connections.
     #[arg(long, value_enum, default_value = "multi")]
     runtime: RuntimeKind,
-    /// Worker threads (multi) or runtimes (per-core).
+    /// Worker threads (multi), runtimes (per-core) or executors (glommio).
     #[arg(long, default_value_t = 2)]
     workers: usize,
     /// Make every Put durable in a group-committed file in this directory before answering it.
@@ -447,6 +454,124 @@ fn pin(cpu: usize) {
     }
 }
 
+/// tonic's services on glommio: hyper's HTTP/2 server over glommio's `TcpStream`, its
+/// per-stream tasks spawned on the executor's own queue.
+mod on_glommio {
+    use std::mem::MaybeUninit;
+    use std::net::SocketAddr;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use futures_lite::{AsyncRead, AsyncWrite};
+    use tonic::codegen::Service;
+
+    use super::{KvServer, NoWork};
+
+    /// hyper's executor for a connection's streams: a task on the calling glommio executor.
+    #[derive(Clone, Copy)]
+    struct LocalExec;
+
+    impl<F: std::future::Future + 'static> hyper::rt::Executor<F> for LocalExec {
+        fn execute(&self, fut: F) {
+            glommio::spawn_local(fut).detach();
+        }
+    }
+
+    /// glommio's stream (futures-io's traits) as hyper's I/O.
+    struct Io(glommio::net::TcpStream);
+
+    /// Bytes of hyper's buffer a read may fill (and so zeroes first: futures-io reads into
+    /// initialised bytes only).
+    const READ_CHUNK: usize = 16 << 10;
+
+    impl hyper::rt::Read for Io {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            mut buf: hyper::rt::ReadBufCursor<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            // SAFETY: the bytes handed to the read are zeroed first, so they are initialised,
+            // and `advance` counts only the bytes the read filled.
+            unsafe {
+                let spare = buf.as_mut();
+                let len = spare.len().min(READ_CHUNK);
+                let spare = &mut spare[..len];
+                spare.fill(MaybeUninit::new(0));
+                let bytes = std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast::<u8>(), len);
+                match Pin::new(&mut self.0).poll_read(cx, bytes) {
+                    Poll::Ready(Ok(n)) => {
+                        buf.advance(n);
+                        Poll::Ready(Ok(()))
+                    }
+                    Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    impl hyper::rt::Write for Io {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Pin::new(&mut self.0).poll_write(cx, buf)
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.0).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.0).poll_close(cx)
+        }
+    }
+
+    /// Serves each connection `listener` accepts, its KV requests on this executor, until
+    /// `stop` completes (never, in the binary: it serves until killed).
+    pub(super) async fn serve(
+        service: NoWork,
+        listener: glommio::net::TcpListener,
+        stop: impl std::future::Future<Output = ()>,
+    ) {
+        let routes = tonic::service::Routes::new(KvServer::new(service));
+        let accept = async {
+            loop {
+                let stream = match listener.accept().await {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        eprintln!("metastore-grpc-floor: accept: {e}");
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let routes = routes.clone();
+                glommio::spawn_local(async move {
+                    let service = hyper::service::service_fn(move |request| {
+                        let mut routes = routes.clone();
+                        async move { routes.call(request).await }
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(LocalExec)
+                        .serve_connection(Io(stream), service)
+                        .await;
+                })
+                .detach();
+            }
+        };
+        futures_lite::future::or(accept, stop).await;
+    }
+
+    /// Binds `addr` as glommio does, with `SO_REUSEPORT`, so that every executor binds the
+    /// same port.
+    pub(super) fn listener(addr: SocketAddr) -> std::io::Result<glommio::net::TcpListener> {
+        glommio::net::TcpListener::bind(addr).map_err(|e| std::io::Error::other(e.to_string()))
+    }
+}
+
 fn main() {
     let args = Args::parse();
     let service = NoWork::new(args.wal_dir.as_deref().map(|dir| {
@@ -503,12 +628,90 @@ fn main() {
                 let _ = t.join();
             }
         }
+        RuntimeKind::Glommio => {
+            // A group wait sleeps on tokio's timer, and glommio's is not `Send`, as the KV
+            // trait's futures must be.
+            if args.group_wait_ms > 0 {
+                eprintln!("metastore-grpc-floor: --group-wait-ms needs a tokio runtime");
+                std::process::exit(2);
+            }
+            // The first listener picks the port; each executor binds its own on it.
+            let first = std::net::TcpListener::bind(args.listen).expect("bind");
+            let addr = first.local_addr().expect("bound address");
+            drop(first);
+            let cpus = metastore::shard::shard_cpus().unwrap_or_default();
+            let executors: Vec<_> = (0..args.workers)
+                .map(|i| {
+                    let service = service.clone();
+                    let placement = match cpus.get(i % cpus.len().max(1)) {
+                        Some(&cpu) => glommio::Placement::Fixed(cpu),
+                        None => glommio::Placement::Unbound,
+                    };
+                    glommio::LocalExecutorBuilder::new(placement)
+                        .name(&format!("floor-{i}"))
+                        .spawn(move || async move {
+                            let l = on_glommio::listener(addr).expect("bind");
+                            on_glommio::serve(service, l, std::future::pending()).await
+                        })
+                        .expect("glommio executor")
+                })
+                .collect();
+            println!("listening on {addr}");
+            for e in executors {
+                let _ = e.join();
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    /// On a glommio executor the floor answers a real etcd client's Puts with successive
+    /// revisions and its Range with none, and its executor ends once told to stop.
+    #[test]
+    fn the_glommio_layout_serves_a_real_client() {
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let executor = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .spawn(move || async move {
+                let l = on_glommio::listener("127.0.0.1:0".parse().unwrap()).unwrap();
+                addr_tx.send(l.local_addr().unwrap()).unwrap();
+                on_glommio::serve(NoWork::new(None), l, async {
+                    let _ = stop_rx.await;
+                })
+                .await
+            })
+            .unwrap();
+        let addr = addr_rx.recv().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        // A floor that never answers fails the test instead of hanging it.
+        let answered = async {
+            let mut client = etcd_client::Client::connect([addr.to_string()], None)
+                .await
+                .unwrap();
+            for expected in 1..=3 {
+                let put = client.put("k", "v", None).await.unwrap();
+                assert_eq!(put.header().unwrap().revision(), expected);
+            }
+            let range = client.get("k", None).await.unwrap();
+            assert!(range.kvs().is_empty());
+            assert_eq!(range.header().unwrap().revision(), 3);
+        };
+        let served =
+            rt.block_on(async { tokio::time::timeout(Duration::from_secs(30), answered).await });
+        assert!(
+            served.is_ok(),
+            "the floor on glommio did not answer in 30 s"
+        );
+        stop_tx.send(()).unwrap();
+        executor.join().unwrap();
+    }
 
     /// Every append returns only once its record is in the file, each record written once,
     /// whether the Puts come one at a time or many at once, with or without a group wait.
