@@ -567,9 +567,22 @@ mod on_glommio {
 
     /// Binds `addr` as glommio does, with `SO_REUSEPORT`, so that every executor binds the
     /// same port.
-    pub(super) fn listener(addr: SocketAddr) -> std::io::Result<glommio::net::TcpListener> {
-        glommio::net::TcpListener::bind(addr).map_err(|e| std::io::Error::other(e.to_string()))
+    pub(super) fn listener(addr: SocketAddr) -> glommio::Result<glommio::net::TcpListener, ()> {
+        glommio::net::TcpListener::bind(addr)
     }
+}
+
+/// The port every per-CPU listener shares: the first bind on `listen` picks it (port 0: any
+/// free port), then lets it go for the listeners to bind with `SO_REUSEPORT`.
+fn shared_port(listen: SocketAddr) -> SocketAddr {
+    let first = std::net::TcpListener::bind(listen).expect("bind");
+    first.local_addr().expect("bound address")
+}
+
+/// The CPU the `i`th per-CPU thread is pinned to, as the member places its shards: the CPUs
+/// this process may run on (`cpus`), in turn; none when they are unknown.
+fn cpu_for(i: usize, cpus: &[usize]) -> Option<usize> {
+    cpus.get(i % cpus.len().max(1)).copied()
 }
 
 fn main() {
@@ -592,10 +605,7 @@ fn main() {
             });
         }
         RuntimeKind::PerCore => {
-            // The first listener picks the port; the others share it.
-            let first = std::net::TcpListener::bind(args.listen).expect("bind");
-            let addr = first.local_addr().expect("bound address");
-            drop(first);
+            let addr = shared_port(args.listen);
             // Each runtime binds its listener, then moves with it to its thread.
             let served: Vec<_> = (0..args.workers)
                 .map(|_| {
@@ -608,14 +618,13 @@ fn main() {
                 })
                 .collect();
             println!("listening on {addr}");
-            // The member's placement of its shards: the CPUs this process may run on.
             let cpus = metastore::shard::shard_cpus().unwrap_or_default();
             let threads: Vec<_> = served
                 .into_iter()
                 .enumerate()
                 .map(|(i, (rt, l))| {
                     let service = service.clone();
-                    let cpu = cpus.get(i % cpus.len().max(1)).copied();
+                    let cpu = cpu_for(i, &cpus);
                     std::thread::spawn(move || {
                         if let Some(cpu) = cpu {
                             pin(cpu);
@@ -635,27 +644,32 @@ fn main() {
                 eprintln!("metastore-grpc-floor: --group-wait-ms needs a tokio runtime");
                 std::process::exit(2);
             }
-            // The first listener picks the port; each executor binds its own on it.
-            let first = std::net::TcpListener::bind(args.listen).expect("bind");
-            let addr = first.local_addr().expect("bound address");
-            drop(first);
+            let addr = shared_port(args.listen);
             let cpus = metastore::shard::shard_cpus().unwrap_or_default();
+            // Each executor binds its own listener (glommio's are not `Send`) and says so, so
+            // that the address is printed only once every listener accepts.
+            let (bound_tx, bound_rx) = std::sync::mpsc::channel();
             let executors: Vec<_> = (0..args.workers)
                 .map(|i| {
                     let service = service.clone();
-                    let placement = match cpus.get(i % cpus.len().max(1)) {
-                        Some(&cpu) => glommio::Placement::Fixed(cpu),
+                    let bound = bound_tx.clone();
+                    let placement = match cpu_for(i, &cpus) {
+                        Some(cpu) => glommio::Placement::Fixed(cpu),
                         None => glommio::Placement::Unbound,
                     };
                     glommio::LocalExecutorBuilder::new(placement)
                         .name(&format!("floor-{i}"))
                         .spawn(move || async move {
                             let l = on_glommio::listener(addr).expect("bind");
+                            let _ = bound.send(());
                             on_glommio::serve(service, l, std::future::pending()).await
                         })
                         .expect("glommio executor")
                 })
                 .collect();
+            for _ in 0..args.workers {
+                bound_rx.recv().expect("an executor ended before binding");
+            }
             println!("listening on {addr}");
             for e in executors {
                 let _ = e.join();
